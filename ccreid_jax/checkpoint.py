@@ -1,0 +1,143 @@
+"""Checkpoints of a run: one orbax ``CheckpointManager`` per workdir.
+
+A checkpoint is written at the end of every epoch under ``<workdir>/checkpoints/<step>``
+where ``step = epoch + 1`` (the number of finished epochs). It holds two items:
+
+* ``state``: the array tree (params, batch stats, optimizer state, cluster memory,
+  pseudo labels, RNG key, step counter), saved with ``StandardSave`` and restored into
+  an abstract tree built with ``jax.eval_shape`` (so nothing is allocated twice);
+* ``meta``: a small JSON document (epoch, evaluation metrics when the epoch was
+  evaluated, the config the run was started with).
+
+The preservation policy keeps the latest checkpoint and the one with the best mAP.
+Orbax writes every checkpoint into a temporary folder and renames it when complete,
+so a run killed during a save resumes from the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredCheckpoint:
+  """What ``Checkpointer.restore`` returns."""
+
+  step: int
+  state: PyTree
+  meta: dict[str, Any]
+
+
+def _map_of(meta: dict[str, Any] | None) -> float | None:
+  metrics = (meta or {}).get("metrics")
+  if not metrics or "mAP" not in metrics:
+    return None
+  return float(metrics["mAP"])
+
+
+class Checkpointer:
+  """Saves and restores the training state of one workdir.
+
+  Args:
+    directory: folder that holds the numbered checkpoints (created if missing).
+    keep_best: also keep the checkpoint with the highest evaluated mAP.
+    read_only: open an existing folder for evaluation without creating anything.
+  """
+
+  def __init__(self, directory: str, *, keep_best: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
+    if keep_best:
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=lambda metrics: metrics["mAP"],
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          ))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  # -- queries -----------------------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def best_step(self) -> int | None:
+    """The step with the highest evaluated mAP, or None when no epoch was evaluated."""
+    best, best_map = None, None
+    for step in self.all_steps():
+      value = _map_of(self.read_meta(step))
+      if value is not None and (best_map is None or value > best_map):
+        best, best_map = step, value
+    return best
+
+  def resolve(self, which: str | int) -> int:
+    """Turns ``"latest"``, ``"best"`` or an epoch number into a saved step."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"No checkpoint in {self.directory}: train first with "
+          "`python -m ccreid_jax.main --config ... --workdir <this workdir>`.")
+    if which == "latest":
+      return steps[-1]
+    if which == "best":
+      best = self.best_step()
+      if best is None:
+        raise FileNotFoundError(
+            f"No evaluated checkpoint in {self.directory} (saved steps: {steps}); "
+            "use --checkpoint=latest.")
+      return best
+    try:
+      step = int(which)
+    except ValueError:
+      raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+    if step not in steps:
+      raise FileNotFoundError(f"Step {step} is not kept in {self.directory}; kept: {steps}.")
+    return step
+
+  # -- save / restore ----------------------------------------------------------------------
+  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Saves asynchronously; ``meta['metrics']['mAP']`` (if present) ranks checkpoints."""
+    mean_ap = _map_of(meta)
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=None if mean_ap is None else {"mAP": mean_ap},
+    )
+
+  def restore(self, which: str | int, abstract_state: PyTree) -> RestoredCheckpoint:
+    """Restores into the structure/shapes of ``abstract_state`` (from jax.eval_shape)."""
+    step = self.resolve(which)
+    abstract_state = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+    )
+    return RestoredCheckpoint(step=step, state=restored["state"], meta=dict(restored["meta"]))
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

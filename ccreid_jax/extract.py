@@ -1,0 +1,103 @@
+"""Feature extraction: the eval-mode model over a uint8 image array, streamed in batches.
+
+Batches are gathered on the host from the (possibly memory-mapped) uint8 cache, moved
+to the devices sharded along the batch axis while the previous batch is computed, and
+the L2-normalised features come back to the host one batch at a time, so the host never
+holds more than the output array and two input batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ccreid_jax.data.augment import test_transform
+from ccreid_jax.utils import progress_bar
+
+ExtractFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-axis ("data") mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def make_extract_fn(model: Any, mesh: Mesh) -> ExtractFn:
+  """Jitted ``(variables, uint8 images) -> (B, D) float32 features`` in eval mode."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+  def extract(variables, images):
+    x = test_transform(images)
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+  return jax.jit(
+      extract, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
+
+
+def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  n = images.shape[0]
+  for start in range(0, n, batch_size):
+    batch = np.asarray(images[start:start + batch_size])
+    valid = batch.shape[0]
+    if valid < batch_size:
+      pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
+      batch = np.concatenate([batch, pad])
+    yield batch, valid
+
+
+def extract_features(
+    extract_fn: ExtractFn,
+    variables: Any,
+    images: np.ndarray,
+    *,
+    mesh: Mesh,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "extract",
+) -> np.ndarray:
+  """Features of every image in ``images`` (N, H, W, 3) uint8 -> (N, D) float32 numpy.
+
+  ``batch_size`` is rounded up to a multiple of the device count; the last batch is
+  zero-padded so the jitted function is compiled once.
+  """
+  num_devices = mesh.devices.size
+  batch_size = -(-batch_size // num_devices) * num_devices
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  n = images.shape[0]
+  outputs: list[np.ndarray] = []
+  bar = progress_bar(total=n, desc=desc, unit="img", enabled=progress)
+  pending: tuple[jax.Array, int] | None = None
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    # The next batch is read from disk and sent to the devices while this one runs.
+    batches = _padded_batches(images, batch_size)
+    def put(item):
+      batch, valid = item
+      return jax.device_put(batch, sharding), valid
+    future = pool.submit(lambda: next(batches, None))
+    while True:
+      item = future.result()
+      if item is None:
+        break
+      future = pool.submit(lambda: next(batches, None))
+      device_batch, valid = put(item)
+      features = extract_fn(variables, device_batch)
+      if pending is not None:
+        outputs.append(np.asarray(pending[0])[:pending[1]])
+        bar.update(pending[1])
+      pending = (features, valid)
+    if pending is not None:
+      outputs.append(np.asarray(pending[0])[:pending[1]])
+      bar.update(pending[1])
+  bar.close()
+  if not outputs:
+    raise ValueError("extract_features got an empty image array")
+  result = np.concatenate(outputs)
+  assert result.shape[0] == n
+  return result

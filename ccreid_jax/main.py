@@ -1,0 +1,51 @@
+"""Command line: ``python -m ccreid_jax.main --config configs/market1501.py --workdir runs/x``.
+
+Only parses flags and calls ``train.train_and_evaluate`` or ``train.evaluate``.
+Any config field can be overridden, e.g. ``--config.cluster.eps=0.5``.
+"""
+
+import json
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+# Config files import `configs.default`; make the folder that holds `configs/` importable.
+sys.path.insert(0, os.getcwd())
+
+from ccreid_jax import train  # noqa: E402
+from ccreid_jax.utils import format_history_table, format_results_table, read_metrics  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (or resume) and evaluate; eval: evaluate a checkpoint.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "--mode eval: 'best', 'latest' or a step (default config.eval.checkpoint).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  config = _CONFIG.value
+  if _MODE.value == "train":
+    results = train.train_and_evaluate(config, _WORKDIR.value)
+    print(f"\nevaluations of {_WORKDIR.value} ({config.data.name}; values in %):")
+    print(format_history_table(read_metrics(_WORKDIR.value)))
+    title = "\nfinal"
+  else:
+    results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+    title = f"checkpoint step {results['step']} ({config.data.name})"
+  print(format_results_table(results, title=title))
+  print(json.dumps({k: results[k] for k in sorted(results)}))
+
+
+if __name__ == "__main__":
+  app.run(main)

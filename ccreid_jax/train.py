@@ -1,0 +1,395 @@
+"""Cluster Contrast training and evaluation (ALGORITHMS.md section 1).
+
+``train_and_evaluate(config, workdir)`` runs a whole training run and
+``evaluate(config, workdir)`` scores a saved checkpoint; ``main.py`` only parses
+flags and calls one of them.
+
+Per epoch: extract features of the train images (eval mode), compute the Jaccard
+distance and DBSCAN pseudo labels on the host, rebuild the cluster memory from the
+centroids, then run ``train.iters`` jitted train steps over a 1-axis device mesh
+(batch sharded, state replicated and donated). Evaluation every ``eval_every``
+epochs; a checkpoint after every epoch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ccreid_jax import checkpoint as checkpoint_lib
+from ccreid_jax import clustering
+from ccreid_jax import evaluation
+from ccreid_jax import memory as memory_lib
+from ccreid_jax import models
+from ccreid_jax.data import augment as augment_lib
+from ccreid_jax.data import cache as cache_lib
+from ccreid_jax.data import datasets as datasets_lib
+from ccreid_jax.data import sampler as sampler_lib
+from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh
+from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, progress_bar
+
+logger = logging.getLogger("ccreid_jax")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step reads and writes; donated to the step."""
+
+  step: jax.Array  # int32 scalar: train steps done so far.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  memory: memory_lib.MemoryState
+  rng: jax.Array  # uint32 (2,): base key of the augmentation stream.
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks.
+# ---------------------------------------------------------------------------------------
+
+
+def make_lr_schedule(optim: ml_collections.ConfigDict, iters_per_epoch: int) -> optax.Schedule:
+  """Step decay by epochs: lr * gamma ** (epoch // step_size), no warm-up."""
+
+  def schedule(count):
+    epoch = count // iters_per_epoch
+    return optim.lr * optim.gamma ** (epoch // optim.step_size).astype(jnp.float32)
+
+  return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   iters_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with coupled L2: weight decay is added to the gradient before Adam.
+
+  This is ``torch.optim.Adam(weight_decay=...)`` (not AdamW), applied to every
+  trainable tensor (the neck's BN bias is not a parameter at all).
+  """
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay),
+      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+      optax.scale_by_learning_rate(make_lr_schedule(optim, iters_per_epoch)),
+  )
+
+
+def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                     memory: memory_lib.MemoryState) -> TrainState:
+  """Random init of the model (or pretrained weights in a later issue) and the optimizer."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_key, aug_key = jax.random.split(rng)
+  dummy = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
+  variables = model.init(init_key, dummy, train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      memory=memory,
+      rng=aug_key,
+  )
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+  """The jitted train step: augment, forward, memory loss, Adam, memory update."""
+  aug = config.augment
+  mem = config.memory
+
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+    key = jax.random.fold_in(state.rng, state.step)
+    x = augment_lib.train_augment(
+        key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob)
+
+    def loss_fn(params):
+      features, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+          mutable=["batch_stats"])
+      loss = memory_lib.contrastive_loss(
+          features, state.memory.centroids, labels, mem.temperature, valid=state.memory.valid)
+      return loss, (features, updates["batch_stats"])
+
+    (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The memory is updated after, and outside, the gradient, with this step's features.
+    centroids = memory_lib.momentum_update(
+        state.memory.centroids, jax.lax.stop_gradient(features), labels, mem.momentum,
+        hard=mem.hard)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+        memory=state.memory.replace(centroids=centroids))
+    return new_state, {"loss": loss}
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+  return jax.jit(
+      train_step,
+      in_shardings=(replicated, batch_sharded, batch_sharded),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+  )
+
+
+def pseudo_labels(features: np.ndarray, cluster: ml_collections.ConfigDict) -> np.ndarray:
+  """Jaccard distance + DBSCAN on L2-normalised features; -1 marks outliers."""
+  if cluster.method != "dbscan":
+    raise ValueError(f"config.cluster.method: unknown method {cluster.method!r}; accepted: 'dbscan'")
+  distance = clustering.jaccard_distance(features, k1=cluster.k1, k2=cluster.k2)
+  return clustering.dbscan_labels(distance, eps=cluster.eps, min_samples=cluster.min_samples)
+
+
+def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
+                      sharding: NamedSharding, depth: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """Gathers the next batches on a host thread and sends them to the devices early."""
+
+  def load(indices):
+    return (jax.device_put(np.asarray(images[indices]), sharding),
+            jax.device_put(labels[indices].astype(np.int32), sharding))
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    queue = [pool.submit(load, idx) for idx in _take(batches, depth)]
+    while queue:
+      item = queue.pop(0).result()
+      queue.extend(pool.submit(load, idx) for idx in _take(batches, 1))
+      yield item
+
+
+def _take(iterator: Iterator[Any], n: int) -> list[Any]:
+  out = []
+  for _ in range(n):
+    try:
+      out.append(next(iterator))
+    except StopIteration:
+      break
+  return out
+
+
+def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh, progress):
+  features = extract_features(
+      extract_fn, variables, test_images, mesh=mesh, batch_size=config.eval.batch_size,
+      progress=progress, desc="eval extract")
+  num_query = len(dataset.query)
+  query, gallery = features[:num_query], features[num_query:]
+  distmat = evaluation.pairwise_distance(query, gallery)
+  return evaluation.evaluate_ranking(
+      distmat,
+      np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),
+      np.array([r.camid for r in dataset.query]), np.array([r.camid for r in dataset.gallery]))
+
+
+class _Run:
+  """Data, model and compiled functions shared by training and evaluation."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
+    self.config = config
+    self.workdir = workdir
+    self.progress = bool(config.log.progress)
+    self.dataset = datasets_lib.load_dataset(config.data.name, config.data.root)
+    cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+    h, w = config.data.height, config.data.width
+    load = lambda records: cache_lib.load_image_cache(
+        [r.path for r in records], h, w, cache_dir, progress=self.progress,
+        num_workers=config.data.num_workers)
+    self.train_images = load(self.dataset.train) if need_train else None
+    self.test_images = load(list(self.dataset.query) + list(self.dataset.gallery))
+    self.mesh = make_mesh()
+    self.model = models.create_model(config.model)
+    self.extract_fn = make_extract_fn(self.model, self.mesh)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), read_only=not need_train)
+
+  def abstract_state(self, tx, bucket: int, feature_dim: int, num_train: int):
+    memory = memory_lib.MemoryState(
+        centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
+    state = jax.eval_shape(lambda: init_train_state(self.model, tx, self.config, memory))
+    return {"train_state": state,
+            "pseudo_labels": jax.ShapeDtypeStruct((num_train,), jnp.int32)}
+
+  def evaluate(self, variables) -> dict[str, float]:
+    return _evaluate_split(self.extract_fn, variables, self.test_images, self.dataset,
+                           self.config, self.mesh, self.progress)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  t = config.train
+  if t.batch_size % t.num_instances:
+    raise ValueError(
+        f"config.train.batch_size={t.batch_size} must be a multiple of "
+        f"config.train.num_instances={t.num_instances}")
+  num_devices = jax.device_count()
+  if t.batch_size % num_devices:
+    raise ValueError(
+        f"config.train.batch_size={t.batch_size} must be a multiple of the device count "
+        f"({num_devices})")
+
+
+# ---------------------------------------------------------------------------------------
+# Public entry points.
+# ---------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a run in ``workdir``; returns the last evaluation's metrics.
+
+  A killed run restarts from its latest checkpoint when called again with the same
+  ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
+  randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
+  """
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  run = _Run(config, workdir, need_train=True)
+  t = config.train
+  writer = MetricsWriter(workdir)
+  tx = make_optimizer(config.optim, t.iters)
+  feature_dim = models.feature_dim(config.model.depth, config.model.width)
+  num_train = len(run.dataset.train)
+  cams = np.array([r.camid for r in run.dataset.train])
+  logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
+              config.data.name, num_train, len(run.dataset.query), len(run.dataset.gallery),
+              jax.device_count())
+
+  start_epoch = 0
+  bucket = config.memory.min_bucket
+  latest = run.checkpointer.latest_step()
+  if latest is not None:
+    meta = run.checkpointer.read_meta(latest)
+    bucket = int(meta["memory_bucket"])
+    restored = run.checkpointer.restore(
+        latest, run.abstract_state(tx, bucket, feature_dim, num_train))
+    state = restored.state["train_state"]
+    start_epoch = int(meta["epoch"]) + 1
+    logger.info("resuming from %s (epoch %d done)", run.checkpointer.directory, start_epoch)
+  else:
+    empty_memory = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32), bucket)
+    state = init_train_state(run.model, tx, config, empty_memory)
+  state = jax.device_put(state, run.replicated)
+
+  if start_epoch == 0 and t.eval_initial:
+    initial = run.evaluate(state.variables)
+    writer.write("initial", **initial)
+    logger.info("initial features (before training): mAP %.1f rank1 %.1f",
+                100 * initial["mAP"], 100 * initial["rank1"])
+
+  train_step = make_train_step(run.model, tx, config, run.mesh)
+  batch_sharding = NamedSharding(run.mesh, PartitionSpec("data"))
+  results: dict[str, Any] = {}
+  for epoch in range(start_epoch, t.epochs):
+    timer = Timer()
+    with timer.phase("extract"):
+      features = extract_features(
+          run.extract_fn, state.variables, run.train_images, mesh=run.mesh,
+          batch_size=config.eval.batch_size, progress=run.progress,
+          desc=f"epoch {epoch} extract")
+    with timer.phase("cluster"):
+      labels = pseudo_labels(features, config.cluster)
+      num_clusters = int(labels.max()) + 1 if labels.size else 0
+      num_outliers = int((labels < 0).sum())
+    if num_clusters == 0:
+      logger.warning("epoch %d: DBSCAN found no cluster (all %d samples are outliers); "
+                     "skipping this epoch's training", epoch, num_train)
+      losses = []
+    else:
+      centroids = clustering.cluster_centroids(features, labels)
+      bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
+      memory = jax.device_put(memory_lib.init_memory(centroids, bucket), run.replicated)
+      state = state.replace(memory=memory)
+      sampler = sampler_lib.CameraAwarePKSampler(
+          labels, cams, t.num_instances, seed=int(np.random.SeedSequence([config.seed, epoch])
+                                                  .generate_state(1)[0]))
+      batches = _prefetch_batches(
+          sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding)
+      losses, pending = [], []
+      bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
+                         enabled=run.progress)
+      with timer.phase("train"):
+        for it, (images, batch_labels) in enumerate(batches):
+          state, metrics = train_step(state, images, batch_labels)
+          pending.append(metrics["loss"])
+          if len(pending) == t.log_every or it == t.iters - 1:
+            values = [float(v) for v in jax.device_get(pending)]
+            pending = []
+            if not np.all(np.isfinite(values)):
+              raise FloatingPointError(
+                  f"non-finite loss at epoch {epoch} step {it}: {values}; the last good "
+                  f"checkpoint is kept in {run.checkpointer.directory}")
+            losses.extend(values)
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+          bar.update(1)
+      bar.close()
+
+    evaluated = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
+    metrics_out: dict[str, float] | None = None
+    if evaluated:
+      with timer.phase("eval"):
+        metrics_out = run.evaluate(state.variables)
+      results = dict(metrics_out)
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    record = {"epoch": epoch, "clusters": num_clusters, "outliers": num_outliers,
+              "loss": mean_loss, "steps": int(state.step),
+              "lr": float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
+              **{f"time_{k}": v for k, v in timer.seconds.items()}}
+    if metrics_out is not None:
+      record.update(metrics_out)
+    writer.write("epoch", **record)
+    line = (f"epoch {epoch:3d} | clusters {num_clusters:5d} | outliers {num_outliers:6d} | "
+            f"loss {mean_loss:.4f} | " +
+            " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
+    if metrics_out is not None:
+      line += f" | mAP {100 * metrics_out['mAP']:.1f} rank1 {100 * metrics_out['rank1']:.1f}"
+    logger.info(line)
+
+    with timer.phase("save"):
+      meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
+              "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
+      if metrics_out is not None:
+        meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
+      run.checkpointer.save(
+          epoch + 1, {"train_state": state, "pseudo_labels": labels.astype(np.int32)}, meta)
+  run.checkpointer.wait_until_finished()
+  if not results and t.epochs > 0:
+    results = evaluate(config, workdir, checkpoint="latest")
+  return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             checkpoint: str | int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint of ``workdir`` (default ``config.eval.checkpoint``).
+
+  Prints nothing; returns mAP / CMC and writes them to ``<workdir>/eval_<step>.json``.
+  """
+  run = _Run(config, workdir, need_train=False)
+  which = config.eval.checkpoint if checkpoint is None else checkpoint
+  step = run.checkpointer.resolve(which)
+  meta = run.checkpointer.read_meta(step)
+  tx = make_optimizer(config.optim, config.train.iters)
+  feature_dim = models.feature_dim(config.model.depth, config.model.width)
+  abstract = run.abstract_state(tx, int(meta["memory_bucket"]), feature_dim,
+                                int(meta["num_train"]))
+  restored = run.checkpointer.restore(step, abstract)
+  state = jax.device_put(restored.state["train_state"], run.replicated)
+  results = dict(run.evaluate(state.variables))
+  results.update(step=step, epoch=int(meta["epoch"]))
+  with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  return results
+

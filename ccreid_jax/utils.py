@@ -1,0 +1,87 @@
+"""Small helpers shared by the training loop and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import tqdm
+
+
+def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True):
+  """A tqdm bar that stays quiet when disabled or when stderr is not a terminal."""
+  disable = (not enabled) or not sys.stderr.isatty()
+  return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False,
+                   dynamic_ncols=True)
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to ``<workdir>/metrics.jsonl``."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, kind: str, **values: Any) -> None:
+    record = {"kind": kind, "time": time.time(), **values}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.flush()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``<workdir>/metrics.jsonl`` (an empty list if there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_results_table(results: dict[str, float], title: str = "") -> str:
+  """mAP / CMC as a small fixed-width table, values in percent."""
+  keys = [k for k in ("mAP", "rank1", "rank5", "rank10") if k in results]
+  header = " | ".join(f"{k:>7}" for k in keys)
+  values = " | ".join(f"{100 * results[k]:6.2f}%" for k in keys)
+  rule = "-" * len(header)
+  lines = [title] if title else []
+  lines += [header, rule, values]
+  return "\n".join(lines)
+
+
+class Timer:
+  """Accumulates wall-clock seconds per named phase."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  def phase(self, name: str):
+    timer = self
+
+    class _Phase:
+      def __enter__(self):
+        self.start = time.perf_counter()
+
+      def __exit__(self, *exc):
+        timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+    return _Phase()
+
+
+def format_history_table(records: list[dict[str, Any]]) -> str:
+  """One row per evaluation in a metrics.jsonl history: initial features, then epochs."""
+  rows = []
+  for record in records:
+    if "mAP" not in record:
+      continue
+    when = "initial" if record["kind"] == "initial" else f"epoch {record['epoch']}"
+    rows.append((when, record))
+  header = f"{'evaluated':>10} | {'mAP':>6} | {'rank1':>6} | {'rank5':>6} | {'rank10':>6}"
+  lines = [header, "-" * len(header)]
+  for when, r in rows:
+    lines.append(f"{when:>10} | " + " | ".join(
+        f"{100 * r[k]:6.2f}" for k in ("mAP", "rank1", "rank5", "rank10")))
+  return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Every field of a ccreid_jax run, with the published Cluster Contrast defaults.
+
+Dataset configs import this file and override a few fields. Any field can be
+overridden from the command line, e.g. ``--config.cluster.eps=0.5``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 1  # Seeds parameter init, sampler, augmentation; same seed => same run.
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "market1501"  # market1501 | dukemtmcreid | msmt17 | veri776 | personx.
+  data.root = "data"  # Folder that holds the dataset folder (or the dataset folder itself).
+  data.height = 256  # Input height after the bicubic resize.
+  data.width = 128  # Input width after the bicubic resize.
+  data.cache_dir = ""  # Where decoded uint8 images are cached ("" = <workdir>/cache).
+  data.num_workers = 4  # Threads that decode images when the cache is built.
+
+  config.model = model = ml_collections.ConfigDict()
+  model.depth = 50  # ResNet depth: 10 | 18 | 34 | 50 | 101.
+  model.width = 64  # Base width of the first stage (64 = torchvision).
+  model.last_stride = 1  # Stride of layer4; 1 gives a 16x8 map for 256x128 input.
+  model.pooling = "gem"  # "gem" (learnable p, init 3) or "avg".
+  model.bn_group_size = 64  # Ghost batch norm group; 64 = the reference's 4-GPU DataParallel chunks.
+  model.dtype = "float32"  # Activation/matmul dtype: float32 | bfloat16.
+  model.pretrained = ""  # Optional path to backbone weights ("" = random init).
+
+  config.train = train = ml_collections.ConfigDict()
+  train.epochs = 50  # Training epochs (one clustering per epoch).
+  train.iters = 200  # Train steps per epoch (200 Market/Duke, 400 MSMT17/VeRi).
+  train.batch_size = 256  # Global batch: P pseudo-ids x num_instances images.
+  train.num_instances = 16  # K images per pseudo-id in a batch.
+  train.log_every = 50  # Fetch metrics from the device every this many steps.
+  train.eval_every = 10  # Evaluate on query/gallery every this many epochs (and at the end).
+  train.eval_initial = False  # Also evaluate the initial features before the first epoch.
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 3.5e-4  # Adam learning rate.
+  optim.weight_decay = 5e-4  # Coupled L2 added to the gradient before Adam (not AdamW).
+  optim.step_size = 20  # Multiply the lr by gamma every this many epochs.
+  optim.gamma = 0.1  # Step decay factor.
+
+  config.memory = memory = ml_collections.ConfigDict()
+  memory.temperature = 0.05  # Softmax temperature tau of the memory logits.
+  memory.momentum = 0.1  # Momentum mu of the centroid update.
+  memory.hard = False  # Hard update: use the least similar in-batch sample per cluster.
+  memory.min_bucket = 64  # Memory rows are padded to a power of two >= max(K, min_bucket).
+
+  config.cluster = cluster = ml_collections.ConfigDict()
+  cluster.method = "dbscan"  # Clustering algorithm: dbscan.
+  cluster.eps = 0.6  # DBSCAN radius on the Jaccard distance (inclusive).
+  cluster.min_samples = 4  # DBSCAN core-point threshold, the point itself included.
+  cluster.k1 = 30  # Jaccard k-reciprocal neighbourhood size.
+  cluster.k2 = 6  # Jaccard query-expansion size.
+
+  config.augment = augment = ml_collections.ConfigDict()
+  augment.flip_prob = 0.5  # Horizontal flip probability.
+  augment.pad = 10  # Zero padding before the random crop.
+  augment.erasing_prob = 0.5  # Random erasing probability.
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 256  # Images per feature-extraction batch (train and test).
+  ev.checkpoint = "best"  # Which checkpoint --mode eval reads: best | latest | <epoch>.
+
+  config.log = log = ml_collections.ConfigDict()
+  log.progress = True  # tqdm progress bars (quiet automatically when not a terminal).
+  return config

@@ -1,0 +1,54 @@
+"""Shared pytest setup: CPU JAX, a persistent compilation cache, tiny generated data."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, ROOT)  # `import configs` as the command line does.
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".cache", "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(data_root: str):
+  """A config that trains a 1-block ResNet on 32x16 images for a couple of steps."""
+  from configs import default
+
+  config = default.get_config()
+  config.data.name = "market1501"
+  config.data.root = data_root
+  config.data.height = 32
+  config.data.width = 16
+  config.data.num_workers = 2
+  config.model.depth = 10
+  config.model.width = 8
+  config.model.bn_group_size = 16
+  config.train.epochs = 2
+  config.train.iters = 3
+  config.train.batch_size = 32
+  config.train.num_instances = 4
+  config.train.log_every = 2
+  config.train.eval_every = 1
+  config.cluster.eps = 0.7
+  config.cluster.k1 = 10
+  config.cluster.k2 = 3
+  config.memory.min_bucket = 16
+  config.eval.batch_size = 64
+  config.log.progress = False
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_market(tmp_path_factory) -> str:
+  """A small synthetic dataset in the Market-1501 layout; returns the data root."""
+  from ccreid_jax.data import synthetic
+
+  root = str(tmp_path_factory.mktemp("data"))
+  synthetic.generate_market_dataset(
+      root, num_train_ids=16, num_test_ids=8, num_cams=3, images_per_cam=(2, 3),
+      height=64, width=32, seed=0)
+  return root

@@ -1,0 +1,137 @@
+"""End-to-end runs of train_and_evaluate / evaluate on a tiny generated dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from ccreid_jax import train, utils
+from conftest import ROOT, tiny_config
+
+
+def test_lr_schedule_steps_by_epoch():
+  from configs import default
+
+  optim = default.get_config().optim
+  schedule = train.make_lr_schedule(optim, iters_per_epoch=200)
+  lrs = [float(schedule(np.int32(e * 200))) for e in (0, 19, 20, 39, 40, 49)]
+  np.testing.assert_allclose(lrs, [3.5e-4, 3.5e-4, 3.5e-5, 3.5e-5, 3.5e-6, 3.5e-6], rtol=1e-6)
+  # The lr changes at the first step of epoch 20, not before.
+  assert float(schedule(np.int32(20 * 200 - 1))) == pytest.approx(3.5e-4)
+
+
+def test_optimizer_is_adam_with_coupled_l2():
+  """One step equals Adam applied to (grad + wd * param), computed by hand."""
+  from configs import default
+
+  optim = default.get_config().optim
+  tx = train.make_optimizer(optim, iters_per_epoch=10)
+  params = {"w": np.array([0.5, -2.0, 3.0], np.float32)}
+  grads = {"w": np.array([0.1, 0.0, -0.3], np.float32)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  g = grads["w"] + optim.weight_decay * params["w"]
+  m, v = 0.1 * g, 0.001 * g * g
+  m_hat, v_hat = m / 0.1, v / 0.001
+  expected = -optim.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
+  config = tiny_config(tiny_market)
+  config.train.eval_initial = True
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  for key in ("mAP", "rank1", "rank5", "rank10"):
+    assert 0.0 <= results[key] <= 1.0
+
+  records = utils.read_metrics(workdir)
+  epochs = [r for r in records if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in epochs] == [0, 1]
+  assert any(r["kind"] == "initial" for r in records)
+  trained = [r for r in epochs if r["clusters"] > 0]
+  assert trained, "the tiny run formed no cluster; the test data or eps is off"
+  assert epochs[-1]["steps"] == config.train.iters * len(trained)
+  assert all(np.isfinite(r["loss"]) for r in trained)
+
+  # Evaluating the saved checkpoint reproduces the metrics logged at training time.
+  evaluated = train.evaluate(config, workdir, checkpoint="latest")
+  assert evaluated["epoch"] == 1
+  for key in ("mAP", "rank1"):
+    assert evaluated[key] == pytest.approx(epochs[-1][key], abs=1e-6)
+  assert os.path.exists(os.path.join(workdir, f"eval_{evaluated['step']}.json"))
+
+  # Calling again with more epochs resumes from the checkpoint, it does not start over.
+  config.train.epochs = 3
+  train.train_and_evaluate(config, workdir)
+  epochs = [r["epoch"] for r in utils.read_metrics(workdir) if r["kind"] == "epoch"]
+  assert epochs == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path):
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  config.train.epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.train.epochs = 2
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  straight = [r for r in utils.read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
+  resumed = [r for r in utils.read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
+  for a, b in zip(straight, resumed):
+    for key in ("clusters", "outliers", "loss", "mAP", "rank1"):
+      assert a[key] == b[key] or (np.isnan(a[key]) and np.isnan(b[key])), key
+
+
+_MULTI_DEVICE_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import jax, numpy as np
+from conftest import tiny_config
+from ccreid_jax import memory as memory_lib, models, train
+from ccreid_jax.extract import make_mesh
+
+config = tiny_config("unused")
+config.train.batch_size = 32
+config.model.bn_group_size = 8
+model = models.create_model(config.model)
+tx = train.make_optimizer(config.optim, config.train.iters)
+rng = np.random.default_rng(0)
+centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
+centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+mesh = make_mesh()
+state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
+step = train.make_train_step(model, tx, config, mesh)
+losses = []
+for i in range(3):
+    images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(8) % 6, 4).astype(np.int32)
+    state, metrics = step(state, images, labels)
+    losses.append(float(metrics["loss"]))
+print(json.dumps({{"devices": jax.device_count(), "losses": losses,
+                  "memory": float(np.asarray(state.memory.centroids).sum())}}))
+"""
+
+
+def _run_with_devices(n: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+  script = _MULTI_DEVICE_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_four_devices_give_the_same_losses_as_one():
+  one, four = _run_with_devices(1), _run_with_devices(4)
+  assert (one["devices"], four["devices"]) == (1, 4)
+  np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+  assert four["memory"] == pytest.approx(one["memory"], rel=1e-4)
