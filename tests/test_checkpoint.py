@@ -1,0 +1,68 @@
+"""Checkpoint save/restore round trip and the latest/best preservation policy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ccreid_jax.checkpoint import Checkpointer
+
+
+def _state(seed: int):
+  rng = np.random.default_rng(seed)
+  params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+            "gem": {"p": jnp.asarray([3.0 + seed], jnp.float32)}}
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)
+  _, opt_state = tx.update(params, opt_state, params)  # non-trivial moments
+  return {"params": params, "opt_state": opt_state,
+          "labels": jnp.asarray(rng.integers(-1, 5, size=11), jnp.int32),
+          "step": jnp.int32(7 * seed)}
+
+
+def test_round_trip_restores_every_leaf_exactly(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  state = _state(1)
+  ckpt.save(1, state, {"epoch": 0, "memory_bucket": 64})
+  ckpt.wait_until_finished()
+  restored = ckpt.restore("latest", jax.eval_shape(lambda: _state(0)))
+  assert restored.step == 1
+  assert restored.meta == {"epoch": 0, "memory_bucket": 64}
+  flat_a, tree_a = jax.tree_util.tree_flatten(state)
+  flat_b, tree_b = jax.tree_util.tree_flatten(restored.state)
+  assert tree_a == tree_b
+  for a, b in zip(flat_a, flat_b):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_keeps_latest_and_best_map(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  maps = {1: None, 2: 0.40, 3: None, 4: 0.55, 5: 0.50, 6: None}
+  for step, value in maps.items():
+    meta = {"epoch": step - 1}
+    if value is not None:
+      meta["metrics"] = {"mAP": value}
+    ckpt.save(step, _state(step), meta)
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps() == [4, 6]
+  assert ckpt.resolve("best") == 4
+  assert ckpt.resolve("latest") == 6
+  assert ckpt.resolve("4") == 4
+  restored = ckpt.restore("best", jax.eval_shape(lambda: _state(0)))
+  assert float(restored.state["params"]["gem"]["p"][0]) == 7.0
+  with pytest.raises(FileNotFoundError, match="kept"):
+    ckpt.resolve(3)
+
+
+def test_missing_checkpoints_give_a_clear_error(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    ckpt.resolve("latest")
+  ckpt.save(1, _state(1), {"epoch": 0})
+  ckpt.wait_until_finished()
+  with pytest.raises(FileNotFoundError, match="No evaluated checkpoint"):
+    ckpt.resolve("best")
+  with pytest.raises(ValueError, match="latest"):
+    ckpt.resolve("newest")
