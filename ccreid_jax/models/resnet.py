@@ -1,0 +1,185 @@
+"""ResNet backbone with the Cluster Contrast neck (GeM or average pooling, BN, L2 norm).
+
+The layout is torchvision's (v1.5: the bottleneck strides on its 3x3 conv) and the module
+names mirror torchvision's state-dict keys (``layer4.0.downsample.0`` -> ``layer4_0/
+downsample_conv``) so that ImageNet weights can be mapped over one to one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ccreid_jax.models.layers import GeM, GhostBatchNorm
+
+# depth -> (block kind, blocks per stage)
+_ARCHS = {
+    10: ("basic", (1, 1, 1, 1)),
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+
+# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu"): a plain (untruncated)
+# normal with variance 2 / (k * k * out_channels).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _arch(depth: int) -> tuple[str, tuple[int, ...]]:
+  if depth not in _ARCHS:
+    raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(_ARCHS)}")
+  return _ARCHS[depth]
+
+
+def feature_dim(depth: int, width: int = 64) -> int:
+  """Channels of the final feature: 8 * width (basic blocks) or 32 * width (bottlenecks)."""
+  kind, _ = _arch(depth)
+  return 8 * width * _EXPANSION[kind]
+
+
+def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; expansion 1."""
+
+  planes: int
+  stride: int
+  downsample: bool
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    def bn(name):
+      return functools.partial(self.norm(name=name), use_running_average=not train)
+
+    y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv1")(x)
+    y = nn.relu(bn(name="bn1")(y))
+    y = self.conv(self.planes, (3, 3), (1, 1), _pad(3), name="conv2")(y)
+    y = bn(name="bn2")(y)
+    if self.downsample:
+      x = self.conv(self.planes, (1, 1), (self.stride, self.stride), ((0, 0), (0, 0)),
+                    name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, torchvision v1.5) -> 1x1 with 4x expansion."""
+
+  planes: int
+  stride: int
+  downsample: bool
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    def bn(name):
+      return functools.partial(self.norm(name=name), use_running_average=not train)
+
+    y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
+    y = nn.relu(bn(name="bn1")(y))
+    y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv2")(y)
+    y = nn.relu(bn(name="bn2")(y))
+    y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
+    y = bn(name="bn3")(y)
+    if self.downsample:
+      x = self.conv(self.planes * 4, (1, 1), (self.stride, self.stride), ((0, 0), (0, 0)),
+                    name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class ReIDResNet(nn.Module):
+  """torchvision ResNet trunk + pooling + BN neck (bias fixed at 0) + L2 normalisation.
+
+  Input: float32 NHWC images, already normalised. Output: (B, feature_dim) float32 unit
+  rows, in train and eval mode alike. Convolutions compute in ``dtype``; every batch norm
+  computes its statistics in float32 (the trunk's norms return ``dtype`` activations); the
+  pooling, the neck and the returned feature are float32.
+  """
+
+  depth: int = 50
+  width: int = 64
+  last_stride: int = 1
+  pooling: str = "gem"
+  bn_group_size: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, return_feature_map: bool = False) -> jax.Array:
+    kind, layers = _arch(self.depth)
+    expansion = _EXPANSION[kind]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=conv_init)
+    norm = functools.partial(
+        GhostBatchNorm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype)
+
+    x = conv(self.width, (7, 7), (2, 2), _pad(7), name="conv1")(x)
+    x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
+    # flax pads max_pool with -inf, like torch.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    in_planes = self.width
+    strides = (1, 2, 2, self.last_stride)
+    for stage, (blocks, stage_stride) in enumerate(zip(layers, strides)):
+      planes = self.width * 2 ** stage
+      for index in range(blocks):
+        stride = stage_stride if index == 0 else 1
+        downsample = index == 0 and (stride != 1 or in_planes != planes * expansion)
+        x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=conv,
+                      norm=norm, name=f"layer{stage + 1}_{index}")(x, train)
+        in_planes = planes * expansion
+    if return_feature_map:
+      return x
+
+    if self.pooling == "gem":
+      x = GeM(name="gem")(x)
+    elif self.pooling == "avg":
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    else:
+      raise ValueError(f"unknown pooling {self.pooling!r}; use 'gem' or 'avg'")
+
+    x = GhostBatchNorm(group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
+                       use_bias=False, dtype=jnp.float32, name="feat_bn")(
+                           x, use_running_average=not train)
+    return l2_normalize(x)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows divided by max(||x||, eps), as torch.nn.functional.normalize."""
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def create_model(config_model) -> ReIDResNet:
+  """Builds a ReIDResNet from a config with depth, width, last_stride, pooling,
+  bn_group_size and dtype ("float32" | "bfloat16")."""
+  dtype = config_model.dtype
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"unknown model dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype]
+  return ReIDResNet(
+      depth=int(config_model.depth),
+      width=int(config_model.width),
+      last_stride=int(config_model.last_stride),
+      pooling=str(config_model.pooling),
+      bn_group_size=int(config_model.bn_group_size),
+      dtype=dtype)
