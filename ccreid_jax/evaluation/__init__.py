@@ -1,0 +1,5 @@
+"""Host-side evaluation: distances and re-ID ranking metrics (numpy only)."""
+
+from ccreid_jax.evaluation.metrics import evaluate_ranking, pairwise_distance
+
+__all__ = ["evaluate_ranking", "pairwise_distance"]

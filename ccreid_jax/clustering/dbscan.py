@@ -1,0 +1,54 @@
+"""DBSCAN pseudo labels from a precomputed distance (ALGORITHMS.md, section 5).
+
+``eps`` is inclusive (``d <= eps`` makes two points neighbours) and ``min_samples`` counts the
+point itself; label -1 marks outliers. Clusters are numbered 0..K-1 by scikit-learn in the order
+in which they are discovered (increasing index of their first core point).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.cluster import DBSCAN
+
+__all__ = ["dbscan_labels"]
+
+
+def dbscan_labels(distance, eps: float = 0.6, min_samples: int = 4) -> np.ndarray:
+  """DBSCAN over a precomputed N x N distance; returns int64 labels, -1 = outlier.
+
+  Args:
+    distance: a dense (N, N) array, or a scipy sparse matrix in the convention of
+      ``jaccard_distance``: only stored entries are candidate neighbours and an absent entry
+      means distance 1.0. Stored entries are compared with ``eps`` as stored (a float32 0.6 is
+      0.6000000238 and is therefore *not* within ``eps=0.6``, as in the reference, which also
+      compares its float32 matrix with the Python float). A sparse matrix whose diagonal entry
+      is absent makes that point its own neighbour (scikit-learn's rule);
+      ``jaccard_distance`` always stores its diagonal, so the rule never applies to it.
+    eps: neighbourhood radius, inclusive. Must be < 1 for a sparse input: absent pairs are at
+      distance 1.0 and would have to count as neighbours for ``eps >= 1``.
+    min_samples: core-point threshold, the point itself included.
+
+  Returns:
+    (N,) int64 labels in -1..K-1.
+  """
+  eps = float(eps)
+  if not eps > 0:
+    raise ValueError(f"eps must be positive, got {eps}.")
+  if int(min_samples) < 1:
+    raise ValueError(f"min_samples must be >= 1, got {min_samples}.")
+  if sp.issparse(distance):
+    if eps >= 1.0:
+      raise ValueError(
+          f"eps={eps} >= 1 with a sparse distance: absent entries stand for distance 1.0, so "
+          "every pair would be within eps but only stored pairs would be found. Use eps < 1 "
+          "or pass the dense matrix.")
+    matrix = sp.csr_matrix(distance)  # scikit-learn copies before its own edits
+  else:
+    matrix = np.asarray(distance)
+  if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+    raise ValueError(f"distance must be square (N, N), got shape {matrix.shape}.")
+  if matrix.shape[0] == 0:
+    return np.zeros(0, dtype=np.int64)
+  model = DBSCAN(eps=eps, min_samples=int(min_samples), metric="precomputed")
+  return model.fit_predict(matrix).astype(np.int64)
