@@ -15,3 +15,6 @@ __all__ = [
     "knn",
     "relabel_consecutive",
 ]
+from ccreid_jax.clustering.rlcc import (  # noqa: E402
+    consensus_matrix, consensus_stats, keep_outliers_as_singletons, previous_predictions,
+    soft_labels)
