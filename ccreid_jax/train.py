@@ -14,6 +14,7 @@ epochs; a checkpoint after every epoch.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -107,12 +108,19 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    mesh: Mesh) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """The jitted train step: augment, forward, memory loss, Adam, memory update."""
+                    mesh: Mesh, *, soft_targets: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+  """The jitted train step: augment, forward, memory loss, Adam, memory update.
+
+  ``step(state, images, labels)`` uses the hard cross-entropy against the memory;
+  with ``soft_targets=True`` it is ``step(state, images, labels, targets)`` with per-sample
+  (B, C_pad) target distributions (RLCC) and the soft-target cross-entropy. The two are
+  compiled separately, so with RLCC off the step is exactly the plain Cluster Contrast one.
+  """
   aug = config.augment
   mem = config.memory
 
-  def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                 targets: jax.Array | None = None):
     key = jax.random.fold_in(state.rng, state.step)
     x = augment_lib.train_augment(
         key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob)
@@ -121,8 +129,12 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
       features, updates = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, x, train=True,
           mutable=["batch_stats"])
-      loss = memory_lib.contrastive_loss(
-          features, state.memory.centroids, labels, mem.temperature, valid=state.memory.valid)
+      if targets is None:
+        loss = memory_lib.contrastive_loss(
+            features, state.memory.centroids, labels, mem.temperature, valid=state.memory.valid)
+      else:
+        loss = memory_lib.soft_contrastive_loss(
+            features, state.memory.centroids, targets, mem.temperature, valid=state.memory.valid)
       return loss, (features, updates["batch_stats"])
 
     (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -139,9 +151,10 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+  batch_args = (batch_sharded,) * (3 if soft_targets else 2)
   return jax.jit(
       train_step,
-      in_shardings=(replicated, batch_sharded, batch_sharded),
+      in_shardings=(replicated,) + batch_args,
       out_shardings=(replicated, replicated),
       donate_argnums=0,
   )
@@ -156,12 +169,22 @@ def pseudo_labels(features: np.ndarray, cluster: ml_collections.ConfigDict) -> n
 
 
 def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
-                      sharding: NamedSharding, depth: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
-  """Gathers the next batches on a host thread and sends them to the devices early."""
+                      sharding: NamedSharding, *, targets: np.ndarray | None = None,
+                      num_columns: int = 0, depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
+  """Gathers the next batches on a host thread and sends them to the devices early.
+
+  Yields ``(images, labels)`` or, with ``targets`` (N, K), ``(images, labels, targets)``
+  with the target rows zero-padded to ``num_columns`` (the memory bucket).
+  """
 
   def load(indices):
-    return (jax.device_put(np.asarray(images[indices]), sharding),
-            jax.device_put(labels[indices].astype(np.int32), sharding))
+    batch = (jax.device_put(np.asarray(images[indices]), sharding),
+             jax.device_put(labels[indices].astype(np.int32), sharding))
+    if targets is None:
+      return batch
+    rows = np.zeros((len(indices), num_columns), np.float32)
+    rows[:, :targets.shape[1]] = targets[indices]
+    return batch + (jax.device_put(rows, sharding),)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     queue = [pool.submit(load, idx) for idx in _take(batches, depth)]
@@ -216,12 +239,16 @@ class _Run:
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), read_only=not need_train)
 
-  def abstract_state(self, tx, bucket: int, feature_dim: int, num_train: int):
+  def abstract_state(self, tx, meta: dict[str, Any], feature_dim: int):
+    """The tree a checkpoint with this ``meta`` holds, as shapes only."""
+    bucket = int(meta["memory_bucket"])
     memory = memory_lib.MemoryState(
         centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
     state = jax.eval_shape(lambda: init_train_state(self.model, tx, self.config, memory))
     return {"train_state": state,
-            "pseudo_labels": jax.ShapeDtypeStruct((num_train,), jnp.int32)}
+            "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
+            "cluster_centroids": jax.ShapeDtypeStruct(
+                (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
 
   def evaluate(self, variables) -> dict[str, float]:
     return _evaluate_split(self.extract_fn, variables, self.test_images, self.dataset,
@@ -269,18 +296,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               jax.device_count())
 
   start_epoch = 0
-  bucket = config.memory.min_bucket
+  previous: _Generation | None = None  # Last epoch's clustering, for RLCC.
   latest = run.checkpointer.latest_step()
   if latest is not None:
     meta = run.checkpointer.read_meta(latest)
-    bucket = int(meta["memory_bucket"])
-    restored = run.checkpointer.restore(
-        latest, run.abstract_state(tx, bucket, feature_dim, num_train))
+    restored = run.checkpointer.restore(latest, run.abstract_state(tx, meta, feature_dim))
     state = restored.state["train_state"]
     start_epoch = int(meta["epoch"]) + 1
+    if int(meta["num_clusters"]) > 0:
+      previous = _Generation(
+          labels=np.asarray(restored.state["pseudo_labels"]).astype(np.int64),
+          centroids=np.asarray(restored.state["cluster_centroids"])[:int(meta["num_clusters"])])
     logger.info("resuming from %s (epoch %d done)", run.checkpointer.directory, start_epoch)
   else:
-    empty_memory = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32), bucket)
+    empty_memory = memory_lib.init_memory(
+        np.zeros((0, feature_dim), np.float32), config.memory.min_bucket)
     state = init_train_state(run.model, tx, config, empty_memory)
   state = jax.device_put(state, run.replicated)
 
@@ -290,11 +320,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger.info("initial features (before training): mAP %.1f rank1 %.1f",
                 100 * initial["mAP"], 100 * initial["rank1"])
 
-  train_step = make_train_step(run.model, tx, config, run.mesh)
+  hard_step = make_train_step(run.model, tx, config, run.mesh)
+  soft_step = (make_train_step(run.model, tx, config, run.mesh, soft_targets=True)
+               if config.rlcc.enabled else None)
   batch_sharding = NamedSharding(run.mesh, PartitionSpec("data"))
   results: dict[str, Any] = {}
   for epoch in range(start_epoch, t.epochs):
     timer = Timer()
+    record: dict[str, Any] = {"epoch": epoch}
     with timer.phase("extract"):
       features = extract_features(
           run.extract_fn, state.variables, run.train_images, mesh=run.mesh,
@@ -302,40 +335,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           desc=f"epoch {epoch} extract")
     with timer.phase("cluster"):
       labels = pseudo_labels(features, config.cluster)
+      record["outliers"] = int((labels < 0).sum())
+      if config.rlcc.enabled and config.rlcc.outliers_as_singletons:
+        labels = clustering.keep_outliers_as_singletons(labels)
       num_clusters = int(labels.max()) + 1 if labels.size else 0
-      num_outliers = int((labels < 0).sum())
-    if num_clusters == 0:
+      record["clusters"] = num_clusters
+      current = (_Generation(labels=labels, centroids=clustering.cluster_centroids(features, labels))
+                 if num_clusters > 0 else None)
+      targets = None
+      if config.rlcc.enabled and current is not None and previous is not None:
+        targets, stats = rlcc_targets(features, current, previous, config.rlcc, epoch)
+        record.update({f"rlcc_{k}": v for k, v in stats.items()})
+
+    losses: list[float] = []
+    if current is None:
       logger.warning("epoch %d: DBSCAN found no cluster (all %d samples are outliers); "
                      "skipping this epoch's training", epoch, num_train)
-      losses = []
     else:
-      centroids = clustering.cluster_centroids(features, labels)
       bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
-      memory = jax.device_put(memory_lib.init_memory(centroids, bucket), run.replicated)
+      memory = jax.device_put(memory_lib.init_memory(current.centroids, bucket), run.replicated)
       state = state.replace(memory=memory)
       sampler = sampler_lib.CameraAwarePKSampler(
-          labels, cams, t.num_instances, seed=int(np.random.SeedSequence([config.seed, epoch])
-                                                  .generate_state(1)[0]))
+          labels, cams, t.num_instances,
+          seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
       batches = _prefetch_batches(
-          sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding)
-      losses, pending = [], []
-      bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
-                         enabled=run.progress)
+          sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding,
+          targets=targets, num_columns=bucket)
+      step_fn = hard_step if targets is None else soft_step
       with timer.phase("train"):
-        for it, (images, batch_labels) in enumerate(batches):
-          state, metrics = train_step(state, images, batch_labels)
-          pending.append(metrics["loss"])
-          if len(pending) == t.log_every or it == t.iters - 1:
-            values = [float(v) for v in jax.device_get(pending)]
-            pending = []
-            if not np.all(np.isfinite(values)):
-              raise FloatingPointError(
-                  f"non-finite loss at epoch {epoch} step {it}: {values}; the last good "
-                  f"checkpoint is kept in {run.checkpointer.directory}")
-            losses.extend(values)
-            bar.set_postfix(loss=f"{values[-1]:.3f}")
-          bar.update(1)
-      bar.close()
+        state, losses = _train_epoch(step_fn, state, batches, epoch, t, run)
+    previous = current
 
     evaluated = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
     metrics_out: dict[str, float] | None = None
@@ -344,31 +373,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_out = run.evaluate(state.variables)
       results = dict(metrics_out)
     mean_loss = float(np.mean(losses)) if losses else float("nan")
-    record = {"epoch": epoch, "clusters": num_clusters, "outliers": num_outliers,
-              "loss": mean_loss, "steps": int(state.step),
-              "lr": float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
-              **{f"time_{k}": v for k, v in timer.seconds.items()}}
+    record.update(loss=mean_loss, steps=int(state.step),
+                  lr=float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
+                  **{f"time_{k}": v for k, v in timer.seconds.items()})
     if metrics_out is not None:
       record.update(metrics_out)
     writer.write("epoch", **record)
-    line = (f"epoch {epoch:3d} | clusters {num_clusters:5d} | outliers {num_outliers:6d} | "
-            f"loss {mean_loss:.4f} | " +
-            " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
-    if metrics_out is not None:
-      line += f" | mAP {100 * metrics_out['mAP']:.1f} rank1 {100 * metrics_out['rank1']:.1f}"
-    logger.info(line)
+    logger.info(_epoch_line(record, timer))
 
-    with timer.phase("save"):
-      meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
-              "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
-      if metrics_out is not None:
-        meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
-      run.checkpointer.save(
-          epoch + 1, {"train_state": state, "pseudo_labels": labels.astype(np.int32)}, meta)
+    meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
+            "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
+    if metrics_out is not None:
+      meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
+    centroids = (current.centroids if current is not None
+                 else np.zeros((1, feature_dim), np.float32))
+    run.checkpointer.save(
+        epoch + 1,
+        {"train_state": state, "pseudo_labels": labels.astype(np.int32),
+         "cluster_centroids": centroids.astype(np.float32)},
+        meta)
   run.checkpointer.wait_until_finished()
   if not results and t.epochs > 0:
     results = evaluate(config, workdir, checkpoint="latest")
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+  """One epoch's clustering: labels (-1 = outlier) and L2-normalised centroids (K, D)."""
+
+  labels: np.ndarray
+  centroids: np.ndarray
+
+
+def rlcc_targets(features: np.ndarray, current: _Generation, previous: _Generation,
+                 rlcc: ml_collections.ConfigDict, epoch: int) -> tuple[np.ndarray, dict]:
+  """RLCC soft targets (N, K) for this epoch and the consensus statistics to log.
+
+  ``P = q`` on the first RLCC epoch (epoch 1), alpha-mixed with the previous one-hot
+  from epoch 2 on (ALGORITHMS.md section 6).
+  """
+  consensus = clustering.consensus_matrix(
+      previous.labels, current.labels, num_prev_clusters=previous.centroids.shape[0],
+      num_clusters=current.centroids.shape[0])
+  targets = clustering.soft_labels(
+      features, current.labels, previous.labels, previous.centroids,
+      use_prev_onehot=epoch >= 2, alpha=rlcc.alpha, beta=rlcc.beta, pred_temp=rlcc.pred_temp,
+      consensus=consensus)
+  stats = clustering.consensus_stats(
+      previous.labels, current.labels, targets, num_prev_clusters=previous.centroids.shape[0],
+      consensus=consensus)
+  return targets, stats
+
+
+def _train_epoch(step_fn, state: TrainState, batches, epoch: int, t: ml_collections.ConfigDict,
+                 run: _Run) -> tuple[TrainState, list[float]]:
+  """Runs ``t.iters`` steps; fetches the losses every ``t.log_every`` steps."""
+  losses: list[float] = []
+  pending: list[jax.Array] = []
+  bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
+                     enabled=run.progress)
+  for it, batch in enumerate(batches):
+    state, metrics = step_fn(state, *batch)
+    pending.append(metrics["loss"])
+    if len(pending) == t.log_every or it == t.iters - 1:
+      values = [float(v) for v in jax.device_get(pending)]
+      pending = []
+      if not np.all(np.isfinite(values)):
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch} step {it}: {values}; the last good "
+            f"checkpoint is kept in {run.checkpointer.directory}")
+      losses.extend(values)
+      bar.set_postfix(loss=f"{values[-1]:.3f}")
+    bar.update(1)
+  bar.close()
+  return state, losses
+
+
+def _epoch_line(record: dict[str, Any], timer: Timer) -> str:
+  line = (f"epoch {record['epoch']:3d} | clusters {record['clusters']:5d} | "
+          f"outliers {record['outliers']:6d} | loss {record['loss']:.4f} | " +
+          " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
+  if "rlcc_num_dissolved" in record:
+    line += (f" | rlcc dissolved {record['rlcc_num_dissolved']} new {record['rlcc_num_new']} "
+             f"max(y~) {record['rlcc_mean_max_target']:.3f} "
+             f"argmax!=y {record['rlcc_frac_argmax_changed']:.3f}")
+  if "mAP" in record:
+    line += f" | mAP {100 * record['mAP']:.1f} rank1 {100 * record['rank1']:.1f}"
+  return line
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -383,8 +475,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   meta = run.checkpointer.read_meta(step)
   tx = make_optimizer(config.optim, config.train.iters)
   feature_dim = models.feature_dim(config.model.depth, config.model.width)
-  abstract = run.abstract_state(tx, int(meta["memory_bucket"]), feature_dim,
-                                int(meta["num_train"]))
+  abstract = run.abstract_state(tx, meta, feature_dim)
   restored = run.checkpointer.restore(step, abstract)
   state = jax.device_put(restored.state["train_state"], run.replicated)
   results = dict(run.evaluate(state.variables))

@@ -56,6 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
   cluster.k1 = 30  # Jaccard k-reciprocal neighbourhood size.
   cluster.k2 = 6  # Jaccard query-expansion size.
 
+  config.rlcc = rlcc = ml_collections.ConfigDict()
+  rlcc.enabled = False  # RLCC: soft targets from the consensus of consecutive clusterings.
+  rlcc.alpha = 0.9  # Weight of the current one-hot in the target (1.0 = plain Cluster Contrast).
+  rlcc.beta = 0.0  # 0 = soft propagation P.Cbar, 1 = hard propagation Cbar[y'].
+  rlcc.pred_temp = 30.0  # Temperature of q = softmax(pred_temp * f . c_prev).
+  rlcc.outliers_as_singletons = False  # Official RLCC/SpCL: outliers become singleton classes.
+
   config.augment = augment = ml_collections.ConfigDict()
   augment.flip_prob = 0.5  # Horizontal flip probability.
   augment.pad = 10  # Zero padding before the random crop.
