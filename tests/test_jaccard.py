@@ -200,3 +200,104 @@ def test_invalid_arguments():
   bad[0, 0] = np.nan
   with pytest.raises(ValueError):
     jaccard_distance(bad)
+
+
+def _threshold(mat, limit):
+  """Entries of a full-mode result with float32 value <= float32(limit), plus the diagonal."""
+  coo = mat.tocoo()
+  keep = (coo.data <= np.float32(limit)) | (coo.row == coo.col)
+  return coo.row[keep], coo.col[keep], coo.data[keep]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("eps", [0.4, 0.6])
+def test_max_distance_equals_thresholded_full(name, eps):
+  x, sparse, dense_ref = _case(name)
+  make, k1, k2, block = CASES[name]
+  cut = jaccard_distance(x, k1, k2, max_distance=eps, block_size=block)
+  n = x.shape[0]
+  assert isinstance(cut, sp.csr_matrix) and cut.dtype == np.float32
+  assert cut.has_sorted_indices and cut.shape == (n, n)
+  coo = cut.tocoo()
+  rows, cols, data = _threshold(sparse, eps)
+  np.testing.assert_array_equal(coo.row, rows)  # same entries, same canonical order
+  np.testing.assert_array_equal(coo.col, cols)
+  np.testing.assert_array_equal(coo.data, data)  # bitwise equal values
+  assert abs(cut - cut.T).max() == 0
+  got = dbscan_labels(cut, eps=eps, min_samples=4)
+  np.testing.assert_array_equal(got, dbscan_labels(sparse, eps=eps, min_samples=4))
+  np.testing.assert_array_equal(got, dbscan_labels(dense_ref, eps=eps, min_samples=4))
+
+
+def test_max_distance_keeps_float32_boundary_and_large_values():
+  x, sparse, _ = _case("signs16_k10_3")
+  _, k1, k2, _ = CASES["signs16_k10_3"]
+  off = sparse.data[sparse.indices != np.repeat(np.arange(x.shape[0]), np.diff(sparse.indptr))]
+  value = float(np.sort(off)[off.size // 2])  # an actual stored float32 distance
+  cut = jaccard_distance(x, k1, k2, max_distance=value)
+  assert np.any(cut.data == np.float32(value))  # the boundary is inclusive
+  # Anything >= 1 stores exactly what the full mode stores.
+  big = jaccard_distance(x, k1, k2, max_distance=5.0)
+  assert (big != sparse).nnz == 0 and big.nnz == sparse.nnz
+  with pytest.raises(ValueError):
+    jaccard_distance(x, k1, k2, max_distance=-0.1)
+
+
+@pytest.mark.parametrize("name", ["spread0.5_k30_6", "dupgroups_k30_1", "signs16_k10_3"])
+def test_many_small_blocks_give_identical_results(name, monkeypatch):
+  from ccreid_jax.clustering import jaccard as jaccard_module
+
+  x, sparse, _ = _case(name)
+  _, k1, k2, _ = CASES[name]
+  cut = jaccard_distance(x, k1, k2, max_distance=0.6)
+  monkeypatch.setattr(jaccard_module, "_PAIR_BUDGET", 700)
+  monkeypatch.setattr(jaccard_module, "_HALF_BUFFER", 1)
+  monkeypatch.setattr(jaccard_module, "_HALF_MIN_ROWS", 3)
+  monkeypatch.setattr(jaccard_module, "_GATHER_BUDGET", 50)
+  small = jaccard_distance(x, k1, k2, block_size=13)
+  small_cut = jaccard_distance(x, k1, k2, max_distance=0.6, block_size=13)
+  for got, want in ((small, sparse), (small_cut, cut)):
+    assert got.nnz == want.nnz
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.data, want.data)
+
+
+@pytest.mark.parametrize("n, block", [(37, 8), (64, 64), (100, 1024)])
+def test_jax_knn_equals_stable_argsort_with_heavy_ties(n, block):
+  # Few distinct points, many exact copies: every row has long runs of equal distances, and
+  # the k-th entry falls inside such a run.
+  rng = np.random.default_rng(n)
+  base = _signs(5, 16, n)
+  x = base[rng.integers(0, 5, n)]
+  for k in (1, 7, n):
+    want_idx, dense = ref.knn_lists(x, k)
+    idx, dist = knn(x, k, block_size=block)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(dist, np.take_along_axis(dense, want_idx, axis=1))
+    assert not np.any(np.signbit(dist))  # self distance is +0.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_knn_is_reranked_in_float32(dtype):
+  x = _case("spread0.5_k30_6")[0]
+  idx, dist = knn(x, 10, block_size=64, knn_dtype=dtype)
+  exact_idx, exact_dist = knn(x, 10, block_size=64)
+  _, dense = ref.knn_lists(x, 10)
+  # Distances are the float32 ones of the returned pairs, sorted by (distance, index).
+  np.testing.assert_array_equal(dist, np.take_along_axis(dense, idx, axis=1))
+  assert np.all((dist[:, 1:] > dist[:, :-1])
+                | ((dist[:, 1:] == dist[:, :-1]) & (idx[:, 1:] > idx[:, :-1])))
+  assert np.mean(np.all(idx == exact_idx, axis=1)) > 0.9  # nearly always the exact list
+  with pytest.raises(ValueError):
+    knn(x, 10, knn_dtype="int8")
+
+
+def test_knn_has_no_implicit_transfers():
+  import jax
+
+  x = _case("odd_k5_2")[0]
+  want = knn(x, 5, block_size=16)
+  with jax.transfer_guard("disallow"):
+    got = knn(x, 5, block_size=16)
+  np.testing.assert_array_equal(got[0], want[0])

@@ -18,3 +18,4 @@ __all__ = [
 from ccreid_jax.clustering.rlcc import (  # noqa: E402
     consensus_matrix, consensus_stats, keep_outliers_as_singletons, previous_predictions,
     soft_labels)
+from ccreid_jax.clustering.infomap import infomap_edges, infomap_labels  # noqa: E402
