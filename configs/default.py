@@ -50,11 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
   memory.min_bucket = 64  # Memory rows are padded to a power of two >= max(K, min_bucket).
 
   config.cluster = cluster = ml_collections.ConfigDict()
-  cluster.method = "dbscan"  # Clustering algorithm: dbscan.
+  cluster.method = "dbscan"  # Clustering algorithm: dbscan | infomap.
   cluster.eps = 0.6  # DBSCAN radius on the Jaccard distance (inclusive).
   cluster.min_samples = 4  # DBSCAN core-point threshold, the point itself included.
   cluster.k1 = 30  # Jaccard k-reciprocal neighbourhood size.
   cluster.k2 = 6  # Jaccard query-expansion size.
+  cluster.infomap_k = 15  # InfoMap: kNN size (self included).
+  cluster.infomap_min_similarity = 0.5  # InfoMap: keep edges while cosine >= this.
+  cluster.infomap_min_cluster_size = 5  # InfoMap: smaller clusters become outliers (ref. k2=4).
 
   config.rlcc = rlcc = ml_collections.ConfigDict()
   rlcc.enabled = False  # RLCC: soft targets from the consensus of consecutive clusterings.

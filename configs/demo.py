@@ -11,8 +11,10 @@ def get_config():
   config = default.get_config()
   config.data.name = "market1501"
   config.data.root = "demo_data"
-  config.data.height = 64
-  config.data.width = 32
+  # 128x64 keeps every feature map >= 8x4: XLA:CPU convolutions are very slow on
+  # smaller maps (docs/benchmarks.md).
+  config.data.height = 128
+  config.data.width = 64
   config.model.depth = 18
   config.model.width = 32
   config.model.bn_group_size = 32

@@ -9,7 +9,8 @@ from ml_collections import config_flags
 
 from conftest import ROOT
 
-CONFIG_NAMES = ["default", "market1501", "dukemtmcreid", "msmt17", "veri776", "personx", "demo"]
+CONFIG_NAMES = ["default", "market1501", "dukemtmcreid", "msmt17", "veri776", "personx", "demo",
+                "market1501_infomap", "dukemtmcreid_infomap", "msmt17_infomap", "veri776_infomap"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

@@ -32,63 +32,63 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 
 class DatasetError(FileNotFoundError, ValueError):
-    """A dataset cannot be loaded: unknown name, missing folder, empty split or malformed file.
+  """A dataset cannot be loaded: unknown name, missing folder, empty split or malformed file.
 
-    Subclasses both ``FileNotFoundError`` (missing folders / files) and ``ValueError`` (bad names,
-    out-of-range cameras), so either ``except`` clause catches it.
-    """
+  Subclasses both ``FileNotFoundError`` (missing folders / files) and ``ValueError`` (bad names,
+  out-of-range cameras), so either ``except`` clause catches it.
+  """
 
 
 class Record(NamedTuple):
-    """One image of a split: its path, identity and 0-based camera id."""
+  """One image of a split: its path, identity and 0-based camera id."""
 
-    path: str
-    pid: int
-    camid: int
+  path: str
+  pid: int
+  camid: int
 
 
 @dataclasses.dataclass(frozen=True)
 class ReidDataset:
-    """The three splits of a re-ID dataset.
+  """The three splits of a re-ID dataset.
 
-    Attributes:
-      name: one of ``DATASET_NAMES``.
-      root: the dataset folder that was read (e.g. ``.../Market-1501-v15.09.15``).
-      train: training images (junk and distractors removed).
-      query: query images.
-      gallery: gallery images (for Market-1501 including the distractors, pid 0).
-    """
+  Attributes:
+    name: one of ``DATASET_NAMES``.
+    root: the dataset folder that was read (e.g. ``.../Market-1501-v15.09.15``).
+    train: training images (junk and distractors removed).
+    query: query images.
+    gallery: gallery images (for Market-1501 including the distractors, pid 0).
+  """
 
-    name: str
-    root: str
-    train: list[Record]
-    query: list[Record]
-    gallery: list[Record]
+  name: str
+  root: str
+  train: list[Record]
+  query: list[Record]
+  gallery: list[Record]
 
-    @property
-    def num_train_pids(self) -> int:
-        """Number of distinct identities in the training split."""
-        return len({r.pid for r in self.train})
+  @property
+  def num_train_pids(self) -> int:
+    """Number of distinct identities in the training split."""
+    return len({r.pid for r in self.train})
 
-    @property
-    def num_train_cams(self) -> int:
-        """Number of distinct cameras in the training split."""
-        return len({r.camid for r in self.train})
+  @property
+  def num_train_cams(self) -> int:
+    """Number of distinct cameras in the training split."""
+    return len({r.camid for r in self.train})
 
-    @property
-    def num_train_images(self) -> int:
-        """Number of training images."""
-        return len(self.train)
+  @property
+  def num_train_images(self) -> int:
+    """Number of training images."""
+    return len(self.train)
 
-    def summary(self) -> str:
-        """A small human-readable table with ids / images / cameras per split."""
-        lines = [f"{self.name} ({self.root})", "  split   | ids   | images | cameras"]
-        for split_name, records in (("train", self.train), ("query", self.query),
-                                    ("gallery", self.gallery)):
-            ids = len({r.pid for r in records})
-            cams = len({r.camid for r in records})
-            lines.append(f"  {split_name:<7} | {ids:>5} | {len(records):>6} | {cams:>7}")
-        return "\n".join(lines)
+  def summary(self) -> str:
+    """A small human-readable table with ids / images / cameras per split."""
+    lines = [f"{self.name} ({self.root})", "  split   | ids   | images | cameras"]
+    for split_name, records in (("train", self.train), ("query", self.query),
+                                ("gallery", self.gallery)):
+      ids = len({r.pid for r in records})
+      cams = len({r.camid for r in records})
+      lines.append(f"  {split_name:<7} | {ids:>5} | {len(records):>6} | {cams:>7}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,25 +98,25 @@ class ReidDataset:
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """How one dataset is laid out and how its file names are parsed."""
+  """How one dataset is laid out and how its file names are parsed."""
 
-    name: str
-    folder: str
-    split_dirs: tuple[str, str, str]  # train, query, gallery
-    pattern: re.Pattern[str]
-    cam_to_index: Callable[[int], int | None]  # raw camera -> 0-based id, None if invalid
-    cam_description: str
-    example: str
-    market_filters: bool  # pid 0 is a distractor (gallery only)
+  name: str
+  folder: str
+  split_dirs: tuple[str, str, str]  # train, query, gallery
+  pattern: re.Pattern[str]
+  cam_to_index: Callable[[int], int | None]  # raw camera -> 0-based id, None if invalid
+  cam_description: str
+  example: str
+  market_filters: bool  # pid 0 is a distractor (gallery only)
 
 
 def _range_cams(low: int, high: int) -> Callable[[int], int | None]:
-    """Cameras numbered ``low..high`` map to ``0..high-low``."""
+  """Cameras numbered ``low..high`` map to ``0..high-low``."""
 
-    def to_index(cam: int) -> int | None:
-        return cam - low if low <= cam <= high else None
+  def to_index(cam: int) -> int | None:
+    return cam - low if low <= cam <= high else None
 
-    return to_index
+  return to_index
 
 
 _PERSONX_CAMS: dict[int, int] = {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}
@@ -180,38 +180,38 @@ _MSMT_LIST_FILES = ("list_train.txt", "list_val.txt", "list_query.txt", "list_ga
 
 
 def dataset_folder_name(name: str) -> str:
-    """The folder name a dataset is distributed in, e.g. ``Market-1501-v15.09.15``."""
-    return _get_spec(name).folder
+  """The folder name a dataset is distributed in, e.g. ``Market-1501-v15.09.15``."""
+  return _get_spec(name).folder
 
 
 def _get_spec(name: str) -> _Spec:
-    key = name.lower()
-    if key not in _SPECS:
-        raise DatasetError(
-            f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
-    return _SPECS[key]
+  key = name.lower()
+  if key not in _SPECS:
+    raise DatasetError(
+        f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
+  return _SPECS[key]
 
 
 def _expected_tree(spec: _Spec) -> str:
-    """An indented picture of the folder layout a dataset is expected to have."""
-    train, query, gallery = spec.split_dirs
-    lines = [
+  """An indented picture of the folder layout a dataset is expected to have."""
+  train, query, gallery = spec.split_dirs
+  lines = [
+      f"  {spec.folder}/",
+      f"    {train}/  {spec.example} ...",
+      f"    {query}/",
+      f"    {gallery}/",
+  ]
+  if spec.name == "msmt17":
+    lines += [
+        "  or the official MSMT17 layout:",
         f"  {spec.folder}/",
-        f"    {train}/  {spec.example} ...",
-        f"    {query}/",
-        f"    {gallery}/",
+        "    train/  0000/0000_000_01_0303morning_0015_0.jpg ...",
+        "    test/",
+        "    list_train.txt  list_val.txt  list_query.txt  list_gallery.txt",
+        "      (each line: 'relative/path.jpg pid', e.g. "
+        "'0000/0000_000_01_0303morning_0015_0.jpg 0')",
     ]
-    if spec.name == "msmt17":
-        lines += [
-            "  or the official MSMT17 layout:",
-            f"  {spec.folder}/",
-            "    train/  0000/0000_000_01_0303morning_0015_0.jpg ...",
-            "    test/",
-            "    list_train.txt  list_val.txt  list_query.txt  list_gallery.txt",
-            "      (each line: 'relative/path.jpg pid', e.g. "
-            "'0000/0000_000_01_0303morning_0015_0.jpg 0')",
-        ]
-    return "\n".join(lines)
+  return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,37 +220,37 @@ def _expected_tree(spec: _Spec) -> str:
 
 
 def _is_market_style(folder: str, spec: _Spec) -> bool:
-    return os.path.isdir(os.path.join(folder, spec.split_dirs[0]))
+  return os.path.isdir(os.path.join(folder, spec.split_dirs[0]))
 
 
 def _is_msmt_official(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "list_train.txt"))
+  return os.path.isfile(os.path.join(folder, "list_train.txt"))
 
 
 def _resolve_folder(spec: _Spec, root: str) -> tuple[str, bool]:
-    """Find the dataset folder under ``root``.
+  """Find the dataset folder under ``root``.
 
-    Returns:
-      ``(folder, official_msmt)``: the dataset folder and whether it uses the official MSMT17
-      list layout.
-    """
-    root = os.path.abspath(os.path.expanduser(root))
-    candidates = [
-        os.path.join(root, spec.folder),
-        root,
-        os.path.join(root, spec.name, spec.folder),
-    ]
-    for folder in candidates:
-        if _is_market_style(folder, spec):
-            return folder, False
-        if spec.name == "msmt17" and _is_msmt_official(folder):
-            return folder, True
-    tried = "\n".join(f"  {c}" for c in candidates)
-    raise DatasetError(
-        f"Dataset {spec.name!r}: no dataset folder found under root {root!r}.\n"
-        f"Paths tried (the first should exist):\n{tried}\n"
-        f"Expected tree (root may be the parent folder or the dataset folder itself):\n"
-        f"{_expected_tree(spec)}")
+  Returns:
+    ``(folder, official_msmt)``: the dataset folder and whether it uses the official MSMT17
+    list layout.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  candidates = [
+      os.path.join(root, spec.folder),
+      root,
+      os.path.join(root, spec.name, spec.folder),
+  ]
+  for folder in candidates:
+    if _is_market_style(folder, spec):
+      return folder, False
+    if spec.name == "msmt17" and _is_msmt_official(folder):
+      return folder, True
+  tried = "\n".join(f"  {c}" for c in candidates)
+  raise DatasetError(
+      f"Dataset {spec.name!r}: no dataset folder found under root {root!r}.\n"
+      f"Paths tried (the first should exist):\n{tried}\n"
+      f"Expected tree (root may be the parent folder or the dataset folder itself):\n"
+      f"{_expected_tree(spec)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,144 +259,144 @@ def _resolve_folder(spec: _Spec, root: str) -> tuple[str, bool]:
 
 
 def _list_images(directory: str, spec: _Spec) -> list[str]:
-    """Sorted image file names in ``directory``; raises if the folder is missing."""
-    if not os.path.isdir(directory):
-        raise DatasetError(
-            f"Dataset {spec.name!r}: split folder {directory!r} is missing.\n"
-            f"Expected tree:\n{_expected_tree(spec)}")
-    return sorted(f for f in os.listdir(directory)
-                  if f.lower().endswith(IMAGE_EXTENSIONS)
-                  and os.path.isfile(os.path.join(directory, f)))
+  """Sorted image file names in ``directory``; raises if the folder is missing."""
+  if not os.path.isdir(directory):
+    raise DatasetError(
+        f"Dataset {spec.name!r}: split folder {directory!r} is missing.\n"
+        f"Expected tree:\n{_expected_tree(spec)}")
+  return sorted(f for f in os.listdir(directory)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(directory, f)))
 
 
 def _camera_index(spec: _Spec, cam: int, path: str) -> int:
-    index = spec.cam_to_index(cam)
-    if index is None:
-        raise DatasetError(
-            f"Dataset {spec.name!r}: camera {cam} parsed from file {path!r} is out of range "
-            f"(expected {spec.cam_description}).")
-    return index
+  index = spec.cam_to_index(cam)
+  if index is None:
+    raise DatasetError(
+        f"Dataset {spec.name!r}: camera {cam} parsed from file {path!r} is out of range "
+        f"(expected {spec.cam_description}).")
+  return index
 
 
 def _parse_name(spec: _Spec, path: str) -> tuple[int, int]:
-    """``(pid, raw camera)`` from a file name with the dataset's regular expression."""
-    match = spec.pattern.search(os.path.basename(path))
-    if match is None:
-        raise DatasetError(
-            f"Dataset {spec.name!r}: cannot parse id and camera from file {path!r} "
-            f"(expected a name like {spec.example!r}).")
-    return int(match.group(1)), int(match.group(2))
+  """``(pid, raw camera)`` from a file name with the dataset's regular expression."""
+  match = spec.pattern.search(os.path.basename(path))
+  if match is None:
+    raise DatasetError(
+        f"Dataset {spec.name!r}: cannot parse id and camera from file {path!r} "
+        f"(expected a name like {spec.example!r}).")
+  return int(match.group(1)), int(match.group(2))
 
 
 def _keep(spec: _Spec, pid: int, split: str) -> bool:
-    """Whether a record with ``pid`` belongs in ``split`` after junk / distractor filtering."""
-    if pid == -1:  # junk images: dropped everywhere.
-        return False
-    if spec.market_filters and pid == 0:  # Market distractors: gallery only.
-        return split == "gallery"
-    return True
+  """Whether a record with ``pid`` belongs in ``split`` after junk / distractor filtering."""
+  if pid == -1:  # junk images: dropped everywhere.
+    return False
+  if spec.market_filters and pid == 0:  # Market distractors: gallery only.
+    return split == "gallery"
+  return True
 
 
 def _check_nonempty(spec: _Spec, records: Sequence[Record], split: str, where: str) -> None:
-    if not records:
-        raise DatasetError(
-            f"Dataset {spec.name!r}: the {split} split read from {where!r} is empty "
-            f"(no usable .jpg/.jpeg/.png images).\nExpected tree:\n{_expected_tree(spec)}")
+  if not records:
+    raise DatasetError(
+        f"Dataset {spec.name!r}: the {split} split read from {where!r} is empty "
+        f"(no usable .jpg/.jpeg/.png images).\nExpected tree:\n{_expected_tree(spec)}")
 
 
 def _parse_market_style(spec: _Spec, folder: str) -> dict[str, list[Record]]:
-    splits: dict[str, list[Record]] = {}
-    for split, sub in zip(("train", "query", "gallery"), spec.split_dirs):
-        directory = os.path.join(folder, sub)
-        records = []
-        for fname in _list_images(directory, spec):
-            path = os.path.join(directory, fname)
-            pid, cam = _parse_name(spec, path)
-            if not _keep(spec, pid, split):
-                continue
-            records.append(Record(path, pid, _camera_index(spec, cam, path)))
-        _check_nonempty(spec, records, split, directory)
-        splits[split] = records
-    return splits
+  splits: dict[str, list[Record]] = {}
+  for split, sub in zip(("train", "query", "gallery"), spec.split_dirs):
+    directory = os.path.join(folder, sub)
+    records = []
+    for fname in _list_images(directory, spec):
+      path = os.path.join(directory, fname)
+      pid, cam = _parse_name(spec, path)
+      if not _keep(spec, pid, split):
+        continue
+      records.append(Record(path, pid, _camera_index(spec, cam, path)))
+    _check_nonempty(spec, records, split, directory)
+    splits[split] = records
+  return splits
 
 
 def _msmt_official_cam(spec: _Spec, path: str) -> int:
-    """Camera of an official MSMT17 file name: the third ``_``-separated field."""
-    fields = os.path.basename(path).split("_")
-    if len(fields) < 3 or not fields[2].isdigit():
-        raise DatasetError(
-            f"Dataset {spec.name!r}: cannot parse the camera (third '_' field) from file "
-            f"{path!r} (expected a name like '0000_000_01_0303morning_0015_0.jpg').")
-    return _camera_index(spec, int(fields[2]), path)
+  """Camera of an official MSMT17 file name: the third ``_``-separated field."""
+  fields = os.path.basename(path).split("_")
+  if len(fields) < 3 or not fields[2].isdigit():
+    raise DatasetError(
+        f"Dataset {spec.name!r}: cannot parse the camera (third '_' field) from file "
+        f"{path!r} (expected a name like '0000_000_01_0303morning_0015_0.jpg').")
+  return _camera_index(spec, int(fields[2]), path)
 
 
 def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str) -> list[Record]:
-    if not os.path.isfile(list_path):
+  if not os.path.isfile(list_path):
+    raise DatasetError(
+        f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
+        f"Expected tree:\n{_expected_tree(spec)}")
+  records = []
+  with open(list_path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      parts = line.split()
+      if len(parts) != 2:
         raise DatasetError(
-            f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
-            f"Expected tree:\n{_expected_tree(spec)}")
-    records = []
-    with open(list_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise DatasetError(
-                    f"Dataset {spec.name!r}: line {line_no} of {list_path!r} is malformed: "
-                    f"{line!r} (expected 'relative/path.jpg pid').")
-            rel, pid_text = parts
-            if not rel.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(image_dir, rel)
-            records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
-    return records
+            f"Dataset {spec.name!r}: line {line_no} of {list_path!r} is malformed: "
+            f"{line!r} (expected 'relative/path.jpg pid').")
+      rel, pid_text = parts
+      if not rel.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      path = os.path.join(image_dir, rel)
+      records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
+  return records
 
 
 def _parse_msmt_official(spec: _Spec, folder: str) -> dict[str, list[Record]]:
-    for sub in ("train", "test"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise DatasetError(
-                f"Dataset {spec.name!r}: image folder {os.path.join(folder, sub)!r} is missing.\n"
-                f"Expected tree:\n{_expected_tree(spec)}")
-    train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
-    sources = {
-        "train": [("list_train.txt", train_dir), ("list_val.txt", train_dir)],
-        "query": [("list_query.txt", test_dir)],
-        "gallery": [("list_gallery.txt", test_dir)],
-    }
-    splits: dict[str, list[Record]] = {}
-    for split, lists in sources.items():
-        records: list[Record] = []
-        for list_name, image_dir in lists:
-            records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir)
-        records = sorted(r for r in records if _keep(spec, r.pid, split))
-        _check_nonempty(spec, records, split, os.path.join(folder, lists[0][0]))
-        splits[split] = records
-    return splits
+  for sub in ("train", "test"):
+    if not os.path.isdir(os.path.join(folder, sub)):
+      raise DatasetError(
+          f"Dataset {spec.name!r}: image folder {os.path.join(folder, sub)!r} is missing.\n"
+          f"Expected tree:\n{_expected_tree(spec)}")
+  train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
+  sources = {
+      "train": [("list_train.txt", train_dir), ("list_val.txt", train_dir)],
+      "query": [("list_query.txt", test_dir)],
+      "gallery": [("list_gallery.txt", test_dir)],
+  }
+  splits: dict[str, list[Record]] = {}
+  for split, lists in sources.items():
+    records: list[Record] = []
+    for list_name, image_dir in lists:
+      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir)
+    records = sorted(r for r in records if _keep(spec, r.pid, split))
+    _check_nonempty(spec, records, split, os.path.join(folder, lists[0][0]))
+    splits[split] = records
+  return splits
 
 
 def load_dataset(name: str, root: str) -> ReidDataset:
-    """Read the train / query / gallery splits of a dataset.
+  """Read the train / query / gallery splits of a dataset.
 
-    Args:
-      name: one of ``DATASET_NAMES`` (case-insensitive).
-      root: the folder that contains the dataset folder (e.g. the parent of
-        ``Market-1501-v15.09.15``) or the dataset folder itself.
+  Args:
+    name: one of ``DATASET_NAMES`` (case-insensitive).
+    root: the folder that contains the dataset folder (e.g. the parent of
+      ``Market-1501-v15.09.15``) or the dataset folder itself.
 
-    Returns:
-      A ``ReidDataset`` whose records are sorted by path, with 0-based camera ids and raw ids.
+  Returns:
+    A ``ReidDataset`` whose records are sorted by path, with 0-based camera ids and raw ids.
 
-    Raises:
-      DatasetError: unknown name, missing folder, empty split, unparsable file name or a camera
-        outside the dataset's range.
-    """
-    spec = _get_spec(name)
-    folder, official_msmt = _resolve_folder(spec, root)
-    if official_msmt:
-        splits = _parse_msmt_official(spec, folder)
-    else:
-        splits = _parse_market_style(spec, folder)
-    return ReidDataset(name=spec.name, root=folder, train=splits["train"],
-                       query=splits["query"], gallery=splits["gallery"])
+  Raises:
+    DatasetError: unknown name, missing folder, empty split, unparsable file name or a camera
+      outside the dataset's range.
+  """
+  spec = _get_spec(name)
+  folder, official_msmt = _resolve_folder(spec, root)
+  if official_msmt:
+    splits = _parse_msmt_official(spec, folder)
+  else:
+    splits = _parse_market_style(spec, folder)
+  return ReidDataset(name=spec.name, root=folder, train=splits["train"],
+                     query=splits["query"], gallery=splits["gallery"])

@@ -1,78 +1,103 @@
 """Camera-aware PxK sampler over pseudo labels (ALGORITHMS.md section 3).
 
-Per pass over the pseudo identities (in a random order), each identity contributes one
-block of K = ``num_instances`` indices: a random anchor, then K-1 of the identity's images
-taken from *other cameras* than the anchor's (without replacement when at least K such
-images exist, with replacement otherwise); an identity seen by one camera only draws
-from its other images by the same rule; an identity with a single image repeats it.
-A batch is P = batch_size / K consecutive blocks; batches run across pass boundaries, so
-an epoch is exactly ``num_batches`` batches.
+One *pass* visits every pseudo identity once, in a random order, and turns each into a block of
+K = ``num_instances`` dataset indices:
+
+* a random anchor among the identity's images;
+* K-1 images drawn from the identity's images taken by *another camera* than the anchor's,
+  without replacement when at least K such images exist and with replacement otherwise;
+* when no image of the identity comes from another camera, the K-1 are drawn from its other
+  images by the same rule; an identity with a single image repeats it K times.
+
+The pass is the concatenation of its blocks. A batch is P = batch_size / K consecutive blocks,
+and batches run across pass boundaries (a new shuffled pass starts when one is used up), so an
+epoch is exactly ``num_batches`` batches. Outliers (label -1) are never drawn.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+__all__ = ["CameraAwarePKSampler"]
+
 
 class CameraAwarePKSampler:
-  """Draws PxK batches of dataset indices; outliers (label -1) are never drawn.
+  """Draws PxK batches of dataset indices, deterministically from ``seed``.
 
   Args:
-    labels: (N,) pseudo label of each training image, -1 = outlier.
-    cams: (N,) camera id of each training image.
-    num_instances: K, images per identity in a batch.
-    seed: seeds the sampler's numpy generator.
+    labels: (N,) integer pseudo label of each training index; -1 marks an outlier.
+    cams: (N,) integer camera id of each training index.
+    num_instances: K, the number of indices per identity in a batch.
+    seed: seeds the sampler's ``np.random.default_rng``. Successive ``batches`` calls continue
+      the same random stream (each call starts a fresh pass).
+
+  Raises:
+    ValueError: mismatched shapes, ``num_instances < 1`` or no labelled index at all.
   """
 
   def __init__(self, labels: np.ndarray, cams: np.ndarray, num_instances: int, seed: int):
     labels = np.asarray(labels)
     cams = np.asarray(cams)
-    if labels.shape != cams.shape or labels.ndim != 1:
-      raise ValueError(f"labels {labels.shape} and cams {cams.shape} must be equal 1-D shapes")
+    if labels.ndim != 1 or labels.shape != cams.shape:
+      raise ValueError(f"labels {labels.shape} and cams {cams.shape} must be 1-D and equal")
     if num_instances < 1:
       raise ValueError(f"num_instances must be >= 1, got {num_instances}")
-    self.num_instances = num_instances
-    self.cams = cams
+    self.num_instances = int(num_instances)
     self._rng = np.random.default_rng(seed)
+
     kept = np.flatnonzero(labels >= 0)
+    if kept.size == 0:
+      raise ValueError("every label is -1 (outlier): nothing to sample")
     order = kept[np.argsort(labels[kept], kind="stable")]
     self.label_ids, starts = np.unique(labels[order], return_index=True)
-    self._members = np.split(order, starts[1:]) if order.size else []
-    if not self._members:
-      raise ValueError("no labelled sample to draw from (every label is -1)")
+    self._members: list[np.ndarray] = np.split(order.astype(np.int64), starts[1:])
+    self._member_cams: list[np.ndarray] = [cams[m] for m in self._members]
 
   @property
   def num_labels(self) -> int:
+    """Number of distinct non-outlier labels (blocks per pass)."""
     return len(self._members)
 
-  def _block(self, members: np.ndarray) -> np.ndarray:
+  def _block(self, label_index: int) -> np.ndarray:
+    """The K indices one identity contributes to a pass; the anchor comes first."""
     k = self.num_instances
-    anchor = members[self._rng.integers(members.size)]
+    members = self._members[label_index]
+    member_cams = self._member_cams[label_index]
+    a = int(self._rng.integers(members.size))
+    anchor = members[a]
     if k == 1:
-      return np.array([anchor])
-    others = members[members != anchor]
-    if others.size == 0:
-      return np.full(k, anchor)
-    other_cams = others[self.cams[others] != self.cams[anchor]]
-    pool = other_cams if other_cams.size else others
-    replace = pool.size < k
-    rest = self._rng.choice(pool, size=k - 1, replace=replace)
-    return np.concatenate([[anchor], rest])
+      return np.array([anchor], np.int64)
+    if members.size == 1:
+      return np.full(k, anchor, np.int64)
+    pool = members[member_cams != member_cams[a]]
+    if pool.size == 0:
+      pool = np.delete(members, a)
+    rest = self._rng.choice(pool, size=k - 1, replace=pool.size < k)
+    return np.concatenate([[anchor], rest]).astype(np.int64)
 
   def _pass(self) -> np.ndarray:
+    """(num_labels, K) blocks of one pass, rows in the pass's shuffled label order."""
     order = self._rng.permutation(self.num_labels)
-    return np.concatenate([self._block(self._members[i]) for i in order])
+    return np.stack([self._block(int(i)) for i in order])
 
   def batches(self, num_batches: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Yields ``num_batches`` int64 arrays of ``batch_size`` indices."""
-    if batch_size % self.num_instances:
-      raise ValueError(
-          f"batch_size={batch_size} must be a multiple of num_instances={self.num_instances}")
-    buffer = np.zeros(0, np.int64)
+    """Yields ``num_batches`` int64 arrays of ``batch_size`` dataset indices.
+
+    Raises:
+      ValueError: if ``batch_size`` is not a positive multiple of ``num_instances``.
+    """
+    k = self.num_instances
+    if batch_size <= 0 or batch_size % k:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                       f"num_instances={k}")
+    p = batch_size // k
+    blocks = np.zeros((0, k), np.int64)
+    pos = 0
     for _ in range(num_batches):
-      while buffer.size < batch_size:
-        buffer = np.concatenate([buffer, self._pass()])
-      yield buffer[:batch_size].astype(np.int64)
-      buffer = buffer[batch_size:]
+      while blocks.shape[0] - pos < p:
+        blocks = np.concatenate([blocks[pos:], self._pass()])
+        pos = 0
+      yield blocks[pos:pos + p].reshape(-1).copy()
+      pos += p

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 _MARKER = ".synthetic.json"
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
 # Deliberately small palettes, with some near neighbours (navy / black / dark grey, red / maroon,
@@ -62,128 +63,132 @@ _PATTERNS = ("plain", "hstripes", "vstripes", "checks", "logo", "jacket")
 
 @dataclasses.dataclass(frozen=True)
 class _Identity:
-    """Appearance attributes shared by every image of one identity."""
+  """Appearance attributes shared by every image of one identity."""
 
-    shirt: np.ndarray
-    shirt2: np.ndarray
-    pattern: int
-    stripe_period: float  # as a fraction of the figure height
-    long_sleeves: bool
-    trousers: np.ndarray
-    shorts: bool
-    shoes: np.ndarray
-    hair: np.ndarray
-    long_hair: bool
-    skin: np.ndarray
-    hat: np.ndarray | None
-    bag: np.ndarray | None
-    bag_side: int
-    backpack: np.ndarray | None
-    build: float
+  shirt: np.ndarray
+  shirt2: np.ndarray
+  pattern: int
+  stripe_period: float  # as a fraction of the figure height
+  long_sleeves: bool
+  trousers: np.ndarray
+  shorts: bool
+  shoes: np.ndarray
+  hair: np.ndarray
+  long_hair: bool
+  skin: np.ndarray
+  hat: np.ndarray | None
+  bag: np.ndarray | None
+  bag_side: int
+  backpack: np.ndarray | None
+  build: float
 
 
 @dataclasses.dataclass(frozen=True)
 class _Camera:
-    """Nuisance shared by every image taken by one camera."""
+  """Nuisance shared by every image taken by one camera."""
 
-    background: np.ndarray  # (H + 2*margin, W + 2*margin, 3) float32, cropped per image
-    gain: np.ndarray  # per-channel colour cast
-    offset: float  # brightness offset
-    ramp: np.ndarray  # (H, 1, 1) vertical illumination ramp
-    scale: float  # figure height as a fraction of the image height
-    blur: int  # box-blur radius in pixels
-    noise: float  # Gaussian noise standard deviation
-    back_view: float  # probability that a person is seen from behind
+  background: np.ndarray  # (H + 2*margin, _SCENE_WIDTHS*W, 3) float32 scene, cropped per image
+  gain: np.ndarray  # per-channel colour cast
+  offset: float  # brightness offset
+  ramp: np.ndarray  # (H, 1, 1) vertical illumination ramp
+  scale: float  # figure height as a fraction of the image height
+  blur: int  # box-blur radius in pixels
+  noise: float  # Gaussian noise standard deviation
+  back_view: float  # probability that a person is seen from behind
 
 
 _BG_MARGIN = 4
+# A camera's scene is this many image widths wide; people appear at random places in it, so
+# two images of one camera share the scene's style but not the same background pixels.
+_SCENE_WIDTHS = 4
 
 
 def _pick(rng: np.random.Generator, palette: np.ndarray) -> np.ndarray:
-    return palette[rng.integers(len(palette))]
+  return palette[rng.integers(len(palette))]
 
 
 def _sample_identity(rng: np.random.Generator) -> _Identity:
-    shirt_index = rng.integers(len(_SHIRT_PALETTE))
-    second = (shirt_index + rng.integers(1, len(_SHIRT_PALETTE))) % len(_SHIRT_PALETTE)
-    return _Identity(
-        shirt=_SHIRT_PALETTE[shirt_index],
-        shirt2=_SHIRT_PALETTE[second],
-        pattern=int(rng.integers(len(_PATTERNS))),
-        stripe_period=float(rng.uniform(0.04, 0.08)),
-        long_sleeves=bool(rng.random() < 0.5),
-        trousers=_pick(rng, _TROUSER_PALETTE),
-        shorts=bool(rng.random() < 0.25),
-        shoes=_pick(rng, _SHOE_PALETTE),
-        hair=_pick(rng, _HAIR_PALETTE),
-        long_hair=bool(rng.random() < 0.3),
-        skin=_pick(rng, _SKIN_PALETTE),
-        hat=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.2 else None,
-        bag=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
-        bag_side=int(rng.choice([-1, 1])),
-        backpack=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
-        build=float(rng.uniform(0.85, 1.15)),
-    )
+  shirt_index = rng.integers(len(_SHIRT_PALETTE))
+  second = (shirt_index + rng.integers(1, len(_SHIRT_PALETTE))) % len(_SHIRT_PALETTE)
+  return _Identity(
+      shirt=_SHIRT_PALETTE[shirt_index],
+      shirt2=_SHIRT_PALETTE[second],
+      pattern=int(rng.integers(len(_PATTERNS))),
+      stripe_period=float(rng.uniform(0.04, 0.08)),
+      long_sleeves=bool(rng.random() < 0.5),
+      trousers=_pick(rng, _TROUSER_PALETTE),
+      shorts=bool(rng.random() < 0.25),
+      shoes=_pick(rng, _SHOE_PALETTE),
+      hair=_pick(rng, _HAIR_PALETTE),
+      long_hair=bool(rng.random() < 0.3),
+      skin=_pick(rng, _SKIN_PALETTE),
+      hat=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.2 else None,
+      bag=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
+      bag_side=int(rng.choice([-1, 1])),
+      backpack=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
+      build=float(rng.uniform(0.85, 1.15)),
+  )
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: tuple[int, int]
                   ) -> np.ndarray:
-    """Blocky low-frequency noise in [-1, 1] of shape (height, width)."""
-    coarse = rng.uniform(-1.0, 1.0, size=cells)
-    rows = np.minimum(np.arange(height) * cells[0] // height, cells[0] - 1)
-    cols = np.minimum(np.arange(width) * cells[1] // width, cells[1] - 1)
-    return coarse[rows][:, cols]
+  """Blocky low-frequency noise in [-1, 1] of shape (height, width)."""
+  coarse = rng.uniform(-1.0, 1.0, size=cells)
+  rows = np.minimum(np.arange(height) * cells[0] // height, cells[0] - 1)
+  cols = np.minimum(np.arange(width) * cells[1] // width, cells[1] - 1)
+  return coarse[rows][:, cols]
 
 
 def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera:
-    bh, bw = height + 2 * _BG_MARGIN, width + 2 * _BG_MARGIN
-    wall = rng.uniform(40, 220, size=3).astype(np.float32)
-    floor = rng.uniform(40, 200, size=3).astype(np.float32)
-    horizon = int(bh * rng.uniform(0.55, 0.85))
-    background = np.empty((bh, bw, 3), np.float32)
-    background[:horizon] = wall
-    background[horizon:] = floor
-    texture = int(rng.integers(3))
-    if texture == 0:  # vertical panels (shop windows, doors)
-        period = int(rng.integers(6, 20))
-        panels = ((np.arange(bw) // period) % 2).astype(np.float32)
-        background[:horizon] += (panels[None, :, None] - 0.5) * rng.uniform(20, 60)
-    elif texture == 1:  # blotchy surfaces (trees, crowds, posters)
-        blotches = _smooth_noise(rng, bh, bw, (int(rng.integers(4, 10)), int(rng.integers(2, 6))))
-        background += blotches[..., None] * rng.uniform(20, 50, size=3).astype(np.float32)
-    else:  # paving lines on the floor
-        period = int(rng.integers(5, 12))
-        lines = ((np.arange(bh) % period) == 0).astype(np.float32)
-        background += (lines[:, None, None] * (np.arange(bh)[:, None, None] >= horizon)) * -40.0
-    ramp_strength = rng.uniform(-0.35, 0.35)
-    ramp = 1.0 + ramp_strength * (np.linspace(-0.5, 0.5, height, dtype=np.float32))
-    return _Camera(
-        background=background,
-        gain=rng.uniform(0.6, 1.4, size=3).astype(np.float32),
-        offset=float(rng.uniform(-35, 35)),
-        ramp=ramp[:, None, None],
-        scale=float(rng.uniform(0.72, 0.97)),
-        blur=int(rng.choice([0, 0, 1, 1, 2])),
-        noise=float(rng.uniform(2.0, 9.0)),
-        back_view=float(rng.choice([0.0, 0.2, 0.8])),
-    )
+  bh, bw = height + 2 * _BG_MARGIN, _SCENE_WIDTHS * width
+  wall = rng.uniform(40, 220, size=3).astype(np.float32)
+  floor = rng.uniform(40, 200, size=3).astype(np.float32)
+  horizon = int(bh * rng.uniform(0.55, 0.85))
+  background = np.empty((bh, bw, 3), np.float32)
+  background[:horizon] = wall
+  background[horizon:] = floor
+  texture = int(rng.integers(3))
+  if texture == 0:  # vertical panels (shop windows, doors)
+    period = int(rng.integers(6, 20))
+    panels = ((np.arange(bw) // period) % 2).astype(np.float32)
+    background[:horizon] += (panels[None, :, None] - 0.5) * rng.uniform(20, 60)
+  elif texture == 1:  # blotchy surfaces (trees, crowds, posters)
+    blotches = _smooth_noise(rng, bh, bw, (int(rng.integers(4, 10)),
+                                           _SCENE_WIDTHS * int(rng.integers(2, 6))))
+    background += blotches[..., None] * rng.uniform(20, 50, size=3).astype(np.float32)
+  else:  # paving lines on the floor
+    period = int(rng.integers(5, 12))
+    lines = ((np.arange(bh) % period) == 0).astype(np.float32)
+    background += (lines[:, None, None] * (np.arange(bh)[:, None, None] >= horizon)) * -40.0
+  ramp_strength = rng.uniform(-0.35, 0.35)
+  ramp = 1.0 + ramp_strength * (np.linspace(-0.5, 0.5, height, dtype=np.float32))
+  return _Camera(
+      background=background,
+      gain=rng.uniform(0.75, 1.25, size=3).astype(np.float32),
+      offset=float(rng.uniform(-20, 20)),
+      ramp=ramp[:, None, None],
+      scale=float(rng.uniform(0.8, 0.97)),
+      blur=int(rng.choice([0, 0, 1, 1, 2])),
+      noise=float(rng.uniform(2.0, 9.0)),
+      back_view=float(rng.choice([0.0, 0.2, 0.8])),
+  )
 
 
 def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
-    """Separable box blur with edge padding (radius 0 returns the input)."""
-    if radius <= 0:
-        return image
-    size = 2 * radius + 1
-    out = image
-    for axis in (0, 1):
-        pad = [(0, 0)] * out.ndim
-        pad[axis] = (radius + 1, radius)
-        padded = np.pad(out, pad, mode="edge")
-        csum = np.cumsum(padded, axis=axis, dtype=np.float32)
-        hi = np.take(csum, np.arange(size, size + out.shape[axis]), axis=axis)
-        lo = np.take(csum, np.arange(0, out.shape[axis]), axis=axis)
-        out = (hi - lo) / size
-    return out
+  """Separable box blur with edge padding (radius 0 returns the input)."""
+  if radius <= 0:
+    return image
+  size = 2 * radius + 1
+  out = image
+  for axis in (0, 1):
+    pad = [(0, 0)] * out.ndim
+    pad[axis] = (radius + 1, radius)
+    padded = np.pad(out, pad, mode="edge")
+    csum = np.cumsum(padded, axis=axis, dtype=np.float32)
+    hi = np.take(csum, np.arange(size, size + out.shape[axis]), axis=axis)
+    lo = np.take(csum, np.arange(0, out.shape[axis]), axis=axis)
+    out = (hi - lo) / size
+  return out
 
 
 def _render_person(
@@ -196,148 +201,150 @@ def _render_person(
     occlude_prob: float = 0.15,
     partial: bool = False,
 ) -> np.ndarray:
-    """Render one uint8 (height, width, 3) image of ``ident`` seen by ``cam``."""
-    dy, dx = rng.integers(0, 2 * _BG_MARGIN + 1, size=2)
-    canvas = cam.background[dy:dy + height, dx:dx + width].copy()
-    yy = np.arange(height, dtype=np.float32)[:, None]
-    xx = np.arange(width, dtype=np.float32)[None, :]
+  """Render one uint8 (height, width, 3) image of ``ident`` seen by ``cam``."""
+  dy = rng.integers(0, 2 * _BG_MARGIN + 1)
+  dx = rng.integers(0, cam.background.shape[1] - width + 1)
+  canvas = cam.background[dy:dy + height, dx:dx + width].copy()
+  yy = np.arange(height, dtype=np.float32)[:, None]
+  xx = np.arange(width, dtype=np.float32)[None, :]
 
-    fh = cam.scale * height * rng.uniform(0.94, 1.04)
-    top = (height - fh) / 2 + rng.uniform(-0.04, 0.04) * height
-    cx = width / 2 + rng.uniform(-0.08, 0.08) * width
-    bw = fh * 0.34 * ident.build  # body (torso) width
-    stride = rng.uniform(-0.09, 0.09) * bw
-    arm_swing = rng.uniform(-0.04, 0.04) * fh
-    back = rng.random() < cam.back_view
-    if partial:  # distractor-like bad detections: body cut by the frame
-        top += rng.choice([-0.35, 0.35]) * fh
+  fh = cam.scale * height * rng.uniform(0.94, 1.04)
+  top = (height - fh) / 2 + rng.uniform(-0.04, 0.04) * height
+  cx = width / 2 + rng.uniform(-0.08, 0.08) * width
+  bw = fh * 0.34 * ident.build  # body (torso) width
+  stride = rng.uniform(-0.09, 0.09) * bw
+  arm_swing = rng.uniform(-0.04, 0.04) * fh
+  back = rng.random() < cam.back_view
+  if partial:  # distractor-like bad detections: body cut by the frame
+    top += rng.choice([-0.35, 0.35]) * fh
 
-    def rows(a: float, b: float) -> np.ndarray:
-        return (yy >= top + a * fh) & (yy < top + b * fh)
+  def rows(a: float, b: float) -> np.ndarray:
+    return (yy >= top + a * fh) & (yy < top + b * fh)
 
-    def cols(a: float, b: float) -> np.ndarray:
-        return (xx >= cx + a * bw) & (xx < cx + b * bw)
+  def cols(a: float, b: float) -> np.ndarray:
+    return (xx >= cx + a * bw) & (xx < cx + b * bw)
 
-    def paint(mask: np.ndarray, colour: np.ndarray) -> None:
-        canvas[mask] = colour
+  def paint(mask: np.ndarray, colour: np.ndarray) -> None:
+    canvas[mask] = colour
 
-    # Legs and shoes.
-    leg_rows = rows(0.52, 0.93)
-    right_leg = leg_rows & (xx >= cx + 0.03 * bw - stride) & (xx < cx + 0.46 * bw - stride)
-    left_leg = leg_rows & (xx >= cx - 0.46 * bw + stride) & (xx < cx - 0.03 * bw + stride)
-    legs = left_leg | right_leg
-    paint(legs, ident.trousers)
-    if ident.shorts:
-        paint(legs & rows(0.70, 0.93), ident.skin)
-    shoe_rows = rows(0.93, 0.995)
-    paint(shoe_rows & (xx >= cx - 0.52 * bw + stride) & (xx < cx - 0.02 * bw + stride),
-          ident.shoes)
-    paint(shoe_rows & (xx >= cx + 0.02 * bw - stride) & (xx < cx + 0.52 * bw - stride),
-          ident.shoes)
+  # Legs and shoes.
+  leg_rows = rows(0.52, 0.93)
+  right_leg = leg_rows & (xx >= cx + 0.03 * bw - stride) & (xx < cx + 0.46 * bw - stride)
+  left_leg = leg_rows & (xx >= cx - 0.46 * bw + stride) & (xx < cx - 0.03 * bw + stride)
+  legs = left_leg | right_leg
+  paint(legs, ident.trousers)
+  if ident.shorts:
+    paint(legs & rows(0.70, 0.93), ident.skin)
+  shoe_rows = rows(0.93, 0.995)
+  paint(shoe_rows & (xx >= cx - 0.52 * bw + stride) & (xx < cx - 0.02 * bw + stride),
+        ident.shoes)
+  paint(shoe_rows & (xx >= cx + 0.02 * bw - stride) & (xx < cx + 0.52 * bw - stride),
+        ident.shoes)
 
-    # Backpack body peeking out at the side (front view) or covering the back (back view).
-    if ident.backpack is not None:
-        if back:
-            paint(rows(0.17, 0.45) & cols(-0.38, 0.38), ident.backpack)
-        else:
-            paint(rows(0.17, 0.42) & cols(0.48, 0.62), ident.backpack)
+  # Backpack body peeking out at the side (front view) or covering the back (back view).
+  if ident.backpack is not None:
+    if back:
+      paint(rows(0.17, 0.45) & cols(-0.38, 0.38), ident.backpack)
+    else:
+      paint(rows(0.17, 0.42) & cols(0.48, 0.62), ident.backpack)
 
-    # Torso with the shirt pattern.
-    torso = rows(0.14, 0.53) & cols(-0.5, 0.5)
-    paint(torso, ident.shirt)
-    pattern = _PATTERNS[ident.pattern]
-    period = max(ident.stripe_period * fh, 2.0)
-    if pattern == "hstripes":
-        paint(torso & (((yy - top) // period) % 2 == 1), ident.shirt2)
-    elif pattern == "vstripes":
-        paint(torso & (((xx - cx + 4 * period) // period) % 2 == 1), ident.shirt2)
-    elif pattern == "checks":
-        check = (((yy - top) // period) + ((xx - cx + 4 * period) // period)) % 2 == 1
-        paint(torso & check, ident.shirt2)
-    elif pattern == "logo" and not back:
-        paint(rows(0.24, 0.36) & cols(-0.2, 0.2), ident.shirt2)
-    elif pattern == "jacket":
-        if back:
-            paint(rows(0.45, 0.53) & cols(-0.5, 0.5), ident.shirt2)
-        else:
-            paint(rows(0.14, 0.53) & cols(-0.12, 0.12), ident.shirt2)
-    if ident.backpack is not None and not back:  # straps
-        paint(rows(0.14, 0.40) & (cols(-0.32, -0.2) | cols(0.2, 0.32)), ident.backpack)
+  # Torso with the shirt pattern.
+  torso = rows(0.14, 0.53) & cols(-0.5, 0.5)
+  paint(torso, ident.shirt)
+  pattern = _PATTERNS[ident.pattern]
+  period = max(ident.stripe_period * fh, 2.0)
+  if pattern == "hstripes":
+    paint(torso & (((yy - top) // period) % 2 == 1), ident.shirt2)
+  elif pattern == "vstripes":
+    paint(torso & (((xx - cx + 4 * period) // period) % 2 == 1), ident.shirt2)
+  elif pattern == "checks":
+    check = (((yy - top) // period) + ((xx - cx + 4 * period) // period)) % 2 == 1
+    paint(torso & check, ident.shirt2)
+  elif pattern == "logo" and not back:
+    paint(rows(0.24, 0.36) & cols(-0.2, 0.2), ident.shirt2)
+  elif pattern == "jacket":
+    if back:
+      paint(rows(0.45, 0.53) & cols(-0.5, 0.5), ident.shirt2)
+    else:
+      paint(rows(0.14, 0.53) & cols(-0.12, 0.12), ident.shirt2)
+  if ident.backpack is not None and not back:  # straps
+    paint(rows(0.14, 0.40) & (cols(-0.32, -0.2) | cols(0.2, 0.32)), ident.backpack)
 
-    # Arms: sleeves then skin, swinging in opposite directions.
-    for side, swing in ((-1, arm_swing), (1, -arm_swing)):
-        arm_cols = cols(0.5, 0.72) if side > 0 else cols(-0.72, -0.5)
-        sleeve_end = 0.49 if ident.long_sleeves else 0.27
-        paint(arm_cols & (yy >= top + 0.15 * fh + swing) & (yy < top + sleeve_end * fh + swing),
-              ident.shirt)
-        paint(arm_cols & (yy >= top + sleeve_end * fh + swing) & (yy < top + 0.54 * fh + swing),
-              ident.skin)
+  # Arms: sleeves then skin, swinging in opposite directions.
+  for side, swing in ((-1, arm_swing), (1, -arm_swing)):
+    arm_cols = cols(0.5, 0.72) if side > 0 else cols(-0.72, -0.5)
+    sleeve_end = 0.49 if ident.long_sleeves else 0.27
+    paint(arm_cols & (yy >= top + 0.15 * fh + swing) & (yy < top + sleeve_end * fh + swing),
+          ident.shirt)
+    paint(arm_cols & (yy >= top + sleeve_end * fh + swing) & (yy < top + 0.54 * fh + swing),
+          ident.skin)
 
-    # Bag on a shoulder strap.
-    if ident.bag is not None:
-        side = ident.bag_side
-        lo, hi = (0.52, 0.88) if side > 0 else (-0.88, -0.52)
-        paint(rows(0.42, 0.60) & cols(lo, hi), ident.bag)
-        strap_x = cx - side * 0.4 * bw + side * (yy - top - 0.14 * fh) * (0.9 * bw) / (0.3 * fh)
-        paint(rows(0.14, 0.44) & (np.abs(xx - strap_x) < 0.8), ident.bag)
+  # Bag on a shoulder strap.
+  if ident.bag is not None:
+    side = ident.bag_side
+    lo, hi = (0.52, 0.88) if side > 0 else (-0.88, -0.52)
+    paint(rows(0.42, 0.60) & cols(lo, hi), ident.bag)
+    strap_x = cx - side * 0.4 * bw + side * (yy - top - 0.14 * fh) * (0.9 * bw) / (0.3 * fh)
+    paint(rows(0.14, 0.44) & (np.abs(xx - strap_x) < 0.8), ident.bag)
 
-    # Head, hair, hat.
-    head_cy, head_r = top + 0.075 * fh, 0.068 * fh
-    head = ((yy - head_cy) / head_r) ** 2 + ((xx - cx) / (0.8 * head_r)) ** 2 <= 1.0
-    paint(head, ident.skin)
-    hair_limit = head_cy + (0.6 if back else -0.2) * head_r
-    paint(head & (yy < hair_limit), ident.hair)
-    if ident.long_hair:
-        paint(rows(0.07, 0.2) & cols(-0.3, 0.3) & ~head if back else
-              rows(0.07, 0.18) & (cols(-0.3, -0.14) | cols(0.14, 0.3)), ident.hair)
-    if ident.hat is not None:
-        paint(rows(-0.005, 0.05) & (np.abs(xx - cx) < 0.9 * head_r), ident.hat)
-        paint(rows(0.04, 0.06) & (np.abs(xx - cx) < 1.3 * head_r), ident.hat)
+  # Head, hair, hat.
+  head_cy, head_r = top + 0.075 * fh, 0.068 * fh
+  head = ((yy - head_cy) / head_r) ** 2 + ((xx - cx) / (0.8 * head_r)) ** 2 <= 1.0
+  paint(head, ident.skin)
+  hair_limit = head_cy + (0.6 if back else -0.2) * head_r
+  paint(head & (yy < hair_limit), ident.hair)
+  if ident.long_hair:
+    paint(rows(0.07, 0.2) & cols(-0.3, 0.3) & ~head if back else
+          rows(0.07, 0.18) & (cols(-0.3, -0.14) | cols(0.14, 0.3)), ident.hair)
+  if ident.hat is not None:
+    paint(rows(-0.005, 0.05) & (np.abs(xx - cx) < 0.9 * head_r), ident.hat)
+    paint(rows(0.04, 0.06) & (np.abs(xx - cx) < 1.3 * head_r), ident.hat)
 
-    # Occluder: another object entering from the bottom or a side.
-    if rng.random() < occlude_prob:
-        colour = rng.uniform(20, 235, size=3).astype(np.float32)
-        if rng.random() < 0.5:
-            oh = int(height * rng.uniform(0.15, 0.4))
-            canvas[height - oh:] = colour
-        else:
-            ow = int(width * rng.uniform(0.2, 0.4))
-            if rng.random() < 0.5:
-                canvas[:, :ow] = colour
-            else:
-                canvas[:, width - ow:] = colour
+  # Occluder: another object entering from the bottom or a side.
+  if rng.random() < occlude_prob:
+    colour = rng.uniform(20, 235, size=3).astype(np.float32)
+    if rng.random() < 0.5:
+      oh = int(height * rng.uniform(0.15, 0.4))
+      canvas[height - oh:] = colour
+    else:
+      ow = int(width * rng.uniform(0.2, 0.4))
+      if rng.random() < 0.5:
+        canvas[:, :ow] = colour
+      else:
+        canvas[:, width - ow:] = colour
 
-    # Camera response: colour cast, brightness, illumination ramp, blur, sensor noise.
-    image = (canvas * cam.gain + cam.offset) * cam.ramp
-    image = _box_blur(image, cam.blur)
-    image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+  # Camera response: colour cast, brightness, illumination ramp, blur, sensor noise.
+  image = (canvas * cam.gain + cam.offset) * cam.ramp
+  image = _box_blur(image, cam.blur)
+  image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def _render_junk(rng: np.random.Generator, cam: _Camera, height: int, width: int) -> np.ndarray:
-    """A background-only crop (Market's "junk" detections)."""
-    dy, dx = rng.integers(0, 2 * _BG_MARGIN + 1, size=2)
-    canvas = cam.background[dy:dy + height, dx:dx + width]
-    image = (canvas * cam.gain + cam.offset) * cam.ramp
-    image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+  """A background-only crop (Market's "junk" detections)."""
+  dy = rng.integers(0, 2 * _BG_MARGIN + 1)
+  dx = rng.integers(0, cam.background.shape[1] - width + 1)
+  canvas = cam.background[dy:dy + height, dx:dx + width]
+  image = (canvas * cam.gain + cam.offset) * cam.ramp
+  image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def _market_name(pid: int, cam: int, frame: int, idx: int) -> str:
-    pid_text = "-1" if pid == -1 else f"{pid:04d}"
-    return f"{pid_text}_c{cam}s1_{frame:06d}_{idx:02d}.jpg"
+  pid_text = "-1" if pid == -1 else f"{pid:04d}"
+  return f"{pid_text}_c{cam}s1_{frame:06d}_{idx:02d}.jpg"
 
 
 def _save_jpeg(array: np.ndarray, path: str) -> None:
-    Image.fromarray(array).save(path, format="JPEG", quality=90)
+  Image.fromarray(array).save(path, format="JPEG", quality=90)
 
 
 def _read_marker(folder: str) -> dict | None:
-    try:
-        with open(os.path.join(folder, _MARKER), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+  try:
+    with open(os.path.join(folder, _MARKER), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def generate_market_dataset(
@@ -351,128 +358,128 @@ def generate_market_dataset(
     width: int = 64,
     seed: int = 0,
 ) -> str:
-    """Render a synthetic Market-1501-style dataset under ``root``.
+  """Render a synthetic Market-1501-style dataset under ``root``.
 
-    Writes ``root/Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}`` with
-    Market file names ``{pid:04d}_c{cam}s1_{frame:06d}_{idx:02d}.jpg`` (cam 1-based) and a
-    ``.synthetic.json`` marker holding the parameters. Train ids are ``1..num_train_ids``, test
-    ids ``num_train_ids+1 .. num_train_ids+num_test_ids``. Every identity appears in a random
-    subset of at least two cameras, with ``images_per_cam`` (inclusive range) images in each.
-    For each test id, one image from each of one or two of its cameras goes to ``query`` and the
-    rest to ``bounding_box_test``, which also receives ``max(1, num_test_ids // 5)`` distractors
-    (pid ``0000``) and ``max(1, num_test_ids // 10)`` junk images (pid ``-1``).
+  Writes ``root/Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}`` with
+  Market file names ``{pid:04d}_c{cam}s1_{frame:06d}_{idx:02d}.jpg`` (cam 1-based) and a
+  ``.synthetic.json`` marker holding the parameters. Train ids are ``1..num_train_ids``, test
+  ids ``num_train_ids+1 .. num_train_ids+num_test_ids``. Every identity appears in a random
+  subset of at least two cameras, with ``images_per_cam`` (inclusive range) images in each.
+  For each test id, one image from each of one or two of its cameras goes to ``query`` and the
+  rest to ``bounding_box_test``, which also receives ``max(1, num_test_ids // 5)`` distractors
+  (pid ``0000``) and ``max(1, num_test_ids // 10)`` junk images (pid ``-1``).
 
-    The output is a deterministic function of the arguments (same seed => byte-identical files).
-    The dataset is built in a temporary folder and renamed into place, so a folder with a
-    matching marker is always complete; calling again with the same arguments returns at once.
+  The output is a deterministic function of the arguments (same seed => byte-identical files).
+  The dataset is built in a temporary folder and renamed into place, so a folder with a
+  matching marker is always complete; calling again with the same arguments returns at once.
 
-    Returns:
-      The dataset folder ``root/Market-1501-v15.09.15``.
+  Returns:
+    The dataset folder ``root/Market-1501-v15.09.15``.
 
-    Raises:
-      FileExistsError: the dataset folder exists but was not written by this function.
-      ValueError: invalid arguments.
-    """
-    if num_cams < 2 or num_cams > 6:
-        raise ValueError(f"num_cams must be in 2..6 (Market cameras), got {num_cams}")
-    lo, hi = images_per_cam
-    if lo < 2 or hi < lo:
-        raise ValueError(f"images_per_cam must be (lo, hi) with 2 <= lo <= hi, got {images_per_cam}")
-    if num_train_ids < 1 or num_test_ids < 1 or num_train_ids + num_test_ids > 9999:
-        raise ValueError("need 1 <= num_train_ids, num_test_ids and a total of at most 9999 ids")
+  Raises:
+    FileExistsError: the dataset folder exists but was not written by this function.
+    ValueError: invalid arguments.
+  """
+  if num_cams < 2 or num_cams > 6:
+    raise ValueError(f"num_cams must be in 2..6 (Market cameras), got {num_cams}")
+  lo, hi = images_per_cam
+  if lo < 2 or hi < lo:
+    raise ValueError(f"images_per_cam must be (lo, hi) with 2 <= lo <= hi, got {images_per_cam}")
+  if num_train_ids < 1 or num_test_ids < 1 or num_train_ids + num_test_ids > 9999:
+    raise ValueError("need 1 <= num_train_ids, num_test_ids and a total of at most 9999 ids")
 
-    params = {
-        "version": _GENERATOR_VERSION, "num_train_ids": num_train_ids,
-        "num_test_ids": num_test_ids, "num_cams": num_cams, "images_per_cam": [lo, hi],
-        "height": height, "width": width, "seed": seed,
-    }
-    root = os.path.abspath(root)
-    final = os.path.join(root, dataset_folder_name("market1501"))
-    if os.path.isdir(final):
-        marker = _read_marker(final)
-        if marker == params:
-            return final
-        if marker is None:
-            raise FileExistsError(
-                f"{final!r} exists but has no {_MARKER} marker: refusing to overwrite what may "
-                "be a real dataset. Choose another root.")
+  params = {
+      "version": _GENERATOR_VERSION, "num_train_ids": num_train_ids,
+      "num_test_ids": num_test_ids, "num_cams": num_cams, "images_per_cam": [lo, hi],
+      "height": height, "width": width, "seed": seed,
+  }
+  root = os.path.abspath(root)
+  final = os.path.join(root, dataset_folder_name("market1501"))
+  if os.path.isdir(final):
+    marker = _read_marker(final)
+    if marker == params:
+      return final
+    if marker is None:
+      raise FileExistsError(
+          f"{final!r} exists but has no {_MARKER} marker: refusing to overwrite what may "
+          "be a real dataset. Choose another root.")
 
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+  try:
+    _write_market_dataset(tmp, params)
+    if os.path.isdir(final):  # an older synthetic dataset with other parameters
+      shutil.rmtree(final)
     try:
-        _write_market_dataset(tmp, params)
-        if os.path.isdir(final):  # an older synthetic dataset with other parameters
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if _read_marker(final) == params:  # another process finished the same dataset
-                return final
-            raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+      os.rename(tmp, final)
+    except OSError:
+      if _read_marker(final) == params:  # another process finished the same dataset
+        return final
+      raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final
 
 
 def _write_market_dataset(folder: str, params: dict) -> None:
-    """Render every image of the dataset described by ``params`` into ``folder``."""
-    seed, height, width = params["seed"], params["height"], params["width"]
-    num_cams = params["num_cams"]
-    lo, hi = params["images_per_cam"]
-    num_train, num_test = params["num_train_ids"], params["num_test_ids"]
-    split_paths = [os.path.join(folder, d) for d in _SPLIT_DIRS]
-    for path in split_paths:
-        os.makedirs(path)
-    train_dir, query_dir, gallery_dir = split_paths
+  """Render every image of the dataset described by ``params`` into ``folder``."""
+  seed, height, width = params["seed"], params["height"], params["width"]
+  num_cams = params["num_cams"]
+  lo, hi = params["images_per_cam"]
+  num_train, num_test = params["num_train_ids"], params["num_test_ids"]
+  split_paths = [os.path.join(folder, d) for d in _SPLIT_DIRS]
+  for path in split_paths:
+    os.makedirs(path)
+  train_dir, query_dir, gallery_dir = split_paths
 
-    cam_rng = np.random.default_rng([seed, 0])
-    cameras = [_sample_camera(cam_rng, height, width) for _ in range(num_cams)]
-    frame = 0
+  cam_rng = np.random.default_rng([seed, 0])
+  cameras = [_sample_camera(cam_rng, height, width) for _ in range(num_cams)]
+  frame = 0
 
-    def next_frame(rng: np.random.Generator) -> int:
-        nonlocal frame
-        frame += int(rng.integers(1, 40))
-        return frame
+  def next_frame(rng: np.random.Generator) -> int:
+    nonlocal frame
+    frame += int(rng.integers(1, 40))
+    return frame
 
-    for pid in range(1, num_train + num_test + 1):
-        rng = np.random.default_rng([seed, 1, pid])
-        ident = _sample_identity(rng)
-        n_cams = int(rng.integers(2, num_cams + 1))
-        cams = np.sort(rng.choice(num_cams, size=n_cams, replace=False))
-        is_test = pid > num_train
-        query_cams = set()
-        if is_test:
-            n_query = min(int(rng.integers(1, 3)), n_cams)
-            query_cams = set(rng.choice(cams, size=n_query, replace=False).tolist())
-        for cam in cams.tolist():
-            for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
-                image = _render_person(rng, ident, cameras[cam], height, width)
-                name = _market_name(pid, cam + 1, next_frame(rng), idx)
-                if not is_test:
-                    directory = train_dir
-                elif idx == 1 and cam in query_cams:
-                    directory = query_dir
-                else:
-                    directory = gallery_dir
-                _save_jpeg(image, os.path.join(directory, name))
+  for pid in range(1, num_train + num_test + 1):
+    rng = np.random.default_rng([seed, 1, pid])
+    ident = _sample_identity(rng)
+    n_cams = int(rng.integers(2, num_cams + 1))
+    cams = np.sort(rng.choice(num_cams, size=n_cams, replace=False))
+    is_test = pid > num_train
+    query_cams = set()
+    if is_test:
+      n_query = min(int(rng.integers(1, 3)), n_cams)
+      query_cams = set(rng.choice(cams, size=n_query, replace=False).tolist())
+    for cam in cams.tolist():
+      for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
+        image = _render_person(rng, ident, cameras[cam], height, width)
+        name = _market_name(pid, cam + 1, next_frame(rng), idx)
+        if not is_test:
+          directory = train_dir
+        elif idx == 1 and cam in query_cams:
+          directory = query_dir
+        else:
+          directory = gallery_dir
+        _save_jpeg(image, os.path.join(directory, name))
 
-    extra_rng = np.random.default_rng([seed, 2])
-    for idx in range(max(1, num_test // 5)):  # distractors: strangers, often cut by the frame
-        cam = int(extra_rng.integers(num_cams))
-        stranger = _sample_identity(extra_rng)
-        image = _render_person(extra_rng, stranger, cameras[cam], height, width,
-                               partial=bool(extra_rng.random() < 0.7))
-        name = _market_name(0, cam + 1, next_frame(extra_rng), idx % 100)
-        _save_jpeg(image, os.path.join(gallery_dir, name))
-    for idx in range(max(1, num_test // 10)):  # junk: background only
-        cam = int(extra_rng.integers(num_cams))
-        image = _render_junk(extra_rng, cameras[cam], height, width)
-        name = _market_name(-1, cam + 1, next_frame(extra_rng), idx % 100)
-        _save_jpeg(image, os.path.join(gallery_dir, name))
+  extra_rng = np.random.default_rng([seed, 2])
+  for idx in range(max(1, num_test // 5)):  # distractors: strangers, often cut by the frame
+    cam = int(extra_rng.integers(num_cams))
+    stranger = _sample_identity(extra_rng)
+    image = _render_person(extra_rng, stranger, cameras[cam], height, width,
+                           partial=bool(extra_rng.random() < 0.7))
+    name = _market_name(0, cam + 1, next_frame(extra_rng), idx % 100)
+    _save_jpeg(image, os.path.join(gallery_dir, name))
+  for idx in range(max(1, num_test // 10)):  # junk: background only
+    cam = int(extra_rng.integers(num_cams))
+    image = _render_junk(extra_rng, cameras[cam], height, width)
+    name = _market_name(-1, cam + 1, next_frame(extra_rng), idx % 100)
+    _save_jpeg(image, os.path.join(gallery_dir, name))
 
-    with open(os.path.join(folder, _MARKER), "w", encoding="utf-8") as f:
-        json.dump(params, f, indent=1, sort_keys=True)
+  with open(os.path.join(folder, _MARKER), "w", encoding="utf-8") as f:
+    json.dump(params, f, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,30 +500,30 @@ _FAKE_TEST_PIDS = (4, 5)
 
 
 def fake_tree_sizes(name: str) -> dict[str, int]:
-    """Number of *parsed* images per split of ``make_fake_tree(root, name)``."""
-    sizes = {"train": 12, "query": 2, "gallery": 4}
-    if name == "market1501":
-        sizes["gallery"] = 6  # plus two distractors
-    return sizes
+  """Number of *parsed* images per split of ``make_fake_tree(root, name)``."""
+  sizes = {"train": 12, "query": 2, "gallery": 4}
+  if name == "market1501":
+    sizes["gallery"] = 6  # plus two distractors
+  return sizes
 
 
 def _fake_file_name(name: str, pid: int, cam: int, n: int) -> str:
-    """A file name in ``name``'s format; ``n`` makes it unique."""
-    if name == "market1501":
-        return _market_name(pid, cam, 100 * n + 7, n % 100)
-    if name == "dukemtmcreid":
-        return f"{pid:04d}_c{cam}_f{1000 * n + 3:07d}.jpg"
-    if name == "msmt17":
-        return f"{pid:04d}_c{cam}_{n:04d}.jpg"
-    if name == "veri776":
-        return f"{pid:04d}_c{cam:03d}_{1000 * n + 50:08d}_0.jpg"
-    if name == "personx":
-        return f"{pid:04d}_c{cam}_{n:04d}.jpg"
-    raise DatasetError(f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
+  """A file name in ``name``'s format; ``n`` makes it unique."""
+  if name == "market1501":
+    return _market_name(pid, cam, 100 * n + 7, n % 100)
+  if name == "dukemtmcreid":
+    return f"{pid:04d}_c{cam}_f{1000 * n + 3:07d}.jpg"
+  if name == "msmt17":
+    return f"{pid:04d}_c{cam}_{n:04d}.jpg"
+  if name == "veri776":
+    return f"{pid:04d}_c{cam:03d}_{1000 * n + 50:08d}_0.jpg"
+  if name == "personx":
+    return f"{pid:04d}_c{cam}_{n:04d}.jpg"
+  raise DatasetError(f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
 
 
 def _msmt_official_name(pid: int, cam: int, n: int) -> str:
-    return f"{pid:04d}_{n:03d}_{cam:02d}_0303morning_{n:04d}_0.jpg"
+  return f"{pid:04d}_{n:03d}_{cam:02d}_0303morning_{n:04d}_0.jpg"
 
 
 def make_fake_tree(
@@ -528,77 +535,96 @@ def make_fake_tree(
     height: int = 16,
     width: int = 8,
 ) -> str:
-    """Write a tiny dataset in the real folder layout and file-name format of ``name``.
+  """Write a tiny dataset in the real folder layout and file-name format of ``name``.
 
-    Uses the six raw cameras ``C = FAKE_TREE_CAMERAS[name]`` and writes (images are
-    ``height x width`` JPEGs of random flat colours with noise, deterministic from ``seed``):
+  Uses the six raw cameras ``C = FAKE_TREE_CAMERAS[name]`` and writes (images are
+  ``height x width`` JPEGs of random flat colours with noise, deterministic from ``seed``):
 
-    * train: ids 1, 2, 3; id ``1+k`` has 2 images in camera ``C[2k]`` and 2 in ``C[2k+1]``
-      -> 12 images, 3 ids, all 6 cameras.
-    * query: id 4 once in ``C[0]``, id 5 once in ``C[1]`` -> 2 images.
-    * gallery: id 4 twice in ``C[2]``, id 5 twice in ``C[3]`` -> 4 images.
-    * market1501 only, extra files: train gets one junk (``-1``) and one distractor (``0000``)
-      image, query one junk image, gallery one junk and two distractor images (cameras ``C[4]``,
-      ``C[5]``). After parsing: train 12, query 2, gallery 6 (see ``fake_tree_sizes``).
-    * every image folder also holds a ``notes.txt`` that parsers must ignore.
-    * ``msmt_official=True`` (msmt17 only): the official layout instead, ``train/`` and
-      ``test/`` with one sub-folder per id, file names like
-      ``0001_000_01_0303morning_0000_0.jpg`` (camera = third field) and ``list_train.txt``
-      (ids 1, 2), ``list_val.txt`` (id 3), ``list_query.txt``, ``list_gallery.txt`` with lines
-      ``0001/0001_....jpg 1``; same parsed counts.
+  * train: ids 1, 2, 3; id ``1+k`` has 2 images in camera ``C[2k]`` and 2 in ``C[2k+1]``
+    -> 12 images, 3 ids, all 6 cameras.
+  * query: id 4 once in ``C[0]``, id 5 once in ``C[1]`` -> 2 images.
+  * gallery: id 4 twice in ``C[2]``, id 5 twice in ``C[3]`` -> 4 images.
+  * market1501 only, extra files: train gets one junk (``-1``) and one distractor (``0000``)
+    image, query one junk image, gallery one junk and two distractor images (cameras ``C[4]``,
+    ``C[5]``). After parsing: train 12, query 2, gallery 6 (see ``fake_tree_sizes``).
+  * every image folder also holds a ``notes.txt`` that parsers must ignore.
+  * ``msmt_official=True`` (msmt17 only): the official layout instead, ``train/`` and
+    ``test/`` with one sub-folder per id, file names like
+    ``0001_000_01_0303morning_0000_0.jpg`` (camera = third field) and ``list_train.txt``
+    (ids 1, 2), ``list_val.txt`` (id 3), ``list_query.txt``, ``list_gallery.txt`` with lines
+    ``0001/0001_....jpg 1``; same parsed counts.
 
-    Returns:
-      The dataset folder (``root/<dataset folder name>``).
-    """
-    name = name.lower()
-    if msmt_official and name != "msmt17":
-        raise ValueError("msmt_official=True is only valid for msmt17")
-    folder = os.path.join(os.path.abspath(root), dataset_folder_name(name))
-    cams = FAKE_TREE_CAMERAS[name]
-    rng = np.random.default_rng(seed)
+  Returns:
+    The dataset folder (``root/<dataset folder name>``).
+  """
+  name = name.lower()
+  if msmt_official and name != "msmt17":
+    raise ValueError("msmt_official=True is only valid for msmt17")
+  folder = os.path.join(os.path.abspath(root), dataset_folder_name(name))
+  cams = FAKE_TREE_CAMERAS[name]
+  rng = np.random.default_rng(seed)
 
-    # (split, pid, raw cam) for every image, in a fixed order.
-    items: list[tuple[str, int, int]] = []
-    for k, pid in enumerate(_FAKE_TRAIN_PIDS):
-        items += [("train", pid, cams[2 * k])] * 2 + [("train", pid, cams[2 * k + 1])] * 2
-    items += [("query", 4, cams[0]), ("query", 5, cams[1])]
-    items += [("gallery", 4, cams[2])] * 2 + [("gallery", 5, cams[3])] * 2
-    if name == "market1501":
-        items += [("train", -1, cams[0]), ("train", 0, cams[1]), ("query", -1, cams[2]),
-                  ("gallery", -1, cams[3]), ("gallery", 0, cams[4]), ("gallery", 0, cams[5])]
+  # (split, pid, raw cam) for every image, in a fixed order.
+  items: list[tuple[str, int, int]] = []
+  for k, pid in enumerate(_FAKE_TRAIN_PIDS):
+    items += [("train", pid, cams[2 * k])] * 2 + [("train", pid, cams[2 * k + 1])] * 2
+  items += [("query", 4, cams[0]), ("query", 5, cams[1])]
+  items += [("gallery", 4, cams[2])] * 2 + [("gallery", 5, cams[3])] * 2
+  if name == "market1501":
+    items += [("train", -1, cams[0]), ("train", 0, cams[1]), ("query", -1, cams[2]),
+              ("gallery", -1, cams[3]), ("gallery", 0, cams[4]), ("gallery", 0, cams[5])]
 
-    def write_image(path: str) -> None:
-        colour = rng.integers(0, 256, size=3)
-        noise = rng.integers(-20, 21, size=(height, width, 3))
-        _save_jpeg(np.clip(colour + noise, 0, 255).astype(np.uint8), path)
+  def write_image(path: str) -> None:
+    colour = rng.integers(0, 256, size=3)
+    noise = rng.integers(-20, 21, size=(height, width, 3))
+    _save_jpeg(np.clip(colour + noise, 0, 255).astype(np.uint8), path)
 
-    if msmt_official:
-        list_lines: dict[str, list[str]] = {
-            "list_train.txt": [], "list_val.txt": [], "list_query.txt": [],
-            "list_gallery.txt": []}
-        for n, (split, pid, cam) in enumerate(items):
-            image_dir = "train" if split == "train" else "test"
-            rel = f"{pid:04d}/{_msmt_official_name(pid, cam, n)}"
-            os.makedirs(os.path.join(folder, image_dir, f"{pid:04d}"), exist_ok=True)
-            write_image(os.path.join(folder, image_dir, rel))
-            list_name = {"train": "list_val.txt" if pid == 3 else "list_train.txt",
-                         "query": "list_query.txt", "gallery": "list_gallery.txt"}[split]
-            list_lines[list_name].append(f"{rel} {pid}")
-        for list_name, lines in list_lines.items():
-            with open(os.path.join(folder, list_name), "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        for image_dir in ("train", "test"):
-            with open(os.path.join(folder, image_dir, "notes.txt"), "w") as f:
-                f.write("not an image\n")
-        return folder
-
-    split_dirs = dict(zip(("train", "query", "gallery"),
-                          ("image_train", "image_query", "image_test") if name == "veri776"
-                          else _SPLIT_DIRS))
-    for directory in split_dirs.values():
-        os.makedirs(os.path.join(folder, directory), exist_ok=True)
-        with open(os.path.join(folder, directory, "notes.txt"), "w") as f:
-            f.write("not an image\n")
+  if msmt_official:
+    list_lines: dict[str, list[str]] = {
+        "list_train.txt": [], "list_val.txt": [], "list_query.txt": [],
+        "list_gallery.txt": []}
     for n, (split, pid, cam) in enumerate(items):
-        write_image(os.path.join(folder, split_dirs[split], _fake_file_name(name, pid, cam, n)))
+      image_dir = "train" if split == "train" else "test"
+      rel = f"{pid:04d}/{_msmt_official_name(pid, cam, n)}"
+      os.makedirs(os.path.join(folder, image_dir, f"{pid:04d}"), exist_ok=True)
+      write_image(os.path.join(folder, image_dir, rel))
+      list_name = {"train": "list_val.txt" if pid == 3 else "list_train.txt",
+                   "query": "list_query.txt", "gallery": "list_gallery.txt"}[split]
+      list_lines[list_name].append(f"{rel} {pid}")
+    for list_name, lines in list_lines.items():
+      with open(os.path.join(folder, list_name), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    for image_dir in ("train", "test"):
+      with open(os.path.join(folder, image_dir, "notes.txt"), "w") as f:
+        f.write("not an image\n")
     return folder
+
+  split_dirs = dict(zip(("train", "query", "gallery"),
+                        ("image_train", "image_query", "image_test") if name == "veri776"
+                        else _SPLIT_DIRS))
+  for directory in split_dirs.values():
+    os.makedirs(os.path.join(folder, directory), exist_ok=True)
+    with open(os.path.join(folder, directory, "notes.txt"), "w") as f:
+      f.write("not an image\n")
+  for n, (split, pid, cam) in enumerate(items):
+    write_image(os.path.join(folder, split_dirs[split], _fake_file_name(name, pid, cam, n)))
+  return folder
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m ccreid_jax.data.synthetic --root demo_data``: writes the demo dataset."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--root", required=True, help="folder that will hold Market-1501-v15.09.15/")
+  parser.add_argument("--num-train-ids", type=int, default=100)
+  parser.add_argument("--num-test-ids", type=int, default=50)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  folder = generate_market_dataset(args.root, num_train_ids=args.num_train_ids,
+                                   num_test_ids=args.num_test_ids, seed=args.seed)
+  print(f"demo dataset ready: {folder}")
+
+
+if __name__ == "__main__":
+  main()

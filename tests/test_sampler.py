@@ -1,0 +1,119 @@
+"""Camera-aware PxK sampler: batch shapes, block structure, camera rule, passes, determinism."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from ccreid_jax.data.sampler import CameraAwarePKSampler
+
+K = 4
+
+
+def _toy() -> tuple[np.ndarray, np.ndarray]:
+  """Labels / cams exercising every rule; returned shuffled so indices are not grouped.
+
+  label 0: cams 0 x5, 1 x5   -> any anchor has 5 >= K other-camera images (no replacement)
+  label 1: cams 0 x1, 1 x2   -> 1 or 2 other-camera images < K (with replacement)
+  label 2: cam 3 x6          -> single camera, 5 other images >= K (no replacement)
+  label 3: cam 2 x2          -> single camera, 1 other image (with replacement)
+  label 4: one image         -> repeated
+  label 5: cams 0 x1, 1 x3   -> anchor in cam 0: exactly K-1 candidates (still with replacement)
+  label 7: cams 0..4, 2 each -> 8 other-camera images
+  label -1: 6 outliers
+  """
+  spec = {0: [0] * 5 + [1] * 5, 1: [0, 1, 1], 2: [3] * 6, 3: [2, 2], 4: [5], 5: [0, 1, 1, 1], 7: [0, 1, 2, 3, 4] * 2,
+          -1: [0, 1, 2, 3, 4, 5]}
+  labels = np.concatenate([[label] * len(cams) for label, cams in spec.items()])
+  cams = np.concatenate([cams for cams in spec.values()])
+  order = np.random.default_rng(123).permutation(labels.size)
+  return labels[order], cams[order]
+
+
+def _blocks(sampler: CameraAwarePKSampler, num_batches: int, batch_size: int) -> np.ndarray:
+  batches = list(sampler.batches(num_batches, batch_size))
+  return np.concatenate(batches).reshape(-1, sampler.num_instances)
+
+
+def test_exact_number_and_size_of_batches():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=0)
+  batches = list(sampler.batches(7, 12))
+  assert len(batches) == 7
+  assert all(b.shape == (12,) and np.issubdtype(b.dtype, np.integer) for b in batches)
+  assert len(list(sampler.batches(0, 12))) == 0
+
+
+def test_blocks_follow_the_camera_rules():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=1)
+  blocks = _blocks(sampler, 84, 8)  # 168 blocks = 24 passes over the 7 labels
+  assert sampler.num_labels == 7
+  for block in blocks:
+    label = labels[block[0]]
+    assert label != -1 and np.all(labels[block] == label)  # one label per K-block
+    anchor, rest = block[0], block[1:]
+    label_cams = set(cams[labels == label])
+    if len(label_cams) > 1:
+      assert np.all(cams[rest] != cams[anchor])  # other cameras only
+    if label in (0, 2, 7):  # enough candidates: without replacement
+      assert len(set(rest.tolist())) == K - 1
+    if label in (2, 3):  # single camera: drawn from the other images
+      assert anchor not in rest
+    if label == 4:
+      assert np.all(block == block[0])
+  # Labels with too few candidates are drawn with replacement (duplicates do appear).
+  assert any(len(set(b[1:].tolist())) < K - 1 for b in blocks if labels[b[0]] == 1)
+  assert any(len(set(b[1:].tolist())) < K - 1 for b in blocks if labels[b[0]] == 3)
+  label5_cam0 = [b for b in blocks if labels[b[0]] == 5 and cams[b[0]] == 0]
+  assert label5_cam0 and any(len(set(b[1:].tolist())) < K - 1 for b in label5_cam0)
+
+
+def test_outliers_never_sampled_and_anchors_vary():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=2)
+  drawn = np.concatenate(list(sampler.batches(50, 16)))
+  assert np.all(labels[drawn] >= 0)
+  blocks = drawn.reshape(-1, K)
+  anchors = collections.Counter(b[0] for b in blocks if labels[b[0]] == 0)
+  assert len(anchors) >= 6  # the anchor is random among the label's 10 images
+
+
+def test_every_label_once_per_pass_and_batches_cross_passes():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=3)
+  # 7 labels per pass; batches of P = 4 blocks, so batches straddle pass boundaries.
+  blocks = _blocks(sampler, 14, 16)  # 56 blocks = exactly 8 passes
+  block_labels = labels[blocks[:, 0]]
+  passes = block_labels.reshape(8, 7)
+  for p in passes:
+    assert sorted(p.tolist()) == [0, 1, 2, 3, 4, 5, 7]
+  assert len({tuple(p) for p in passes}) > 1  # each pass is shuffled anew
+
+
+def test_deterministic_per_seed():
+  labels, cams = _toy()
+  a = list(CameraAwarePKSampler(labels, cams, K, seed=7).batches(5, 8))
+  b = list(CameraAwarePKSampler(labels, cams, K, seed=7).batches(5, 8))
+  c = list(CameraAwarePKSampler(labels, cams, K, seed=8).batches(5, 8))
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_single_instance_blocks():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, 1, seed=0)
+  drawn = np.concatenate(list(sampler.batches(4, 4)))
+  assert drawn.shape == (16,)
+  assert sorted(labels[drawn[:7]].tolist()) == [0, 1, 2, 3, 4, 5, 7]
+
+
+def test_invalid_arguments():
+  labels, cams = _toy()
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=0)
+  with pytest.raises(ValueError, match="multiple"):
+    next(sampler.batches(1, 10))
+  with pytest.raises(ValueError, match="outlier"):
+    CameraAwarePKSampler(np.full(5, -1), np.zeros(5, int), K, seed=0)
+  with pytest.raises(ValueError):
+    CameraAwarePKSampler(labels, cams[:-1], K, seed=0)
