@@ -10,7 +10,8 @@ from ml_collections import config_flags
 from conftest import ROOT
 
 CONFIG_NAMES = ["default", "market1501", "dukemtmcreid", "msmt17", "veri776", "personx", "demo",
-                "market1501_infomap", "dukemtmcreid_infomap", "msmt17_infomap", "veri776_infomap"]
+                "market1501_infomap", "dukemtmcreid_infomap", "msmt17_infomap", "veri776_infomap",
+                "market1501_rlcc", "msmt17_rlcc", "veri776_rlcc"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -49,3 +50,11 @@ def test_nested_override_from_the_command_line():
   assert config.memory.hard is True
   assert config.train.iters == 7
   assert config.data.name == "market1501"
+
+
+def test_rlcc_configs_use_the_paper_settings():
+  for name in ("market1501_rlcc", "msmt17_rlcc", "veri776_rlcc"):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.rlcc.enabled is True
+    assert (config.rlcc.alpha, config.rlcc.beta, config.rlcc.pred_temp) == (0.9, 0.0, 30.0)
+  assert importlib.import_module("configs.default").get_config().rlcc.enabled is False

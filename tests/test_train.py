@@ -74,19 +74,61 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path):
+@pytest.mark.parametrize("rlcc", [False, True])
+def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
   config = tiny_config(tiny_market)
-  config.train.epochs = 2
+  config.rlcc.enabled = rlcc
+  config.train.epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "straight"))
-  config.train.epochs = 1
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.epochs = 2
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.train.epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   straight = [r for r in utils.read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
   resumed = [r for r in utils.read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in straight] == [r["epoch"] for r in resumed] == [0, 1, 2]
+  keys = ["clusters", "outliers", "loss", "mAP", "rank1"]
+  if rlcc:
+    # Epochs 1 and 2 train on RLCC targets; epoch 2 needs the restored epoch-1 clustering.
+    rlcc_keys = [k for k in straight[2] if k.startswith("rlcc_")]
+    assert "rlcc_mean_max_target" in rlcc_keys and "rlcc_mean_max_target" not in straight[0]
+    keys += rlcc_keys
   for a, b in zip(straight, resumed):
-    for key in ("clusters", "outliers", "loss", "mAP", "rank1"):
+    assert a.keys() == b.keys()
+    for key in (k for k in keys if k in a):
       assert a[key] == b[key] or (np.isnan(a[key]) and np.isnan(b[key])), key
+
+
+def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
+  """RLCC with alpha = 1 is plain Cluster Contrast: same loss, same updated parameters."""
+  from ccreid_jax import memory as memory_lib, models
+  from ccreid_jax.extract import make_mesh
+
+  config = tiny_config("unused")
+  model = models.create_model(config.model)
+  tx = train.make_optimizer(config.optim, config.train.iters)
+  rng = np.random.default_rng(0)
+  dim = models.feature_dim(config.model.depth, config.model.width)
+  centroids = rng.normal(size=(5, dim)).astype(np.float32)
+  centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+  mesh = make_mesh()
+  images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
+  labels = (np.arange(32) // 4 % 5).astype(np.int32)
+  targets = np.eye(16, dtype=np.float32)[labels]  # one-hot over the padded bucket of 16
+
+  def run(soft):
+    state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
+    step = train.make_train_step(model, tx, config, mesh, soft_targets=soft)
+    args = (images, labels, targets) if soft else (images, labels)
+    return step(state, *args)
+
+  (hard_state, hard_metrics), (soft_state, soft_metrics) = run(False), run(True)
+  assert float(soft_metrics["loss"]) == pytest.approx(float(hard_metrics["loss"]), abs=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(hard_state.params),
+                  jax.tree_util.tree_leaves(soft_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(hard_state.memory.centroids),
+                             np.asarray(soft_state.memory.centroids), atol=1e-6)
 
 
 _MULTI_DEVICE_SCRIPT = r"""
