@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _MARKER = ".synthetic.json"
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 4
 _SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
 # Deliberately small palettes, with some near neighbours (navy / black / dark grey, red / maroon,
@@ -103,6 +103,9 @@ _BG_MARGIN = 4
 _SCENE_WIDTHS = 4
 
 
+
+
+
 def _pick(rng: np.random.Generator, palette: np.ndarray) -> np.ndarray:
   return palette[rng.integers(len(palette))]
 
@@ -141,8 +144,9 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: tupl
 
 def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera:
   bh, bw = height + 2 * _BG_MARGIN, _SCENE_WIDTHS * width
-  wall = rng.uniform(40, 220, size=3).astype(np.float32)
-  floor = rng.uniform(40, 200, size=3).astype(np.float32)
+  # Scenes are mostly grey with a tint (streets, walls, paving), less saturated than clothing.
+  wall = rng.uniform(60, 200) + rng.uniform(-25, 25, size=3).astype(np.float32)
+  floor = rng.uniform(50, 180) + rng.uniform(-20, 20, size=3).astype(np.float32)
   horizon = int(bh * rng.uniform(0.55, 0.85))
   background = np.empty((bh, bw, 3), np.float32)
   background[:horizon] = wall
@@ -164,8 +168,8 @@ def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera
   ramp = 1.0 + ramp_strength * (np.linspace(-0.5, 0.5, height, dtype=np.float32))
   return _Camera(
       background=background,
-      gain=rng.uniform(0.75, 1.25, size=3).astype(np.float32),
-      offset=float(rng.uniform(-20, 20)),
+      gain=rng.uniform(0.88, 1.12, size=3).astype(np.float32),
+      offset=float(rng.uniform(-10, 10)),
       ramp=ramp[:, None, None],
       scale=float(rng.uniform(0.8, 0.97)),
       blur=int(rng.choice([0, 0, 1, 1, 2])),
