@@ -1,5 +1,6 @@
 """Host-side evaluation: distances and re-ID ranking metrics (numpy only)."""
 
 from ccreid_jax.evaluation.metrics import evaluate_ranking, pairwise_distance
+from ccreid_jax.evaluation.rerank import rerank
 
-__all__ = ["evaluate_ranking", "pairwise_distance"]
+__all__ = ["evaluate_ranking", "pairwise_distance", "rerank"]
