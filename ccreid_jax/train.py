@@ -219,6 +219,11 @@ def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh, p
   num_query = len(dataset.query)
   query, gallery = features[:num_query], features[num_query:]
   distmat = evaluation.pairwise_distance(query, gallery)
+  if config.eval.rerank:
+    distmat = evaluation.rerank(
+        distmat, evaluation.pairwise_distance(query, query),
+        evaluation.pairwise_distance(gallery, gallery), k1=config.eval.rerank_k1,
+        k2=config.eval.rerank_k2, lambda_value=config.eval.rerank_lambda)
   return evaluation.evaluate_ranking(
       distmat,
       np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),

@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 256  # Images per feature-extraction batch (train and test).
   ev.checkpoint = "best"  # Which checkpoint --mode eval reads: best | latest | <epoch>.
+  ev.rerank = False  # k-reciprocal re-ranking of the query-gallery distances (Zhong et al.).
+  ev.rerank_k1 = 20  # Re-ranking k1.
+  ev.rerank_k2 = 6  # Re-ranking k2.
+  ev.rerank_lambda = 0.3  # Weight of the original distance in the re-ranked one.
 
   config.log = log = ml_collections.ConfigDict()
   log.progress = True  # tqdm progress bars (quiet automatically when not a terminal).

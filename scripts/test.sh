@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs the test suite: creates/uses .venv, installs the test extras, runs pytest.
-# Extra arguments are passed to pytest (e.g. `bash scripts/test.sh -k memory`).
+# Runs the test suite: creates/uses .venv, installs the test extras (and the CPU build of
+# PyTorch 2.13.0 for the parity tests), runs pytest. Extra arguments go to pytest
+# (e.g. `bash scripts/test.sh -k memory`).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
+if ! python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch==2.13.0 (CPU) for the parity tests"
+  python -m pip install --quiet torch==2.13.0 \
+    || echo "[setup] WARNING: torch==2.13.0 could not be installed; parity tests will be skipped"
+fi
 export JAX_PLATFORMS=cpu
 exec python -m pytest -q -n 2 --dist loadfile "$@"
