@@ -11,12 +11,15 @@ where ``step = epoch + 1`` (the number of finished epochs). It holds two items:
 
 The preservation policy keeps the latest checkpoint and the one with the best mAP.
 Orbax writes every checkpoint into a temporary folder and renames it when complete,
-so a run killed during a save resumes from the previous good checkpoint.
+so a run killed during a save resumes from the previous good checkpoint. A saved
+checkpoint whose files were damaged later (truncated, deleted) raises ``CheckpointError``
+naming the step and what to do instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -24,6 +27,12 @@ import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+
+logger = logging.getLogger("ccreid_jax")
+
+
+class CheckpointError(RuntimeError):
+  """A kept checkpoint cannot be read; the message names the step and the ways out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +87,27 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as exc:  # orbax / tensorstore / json raise many types.
+      raise self._unreadable(step, exc) from exc
     return dict(restored["meta"])
 
   def best_step(self) -> int | None:
-    """The step with the highest evaluated mAP, or None when no epoch was evaluated."""
+    """The step with the highest evaluated mAP, or None when no epoch was evaluated.
+
+    A step whose metadata cannot be read is left out (with a warning), so one damaged
+    checkpoint does not hide the others.
+    """
     best, best_map = None, None
     for step in self.all_steps():
-      value = _map_of(self.read_meta(step))
+      try:
+        meta = self.read_meta(step)
+      except CheckpointError as exc:
+        logger.warning("%s", exc)
+        continue
+      value = _map_of(meta)
       if value is not None and (best_map is None or value > best_map):
         best, best_map = step, value
     return best
@@ -129,12 +151,31 @@ class Checkpointer:
     """Restores into the structure/shapes of ``abstract_state`` (from jax.eval_shape)."""
     step = self.resolve(which)
     abstract_state = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-    )
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+      )
+    except Exception as exc:  # orbax / tensorstore / json raise many types.
+      raise self._unreadable(step, exc) from exc
     return RestoredCheckpoint(step=step, state=restored["state"], meta=dict(restored["meta"]))
+
+  def _unreadable(self, step: int, exc: BaseException) -> CheckpointError:
+    path = os.path.join(self.directory, str(step))
+    others = [s for s in self.all_steps() if s != step]
+    reason = (str(exc).strip().splitlines() or [""])[0][:300]
+    if others:
+      instead = (f"evaluate another kept step with --checkpoint={others[-1]} (kept: {others}); "
+                 f"to resume training from step {others[-1]}, move {path} out of the way; "
+                 "or train into a new --workdir.")
+    else:
+      instead = (f"no other step is kept; move {path} out of the way to train from scratch, "
+                 "or train into a new --workdir.")
+    return CheckpointError(
+        f"Checkpoint step {step} in {self.directory} cannot be read: its files are damaged "
+        "(truncated or partly deleted) or were written for another model config "
+        f"({type(exc).__name__}: {reason}).\nInstead: {instead}")
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -17,7 +17,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.getcwd())
 
 from ccreid_jax import train  # noqa: E402
-from ccreid_jax.utils import format_history_table, format_results_table, read_metrics  # noqa: E402
+from ccreid_jax import workdir as workdir_lib  # noqa: E402
+from ccreid_jax.utils import format_history_table, format_results_table  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
@@ -26,6 +27,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (or resume) and evaluate; eval: evaluate a checkpoint.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "--mode eval: 'best', 'latest' or a step (default config.eval.checkpoint).")
+_FORCE = flags.DEFINE_bool(
+    "force", False,
+    "Resume although the config differs from <workdir>/config.json in fields that change results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,9 +40,9 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = _CONFIG.value
   if _MODE.value == "train":
-    results = train.train_and_evaluate(config, _WORKDIR.value)
+    results = train.train_and_evaluate(config, _WORKDIR.value, force=_FORCE.value)
     print(f"\nevaluations of {_WORKDIR.value} ({config.data.name}; values in %):")
-    print(format_history_table(read_metrics(_WORKDIR.value)))
+    print(format_history_table(workdir_lib.read_metrics_lines(_WORKDIR.value)[0]))
     title = "\nfinal"
   else:
     results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)

@@ -35,6 +35,8 @@ from ccreid_jax import clustering
 from ccreid_jax import evaluation
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import models
+from ccreid_jax import validation
+from ccreid_jax import workdir as workdir_lib
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
@@ -92,11 +94,16 @@ def make_optimizer(optim: ml_collections.ConfigDict,
 
 def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                      memory: memory_lib.MemoryState) -> TrainState:
-  """Random init of the model (or pretrained weights in a later issue) and the optimizer."""
+  """Random or pretrained init of the model, and the optimizer."""
   rng = jax.random.PRNGKey(config.seed)
   init_key, aug_key = jax.random.split(rng)
   dummy = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
   variables = model.init(init_key, dummy, train=False)
+  if config.model.get("pretrained"):
+    # The trunk from a torchvision / IBN-Net file (or a converted .npz); GeM and the neck
+    # start fresh, as in the reference.
+    variables = models.load_pretrained(
+        config.model.pretrained, variables, depth=model.depth, ibn=model.ibn)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -237,14 +244,13 @@ class _Run:
     self.config = config
     self.workdir = workdir
     self.progress = bool(config.log.progress)
-    self.dataset = datasets_lib.load_dataset(config.data.name, config.data.root)
+    dataset = datasets_lib.load_dataset(config.data.name, config.data.root,
+                                        skip_bad_names=config.data.skip_bad_names)
     cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
-    h, w = config.data.height, config.data.width
-    load = lambda records: cache_lib.load_image_cache(
-        [r.path for r in records], h, w, cache_dir, progress=self.progress,
+    self.dataset, self.train_images, self.test_images = cache_lib.load_dataset_images(
+        dataset, config.data.height, config.data.width, cache_dir, need_train=need_train,
+        skip_bad_images=config.data.skip_bad_images, progress=self.progress,
         num_workers=config.data.num_workers)
-    self.train_images = load(self.dataset.train) if need_train else None
-    self.test_images = load(list(self.dataset.query) + list(self.dataset.gallery))
     self.mesh = make_mesh()
     self.model = models.create_model(config.model)
     self.extract_fn = make_extract_fn(self.model, self.mesh)
@@ -268,35 +274,21 @@ class _Run:
                            self.config, self.mesh, self.progress)
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  t = config.train
-  if t.batch_size % t.num_instances:
-    raise ValueError(
-        f"config.train.batch_size={t.batch_size} must be a multiple of "
-        f"config.train.num_instances={t.num_instances}")
-  num_devices = jax.device_count()
-  if t.batch_size % num_devices:
-    raise ValueError(
-        f"config.train.batch_size={t.batch_size} must be a multiple of the device count "
-        f"({num_devices})")
-
-
 # ---------------------------------------------------------------------------------------
 # Public entry points.
 # ---------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       force: bool = False) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns the last evaluation's metrics.
 
   A killed run restarts from its latest checkpoint when called again with the same
   ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
   randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
   """
-  _check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  validation.validate_config(config, num_devices=jax.device_count())
+  workdir_lib.check_workdir_config(workdir, config, force=force)
   run = _Run(config, workdir, need_train=True)
   t = config.train
   writer = MetricsWriter(workdir)
@@ -326,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     empty_memory = memory_lib.init_memory(
         np.zeros((0, feature_dim), np.float32), config.memory.min_bucket)
     state = init_train_state(run.model, tx, config, empty_memory)
+  workdir_lib.prune_metrics(workdir, start_epoch)  # Records a killed run wrote past its checkpoint.
   state = jax.device_put(state, run.replicated)
 
   if start_epoch == 0 and t.eval_initial:
@@ -339,76 +332,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                if config.rlcc.enabled else None)
   batch_sharding = NamedSharding(run.mesh, PartitionSpec("data"))
   results: dict[str, Any] = {}
-  for epoch in range(start_epoch, t.epochs):
-    timer = Timer()
-    record: dict[str, Any] = {"epoch": epoch}
-    with timer.phase("extract"):
-      features = extract_features(
-          run.extract_fn, state.variables, run.train_images, mesh=run.mesh,
-          batch_size=config.eval.batch_size, progress=run.progress,
-          desc=f"epoch {epoch} extract")
-    with timer.phase("cluster"):
-      labels = pseudo_labels(features, config.cluster)
-      record["outliers"] = int((labels < 0).sum())
-      if config.rlcc.enabled and config.rlcc.outliers_as_singletons:
-        labels = clustering.keep_outliers_as_singletons(labels)
-      num_clusters = int(labels.max()) + 1 if labels.size else 0
-      record["clusters"] = num_clusters
-      # Diagnostic only (never used for training): agreement with the true train ids.
-      record["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
-      current = (_Generation(labels=labels, centroids=clustering.cluster_centroids(features, labels))
-                 if num_clusters > 0 else None)
-      targets = None
-      if config.rlcc.enabled and current is not None and previous is not None:
-        targets, stats = rlcc_targets(features, current, previous, config.rlcc, epoch)
-        record.update({f"rlcc_{k}": v for k, v in stats.items()})
+  try:
+    for epoch in range(start_epoch, t.epochs):
+      timer = Timer()
+      record: dict[str, Any] = {"epoch": epoch}
+      with timer.phase("extract"):
+        features = extract_features(
+            run.extract_fn, state.variables, run.train_images, mesh=run.mesh,
+            batch_size=config.eval.batch_size, progress=run.progress,
+            desc=f"epoch {epoch} extract")
+      with timer.phase("cluster"):
+        labels = pseudo_labels(features, config.cluster)
+        record["outliers"] = int((labels < 0).sum())
+        if config.rlcc.enabled and config.rlcc.outliers_as_singletons:
+          labels = clustering.keep_outliers_as_singletons(labels)
+        num_clusters = int(labels.max()) + 1 if labels.size else 0
+        record["clusters"] = num_clusters
+        # Diagnostic only (never used for training): agreement with the true train ids.
+        record["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
+        current = (_Generation(labels=labels, centroids=clustering.cluster_centroids(features, labels))
+                   if num_clusters > 0 else None)
+        targets = None
+        if config.rlcc.enabled and current is not None and previous is not None:
+          targets, stats = rlcc_targets(features, current, previous, config.rlcc, epoch)
+          record.update({f"rlcc_{k}": v for k, v in stats.items()})
 
-    losses: list[float] = []
-    if current is None:
-      logger.warning("epoch %d: DBSCAN found no cluster (all %d samples are outliers); "
-                     "skipping this epoch's training", epoch, num_train)
-    else:
-      bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
-      memory = jax.device_put(memory_lib.init_memory(current.centroids, bucket), run.replicated)
-      state = state.replace(memory=memory)
-      sampler = sampler_lib.CameraAwarePKSampler(
-          labels, cams, t.num_instances,
-          seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
-      batches = _prefetch_batches(
-          sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding,
-          targets=targets, num_columns=bucket)
-      step_fn = hard_step if targets is None else soft_step
-      with timer.phase("train"):
-        state, losses = _train_epoch(step_fn, state, batches, epoch, t, run)
-    previous = current
+      losses: list[float] = []
+      if current is None:
+        logger.warning("epoch %d: DBSCAN found no cluster (all %d samples are outliers); "
+                       "skipping this epoch's training", epoch, num_train)
+      else:
+        bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
+        memory = jax.device_put(memory_lib.init_memory(current.centroids, bucket), run.replicated)
+        state = state.replace(memory=memory)
+        sampler = sampler_lib.CameraAwarePKSampler(
+            labels, cams, t.num_instances,
+            seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+        batches = _prefetch_batches(
+            sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding,
+            targets=targets, num_columns=bucket)
+        step_fn = hard_step if targets is None else soft_step
+        with timer.phase("train"):
+          state, losses = _train_epoch(step_fn, state, batches, epoch, t, run)
+      previous = current
 
-    evaluated = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
-    metrics_out: dict[str, float] | None = None
-    if evaluated:
-      with timer.phase("eval"):
-        metrics_out = run.evaluate(state.variables)
-      results = dict(metrics_out)
-    mean_loss = float(np.mean(losses)) if losses else float("nan")
-    record.update(loss=mean_loss, steps=int(state.step),
-                  lr=float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
-                  **{f"time_{k}": v for k, v in timer.seconds.items()})
-    if metrics_out is not None:
-      record.update(metrics_out)
-    writer.write("epoch", **record)
-    logger.info(_epoch_line(record, timer))
+      evaluated = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
+      metrics_out: dict[str, float] | None = None
+      if evaluated:
+        with timer.phase("eval"):
+          metrics_out = run.evaluate(state.variables)
+        results = dict(metrics_out)
+      mean_loss = float(np.mean(losses)) if losses else float("nan")
+      record.update(loss=mean_loss, steps=int(state.step),
+                    lr=float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
+                    **{f"time_{k}": v for k, v in timer.seconds.items()})
+      if metrics_out is not None:
+        record.update(metrics_out)
+      writer.write("epoch", **record)
+      logger.info(_epoch_line(record, timer))
 
-    meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
-            "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
-    if metrics_out is not None:
-      meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
-    centroids = (current.centroids if current is not None
-                 else np.zeros((1, feature_dim), np.float32))
-    run.checkpointer.save(
-        epoch + 1,
-        {"train_state": state, "pseudo_labels": labels.astype(np.int32),
-         "cluster_centroids": centroids.astype(np.float32)},
-        meta)
-  run.checkpointer.wait_until_finished()
+      meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
+              "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
+      if metrics_out is not None:
+        meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
+      centroids = (current.centroids if current is not None
+                   else np.zeros((1, feature_dim), np.float32))
+      run.checkpointer.save(
+          epoch + 1,
+          {"train_state": state, "pseudo_labels": labels.astype(np.int32),
+           "cluster_centroids": centroids.astype(np.float32)},
+          meta)
+  finally:
+    # A save still in flight must complete even when the loop raises (e.g. a NaN loss).
+    run.checkpointer.wait_until_finished()
   if not results and t.epochs > 0:
     results = evaluate(config, workdir, checkpoint="latest")
   return results
@@ -485,6 +481,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Prints nothing; returns mAP / CMC and writes them to ``<workdir>/eval_<step>.json``.
   """
+  validation.validate_config(config, num_devices=None)
   run = _Run(config, workdir, need_train=False)
   which = config.eval.checkpoint if checkpoint is None else checkpoint
   step = run.checkpointer.resolve(which)

@@ -18,8 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.width = 128  # Input width after the bicubic resize.
   data.cache_dir = ""  # Where decoded uint8 images are cached ("" = <workdir>/cache).
   data.num_workers = 4  # Threads that decode images when the cache is built.
+  data.skip_bad_names = False  # Skip (and log) files whose names do not parse, instead of failing.
+  data.skip_bad_images = False  # Skip (and log) unreadable images, instead of failing.
 
   config.model = model = ml_collections.ConfigDict()
+  model.arch = "resnet"  # "resnet" | "resnet50_ibn_a" | "resnet101_ibn_a" (IBN-Net-a: instance norm in layer1-3).
   model.depth = 50  # ResNet depth: 10 | 18 | 34 | 50 | 101.
   model.width = 64  # Base width of the first stage (64 = torchvision).
   model.last_stride = 1  # Stride of layer4; 1 gives a 16x8 map for 256x128 input.

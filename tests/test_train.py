@@ -182,3 +182,27 @@ def test_four_devices_give_the_same_losses_as_one():
   assert (one["devices"], four["devices"]) == (1, 4)
   np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-4, atol=1e-5)
   assert four["memory"] == pytest.approx(one["memory"], rel=1e-4)
+
+
+def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
+  from ccreid_jax import memory as memory_lib, models
+  from ccreid_jax.models import weights
+
+  config = tiny_config("unused")
+  model = models.create_model(config.model)
+  tx = train.make_optimizer(config.optim, 3)
+  memory = memory_lib.init_memory(np.zeros((0, 64), np.float32), 16)
+  fresh = train.init_train_state(model, tx, config, memory)
+  shifted = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, fresh.params)
+  path = str(tmp_path / "trunk.npz")
+  np.savez(path, **weights.flatten_variables(
+      {"params": shifted, "batch_stats": fresh.batch_stats}))
+  config.model.pretrained = path
+  loaded = train.init_train_state(model, tx, config, memory)
+  np.testing.assert_array_equal(np.asarray(loaded.params["layer1_0"]["conv1"]["kernel"]),
+                                np.asarray(shifted["layer1_0"]["conv1"]["kernel"]))
+  # The optimizer state is built for the loaded parameters: same tree, zero moments.
+  assert (jax.tree_util.tree_structure(loaded.opt_state)
+          == jax.tree_util.tree_structure(fresh.opt_state))
+  assert all(float(np.abs(np.asarray(x)).max()) == 0.0
+             for x in jax.tree_util.tree_leaves(loaded.opt_state) if np.asarray(x).ndim)

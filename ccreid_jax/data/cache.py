@@ -7,19 +7,35 @@ step (flip, pad, crop, normalise, erase) runs on the accelerator.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import hashlib
 import json
+import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
+from ccreid_jax.data.datasets import DatasetError, ReidDataset
 from ccreid_jax.utils import progress_bar
 
-__all__ = ["ImageDecodeError", "cache_file_name", "decode_image", "load_image_cache"]
+__all__ = [
+    "ImageDecodeError",
+    "ReadableImages",
+    "cache_file_name",
+    "decode_image",
+    "load_dataset_images",
+    "load_image_cache",
+    "load_readable_images",
+]
+
+logger = logging.getLogger("ccreid_jax")
+
+MAX_LISTED = 10  # Unreadable files listed in an error message; the rest are counted.
 
 _CACHE_VERSION = 1
 
@@ -31,6 +47,10 @@ class ImageDecodeError(OSError):
 def decode_image(path: str, height: int, width: int) -> np.ndarray:
   """Open ``path`` with PIL, convert to RGB and resize to (width, height) with BICUBIC.
 
+  Any mode PIL reads becomes RGB: grayscale is replicated (16-bit grayscale keeps its 8 high
+  bits), palette images are expanded, an alpha channel is dropped (not composited), CMYK is
+  converted.
+
   Returns:
     uint8 array of shape (height, width, 3).
 
@@ -40,7 +60,12 @@ def decode_image(path: str, height: int, width: int) -> np.ndarray:
   try:
     with Image.open(path) as image:
       image.load()
-      rgb = image.convert("RGB")
+      if image.mode.startswith("I;16"):
+        # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
+        high = np.asarray(image).astype(np.uint32) >> 8
+        rgb = Image.fromarray(high.astype(np.uint8)).convert("RGB")
+      else:
+        rgb = image.convert("RGB")
     if rgb.size != (width, height):
       rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
@@ -71,11 +96,19 @@ def cache_file_name(paths: Sequence[str], height: int, width: int) -> str:
 
 
 def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int, *,
-                 progress: bool, num_workers: int) -> None:
-  """Decode ``paths`` in a thread pool, writing image ``i`` into ``out[i]``."""
+                 progress: bool, num_workers: int) -> list[tuple[int, str]]:
+  """Decode ``paths`` in a thread pool, writing image ``i`` into ``out[i]``.
+
+  Returns:
+    ``(index, message)`` of every image that could not be decoded (its row is left as is).
+  """
+  errors: list[tuple[int, str]] = []
 
   def work(index: int) -> None:
-    out[index] = decode_image(paths[index], height, width)
+    try:
+      out[index] = decode_image(paths[index], height, width)
+    except ImageDecodeError as exc:
+      errors.append((index, str(exc)))  # list.append is atomic under the GIL.
 
   bar = progress_bar(total=len(paths), desc=f"decode {height}x{width}", unit="img",
                      enabled=progress)
@@ -85,6 +118,78 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
         bar.update(1)
   finally:
     bar.close()
+  return sorted(errors)
+
+
+def _decode_error(errors: Sequence[tuple[int, str]]) -> ImageDecodeError:
+  """One error listing the first ``MAX_LISTED`` unreadable files."""
+  if len(errors) == 1:
+    return ImageDecodeError(
+        f"{errors[0][1]}\nReplace or remove the file, or skip unreadable images with "
+        "--config.data.skip_bad_images=True.")
+  listed = "\n".join(f"  {message}" for _, message in errors[:MAX_LISTED])
+  more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+  return ImageDecodeError(
+      f"{len(errors)} image files cannot be read:\n{listed}{more}\nReplace or remove them, "
+      "or skip unreadable images with --config.data.skip_bad_images=True.")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # e.g. EPERM: it exists, owned by someone else.
+    return True
+  return True
+
+
+def _remove_stale_tmp(final: str) -> None:
+  """Removes ``<final>.tmp-<pid>-*`` files of processes that died while writing them."""
+  for tmp in glob.glob(glob.escape(final) + ".tmp-*"):
+    try:
+      pid = int(tmp[len(final) + len(".tmp-"):].split("-")[0])
+    except ValueError:
+      continue
+    if pid != os.getpid() and not _pid_alive(pid):
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+
+
+def _open_cached(final: str, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The cache file ``final`` as a read-only memory map if it holds ``shape`` uint8."""
+  if not os.path.exists(final):
+    return None
+  try:
+    cached = np.load(final, mmap_mode="r")
+  except (OSError, ValueError):
+    return None  # unreadable cache file: the caller rebuilds it.
+  if cached.shape == shape and cached.dtype == np.uint8:
+    return cached
+  return None
+
+
+def _write_atomically(final: str, shape: tuple[int, ...],
+                      fill: Callable[[np.ndarray], None]) -> np.ndarray:
+  """Fills a new ``.npy`` file through ``fill`` and renames it to ``final`` when complete.
+
+  If ``fill`` raises (or the process dies), no partial ``final`` exists; the temporary
+  file is removed (or, after a crash, by the next call for the same ``final``).
+  """
+  _remove_stale_tmp(final)
+  tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+  try:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    fill(out)
+    out.flush()
+    del out
+    os.replace(tmp, final)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return np.load(final, mmap_mode="r")
 
 
 def load_image_cache(
@@ -107,35 +212,190 @@ def load_image_cache(
   without decoding anything. Without ``cache_dir`` an in-memory array is returned.
 
   Raises:
-    ImageDecodeError: naming the file, for a missing, unreadable or truncated image.
+    ImageDecodeError: naming the files (the first ``MAX_LISTED``), for missing, unreadable or
+      truncated images; every image is tried before raising.
   """
   paths = list(paths)
   shape = (len(paths), height, width, 3)
   if not paths:
     return np.zeros(shape, np.uint8)
+
+  def fill(out: np.ndarray) -> None:
+    errors = _decode_into(out, paths, height, width, progress=progress,
+                          num_workers=num_workers)
+    if errors:
+      raise _decode_error(errors)
+
   if cache_dir is None:
     out = np.empty(shape, np.uint8)
-    _decode_into(out, paths, height, width, progress=progress, num_workers=num_workers)
+    fill(out)
     return out
+  os.makedirs(cache_dir, exist_ok=True)
+  final = os.path.join(cache_dir, cache_file_name(paths, height, width))
+  cached = _open_cached(final, shape)
+  if cached is not None:
+    return cached
+  return _write_atomically(final, shape, fill)
+
+
+# ---------------------------------------------------------------------------------------
+# Skipping unreadable images.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadableImages:
+  """What ``load_readable_images`` returns.
+
+  Attributes:
+    images: (M, height, width, 3) uint8, the readable images in the order of ``paths``.
+    kept: (M,) int64 index into ``paths`` of each row of ``images``.
+    bad: one message per unreadable file, naming it.
+  """
+
+  images: np.ndarray
+  kept: np.ndarray
+  bad: tuple[str, ...]
+
+
+def _bad_list_file(final: str) -> str:
+  return final[:-len(".npy")] + ".unreadable.json"
+
+
+def load_readable_images(
+    paths: Sequence[str],
+    height: int,
+    width: int,
+    cache_dir: str | None,
+    *,
+    progress: bool = True,
+    num_workers: int = 4,
+) -> ReadableImages:
+  """Like ``load_image_cache`` but leaves unreadable images out instead of raising.
+
+  Images are decoded once. When every image is readable the cache file is the one
+  ``load_image_cache`` writes. Otherwise the readable rows are cached under the name of the
+  readable paths and the unreadable ones are listed in ``<cache name>.unreadable.json``
+  (keyed by all paths), so later calls memory-map the cache without decoding anything.
+  """
+  paths = list(paths)
+  shape = (len(paths), height, width, 3)
+  everything = np.arange(len(paths), dtype=np.int64)
+  if not paths:
+    return ReadableImages(np.zeros(shape, np.uint8), everything, ())
+
+  if cache_dir is None:
+    out = np.empty(shape, np.uint8)
+    errors = _decode_into(out, paths, height, width, progress=progress,
+                          num_workers=num_workers)
+    bad_index = {i for i, _ in errors}
+    kept = np.array([i for i in everything if i not in bad_index], np.int64)
+    images = out[kept] if errors else out
+    return ReadableImages(images, kept, tuple(m for _, m in errors))
 
   os.makedirs(cache_dir, exist_ok=True)
   final = os.path.join(cache_dir, cache_file_name(paths, height, width))
-  if os.path.exists(final):
+  bad_file = _bad_list_file(final)
+  if os.path.exists(bad_file):
     try:
-      cached = np.load(final, mmap_mode="r")
-      if cached.shape == shape and cached.dtype == np.uint8:
-        return cached
-    except (OSError, ValueError):
-      pass  # unreadable cache file: rebuild it below.
+      with open(bad_file) as f:
+        listed = [(int(i), str(m)) for i, m in json.load(f)["unreadable"]]
+    except (OSError, ValueError, KeyError, TypeError):
+      listed = None  # damaged list: decode again below.
+    if listed is not None:
+      bad_index = {i for i, _ in listed}
+      kept = np.array([i for i in everything if i not in bad_index], np.int64)
+      images = load_image_cache([paths[i] for i in kept], height, width, cache_dir,
+                                progress=progress, num_workers=num_workers)
+      return ReadableImages(images, kept, tuple(m for _, m in listed))
+  cached = _open_cached(final, shape)
+  if cached is not None:
+    return ReadableImages(cached, everything, ())
 
-  tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+  errors: list[tuple[int, str]] = []
+
+  def fill(out: np.ndarray) -> None:
+    errors.extend(_decode_into(out, paths, height, width, progress=progress,
+                               num_workers=num_workers))
+    if errors:
+      raise _SkipFinal
+
   try:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    _decode_into(out, paths, height, width, progress=progress, num_workers=num_workers)
-    out.flush()
-    del out
-    os.replace(tmp, final)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return np.load(final, mmap_mode="r")
+    images = _write_atomically(final, shape, fill)
+    return ReadableImages(images, everything, ())
+  except _SkipFinal:
+    pass
+  # Some images are unreadable: decode the readable ones into their own cache file. They
+  # are decoded a second time; this happens once per dataset, and only when files are bad.
+  bad_index = {i for i, _ in errors}
+  kept = np.array([i for i in everything if i not in bad_index], np.int64)
+  kept_paths = [paths[i] for i in kept]
+  images = load_image_cache(kept_paths, height, width, cache_dir, progress=progress,
+                            num_workers=num_workers)
+  tmp = f"{bad_file}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump({"unreadable": [[i, m] for i, m in errors]}, f, indent=1)
+  os.replace(tmp, bad_file)
+  return ReadableImages(images, kept, tuple(m for _, m in errors))
+
+
+class _SkipFinal(Exception):
+  """Raised inside ``fill`` to abandon the all-paths cache file when images are bad."""
+
+
+def load_dataset_images(
+    dataset: ReidDataset,
+    height: int,
+    width: int,
+    cache_dir: str | None,
+    *,
+    need_train: bool = True,
+    skip_bad_images: bool = False,
+    progress: bool = True,
+    num_workers: int = 4,
+) -> tuple[ReidDataset, np.ndarray | None, np.ndarray]:
+  """The decoded images of a dataset: ``(dataset, train_images, test_images)``.
+
+  ``test_images`` holds the query images followed by the gallery images;
+  ``train_images`` is None unless ``need_train``. With ``skip_bad_images`` unreadable files
+  are left out: the returned dataset drops their records (logged, and added to
+  ``dataset.skipped``), so records and image rows stay aligned. Without it the first
+  unreadable files are named in an ``ImageDecodeError``.
+
+  Raises:
+    ImageDecodeError: unreadable images (without ``skip_bad_images``).
+    DatasetError: a split left without any readable image.
+  """
+
+  def load(records):
+    """(images, indices of the records kept, messages of the unreadable files)."""
+    paths = [r.path for r in records]
+    if not skip_bad_images:
+      images = load_image_cache(paths, height, width, cache_dir, progress=progress,
+                                num_workers=num_workers)
+      return images, list(range(len(records))), ()
+    readable = load_readable_images(paths, height, width, cache_dir, progress=progress,
+                                    num_workers=num_workers)
+    return readable.images, [int(i) for i in readable.kept], readable.bad
+
+  train, train_images, bad = list(dataset.train), None, ()
+  if need_train:
+    train_images, kept, bad = load(train)
+    train = [train[i] for i in kept]
+  test = list(dataset.query) + list(dataset.gallery)
+  test_images, kept, test_bad = load(test)
+  bad = tuple(bad) + tuple(test_bad)
+  if not bad:
+    return dataset, train_images, test_images
+  num_query = len(dataset.query)
+  query = [test[i] for i in kept if i < num_query]
+  gallery = [test[i] for i in kept if i >= num_query]
+  logger.warning("dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name,
+                 len(bad), bad[0])
+  for split, records in (("train", train), ("query", query), ("gallery", gallery)):
+    if not records:
+      raise DatasetError(f"Dataset {dataset.name!r}: no readable image is left in the {split} "
+                         f"split ({len(bad)} unreadable files, first: {bad[0]})")
+  filtered = dataclasses.replace(dataset, train=train, query=query, gallery=gallery,
+                                 skipped=dataset.skipped + bad)
+  return filtered, train_images, test_images

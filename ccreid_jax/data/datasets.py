@@ -12,6 +12,7 @@ layout or the official ``list_*.txt`` layout), VeRi-776 and PersonX.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -29,6 +30,10 @@ __all__ = [
 DATASET_NAMES: tuple[str, ...] = ("market1501", "dukemtmcreid", "msmt17", "veri776", "personx")
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+MAX_LISTED = 10  # Bad file names listed in an error message; the rest are counted.
+
+logger = logging.getLogger("ccreid_jax")
 
 
 class DatasetError(FileNotFoundError, ValueError):
@@ -57,6 +62,8 @@ class ReidDataset:
     train: training images (junk and distractors removed).
     query: query images.
     gallery: gallery images (for Market-1501 including the distractors, pid 0).
+    skipped: files left out because their names do not parse (``skip_bad_names=True``),
+      one message naming the file and the reason each.
   """
 
   name: str
@@ -64,6 +71,7 @@ class ReidDataset:
   train: list[Record]
   query: list[Record]
   gallery: list[Record]
+  skipped: tuple[str, ...] = ()
 
   @property
   def num_train_pids(self) -> int:
@@ -273,19 +281,22 @@ def _camera_index(spec: _Spec, cam: int, path: str) -> int:
   index = spec.cam_to_index(cam)
   if index is None:
     raise DatasetError(
-        f"Dataset {spec.name!r}: camera {cam} parsed from file {path!r} is out of range "
-        f"(expected {spec.cam_description}).")
+        f"camera {cam} parsed from file {path!r} is out of range "
+        f"(expected {spec.cam_description})")
   return index
 
 
 def _parse_name(spec: _Spec, path: str) -> tuple[int, int]:
   """``(pid, raw camera)`` from a file name with the dataset's regular expression."""
   match = spec.pattern.search(os.path.basename(path))
-  if match is None:
+  try:
+    if match is None:
+      raise ValueError
+    return int(match.group(1)), int(match.group(2))
+  except ValueError:  # no match, or a match such as "-" that is not a number.
     raise DatasetError(
-        f"Dataset {spec.name!r}: cannot parse id and camera from file {path!r} "
-        f"(expected a name like {spec.example!r}).")
-  return int(match.group(1)), int(match.group(2))
+        f"cannot parse id and camera from file {path!r} "
+        f"(expected a name like {spec.example!r})") from None
 
 
 def _keep(spec: _Spec, pid: int, split: str) -> bool:
@@ -304,19 +315,27 @@ def _check_nonempty(spec: _Spec, records: Sequence[Record], split: str, where: s
         f"(no usable .jpg/.jpeg/.png images).\nExpected tree:\n{_expected_tree(spec)}")
 
 
-def _parse_market_style(spec: _Spec, folder: str) -> dict[str, list[Record]]:
-  splits: dict[str, list[Record]] = {}
+# Each parser returns ``{split: (records, where)}`` (``where``: the folder or list file the
+# split was read from, for the empty-split message) and appends one ``"<reason>"`` line per
+# file whose name does not parse to ``bad``.
+_Splits = dict[str, tuple[list[Record], str]]
+
+
+def _parse_market_style(spec: _Spec, folder: str, bad: list[str]) -> _Splits:
+  splits: _Splits = {}
   for split, sub in zip(("train", "query", "gallery"), spec.split_dirs):
     directory = os.path.join(folder, sub)
     records = []
     for fname in _list_images(directory, spec):
       path = os.path.join(directory, fname)
-      pid, cam = _parse_name(spec, path)
-      if not _keep(spec, pid, split):
-        continue
-      records.append(Record(path, pid, _camera_index(spec, cam, path)))
-    _check_nonempty(spec, records, split, directory)
-    splits[split] = records
+      try:
+        pid, cam = _parse_name(spec, path)
+        if not _keep(spec, pid, split):
+          continue
+        records.append(Record(path, pid, _camera_index(spec, cam, path)))
+      except DatasetError as exc:
+        bad.append(str(exc))
+    splits[split] = (records, directory)
   return splits
 
 
@@ -325,12 +344,12 @@ def _msmt_official_cam(spec: _Spec, path: str) -> int:
   fields = os.path.basename(path).split("_")
   if len(fields) < 3 or not fields[2].isdigit():
     raise DatasetError(
-        f"Dataset {spec.name!r}: cannot parse the camera (third '_' field) from file "
-        f"{path!r} (expected a name like '0000_000_01_0303morning_0015_0.jpg').")
+        f"cannot parse the camera (third '_' field) from file {path!r} "
+        "(expected a name like '0000_000_01_0303morning_0015_0.jpg')")
   return _camera_index(spec, int(fields[2]), path)
 
 
-def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str) -> list[Record]:
+def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str]) -> list[Record]:
   if not os.path.isfile(list_path):
     raise DatasetError(
         f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
@@ -350,11 +369,14 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str) -> list[Record]
       if not rel.lower().endswith(IMAGE_EXTENSIONS):
         continue
       path = os.path.join(image_dir, rel)
-      records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
+      try:
+        records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
+      except DatasetError as exc:
+        bad.append(str(exc))
   return records
 
 
-def _parse_msmt_official(spec: _Spec, folder: str) -> dict[str, list[Record]]:
+def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str]) -> _Splits:
   for sub in ("train", "test"):
     if not os.path.isdir(os.path.join(folder, sub)):
       raise DatasetError(
@@ -366,37 +388,58 @@ def _parse_msmt_official(spec: _Spec, folder: str) -> dict[str, list[Record]]:
       "query": [("list_query.txt", test_dir)],
       "gallery": [("list_gallery.txt", test_dir)],
   }
-  splits: dict[str, list[Record]] = {}
+  splits: _Splits = {}
   for split, lists in sources.items():
     records: list[Record] = []
     for list_name, image_dir in lists:
-      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir)
+      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad)
     records = sorted(r for r in records if _keep(spec, r.pid, split))
-    _check_nonempty(spec, records, split, os.path.join(folder, lists[0][0]))
-    splits[split] = records
+    splits[split] = (records, os.path.join(folder, lists[0][0]))
   return splits
 
 
-def load_dataset(name: str, root: str) -> ReidDataset:
+def _bad_names_error(spec: _Spec, bad: Sequence[str]) -> DatasetError:
+  listed = "\n".join(f"  {line}" for line in bad[:MAX_LISTED])
+  more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+  return DatasetError(
+      f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an id and a camera "
+      f"(pattern {spec.pattern.pattern} on the file name, e.g. {spec.example!r}, cameras "
+      f"{spec.cam_description}):\n{listed}{more}\n"
+      "Rename or remove these files, or skip them with --config.data.skip_bad_names=True.")
+
+
+def load_dataset(name: str, root: str, *, skip_bad_names: bool = False) -> ReidDataset:
   """Read the train / query / gallery splits of a dataset.
 
   Args:
     name: one of ``DATASET_NAMES`` (case-insensitive).
     root: the folder that contains the dataset folder (e.g. the parent of
       ``Market-1501-v15.09.15``) or the dataset folder itself.
+    skip_bad_names: leave out (with a logged warning, and listed in ``skipped``) the image
+      files whose names do not parse or name a camera out of range, instead of raising.
 
   Returns:
     A ``ReidDataset`` whose records are sorted by path, with 0-based camera ids and raw ids.
 
   Raises:
-    DatasetError: unknown name, missing folder, empty split, unparsable file name or a camera
-      outside the dataset's range.
+    DatasetError: unknown name, missing folder, empty split, or (without ``skip_bad_names``)
+      file names that do not parse or a camera outside the dataset's range; every such file
+      is collected and the first ``MAX_LISTED`` are listed in one error.
   """
   spec = _get_spec(name)
   folder, official_msmt = _resolve_folder(spec, root)
+  bad: list[str] = []
   if official_msmt:
-    splits = _parse_msmt_official(spec, folder)
+    splits = _parse_msmt_official(spec, folder, bad)
   else:
-    splits = _parse_market_style(spec, folder)
-  return ReidDataset(name=spec.name, root=folder, train=splits["train"],
-                     query=splits["query"], gallery=splits["gallery"])
+    splits = _parse_market_style(spec, folder, bad)
+  if bad and not skip_bad_names:
+    raise _bad_names_error(spec, bad)
+  if bad:
+    logger.warning("dataset %s: skipped %d file(s) whose names do not parse (first: %s)",
+                   spec.name, len(bad), bad[0])
+  for split, (records, where) in splits.items():
+    _check_nonempty(spec, records, split, where)
+  return ReidDataset(name=spec.name, root=folder, train=splits["train"][0],
+                     query=splits["query"][0], gallery=splits["gallery"][0],
+                     skipped=tuple(bad))

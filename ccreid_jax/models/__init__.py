@@ -1,6 +1,15 @@
-"""Re-ID backbones: torchvision-layout ResNets with a GeM / BN / L2 neck."""
+"""Re-ID backbones: torchvision-layout ResNets (and ResNet-IBN-a) with a GeM / BN / L2 neck,
+and loaders for pretrained backbone weights."""
 
 from ccreid_jax.models.layers import GeM, GhostBatchNorm
-from ccreid_jax.models.resnet import ReIDResNet, create_model, feature_dim, l2_normalize
+from ccreid_jax.models.resnet import (
+    IBN, InstanceNorm, ReIDResNet, create_model, feature_dim, l2_normalize, parse_arch)
+from ccreid_jax.models.weights import (
+    UnsafeCheckpointError, WeightsFormatError, WeightsMismatchError, load_pretrained,
+    read_state_dict, torchvision_to_flax)
 
-__all__ = ["GeM", "GhostBatchNorm", "ReIDResNet", "create_model", "feature_dim", "l2_normalize"]
+__all__ = [
+    "GeM", "GhostBatchNorm", "IBN", "InstanceNorm", "ReIDResNet", "UnsafeCheckpointError",
+    "WeightsFormatError", "WeightsMismatchError", "create_model", "feature_dim", "l2_normalize",
+    "load_pretrained", "parse_arch", "read_state_dict", "torchvision_to_flax",
+]

@@ -3,6 +3,11 @@
 The layout is torchvision's (v1.5: the bottleneck strides on its 3x3 conv) and the module
 names mirror torchvision's state-dict keys (``layer4.0.downsample.0`` -> ``layer4_0/
 downsample_conv``) so that ImageNet weights can be mapped over one to one.
+
+With ``ibn=True`` it is IBN-Net's ResNet-IBN-a: the first norm of every block in layer1-3 is
+an ``IBN`` layer (instance norm on the first half of the channels, batch norm on the rest,
+names ``bn1/IN`` and ``bn1/BN`` as IBN-Net's ``bn1.IN`` / ``bn1.BN``); stem and layer4 are
+unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +48,47 @@ def feature_dim(depth: int, width: int = 64) -> int:
   return 8 * width * _EXPANSION[kind]
 
 
+class InstanceNorm(nn.Module):
+  """torch InstanceNorm2d(affine=True, track_running_stats=False) on NHWC input.
+
+  Each sample's channels are normalised with their own mean and biased variance over H and
+  W (the same in train and eval mode; no running statistics), then scaled and shifted.
+  Statistics are computed in float32; ``dtype`` sets the output type (None: the input's
+  type promoted with float32).
+  """
+
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    centred = x32 - jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, jnp.float32)
+    return y.astype(out_dtype)
+
+
+class IBN(nn.Module):
+  """IBN-Net's IBN layer: ``InstanceNorm`` (``IN``) on the first ``int(C * 0.5)`` channels,
+  ``norm`` (a batch norm, ``BN``) on the rest, concatenated back in channel order."""
+
+  norm: Any
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    half = int(x.shape[-1] * 0.5)
+    a = InstanceNorm(epsilon=1e-5, dtype=self.dtype, name="IN")(x[..., :half])
+    b = self.norm(name="BN")(x[..., half:], use_running_average=use_running_average)
+    return jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
+
+
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((k // 2, k // 2), (k // 2, k // 2))
 
@@ -55,11 +101,13 @@ class BasicBlock(nn.Module):
   downsample: bool
   conv: Any
   norm: Any
+  norm1: Any = None  # the norm after conv1 when it differs from ``norm`` (IBN)
 
   @nn.compact
   def __call__(self, x, train: bool):
     def bn(name):
-      return functools.partial(self.norm(name=name), use_running_average=not train)
+      norm = self.norm1 if name == "bn1" and self.norm1 is not None else self.norm
+      return functools.partial(norm(name=name), use_running_average=not train)
 
     y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv1")(x)
     y = nn.relu(bn(name="bn1")(y))
@@ -80,11 +128,13 @@ class Bottleneck(nn.Module):
   downsample: bool
   conv: Any
   norm: Any
+  norm1: Any = None  # the norm after conv1 when it differs from ``norm`` (IBN)
 
   @nn.compact
   def __call__(self, x, train: bool):
     def bn(name):
-      return functools.partial(self.norm(name=name), use_running_average=not train)
+      norm = self.norm1 if name == "bn1" and self.norm1 is not None else self.norm
+      return functools.partial(norm(name=name), use_running_average=not train)
 
     y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
     y = nn.relu(bn(name="bn1")(y))
@@ -114,6 +164,7 @@ class ReIDResNet(nn.Module):
   pooling: str = "gem"
   bn_group_size: int = 64
   dtype: Any = jnp.float32
+  ibn: bool = False  # IBN-Net ResNet-IBN-a: IBN as bn1 of every block in layer1-3.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, return_feature_map: bool = False) -> jax.Array:
@@ -126,6 +177,7 @@ class ReIDResNet(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
+    ibn_norm = functools.partial(IBN, norm=norm, dtype=self.dtype)
 
     x = conv(self.width, (7, 7), (2, 2), _pad(7), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
@@ -140,7 +192,8 @@ class ReIDResNet(nn.Module):
         stride = stage_stride if index == 0 else 1
         downsample = index == 0 and (stride != 1 or in_planes != planes * expansion)
         x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=conv,
-                      norm=norm, name=f"layer{stage + 1}_{index}")(x, train)
+                      norm=norm, norm1=ibn_norm if self.ibn and stage < 3 else None,
+                      name=f"layer{stage + 1}_{index}")(x, train)
         in_planes = planes * expansion
     if return_feature_map:
       return x
@@ -168,18 +221,47 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def parse_arch(arch: str, depth: int | None = None) -> tuple[int, bool]:
+  """(depth, ibn) for ``model.arch``.
+
+  "resnet" / "resnet_ibn_a" take the depth from ``depth``; "resnet50", "resnet101_ibn_a"
+  and the like name it, and then ``depth`` (if given) must agree.
+  """
+  name = arch.lower()
+  ibn = name.endswith("_ibn_a")
+  stem = name[: -len("_ibn_a")] if ibn else name
+  digits = stem[len("resnet"):]
+  if not stem.startswith("resnet") or (digits and not digits.isdigit()):
+    raise ValueError(f"unknown model arch {arch!r}; use 'resnet', 'resnet_ibn_a', "
+                     "'resnet<depth>' or 'resnet<depth>_ibn_a' (e.g. 'resnet50_ibn_a')")
+  if digits:
+    named = int(digits)
+    if depth is not None and int(depth) != named:
+      raise ValueError(f"model.arch {arch!r} is a depth-{named} network but model.depth is "
+                       f"{depth}; set model.depth={named}")
+    depth = named
+  if depth is None:
+    raise ValueError(f"model.arch {arch!r} needs model.depth")
+  _arch(int(depth))
+  return int(depth), ibn
+
+
 def create_model(config_model) -> ReIDResNet:
   """Builds a ReIDResNet from a config with depth, width, last_stride, pooling,
-  bn_group_size and dtype ("float32" | "bfloat16")."""
+  bn_group_size, dtype ("float32" | "bfloat16") and optionally arch ("resnet" default,
+  "resnet50_ibn_a", "resnet101_ibn_a", ...; see ``parse_arch``)."""
+  depth, ibn = parse_arch(str(getattr(config_model, "arch", None) or "resnet"),
+                          int(config_model.depth))
   dtype = config_model.dtype
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
       raise ValueError(f"unknown model dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     dtype = _DTYPES[dtype]
   return ReIDResNet(
-      depth=int(config_model.depth),
+      depth=depth,
       width=int(config_model.width),
       last_stride=int(config_model.last_stride),
       pooling=str(config_model.pooling),
       bn_group_size=int(config_model.bn_group_size),
-      dtype=dtype)
+      dtype=dtype,
+      ibn=ibn)

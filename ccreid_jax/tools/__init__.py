@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m ccreid_jax.tools.<name>``)."""

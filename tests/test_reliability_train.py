@@ -1,0 +1,217 @@
+"""Training through faults, in process: degenerate clusterings, a NaN loss, damaged checkpoints."""
+
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from ccreid_jax import clustering, train, workdir as workdir_lib
+from ccreid_jax.checkpoint import CheckpointError, Checkpointer
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_market, tmp_path_factory) -> str:
+  """A finished 1-epoch tiny run (checkpoint step 1); tests copy it before changing it."""
+  config = tiny_config(tiny_market)
+  config.train.epochs = 1
+  workdir = str(tmp_path_factory.mktemp("one_epoch") / "run")
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _copy(workdir: str, tmp_path) -> str:
+  target = str(tmp_path / "run")
+  shutil.copytree(workdir, target)
+  return target
+
+
+# ---------------------------------------------------------------------------------------
+# Degenerate clusterings.
+# ---------------------------------------------------------------------------------------
+
+
+def _no_cluster(n, epoch, real):
+  return np.full(n, -1) if epoch == 0 else real()
+
+
+def _fewer_than_p(n, epoch, real):
+  labels = np.arange(n) % 3  # 3 clusters < P = 32 / 4 = 8 identities per batch
+  labels[::7] = -1
+  return labels
+
+
+def _one_cluster(n, epoch, real):
+  return np.zeros(n, np.int64)
+
+
+@pytest.mark.parametrize("make_labels", [_no_cluster, _fewer_than_p, _one_cluster])
+def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels):
+  config = tiny_config(tiny_market)
+  real_pseudo_labels = train.pseudo_labels
+  calls = []
+
+  def pseudo_labels(features, cluster):
+    epoch = len(calls)
+    calls.append(epoch)
+    return make_labels(len(features), epoch, lambda: real_pseudo_labels(features, cluster))
+
+  monkeypatch.setattr(train, "pseudo_labels", pseudo_labels)
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  assert 0.0 <= results["mAP"] <= 1.0
+  records = workdir_lib.read_epoch_records(workdir)
+  assert [r["epoch"] for r in records] == [0, 1]
+  steps = 0
+  for record in records:
+    if record["clusters"] == 0:  # skipped: nothing trained, the loss says so
+      assert math.isnan(record["loss"]) and record["steps"] == steps
+      assert record["outliers"] == len(train.datasets_lib.load_dataset(
+          config.data.name, config.data.root).train)
+    else:
+      steps += config.train.iters
+      assert np.isfinite(record["loss"]) and record["steps"] == steps
+    assert 0.0 <= record["mAP"] <= 1.0
+  if make_labels is _no_cluster:
+    assert [r["clusters"] for r in records][0] == 0 and records[1]["clusters"] > 0
+  if make_labels is _fewer_than_p:
+    assert [r["clusters"] for r in records] == [3, 3]
+    assert records[0]["outliers"] == len(range(0, records[0]["outliers"] * 7, 7))
+  if make_labels is _one_cluster:
+    assert [(r["clusters"], r["outliers"]) for r in records] == [(1, 0), (1, 0)]
+    assert [r["loss"] for r in records] == [0.0, 0.0]  # one class: cross-entropy is 0
+
+
+# ---------------------------------------------------------------------------------------
+# A non-finite loss.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_run(tiny_market, tmp_path_factory):
+  """A 3-epoch run whose loss turns NaN in epoch 1 (NaN centroids from a blown-up feature)."""
+  config = tiny_config(tiny_market)
+  config.train.epochs = 3
+  real_centroids = clustering.cluster_centroids
+  calls = []
+
+  def centroids(features, labels):
+    calls.append(1)
+    out = real_centroids(features, labels)
+    return out if len(calls) == 1 else np.full_like(out, np.nan)
+
+  workdir = str(tmp_path_factory.mktemp("nan") / "run")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(clustering, "cluster_centroids", centroids)
+    with pytest.raises(FloatingPointError) as info:
+      train.train_and_evaluate(config, workdir)
+  folder = os.path.join(workdir, "checkpoints")
+  committed_at_raise = sorted(os.listdir(folder))
+  return config, workdir, info.value, committed_at_raise
+
+
+def test_nan_loss_stops_the_run(nan_run):
+  _, workdir, error, _ = nan_run
+  assert "non-finite loss at epoch 1" in str(error)
+  assert os.path.join(workdir, "checkpoints") in str(error)
+  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0]
+
+
+def test_last_good_checkpoint_is_committed_when_the_error_is_raised(nan_run):
+  assert nan_run[3] == ["1"]
+
+
+def test_nan_loss_leaves_the_last_good_checkpoint_restorable(nan_run):
+  config, workdir, _, _ = nan_run
+  folder = os.path.join(workdir, "checkpoints")
+  deadline = time.monotonic() + 60  # in process, the in-flight save still completes
+  while sorted(os.listdir(folder)) != ["1"] and time.monotonic() < deadline:
+    time.sleep(0.05)
+  ckpt = Checkpointer(folder, read_only=True)
+  assert ckpt.latest_step() == 1
+  evaluated = train.evaluate(config, workdir, checkpoint="latest")
+  assert evaluated["step"] == 1 and evaluated["epoch"] == 0
+  # Resuming, the fault gone, continues with epoch 1.
+  config.train.epochs = 2
+  train.train_and_evaluate(config, workdir)
+  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged or half-written checkpoints.
+# ---------------------------------------------------------------------------------------
+
+
+def _largest_file(folder: str) -> str:
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny_market,
+                                                               tmp_path):
+  workdir = _copy(one_epoch_run, tmp_path)
+  victim = _largest_file(os.path.join(workdir, "checkpoints", "1", "state"))
+  with open(victim, "rb") as f:
+    data = f.read()
+  with open(victim, "wb") as f:
+    f.write(data[:len(data) // 2])
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  with pytest.raises(CheckpointError) as info:
+    train.train_and_evaluate(config, workdir)
+  message = str(info.value)
+  assert "Checkpoint step 1" in message and os.path.join(workdir, "checkpoints") in message
+  assert "new --workdir" in message and "move" in message
+  with pytest.raises(CheckpointError, match="Checkpoint step 1"):
+    train.evaluate(config, workdir, checkpoint="latest")
+
+
+def test_damaged_checkpoint_metadata(one_epoch_run, tiny_market, tmp_path):
+  workdir = _copy(one_epoch_run, tmp_path)
+  with open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata"), "w") as f:
+    f.write('{"epoch": ')
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  with pytest.raises(CheckpointError, match="Checkpoint step 1 .* cannot be read"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
+  workdir = _copy(one_epoch_run, tmp_path)
+  folder = os.path.join(workdir, "checkpoints")
+  shutil.copytree(os.path.join(folder, "1"), os.path.join(folder, "2"))
+  with open(os.path.join(folder, "2", "meta", "metadata"), "w") as f:
+    f.write("")
+  ckpt = Checkpointer(folder, read_only=True)
+  with pytest.raises(CheckpointError, match=r"--checkpoint=1 \(kept: \[1\]\)"):
+    ckpt.read_meta(2)
+  assert ckpt.best_step() == 1  # the unreadable step is left out, with a warning
+
+
+def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run, tiny_market,
+                                                                  tmp_path):
+  """A run killed while orbax wrote step 2 leaves ``2.orbax-checkpoint-tmp-*`` behind."""
+  workdir = _copy(one_epoch_run, tmp_path)
+  folder = os.path.join(workdir, "checkpoints")
+  partial = os.path.join(folder, "2.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copytree(os.path.join(folder, "1"), partial)
+  for d, _, names in os.walk(partial):
+    for name in names:
+      path = os.path.join(d, name)
+      if name == "commit_success.txt" or name.startswith("_"):
+        os.remove(path)
+      else:
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+  assert Checkpointer(folder, read_only=True).latest_step() == 1
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  train.train_and_evaluate(config, workdir)
+  assert Checkpointer(folder, read_only=True).latest_step() == 2
+  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0, 1]
+  assert train.evaluate(config, workdir, checkpoint="latest")["epoch"] == 1
