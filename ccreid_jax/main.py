@@ -23,10 +23,17 @@ from ccreid_jax.utils import format_history_table, format_results_table  # noqa:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train (or resume) and evaluate; eval: evaluate a checkpoint.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "extract"],
+    "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
+    "features of --split to --out (.npz).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "--mode eval: 'best', 'latest' or a step (default config.eval.checkpoint).")
+    "checkpoint", None,
+    "--mode eval/extract: 'best', 'latest', a step, or 'init' for the initial (pretrained) model "
+    "(default config.eval.checkpoint; with no checkpoint and config.model.pretrained set: init).")
+_SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
+                           "--mode extract: the split whose features are written.")
+_OUT = flags.DEFINE_string("out", None, "--mode extract: the .npz file to write.")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
@@ -44,9 +51,18 @@ def main(argv):
     print(f"\nevaluations of {_WORKDIR.value} ({config.data.name}; values in %):")
     print(format_history_table(workdir_lib.read_metrics_lines(_WORKDIR.value)[0]))
     title = "\nfinal"
+  elif _MODE.value == "extract":
+    if not _OUT.value:
+      raise app.UsageError("--mode extract needs --out <file.npz>")
+    summary = train.extract(config, _WORKDIR.value, split=_SPLIT.value, out=_OUT.value,
+                            checkpoint=_CHECKPOINT.value)
+    print(json.dumps(summary))
+    return
   else:
     results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
-    title = f"checkpoint step {results['step']} ({config.data.name})"
+    evaluated_on = config.eval.dataset or config.data.name
+    title = (f"initial model ({evaluated_on})" if results["step"] == 0
+             else f"checkpoint step {results['step']} ({evaluated_on})")
   print(format_results_table(results, title=title))
   print(json.dumps({k: results[k] for k in sorted(results)}))
 

@@ -35,12 +35,15 @@ from ccreid_jax import clustering
 from ccreid_jax import evaluation
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import models
+from ccreid_jax import tensorboard as tensorboard_lib
 from ccreid_jax import validation
 from ccreid_jax import workdir as workdir_lib
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import sampler as sampler_lib
+from ccreid_jax.evaluation import visualize
+from ccreid_jax.export import export_features, extract_split
 from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh
 from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, progress_bar
 
@@ -219,7 +222,9 @@ def _take(iterator: Iterator[Any], n: int) -> list[Any]:
   return out
 
 
-def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh, progress):
+def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh,
+                    progress) -> tuple[dict[str, float], np.ndarray]:
+  """``(mAP / CMC metrics, (num_query, num_gallery) distances)`` of ``dataset``'s test split."""
   features = extract_features(
       extract_fn, variables, test_images, mesh=mesh, batch_size=config.eval.batch_size,
       progress=progress, desc="eval extract")
@@ -231,10 +236,11 @@ def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh, p
         distmat, evaluation.pairwise_distance(query, query),
         evaluation.pairwise_distance(gallery, gallery), k1=config.eval.rerank_k1,
         k2=config.eval.rerank_k2, lambda_value=config.eval.rerank_lambda)
-  return evaluation.evaluate_ranking(
+  metrics = evaluation.evaluate_ranking(
       distmat,
       np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),
       np.array([r.camid for r in dataset.query]), np.array([r.camid for r in dataset.gallery]))
+  return metrics, distmat
 
 
 class _Run:
@@ -244,13 +250,28 @@ class _Run:
     self.config = config
     self.workdir = workdir
     self.progress = bool(config.log.progress)
-    dataset = datasets_lib.load_dataset(config.data.name, config.data.root,
-                                        skip_bad_names=config.data.skip_bad_names)
     cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
-    self.dataset, self.train_images, self.test_images = cache_lib.load_dataset_images(
-        dataset, config.data.height, config.data.width, cache_dir, need_train=need_train,
-        skip_bad_images=config.data.skip_bad_images, progress=self.progress,
-        num_workers=config.data.num_workers)
+
+    def load(name, root, need_train):
+      dataset = datasets_lib.load_dataset(name, root, skip_bad_names=config.data.skip_bad_names)
+      return cache_lib.load_dataset_images(
+          dataset, config.data.height, config.data.width, cache_dir, need_train=need_train,
+          skip_bad_images=config.data.skip_bad_images, progress=self.progress,
+          num_workers=config.data.num_workers)
+
+    # Cross-domain evaluation: query / gallery of config.eval.dataset (at config.eval.root).
+    eval_name = config.eval.dataset or config.data.name
+    eval_root = config.eval.root or config.data.root
+    self.cross_domain = (eval_name, eval_root) != (config.data.name, config.data.root)
+    if not self.cross_domain:
+      self.dataset, self.train_images, self.test_images = load(
+          config.data.name, config.data.root, need_train)
+      self.eval_dataset = self.dataset
+    else:
+      self.eval_dataset, _, self.test_images = load(eval_name, eval_root, False)
+      self.dataset, self.train_images = self.eval_dataset, None
+      if need_train:
+        self.dataset, self.train_images, _ = load(config.data.name, config.data.root, True)
     self.mesh = make_mesh()
     self.model = models.create_model(config.model)
     self.extract_fn = make_extract_fn(self.model, self.mesh)
@@ -269,9 +290,25 @@ class _Run:
             "cluster_centroids": jax.ShapeDtypeStruct(
                 (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
 
-  def evaluate(self, variables) -> dict[str, float]:
-    return _evaluate_split(self.extract_fn, variables, self.test_images, self.dataset,
+  def evaluate(self, variables) -> tuple[dict[str, float], np.ndarray]:
+    """``(metrics, query x gallery distances)`` on ``eval_dataset``."""
+    return _evaluate_split(self.extract_fn, variables, self.test_images, self.eval_dataset,
                            self.config, self.mesh, self.progress)
+
+  def report_evaluation(self, tb: tensorboard_lib.TensorBoardWriter | None, distmat: np.ndarray,
+                        *, step: int, name: str) -> None:
+    """Saves ``<workdir>/ranklist_<name>.png`` and sends it to TensorBoard (if any) at ``step``."""
+    log = self.config.log
+    if log.ranklist_queries <= 0:
+      return
+    queries = visualize.choose_queries(len(self.eval_dataset.query), log.ranklist_queries,
+                                       self.config.seed)
+    image = visualize.rank_list_from_records(
+        self.eval_dataset.query, self.eval_dataset.gallery, distmat, query_indices=queries,
+        topk=log.ranklist_topk)
+    visualize.save_png(os.path.join(self.workdir, f"ranklist_{name}.png"), image)
+    if tb is not None:
+      tb.image("ranklist", step, image)
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,10 +357,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = init_train_state(run.model, tx, config, empty_memory)
   workdir_lib.prune_metrics(workdir, start_epoch)  # Records a killed run wrote past its checkpoint.
   state = jax.device_put(state, run.replicated)
+  # TensorBoard step = epochs done; a resumed run hides what a killed attempt wrote from here.
+  tb = tensorboard_lib.TensorBoardWriter(
+      os.path.join(workdir, "tensorboard"), purge_step=start_epoch + 1 if start_epoch else 0,
+      enabled=config.log.tensorboard)
 
   if start_epoch == 0 and t.eval_initial:
-    initial = run.evaluate(state.variables)
+    initial, distmat = run.evaluate(state.variables)
     writer.write("initial", **initial)
+    tb.write_record("initial", **initial)
+    run.report_evaluation(tb, distmat, step=0, name="init")
     logger.info("initial features (before training): mAP %.1f rank1 %.1f",
                 100 * initial["mAP"], 100 * initial["rank1"])
 
@@ -380,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       metrics_out: dict[str, float] | None = None
       if evaluated:
         with timer.phase("eval"):
-          metrics_out = run.evaluate(state.variables)
+          metrics_out, distmat = run.evaluate(state.variables)
         results = dict(metrics_out)
       mean_loss = float(np.mean(losses)) if losses else float("nan")
       record.update(loss=mean_loss, steps=int(state.step),
@@ -389,6 +432,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if metrics_out is not None:
         record.update(metrics_out)
       writer.write("epoch", **record)
+      tb.write_record("epoch", **record)
+      if metrics_out is not None:
+        run.report_evaluation(tb, distmat, step=epoch + 1, name=f"epoch{epoch}")
+      visualize.save_training_curves(os.path.join(workdir, "curves.png"),
+                                     workdir_lib.read_metrics_lines(workdir)[0],
+                                     num_train=num_train)
+      tb.flush()
       logger.info(_epoch_line(record, timer))
 
       meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
@@ -405,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     # A save still in flight must complete even when the loop raises (e.g. a NaN loss).
     run.checkpointer.wait_until_finished()
+    tb.close()
   if not results and t.epochs > 0:
     results = evaluate(config, workdir, checkpoint="latest")
   return results
@@ -483,17 +534,57 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   validation.validate_config(config, num_devices=None)
   run = _Run(config, workdir, need_train=False)
+  variables, step, epoch = _load_variables(run, checkpoint)
+  metrics, distmat = run.evaluate(variables)
+  results = dict(metrics, step=step, epoch=epoch)
+  name = "init" if step == 0 else str(step)
+  if run.cross_domain:
+    name += f"_{config.eval.dataset or config.data.name}"
+  with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  run.report_evaluation(None, distmat, step=step, name=f"eval_{name}")
+  return results
+
+
+def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, int]:
+  """``(variables, step, epoch)`` of a checkpoint, or of the initial model (step 0, epoch -1).
+
+  The initial (random or ``config.model.pretrained``) model is used for ``checkpoint="init"``,
+  and when no checkpoint is named, the workdir holds none and ``model.pretrained`` is set:
+  the "direct transfer" baseline.
+  """
+  config = run.config
   which = config.eval.checkpoint if checkpoint is None else checkpoint
-  step = run.checkpointer.resolve(which)
-  meta = run.checkpointer.read_meta(step)
   tx = make_optimizer(config.optim, config.train.iters)
   feature_dim = models.feature_dim(config.model.depth, config.model.width)
-  abstract = run.abstract_state(tx, meta, feature_dim)
-  restored = run.checkpointer.restore(step, abstract)
+  no_checkpoint = not run.checkpointer.all_steps()
+  if which == "init" or (checkpoint is None and no_checkpoint and config.model.get("pretrained")):
+    if which != "init":
+      logger.info("no checkpoint in %s: evaluating the initial model (%s)",
+                  run.checkpointer.directory, config.model.pretrained)
+    memory = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
+                                    config.memory.min_bucket)
+    state = init_train_state(run.model, tx, config, memory)
+    return jax.device_put(state.variables, run.replicated), 0, -1
+  step = run.checkpointer.resolve(which)
+  meta = run.checkpointer.read_meta(step)
+  restored = run.checkpointer.restore(step, run.abstract_state(tx, meta, feature_dim))
   state = jax.device_put(restored.state["train_state"], run.replicated)
-  results = dict(run.evaluate(state.variables))
-  results.update(step=step, epoch=int(meta["epoch"]))
-  with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  return results
+  return state.variables, step, int(meta["epoch"])
+
+
+def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out: str,
+            checkpoint: str | int | None = None) -> dict[str, Any]:
+  """Writes the features of ``split`` ("train", "query", "gallery") to ``out`` (.npz).
+
+  The checkpoint is chosen as in ``evaluate`` ("init" included); query and gallery come from
+  ``config.eval.dataset`` when set. Returns a summary of what was written.
+  """
+  validation.validate_config(config, num_devices=None)
+  run = _Run(config, workdir, need_train=split == "train")
+  variables, step, epoch = _load_variables(run, checkpoint)
+  features, records = extract_split(run, variables, split)
+  export_features(out, features, records, split)
+  return {"out": out, "split": split, "num_images": len(records),
+          "feature_dim": int(features.shape[1]), "step": step, "epoch": epoch}
 

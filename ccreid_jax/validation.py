@@ -249,12 +249,18 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
 
   # eval
   c.integer("eval.batch_size", 1)
+  c.choice("eval.dataset", ("",) + tuple(datasets_lib.DATASET_NAMES), lower=True)
+  eval_root = c.get("eval.root", str)
+  if eval_root not in (_MISSING, "") and not os.path.isdir(os.path.expanduser(eval_root)):
+    c.fail("eval.root", eval_root, "is not a folder")
+  c.integer("log.ranklist_queries", 0)
+  c.integer("log.ranklist_topk", 1)
   which = c.get("eval.checkpoint", (str, int))
-  if which is not _MISSING and which not in ("best", "latest"):
+  if which is not _MISSING and which not in ("best", "latest", "init"):
     try:
       int(which)
     except ValueError:
-      c.fail("eval.checkpoint", which, "accepted: 'best', 'latest' or a step number")
+      c.fail("eval.checkpoint", which, "accepted: 'best', 'latest', 'init' or a step number")
 
 
 def validate_config(config: Any, *, num_devices: int | None,

@@ -81,7 +81,12 @@ def get_config() -> ml_collections.ConfigDict:
   ev.rerank_k1 = 20  # Re-ranking k1.
   ev.rerank_k2 = 6  # Re-ranking k2.
   ev.rerank_lambda = 0.3  # Weight of the original distance in the re-ranked one.
+  ev.dataset = ""  # Evaluate on this dataset's query/gallery (cross-domain); "" = data.name.
+  ev.root = ""  # Root folder of eval.dataset; "" = data.root.
 
   config.log = log = ml_collections.ConfigDict()
   log.progress = True  # tqdm progress bars (quiet automatically when not a terminal).
+  log.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard (needs tensorboardX).
+  log.ranklist_queries = 8  # Queries drawn in <workdir>/ranklist_<when>.png per evaluation; 0: none.
+  log.ranklist_topk = 10  # Gallery matches drawn per query in the rank list.
   return config

@@ -1,0 +1,126 @@
+"""Feature export: .npz round trip, and the split slicing of a run's image arrays."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ccreid_jax import export
+from ccreid_jax.data.datasets import Record
+from ccreid_jax.extract import make_mesh
+
+
+def _records(n, offset=0):
+  return [Record(f"/data/\u00e9t\u00e9/{offset + i:04d}_c{i % 3}.jpg", offset + i // 2, i % 3)
+          for i in range(n)]
+
+
+def test_export_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal((7, 5)).astype(np.float64)  # stored as float32
+  records = _records(7)
+  path = str(tmp_path / "out" / "query.npz")
+  export.export_features(path, features, records, "query")
+
+  loaded = export.load_exported(path)  # np.load(allow_pickle=False) inside
+  assert loaded.split == "query"
+  assert loaded.features.dtype == np.float32
+  np.testing.assert_array_equal(loaded.features, features.astype(np.float32))
+  np.testing.assert_array_equal(loaded.ids, [r.pid for r in records])
+  np.testing.assert_array_equal(loaded.cams, [r.camid for r in records])
+  assert loaded.paths.dtype.kind == "U"
+  assert loaded.paths.tolist() == [r.path for r in records]
+  with np.load(path, allow_pickle=False) as raw:
+    assert sorted(raw.files) == ["cams", "features", "ids", "paths", "split"]
+
+
+def test_export_keeps_the_given_name_and_rejects_bad_input(tmp_path):
+  path = str(tmp_path / "features.bin")
+  export.export_features(path, np.zeros((2, 3)), _records(2), "train")
+  assert export.load_exported(path).split == "train"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["features.bin"]  # no temporary left
+  with pytest.raises(ValueError, match="records"):
+    export.export_features(path, np.zeros((3, 3)), _records(2), "train")
+  with pytest.raises(ValueError, match="split"):
+    export.export_features(path, np.zeros((2, 3)), _records(2), "test")
+  with pytest.raises(ValueError, match="N, D"):
+    export.export_features(path, np.zeros((2,)), _records(2), "train")
+  np.savez(str(tmp_path / "other.npz"), features=np.zeros((1, 1)))
+  with pytest.raises(ValueError, match="missing"):
+    export.load_exported(str(tmp_path / "other.npz"))
+
+
+def _fake_run(num_train=5, num_query=3, num_gallery=6, with_train=True):
+  """The attributes of a train._Run that extract_split reads; image i is filled with value i."""
+
+  def images(start, n):
+    return (np.arange(start, start + n, dtype=np.uint8)[:, None, None, None]
+            * np.ones((1, 4, 2, 3), np.uint8))
+
+  def extract_fn(variables, batch):
+    # Feature = (mean pixel value * scale, 1): identifies the image each row came from.
+    mean = batch.astype(jnp.float32).mean(axis=(1, 2, 3))
+    return jnp.stack([mean * variables["scale"], jnp.ones_like(mean)], axis=1)
+
+  config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
+  dataset = types.SimpleNamespace(train=_records(num_train, 100), query=_records(num_query, 200),
+                                  gallery=_records(num_gallery, 300))
+  return types.SimpleNamespace(
+      config=config, dataset=dataset, mesh=make_mesh(), progress=False,
+      extract_fn=jax.jit(extract_fn),
+      train_images=images(100, num_train) if with_train else None,
+      test_images=images(0, num_query + num_gallery))
+
+
+def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
+  run = _fake_run()
+  variables = {"scale": jnp.float32(2.0)}
+  for split, expected_values, expected_records in (
+      ("query", [0, 1, 2], run.dataset.query),
+      ("gallery", [3, 4, 5, 6, 7, 8], run.dataset.gallery),
+      ("train", [100, 101, 102, 103, 104], run.dataset.train),
+  ):
+    features, records = export.extract_split(run, variables, split)
+    assert features.dtype == np.float32
+    np.testing.assert_allclose(features[:, 0], 2.0 * np.array(expected_values))
+    np.testing.assert_array_equal(features[:, 1], 1.0)
+    assert records == list(expected_records)
+    path = str(tmp_path / f"{split}.npz")
+    export.export_features(path, features, records, split)
+    loaded = export.load_exported(path)
+    np.testing.assert_array_equal(loaded.features, features)
+    assert loaded.paths.tolist() == [r.path for r in expected_records]
+
+
+def test_extract_split_errors():
+  run = _fake_run(with_train=False)
+  with pytest.raises(ValueError, match="need_train"):
+    export.extract_split(run, {"scale": jnp.float32(1.0)}, "train")
+  with pytest.raises(ValueError, match="split"):
+    export.extract_split(run, {"scale": jnp.float32(1.0)}, "test")
+
+
+def test_extract_split_with_a_real_run(tiny_market, tmp_path):
+  """The attributes extract_split reads exist on train._Run, and rows follow the records."""
+  from conftest import tiny_config
+
+  from ccreid_jax import train
+
+  config = tiny_config(tiny_market)
+  run = train._Run(config, str(tmp_path / "run"), need_train=False)
+  variables = run.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)), train=False)
+  query, query_records = export.extract_split(run, variables, "query")
+  gallery, gallery_records = export.extract_split(run, variables, "gallery")
+  assert query_records == list(run.dataset.query)
+  assert gallery_records == list(run.dataset.gallery)
+  assert query.shape[0] + gallery.shape[0] == run.test_images.shape[0]
+  np.testing.assert_allclose(np.linalg.norm(query, axis=1), 1.0, rtol=1e-4)
+  # The same rows as extracting query + gallery at once (as the evaluation does).
+  from ccreid_jax.extract import extract_features
+
+  both = extract_features(run.extract_fn, variables, run.test_images, mesh=run.mesh,
+                          batch_size=config.eval.batch_size, progress=False)
+  np.testing.assert_allclose(np.concatenate([query, gallery]), both, atol=1e-5)
