@@ -1,0 +1,357 @@
+"""Throughput of the jitted train step and of feature extraction (images/s).
+
+  python scripts/bench_train.py --depth 50 --height 256 --width 128 --batch 64 \
+      --dtype float32 --steps 10 [--torch] [--out train.json]
+
+Synthetic data: ``--num-images`` random uint8 images in a memory-mapped file (the layout of
+the image cache), random pseudo labels and a ``--clusters``-row memory. Every timing is
+wall-clock ``time.perf_counter`` around work forced to finish with ``block_until_ready``:
+
+* ``input``: gather a batch of random indices from the memmap + ``device_put`` + wait;
+* ``compute``: the train step alone, on a batch already on the devices;
+* ``pipelined``: the loop ``train_and_evaluate`` runs (``train._prefetch_batches`` gathers
+  and transfers the next batches on a host thread while the step runs);
+* ``extract``: ``extract_features`` over ``--extract-images`` images.
+
+``--torch`` adds an equivalent PyTorch (CPU) train step at the same batch and image size:
+a ResNet with last stride 1, GeM pooling, a BN neck with a frozen bias, L2-normalised
+features against a memory matmul at temperature 0.05, cross-entropy, Adam with coupled L2.
+Its input transform is normalisation + a random flip (no pad/crop or erasing), which is a
+small part of a step. Compilation is excluded (``--warmup`` untimed steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from ccreid_jax import memory as memory_lib  # noqa: E402
+from ccreid_jax import models, train  # noqa: E402
+from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--depth", type=int, default=50)
+  p.add_argument("--model-width", type=int, default=64, help="ResNet base width (64 = standard)")
+  p.add_argument("--height", type=int, default=256)
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation) first")
+  p.add_argument("--clusters", type=int, default=500, help="memory rows in use")
+  p.add_argument("--num-images", type=int, default=0,
+                 help="images in the synthetic memmap (default: 8 batches)")
+  p.add_argument("--extract-images", type=int, default=0,
+                 help="images to extract features of (default: 4 batches)")
+  p.add_argument("--torch", action="store_true", help="also time a PyTorch CPU train step")
+  p.add_argument("--skip-extract", action="store_true")
+  p.add_argument("--out", default="", help="write the results as JSON here")
+  return p.parse_args(argv)
+
+
+def _loadavg() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def synthetic_memmap(n: int, height: int, width: int, directory: str, seed: int = 0) -> np.ndarray:
+  """An (n, H, W, 3) uint8 memmap of random images, written in chunks."""
+  path = os.path.join(directory, "images.u8")
+  images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
+  rng = np.random.default_rng(seed)
+  for start in range(0, n, 256):
+    stop = min(n, start + 256)
+    images[start:stop] = rng.integers(0, 256, size=(stop - start, height, width, 3), dtype=np.uint8)
+  images.flush()
+  return np.load(path, mmap_mode="r")
+
+
+def make_config(args: argparse.Namespace):
+  from configs import default
+
+  config = default.get_config()
+  config.data.height, config.data.width = args.height, args.width
+  config.model.depth = args.depth
+  config.model.width = args.model_width
+  config.model.dtype = args.dtype
+  config.train.batch_size = args.batch
+  config.train.iters = 200
+  return config
+
+
+def _per_second(images: int, seconds: float) -> float:
+  return images / seconds if seconds > 0 else float("nan")
+
+
+def bench_jax(args: argparse.Namespace, images: np.ndarray) -> dict:
+  config = make_config(args)
+  mesh = make_mesh()
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  model = models.create_model(config.model)
+  tx = train.make_optimizer(config.optim, config.train.iters)
+  dim = models.feature_dim(args.depth, args.model_width)
+  rng = np.random.default_rng(0)
+  centroids = rng.normal(size=(args.clusters, dim)).astype(np.float32)
+  centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+  memory = memory_lib.init_memory(centroids, memory_lib.bucket_size(args.clusters))
+  state = jax.device_put(train.init_train_state(model, tx, config, memory),
+                         NamedSharding(mesh, PartitionSpec()))
+  labels_all = rng.integers(0, args.clusters, size=images.shape[0]).astype(np.int32)
+  step = train.make_train_step(model, tx, config, mesh)
+
+  def index_batches(count):
+    for _ in range(count):
+      yield np.sort(rng.choice(images.shape[0], size=args.batch, replace=False))
+
+  def put(idx):
+    batch = (jax.device_put(np.asarray(images[idx]), batch_sharding),
+             jax.device_put(labels_all[idx], batch_sharding))
+    return jax.block_until_ready(batch)
+
+  t0 = time.perf_counter()
+  for idx in index_batches(args.warmup):
+    state, metrics = step(state, *put(idx))
+    jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+
+  # Input alone, then compute alone on one resident batch, then the pipelined loop.
+  input_s = []
+  for idx in index_batches(args.steps):
+    t = time.perf_counter()
+    put(idx)
+    input_s.append(time.perf_counter() - t)
+  resident = put(next(index_batches(1)))
+  compute_s = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, metrics = step(state, *resident)
+    jax.block_until_ready((state, metrics))
+    compute_s.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  for batch in train._prefetch_batches(index_batches(args.steps), images, labels_all,
+                                       batch_sharding):
+    state, metrics = step(state, *batch)
+  jax.block_until_ready((state, metrics))
+  pipelined_s = time.perf_counter() - t
+  loss = float(metrics["loss"])
+
+  out = {
+      "compile_and_warmup_s": compile_s,
+      "input_s_per_batch": float(np.median(input_s)),
+      "compute_s_per_step": float(np.median(compute_s)),
+      "pipelined_s_per_step": pipelined_s / args.steps,
+      "final_loss": loss,
+  }
+  out["input_images_per_s"] = _per_second(args.batch, out["input_s_per_batch"])
+  out["compute_images_per_s"] = _per_second(args.batch, out["compute_s_per_step"])
+  out["pipelined_images_per_s"] = _per_second(args.batch, out["pipelined_s_per_step"])
+
+  if not args.skip_extract:
+    extract_fn = make_extract_fn(model, mesh)
+    n = args.extract_images or 4 * args.batch
+    subset = images[:n]
+    extract_features(extract_fn, state.variables, subset[:args.batch], mesh=mesh,
+                     batch_size=args.batch, progress=False)  # compile
+    t = time.perf_counter()
+    features = extract_features(extract_fn, state.variables, subset, mesh=mesh,
+                                batch_size=args.batch, progress=False)
+    seconds = time.perf_counter() - t
+    assert features.shape == (n, dim)
+    out.update(extract_images=n, extract_s=seconds,
+               extract_images_per_s=_per_second(n, seconds))
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# The PyTorch reference step (CPU).
+# ---------------------------------------------------------------------------------------
+
+
+def bench_torch(args: argparse.Namespace, images: np.ndarray) -> dict:
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(planes)
+      self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(planes)
+      self.down = None
+      if stride != 1 or cin != planes:
+        self.down = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
+                                  nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return F.relu(y + (x if self.down is None else self.down(x)))
+
+  class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(planes)
+      self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(planes)
+      self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+      self.bn3 = nn.BatchNorm2d(planes * 4)
+      self.down = None
+      if stride != 1 or cin != planes * 4:
+        self.down = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
+                                  nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = F.relu(self.bn2(self.conv2(y)))
+      y = self.bn3(self.conv3(y))
+      return F.relu(y + (x if self.down is None else self.down(x)))
+
+  archs = {10: (Basic, (1, 1, 1, 1)), 18: (Basic, (2, 2, 2, 2)), 34: (Basic, (3, 4, 6, 3)),
+           50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
+
+  class ReID(nn.Module):
+    def __init__(self, depth, width):
+      super().__init__()
+      block, layers = archs[depth]
+      self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+      stages, cin = [], width
+      for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 1))):  # last stride 1
+        planes = width * 2 ** i
+        for j in range(n):
+          stages.append(block(cin, planes, stride if j == 0 else 1))
+          cin = planes * block.expansion
+      self.trunk = nn.Sequential(*stages)
+      self.p = nn.Parameter(torch.ones(1) * 3.0)  # GeM
+      self.neck = nn.BatchNorm1d(cin)
+      self.neck.bias.requires_grad_(False)
+      self.dim = cin
+
+    def forward(self, x):
+      x = self.trunk(self.stem(x))
+      x = x.clamp(min=1e-6).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+      return F.normalize(self.neck(x))
+
+  torch.manual_seed(0)
+  model = ReID(args.depth, args.model_width).train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
+  memory = F.normalize(torch.randn(memory_lib.bucket_size(args.clusters), model.dim))
+  rng = np.random.default_rng(0)
+  labels_all = rng.integers(0, args.clusters, size=images.shape[0])
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+  def gather():
+    idx = np.sort(rng.choice(images.shape[0], size=args.batch, replace=False))
+    return torch.from_numpy(np.asarray(images[idx])), torch.from_numpy(labels_all[idx])
+
+  def step(x_u8, y):
+    x = (x_u8.permute(0, 3, 1, 2).float() - mean) / std
+    flip = torch.rand(x.shape[0]) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    f = model(x)
+    loss = F.cross_entropy(f @ memory.t() / 0.05, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():  # momentum update, one sample at a time as the reference.
+      for feat, label in zip(f.detach(), y.tolist()):
+        memory[label] = F.normalize(0.1 * memory[label] + 0.9 * feat, dim=0)
+    return loss.item()
+
+  for _ in range(args.warmup):
+    step(*gather())
+  input_s, compute_s = [], []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    batch = gather()
+    t1 = time.perf_counter()
+    loss = step(*batch)
+    t2 = time.perf_counter()
+    input_s.append(t1 - t)
+    compute_s.append(t2 - t1)
+  total = float(np.sum(input_s) + np.sum(compute_s)) / args.steps
+  return {
+      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "input_s_per_batch": float(np.median(input_s)),
+      "compute_s_per_step": float(np.median(compute_s)),
+      "pipelined_s_per_step": total,  # serial: gather then step
+      "input_images_per_s": _per_second(args.batch, float(np.median(input_s))),
+      "compute_images_per_s": _per_second(args.batch, float(np.median(compute_s))),
+      "pipelined_images_per_s": _per_second(args.batch, total),
+      "final_loss": loss,
+  }
+
+
+def print_table(result: dict) -> None:
+  a = result["args"]
+  print(f"\nResNet-{a['depth']} {a['height']}x{a['width']} batch {a['batch']} {a['dtype']} on "
+        f"{result['device_kind']} x{result['device_count']} (jax {result['jax_version']}); "
+        f"load {result['loadavg_start']} -> {result['loadavg_end']}")
+  header = (f"{'':8s} | {'input img/s':>11s} | {'compute img/s':>13s} | "
+            f"{'pipelined img/s':>15s} | {'s/step':>7s} | {'extract img/s':>13s}")
+  print(header)
+  print("-" * len(header))
+  for name in ("jax", "torch"):
+    r = result.get(name)
+    if not r:
+      continue
+    extract = r.get("extract_images_per_s", float("nan"))
+    print(f"{name:8s} | {r['input_images_per_s']:11.1f} | {r['compute_images_per_s']:13.2f} | "
+          f"{r['pipelined_images_per_s']:15.2f} | {r['compute_s_per_step']:7.2f} | "
+          f"{extract:13.2f}")
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  num_devices = jax.device_count()
+  if args.batch % num_devices:
+    raise SystemExit(f"--batch {args.batch} must be a multiple of the device count {num_devices}")
+  result = {
+      "args": vars(args), "jax_version": jax.__version__, "platform": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "device_count": num_devices,
+      "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+      "loadavg_start": _loadavg(),
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    n = args.num_images or 8 * args.batch
+    images = synthetic_memmap(max(n, args.extract_images, args.batch), args.height, args.width,
+                              tmp)
+    result["jax"] = bench_jax(args, images)
+    if args.torch:
+      result["torch"] = bench_torch(args, images)
+    del images
+  result["loadavg_end"] = _loadavg()
+  print_table(result)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
