@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from ccreid_jax.extract import extract_features
 
 __all__ = ["SPLITS", "ExportedFeatures", "export_features", "extract_split", "load_exported",
            "split_images"]
@@ -103,14 +102,11 @@ def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
 def extract_split(run: Any, variables: Any, split: str) -> tuple[np.ndarray, list[Any]]:
   """``(features (N, D) float32, records)`` of ``split`` ("train", "query" or "gallery").
 
-  Uses ``run.extract_fn``, ``run.mesh`` and ``run.config.eval.batch_size`` of a
-  ``train._Run``, as the evaluation does.
+  Uses ``run.extract`` of a ``train._Run``, as the evaluation does.
   """
   images, records = split_images(run, split)
   if images.shape[0] != len(records):
     raise ValueError(f"the {split} split has {len(records)} records but {images.shape[0]} "
                      "images.")
-  features = extract_features(
-      run.extract_fn, variables, images, mesh=run.mesh, batch_size=run.config.eval.batch_size,
-      progress=bool(getattr(run, "progress", False)), desc=f"{split} extract")
+  features = run.extract(variables, images, desc=f"{split} extract")
   return features, records

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 # Config files import `configs.default`; make the folder that holds `configs/` importable.
 sys.path.insert(0, os.getcwd())
 
+from ccreid_jax import distributed  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax import workdir as workdir_lib  # noqa: E402
 from ccreid_jax.utils import format_history_table, format_results_table  # noqa: E402
@@ -45,6 +46,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
   config = _CONFIG.value
   if _MODE.value == "train":
     results = train.train_and_evaluate(config, _WORKDIR.value, force=_FORCE.value)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import clustering
+from ccreid_jax import distributed
 from ccreid_jax import evaluation
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import models
@@ -44,7 +45,7 @@ from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import sampler as sampler_lib
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.export import export_features, extract_split
-from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh
+from ccreid_jax.extract import make_extract_fn, make_mesh
 from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, progress_bar
 
 logger = logging.getLogger("ccreid_jax")
@@ -195,14 +196,18 @@ def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels:
   with the target rows zero-padded to ``num_columns`` (the memory bucket).
   """
 
+  mesh = sharding.mesh
+
   def load(indices):
-    batch = (jax.device_put(np.asarray(images[indices]), sharding),
-             jax.device_put(labels[indices].astype(np.int32), sharding))
+    # Every process draws the same indices (seeded sampler) and feeds its own rows.
+    rows = indices[distributed.process_slice(len(indices))]
+    batch = (distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
+             distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
     if targets is None:
       return batch
-    rows = np.zeros((len(indices), num_columns), np.float32)
-    rows[:, :targets.shape[1]] = targets[indices]
-    return batch + (jax.device_put(rows, sharding),)
+    padded = np.zeros((len(rows), num_columns), np.float32)
+    padded[:, :targets.shape[1]] = targets[rows]
+    return batch + (distributed.global_batch_from_local(padded, mesh),)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     queue = [pool.submit(load, idx) for idx in _take(batches, depth)]
@@ -222,12 +227,10 @@ def _take(iterator: Iterator[Any], n: int) -> list[Any]:
   return out
 
 
-def _evaluate_split(extract_fn, variables, test_images, dataset, config, mesh,
-                    progress) -> tuple[dict[str, float], np.ndarray]:
+def _evaluate_split(extract, variables, test_images, dataset,
+                    config) -> tuple[dict[str, float], np.ndarray]:
   """``(mAP / CMC metrics, (num_query, num_gallery) distances)`` of ``dataset``'s test split."""
-  features = extract_features(
-      extract_fn, variables, test_images, mesh=mesh, batch_size=config.eval.batch_size,
-      progress=progress, desc="eval extract")
+  features = extract(variables, test_images, desc="eval extract")
   num_query = len(dataset.query)
   query, gallery = features[:num_query], features[num_query:]
   distmat = evaluation.pairwise_distance(query, gallery)
@@ -273,8 +276,10 @@ class _Run:
       if need_train:
         self.dataset, self.train_images, _ = load(config.data.name, config.data.root, True)
     self.mesh = make_mesh()
+    # Extraction runs on this process's devices; features are all-gathered across hosts.
+    self.local_mesh = distributed.local_mesh()
     self.model = models.create_model(config.model)
-    self.extract_fn = make_extract_fn(self.model, self.mesh)
+    self.extract_fn = make_extract_fn(self.model, self.local_mesh)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), read_only=not need_train)
@@ -292,8 +297,14 @@ class _Run:
 
   def evaluate(self, variables) -> tuple[dict[str, float], np.ndarray]:
     """``(metrics, query x gallery distances)`` on ``eval_dataset``."""
-    return _evaluate_split(self.extract_fn, variables, self.test_images, self.eval_dataset,
-                           self.config, self.mesh, self.progress)
+    return _evaluate_split(self.extract, variables, self.test_images, self.eval_dataset,
+                           self.config)
+
+  def extract(self, variables, images: np.ndarray, *, desc: str) -> np.ndarray:
+    """(N, D) features of uint8 ``images`` on every process (eval mode, streamed)."""
+    return distributed.extract_and_allgather(
+        self.extract_fn, variables, images, mesh=self.local_mesh,
+        batch_size=self.config.eval.batch_size, progress=self.progress, desc=desc)
 
   def report_evaluation(self, tb: tensorboard_lib.TensorBoardWriter | None, distmat: np.ndarray,
                         *, step: int, name: str) -> None:
@@ -380,10 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       timer = Timer()
       record: dict[str, Any] = {"epoch": epoch}
       with timer.phase("extract"):
-        features = extract_features(
-            run.extract_fn, state.variables, run.train_images, mesh=run.mesh,
-            batch_size=config.eval.batch_size, progress=run.progress,
-            desc=f"epoch {epoch} extract")
+        features = run.extract(state.variables, run.train_images, desc=f"epoch {epoch} extract")
       with timer.phase("cluster"):
         labels = pseudo_labels(features, config.cluster)
         record["outliers"] = int((labels < 0).sum())

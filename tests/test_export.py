@@ -10,7 +10,7 @@ import pytest
 
 from ccreid_jax import export
 from ccreid_jax.data.datasets import Record
-from ccreid_jax.extract import make_mesh
+from ccreid_jax.extract import extract_features, make_mesh
 
 
 def _records(n, offset=0):
@@ -68,9 +68,16 @@ def _fake_run(num_train=5, num_query=3, num_gallery=6, with_train=True):
   config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
   dataset = types.SimpleNamespace(train=_records(num_train, 100), query=_records(num_query, 200),
                                   gallery=_records(num_gallery, 300))
+  mesh = make_mesh()
+  jitted = jax.jit(extract_fn)
+
+  def extract(variables, images_, *, desc):
+    return extract_features(jitted, variables, images_, mesh=mesh,
+                            batch_size=config.eval.batch_size, progress=False, desc=desc)
+
   return types.SimpleNamespace(
-      config=config, dataset=dataset, mesh=make_mesh(), progress=False,
-      extract_fn=jax.jit(extract_fn),
+      config=config, dataset=dataset, mesh=mesh, progress=False, extract_fn=jitted,
+      extract=extract,
       train_images=images(100, num_train) if with_train else None,
       test_images=images(0, num_query + num_gallery))
 
