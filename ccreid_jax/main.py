@@ -30,8 +30,9 @@ _MODE = flags.DEFINE_enum(
     "features of --split to --out (.npz).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "--mode eval/extract: 'best', 'latest', a step, or 'init' for the initial (pretrained) model "
-    "(default config.eval.checkpoint; with no checkpoint and config.model.pretrained set: init).")
+    "--mode eval/extract: 'best', 'latest', a step, the path of a step folder, or 'init' for the "
+    "initial (pretrained) model (default config.eval.checkpoint; with no checkpoint and "
+    "config.model.pretrained set: init).")
 _SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
                            "--mode extract: the split whose features are written.")
 _OUT = flags.DEFINE_string("out", None, "--mode extract: the .npz file to write.")

@@ -574,9 +574,15 @@ def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, 
                                     config.memory.min_bucket)
     state = init_train_state(run.model, tx, config, memory)
     return jax.device_put(state.variables, run.replicated), 0, -1
-  step = run.checkpointer.resolve(which)
-  meta = run.checkpointer.read_meta(step)
-  restored = run.checkpointer.restore(step, run.abstract_state(tx, meta, feature_dim))
+  checkpointer = run.checkpointer
+  if isinstance(which, str) and os.path.isdir(which):
+    # A step folder of any run, e.g. runs/market/checkpoints/50.
+    path = os.path.abspath(which)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), read_only=True)
+    which = os.path.basename(path)
+  step = checkpointer.resolve(which)
+  meta = checkpointer.read_meta(step)
+  restored = checkpointer.restore(step, run.abstract_state(tx, meta, feature_dim))
   state = jax.device_put(restored.state["train_state"], run.replicated)
   return state.variables, step, int(meta["epoch"])
 

@@ -256,11 +256,13 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
   c.integer("log.ranklist_queries", 0)
   c.integer("log.ranklist_topk", 1)
   which = c.get("eval.checkpoint", (str, int))
-  if which is not _MISSING and which not in ("best", "latest", "init"):
+  if (which is not _MISSING and which not in ("best", "latest", "init")
+      and not (isinstance(which, str) and os.path.isdir(which))):
     try:
       int(which)
     except ValueError:
-      c.fail("eval.checkpoint", which, "accepted: 'best', 'latest', 'init' or a step number")
+      c.fail("eval.checkpoint", which,
+             "accepted: 'best', 'latest', 'init', a step number or a step folder")
 
 
 def validate_config(config: Any, *, num_devices: int | None,

@@ -46,6 +46,12 @@ def test_workflow_outputs(tiny_market, tmp_path):
   assert initial["mAP"] == pytest.approx(records[0]["mAP"], abs=1e-6)
   assert os.path.exists(os.path.join(workdir, "eval_init.json"))
 
+  # A checkpoint can also be named by its folder.
+  by_path = train.evaluate(config, workdir, checkpoint=os.path.join(workdir, "checkpoints", "2"))
+  latest = train.evaluate(config, workdir, checkpoint="latest")
+  assert by_path["step"] == latest["step"] == 2
+  assert by_path["mAP"] == pytest.approx(latest["mAP"], abs=1e-9)
+
   # Feature export of a split.
   out = str(tmp_path / "query.npz")
   summary = train.extract(config, workdir, split="query", out=out, checkpoint="latest")
