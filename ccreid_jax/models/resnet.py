@@ -93,6 +93,21 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
+def _block_norm(block: nn.Module, name: str, *, train: bool):
+  """The block's norm called ``name`` (bn1 may be IBN), bound to train/eval mode."""
+  norm = block.norm1 if name == "bn1" and block.norm1 is not None else block.norm
+  return functools.partial(norm(name=name), use_running_average=not train)
+
+
+def _shortcut(block: nn.Module, x, channels: int, bn):
+  """Identity, or 1x1 conv (with the block's stride) + norm when the shape changes."""
+  if not block.downsample:
+    return x
+  x = block.conv(channels, (1, 1), (block.stride, block.stride), ((0, 0), (0, 0)),
+                 name="downsample_conv")(x)
+  return bn("downsample_bn")(x)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs; expansion 1."""
 
@@ -105,19 +120,12 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    def bn(name):
-      norm = self.norm1 if name == "bn1" and self.norm1 is not None else self.norm
-      return functools.partial(norm(name=name), use_running_average=not train)
-
+    bn = functools.partial(_block_norm, self, train=train)
     y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv1")(x)
-    y = nn.relu(bn(name="bn1")(y))
+    y = nn.relu(bn("bn1")(y))
     y = self.conv(self.planes, (3, 3), (1, 1), _pad(3), name="conv2")(y)
-    y = bn(name="bn2")(y)
-    if self.downsample:
-      x = self.conv(self.planes, (1, 1), (self.stride, self.stride), ((0, 0), (0, 0)),
-                    name="downsample_conv")(x)
-      x = bn(name="downsample_bn")(x)
-    return nn.relu(y + x)
+    y = bn("bn2")(y)
+    return nn.relu(y + _shortcut(self, x, self.planes, bn))
 
 
 class Bottleneck(nn.Module):
@@ -132,21 +140,14 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    def bn(name):
-      norm = self.norm1 if name == "bn1" and self.norm1 is not None else self.norm
-      return functools.partial(norm(name=name), use_running_average=not train)
-
+    bn = functools.partial(_block_norm, self, train=train)
     y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
-    y = nn.relu(bn(name="bn1")(y))
+    y = nn.relu(bn("bn1")(y))
     y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv2")(y)
-    y = nn.relu(bn(name="bn2")(y))
+    y = nn.relu(bn("bn2")(y))
     y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
-    y = bn(name="bn3")(y)
-    if self.downsample:
-      x = self.conv(self.planes * 4, (1, 1), (self.stride, self.stride), ((0, 0), (0, 0)),
-                    name="downsample_conv")(x)
-      x = bn(name="downsample_bn")(x)
-    return nn.relu(y + x)
+    y = bn("bn3")(y)
+    return nn.relu(y + _shortcut(self, x, self.planes * 4, bn))
 
 
 class ReIDResNet(nn.Module):
