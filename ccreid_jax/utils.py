@@ -32,15 +32,6 @@ class MetricsWriter:
       f.flush()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of ``<workdir>/metrics.jsonl`` (an empty list if there is none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def format_results_table(results: dict[str, float], title: str = "") -> str:
   """mAP / CMC as a small fixed-width table, values in percent."""
   keys = [k for k in ("mAP", "rank1", "rank5", "rank10") if k in results]

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from ccreid_jax import train, utils
+from ccreid_jax import train
+from ccreid_jax.workdir import read_metrics_lines
 from conftest import ROOT, tiny_config
 
 
@@ -50,7 +51,7 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   for key in ("mAP", "rank1", "rank5", "rank10"):
     assert 0.0 <= results[key] <= 1.0
 
-  records = utils.read_metrics(workdir)
+  records = read_metrics_lines(workdir)[0]
   epochs = [r for r in records if r["kind"] == "epoch"]
   assert [r["epoch"] for r in epochs] == [0, 1]
   assert any(r["kind"] == "initial" for r in records)
@@ -74,7 +75,7 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   # Calling again with more epochs resumes from the checkpoint, it does not start over.
   config.train.epochs = 3
   train.train_and_evaluate(config, workdir)
-  epochs = [r["epoch"] for r in utils.read_metrics(workdir) if r["kind"] == "epoch"]
+  epochs = [r["epoch"] for r in read_metrics_lines(workdir)[0] if r["kind"] == "epoch"]
   assert epochs == [0, 1, 2]
 
 
@@ -89,8 +90,10 @@ def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  straight = [r for r in utils.read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
-  resumed = [r for r in utils.read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
+  straight = [r for r in read_metrics_lines(str(tmp_path / "straight"))[0]
+              if r["kind"] == "epoch"]
+  resumed = [r for r in read_metrics_lines(str(tmp_path / "resumed"))[0]
+             if r["kind"] == "epoch"]
   assert [r["epoch"] for r in straight] == [r["epoch"] for r in resumed] == [0, 1, 2]
   keys = ["clusters", "outliers", "loss", "mAP", "rank1"]
   if rlcc:
