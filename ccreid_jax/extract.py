@@ -8,8 +8,7 @@ holds more than the output array and two input batches.
 
 from __future__ import annotations
 
-import concurrent.futures
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax.data.augment import test_transform
-from ccreid_jax.utils import progress_bar
+from ccreid_jax.utils import prefetch, progress_bar
 
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -41,17 +40,6 @@ def make_extract_fn(model: Any, mesh: Mesh) -> ExtractFn:
       extract, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
 
 
-def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-  n = images.shape[0]
-  for start in range(0, n, batch_size):
-    batch = np.asarray(images[start:start + batch_size])
-    valid = batch.shape[0]
-    if valid < batch_size:
-      pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
-      batch = np.concatenate([batch, pad])
-    yield batch, valid
-
-
 def extract_features(
     extract_fn: ExtractFn,
     variables: Any,
@@ -71,30 +59,27 @@ def extract_features(
   batch_size = -(-batch_size // num_devices) * num_devices
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   n = images.shape[0]
+
+  def load(start: int) -> tuple[jax.Array, int]:
+    batch = np.asarray(images[start:start + batch_size])
+    valid = batch.shape[0]
+    if valid < batch_size:  # zero-pad the last batch: one compiled shape
+      pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
+      batch = np.concatenate([batch, pad])
+    return jax.device_put(batch, sharding), valid
+
   outputs: list[np.ndarray] = []
   bar = progress_bar(total=n, desc=desc, unit="img", enabled=progress)
   pending: tuple[jax.Array, int] | None = None
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    # The next batch is read from disk and sent to the devices while this one runs.
-    batches = _padded_batches(images, batch_size)
-    def put(item):
-      batch, valid = item
-      return jax.device_put(batch, sharding), valid
-    future = pool.submit(lambda: next(batches, None))
-    while True:
-      item = future.result()
-      if item is None:
-        break
-      future = pool.submit(lambda: next(batches, None))
-      device_batch, valid = put(item)
-      features = extract_fn(variables, device_batch)
-      if pending is not None:
-        outputs.append(np.asarray(pending[0])[:pending[1]])
-        bar.update(pending[1])
-      pending = (features, valid)
+  for device_batch, valid in prefetch(range(0, n, batch_size), load):
+    features = extract_fn(variables, device_batch)  # dispatched before fetching the previous
     if pending is not None:
       outputs.append(np.asarray(pending[0])[:pending[1]])
       bar.update(pending[1])
+    pending = (features, valid)
+  if pending is not None:
+    outputs.append(np.asarray(pending[0])[:pending[1]])
+    bar.update(pending[1])
   bar.close()
   if not outputs:
     raise ValueError("extract_features got an empty image array")

@@ -13,7 +13,6 @@ epochs; a checkpoint after every epoch.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ from ccreid_jax.data import sampler as sampler_lib
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.export import export_features, extract_split
 from ccreid_jax.extract import make_extract_fn, make_mesh
-from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, progress_bar
+from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, prefetch, progress_bar
 
 logger = logging.getLogger("ccreid_jax")
 
@@ -209,22 +208,7 @@ def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels:
     padded[:, :targets.shape[1]] = targets[rows]
     return batch + (distributed.global_batch_from_local(padded, mesh),)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    queue = [pool.submit(load, idx) for idx in _take(batches, depth)]
-    while queue:
-      item = queue.pop(0).result()
-      queue.extend(pool.submit(load, idx) for idx in _take(batches, 1))
-      yield item
-
-
-def _take(iterator: Iterator[Any], n: int) -> list[Any]:
-  out = []
-  for _ in range(n):
-    try:
-      out.append(next(iterator))
-    except StopIteration:
-      break
-  return out
+  return prefetch(batches, load, depth)
 
 
 def _evaluate_split(extract, variables, test_images, dataset,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import tqdm
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True):
@@ -16,6 +22,23 @@ def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: boo
   disable = (not enabled) or not sys.stderr.isatty()
   return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False,
                    dynamic_ncols=True)
+
+
+def prefetch(items: Iterable[_T], load: Callable[[_T], _R], depth: int = 2) -> Iterator[_R]:
+  """``load(item)`` for each item, in order, computed on one host thread ``depth`` items ahead.
+
+  Used to read the next batch from disk and send it to the devices while the current one
+  is being computed.
+  """
+  items = iter(items)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    queue = collections.deque(pool.submit(load, item) for item in itertools.islice(items, depth))
+    while queue:
+      result = queue.popleft().result()
+      for item in items:
+        queue.append(pool.submit(load, item))
+        break
+      yield result
 
 
 class MetricsWriter:
