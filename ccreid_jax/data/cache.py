@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,12 +45,19 @@ class ImageDecodeError(OSError):
   """An image file could not be opened or decoded (missing, truncated, not an image)."""
 
 
-def decode_image(path: str, height: int, width: int) -> np.ndarray:
+def decode_image(path: str, height: int, width: int, *, data: bytes | None = None) -> np.ndarray:
   """Open ``path`` with PIL, convert to RGB and resize to (width, height) with BICUBIC.
 
   Any mode PIL reads becomes RGB: grayscale is replicated (16-bit grayscale keeps its 8 high
   bits), palette images are expanded, an alpha channel is dropped (not composited), CMYK is
   converted.
+
+  Args:
+    path: the image file; with ``data``, only the name used in error messages.
+    height: output height.
+    width: output width.
+    data: the encoded file content (e.g. stored in a TFDS record), decoded instead of reading
+      ``path``; the result is the same as for a file holding these bytes.
 
   Returns:
     uint8 array of shape (height, width, 3).
@@ -58,7 +66,7 @@ def decode_image(path: str, height: int, width: int) -> np.ndarray:
     ImageDecodeError: naming the file, if it cannot be read or decoded.
   """
   try:
-    with Image.open(path) as image:
+    with Image.open(path if data is None else io.BytesIO(data)) as image:
       image.load()
       if image.mode.startswith("I;16"):
         # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
@@ -96,8 +104,12 @@ def cache_file_name(paths: Sequence[str], height: int, width: int) -> str:
 
 
 def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int, *,
-                 progress: bool, num_workers: int) -> list[tuple[int, str]]:
+                 progress: bool, num_workers: int,
+                 read: Callable[[int], bytes] | None = None) -> list[tuple[int, str]]:
   """Decode ``paths`` in a thread pool, writing image ``i`` into ``out[i]``.
+
+  With ``read``, image ``i`` is decoded from the bytes ``read(i)`` returns (called from the
+  pool's threads) and ``paths[i]`` only names it in error messages.
 
   Returns:
     ``(index, message)`` of every image that could not be decoded (its row is left as is).
@@ -106,7 +118,10 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
 
   def work(index: int) -> None:
     try:
-      out[index] = decode_image(paths[index], height, width)
+      if read is None:
+        out[index] = decode_image(paths[index], height, width)
+      else:
+        out[index] = decode_image(paths[index], height, width, data=read(index))
     except ImageDecodeError as exc:
       errors.append((index, str(exc)))  # list.append is atomic under the GIL.
 
@@ -200,6 +215,8 @@ def load_image_cache(
     *,
     progress: bool = True,
     num_workers: int = 4,
+    read: Callable[[int], bytes] | None = None,
+    file_name: str | None = None,
 ) -> np.ndarray:
   """All images of ``paths`` as one uint8 array of shape (N, height, width, 3).
 
@@ -211,18 +228,26 @@ def load_image_cache(
   (a temporary file renamed into place) and later calls return a read-only memory map of it
   without decoding anything. Without ``cache_dir`` an in-memory array is returned.
 
+  Images that are not files (e.g. records of a TFDS dataset) are decoded from ``read(i)``,
+  the encoded bytes of image ``i``; ``paths`` then only name them in error messages, and
+  ``file_name`` (required with ``cache_dir``) names the cache file in place of
+  ``cache_file_name``, which needs files to stat.
+
   Raises:
     ImageDecodeError: naming the files (the first ``MAX_LISTED``), for missing, unreadable or
       truncated images; every image is tried before raising.
+    ValueError: ``read`` and ``cache_dir`` without ``file_name``.
   """
   paths = list(paths)
   shape = (len(paths), height, width, 3)
+  if read is not None and cache_dir is not None and not file_name:
+    raise ValueError("load_image_cache: `read` with a `cache_dir` needs a `file_name`")
   if not paths:
     return np.zeros(shape, np.uint8)
 
   def fill(out: np.ndarray) -> None:
     errors = _decode_into(out, paths, height, width, progress=progress,
-                          num_workers=num_workers)
+                          num_workers=num_workers, read=read)
     if errors:
       raise _decode_error(errors)
 
@@ -231,7 +256,7 @@ def load_image_cache(
     fill(out)
     return out
   os.makedirs(cache_dir, exist_ok=True)
-  final = os.path.join(cache_dir, cache_file_name(paths, height, width))
+  final = os.path.join(cache_dir, file_name or cache_file_name(paths, height, width))
   cached = _open_cached(final, shape)
   if cached is not None:
     return cached
