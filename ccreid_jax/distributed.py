@@ -166,10 +166,19 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   replicated = NamedSharding(mesh, PartitionSpec())
   if jax.process_count() == 1:
     return jax.device_put(tree, replicated)
-  host = jax.device_get(tree)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x), np.shape(x)),
-      host)
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(replicated, x.ndim):
+      return x  # Already global and replicated (e.g. restored with this sharding).
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_process_local_data(replicated, host, host.shape)
+
+  return jax.tree_util.tree_map(one, tree)
+
+
+def is_primary() -> bool:
+  """True on process 0, the one process that writes logs, metrics, pictures and exports."""
+  return jax.process_index() == 0
 
 
 def allgather_features(local_features: np.ndarray | jax.Array) -> np.ndarray:

@@ -274,10 +274,13 @@ class _Run:
     memory = memory_lib.MemoryState(
         centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
     state = jax.eval_shape(lambda: init_train_state(self.model, tx, self.config, memory))
-    return {"train_state": state,
+    tree = {"train_state": state,
             "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
             "cluster_centroids": jax.ShapeDtypeStruct(
                 (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
+    # Restored as global arrays replicated over the mesh (what every process needs).
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
 
   def evaluate(self, variables) -> tuple[dict[str, float], np.ndarray]:
     """``(metrics, query x gallery distances)`` on ``eval_dataset``."""
@@ -294,7 +297,7 @@ class _Run:
                         *, step: int, name: str) -> None:
     """Saves ``<workdir>/ranklist_<name>.png`` and sends it to TensorBoard (if any) at ``step``."""
     log = self.config.log
-    if log.ranklist_queries <= 0:
+    if log.ranklist_queries <= 0 or not distributed.is_primary():
       return
     queries = visualize.choose_queries(len(self.eval_dataset.query), log.ranklist_queries,
                                        self.config.seed)
@@ -320,10 +323,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
   """
   validation.validate_config(config, num_devices=jax.device_count())
-  workdir_lib.check_workdir_config(workdir, config, force=force)
+  # Every process runs this function; only process 0 writes files other than checkpoints
+  # (orbax coordinates those itself). Every process still checks the saved config.
+  primary = distributed.is_primary()
+  workdir_lib.check_workdir_config(workdir, config, force=force, write=primary)
   run = _Run(config, workdir, need_train=True)
   t = config.train
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, enabled=primary)
   tx = make_optimizer(config.optim, t.iters)
   feature_dim = models.feature_dim(config.model.depth, config.model.width)
   num_train = len(run.dataset.train)
@@ -350,12 +356,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     empty_memory = memory_lib.init_memory(
         np.zeros((0, feature_dim), np.float32), config.memory.min_bucket)
     state = init_train_state(run.model, tx, config, empty_memory)
-  workdir_lib.prune_metrics(workdir, start_epoch)  # Records a killed run wrote past its checkpoint.
-  state = jax.device_put(state, run.replicated)
+  if primary:
+    workdir_lib.prune_metrics(workdir, start_epoch)  # Records a killed run wrote past its checkpoint.
+  state = distributed.replicate(state, run.mesh)
   # TensorBoard step = epochs done; a resumed run hides what a killed attempt wrote from here.
   tb = tensorboard_lib.TensorBoardWriter(
       os.path.join(workdir, "tensorboard"), purge_step=start_epoch + 1 if start_epoch else 0,
-      enabled=config.log.tensorboard)
+      enabled=config.log.tensorboard and primary)
 
   if start_epoch == 0 and t.eval_initial:
     initial, distmat = run.evaluate(state.variables)
@@ -398,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        "skipping this epoch's training", epoch, num_train)
       else:
         bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
-        memory = jax.device_put(memory_lib.init_memory(current.centroids, bucket), run.replicated)
+        memory = distributed.replicate(memory_lib.init_memory(current.centroids, bucket), run.mesh)
         state = state.replace(memory=memory)
         sampler = sampler_lib.CameraAwarePKSampler(
             labels, cams, t.num_instances,
@@ -427,9 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       tb.write_record("epoch", **record)
       if metrics_out is not None:
         run.report_evaluation(tb, distmat, step=epoch + 1, name=f"epoch{epoch}")
-      visualize.save_training_curves(os.path.join(workdir, "curves.png"),
-                                     workdir_lib.read_metrics_lines(workdir)[0],
-                                     num_train=num_train)
+      if primary:
+        visualize.save_training_curves(os.path.join(workdir, "curves.png"),
+                                       workdir_lib.read_metrics_lines(workdir)[0],
+                                       num_train=num_train)
       tb.flush()
       logger.info(_epoch_line(record, timer))
 
@@ -532,8 +540,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   name = "init" if step == 0 else str(step)
   if run.cross_domain:
     name += f"_{config.eval.dataset or config.data.name}"
-  with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+  if distributed.is_primary():
+    with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
   run.report_evaluation(None, distmat, step=step, name=f"eval_{name}")
   return results
 
@@ -557,7 +566,7 @@ def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, 
     memory = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
                                     config.memory.min_bucket)
     state = init_train_state(run.model, tx, config, memory)
-    return jax.device_put(state.variables, run.replicated), 0, -1
+    return distributed.replicate(state.variables, run.mesh), 0, -1
   checkpointer = run.checkpointer
   if isinstance(which, str) and os.path.isdir(which):
     # A step folder of any run, e.g. runs/market/checkpoints/50.
@@ -567,7 +576,7 @@ def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, 
   step = checkpointer.resolve(which)
   meta = checkpointer.read_meta(step)
   restored = checkpointer.restore(step, run.abstract_state(tx, meta, feature_dim))
-  state = jax.device_put(restored.state["train_state"], run.replicated)
+  state = distributed.replicate(restored.state["train_state"], run.mesh)
   return state.variables, step, int(meta["epoch"])
 
 
@@ -582,7 +591,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   run = _Run(config, workdir, need_train=split == "train")
   variables, step, epoch = _load_variables(run, checkpoint)
   features, records = extract_split(run, variables, split)
-  export_features(out, features, records, split)
+  if distributed.is_primary():
+    export_features(out, features, records, split)
   return {"out": out, "split": split, "num_images": len(records),
           "feature_dim": int(features.shape[1]), "step": step, "epoch": epoch}
 

@@ -42,13 +42,20 @@ def prefetch(items: Iterable[_T], load: Callable[[_T], _R], depth: int = 2) -> I
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to ``<workdir>/metrics.jsonl``."""
+  """Appends one JSON object per line to ``<workdir>/metrics.jsonl``.
 
-  def __init__(self, workdir: str):
-    os.makedirs(workdir, exist_ok=True)
+  ``enabled=False`` (every process but process 0 of a multi-process run) writes nothing.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, kind: str, **values: Any) -> None:
+    if not self.enabled:
+      return
     record = {"kind": kind, "time": time.time(), **values}
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -139,7 +139,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def check_workdir_config(workdir: str, config: Any, *, force: bool,
-                         reference: Any = None) -> None:
+                         reference: Any = None, write: bool = True) -> None:
   """Saves ``config`` as ``<workdir>/config.json``, refusing one that changes a resumed run.
 
   The comparison happens only when the workdir already holds a checkpoint (a run to
@@ -147,6 +147,9 @@ def check_workdir_config(workdir: str, config: Any, *, force: bool,
   ``RESULT_NEUTRAL_FIELDS`` (logging, evaluation, the number of epochs, data locations)
   may change freely. With ``force`` the mismatch is logged, the old file is kept as
   ``config.replaced-<n>.json`` and the new config is saved.
+
+  ``write=False`` (the other processes of a multi-process run) only checks: process 0
+  renames and writes the files.
 
   Raises:
     WorkdirConfigMismatch: listing each differing field ``old -> new``.
@@ -163,7 +166,7 @@ def check_workdir_config(workdir: str, config: Any, *, force: bool,
       differences = config_differences(old, config, reference)
     if differences and not force:
       raise WorkdirConfigMismatch(workdir, differences)
-    if differences:
+    if differences and write:
       n = 1
       while os.path.exists(os.path.join(workdir, f"config.replaced-{n}.json")):
         n += 1
@@ -171,6 +174,8 @@ def check_workdir_config(workdir: str, config: Any, *, force: bool,
       logger.warning("--force: resuming %s with a different config (%s); the old config is "
                      "kept as config.replaced-%d.json", workdir,
                      ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences), n)
+  if not write:
+    return
   text = (config.to_json_best_effort(indent=2) if isinstance(config, ml_collections.ConfigDict)
           else json.dumps(config, indent=2, default=repr))
   _write_atomic(path, text)

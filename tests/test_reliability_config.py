@@ -265,3 +265,20 @@ def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
   assert workdir_lib.prune_metrics(workdir, start_epoch=1) == 0
   assert workdir_lib.prune_metrics(workdir, start_epoch=0) == 2
   assert workdir_lib.read_metrics_lines(workdir)[0] == [{"kind": "other"}]
+
+
+def test_processes_other_than_the_first_check_but_never_write(config, tmp_path):
+  """``write=False`` (process > 0 of a multi-process run): refuses the same, writes nothing."""
+  workdir = str(tmp_path / "run")
+  check_workdir_config(workdir, config, force=False, write=False)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  check_workdir_config(workdir, config, force=False)
+  _fake_checkpoint(workdir)
+  config.cluster.eps = 0.5
+  with pytest.raises(WorkdirConfigMismatch, match="cluster.eps"):
+    check_workdir_config(workdir, config, force=False, write=False)
+  before = sorted(os.listdir(workdir))
+  check_workdir_config(workdir, config, force=True, write=False)  # nothing renamed or written.
+  assert sorted(os.listdir(workdir)) == before
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["cluster"]["eps"] != 0.5

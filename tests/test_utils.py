@@ -26,3 +26,17 @@ def test_prefetch_keeps_order_and_loads_at_most_depth_ahead():
 
 def test_prefetch_of_nothing_yields_nothing():
   assert list(prefetch([], lambda item: item)) == []
+
+
+def test_metrics_writer_appends_records_and_a_disabled_one_writes_nothing(tmp_path):
+  import json
+
+  from ccreid_jax.utils import MetricsWriter
+
+  MetricsWriter(str(tmp_path / "off"), enabled=False).write("epoch", epoch=0)
+  assert not (tmp_path / "off").exists()
+  writer = MetricsWriter(str(tmp_path / "on"))
+  writer.write("epoch", epoch=0, loss=1.5)
+  writer.write("epoch", epoch=1, loss=1.25)
+  lines = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["kind"], r["epoch"], r["loss"]) for r in lines] == [("epoch", 0, 1.5), ("epoch", 1, 1.25)]
