@@ -42,6 +42,7 @@ from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import sampler as sampler_lib
+from ccreid_jax.data import tfds_data
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.export import export_features, extract_split
 from ccreid_jax.extract import make_extract_fn, make_mesh
@@ -240,6 +241,10 @@ class _Run:
     cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
 
     def load(name, root, need_train):
+      if config.data.source == "tfds":  # root is the TFDS data_dir of a tfds_data build.
+        return tfds_data.load_tfds_dataset_images(
+            name, root, config.data.height, config.data.width, cache_dir,
+            need_train=need_train, progress=self.progress, num_workers=config.data.num_workers)
       dataset = datasets_lib.load_dataset(name, root, skip_bad_names=config.data.skip_bad_names)
       return cache_lib.load_dataset_images(
           dataset, config.data.height, config.data.width, cache_dir, need_train=need_train,
@@ -301,8 +306,15 @@ class _Run:
       return
     queries = visualize.choose_queries(len(self.eval_dataset.query), log.ranklist_queries,
                                        self.config.seed)
-    image = visualize.rank_list_from_records(
-        self.eval_dataset.query, self.eval_dataset.gallery, distmat, query_indices=queries,
+    query, gallery = self.eval_dataset.query, self.eval_dataset.gallery
+    if self.config.data.source == "tfds":
+      # TFDS record paths are not files: draw the decoded (cached) images instead.
+      query_images, gallery_images = self.test_images[:len(query)], self.test_images[len(query):]
+    else:
+      query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
+    image = visualize.rank_list_image(
+        query_images, [r.pid for r in query], [r.camid for r in query], gallery_images,
+        [r.pid for r in gallery], [r.camid for r in gallery], distmat, query_indices=queries,
         topk=log.ranklist_topk)
     visualize.save_png(os.path.join(self.workdir, f"ranklist_{name}.png"), image)
     if tb is not None:

@@ -169,6 +169,7 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
               f"the ResNet downsamples by {MIN_SIDE_PER_STRIDE * stride} with "
               f"model.last_stride={stride}")
   c.integer("data.num_workers", 0)
+  c.choice("data.source", ("folder", "tfds"))
   root = c.get("data.root", str)
   if root is not _MISSING:
     full = os.path.abspath(os.path.expanduser(root))

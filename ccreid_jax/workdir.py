@@ -46,6 +46,7 @@ RESULT_NEUTRAL_FIELDS: tuple[str, ...] = (
     "train.log_every",
     "train.eval_every",
     "train.eval_initial",
+    "data.source",  # the same images from a TFDS build or the folder it was built from.
     "data.root",
     "data.cache_dir",
     "data.num_workers",

@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "market1501"  # market1501 | dukemtmcreid | msmt17 | veri776 | personx.
-  data.root = "data"  # Folder that holds the dataset folder (or the dataset folder itself).
+  data.source = "folder"  # "folder": image files under data.root | "tfds": a TFDS build (docs/tfds.md).
+  data.root = "data"  # Folder that holds the dataset folder (or that folder itself); with source="tfds", the TFDS data_dir.
   data.height = 256  # Input height after the bicubic resize.
   data.width = 128  # Input width after the bicubic resize.
   data.cache_dir = ""  # Where decoded uint8 images are cached ("" = <workdir>/cache).

@@ -229,3 +229,28 @@ def test_reading_never_imports_tensorflow(market_build):
                           text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_training_from_a_tfds_build_equals_training_from_the_folder(tiny_market, market_build,
+                                                                   tmp_path):
+  """``config.data.source="tfds"``: the same run, epoch for epoch, as from the image files."""
+  from conftest import tiny_config
+
+  from ccreid_jax import train
+
+  results = {}
+  for source, root in (("folder", tiny_market), ("tfds", market_build)):
+    config = tiny_config(root)
+    config.data.source = source
+    config.train.epochs = 1
+    config.log.ranklist_queries = 2
+    workdir = str(tmp_path / source)
+    results[source] = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      results[source + "_records"] = [
+          {k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in f]
+    # The rank list draws the cached images: the PNG exists and is not blank grey.
+    image = np.asarray(Image.open(os.path.join(workdir, "ranklist_epoch0.png")))
+    assert image.std() > 10
+  assert results["tfds"] == results["folder"]
+  assert results["tfds_records"] == results["folder_records"]
