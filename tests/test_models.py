@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 import numpy as np
 import pytest
@@ -349,3 +350,37 @@ def test_create_model_and_bfloat16():
   with pytest.raises(ValueError):
     create_model(ml_collections.ConfigDict(dict(depth=10, width=8, last_stride=1, pooling="gem",
                                                 bn_group_size=4, dtype="int8")))
+
+
+@pytest.mark.parametrize("kernel,strides,padding,dtype", [
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32),   # the matrix-product path
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32),   # strided 1x1 (downsample), odd size
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32),   # the convolution path
+    ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32),
+])
+def test_conv_equals_flax_conv(kernel, strides, padding, dtype):
+  """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (1x1 runs as a matmul)."""
+  from ccreid_jax.models.layers import Conv
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 7, 16), jnp.float32)
+  ours = Conv(24, kernel, strides, padding, dtype=dtype, kernel_init=conv_init)
+  ref = nn.Conv(24, kernel, strides, padding, use_bias=False, dtype=dtype,
+                kernel_init=conv_init)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  ref_params = ref.init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(ref_params)
+  np.testing.assert_array_equal(params["params"]["kernel"], ref_params["params"]["kernel"])
+  y, y_ref = ours.apply(params, x), ref.apply(params, x)
+  assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                             atol=tol, rtol=tol)
+  # Gradients with respect to input and kernel agree too.
+  def loss(module, p, x):
+    return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+  g = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=10 * tol, rtol=10 * tol)

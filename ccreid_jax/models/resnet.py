@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccreid_jax.models.layers import GeM, GhostBatchNorm
+from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm
 
 # depth -> (block kind, blocks per stage)
 _ARCHS = {
@@ -172,9 +172,8 @@ class ReIDResNet(nn.Module):
     kind, layers = _arch(self.depth)
     expansion = _EXPANSION[kind]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=conv_init)
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=conv_init)
     norm = functools.partial(
         GhostBatchNorm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
