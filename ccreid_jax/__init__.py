@@ -1,0 +1,5 @@
+"""ccreid_jax: unsupervised object re-identification (Cluster Contrast, RLCC) in JAX/Flax."""
+
+from ccreid_jax import xla_cpu as _xla_cpu
+
+_xla_cpu.apply_cpu_defaults()

@@ -384,3 +384,22 @@ def test_conv_equals_flax_conv(kernel, strides, padding, dtype):
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                atol=10 * tol, rtol=10 * tol)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8)])
+def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
+  """The stem pool (9 strided slices) equals nn.max_pool; gradients equal without ties."""
+  from ccreid_jax.models.layers import max_pool_3x3_s2
+
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)  # continuous: no ties in a window.
+  ref = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  y = max_pool_3x3_s2(x)
+  np.testing.assert_array_equal(y, ref(x))
+  cot = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+  g = jax.grad(lambda v: jnp.sum(max_pool_3x3_s2(v) * cot))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref(v) * cot))(x)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)
+  # After a ReLU (ties at 0), the gradient through ReLU then pool still equals the reference.
+  g = jax.grad(lambda v: jnp.sum(max_pool_3x3_s2(nn.relu(v)) * cot))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref(nn.relu(v)) * cot))(x)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm
+from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm, max_pool_3x3_s2
 
 # depth -> (block kind, blocks per stage)
 _ARCHS = {
@@ -181,8 +181,7 @@ class ReIDResNet(nn.Module):
 
     x = conv(self.width, (7, 7), (2, 2), _pad(7), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
-    # flax pads max_pool with -inf, like torch.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)  # padded with -inf, like torch.
 
     in_planes = self.width
     strides = (1, 2, 2, self.last_stride)
