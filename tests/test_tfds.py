@@ -254,3 +254,15 @@ def test_training_from_a_tfds_build_equals_training_from_the_folder(tiny_market,
     assert image.std() > 10
   assert results["tfds"] == results["folder"]
   assert results["tfds_records"] == results["folder_records"]
+
+
+def test_tfds_data_source_by_name_reads_the_build(tiny_market, market_build):
+  """``tfds.data_source("ccreid_market1501", data_dir=...)`` (builders registered on import)."""
+  import tensorflow_datasets as tfds
+
+  source = tfds.data_source("ccreid_market1501", split="gallery", data_dir=market_build,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+  folder = _folder_records(load_dataset("market1501", tiny_market))["gallery"]
+  got = [(r["path"].decode(), int(r["pid"]), int(r["camid"])) for r in
+         (source[i] for i in range(len(source)))]
+  assert got == folder
