@@ -212,6 +212,7 @@ def main(argv=None) -> dict:
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     print(f"  {key:<26} {text}")
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(res, f, indent=2)
   return res

@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     print(f"{name:26s} | {1000 * result[key + '_s_per_batch']:9.2f} | "
           f"{result[key + '_images_per_s']:10.0f}")
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
   return result

@@ -348,6 +348,7 @@ def main(argv=None) -> dict:
   result["loadavg_end"] = _loadavg()
   print_table(result)
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
   return result
