@@ -352,18 +352,21 @@ def test_create_model_and_bfloat16():
                                                 bn_group_size=4, dtype="int8")))
 
 
-@pytest.mark.parametrize("kernel,strides,padding,dtype", [
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32),   # the matrix-product path
-    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32),   # strided 1x1 (downsample), odd size
-    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16),
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32),   # the convolution path
-    ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32),
+@pytest.mark.parametrize("kernel,strides,padding,dtype,hw", [
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7)),   # the matrix-product path
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32, (11, 7)),   # strided 1x1, odd size
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7)),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (11, 7)),   # the convolution path
+    ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32, (11, 7)),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32, (4, 2)),    # im2col (small maps)
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (5, 3)),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, (4, 4)),
 ])
-def test_conv_equals_flax_conv(kernel, strides, padding, dtype):
-  """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (1x1 runs as a matmul)."""
+def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw):
+  """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (matmul paths included)."""
   from ccreid_jax.models.layers import Conv
 
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 7, 16), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + hw + (16,), jnp.float32)
   ours = Conv(24, kernel, strides, padding, dtype=dtype, kernel_init=conv_init)
   ref = nn.Conv(24, kernel, strides, padding, use_bias=False, dtype=dtype,
                 kernel_init=conv_init)

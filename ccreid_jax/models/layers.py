@@ -12,13 +12,19 @@ import jax.numpy as jnp
 class Conv(nn.Module):
   """A bias-free 2-D convolution: NHWC input, HWIO ``kernel``, as ``nn.Conv(use_bias=False)``.
 
-  Same parameter (name, shape, init) and numbers as ``nn.Conv``; 1x1 kernels without
-  padding are computed differently: the input is strided, then multiplied by the
-  (C_in, C_out) kernel matrix over the channel axis. That is the same sum in another order
-  (equal up to float rounding) and XLA:CPU runs it 3 to 9 times faster than its 1x1
-  convolution on ResNet-50's shapes (docs/benchmarks.md); on GPU both become one GEMM.
-  Inputs and kernel are cast to ``dtype`` (bfloat16 for mixed precision).
+  Same parameter (name, shape, init) and numbers as ``nn.Conv``, computed as matrix
+  products where XLA:CPU's convolution is slow (the same sums in another order, equal up to
+  float rounding; docs/benchmarks.md):
+  * 1x1 kernels without padding: the input is strided, then multiplied by the
+    (C_in, C_out) kernel matrix over the channel axis (3-9x faster on ResNet-50's shapes);
+  * other kernels on inputs of at most ``SMALL_MAP`` pixels (layer4 of small images): the
+    k*k shifted windows are stacked on the channel axis (im2col) and multiplied by the
+    (k*k*C_in, C_out) kernel matrix (up to 40x faster there; no faster at 8x4, slower on larger maps).
+  On GPU these are GEMMs either way. Inputs and kernel are cast to ``dtype`` (bfloat16 for
+  mixed precision).
   """
+
+  SMALL_MAP = 16  # pixels (H * W) of the input up to which im2col is used (4x4, 8x2, ...).
 
   features: int
   kernel_size: tuple[int, int]
@@ -40,9 +46,26 @@ class Conv(nn.Module):
       if (sh, sw) != (1, 1):
         x = x[:, ::sh, ::sw, :]
       return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    if x.shape[1] * x.shape[2] <= self.SMALL_MAP:
+      return _im2col_conv(x, kernel, tuple(self.strides), padding)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=tuple(self.strides), padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """``conv_general_dilated`` (NHWC, HWIO) as one matmul over stacked shifted windows."""
+  kh, kw, c_in, c_out = kernel.shape
+  sh, sw = strides
+  padded = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
+  out_h = (padded.shape[1] - kh) // sh + 1
+  out_w = (padded.shape[2] - kw) // sw + 1
+  windows = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+             for i in range(kh) for j in range(kw)]  # (kh, kw, c_in) order = the kernel's.
+  patches = jnp.concatenate(windows, axis=-1)
+  return jax.lax.dot_general(patches, kernel.reshape(kh * kw * c_in, c_out),
+                             (((3,), (0,)), ((), ())))
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
