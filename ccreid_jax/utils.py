@@ -41,6 +41,13 @@ def prefetch(items: Iterable[_T], load: Callable[[_T], _R], depth: int = 2) -> I
       yield result
 
 
+def write_json(path: str, value: Any) -> None:
+  """Writes ``value`` as indented JSON to ``path``, creating its folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
 class MetricsWriter:
   """Appends one JSON object per line to ``<workdir>/metrics.jsonl``.
 

@@ -22,7 +22,6 @@ agree. It needs about 4 N^2 bytes several times over: it is skipped above ``--de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ccreid_jax.clustering import dbscan_labels, infomap_labels  # noqa: E402
 from ccreid_jax.clustering import jaccard  # noqa: E402
+from ccreid_jax.utils import write_json  # noqa: E402
 
 
 def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
@@ -212,9 +212,7 @@ def main(argv=None) -> dict:
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     print(f"  {key:<26} {text}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=2)
+    write_json(args.out, res)
   return res
 
 

@@ -19,7 +19,6 @@ bandwidth unless the file is larger than free RAM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax.data.sampler import CameraAwarePKSampler  # noqa: E402
 from ccreid_jax.extract import make_mesh  # noqa: E402
+from ccreid_jax.utils import write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,9 +128,7 @@ def main(argv=None) -> dict:
     print(f"{name:26s} | {1000 * result[key + '_s_per_batch']:9.2f} | "
           f"{result[key + '_images_per_s']:10.0f}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    write_json(args.out, result)
   return result
 
 

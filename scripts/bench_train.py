@@ -23,7 +23,6 @@ small part of a step. Compilation is excluded (``--warmup`` untimed steps).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ccreid_jax import memory as memory_lib  # noqa: E402
 from ccreid_jax import models, train  # noqa: E402
 from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh  # noqa: E402
+from ccreid_jax.utils import write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -348,9 +348,7 @@ def main(argv=None) -> dict:
   result["loadavg_end"] = _loadavg()
   print_table(result)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    write_json(args.out, result)
   return result
 
 
