@@ -3,3 +3,4 @@
 from ccreid_jax import xla_cpu as _xla_cpu
 
 _xla_cpu.apply_cpu_defaults()
+_xla_cpu.keep_freed_memory()

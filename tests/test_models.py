@@ -352,21 +352,27 @@ def test_create_model_and_bfloat16():
                                                 bn_group_size=4, dtype="int8")))
 
 
-@pytest.mark.parametrize("kernel,strides,padding,dtype,hw", [
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7)),   # the matrix-product path
-    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32, (11, 7)),   # strided 1x1, odd size
-    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7)),
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (11, 7)),   # the convolution path
-    ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32, (11, 7)),
-    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32, (4, 2)),    # im2col (small maps)
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (5, 3)),
-    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, (4, 4)),
+@pytest.mark.parametrize("kernel,strides,padding,dtype,hw,c_in", [
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),   # the matrix-product path
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),   # strided 1x1, odd size
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7), 16),
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 40),   # reducing 1x1 (40 -> 24)
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7), 40),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (11, 7), 16),   # the convolution path
+    ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32, (11, 7), 16),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32, (4, 2), 16),    # im2col (small maps)
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (5, 3), 16),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, (4, 4), 16),
 ])
-def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw):
-  """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (matmul paths included)."""
+def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
+  """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (matmul paths included).
+
+  16 -> 24 channels: 1x1 kernels take the expanding path (kernel gradient from XLA's
+  convolution weight gradient on the CPU); 40 -> 24 the plain matmul's.
+  """
   from ccreid_jax.models.layers import Conv
 
-  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + hw + (16,), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + hw + (c_in,), jnp.float32)
   ours = Conv(24, kernel, strides, padding, dtype=dtype, kernel_init=conv_init)
   ref = nn.Conv(24, kernel, strides, padding, use_bias=False, dtype=dtype,
                 kernel_init=conv_init)
@@ -387,6 +393,18 @@ def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw):
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                atol=10 * tol, rtol=10 * tol)
+
+
+@pytest.mark.parametrize("c_in,custom", [(16, True), (24, False), (40, False)])
+def test_only_expanding_1x1_convs_take_the_conv_weight_gradient_on_cpu(c_in, custom):
+  """The custom kernel gradient (a convolution) is traced for C_out > C_in only (24 here)."""
+  from ccreid_jax.models.layers import Conv
+
+  x = jnp.ones((2, 4, 4, c_in))
+  conv = Conv(24, (1, 1))
+  params = conv.init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(conv.apply(p, x))))(params))
+  assert ("conv_general_dilated" in jaxpr) == (custom and jax.default_backend() == "cpu")
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8)])
