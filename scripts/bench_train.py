@@ -17,7 +17,9 @@ wall-clock ``time.perf_counter`` around work forced to finish with ``block_until
 a ResNet with last stride 1, GeM pooling, a BN neck with a frozen bias, L2-normalised
 features against a memory matmul at temperature 0.05, cross-entropy, Adam with coupled L2.
 Its input transform is normalisation + a random flip (no pad/crop or erasing), which is a
-small part of a step. Compilation is excluded (``--warmup`` untimed steps).
+small part of a step. Compilation is excluded (``--warmup`` untimed steps). The PyTorch step
+runs in the same process, so it shares ``ccreid_jax``'s malloc setting (``cpu_defaults`` in
+the output); run with ``CCREID_XLA_CPU_DEFAULTS=0`` for a plain PyTorch process.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+import ccreid_jax.xla_cpu  # noqa: E402
 from ccreid_jax import memory as memory_lib  # noqa: E402
 from ccreid_jax import models, train  # noqa: E402
 from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh  # noqa: E402
@@ -311,7 +314,8 @@ def print_table(result: dict) -> None:
   a = result["args"]
   print(f"\nResNet-{a['depth']} {a['height']}x{a['width']} batch {a['batch']} {a['dtype']} on "
         f"{result['device_kind']} x{result['device_count']} (jax {result['jax_version']}); "
-        f"load {result['loadavg_start']} -> {result['loadavg_end']}")
+        f"load {result['loadavg_start']} -> {result['loadavg_end']}; "
+        f"CPU defaults {result['cpu_defaults']}")
   header = (f"{'':8s} | {'input img/s':>11s} | {'compute img/s':>13s} | "
             f"{'pipelined img/s':>15s} | {'s/step':>7s} | {'extract img/s':>13s}")
   print(header)
@@ -336,6 +340,8 @@ def main(argv=None) -> dict:
       "device_kind": jax.devices()[0].device_kind, "device_count": num_devices,
       "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
       "loadavg_start": _loadavg(),
+      # ccreid_jax's CPU defaults in this process (the PyTorch step shares the malloc one).
+      "cpu_defaults": dict(ccreid_jax.xla_cpu.APPLIED),
   }
   with tempfile.TemporaryDirectory() as tmp:
     n = args.num_images or 8 * args.batch

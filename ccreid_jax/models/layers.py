@@ -82,10 +82,12 @@ def _pointwise_fwd(x, kernel):
 def _pointwise_bwd(residuals, dy):
   x, kernel = residuals
   dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())))
-  conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731 - the 1x1 conv of x by k.
-      x, k[None, None], (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  _, conv_vjp = jax.vjp(conv, kernel)
-  (dkernel,) = conv_vjp(dy)
+
+  def conv(k):  # the same 1x1 convolution of x, as a convolution: linear in k.
+    return jax.lax.conv_general_dilated(x, k[None, None], (1, 1), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  (dkernel,) = jax.linear_transpose(conv, kernel)(dy)
   return dx, dkernel
 
 
