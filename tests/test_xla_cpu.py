@@ -111,3 +111,16 @@ def test_importing_the_package_stops_steps_from_page_faulting_their_buffers_in_a
   pages = 4096 * 4096 * 4 // 4096
   assert faults["0"] >= 4 * pages, faults  # the test can tell the two apart...
   assert faults["1"] < pages // 2, faults  # ...and the setting removes them.
+
+
+def test_an_installed_gpu_or_tpu_plugin_counts_as_not_cpu(monkeypatch):
+  """JAX finds plugins by entry point (group "jax_plugins") or module; either one counts."""
+  monkeypatch.setattr(xla_cpu.metadata, "entry_points", lambda group: ["xla_cuda12"])
+  monkeypatch.setattr(xla_cpu.importlib.util, "find_spec", lambda name: None)
+  assert xla_cpu._accelerator_plugin_installed() and not xla_cpu.runs_on_cpu({})
+  monkeypatch.setattr(xla_cpu.metadata, "entry_points", lambda group: [])
+  assert not xla_cpu._accelerator_plugin_installed() and xla_cpu.runs_on_cpu({})
+  monkeypatch.setattr(xla_cpu.importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else None)
+  assert xla_cpu._accelerator_plugin_installed() and not xla_cpu.runs_on_cpu({})
+  assert xla_cpu.runs_on_cpu({"JAX_PLATFORMS": "cpu"})  # an explicit choice wins.
