@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccreid_jax import memory as memory_lib, models, train
+from ccreid_jax import distributed, memory as memory_lib, models, train
 from ccreid_jax.extract import make_extract_fn, make_mesh
 from conftest import tiny_config
 
@@ -45,6 +45,9 @@ def runs():
   out = {}
   for dtype in ("float32", "bfloat16"):
     config, model, tx, state, images, labels = _setup(dtype)
+    # Replicated over the mesh up front, as train_and_evaluate does, so that the step's
+    # input shardings are those of its outputs and it compiles once, not twice.
+    state = distributed.replicate(state, mesh)
     step = train.make_train_step(model, tx, config, mesh)
     features = make_extract_fn(model, mesh)(state.variables, images)
     losses = []

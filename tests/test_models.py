@@ -329,6 +329,19 @@ def test_conv_init_is_kaiming_normal_fan_out():
   assert float(jnp.mean(jnp.abs(kernel) > 2 * std)) > 0.03
 
 
+@pytest.mark.parametrize("shape,dtype", [((7, 7, 3, 8), jnp.float32),
+                                         ((1, 1, 1024, 2048), jnp.float32),
+                                         ((3, 3, 64, 128), jnp.bfloat16)])
+def test_conv_init_equals_flax_variance_scaling_bit_for_bit(shape, dtype):
+  # conv_init draws its normals as a 3-D array (faster to compile); the values must be
+  # exactly those of the 4-D draw, so initial weights (and the demo's numbers) are unchanged.
+  key = jax.random.PRNGKey(7)
+  ours = conv_init(key, shape, dtype)
+  ref = nn.initializers.variance_scaling(2.0, "fan_out", "normal")(key, shape, dtype)
+  assert ours.shape == ref.shape and ours.dtype == ref.dtype
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+
+
 def test_create_model_and_bfloat16():
   config = ml_collections.ConfigDict(dict(depth=10, width=8, last_stride=1, pooling="gem",
                                           bn_group_size=4, dtype="bfloat16"))

@@ -1,18 +1,14 @@
 """End-to-end runs of train_and_evaluate / evaluate on a tiny generated dataset."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from ccreid_jax import train
 from ccreid_jax.workdir import read_metrics_lines
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
 
 def test_lr_schedule_steps_by_epoch():
@@ -137,54 +133,6 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   np.testing.assert_allclose(np.asarray(hard_state.memory.centroids),
                              np.asarray(soft_state.memory.centroids), atol=1e-6)
-
-
-_MULTI_DEVICE_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import jax, numpy as np
-from conftest import tiny_config
-from ccreid_jax import memory as memory_lib, models, train
-from ccreid_jax.extract import make_mesh
-
-config = tiny_config("unused")
-config.train.batch_size = 32
-config.model.bn_group_size = 8
-model = models.create_model(config.model)
-tx = train.make_optimizer(config.optim, config.train.iters)
-rng = np.random.default_rng(0)
-centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
-centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-mesh = make_mesh()
-state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
-step = train.make_train_step(model, tx, config, mesh)
-losses = []
-for i in range(3):
-    images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
-    labels = np.repeat(np.arange(8) % 6, 4).astype(np.int32)
-    state, metrics = step(state, images, labels)
-    losses.append(float(metrics["loss"]))
-print(json.dumps({{"devices": jax.device_count(), "losses": losses,
-                  "memory": float(np.asarray(state.memory.centroids).sum())}}))
-"""
-
-
-def _run_with_devices(n: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-  script = _MULTI_DEVICE_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_four_devices_give_the_same_losses_as_one():
-  one, four = _run_with_devices(1), _run_with_devices(4)
-  assert (one["devices"], four["devices"]) == (1, 4)
-  np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-4, atol=1e-5)
-  assert four["memory"] == pytest.approx(one["memory"], rel=1e-4)
 
 
 def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):

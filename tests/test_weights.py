@@ -2,7 +2,6 @@
 and the convert CLI. Checkpoints are built by hand (no torch) and, in the parity tests, with
 torch.save from a torch ResNet that uses torchvision's exact module names."""
 
-import io
 import json
 import os
 import pickle

@@ -13,6 +13,7 @@ unchanged.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -31,9 +32,21 @@ _ARCHS = {
 }
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
-# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu"): a plain (untruncated)
-# normal with variance 2 / (k * k * out_channels).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  """torchvision's ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` for an HWIO kernel.
+
+  A plain (untruncated) normal with variance 2 / (kh * kw * out_channels): the same values,
+  bit for bit, as ``nn.initializers.variance_scaling(2.0, "fan_out", "normal")`` (JAX draws
+  an array's normals in flat order whatever its shape; tested). The normals are drawn as a
+  flat vector because XLA:CPU compiles the sampler for a small 4-D shape several times
+  slower (1.5-3 s per kernel shape at width 8, 0.4 s flat), and the model's
+  initialisation compiles it once per kernel shape.
+  """
+  kh, kw, _, c_out = shape
+  variance = jnp.array(2.0 / (kh * kw * c_out), dtype=dtype)
+  normal = jax.random.normal(key, (math.prod(shape),), dtype)
+  return (normal * jnp.sqrt(variance)).reshape(shape)
 
 
 def _arch(depth: int) -> tuple[str, tuple[int, ...]]:
