@@ -13,8 +13,13 @@ import pytest  # noqa: E402
 # Every compiled program is cached, however quick to compile: the tests start many
 # processes (multi-process and crash tests), and each would otherwise compile again the
 # ~150 small programs of an eager model.init (13 s -> 4 s per process on 2 cores).
-jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".cache", "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# Except in the processes of a multi-process job (tests/multiprocess.py): JAX writes the
+# cache from process 0 only and process 1's programs (its own devices) never hit it, so
+# process 0 would reach the first collective long before process 1, and gloo gives up
+# after 30 s. Without a cache both processes take the same time.
+if os.environ.get("CCREID_NUM_PROCESSES", "1") == "1":
+  jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".cache", "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def tiny_config(data_root: str):

@@ -21,16 +21,9 @@ _TRAIN_SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import jax
-jax.config.update("jax_compilation_cache_dir", os.path.join({root!r}, ".cache", "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 from ccreid_jax import distributed
 distributed.maybe_initialize(initialization_timeout=120)
-from conftest import tiny_config
-if jax.process_count() > 1:
-  # No persistent compilation cache across processes: JAX writes it from process 0 only,
-  # and process 1's programs (its own devices) never hit it, so process 0 would reach the
-  # first collective long before process 1, and gloo gives up after 30 s.
-  jax.config.update("jax_compilation_cache_dir", None)
+from conftest import tiny_config  # also sets up the compilation cache (not for 2 processes)
 from ccreid_jax import train
 config = tiny_config({data_root!r})
 config.train.epochs = {epochs}
