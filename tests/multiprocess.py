@@ -26,7 +26,12 @@ def process_env(local_devices: int, **extra: str) -> dict:
 
 
 def last_json_line(stdout: str) -> dict:
-  return json.loads(stdout.strip().splitlines()[-1])
+  """The last line of ``stdout`` that is a JSON object. Gloo's native threads print lines
+  such as "[Gloo] Rank 1 is connected to 1 peer ranks" to the same stdout, and they can
+  land after the script's result."""
+  lines = [line for line in stdout.splitlines() if line.startswith("{")]
+  assert lines, f"no JSON result in the process's output:\n{stdout[-2000:]}"
+  return json.loads(lines[-1])
 
 
 def run_processes(num_processes: int, local_devices: int, script: list[str]) -> list[dict]:
