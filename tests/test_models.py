@@ -1,5 +1,6 @@
 """ReIDResNet, GhostBatchNorm and GeM: shapes, names, numerics against numpy."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -420,7 +421,8 @@ def test_only_expanding_1x1_convs_take_the_conv_weight_gradient_on_cpu(c_in, cus
   assert ("conv_general_dilated" in jaxpr) == (custom and jax.default_backend() == "cpu")
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8)])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8), (1, 1, 2, 2), (1, 2, 1, 3),
+                                   (1, 3, 3, 1)])
 def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
   """The stem pool (9 strided slices) equals nn.max_pool; gradients equal without ties."""
   from ccreid_jax.models.layers import max_pool_3x3_s2
@@ -437,3 +439,38 @@ def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
   g = jax.grad(lambda v: jnp.sum(max_pool_3x3_s2(nn.relu(v)) * cot))(x)
   g_ref = jax.grad(lambda v: jnp.sum(ref(nn.relu(v)) * cot))(x)
   np.testing.assert_allclose(g, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 8, 3), (2, 8, 7, 2), (1, 3, 4, 2)])
+def test_max_pool_gradient_with_ties_goes_to_the_first_maximum_as_in_torch(shape):
+  """With many tied maxima (values in {0, 1, 2}) the gradient equals torch's max_pool2d's."""
+  torch = pytest.importorskip("torch")
+  from ccreid_jax.models.layers import _pool_windows, max_pool_3x3_s2
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, size=shape).astype(np.float32)
+  y = max_pool_3x3_s2(jnp.asarray(x))
+  cot = rng.normal(size=y.shape).astype(np.float32)
+  g = jax.jit(jax.grad(lambda v: jnp.sum(max_pool_3x3_s2(v) * cot)))(jnp.asarray(x))
+
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+  yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  (yt * torch.from_numpy(cot).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_array_equal(y, yt.detach().permute(0, 2, 3, 1).numpy())
+  g_t = xt.grad.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(g, g_t, rtol=1e-6, atol=1e-6)
+  # The ties matter: differentiating the chain of maxima (ties split in halves) differs.
+  chain = lambda v: functools.reduce(jnp.maximum, _pool_windows(v))
+  g_split = jax.grad(lambda v: jnp.sum(chain(v) * cot))(jnp.asarray(x))
+  assert not np.allclose(g_split, g_t, atol=1e-3)
+
+
+def test_max_pool_keeps_bfloat16():
+  from ccreid_jax.models.layers import max_pool_3x3_s2
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 4)).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(max_pool_3x3_s2, x)
+  (g,) = vjp(jnp.ones_like(y))
+  assert y.dtype == g.dtype == jnp.bfloat16
+  # Each output's gradient 1 lands on exactly one input: the total is the number of outputs.
+  assert float(jnp.sum(g.astype(jnp.float32))) == y.size

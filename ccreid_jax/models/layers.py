@@ -110,24 +110,69 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                              (((3,), (0,)), ((), ())))
 
 
+def _pool_windows(x: jax.Array) -> list[jax.Array]:
+  """The 9 strided (Ho, Wo) slices of ``x`` padded by 1 with -inf, in row-major window order."""
+  _, h, w, _ = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """3x3 max pooling, stride 2, padding 1 (padded with -inf), NHWC: the ResNet stem's pool.
 
   The elementwise maximum of the 9 strided window slices: the same values as
-  ``nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))``. Its gradient is that of a chain of
-  maxima instead of ``select_and_scatter``, which XLA:CPU runs several times faster; the two
-  differ only where a window holds its maximum twice (the gradient is then split, not sent to
-  one element), which after a ReLU happens at 0, where the ReLU's gradient is 0 anyway.
+  ``nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))``. The gradient goes, as in torch, to
+  the first maximum of each window in row-major order (a tie is not split), and is computed
+  without ``select_and_scatter``, which XLA:CPU runs several times slower: the forward pass
+  keeps the (Ho, Wo) index of each window's maximum (int8), and the backward pass builds the
+  input gradient from its four stride-2 phases (even / odd rows x even / odd columns), each a
+  sum of 1, 2 or 4 masked copies of the output gradient (docs/benchmarks.md).
   """
-  _, h, w, _ = x.shape
-  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   out = None
-  for i in range(3):
-    for j in range(3):
-      window = padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :]
-      out = window if out is None else jnp.maximum(out, window)
+  for window in _pool_windows(x):
+    out = window if out is None else jnp.maximum(out, window)
   return out
+
+
+def _max_pool_fwd(x):
+  windows = _pool_windows(x)
+  out, index = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
+  for k, window in enumerate(windows[1:], start=1):
+    index = jnp.where(window > out, jnp.int8(k), index)  # strict: an earlier maximum wins.
+    out = jnp.maximum(out, window)
+  return out, (index, x.shape[1:3])
+
+
+def _pool_axis_grad(g0: jax.Array, g1: jax.Array, g2: jax.Array, n: int, axis: int) -> jax.Array:
+  """Input gradient along ``axis`` (length ``n``) of a size-3, stride-2, padding-1 window.
+
+  ``g<i>`` holds the output gradient sent to window offset i (output length ceil(n / 2)).
+  Input index r is offset i of output o when r = 2 o + i - 1: an even r = 2m receives
+  (o = m, i = 1); an odd r = 2m + 1 receives (o = m, i = 2) and (o = m + 1, i = 0).
+  """
+  # odd[m] is input row 2m + 1 (the last one lies past the input when n is odd; sliced off):
+  # g2[m] plus g0[m + 1], which is zero past the output's end.
+  shifted = jax.lax.slice_in_dim(g0, 1, g0.shape[axis], axis=axis)
+  pad = [(0, 0)] * g0.ndim
+  pad[axis] = (0, 1)
+  odd = g2 + jnp.pad(shifted, pad)
+  both = jnp.stack([g1, odd], axis=axis + 1)  # rows 0, 1, 2, 3, ... after the reshape
+  shape = list(g1.shape)
+  shape[axis] = 2 * g1.shape[axis]
+  return jax.lax.slice_in_dim(both.reshape(shape), 0, n, axis=axis)
+
+
+def _max_pool_bwd(residuals, dy):
+  index, (h, w) = residuals
+  g = [jnp.where(index == k, dy, jnp.zeros_like(dy)) for k in range(9)]
+  by_row_offset = [_pool_axis_grad(g[3 * i], g[3 * i + 1], g[3 * i + 2], w, axis=2)
+                   for i in range(3)]
+  return (_pool_axis_grad(*by_row_offset, h, axis=1),)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class GhostBatchNorm(nn.Module):
