@@ -20,6 +20,12 @@ Its input transform is normalisation + a random flip (no pad/crop or erasing), w
 small part of a step. Compilation is excluded (``--warmup`` untimed steps). The PyTorch step
 runs in the same process, so it shares ``ccreid_jax``'s malloc setting (``cpu_defaults`` in
 the output); run with ``CCREID_XLA_CPU_DEFAULTS=0`` for a plain PyTorch process.
+
+``--rounds R`` (with ``--torch``) then alternates the two compute steps on one resident batch
+each: R rounds of ``--steps`` JAX steps and ``--steps`` PyTorch steps (the order swapped every
+round), and reports each round's median s/step and the JAX / PyTorch ratio per round. On a
+shared or throttled CPU the step time drifts by 10-20% over a minute, which back-to-back
+blocks of steps confound with the difference between the frameworks; paired rounds do not.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--extract-images", type=int, default=0,
                  help="images to extract features of (default: 4 batches)")
   p.add_argument("--torch", action="store_true", help="also time a PyTorch CPU train step")
+  p.add_argument("--rounds", type=int, default=0,
+                 help="with --torch: alternate JAX and PyTorch compute steps for this many rounds")
   p.add_argument("--skip-extract", action="store_true")
   p.add_argument("--out", default="", help="write the results as JSON here")
   return p.parse_args(argv)
@@ -102,7 +110,7 @@ def _per_second(images: int, seconds: float) -> float:
   return images / seconds if seconds > 0 else float("nan")
 
 
-def bench_jax(args: argparse.Namespace, images: np.ndarray) -> dict:
+def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | None = None) -> dict:
   config = make_config(args)
   mesh = make_mesh()
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -153,6 +161,14 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray) -> dict:
   jax.block_until_ready((state, metrics))
   pipelined_s = time.perf_counter() - t
   loss = float(metrics["loss"])
+  if steppers is not None:
+    current = {"state": state}
+
+    def one_step():
+      current["state"], step_metrics = step(current["state"], *resident)
+      jax.block_until_ready((current["state"], step_metrics))
+
+    steppers["jax"] = one_step
 
   out = {
       "compile_and_warmup_s": compile_s,
@@ -186,7 +202,7 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def bench_torch(args: argparse.Namespace, images: np.ndarray) -> dict:
+def bench_torch(args: argparse.Namespace, images: np.ndarray, steppers: dict | None = None) -> dict:
   import torch
   from torch import nn
   import torch.nn.functional as F
@@ -298,6 +314,9 @@ def bench_torch(args: argparse.Namespace, images: np.ndarray) -> dict:
     input_s.append(t1 - t)
     compute_s.append(t2 - t1)
   total = float(np.sum(input_s) + np.sum(compute_s)) / args.steps
+  if steppers is not None:
+    resident = gather()
+    steppers["torch"] = lambda: step(*resident)
   return {
       "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
       "input_s_per_batch": float(np.median(input_s)),
@@ -307,6 +326,27 @@ def bench_torch(args: argparse.Namespace, images: np.ndarray) -> dict:
       "compute_images_per_s": _per_second(args.batch, float(np.median(compute_s))),
       "pipelined_images_per_s": _per_second(args.batch, total),
       "final_loss": loss,
+  }
+
+
+def paired_rounds(steppers: dict, rounds: int, steps: int) -> dict:
+  """Median s/step of each framework per round, alternating which goes first."""
+  per_round = {"jax": [], "torch": []}
+  for r in range(rounds):
+    for name in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+      seconds = []
+      for _ in range(steps):
+        t = time.perf_counter()
+        steppers[name]()
+        seconds.append(time.perf_counter() - t)
+      per_round[name].append(float(np.median(seconds)))
+  ratios = [j / t for j, t in zip(per_round["jax"], per_round["torch"])]
+  return {
+      "jax_s_per_step": per_round["jax"], "torch_s_per_step": per_round["torch"],
+      "jax_over_torch": ratios, "median_jax_over_torch": float(np.median(ratios)),
+      "jax_median_s_per_step": float(np.median(per_round["jax"])),
+      "torch_median_s_per_step": float(np.median(per_round["torch"])),
+      "rounds_jax_faster": int(sum(r < 1.0 for r in ratios)),
   }
 
 
@@ -328,6 +368,14 @@ def print_table(result: dict) -> None:
     print(f"{name:8s} | {r['input_images_per_s']:11.1f} | {r['compute_images_per_s']:13.2f} | "
           f"{r['pipelined_images_per_s']:15.2f} | {r['compute_s_per_step']:7.2f} | "
           f"{extract:13.2f}")
+  paired = result.get("paired")
+  if paired:
+    rounds = len(paired["jax_over_torch"])
+    print(f"paired rounds: JAX {paired['jax_median_s_per_step']:.3f} s/step, PyTorch "
+          f"{paired['torch_median_s_per_step']:.3f} s/step (medians over {rounds} rounds); "
+          f"JAX / PyTorch per round: median {paired['median_jax_over_torch']:.3f}, range "
+          f"{min(paired['jax_over_torch']):.3f}-{max(paired['jax_over_torch']):.3f}, "
+          f"JAX faster in {paired['rounds_jax_faster']} of {rounds}")
 
 
 def main(argv=None) -> dict:
@@ -335,6 +383,8 @@ def main(argv=None) -> dict:
   num_devices = jax.device_count()
   if args.batch % num_devices:
     raise SystemExit(f"--batch {args.batch} must be a multiple of the device count {num_devices}")
+  if args.rounds and not args.torch:
+    raise SystemExit("--rounds alternates JAX and PyTorch steps: it needs --torch")
   result = {
       "args": vars(args), "jax_version": jax.__version__, "platform": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "device_count": num_devices,
@@ -347,9 +397,12 @@ def main(argv=None) -> dict:
     n = args.num_images or 8 * args.batch
     images = synthetic_memmap(max(n, args.extract_images, args.batch), args.height, args.width,
                               tmp)
-    result["jax"] = bench_jax(args, images)
+    steppers = {} if args.torch and args.rounds > 0 else None
+    result["jax"] = bench_jax(args, images, steppers)
     if args.torch:
-      result["torch"] = bench_torch(args, images)
+      result["torch"] = bench_torch(args, images, steppers)
+    if steppers is not None:
+      result["paired"] = paired_rounds(steppers, args.rounds, args.steps)
     del images
   result["loadavg_end"] = _loadavg()
   print_table(result)
