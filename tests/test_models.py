@@ -381,8 +381,8 @@ def test_create_model_and_bfloat16():
 def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
   """Our Conv: nn.Conv(use_bias=False)'s parameter tree and numbers (matmul paths included).
 
-  16 -> 24 channels: 1x1 kernels take the expanding path (kernel gradient from XLA's
-  convolution weight gradient on the CPU); 40 -> 24 the plain matmul's.
+  1x1 kernels (16 -> 24 expanding, 40 -> 24 reducing) take the matmul path with its
+  custom kernel gradient; small maps the im2col path, which shares it.
   """
   from ccreid_jax.models.layers import Conv
 
@@ -409,16 +409,23 @@ def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
                                atol=10 * tol, rtol=10 * tol)
 
 
-@pytest.mark.parametrize("c_in,custom", [(16, True), (24, False), (40, False)])
-def test_only_expanding_1x1_convs_take_the_conv_weight_gradient_on_cpu(c_in, custom):
-  """The custom kernel gradient (a convolution) is traced for C_out > C_in only (24 here)."""
+@pytest.mark.parametrize("c_in", [16, 24, 40])
+def test_1x1_kernel_gradient_is_one_2d_product_over_pixels(c_in):
+  """Expanding, square and reducing 1x1 layers: the kernel gradient is x^T dy as one
+  dot_general of the (pixels, channels) views contracting their first axis (no convolution,
+  no three-axis contraction), and equals the brute-force sum over pixels."""
   from ccreid_jax.models.layers import Conv
 
-  x = jnp.ones((2, 4, 4, c_in))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, c_in))
   conv = Conv(24, (1, 1))
-  params = conv.init(jax.random.PRNGKey(0), x)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(conv.apply(p, x))))(params))
-  assert ("conv_general_dilated" in jaxpr) == (custom and jax.default_backend() == "cpu")
+  params = conv.init(jax.random.PRNGKey(1), x)
+  weights = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 3, 24))
+  grad = jax.grad(lambda p: jnp.sum(conv.apply(p, x) * weights))
+  jaxpr = str(jax.make_jaxpr(grad)(params))
+  assert "conv_general_dilated" not in jaxpr
+  assert "dimension_numbers=(([0], [0]), ([], []))" in jaxpr
+  expected = np.einsum("nhwi,nhwo->io", np.asarray(x, np.float64), np.asarray(weights, np.float64))
+  np.testing.assert_allclose(grad(params)["params"]["kernel"][0, 0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8), (1, 1, 2, 2), (1, 2, 1, 3),

@@ -17,8 +17,8 @@ class Conv(nn.Module):
   float rounding; docs/benchmarks.md):
   * 1x1 kernels without padding: the input is strided, then multiplied by the
     (C_in, C_out) kernel matrix over the channel axis (3-9x faster on ResNet-50's shapes);
-    on the CPU, expanding ones (C_out > C_in) take their kernel gradient from XLA's
-    convolution weight gradient (``_pointwise_conv_wgrad``);
+    the kernel gradient is one 2-D product over the pixel axis (``_pointwise``), which
+    XLA:CPU computes without transposed copies of its operands;
   * other kernels on inputs of at most ``SMALL_MAP`` pixels (layer4 of small images): the
     k*k shifted windows are stacked on the channel axis (im2col) and multiplied by the
     (k*k*C_in, C_out) kernel matrix (up to 40x faster there; no faster at 8x4, slower on larger maps).
@@ -47,8 +47,6 @@ class Conv(nn.Module):
       sh, sw = self.strides
       if (sh, sw) != (1, 1):
         x = x[:, ::sh, ::sw, :]
-      if self.features > x.shape[-1] and jax.default_backend() == "cpu":
-        return _pointwise_conv_wgrad(x, kernel[0, 0])
       return _pointwise(x, kernel[0, 0])
     if x.shape[1] * x.shape[2] <= self.SMALL_MAP:
       return _im2col_conv(x, kernel, tuple(self.strides), padding)
@@ -57,42 +55,38 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A 1x1 convolution (NHWC input, (C_in, C_out) kernel) as a matmul over the channel axis."""
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """(N, H, W, C_in) x (C_in, C_out) over the channel axis."""
   return jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())))
 
 
 @jax.custom_vjp
-def _pointwise_conv_wgrad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``_pointwise`` whose kernel gradient is XLA's convolution weight gradient.
+def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 convolution (NHWC input, (C_in, C_out) kernel) as a matmul over the channel axis.
 
-  As a matmul, the kernel gradient x^T dy contracts over the batch and spatial axes, and
-  XLA:CPU feeds it transposed copies of its operands. The convolution weight gradient
-  reorders its operands too, but was measured 1.2-1.5x faster where C_out > C_in (an
-  expanding 1x1 layer with its batch norm and ReLU, forward and backward) and 10-25% slower
-  where C_out < C_in, so ``Conv`` uses it only for the former, on the CPU
-  (docs/benchmarks.md). The input gradient is the matmul dy w^T, as autodiff gives.
+  Its kernel gradient x^T dy contracts over the batch and spatial axes. Autodiff writes it
+  as a dot_general over three axes, for which XLA:CPU materialises transposed copies of x
+  and dy, recomputing in them whatever element-wise chain produced x (a batch norm, a
+  residual stage, the stem's pool). As one product of the (N*H*W, C) views contracting
+  their first axis it compiles to a single GEMM with no copy: the ResNet-50 train step
+  on a 2-core CPU took 8-10% less time (docs/benchmarks.md). Same sums, other order.
   """
-  return _pointwise(x, kernel)
+  return _matmul(x, kernel)
 
 
 def _pointwise_fwd(x, kernel):
-  return _pointwise(x, kernel), (x, kernel)
+  return _matmul(x, kernel), (x, kernel)
 
 
 def _pointwise_bwd(residuals, dy):
   x, kernel = residuals
   dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())))
-
-  def conv(k):  # the same 1x1 convolution of x, as a convolution: linear in k.
-    return jax.lax.conv_general_dilated(x, k[None, None], (1, 1), ((0, 0), (0, 0)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  (dkernel,) = jax.linear_transpose(conv, kernel)(dy)
+  dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                                (((0,), (0,)), ((), ())))
   return dx, dkernel
 
 
-_pointwise_conv_wgrad.defvjp(_pointwise_fwd, _pointwise_bwd)
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -106,8 +100,7 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   windows = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
              for i in range(kh) for j in range(kw)]  # (kh, kw, c_in) order = the kernel's.
   patches = jnp.concatenate(windows, axis=-1)
-  return jax.lax.dot_general(patches, kernel.reshape(kh * kw * c_in, c_out),
-                             (((3,), (0,)), ((), ())))
+  return _pointwise(patches, kernel.reshape(kh * kw * c_in, c_out))
 
 
 def _pool_windows(x: jax.Array) -> list[jax.Array]:
