@@ -98,6 +98,34 @@ def test_ghost_bn_training_matches_per_chunk_numpy(shape, group_size, groups):
     assert np.abs(whole - ref).max() > 1e-2
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 6, 5, 8), (3, 4, 3, 2, 5)])
+def test_batch_norm_closed_form_gradient_equals_autodiff(shape):
+  """The training batch norm's custom VJP (sums of dy and dy * x_hat) gives autodiff's
+  gradients of the two-pass formula, per group, including through the returned mean and
+  variance, which feed the running statistics."""
+  from ccreid_jax.models.layers import _batch_norm_forward, _batch_norm_train
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  xg = jax.random.normal(keys[0], shape) * 2 + 0.5
+  scale = jax.random.uniform(keys[1], shape[-1:]) + 0.5
+  bias = jax.random.normal(keys[2], shape[-1:])
+  w_y = jax.random.normal(keys[3], shape)
+  w_mean, w_var = (jax.random.normal(k, (shape[0], shape[-1])) for k in keys[4:])
+
+  def loss(bn):
+    def f(xg, scale, bias):
+      y, mean, var = bn(xg, scale, bias, 1e-5)
+      return jnp.sum(jnp.sin(y) * w_y) + jnp.sum(mean * w_mean) + jnp.sum(var * w_var)
+    return f
+
+  np.testing.assert_array_equal(_batch_norm_train(xg, scale, bias, 1e-5)[0],
+                                _batch_norm_forward(xg, scale, bias, 1e-5)[0])
+  ours = jax.grad(loss(_batch_norm_train), argnums=(0, 1, 2))(xg, scale, bias)
+  ref = jax.grad(loss(_batch_norm_forward), argnums=(0, 1, 2))(xg, scale, bias)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 def test_ghost_bn_eval_uses_running_stats():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(8, 2, 2, 5)).astype(np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -218,15 +220,17 @@ class GhostBatchNorm(nn.Module):
       xg = x32.reshape((groups, batch // groups) + x.shape[1:])
       reduce_axes = tuple(range(1, xg.ndim - 1))
       stat_shape = (groups,) + (1,) * len(reduce_axes) + (features,)
-      # Two passes (mean, then squared deviations) as torch does: no cancellation.
-      mean = jnp.mean(xg, axis=reduce_axes)                       # (G, C)
-      if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-      centred = xg - mean.reshape(stat_shape)
-      var = jnp.mean(jnp.square(centred), axis=reduce_axes)       # biased, (G, C)
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
-      y = self._normalise(centred, 0.0, var.reshape(stat_shape), scale, bias)
+      if self.axis_name is None:
+        y, mean, var = _batch_norm_train(
+            xg, jnp.ones((features,), jnp.float32) if scale is None else scale,
+            jnp.zeros((features,), jnp.float32) if bias is None else bias, self.epsilon)
+      else:
+        # Two passes (mean, then squared deviations) as torch does: no cancellation.
+        mean = jax.lax.pmean(jnp.mean(xg, axis=reduce_axes), self.axis_name)       # (G, C)
+        centred = xg - mean.reshape(stat_shape)
+        var = jax.lax.pmean(jnp.mean(jnp.square(centred), axis=reduce_axes),    # biased
+                            self.axis_name)
+        y = self._normalise(centred, 0.0, var.reshape(stat_shape), scale, bias)
       y = y.reshape(x.shape)
 
       if not self.is_initializing():
@@ -250,6 +254,58 @@ class GhostBatchNorm(nn.Module):
     if bias is not None:
       y = y + bias
     return y
+
+
+def _batch_norm_forward(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+  """Training batch norm of (G, ..., C) ``xg`` per group and channel: (y, mean, biased var).
+
+  Two passes (mean, then squared deviations) as torch does: no cancellation."""
+  axes = tuple(range(1, xg.ndim - 1))
+  stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
+  mean = jnp.mean(xg, axis=axes)
+  centred = xg - mean.reshape(stat_shape)
+  var = jnp.mean(jnp.square(centred), axis=axes)
+  mul = jax.lax.rsqrt(var.reshape(stat_shape) + epsilon) * scale
+  return centred * mul + bias, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+  """``_batch_norm_forward`` with the textbook gradient instead of autodiff's.
+
+  Autodiff of the two-pass statistics differentiates through the centred copy and both
+  means; the closed form needs the two sums of dy and dy * x_hat per group and channel and
+  one element-wise pass: the ResNet-50 train step on a 2-core CPU took 5% less time
+  (docs/benchmarks.md). Same values forward; gradients equal up to float rounding.
+  """
+  return _batch_norm_forward(xg, scale, bias, epsilon)
+
+
+def _batch_norm_fwd(xg, scale, bias, epsilon):
+  out = _batch_norm_forward(xg, scale, bias, epsilon)
+  return out, (xg, out[1], out[2], scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  xg, mean, var, scale = residuals
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(1, xg.ndim - 1))
+  stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
+  count = math.prod(xg.shape[a] for a in axes)
+  rstd = jax.lax.rsqrt(var + epsilon).reshape(stat_shape)
+  centred = xg - mean.reshape(stat_shape)
+  x_hat = centred * rstd
+  sum_dy = jnp.sum(dy, axis=axes)                                   # (G, C)
+  sum_dy_x_hat = jnp.sum(dy * x_hat, axis=axes)
+  dx = (rstd * scale) * (dy - (sum_dy / count).reshape(stat_shape)
+                         - x_hat * (sum_dy_x_hat / count).reshape(stat_shape))
+  # The statistics are outputs too (the running averages use them).
+  dx = dx + (dmean / count).reshape(stat_shape) + centred * (2.0 * dvar / count).reshape(
+      stat_shape)
+  return dx, jnp.sum(sum_dy_x_hat, axis=0), jnp.sum(sum_dy, axis=0)
+
+
+_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class GeM(nn.Module):
