@@ -174,6 +174,27 @@ def test_ghost_bn_axis_name_pools_statistics_across_devices():
     np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"][d]), 0.1 * mean,
                                rtol=1e-5, atol=1e-6)
 
+  # Its gradient (autodiff through the collectives) is that of one device holding all 8
+  # (the closed-form VJP): input, scale and bias.
+  w = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 3, 5)).astype(np.float32))
+
+  def pooled_loss(params, xs):
+    out = jax.vmap(lambda xd: bn.apply({**variables, "params": params}, xd,
+                                       use_running_average=False, mutable=["batch_stats"])[0],
+                   axis_name="devices")(xs)
+    return jnp.sum(out * w)
+
+  def single_loss(params, xs):
+    out = GhostBatchNorm(group_size=8).apply(
+        {**variables, "params": params}, xs.reshape(8, 3, 5), use_running_average=False,
+        mutable=["batch_stats"])[0]
+    return jnp.sum(out * w.reshape(8, 3, 5))
+
+  got = jax.grad(pooled_loss, argnums=(0, 1))(variables["params"], jnp.asarray(x))
+  want = jax.grad(single_loss, argnums=(0, 1))(variables["params"], jnp.asarray(x))
+  for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
 
 # ----------------------------------------------------------------------------------- GeM
 

@@ -218,19 +218,13 @@ class GhostBatchNorm(nn.Module):
           batch > self.group_size and batch % self.group_size == 0) else 1
       # (G, B/G, ..., C): statistics over every axis but the group and channel axes.
       xg = x32.reshape((groups, batch // groups) + x.shape[1:])
-      reduce_axes = tuple(range(1, xg.ndim - 1))
-      stat_shape = (groups,) + (1,) * len(reduce_axes) + (features,)
+      scale_or_1 = jnp.ones((features,), jnp.float32) if scale is None else scale
+      bias_or_0 = jnp.zeros((features,), jnp.float32) if bias is None else bias
       if self.axis_name is None:
-        y, mean, var = _batch_norm_train(
-            xg, jnp.ones((features,), jnp.float32) if scale is None else scale,
-            jnp.zeros((features,), jnp.float32) if bias is None else bias, self.epsilon)
-      else:
-        # Two passes (mean, then squared deviations) as torch does: no cancellation.
-        mean = jax.lax.pmean(jnp.mean(xg, axis=reduce_axes), self.axis_name)       # (G, C)
-        centred = xg - mean.reshape(stat_shape)
-        var = jax.lax.pmean(jnp.mean(jnp.square(centred), axis=reduce_axes),    # biased
-                            self.axis_name)
-        y = self._normalise(centred, 0.0, var.reshape(stat_shape), scale, bias)
+        y, mean, var = _batch_norm_train(xg, scale_or_1, bias_or_0, self.epsilon)
+      else:  # autodiff, through the collectives.
+        y, mean, var = _batch_norm_forward(xg, scale_or_1, bias_or_0, self.epsilon,
+                                           self.axis_name)
       y = y.reshape(x.shape)
 
       if not self.is_initializing():
@@ -256,15 +250,22 @@ class GhostBatchNorm(nn.Module):
     return y
 
 
-def _batch_norm_forward(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+def _batch_norm_forward(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                        axis_name: str | None = None):
   """Training batch norm of (G, ..., C) ``xg`` per group and channel: (y, mean, biased var).
 
-  Two passes (mean, then squared deviations) as torch does: no cancellation."""
+  Two passes (mean, then squared deviations) as torch does: no cancellation. With
+  ``axis_name``, each pass's per-device means are averaged across that mapped axis."""
   axes = tuple(range(1, xg.ndim - 1))
   stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
-  mean = jnp.mean(xg, axis=axes)
+
+  def mean_over_groups(v):
+    m = jnp.mean(v, axis=axes)
+    return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+  mean = mean_over_groups(xg)
   centred = xg - mean.reshape(stat_shape)
-  var = jnp.mean(jnp.square(centred), axis=axes)
+  var = mean_over_groups(jnp.square(centred))
   mul = jax.lax.rsqrt(var.reshape(stat_shape) + epsilon) * scale
   return centred * mul + bias, mean, var
 
