@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm, max_pool_3x3_s2
+from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm, max_pool_3x3_s2, residual_relu
 
 # depth -> (block kind, blocks per stage)
 _ARCHS = {
@@ -138,7 +138,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(bn("bn1")(y))
     y = self.conv(self.planes, (3, 3), (1, 1), _pad(3), name="conv2")(y)
     y = bn("bn2")(y)
-    return nn.relu(y + _shortcut(self, x, self.planes, bn))
+    return residual_relu(y + _shortcut(self, x, self.planes, bn))
 
 
 class Bottleneck(nn.Module):
@@ -160,7 +160,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn("bn2")(y))
     y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
     y = bn("bn3")(y)
-    return nn.relu(y + _shortcut(self, x, self.planes * 4, bn))
+    return residual_relu(y + _shortcut(self, x, self.planes * 4, bn))
 
 
 class ReIDResNet(nn.Module):
