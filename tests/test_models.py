@@ -477,34 +477,6 @@ def test_1x1_kernel_gradient_is_one_2d_product_over_pixels(c_in):
   np.testing.assert_allclose(grad(params)["params"]["kernel"][0, 0], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("c_in,c_out", [(512, 2048), (2048, 512), (1024, 2048), (64, 96)])
-def test_wide_1x1_layers_are_computed_in_column_blocks_with_identical_results(
-    monkeypatch, c_in, c_out):
-  """Outputs wider than WIDE_BLOCK (forward, input gradient, kernel gradient) are products
-  of column blocks, concatenated; on ResNet-50's layer4 shapes (and a small one with a
-  small block) value and both gradients are bit-identical to the single product's."""
-  from ccreid_jax.models import layers
-
-  block = 1024 if c_out >= 512 else 32
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8, c_in))
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (c_in, c_out)) / np.sqrt(c_in)
-  weights = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 8, c_out))
-
-  def run(wide_block):
-    monkeypatch.setattr(layers, "WIDE_BLOCK", wide_block)
-    f = lambda x, k: jnp.sum(layers._pointwise(x, k) * weights)  # traced anew: not cached.
-    return jax.value_and_grad(f, argnums=(0, 1))(x, kernel), str(jax.make_jaxpr(f)(x, kernel))
-
-  (value, grads), _ = run(0)
-  (value_b, grads_b), jaxpr = run(block)
-  assert jaxpr.count("dot_general") == (c_out // block if c_out > block else 1)
-  np.testing.assert_array_equal(value_b, value)
-  for got, want in zip(grads_b, grads):
-    np.testing.assert_array_equal(got, want)
-  expected = np.einsum("nhwi,io->nhwo", np.asarray(x, np.float64), np.asarray(kernel, np.float64))
-  np.testing.assert_allclose(layers._pointwise(x, kernel), expected, rtol=1e-4, atol=1e-4)
-
-
 def test_residual_relu_equals_relu_bit_for_bit_values_and_gradients():
   """Values and gradients of residual_relu are nn.relu's exactly, zeros, -0.0, inf and NaN
   included (a non-finite first element does not spread to the others), float32 and bf16."""

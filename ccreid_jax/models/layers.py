@@ -57,33 +57,9 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-# Column block of the products below whose output has more columns than this, on the CPU.
-WIDE_BLOCK = 1024
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """``dot_general`` of ``a`` and 2-D ``b`` over one axis each; b's other axis comes last.
-
-  On the CPU, when b's free axis is wider than ``WIDE_BLOCK`` (ResNet-50's 2048-channel
-  layer4), the product is computed for blocks of ``WIDE_BLOCK`` of b's columns and the blocks
-  are concatenated: Eigen's GEMM on 2 cores runs at 65-100 GFLOP/s on outputs 2048 columns
-  wide and at 100-130 on the blocks (docs/benchmarks.md). Each output element is the same
-  sum in the same order, so the result is bit-identical.
-  """
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  free = 1 - contract[1]
-  width = b.shape[free]
-  if (not WIDE_BLOCK or width <= WIDE_BLOCK or width % WIDE_BLOCK
-      or jax.default_backend() != "cpu"):
-    return jax.lax.dot_general(a, b, dims)
-  blocks = [jax.lax.slice_in_dim(b, i, i + WIDE_BLOCK, axis=free)
-            for i in range(0, width, WIDE_BLOCK)]
-  return jnp.concatenate([jax.lax.dot_general(a, blk, dims) for blk in blocks], axis=-1)
-
-
 def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """(N, H, W, C_in) x (C_in, C_out) over the channel axis."""
-  return _dot(x, kernel, (x.ndim - 1, 0))
+  return jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())))
 
 
 @jax.custom_vjp
@@ -106,8 +82,9 @@ def _pointwise_fwd(x, kernel):
 
 def _pointwise_bwd(residuals, dy):
   x, kernel = residuals
-  dx = _dot(dy, kernel, (dy.ndim - 1, 1))
-  dkernel = _dot(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), (0, 0))
+  dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())))
+  dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                                (((0,), (0,)), ((), ())))
   return dx, dkernel
 
 
