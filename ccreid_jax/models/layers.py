@@ -185,6 +185,8 @@ def residual_relu(x: jax.Array) -> jax.Array:
     return y
   # A 1.0 that XLA cannot constant-fold (it does not simplify v * 0 for floats), and 1
   # outright when v is not finite, so that one bad element cannot spread to the others.
+  # With the batch sharded over several CPU devices this one element costs a scalar
+  # all-reduce per block. A per-element 1.0 needs none but read 1.2-2.6% more bytes.
   v = jax.lax.stop_gradient(y.reshape(-1)[0])
   one = jnp.where(jnp.isfinite(v), v * 0 + 1, jnp.ones_like(v))
   return y / one
