@@ -284,13 +284,13 @@ def _batch_norm_forward(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilo
   axes = tuple(range(1, xg.ndim - 1))
   stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
 
-  def mean_over_groups(v):
+  def group_mean(v):  # per group and channel (and across axis_name)
     m = jnp.mean(v, axis=axes)
     return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
-  mean = mean_over_groups(xg)
+  mean = group_mean(xg)
   centred = xg - mean.reshape(stat_shape)
-  var = mean_over_groups(jnp.square(centred))
+  var = group_mean(jnp.square(centred))
   mul = jax.lax.rsqrt(var.reshape(stat_shape) + epsilon) * scale
   return centred * mul + bias, mean, var
 
