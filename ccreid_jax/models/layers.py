@@ -275,14 +275,20 @@ class GhostBatchNorm(nn.Module):
     return y
 
 
+def _group_axes(xg: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """For (G, ..., C) ``xg``: the axes reduced per group and channel, and the statistics'
+  broadcast shape (G, 1, ..., 1, C)."""
+  axes = tuple(range(1, xg.ndim - 1))
+  return axes, (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
+
+
 def _batch_norm_forward(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
                         axis_name: str | None = None):
   """Training batch norm of (G, ..., C) ``xg`` per group and channel: (y, mean, biased var).
 
   Two passes (mean, then squared deviations) as torch does: no cancellation. With
   ``axis_name``, each pass's per-device means are averaged across that mapped axis."""
-  axes = tuple(range(1, xg.ndim - 1))
-  stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
+  axes, stat_shape = _group_axes(xg)
 
   def group_mean(v):  # per group and channel (and across axis_name)
     m = jnp.mean(v, axis=axes)
@@ -315,8 +321,7 @@ def _batch_norm_fwd(xg, scale, bias, epsilon):
 def _batch_norm_bwd(epsilon, residuals, cotangents):
   xg, mean, var, scale = residuals
   dy, dmean, dvar = cotangents
-  axes = tuple(range(1, xg.ndim - 1))
-  stat_shape = (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
+  axes, stat_shape = _group_axes(xg)
   count = math.prod(xg.shape[a] for a in axes)
   rstd = jax.lax.rsqrt(var + epsilon).reshape(stat_shape)
   centred = xg - mean.reshape(stat_shape)
