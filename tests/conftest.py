@@ -22,6 +22,16 @@ if os.environ.get("CCREID_NUM_PROCESSES", "1") == "1":
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+def load_script(name: str):
+  """``scripts/<name>.py`` imported as a module (its ``main`` is not run)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def tiny_config(data_root: str):
   """A config that trains a 1-block ResNet on 32x16 images for a couple of steps."""
   from configs import default

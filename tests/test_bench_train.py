@@ -1,20 +1,13 @@
 """scripts/bench_train.py: the paired JAX / PyTorch rounds (timing logic only, fake clock)."""
 
-import importlib.util
-import os
-
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                       "bench_train.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_train():
-  spec = importlib.util.spec_from_file_location("bench_train", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench_train")
 
 
 def test_paired_rounds_alternate_the_order_and_pair_each_round(bench_train, monkeypatch):

@@ -114,6 +114,19 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
   assert all(images_a[k] != images_c[k] for k in common)
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path):
+  # Identities render in parallel; the frame numbers in the names run across identities,
+  # so this fails if the parent assigned them in another order or a worker drew differently.
+  kwargs = dict(_SMALL, num_train_ids=5, num_test_ids=4)
+  one = generate_market_dataset(str(tmp_path / "one"), seed=3, **kwargs)
+  two = generate_market_dataset(str(tmp_path / "two"), seed=3, workers=2, **kwargs)
+  files_one, files_two = _files(one), _files(two)
+  assert len(files_one) > 40
+  assert files_one == files_two
+  with pytest.raises(ValueError, match="workers"):
+    generate_market_dataset(str(tmp_path / "three"), workers=0, **kwargs)
+
+
 def test_idempotent_and_regenerates_on_other_parameters(tmp_path):
   kwargs = dict(_SMALL, num_train_ids=2, num_test_ids=2)
   folder = generate_market_dataset(str(tmp_path), seed=0, **kwargs)

@@ -14,8 +14,12 @@ Two tools:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import json
+import multiprocessing
 import os
 import shutil
 import uuid
@@ -340,7 +344,8 @@ def _market_name(pid: int, cam: int, frame: int, idx: int) -> str:
 
 
 def _save_jpeg(array: np.ndarray, path: str) -> None:
-  Image.fromarray(array).save(path, format="JPEG", quality=90)
+  with open(path, "wb") as f:
+    f.write(_jpeg_bytes(array))
 
 
 def _read_marker(folder: str) -> dict | None:
@@ -361,6 +366,7 @@ def generate_market_dataset(
     height: int = 128,
     width: int = 64,
     seed: int = 0,
+    workers: int = 1,
 ) -> str:
   """Render a synthetic Market-1501-style dataset under ``root``.
 
@@ -373,7 +379,10 @@ def generate_market_dataset(
   rest to ``bounding_box_test``, which also receives ``max(1, num_test_ids // 5)`` distractors
   (pid ``0000``) and ``max(1, num_test_ids // 10)`` junk images (pid ``-1``).
 
-  The output is a deterministic function of the arguments (same seed => byte-identical files).
+  The output is a deterministic function of the arguments (same seed => byte-identical files);
+  ``workers`` (processes that render identities in parallel) does not change it. With
+  ``workers > 1`` the processes are spawned, so a script that calls this must do so under
+  ``if __name__ == "__main__":``.
   The dataset is built in a temporary folder and renamed into place, so a folder with a
   matching marker is always complete; calling again with the same arguments returns at once.
 
@@ -391,6 +400,8 @@ def generate_market_dataset(
     raise ValueError(f"images_per_cam must be (lo, hi) with 2 <= lo <= hi, got {images_per_cam}")
   if num_train_ids < 1 or num_test_ids < 1 or num_train_ids + num_test_ids > 9999:
     raise ValueError("need 1 <= num_train_ids, num_test_ids and a total of at most 9999 ids")
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
 
   params = {
       "version": _GENERATOR_VERSION, "num_train_ids": num_train_ids,
@@ -411,7 +422,7 @@ def generate_market_dataset(
   os.makedirs(root, exist_ok=True)
   tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
   try:
-    _write_market_dataset(tmp, params)
+    _write_market_dataset(tmp, params, workers)
     if os.path.isdir(final):  # an older synthetic dataset with other parameters
       shutil.rmtree(final)
     try:
@@ -426,19 +437,69 @@ def generate_market_dataset(
   return final
 
 
-def _write_market_dataset(folder: str, params: dict) -> None:
-  """Render every image of the dataset described by ``params`` into ``folder``."""
+def _cameras(params: dict) -> list[_Camera]:
+  cam_rng = np.random.default_rng([params["seed"], 0])
+  return [_sample_camera(cam_rng, params["height"], params["width"])
+          for _ in range(params["num_cams"])]
+
+
+def _jpeg_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+  return buffer.getvalue()
+
+
+# Set in each worker process by ``_init_worker`` (the cameras are rebuilt there, not pickled).
+_WORKER_STATE: dict = {}
+
+
+def _init_worker(params: dict) -> None:
+  _WORKER_STATE.update(params=params, cameras=_cameras(params))
+
+
+def _render_identity(pid: int) -> list[tuple[int, int, int, int, bytes]]:
+  """Every image of identity ``pid``: ``(split, cam, frame step, idx, JPEG bytes)`` in order.
+
+  Uses only the identity's own generator, so identities render independently (in any
+  process); the caller turns the frame steps into the running frame numbers of the names.
+  """
+  params, cameras = _WORKER_STATE["params"], _WORKER_STATE["cameras"]
+  height, width, num_cams = params["height"], params["width"], params["num_cams"]
+  lo, hi = params["images_per_cam"]
+  rng = np.random.default_rng([params["seed"], 1, pid])
+  ident = _sample_identity(rng)
+  n_cams = int(rng.integers(2, num_cams + 1))
+  cams = np.sort(rng.choice(num_cams, size=n_cams, replace=False))
+  is_test = pid > params["num_train_ids"]
+  query_cams = set()
+  if is_test:
+    n_query = min(int(rng.integers(1, 3)), n_cams)
+    query_cams = set(rng.choice(cams, size=n_query, replace=False).tolist())
+  images = []
+  for cam in cams.tolist():
+    for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
+      image = _render_person(rng, ident, cameras[cam], height, width)
+      frame_step = int(rng.integers(1, 40))
+      split = 0 if not is_test else (1 if idx == 1 and cam in query_cams else 2)
+      images.append((split, cam, frame_step, idx, _jpeg_bytes(image)))
+  return images
+
+
+def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
+  """Render every image of the dataset described by ``params`` into ``folder``.
+
+  With ``workers > 1`` the identities are rendered by that many processes; the files are
+  byte-identical to a one-process run.
+  """
   seed, height, width = params["seed"], params["height"], params["width"]
   num_cams = params["num_cams"]
-  lo, hi = params["images_per_cam"]
   num_train, num_test = params["num_train_ids"], params["num_test_ids"]
   split_paths = [os.path.join(folder, d) for d in _SPLIT_DIRS]
   for path in split_paths:
     os.makedirs(path)
-  train_dir, query_dir, gallery_dir = split_paths
-
-  cam_rng = np.random.default_rng([seed, 0])
-  cameras = [_sample_camera(cam_rng, height, width) for _ in range(num_cams)]
+  gallery_dir = split_paths[2]
+  _init_worker(params)
+  cameras = _WORKER_STATE["cameras"]
   frame = 0
 
   def next_frame(rng: np.random.Generator) -> int:
@@ -446,27 +507,23 @@ def _write_market_dataset(folder: str, params: dict) -> None:
     frame += int(rng.integers(1, 40))
     return frame
 
-  for pid in range(1, num_train + num_test + 1):
-    rng = np.random.default_rng([seed, 1, pid])
-    ident = _sample_identity(rng)
-    n_cams = int(rng.integers(2, num_cams + 1))
-    cams = np.sort(rng.choice(num_cams, size=n_cams, replace=False))
-    is_test = pid > num_train
-    query_cams = set()
-    if is_test:
-      n_query = min(int(rng.integers(1, 3)), n_cams)
-      query_cams = set(rng.choice(cams, size=n_query, replace=False).tolist())
-    for cam in cams.tolist():
-      for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
-        image = _render_person(rng, ident, cameras[cam], height, width)
-        name = _market_name(pid, cam + 1, next_frame(rng), idx)
-        if not is_test:
-          directory = train_dir
-        elif idx == 1 and cam in query_cams:
-          directory = query_dir
-        else:
-          directory = gallery_dir
-        _save_jpeg(image, os.path.join(directory, name))
+  pids = range(1, num_train + num_test + 1)
+  with contextlib.ExitStack() as stack:
+    if workers > 1:
+      # "spawn": the caller may hold JAX's threads, which a fork would copy half-way.
+      pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker, initargs=(params,)))
+      rendered = pool.map(_render_identity, pids, chunksize=8)
+    else:
+      rendered = map(_render_identity, pids)
+    for pid, images in zip(pids, rendered):
+      for split, cam, frame_step, idx, data in images:
+        frame += frame_step
+        with open(os.path.join(split_paths[split], _market_name(pid, cam + 1, frame, idx)),
+                  "wb") as f:
+          f.write(data)
+  _WORKER_STATE.clear()
 
   extra_rng = np.random.default_rng([seed, 2])
   for idx in range(max(1, num_test // 5)):  # distractors: strangers, often cut by the frame
@@ -616,18 +673,31 @@ def make_fake_tree(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """``python -m ccreid_jax.data.synthetic --root demo_data``: writes the demo dataset."""
+  """``python -m ccreid_jax.data.synthetic --root demo_data``: writes the demo dataset.
+
+  The defaults write the demo's 100 + 50 identities at 128x64. A Market-1501-sized set
+  (751 train ids; ~13,000 train images with ``--images-per-cam 2 6``) is
+  ``--num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16``.
+  """
   import argparse
 
-  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
   parser.add_argument("--root", required=True, help="folder that will hold Market-1501-v15.09.15/")
   parser.add_argument("--num-train-ids", type=int, default=100)
   parser.add_argument("--num-test-ids", type=int, default=50)
+  parser.add_argument("--images-per-cam", type=int, nargs=2, default=(2, 5), metavar=("LO", "HI"),
+                      help="images of an identity per camera, drawn from LO..HI")
+  parser.add_argument("--height", type=int, default=128)
+  parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workers", type=int, default=1,
+                      help="processes rendering identities (the files do not depend on it)")
   args = parser.parse_args(argv)
-  folder = generate_market_dataset(args.root, num_train_ids=args.num_train_ids,
-                                   num_test_ids=args.num_test_ids, seed=args.seed)
-  print(f"demo dataset ready: {folder}")
+  folder = generate_market_dataset(
+      args.root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
+      images_per_cam=tuple(args.images_per_cam), height=args.height, width=args.width,
+      seed=args.seed, workers=args.workers)
+  print(f"dataset ready: {folder}")
 
 
 if __name__ == "__main__":

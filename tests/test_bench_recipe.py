@@ -1,0 +1,71 @@
+"""scripts/bench_recipe.py: the full-recipe projection and the config overrides (no training)."""
+
+import os
+
+import pytest
+
+from conftest import ROOT, load_script
+
+
+@pytest.fixture(scope="module")
+def bench_recipe():
+  return load_script("bench_recipe")
+
+
+_MARKET = os.path.join(ROOT, "configs", "market1501.py")
+
+
+def _record(epoch, time, **phases):
+  return {"kind": "epoch", "epoch": epoch, "time": time,
+          **{f"time_{k}": v for k, v in phases.items()}}
+
+
+def test_projection_from_measured_epochs(bench_recipe):
+  records = [
+      _record(0, 130.0, extract=2.0, cluster=1.0, train=20.0),  # compiles: 30 s of wall
+      _record(1, 141.0, extract=1.0, cluster=1.0, train=8.0),  # 11 s
+      _record(2, 150.0, extract=1.0, cluster=1.0, train=6.0),  # 9 s
+      _record(3, 163.0, extract=1.0, cluster=1.0, train=7.0, eval=3.0),  # 13 s, 3 of them eval
+  ]
+  p = bench_recipe.project(records, start=100.0, end=165.0, full_epochs=50, eval_every=10)
+  assert [e["wall"] for e in p["epochs"]] == [30.0, 11.0, 9.0, 13.0]
+  assert [e["eval"] for e in p["epochs"]] == [0.0, 0.0, 0.0, 3.0]
+  assert p["startup"] == 30.0
+  assert p["steady_epoch"] == 10.0  # median of 11, 9 and 13 - 3
+  assert p["eval"] == 3.0
+  assert p["tail"] == 2.0
+  assert p["evaluations"] == 5
+  assert p["projected_total"] == 30.0 + 49 * 10.0 + 5 * 3.0 + 2.0
+  assert p["measured_total"] == 65.0
+
+
+def test_projection_needs_two_epochs(bench_recipe):
+  with pytest.raises(ValueError, match="at least 2"):
+    bench_recipe.project([_record(0, 1.0)], start=0.0, end=2.0, full_epochs=50, eval_every=10)
+
+
+@pytest.mark.parametrize("epochs, every, expected", [(50, 10, 5), (15, 5, 3), (7, 5, 2),
+                                                      (3, 10, 1), (1, 1, 1)])
+def test_number_of_evaluations_matches_the_training_loop(bench_recipe, epochs, every, expected):
+  # train_and_evaluate evaluates when (epoch + 1) % eval_every == 0 or at the last epoch.
+  assert bench_recipe.num_evaluations(epochs, every) == expected
+
+
+def test_config_overrides_are_typed_and_checked(bench_recipe):
+  config = bench_recipe.load_config(
+      _MARKET, ["train.iters=20", "optim.lr=0.001", "model.dtype=bfloat16", "rlcc.enabled=True",
+                "data.name='market1501'"])
+  assert config.train.iters == 20 and isinstance(config.train.iters, int)
+  assert config.optim.lr == 0.001
+  assert config.model.dtype == "bfloat16"
+  assert config.rlcc.enabled is True
+  assert config.train.batch_size == 256  # untouched fields keep the config's values
+  with pytest.raises(SystemExit, match="no field 'train.iter'"):
+    bench_recipe.load_config(_MARKET, ["train.iter=2"])
+  with pytest.raises(SystemExit, match="FIELD=VALUE"):
+    bench_recipe.load_config(_MARKET, ["train.iters"])
+
+
+def test_one_epoch_is_refused(bench_recipe):
+  with pytest.raises(SystemExit):
+    bench_recipe.parse_args(["--epochs", "1"])
