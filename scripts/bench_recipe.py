@@ -177,6 +177,10 @@ def main(argv=None) -> dict:
           "Market-1501 layout, so data.name is set to market1501")
     config.data.name = "market1501"
 
+  if args.workdir and os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
+    raise SystemExit(f"--workdir {args.workdir} already holds a run, which would be resumed; "
+                     "the timing needs a new run folder (the dataset and its cache can be "
+                     "reused with --root and --set data.cache_dir=...)")
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or os.path.join(tmp, "run")
     root = args.root or os.path.join(workdir, "data")

@@ -33,7 +33,8 @@ timeout 210 "$py" scripts/bench_train.py --depth 50 --height 256 --width 128 --b
 status=$((status | PIPESTATUS[0]))
 # Target: the full Market recipe (50 epochs x 200 steps, clustering included) < 30 minutes.
 timeout 360 "$py" scripts/bench_recipe.py --config configs/market1501.py --epochs 3 \
-  --dtype bfloat16 --workers "$(nproc)" --workdir /tmp/ccreid_recipe \
+  --dtype bfloat16 --workers "$(nproc)" --root /tmp/ccreid_recipe/data \
+  --workdir "/tmp/ccreid_recipe/run-$(date +%s)" --set data.cache_dir=/tmp/ccreid_recipe/cache \
   --out "$out/recipe_bf16.json" 2>&1 | tee "$out/recipe_bf16.log"
 status=$((status | PIPESTATUS[0]))
 exit "$status"

@@ -69,3 +69,11 @@ def test_config_overrides_are_typed_and_checked(bench_recipe):
 def test_one_epoch_is_refused(bench_recipe):
   with pytest.raises(SystemExit):
     bench_recipe.parse_args(["--epochs", "1"])
+
+
+def test_a_workdir_holding_a_run_is_refused(bench_recipe, tmp_path):
+  # A second timing in the same folder would resume the first run and time nothing.
+  (tmp_path / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n')
+  with pytest.raises(SystemExit, match="already holds a run"):
+    bench_recipe.main(["--config", _MARKET, "--workdir", str(tmp_path)])
+  assert not (tmp_path / "data").exists()  # refused before generating anything
