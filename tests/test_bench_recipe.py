@@ -1,5 +1,6 @@
 """scripts/bench_recipe.py: the full-recipe projection and the config overrides (no training)."""
 
+import json
 import os
 
 import pytest
@@ -77,3 +78,40 @@ def test_a_workdir_holding_a_run_is_refused(bench_recipe, tmp_path):
   with pytest.raises(SystemExit, match="already holds a run"):
     bench_recipe.main(["--config", _MARKET, "--workdir", str(tmp_path)])
   assert not (tmp_path / "data").exists()  # refused before generating anything
+
+
+def test_main_runs_a_short_recipe_and_projects_the_full_one(bench_recipe, tmp_path, monkeypatch):
+  # train_and_evaluate is replaced by a fake that records the config it was given and
+  # writes the metrics.jsonl a 2-epoch run writes; the rest of main (dataset, cache,
+  # projection from the config's own epochs and eval_every, JSON) runs for real.
+  seen = {}
+
+  def fake_train_and_evaluate(config, workdir):
+    seen.update(epochs=config.train.epochs, eval_every=config.train.eval_every,
+                root=config.data.root, dtype=config.model.dtype, iters=config.train.iters,
+                progress=config.log.progress)
+    start = bench_recipe.time.time()
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for epoch, (dt, ev) in enumerate([(5.0, 0.0), (2.0, 0.5)]):
+        start += dt
+        f.write(json.dumps(_record(epoch, start, train=dt - ev, eval=ev)) + "\n")
+    return {"mAP": 0.5}
+
+  monkeypatch.setattr(bench_recipe.train, "train_and_evaluate", fake_train_and_evaluate)
+  out = tmp_path / "recipe.json"
+  result = bench_recipe.main([
+      "--config", _MARKET, "--epochs", "2", "--num-train-ids", "3", "--num-test-ids", "2",
+      "--images-per-cam", "2", "2", "--workers", "1", "--dtype", "bfloat16",
+      "--set", "train.iters=7", "data.height=32", "data.width=16",
+      "--workdir", str(tmp_path / "run"), "--out", str(out)])
+  assert seen == {"epochs": 2, "eval_every": 2, "root": os.path.join(str(tmp_path / "run"), "data"),
+                  "dtype": "bfloat16", "iters": 7, "progress": False}
+  assert result["num_train"] == len(os.listdir(os.path.join(
+      seen["root"], "Market-1501-v15.09.15", "bounding_box_train")))
+  assert os.path.isdir(os.path.join(str(tmp_path / "run"), "cache"))
+  p = result["projection"]
+  assert (p["full_epochs"], p["evaluations"]) == (50, 5)  # market1501.py's, not the run's
+  assert p["eval"] == 0.5 and p["steady_epoch"] == pytest.approx(1.5)
+  assert p["projected_total"] == pytest.approx(
+      p["startup"] + 49 * 1.5 + 5 * 0.5 + p["tail"])
+  assert json.loads(out.read_text())["projection"] == p
