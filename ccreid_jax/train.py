@@ -102,7 +102,9 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
   rng = jax.random.PRNGKey(config.seed)
   init_key, aug_key = jax.random.split(rng)
   dummy = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
-  variables = model.init(init_key, dummy, train=False)
+  # One compiled program instead of ~150 small eager ones (a fresh process on 2 cores: 15 ->
+  # 5 s for a tiny model); the values equal eager init's bit for bit (models.conv_init).
+  variables = jax.jit(lambda key, x: model.init(key, x, train=False))(init_key, dummy)
   if config.model.get("pretrained"):
     # The trunk from a torchvision / IBN-Net file (or a converted .npz); GeM and the neck
     # start fresh, as in the reference.
@@ -113,7 +115,7 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
+      opt_state=jax.jit(tx.init)(params),
       memory=memory,
       rng=aug_key,
   )
