@@ -70,3 +70,16 @@ def tiny_market(tmp_path_factory) -> str:
       root, num_train_ids=16, num_test_ids=8, num_cams=3, images_per_cam=(2, 3),
       height=64, width=32, seed=0)
   return root
+
+
+# Files whose tests take a minute or more on 2 cores (multi-process runs, crash restarts,
+# whole runs), slowest first. They are collected first, so pytest-xdist's two workers start
+# on them and the short files fill in at the end, instead of one worker finishing a long
+# file alone while the other idles.
+_SLOW_FILES = ("test_distributed.py", "test_distributed_run.py", "test_reliability_crash.py",
+               "test_tfds.py", "test_train.py", "test_bf16.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
