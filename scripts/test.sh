@@ -6,7 +6,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0 (CPU) for the parity tests"
-  python -m pip install --quiet torch==2.13.0 \
+  # --no-compile: byte-compiling torch's sources took 34 of the install's 46 s on 2 cores;
+  # only the two pytest workers import torch, which then costs them ~3 s more each.
+  python -m pip install --quiet --no-compile torch==2.13.0 \
     || echo "[setup] WARNING: torch==2.13.0 could not be installed; parity tests will be skipped"
 fi
 export JAX_PLATFORMS=cpu
