@@ -449,6 +449,11 @@ def _jpeg_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def _frame_step(rng: np.random.Generator) -> int:
+  """Frames between two consecutive images of the dataset (names carry the running count)."""
+  return int(rng.integers(1, 40))
+
+
 # Set in each worker process by ``_init_worker`` (the cameras are rebuilt there, not pickled).
 _WORKER_STATE: dict = {}
 
@@ -479,7 +484,7 @@ def _render_identity(pid: int) -> list[tuple[int, int, int, int, bytes]]:
   for cam in cams.tolist():
     for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
       image = _render_person(rng, ident, cameras[cam], height, width)
-      frame_step = int(rng.integers(1, 40))
+      frame_step = _frame_step(rng)
       split = 0 if not is_test else (1 if idx == 1 and cam in query_cams else 2)
       images.append((split, cam, frame_step, idx, _jpeg_bytes(image)))
   return images
@@ -504,7 +509,7 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
 
   def next_frame(rng: np.random.Generator) -> int:
     nonlocal frame
-    frame += int(rng.integers(1, 40))
+    frame += _frame_step(rng)
     return frame
 
   pids = range(1, num_train + num_test + 1)
