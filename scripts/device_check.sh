@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator checks of docs/benchmarks.md in one command (an estimate, not yet
 # measured: 6-8 minutes on one H100/H200): the ResNet-50 bf16 train step at batch 256,
-# then a Market-1501-sized recipe (3 epochs measured, 50 projected). Run from the repository root on the GPU machine:
+# then a Market-1501-sized recipe (3 epochs measured, 50 projected). Run from the
+# repository root on the GPU machine:
 #
 #   bash scripts/device_check.sh [OUT_DIR]      # default: $OUT, else ./device_check
 #
