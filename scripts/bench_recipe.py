@@ -27,8 +27,11 @@ Projection of the config's full recipe (``train.epochs`` epochs, an evaluation e
 ``train.eval_every`` epochs and after the last): ``startup + (epochs - 1) * steady +
 evaluations * eval + tail``, where ``steady`` is the median of the measured epochs 1.. of
 ``wall - eval``. It assumes later epochs cost what the measured ones did: on real data the
-number of clusters changes the clustering time a little and the memory size not at all
-(rows are padded to a power of two). Run at least 3 epochs so ``steady`` is a median.
+number of clusters changes the clustering time a little, and the memory's rows are padded
+to a power of two (the table's ``memory`` column), so only an epoch whose clusters need a
+bucket not used before costs more: one compilation of the train step (about 20 s for
+ResNet-50 on one H200), left out of the median. Run at least 3 epochs so ``steady`` is a
+median.
 """
 
 from __future__ import annotations
@@ -149,11 +152,12 @@ def print_table(result: dict) -> None:
   print(f"generate {result['generate_s']:.1f} s, cache {result['cache_s']:.1f} s (both once per "
         f"dataset)")
   print(f"{'epoch':>5} | {'wall s':>8} | {'extract':>8} | {'cluster':>8} | {'train':>8} | "
-        f"{'eval':>7} | {'train img/s':>11} | clusters")
+        f"{'eval':>7} | {'train img/s':>11} | clusters | memory")
   for e, record in zip(p["epochs"], result["records"]):
     rate = result["batch_size"] * result["iters"] / e["train"] if e["train"] else 0.0
     print(f"{e['epoch']:>5} | {e['wall']:8.1f} | {e['extract']:8.1f} | {e['cluster']:8.1f} | "
-          f"{e['train']:8.1f} | {e['eval']:7.1f} | {rate:11.0f} | {record.get('clusters', 0)}")
+          f"{e['train']:8.1f} | {e['eval']:7.1f} | {rate:11.0f} | {record.get('clusters', 0):8} | "
+          f"{record.get('memory_bucket', '-')}")
   minutes = p["projected_total"] / 60
   print(f"projected {p['full_epochs']} epochs ({p['evaluations']} evaluations): startup "
         f"{p['startup']:.1f} s + {p['full_epochs'] - 1} x {p['steady_epoch']:.1f} s + "

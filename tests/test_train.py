@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from ccreid_jax import memory as memory_lib
 from ccreid_jax import train
 from ccreid_jax.workdir import read_metrics_lines
 from conftest import tiny_config
@@ -55,6 +56,9 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   assert trained, "the tiny run formed no cluster; the test data or eps is off"
   assert epochs[-1]["steps"] == config.train.iters * len(trained)
   assert all(np.isfinite(r["loss"]) for r in trained)
+  # The memory is padded to the power-of-two bucket the train step was compiled for.
+  assert [r["memory_bucket"] for r in trained] == [
+      memory_lib.bucket_size(r["clusters"], config.memory.min_bucket) for r in trained]
 
   # Evaluating the saved checkpoint reproduces the metrics logged at training time.
   evaluated = train.evaluate(config, workdir, checkpoint="latest")
