@@ -1,4 +1,4 @@
-"""Cluster Contrast training and evaluation (ALGORITHMS.md section 1).
+"""Cluster Contrast training and evaluation (docs/algorithms.md section 1).
 
 ``train_and_evaluate(config, workdir)`` runs a whole training run and
 ``evaluate(config, workdir)`` scores a saved checkpoint; ``main.py`` only parses
@@ -105,7 +105,7 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
   # One compiled program instead of ~150 small eager ones (a fresh process on 2 cores: 15 ->
   # 5 s for a tiny model); the values equal eager init's bit for bit (models.conv_init).
   variables = jax.jit(lambda key, x: model.init(key, x, train=False))(init_key, dummy)
-  if config.model.get("pretrained"):
+  if _has_pretrained(config):
     # The trunk from a torchvision / IBN-Net file (or a converted .npz); GeM and the neck
     # start fresh, as in the reference.
     variables = models.load_pretrained(
@@ -119,6 +119,11 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
       memory=memory,
       rng=aug_key,
   )
+
+
+def _has_pretrained(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``model.pretrained`` names a weights file (not "" or "none")."""
+  return config.model.get("pretrained", "") not in ("", validation.NO_PRETRAINED)
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -336,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
   randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
   """
-  validation.validate_config(config, num_devices=jax.device_count())
+  validation.validate_config(config, num_devices=jax.device_count(), training=True)
   # Every process runs this function; only process 0 writes files other than checkpoints
   # (orbax coordinates those itself). Every process still checks the saved config.
   primary = distributed.is_primary()
@@ -498,7 +503,7 @@ def rlcc_targets(features: np.ndarray, current: _Generation, previous: _Generati
   """RLCC soft targets (N, K) for this epoch and the consensus statistics to log.
 
   ``P = q`` on the first RLCC epoch (epoch 1), alpha-mixed with the previous one-hot
-  from epoch 2 on (ALGORITHMS.md section 6).
+  from epoch 2 on (docs/algorithms.md section 6).
   """
   consensus = clustering.consensus_matrix(
       previous.labels, current.labels, num_prev_clusters=previous.centroids.shape[0],
@@ -583,7 +588,7 @@ def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, 
   tx = make_optimizer(config.optim, config.train.iters)
   feature_dim = models.feature_dim(config.model.depth, config.model.width)
   no_checkpoint = not run.checkpointer.all_steps()
-  if which == "init" or (checkpoint is None and no_checkpoint and config.model.get("pretrained")):
+  if which == "init" or (checkpoint is None and no_checkpoint and _has_pretrained(config)):
     if which != "init":
       logger.info("no checkpoint in %s: evaluating the initial model (%s)",
                   run.checkpointer.directory, config.model.pretrained)

@@ -23,7 +23,22 @@ from ccreid_jax.models import resnet as resnet_lib
 __all__ = ["ConfigError", "default_config", "validate_config"]
 
 CLUSTER_METHODS: tuple[str, ...] = ("dbscan", "infomap")
+CLUSTER_DISTANCES: tuple[str, ...] = ("jaccard", "ca_jaccard")
 POOLINGS: tuple[str, ...] = ("gem", "avg")
+PRECISIONS: tuple[str, ...] = ("default", "float32")
+KERNELS: tuple[str, ...] = ("auto", "plain", "cpu")
+# ``model.pretrained`` value that asks for a random initialisation on purpose.
+NO_PRETRAINED = "none"
+# The ImageNet files the published recipes start from (torchvision IMAGENET1K_V1 names; older
+# torchvision releases saved the same weights as resnet50-19c8e357.pth and so on).
+IMAGENET_FILES: dict[tuple[int, bool], str] = {
+    (18, False): "resnet18-f37072fd.pth",
+    (34, False): "resnet34-b627a593.pth",
+    (50, False): "resnet50-19c8e357.pth",
+    (101, False): "resnet101-63fe2227.pth",
+    (50, True): "resnet50_ibn_a.pth.tar",
+    (101, True): "resnet101_ibn_a.pth.tar",
+}
 # The ResNet downsamples by 16 * last_stride: a smaller side leaves a map of only padding.
 MIN_SIDE_PER_STRIDE = 16
 
@@ -157,7 +172,26 @@ class _Checker:
     self.problems.append(f"config.{path} = {value!r}: {message}")
 
 
-def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> None:
+def _missing_weights_message(c: _Checker) -> str:
+  """What to do when a training run names no backbone weights."""
+  arch = c.get("model.arch", str)
+  depth = c.get("model.depth", int)
+  try:
+    key = resnet_lib.parse_arch(arch if arch is not _MISSING else "resnet",
+                                depth if depth is not _MISSING else None)
+  except ValueError:
+    key = (50, False)
+  name = IMAGENET_FILES.get(key, IMAGENET_FILES[(50, False)])
+  source = ("IBN-Net's ImageNet release" if key[1]
+            else "torchvision's ImageNet weights, IMAGENET1K_V1")
+  return (f"no backbone weights. Every published recipe starts from ImageNet: get {name} "
+          f"({source}), put it in weights/ and pass --config.model.pretrained=weights/{name}. "
+          f"To train from a random initialisation on purpose (a different recipe, far below "
+          f"the published mAP), pass --config.model.pretrained={NO_PRETRAINED}")
+
+
+def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
+                  training: bool = False) -> None:
   c = _Checker(config, problems)
 
   # data
@@ -189,9 +223,15 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
   c.integer("model.width", 1)
   c.choice("model.last_stride", (1, 2))
   c.integer("model.bn_group_size", 1)
+  c.choice("model.precision", PRECISIONS)
+  c.choice("model.kernels", KERNELS)
   pretrained = c.get("model.pretrained", str)
-  if pretrained not in (_MISSING, "") and not os.path.isfile(os.path.expanduser(pretrained)):
-    c.fail("model.pretrained", pretrained, "file not found (use '' for a random init)")
+  if (pretrained not in (_MISSING, "", NO_PRETRAINED)
+      and not os.path.isfile(os.path.expanduser(pretrained))):
+    c.fail("model.pretrained", pretrained,
+           f"file not found (use {NO_PRETRAINED!r} to train from a random initialisation)")
+  if training and pretrained == "":
+    c.fail("model.pretrained", pretrained, _missing_weights_message(c))
 
   # train
   batch = c.integer("train.batch_size", 1)
@@ -223,10 +263,28 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
   c.integer("memory.min_bucket", 1)
 
   # cluster
-  c.choice("cluster.method", CLUSTER_METHODS)
-  c.number("cluster.eps", lambda v: 0 < v < 1, "in (0, 1)",
-           "Jaccard distances lie in [0, 1] and absent pairs are 1.0, so eps >= 1 links "
-           "every pair and eps <= 0 links none")
+  method = c.choice("cluster.method", CLUSTER_METHODS)
+  distance = c.choice("cluster.distance", CLUSTER_DISTANCES)
+  jaccard_range = ("Jaccard distances lie in [0, 1] and absent pairs are 1.0, so eps >= 1 links "
+                   "every pair and eps <= 0 links none")
+  eps = c.number("cluster.eps", lambda v: 0 < v < 1, "in (0, 1)", jaccard_range)
+  reliable = c.get("cluster.reliable", bool)
+  tight = c.number("cluster.eps_tight", lambda v: 0 < v < 1, "in (0, 1)", jaccard_range)
+  loose = c.number("cluster.eps_loose", lambda v: 0 < v < 1, "in (0, 1)", jaccard_range)
+  if reliable is True and _MISSING not in (eps, tight, loose) and not tight < eps < loose:
+    c.fail("cluster.eps_tight", tight,
+           f"the reliability criterion needs eps_tight < eps < eps_loose, got {tight} / {eps} / "
+           f"{loose}")
+  if reliable is True and method == "infomap":
+    c.fail("cluster.reliable", reliable, "the reliability criterion runs DBSCAN at three radii; "
+           "it needs config.cluster.method='dbscan'")
+  if distance == "ca_jaccard" and method == "infomap":
+    c.fail("cluster.distance", distance, "InfoMap clusters a kNN graph, not a distance; "
+           "'ca_jaccard' needs config.cluster.method='dbscan'")
+  for field in ("ca_k1_intra", "ca_k1_inter", "ca_k2_intra", "ca_k2_inter", "ca_k2_intra_first",
+                "ca_k2_inter_first"):
+    c.integer(f"cluster.{field}", 1)
+  c.integer("cluster.infomap_seed", 0)
   c.integer("cluster.min_samples", 1)
   k1 = c.integer("cluster.k1", 1)
   k2 = c.integer("cluster.k2", 1)
@@ -266,7 +324,7 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str]) -> 
              "accepted: 'best', 'latest', 'init', a step number or a step folder")
 
 
-def validate_config(config: Any, *, num_devices: int | None,
+def validate_config(config: Any, *, num_devices: int | None, training: bool = False,
                     reference: ml_collections.ConfigDict | None = None) -> None:
   """Raises ``ConfigError`` listing every problem of ``config``; returns None when it can run.
 
@@ -274,6 +332,8 @@ def validate_config(config: Any, *, num_devices: int | None,
     config: the run's ``ConfigDict`` (or a nested dict of the same shape).
     num_devices: devices the batch is split over (``jax.device_count()``); None skips the
       divisibility check (evaluation only).
+    training: the config is about to train: ``model.pretrained`` must name a weights file, or
+      be ``"none"`` for a random initialisation on purpose.
     reference: the tree of every known field with its default; default
       ``configs.default.get_config()``. When neither is available only values are checked.
   """
@@ -281,6 +341,6 @@ def validate_config(config: Any, *, num_devices: int | None,
   reference = default_config() if reference is None else reference
   if reference is not None:
     _walk(config, reference, "config", problems)
-  _check_values(config, num_devices, problems)
+  _check_values(config, num_devices, problems, training=training)
   if problems:
     raise ConfigError(problems)

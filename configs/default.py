@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.pooling = "gem"  # "gem" (learnable p, init 3) or "avg".
   model.bn_group_size = 64  # Ghost batch norm group; 64 = the reference's 4-GPU DataParallel chunks.
   model.dtype = "float32"  # Activation/matmul dtype: float32 | bfloat16.
-  model.pretrained = ""  # Optional path to backbone weights ("" = random init).
+  model.pretrained = ""  # Backbone weights file (ImageNet); "none" = random init on purpose; "" is refused for real datasets.
+  model.precision = "default"  # Matmul/conv precision: "default" (TF32 on Ampere/Hopper GPUs) | "float32" (true float32).
+  model.kernels = "auto"  # "auto" (CPU kernels when JAX runs on the CPU) | "plain" (flax layers) | "cpu".
 
   config.train = train = ml_collections.ConfigDict()
   train.epochs = 50  # Training epochs (one clustering per epoch).
@@ -55,13 +57,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.cluster = cluster = ml_collections.ConfigDict()
   cluster.method = "dbscan"  # Clustering algorithm: dbscan | infomap.
+  cluster.distance = "jaccard"  # DBSCAN distance: "jaccard" (k-reciprocal) | "ca_jaccard" (camera-aware).
   cluster.eps = 0.6  # DBSCAN radius on the Jaccard distance (inclusive).
+  cluster.reliable = False  # SpCL's reliability criterion: DBSCAN at eps_tight/eps/eps_loose, unreliable members split off.
+  cluster.eps_tight = 0.58  # Reliability criterion: the tight radius (compactness).
+  cluster.eps_loose = 0.62  # Reliability criterion: the loose radius (independence).
   cluster.min_samples = 4  # DBSCAN core-point threshold, the point itself included.
   cluster.k1 = 30  # Jaccard k-reciprocal neighbourhood size.
   cluster.k2 = 6  # Jaccard query-expansion size.
+  cluster.ca_k1_intra = 5  # CA-Jaccard: k-reciprocal size on the same-camera list (self included).
+  cluster.ca_k1_inter = 20  # CA-Jaccard: k-reciprocal size on the other-camera list.
+  cluster.ca_k2_intra = 2  # CA-Jaccard: query expansion over this many same-camera neighbours (self included).
+  cluster.ca_k2_inter = 4  # CA-Jaccard: query expansion over this many other-camera neighbours.
+  cluster.ca_k2_intra_first = 3  # CA-Jaccard: ca_k2_intra in the first epoch (the reference's warm-up).
+  cluster.ca_k2_inter_first = 3  # CA-Jaccard: ca_k2_inter in the first epoch.
   cluster.infomap_k = 15  # InfoMap: kNN size (self included).
   cluster.infomap_min_similarity = 0.5  # InfoMap: keep edges while cosine >= this.
   cluster.infomap_min_cluster_size = 5  # InfoMap: smaller clusters become outliers (ref. k2=4).
+  cluster.infomap_seed = 0  # InfoMap's random seed; 0 = the infomap package's default, as the reference.
 
   config.rlcc = rlcc = ml_collections.ConfigDict()
   rlcc.enabled = False  # RLCC: soft targets from the consensus of consecutive clusterings.
@@ -77,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 256  # Images per feature-extraction batch (train and test).
+  ev.flip = False  # Test-time flip: features of each image and its mirror averaged, L2-normalised again.
   ev.checkpoint = "best"  # Which checkpoint --mode eval reads: best | latest | <epoch>.
   ev.rerank = False  # k-reciprocal re-ranking of the query-gallery distances (Zhong et al.).
   ev.rerank_k1 = 20  # Re-ranking k1.

@@ -24,6 +24,7 @@ def get_config():
   config.model.depth = 18
   config.model.width = 32
   config.model.bn_group_size = 32
+  config.model.pretrained = "none"  # Random init on purpose: no ImageNet weights here.
   config.cluster.k1 = 15
   config.cluster.eps = 0.5
   config.train.epochs = 15

@@ -45,6 +45,7 @@ def tiny_config(data_root: str):
   config.model.depth = 10
   config.model.width = 8
   config.model.bn_group_size = 16
+  config.model.pretrained = "none"
   config.train.epochs = 2
   config.train.iters = 3
   config.train.batch_size = 32

@@ -1,6 +1,6 @@
 """Brute-force reference implementations, used only by the tests.
 
-Direct, loop-per-sample transcriptions of ALGORITHMS.md sections 5 and 7 with dense N x N
+Direct, loop-per-sample transcriptions of docs/algorithms.md sections 5 and 7 with dense N x N
 matrices and Python sets: slow, but easy to check line by line against the text.
 """
 

@@ -1,6 +1,6 @@
 """Cluster memory vs a PyTorch reference: loss, its gradient, and 3 steps of momentum updates.
 
-The torch side is the reference's design written from ALGORITHMS.md section 4: an autograd
+The torch side is the reference's design written from docs/algorithms.md section 4: an autograd
 Function whose forward is ``inputs @ M^T`` and whose backward returns ``grad @ M`` with the
 memory *before* the update, then updates ``M`` in place, sample by sample (or once per
 cluster with the least similar sample, the hard variant).

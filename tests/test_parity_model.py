@@ -1,6 +1,6 @@
 """Model layers and whole ResNets vs PyTorch modules with torchvision's parameter names.
 
-The torch side is written here from ALGORITHMS.md section 2: torchvision's ResNet layout
+The torch side is written here from docs/algorithms.md section 2: torchvision's ResNet layout
 (v1.5), last stride 1, GeM with learnable p, a BatchNorm1d neck whose bias is frozen at 0,
 F.normalize. Weights are random, batch-norm running statistics too, so that every mapped
 tensor matters.

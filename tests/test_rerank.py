@@ -7,7 +7,7 @@ from ccreid_jax.evaluation import evaluate_ranking, pairwise_distance, rerank
 
 
 def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
-  """Re-ranking one sample at a time with Python sets, as ALGORITHMS.md section 7 reads.
+  """Re-ranking one sample at a time with Python sets, as docs/algorithms.md section 7 reads.
 
   Dense (N, N) everything; slow but each line is one sentence of the description.
   """

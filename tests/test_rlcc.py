@@ -1,4 +1,4 @@
-"""RLCC consensus matrix and soft targets (ALGORITHMS.md section 6).
+"""RLCC consensus matrix and soft targets (docs/algorithms.md section 6).
 
 The vectorised code is checked against Python-set IoUs, a per-sample loop transcription of the
 documented rules, and a small example worked out by hand in singleton-outlier mode.

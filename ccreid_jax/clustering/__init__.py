@@ -1,6 +1,6 @@
 """Pseudo labels on the host: k-reciprocal Jaccard distance, DBSCAN, InfoMap, centroids, RLCC.
 
-Never imports the model (STYLE.md): everything here takes and returns numpy arrays.
+Never imports the model: everything here takes and returns numpy arrays.
 """
 
 from ccreid_jax.clustering.centroids import cluster_centroids, cluster_stats, relabel_consecutive

@@ -1,4 +1,4 @@
-"""DBSCAN pseudo labels from a precomputed distance (ALGORITHMS.md, section 5).
+"""DBSCAN pseudo labels from a precomputed distance (docs/algorithms.md, section 5).
 
 ``eps`` is inclusive (``d <= eps`` makes two points neighbours) and ``min_samples`` counts the
 point itself; label -1 marks outliers. Clusters are numbered 0..K-1 by scikit-learn in the order

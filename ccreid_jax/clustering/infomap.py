@@ -1,4 +1,4 @@
-"""InfoMap pseudo labels on a thresholded kNN graph (ALGORITHMS.md, section 5, "InfoMap").
+"""InfoMap pseudo labels on a thresholded kNN graph (docs/algorithms.md, section 5, "InfoMap").
 
 1. kNN by inner product, ``k`` entries per point, the point itself included (``knn`` of
    ``jaccard.py``: for unit features the order of ``2 - 2 x_i.x_j`` is the order of decreasing
@@ -65,7 +65,7 @@ def infomap_edges(features: np.ndarray, k: int = 15, min_similarity: float = 0.5
 def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.5,
                    min_cluster_size: int = 5, *, seed: int = 1,
                    block_size: int = 1024) -> np.ndarray:
-  """InfoMap pseudo labels (ALGORITHMS.md, section 5); -1 marks outliers.
+  """InfoMap pseudo labels (docs/algorithms.md, section 5); -1 marks outliers.
 
   Args:
     features: (N, D) L2-normalised features.

@@ -1,6 +1,6 @@
 """k-reciprocal Jaccard distance between training features (kNN in JAX, the rest numpy/scipy).
 
-This is the distance Cluster Contrast clusters with every epoch (ALGORITHMS.md, section 5).
+This is the distance Cluster Contrast clusters with every epoch (docs/algorithms.md, section 5).
 Given L2-normalised features ``x`` (N x D):
 
 1. ``R[i]``: the first ``k1`` entries of the kNN list of ``i`` by ``2 - 2 x_i.x_j``, the

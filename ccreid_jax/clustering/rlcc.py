@@ -1,6 +1,6 @@
 """RLCC soft targets from the consensus of two clusterings (host side, numpy/scipy).
 
-ALGORITHMS.md section 6. With the previous labels ``y'`` (K' clusters, sets ``A_j``) and the
+docs/algorithms.md section 6. With the previous labels ``y'`` (K' clusters, sets ``A_j``) and the
 current labels ``y`` (K clusters, sets ``B_k``) of the same N samples:
 
 * ``C[j, k] = |A_j & B_k| / (|A_j| + |B_k| - |A_j & B_k|)`` (IoU), row-normalised to ``Cbar``;

@@ -1,4 +1,4 @@
-"""Train and test transforms that run inside ``jax.jit`` (ALGORITHMS.md section 3).
+"""Train and test transforms that run inside ``jax.jit`` (docs/algorithms.md section 3).
 
 Images arrive as uint8 (B, H, W, 3) that were already bicubic-resized once when the image cache
 was built, so every remaining step is a cheap, vectorised array operation on the accelerator.

@@ -1,6 +1,6 @@
 """Decode and resize every image once, optionally caching the result as a ``.npy`` file.
 
-Because the training and test transforms both start with a bicubic resize (ALGORITHMS.md section
+Because the training and test transforms both start with a bicubic resize (docs/algorithms.md section
 3), the whole dataset can be held as one uint8 array of shape (N, height, width, 3); every later
 step (flip, pad, crop, normalise, erase) runs on the accelerator.
 """

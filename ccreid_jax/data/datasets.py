@@ -1,4 +1,4 @@
-"""Parsers for the re-identification datasets (ALGORITHMS.md section 3).
+"""Parsers for the re-identification datasets (docs/algorithms.md section 3).
 
 Every parser reads identities and cameras from the *file name* (never from parent folders), keeps
 only ``.jpg`` / ``.jpeg`` / ``.png`` files, sorts them by path for determinism and returns 0-based

@@ -1,4 +1,4 @@
-"""Camera-aware PxK sampler over pseudo labels (ALGORITHMS.md section 3).
+"""Camera-aware PxK sampler over pseudo labels (docs/algorithms.md section 3).
 
 One *pass* visits every pseudo identity once, in a random order, and turns each into a block of
 K = ``num_instances`` dataset indices:

@@ -1,4 +1,4 @@
-"""Re-ID ranking metrics: mAP and CMC (ALGORITHMS.md, section 7), numpy only.
+"""Re-ID ranking metrics: mAP and CMC (docs/algorithms.md, section 7), numpy only.
 
 Protocol: every query is ranked against the whole gallery by increasing distance; gallery
 entries with the query's id *and* camera are removed from its ranking; queries left without any

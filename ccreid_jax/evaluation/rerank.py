@@ -1,6 +1,6 @@
 """k-reciprocal re-ranking of a query x gallery distance matrix (Zhong et al., CVPR 2017).
 
-This is the test-time re-ranking of ALGORITHMS.md section 7, computed the way the reference
+This is the test-time re-ranking of docs/algorithms.md section 7, computed the way the reference
 applies it, step by step (N = Q + G, every index below runs over queries then gallery):
 
 1. Stack ``[[q_q, q_g], [q_g^T, g_g]]`` and square it element-wise (the inputs are already
