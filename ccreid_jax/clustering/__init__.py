@@ -3,6 +3,7 @@
 Never imports the model: everything here takes and returns numpy arrays.
 """
 
+from ccreid_jax.clustering.ca_jaccard import ca_jaccard_distance
 from ccreid_jax.clustering.centroids import cluster_centroids, cluster_stats, relabel_consecutive
 from ccreid_jax.clustering.dbscan import dbscan_labels
 from ccreid_jax.clustering.infomap import infomap_edges, infomap_labels
@@ -12,6 +13,7 @@ from ccreid_jax.clustering.rlcc import (
     soft_labels)
 
 __all__ = [
+    "ca_jaccard_distance",
     "cluster_centroids",
     "cluster_stats",
     "consensus_matrix",

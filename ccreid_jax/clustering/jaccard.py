@@ -76,6 +76,34 @@ def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
   return jax.lax.top_k(2.0 * sims - 2.0, k)
 
 
+def _map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray]:
+  """Runs a jitted per-block function over all N rows and gathers its outputs on the host.
+
+  ``launch(first_row)`` (``first_row`` a device int32 scalar) must return a tuple of device
+  arrays whose leading dimension is ``block``, for the rows ``first_row .. first_row + block``;
+  the last block is clamped to ``N - block`` by the caller's ``dynamic_slice`` and only its
+  tail is kept. Block ``b + 1`` is dispatched before block ``b`` is fetched, so the host copy
+  overlaps the device work. Returns one (N, ...) array per output, cast to ``dtypes``.
+  """
+  outs = None
+  pending = None
+  for start in range(0, n + block, block):
+    if start < n:
+      first_row = jax.device_put(np.int32(min(start, n - block)))
+      launched = (start, launch(first_row))
+    if pending is not None:
+      first, arrays = pending
+      stop = min(first + block, n)
+      skip = block - (stop - first)  # rows of a clamped last block that belong to the previous
+      arrays = jax.device_get(arrays)
+      if outs is None:
+        outs = [np.empty((n,) + a.shape[1:], dtype=t) for a, t in zip(arrays, dtypes)]
+      for out, a in zip(outs, arrays):
+        out[first:stop] = a[skip:]
+    pending = launched if start < n else None
+  return outs
+
+
 def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
         knn_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest neighbours of every row among all rows (the row itself included).
@@ -113,21 +141,10 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   exact = knn_dtype == "float32"
   width = k if exact else min(2 * k, n)
   x_dev = jax.device_put(x)
-  out_idx = np.empty((n, width), dtype=np.int64)
-  out_key = np.empty((n, width), dtype=np.float32)
-  pending = None  # dispatch block b + 1 before fetching block b: the host copy overlaps
-  for start in range(0, n + block, block):
-    if start < n:
-      first_row = jax.device_put(np.int32(min(start, n - block)))
-      launched = (start, _knn_block(x_dev, first_row, block=block, k=width, dtype=knn_dtype))
-    if pending is not None:
-      first, (keys, cols) = pending
-      stop = min(first + block, n)
-      skip = block - (stop - first)  # rows of a clamped last block that belong to the previous
-      keys, cols = jax.device_get((keys, cols))
-      out_key[first:stop] = keys[skip:]
-      out_idx[first:stop] = cols[skip:]
-    pending = launched if start < n else None
+  out_key, out_idx = _map_row_blocks(
+      n, block, lambda first_row: _knn_block(x_dev, first_row, block=block, k=width,
+                                             dtype=knn_dtype),
+      (np.float32, np.int64))
   del x_dev
   if exact:
     return out_idx, np.float32(0.0) - out_key  # 0 - key: +0.0, never -0.0, for self
@@ -343,6 +360,31 @@ def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   return -dist
 
 
+def _softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
+                     distances: np.ndarray) -> sp.csr_matrix:
+  """Step 4: float64 CSR ``V`` with row i = softmax of ``-(2 - 2 x_i.x_j)`` over its support.
+
+  ``indices``/``distances`` are kNN-style lists (row i holds neighbours of i and their float32
+  distances); support pairs found there reuse that distance, the others get a dot product.
+  """
+  n = x.shape[0]
+  logits = _support_logits(x, support, indices, distances)
+  return sp.csr_matrix((_row_softmax(support, logits), support.indices, support.indptr),
+                       shape=(n, n))
+
+
+def _query_expansion(v: sp.csr_matrix, selector: sp.csr_matrix, count: int) -> sp.csr_matrix:
+  """Step 5: ``V_qe[i] = (sum_j selector[i, j] V[j]) / count`` (float64, canonical CSR).
+
+  ``selector`` holds the (integer) multiplicity of every row ``j`` that row ``i`` averages.
+  """
+  v = selector.astype(np.float64) @ v
+  v = v.tocsr()
+  v.data /= count
+  v.sum_duplicates()
+  return v
+
+
 def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, *,
                      max_distance: float | None = None, block_size: int = 1024,
                      knn_dtype: str = "float32") -> sp.csr_matrix:
@@ -386,16 +428,9 @@ def _jaccard_from_knn(x: np.ndarray, indices: np.ndarray, distances: np.ndarray,
   """Steps 2-6 from the kNN lists (``jaccard_distance`` minus its kNN; benchmarks time it)."""
   n = x.shape[0]
   support = _expanded_support(indices, k1, n)
-  logits = _support_logits(x, support, indices, distances)
-  v = sp.csr_matrix((_row_softmax(support, logits), support.indices, support.indptr),
-                    shape=(n, n))
-
+  v = _softmax_weights(x, support, indices, distances)
   if k2 > 1:
     width = min(k2, indices.shape[1])
-    v = _list_prefix_matrix(indices, width, n).astype(np.float64) @ v
-    v = v.tocsr()
-    v.data /= width
-    v.sum_duplicates()
-
+    v = _query_expansion(v, _list_prefix_matrix(indices, width, n), width)
   v.eliminate_zeros()  # V is internal; only positive weights take part
   return _distance_from_support(v, max_distance)
