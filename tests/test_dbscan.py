@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from sklearn.cluster import DBSCAN
 
 from ccreid_jax.clustering import (cluster_centroids, cluster_stats, dbscan_labels,
                                    relabel_consecutive)
@@ -107,3 +108,44 @@ def test_relabel_consecutive_and_stats():
   assert stats["largest_cluster"] == 3 and stats["smallest_cluster"] == 1
   assert stats["num_singletons"] == 1
   assert stats["outlier_fraction"] == pytest.approx(0.25)
+
+
+
+def _pair(value) -> tuple[np.ndarray, sp.csr_matrix]:
+  """Two points at distance ``value``: dense float32 and sparse (explicit zero diagonal)."""
+  dense = np.array([[0.0, value], [value, 0.0]], dtype=np.float32)
+  sparse = sp.csr_matrix(
+      (np.array([0.0, value, value, 0.0], np.float32), ([0, 0, 1, 1], [0, 1, 0, 1])),
+      shape=(2, 2))
+  return dense, sparse
+
+
+@pytest.mark.parametrize("steps", [-1, 0, 1])
+@pytest.mark.parametrize("eps", [0.6, np.float64(0.6), 0.4])
+def test_eps_boundary_is_decided_in_float32(eps, steps):
+  # A float32 distance is compared with eps rounded to float32: float32(0.6) = 0.6000000238
+  # is within eps = 0.6 although it exceeds 0.6 as a real number; the next float32 above it
+  # (0.6000000834) is not. Dense and sparse inputs agree, and both agree with scikit-learn's
+  # DBSCAN called directly on the dense float32 matrix with a Python float eps (the
+  # reference's call). A NumPy float64 eps is treated as the Python float.
+  value = np.float32(eps)
+  for _ in range(abs(steps)):
+    value = np.nextafter(value, np.float32(np.inf if steps > 0 else -np.inf))
+  if steps == 0:
+    assert float(value) > float(eps)  # above eps in exact arithmetic, yet a neighbour
+  neighbours = bool(value <= np.float32(eps))  # the rule: d <= float32(eps)
+  assert neighbours == (steps <= 0)
+  dense, sparse = _pair(value)
+  want = [0, 0] if neighbours else [-1, -1]
+  np.testing.assert_array_equal(dbscan_labels(dense, eps=eps, min_samples=2), want)
+  np.testing.assert_array_equal(dbscan_labels(sparse, eps=eps, min_samples=2), want)
+  reference = DBSCAN(eps=float(eps), min_samples=2, metric="precomputed").fit_predict(dense)
+  np.testing.assert_array_equal(reference, want)
+
+
+def test_float64_dense_distance_is_compared_in_float64():
+  # The comparison happens in the matrix's dtype: the same value 0.6000000238 held in a
+  # float64 matrix is outside eps = 0.6.
+  dense, _ = _pair(np.float32(0.6))
+  np.testing.assert_array_equal(dbscan_labels(dense.astype(np.float64), 0.6, 2), [-1, -1])
+  np.testing.assert_array_equal(dbscan_labels(dense, 0.6, 2), [0, 0])

@@ -20,13 +20,20 @@ def dbscan_labels(distance, eps: float = 0.6, min_samples: int = 4) -> np.ndarra
   Args:
     distance: a dense (N, N) array, or a scipy sparse matrix in the convention of
       ``jaccard_distance``: only stored entries are candidate neighbours and an absent entry
-      means distance 1.0. Stored entries are compared with ``eps`` as stored (a float32 0.6 is
-      0.6000000238 and is therefore *not* within ``eps=0.6``, as in the reference, which also
-      compares its float32 matrix with the Python float). A sparse matrix whose diagonal entry
+      means distance 1.0. Entries are compared with ``eps`` in the matrix's own dtype
+      (scikit-learn tests ``d <= eps`` on the stored values and NumPy casts the Python float
+      ``eps`` to the array's dtype), dense and sparse alike: for float32 distances a pair is
+      within ``eps`` exactly when ``d <= float32(eps)``. A stored float32 0.6 (0.6000000238)
+      is therefore within ``eps=0.6``; the next float32 above it (0.6000000834) is not. The
+      reference compares its dense float32 matrix through the same scikit-learn call, with
+      the same result, and ``jaccard_distance(..., max_distance=eps)`` stores exactly these
+      pairs. A float64 matrix is compared in float64. A sparse matrix whose diagonal entry
       is absent makes that point its own neighbour (scikit-learn's rule);
       ``jaccard_distance`` always stores its diagonal, so the rule never applies to it.
-    eps: neighbourhood radius, inclusive. Must be < 1 for a sparse input: absent pairs are at
-      distance 1.0 and would have to count as neighbours for ``eps >= 1``.
+    eps: neighbourhood radius, inclusive. Converted to a Python float first (NumPy 2 would
+      compare float32 distances with a NumPy float64 scalar in float64). Must be < 1 for a
+      sparse input: absent pairs are at distance 1.0 and would have to count as neighbours
+      for ``eps >= 1``.
     min_samples: core-point threshold, the point itself included.
 
   Returns:
