@@ -136,7 +136,7 @@ def _check_mesh_order(mesh: Mesh) -> None:
   if len(runs) != len(set(runs)) or runs != sorted(runs):
     raise ValueError(
         f"the mesh's devices must be grouped by process in process order, got owners "
-        f"{owners}; build it with extract.make_mesh() (jax.devices() order)")
+        f"{owners}; build it with make_mesh() (jax.devices() order)")
 
 
 def global_batch_from_local(local_array: np.ndarray | jax.Array, mesh: Mesh,
@@ -207,9 +207,15 @@ def process_share(num_items: int, *, process_index: int | None = None,
   return slice(min(index * per, num_items), min((index + 1) * per, num_items)), per
 
 
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-axis "data" mesh over all devices (``jax.devices()`` order), or the given ones."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
 def local_mesh() -> Mesh:
   """A 1-axis "data" mesh over this process's devices only (for per-process extraction)."""
-  return Mesh(np.asarray(jax.local_devices()), ("data",))
+  return make_mesh(jax.local_devices())
 
 
 def local_copy(tree: Any) -> Any:

@@ -1,23 +1,29 @@
 """Cluster Contrast training and evaluation (docs/algorithms.md section 1).
 
-``train_and_evaluate(config, workdir)`` runs a whole training run and
-``evaluate(config, workdir)`` scores a saved checkpoint; ``main.py`` only parses
-flags and calls one of them.
+``train_and_evaluate(config, workdir)`` runs (or resumes) a whole training run,
+``evaluate(config, workdir)`` scores a saved checkpoint, ``extract`` writes a split's
+features to ``.npz`` and ``load_variables`` gives the model of a checkpoint; ``main.py`` only
+parses flags and calls one of them.
 
-Per epoch: extract features of the train images (eval mode), compute the Jaccard
-distance and DBSCAN pseudo labels on the host, rebuild the cluster memory from the
-centroids, then run ``train.iters`` jitted train steps over a 1-axis device mesh
-(batch sharded, state replicated and donated). Evaluation every ``eval_every``
-epochs; a checkpoint after every epoch.
+An epoch is four phases, each a function of its own:
+
+* extraction: the train features in eval mode, on every device (``extract.make_extract_fn``);
+* pseudo-labelling on the host (``pseudo_labels.pseudo_label``): the clustering, the memory's
+  centroids, the RLCC targets and the epoch's cluster statistics;
+* training on those labels (``train_on``): the memory, the camera-aware sampler, batches
+  prefetched to the devices, ``train.iters`` jitted steps over a 1-axis device mesh (batch
+  sharded, state replicated and donated);
+* evaluation every ``eval_every`` epochs and after the last one.
+
+A ``reporting.Reporter`` writes each epoch's record (metrics.jsonl, TensorBoard, pictures, the
+log line) and a checkpoint is saved after every epoch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import logging
 import os
-import time
 from typing import Any, Callable, Iterator
 
 import flax
@@ -26,27 +32,29 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from sklearn.metrics import adjusted_rand_score
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import clustering
 from ccreid_jax import distributed
 from ccreid_jax import evaluation
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import models
-from ccreid_jax import tensorboard as tensorboard_lib
 from ccreid_jax import validation
 from ccreid_jax import workdir as workdir_lib
 from ccreid_jax.data import augment as augment_lib
-from ccreid_jax.data import cache as cache_lib
-from ccreid_jax.data import datasets as datasets_lib
+from ccreid_jax.data import loading
 from ccreid_jax.data import sampler as sampler_lib
-from ccreid_jax.data import tfds_data
-from ccreid_jax.evaluation import visualize
-from ccreid_jax.export import export_features, extract_split
-from ccreid_jax.extract import make_extract_fn, make_mesh
-from ccreid_jax.utils import MetricsWriter, Timer, format_results_table, prefetch, progress_bar
+from ccreid_jax.export import export_features, split_images
+from ccreid_jax.extract import make_extract_fn
+from ccreid_jax.pseudo_labels import Generation, PseudoLabels, pseudo_label, rlcc_targets
+from ccreid_jax.reporting import Reporter, save_rank_list
+from ccreid_jax.utils import Timer, prefetch, progress_bar, write_json
+
+__all__ = [
+    "TrainState", "evaluate", "extract", "init_train_state", "load_variables",
+    "make_lr_schedule", "make_optimizer", "make_train_step", "prefetch_batches",
+    "rlcc_targets", "train_and_evaluate", "train_on",
+]
 
 logger = logging.getLogger("ccreid_jax")
 
@@ -68,7 +76,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------
-# Building blocks.
+# The optimizer, the state and the train step.
 # ---------------------------------------------------------------------------------------
 
 
@@ -96,16 +104,25 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   )
 
 
-def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                     memory: memory_lib.MemoryState) -> TrainState:
-  """Random or pretrained init of the model, and the optimizer."""
+def has_pretrained(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``model.pretrained`` names a weights file (not "" or "none")."""
+  return config.model.get("pretrained", "") not in ("", validation.NO_PRETRAINED)
+
+
+def init_train_state(model: Any, tx: optax.GradientTransformation,
+                     config: ml_collections.ConfigDict, memory: memory_lib.MemoryState, *,
+                     load_weights: bool = True) -> TrainState:
+  """Random or pretrained init of the model, and the optimizer.
+
+  ``load_weights=False`` skips ``model.pretrained`` (for the shapes of a checkpoint).
+  """
   rng = jax.random.PRNGKey(config.seed)
   init_key, aug_key = jax.random.split(rng)
   dummy = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
-  # One compiled program instead of ~150 small eager ones (a fresh process on 2 cores: 15 ->
-  # 5 s for a tiny model); the values equal eager init's bit for bit (models.conv_init).
+  # One compiled program instead of ~150 small eager ones; the values equal eager init's bit
+  # for bit (models.conv_init).
   variables = jax.jit(lambda key, x: model.init(key, x, train=False))(init_key, dummy)
-  if _has_pretrained(config):
+  if load_weights and has_pretrained(config):
     # The trunk from a torchvision / IBN-Net file (or a converted .npz); GeM and the neck
     # start fresh, as in the reference.
     variables = models.load_pretrained(
@@ -121,9 +138,32 @@ def init_train_state(model: Any, tx: optax.GradientTransformation, config: ml_co
   )
 
 
-def _has_pretrained(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``model.pretrained`` names a weights file (not "" or "none")."""
-  return config.model.get("pretrained", "") not in ("", validation.NO_PRETRAINED)
+class _WithPrecision:
+  """A jitted function traced, compiled and run under ``jax.default_matmul_precision``."""
+
+  def __init__(self, fn: Any, precision: str):
+    self._fn = fn
+    self._precision = precision
+
+  def __call__(self, *args, **kwargs):
+    with jax.default_matmul_precision(self._precision):
+      return self._fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.default_matmul_precision(self._precision):
+      return self._fn.lower(*args, **kwargs)
+
+
+def with_precision(fn: Any, precision: str) -> Any:
+  """``fn`` with ``model.precision`` applied to its matrix products and convolutions.
+
+  "default" leaves JAX's default (which allows TF32 passes on Ampere / Hopper GPUs and
+  bf16 passes on TPUs); "float32" asks for full float32 products, as the reference's
+  PyTorch runs computed. The CPU computes float32 either way.
+  """
+  if precision == "default":
+    return fn
+  return _WithPrecision(fn, precision)
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -171,32 +211,43 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
   batch_args = (batch_sharded,) * (3 if soft_targets else 2)
-  return jax.jit(
+  step = jax.jit(
       train_step,
       in_shardings=(replicated,) + batch_args,
       out_shardings=(replicated, replicated),
       donate_argnums=0,
   )
+  return with_precision(step, config.model.precision)
 
 
-def pseudo_labels(features: np.ndarray, cluster: ml_collections.ConfigDict) -> np.ndarray:
-  """DBSCAN on the Jaccard distance, or InfoMap on the kNN graph; -1 marks outliers."""
-  if cluster.method == "dbscan":
-    # Only pairs within eps matter to DBSCAN, so only those are stored.
-    distance = clustering.jaccard_distance(
-        features, k1=cluster.k1, k2=cluster.k2, max_distance=cluster.eps)
-    return clustering.dbscan_labels(distance, eps=cluster.eps, min_samples=cluster.min_samples)
-  if cluster.method == "infomap":
-    return clustering.infomap_labels(
-        features, k=cluster.infomap_k, min_similarity=cluster.infomap_min_similarity,
-        min_cluster_size=cluster.infomap_min_cluster_size)
-  raise ValueError(
-      f"config.cluster.method: unknown method {cluster.method!r}; accepted: 'dbscan', 'infomap'")
+class TrainSteps:
+  """The compiled train steps of a run: hard and (with RLCC) soft targets.
+
+  A step is compiled once per memory size (bucket) it meets; ``get`` logs when an epoch
+  needs a size this process has not compiled yet (about 20 s for ResNet-50 on one H200).
+  """
+
+  def __init__(self, model: Any, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, mesh: Mesh):
+    self.mesh = mesh
+    self._hard = make_train_step(model, tx, config, mesh)
+    self._soft = (make_train_step(model, tx, config, mesh, soft_targets=True)
+                  if config.rlcc.enabled else None)
+    self._seen: set[tuple[bool, int]] = set()
+
+  def get(self, *, soft: bool, bucket: int, epoch: int, num_clusters: int):
+    variant = (soft, bucket)
+    if self._seen and variant not in self._seen:
+      logger.info("epoch %d: %d clusters, a %d-row memory%s: the train step compiles for it "
+                  "(once per size)", epoch, num_clusters, bucket,
+                  " with soft targets" if soft else "")
+    self._seen.add(variant)
+    return self._soft if soft else self._hard
 
 
-def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
-                      sharding: NamedSharding, *, targets: np.ndarray | None = None,
-                      num_columns: int = 0, depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
+def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
+                     sharding: NamedSharding, *, targets: np.ndarray | None = None,
+                     num_columns: int = 0, depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
   """Gathers the next batches on a host thread and sends them to the devices early.
 
   Yields ``(images, labels)`` or, with ``targets`` (N, K), ``(images, labels, targets)``
@@ -219,312 +270,32 @@ def _prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels:
   return prefetch(batches, load, depth)
 
 
-def _evaluate_split(extract, variables, test_images, dataset,
-                    config) -> tuple[dict[str, float], np.ndarray]:
-  """``(mAP / CMC metrics, (num_query, num_gallery) distances)`` of ``dataset``'s test split."""
-  features = extract(variables, test_images, desc="eval extract")
-  num_query = len(dataset.query)
-  query, gallery = features[:num_query], features[num_query:]
-  distmat = evaluation.pairwise_distance(query, gallery)
-  if config.eval.rerank:
-    distmat = evaluation.rerank(
-        distmat, evaluation.pairwise_distance(query, query),
-        evaluation.pairwise_distance(gallery, gallery), k1=config.eval.rerank_k1,
-        k2=config.eval.rerank_k2, lambda_value=config.eval.rerank_lambda)
-  metrics = evaluation.evaluate_ranking(
-      distmat,
-      np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),
-      np.array([r.camid for r in dataset.query]), np.array([r.camid for r in dataset.gallery]))
-  return metrics, distmat
+def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loading.RunData,
+             config: ml_collections.ConfigDict, *, epoch: int) -> tuple[TrainState, list[float]]:
+  """One epoch's training on ``plan``'s labels: ``(state, the fetched losses)``.
 
-
-class _Run:
-  """Data, model and compiled functions shared by training and evaluation."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
-    self.config = config
-    self.workdir = workdir
-    self.progress = bool(config.log.progress)
-    cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
-
-    def load(name, root, need_train):
-      if config.data.source == "tfds":  # root is the TFDS data_dir of a tfds_data build.
-        return tfds_data.load_tfds_dataset_images(
-            name, root, config.data.height, config.data.width, cache_dir,
-            need_train=need_train, progress=self.progress, num_workers=config.data.num_workers)
-      dataset = datasets_lib.load_dataset(name, root, skip_bad_names=config.data.skip_bad_names)
-      return cache_lib.load_dataset_images(
-          dataset, config.data.height, config.data.width, cache_dir, need_train=need_train,
-          skip_bad_images=config.data.skip_bad_images, progress=self.progress,
-          num_workers=config.data.num_workers)
-
-    # Cross-domain evaluation: query / gallery of config.eval.dataset (at config.eval.root).
-    eval_name = config.eval.dataset or config.data.name
-    eval_root = config.eval.root or config.data.root
-    self.cross_domain = (eval_name, eval_root) != (config.data.name, config.data.root)
-    if not self.cross_domain:
-      self.dataset, self.train_images, self.test_images = load(
-          config.data.name, config.data.root, need_train)
-      self.eval_dataset = self.dataset
-    else:
-      self.eval_dataset, _, self.test_images = load(eval_name, eval_root, False)
-      self.dataset, self.train_images = self.eval_dataset, None
-      if need_train:
-        self.dataset, self.train_images, _ = load(config.data.name, config.data.root, True)
-    self.mesh = make_mesh()
-    # Extraction runs on this process's devices; features are all-gathered across hosts.
-    self.local_mesh = distributed.local_mesh()
-    self.model = models.create_model(config.model)
-    self.extract_fn = make_extract_fn(self.model, self.local_mesh)
-    self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    self.checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), read_only=not need_train)
-
-  def abstract_state(self, tx, meta: dict[str, Any], feature_dim: int):
-    """The tree a checkpoint with this ``meta`` holds, as shapes only."""
-    bucket = int(meta["memory_bucket"])
-    memory = memory_lib.MemoryState(
-        centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
-    state = jax.eval_shape(lambda: init_train_state(self.model, tx, self.config, memory))
-    tree = {"train_state": state,
-            "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
-            "cluster_centroids": jax.ShapeDtypeStruct(
-                (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
-    # Restored as global arrays replicated over the mesh (what every process needs).
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
-
-  def evaluate(self, variables) -> tuple[dict[str, float], np.ndarray]:
-    """``(metrics, query x gallery distances)`` on ``eval_dataset``."""
-    return _evaluate_split(self.extract, variables, self.test_images, self.eval_dataset,
-                           self.config)
-
-  def extract(self, variables, images: np.ndarray, *, desc: str) -> np.ndarray:
-    """(N, D) features of uint8 ``images`` on every process (eval mode, streamed)."""
-    return distributed.extract_and_allgather(
-        self.extract_fn, variables, images, mesh=self.local_mesh,
-        batch_size=self.config.eval.batch_size, progress=self.progress, desc=desc)
-
-  def report_evaluation(self, tb: tensorboard_lib.TensorBoardWriter | None, distmat: np.ndarray,
-                        *, step: int, name: str) -> None:
-    """Saves ``<workdir>/ranklist_<name>.png`` and sends it to TensorBoard (if any) at ``step``."""
-    log = self.config.log
-    if log.ranklist_queries <= 0 or not distributed.is_primary():
-      return
-    queries = visualize.choose_queries(len(self.eval_dataset.query), log.ranklist_queries,
-                                       self.config.seed)
-    query, gallery = self.eval_dataset.query, self.eval_dataset.gallery
-    if self.config.data.source == "tfds":
-      # TFDS record paths are not files: draw the decoded (cached) images instead.
-      query_images, gallery_images = self.test_images[:len(query)], self.test_images[len(query):]
-    else:
-      query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
-    image = visualize.rank_list_image(
-        query_images, [r.pid for r in query], [r.camid for r in query], gallery_images,
-        [r.pid for r in gallery], [r.camid for r in gallery], distmat, query_indices=queries,
-        topk=log.ranklist_topk)
-    visualize.save_png(os.path.join(self.workdir, f"ranklist_{name}.png"), image)
-    if tb is not None:
-      tb.image("ranklist", step, image)
-
-
-# ---------------------------------------------------------------------------------------
-# Public entry points.
-# ---------------------------------------------------------------------------------------
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       force: bool = False) -> dict[str, Any]:
-  """Trains (or resumes) a run in ``workdir``; returns the last evaluation's metrics.
-
-  A killed run restarts from its latest checkpoint when called again with the same
-  ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
-  randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
+  The memory is rebuilt from the plan's centroids (padded to its bucket), the camera-aware
+  sampler draws ``train.iters`` batches seeded by ``(seed, epoch)``, and the steps run with
+  the next batches prefetched. Losses are fetched every ``train.log_every`` steps; a
+  non-finite one stops the run (``FloatingPointError``).
   """
-  validation.validate_config(config, num_devices=jax.device_count(), training=True)
-  # Every process runs this function; only process 0 writes files other than checkpoints
-  # (orbax coordinates those itself). Every process still checks the saved config.
-  primary = distributed.is_primary()
-  workdir_lib.check_workdir_config(workdir, config, force=force, write=primary)
-  run = _Run(config, workdir, need_train=True)
   t = config.train
-  writer = MetricsWriter(workdir, enabled=primary)
-  tx = make_optimizer(config.optim, t.iters)
-  feature_dim = models.feature_dim(config.model.depth, config.model.width)
-  num_train = len(run.dataset.train)
-  cams = np.array([r.camid for r in run.dataset.train])
-  true_ids = np.array([r.pid for r in run.dataset.train])
-  logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
-              config.data.name, num_train, len(run.dataset.query), len(run.dataset.gallery),
-              jax.device_count())
-
-  start_epoch = 0
-  previous: _Generation | None = None  # Last epoch's clustering, for RLCC.
-  latest = run.checkpointer.latest_step()
-  if latest is not None:
-    meta = run.checkpointer.read_meta(latest)
-    restored = run.checkpointer.restore(latest, run.abstract_state(tx, meta, feature_dim))
-    state = restored.state["train_state"]
-    start_epoch = int(meta["epoch"]) + 1
-    if int(meta["num_clusters"]) > 0:
-      previous = _Generation(
-          labels=np.asarray(restored.state["pseudo_labels"]).astype(np.int64),
-          centroids=np.asarray(restored.state["cluster_centroids"])[:int(meta["num_clusters"])])
-    logger.info("resuming from %s (epoch %d done)", run.checkpointer.directory, start_epoch)
-  else:
-    empty_memory = memory_lib.init_memory(
-        np.zeros((0, feature_dim), np.float32), config.memory.min_bucket)
-    state = init_train_state(run.model, tx, config, empty_memory)
-  if primary:
-    workdir_lib.prune_metrics(workdir, start_epoch)  # Records a killed run wrote past its checkpoint.
-  state = distributed.replicate(state, run.mesh)
-  # TensorBoard step = epochs done; a resumed run hides what a killed attempt wrote from here.
-  tb = tensorboard_lib.TensorBoardWriter(
-      os.path.join(workdir, "tensorboard"), purge_step=start_epoch + 1 if start_epoch else 0,
-      enabled=config.log.tensorboard and primary)
-
-  if start_epoch == 0 and t.eval_initial:
-    initial, distmat = run.evaluate(state.variables)
-    writer.write("initial", **initial)
-    tb.write_record("initial", **initial)
-    run.report_evaluation(tb, distmat, step=0, name="init")
-    logger.info("initial features (before training): mAP %.1f rank1 %.1f",
-                100 * initial["mAP"], 100 * initial["rank1"])
-
-  hard_step = make_train_step(run.model, tx, config, run.mesh)
-  soft_step = (make_train_step(run.model, tx, config, run.mesh, soft_targets=True)
-               if config.rlcc.enabled else None)
-  batch_sharding = NamedSharding(run.mesh, PartitionSpec("data"))
-  results: dict[str, Any] = {}
-  # (soft targets?, memory rows) of the train steps compiled so far in this process: a new
-  # pair compiles the step again (about 20 s for ResNet-50 on one H200), so it is logged.
-  compiled: set[tuple[bool, int]] = set()
-  try:
-    for epoch in range(start_epoch, t.epochs):
-      timer = Timer()
-      record: dict[str, Any] = {"epoch": epoch}
-      with timer.phase("extract"):
-        features = run.extract(state.variables, run.train_images, desc=f"epoch {epoch} extract")
-      with timer.phase("cluster"):
-        labels = pseudo_labels(features, config.cluster)
-        record["outliers"] = int((labels < 0).sum())
-        if config.rlcc.enabled and config.rlcc.outliers_as_singletons:
-          labels = clustering.keep_outliers_as_singletons(labels)
-        num_clusters = int(labels.max()) + 1 if labels.size else 0
-        record["clusters"] = num_clusters
-        # Diagnostic only (never used for training): agreement with the true train ids.
-        record["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
-        current = (_Generation(labels=labels, centroids=clustering.cluster_centroids(features, labels))
-                   if num_clusters > 0 else None)
-        targets = None
-        if config.rlcc.enabled and current is not None and previous is not None:
-          targets, stats = rlcc_targets(features, current, previous, config.rlcc, epoch)
-          record.update({f"rlcc_{k}": v for k, v in stats.items()})
-
-      losses: list[float] = []
-      if current is None:
-        logger.warning("epoch %d: DBSCAN found no cluster (all %d samples are outliers); "
-                       "skipping this epoch's training", epoch, num_train)
-      else:
-        bucket = memory_lib.bucket_size(num_clusters, config.memory.min_bucket)
-        record["memory_bucket"] = bucket
-        variant = (targets is not None, bucket)
-        if compiled and variant not in compiled:
-          logger.info("epoch %d: %d clusters, a %d-row memory%s: the train step compiles for it "
-                      "(once per size)", epoch, num_clusters, bucket,
-                      " with soft targets" if targets is not None else "")
-        compiled.add(variant)
-        memory = distributed.replicate(memory_lib.init_memory(current.centroids, bucket), run.mesh)
-        state = state.replace(memory=memory)
-        sampler = sampler_lib.CameraAwarePKSampler(
-            labels, cams, t.num_instances,
-            seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
-        batches = _prefetch_batches(
-            sampler.batches(t.iters, t.batch_size), run.train_images, labels, batch_sharding,
-            targets=targets, num_columns=bucket)
-        step_fn = hard_step if targets is None else soft_step
-        with timer.phase("train"):
-          state, losses = _train_epoch(step_fn, state, batches, epoch, t, run)
-      previous = current
-
-      evaluated = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
-      metrics_out: dict[str, float] | None = None
-      if evaluated:
-        with timer.phase("eval"):
-          metrics_out, distmat = run.evaluate(state.variables)
-        results = dict(metrics_out)
-      mean_loss = float(np.mean(losses)) if losses else float("nan")
-      record.update(loss=mean_loss, steps=int(state.step),
-                    lr=float(make_lr_schedule(config.optim, t.iters)(jnp.int32(epoch * t.iters))),
-                    **{f"time_{k}": v for k, v in timer.seconds.items()})
-      if metrics_out is not None:
-        record.update(metrics_out)
-      writer.write("epoch", **record)
-      tb.write_record("epoch", **record)
-      if metrics_out is not None:
-        run.report_evaluation(tb, distmat, step=epoch + 1, name=f"epoch{epoch}")
-      if primary:
-        visualize.save_training_curves(os.path.join(workdir, "curves.png"),
-                                       workdir_lib.read_metrics_lines(workdir)[0],
-                                       num_train=num_train)
-      tb.flush()
-      logger.info(_epoch_line(record, timer))
-
-      meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
-              "num_clusters": num_clusters, "num_train": num_train, "seed": config.seed}
-      if metrics_out is not None:
-        meta["metrics"] = {k: float(v) for k, v in metrics_out.items()}
-      centroids = (current.centroids if current is not None
-                   else np.zeros((1, feature_dim), np.float32))
-      run.checkpointer.save(
-          epoch + 1,
-          {"train_state": state, "pseudo_labels": labels.astype(np.int32),
-           "cluster_centroids": centroids.astype(np.float32)},
-          meta)
-  finally:
-    # A save still in flight must complete even when the loop raises (e.g. a NaN loss).
-    run.checkpointer.wait_until_finished()
-    tb.close()
-  if not results and t.epochs > 0:
-    results = evaluate(config, workdir, checkpoint="latest")
-  return results
-
-
-@dataclasses.dataclass(frozen=True)
-class _Generation:
-  """One epoch's clustering: labels (-1 = outlier) and L2-normalised centroids (K, D)."""
-
-  labels: np.ndarray
-  centroids: np.ndarray
-
-
-def rlcc_targets(features: np.ndarray, current: _Generation, previous: _Generation,
-                 rlcc: ml_collections.ConfigDict, epoch: int) -> tuple[np.ndarray, dict]:
-  """RLCC soft targets (N, K) for this epoch and the consensus statistics to log.
-
-  ``P = q`` on the first RLCC epoch (epoch 1), alpha-mixed with the previous one-hot
-  from epoch 2 on (docs/algorithms.md section 6).
-  """
-  consensus = clustering.consensus_matrix(
-      previous.labels, current.labels, num_prev_clusters=previous.centroids.shape[0],
-      num_clusters=current.centroids.shape[0])
-  targets = clustering.soft_labels(
-      features, current.labels, previous.labels, previous.centroids,
-      use_prev_onehot=epoch >= 2, alpha=rlcc.alpha, beta=rlcc.beta, pred_temp=rlcc.pred_temp,
-      consensus=consensus)
-  stats = clustering.consensus_stats(
-      previous.labels, current.labels, targets, num_prev_clusters=previous.centroids.shape[0],
-      consensus=consensus)
-  return targets, stats
-
-
-def _train_epoch(step_fn, state: TrainState, batches, epoch: int, t: ml_collections.ConfigDict,
-                 run: _Run) -> tuple[TrainState, list[float]]:
-  """Runs ``t.iters`` steps; fetches the losses every ``t.log_every`` steps."""
+  bucket = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
+  memory = memory_lib.init_memory(plan.centroids, bucket)
+  state = state.replace(memory=distributed.replicate(memory, steps.mesh))
+  sampler = sampler_lib.CameraAwarePKSampler(
+      plan.labels, data.train_cams, t.num_instances,
+      seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+  batches = prefetch_batches(
+      sampler.batches(t.iters, t.batch_size), data.train_images, plan.labels,
+      NamedSharding(steps.mesh, PartitionSpec("data")), targets=plan.targets,
+      num_columns=bucket)
+  step_fn = steps.get(soft=plan.targets is not None, bucket=bucket, epoch=epoch,
+                      num_clusters=plan.num_clusters)
   losses: list[float] = []
   pending: list[jax.Array] = []
   bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
-                     enabled=run.progress)
+                     enabled=bool(config.log.progress))
   for it, batch in enumerate(batches):
     state, metrics = step_fn(state, *batch)
     pending.append(metrics["loss"])
@@ -533,8 +304,8 @@ def _train_epoch(step_fn, state: TrainState, batches, epoch: int, t: ml_collecti
       pending = []
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(
-            f"non-finite loss at epoch {epoch} step {it}: {values}; the last good "
-            f"checkpoint is kept in {run.checkpointer.directory}")
+            f"non-finite loss at epoch {epoch} step {it}: {values}; the checkpoints of the "
+            "earlier epochs are kept")
       losses.extend(values)
       bar.set_postfix(loss=f"{values[-1]:.3f}")
     bar.update(1)
@@ -542,71 +313,275 @@ def _train_epoch(step_fn, state: TrainState, batches, epoch: int, t: ml_collecti
   return state, losses
 
 
-def _epoch_line(record: dict[str, Any], timer: Timer) -> str:
-  line = (f"epoch {record['epoch']:3d} | clusters {record['clusters']:5d} | "
-          f"outliers {record['outliers']:6d} | ARI {record['cluster_ari']:.3f} | loss {record['loss']:.4f} | " +
-          " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
-  if "rlcc_num_dissolved" in record:
-    line += (f" | rlcc dissolved {record['rlcc_num_dissolved']} new {record['rlcc_num_new']} "
-             f"max(y~) {record['rlcc_mean_max_target']:.3f} "
-             f"argmax!=y {record['rlcc_frac_argmax_changed']:.3f}")
-  if "mAP" in record:
-    line += f" | mAP {100 * record['mAP']:.1f} rank1 {100 * record['rank1']:.1f}"
-  return line
+# ---------------------------------------------------------------------------------------
+# Features and evaluation.
+# ---------------------------------------------------------------------------------------
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             checkpoint: str | int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint of ``workdir`` (default ``config.eval.checkpoint``).
+def make_feature_extractor(model: Any, config: ml_collections.ConfigDict):
+  """``extract(variables, uint8 images, desc=...) -> (N, D)`` features on every process.
 
-  Prints nothing; returns mAP / CMC and writes them to ``<workdir>/eval_<step>.json``.
+  Eval mode and the test transform; each process extracts its share on its own devices and
+  the shares are all-gathered.
   """
-  validation.validate_config(config, num_devices=None)
-  run = _Run(config, workdir, need_train=False)
-  variables, step, epoch = _load_variables(run, checkpoint)
-  metrics, distmat = run.evaluate(variables)
-  results = dict(metrics, step=step, epoch=epoch)
-  name = "init" if step == 0 else str(step)
-  if run.cross_domain:
-    name += f"_{config.eval.dataset or config.data.name}"
-  if distributed.is_primary():
-    with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-  run.report_evaluation(None, distmat, step=step, name=f"eval_{name}")
-  return results
+  mesh = distributed.local_mesh()
+  extract_fn = with_precision(make_extract_fn(model, mesh), config.model.precision)
+  return functools.partial(distributed.extract_and_allgather, extract_fn, mesh=mesh,
+                           batch_size=config.eval.batch_size,
+                           progress=bool(config.log.progress))
 
 
-def _load_variables(run: _Run, checkpoint: str | int | None) -> tuple[Any, int, int]:
-  """``(variables, step, epoch)`` of a checkpoint, or of the initial model (step 0, epoch -1).
+def evaluate_variables(extract, variables: Any, data: loading.RunData,
+                       config: ml_collections.ConfigDict) -> tuple[dict[str, float], np.ndarray]:
+  """``(mAP / CMC metrics, query x gallery distances)`` of ``data.eval_dataset``."""
+  features = extract(variables, data.test_images, desc="eval extract")
+  return evaluation.evaluate_features(features, data.eval_dataset, config.eval)
 
-  The initial (random or ``config.model.pretrained``) model is used for ``checkpoint="init"``,
-  and when no checkpoint is named, the workdir holds none and ``model.pretrained`` is set:
-  the "direct transfer" baseline.
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------
+
+
+def _abstract_checkpoint(model: Any, tx: optax.GradientTransformation,
+                         config: ml_collections.ConfigDict, meta: dict[str, Any],
+                         sharding: NamedSharding) -> Any:
+  """The array tree a checkpoint with this ``meta`` holds, as shapes only."""
+  feature_dim = models.feature_dim(model.depth, model.width)
+  bucket = int(meta["memory_bucket"])
+  memory = memory_lib.MemoryState(
+      centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
+  state = jax.eval_shape(
+      lambda: init_train_state(model, tx, config, memory, load_weights=False))
+  tree = {"train_state": state,
+          "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
+          "cluster_centroids": jax.ShapeDtypeStruct(
+              (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
+  # Restored as global arrays replicated over the mesh (what every process needs).
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _restore(checkpointer: checkpoint_lib.Checkpointer, step: int, model: Any,
+             tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+             mesh: Mesh) -> checkpoint_lib.RestoredCheckpoint:
+  meta = checkpointer.read_meta(step)
+  return checkpointer.restore(
+      step, _abstract_checkpoint(model, tx, config, meta, NamedSharding(mesh, PartitionSpec())))
+
+
+def _save_checkpoint(checkpointer: checkpoint_lib.Checkpointer, epoch: int, state: TrainState,
+                     plan: PseudoLabels, metrics: dict[str, float] | None,
+                     config: ml_collections.ConfigDict, data: loading.RunData) -> None:
+  generation = plan.generation
+  meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
+          "num_clusters": generation.num_clusters, "num_train": data.num_train,
+          "train_fingerprint": loading.train_fingerprint(data.dataset.train),
+          "seed": config.seed}
+  if generation.indep_threshold is not None:
+    meta["indep_threshold"] = generation.indep_threshold
+  if metrics is not None:
+    meta["metrics"] = {k: float(v) for k, v in metrics.items()}
+  centroids = generation.centroids
+  if not centroids.shape[0]:  # a stored array needs a row.
+    centroids = np.zeros((1, centroids.shape[1]), np.float32)
+  checkpointer.save(
+      epoch + 1,
+      {"train_state": state, "pseudo_labels": generation.labels.astype(np.int32),
+       "cluster_centroids": centroids.astype(np.float32)},
+      meta)
+
+
+def _generation_of(restored: checkpoint_lib.RestoredCheckpoint) -> Generation:
+  """The clustering a checkpoint's epoch ended with (what the next epoch continues from)."""
+  meta = restored.meta
+  num_clusters = int(meta["num_clusters"])
+  threshold = meta.get("indep_threshold")
+  return Generation(
+      labels=np.asarray(restored.state["pseudo_labels"]).astype(np.int64),
+      centroids=np.asarray(restored.state["cluster_centroids"])[:num_clusters],
+      indep_threshold=None if threshold is None else float(threshold))
+
+
+# ---------------------------------------------------------------------------------------
+# Public entry points.
+# ---------------------------------------------------------------------------------------
+
+
+def _epoch_record(epoch: int, plan: PseudoLabels, losses: list[float], state: TrainState,
+                  metrics: dict[str, float] | None, timer: Timer,
+                  config: ml_collections.ConfigDict) -> dict[str, Any]:
+  record: dict[str, Any] = {"epoch": epoch, **plan.stats}
+  if plan.num_clusters:
+    record["memory_bucket"] = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
+  record.update(loss=float(np.mean(losses)) if losses else float("nan"), steps=int(state.step),
+                lr=float(make_lr_schedule(config.optim, config.train.iters)(
+                    jnp.int32(epoch * config.train.iters))),
+                **{f"time_{k}": v for k, v in timer.seconds.items()})
+  if metrics is not None:
+    record.update(metrics)
+  return record
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       force: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) a run in ``workdir``; returns its best and last evaluations.
+
+  A killed run restarts from its latest checkpoint when called again with the same
+  ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
+  randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
+
+  Returns:
+    The metrics of the best evaluated checkpoint (highest mAP, evaluated again at the end
+    as the reference does) with its ``epoch``, plus ``best`` and ``last``: the metrics and
+    epoch of the best and of the final evaluation.
   """
-  config = run.config
-  which = config.eval.checkpoint if checkpoint is None else checkpoint
+  validation.validate_config(config, num_devices=jax.device_count(), training=True)
+  # Every process runs this function; only process 0 writes files other than checkpoints
+  # (orbax coordinates those itself). Every process still checks the saved config.
+  primary = distributed.is_primary()
+  workdir_lib.check_workdir_config(workdir, config, force=force, write=primary)
+  data = loading.load_run_data(config, workdir, need_train=True)
+  model = models.create_model(config.model)
   tx = make_optimizer(config.optim, config.train.iters)
-  feature_dim = models.feature_dim(config.model.depth, config.model.width)
-  no_checkpoint = not run.checkpointer.all_steps()
-  if which == "init" or (checkpoint is None and no_checkpoint and _has_pretrained(config)):
+  mesh = distributed.make_mesh()
+  extract = make_feature_extractor(model, config)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
+              config.data.name, data.num_train, len(data.eval_dataset.query),
+              len(data.eval_dataset.gallery), jax.device_count())
+
+  # The state to start from: the latest checkpoint, or a fresh initialisation.
+  start_epoch, previous = 0, None
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    restored = _restore(checkpointer, latest, model, tx, config, mesh)
+    state, previous = restored.state["train_state"], _generation_of(restored)
+    start_epoch = int(restored.meta["epoch"]) + 1
+    logger.info("resuming from %s: %d epoch(s) done, training epoch %d next",
+                checkpointer.directory, start_epoch, start_epoch)
+  else:
+    feature_dim = models.feature_dim(model.depth, model.width)
+    empty = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
+                                   config.memory.min_bucket)
+    state = init_train_state(model, tx, config, empty)
+  state = distributed.replicate(state, mesh)
+  reporter = Reporter(config, workdir, data, start_epoch=start_epoch, num_train=data.num_train,
+                      enabled=primary)
+  if start_epoch == 0 and config.train.eval_initial:
+    reporter.initial(*evaluate_variables(extract, state.variables, data, config))
+
+  steps = TrainSteps(model, tx, config, mesh)
+  t = config.train
+  last: dict[str, Any] | None = None
+  try:
+    for epoch in range(start_epoch, t.epochs):
+      timer = Timer()
+      with timer.phase("extract"):
+        features = extract(state.variables, data.train_images, desc=f"epoch {epoch} extract")
+      with timer.phase("cluster"):
+        plan = pseudo_label(features, data.train_cams, config, epoch=epoch, previous=previous,
+                            true_ids=data.train_ids)
+      losses: list[float] = []
+      if plan.num_clusters:
+        with timer.phase("train"):
+          state, losses = train_on(plan, state, steps, data, config, epoch=epoch)
+      else:
+        logger.warning("epoch %d: the clustering found no cluster (all %d samples are "
+                       "outliers); this epoch trains nothing", epoch, data.num_train)
+      metrics, distmat = None, None
+      if (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1:
+        with timer.phase("eval"):
+          metrics, distmat = evaluate_variables(extract, state.variables, data, config)
+        last = dict(metrics, epoch=epoch)
+      reporter.epoch(_epoch_record(epoch, plan, losses, state, metrics, timer, config), distmat)
+      _save_checkpoint(checkpointer, epoch, state, plan, metrics, config, data)
+      previous = plan.generation
+  finally:
+    # A save still in flight must complete even when the loop raises (e.g. a NaN loss).
+    checkpointer.wait_until_finished()
+    reporter.close()
+  return _final_results(checkpointer, last, extract, data, model, tx, config, mesh)
+
+
+def _final_results(checkpointer, last, extract, data, model, tx, config, mesh) -> dict[str, Any]:
+  """The best checkpoint's metrics (evaluated again), with ``best`` and ``last`` (see above)."""
+  steps = checkpointer.all_steps()
+  if not steps:
+    return {}
+
+  def evaluated(step: int) -> dict[str, Any]:
+    restored = _restore(checkpointer, step, model, tx, config, mesh)
+    variables = distributed.replicate(restored.state["train_state"].variables, mesh)
+    metrics, _ = evaluate_variables(extract, variables, data, config)
+    return dict(metrics, epoch=int(restored.meta["epoch"]))
+
+  if last is None:  # nothing was trained in this call: the run was already complete.
+    last = evaluated(steps[-1])
+  best_step = checkpointer.best_step()
+  best = last if best_step in (None, last["epoch"] + 1) else evaluated(best_step)
+  logger.info("best evaluation: epoch %d, mAP %.1f; last: epoch %d, mAP %.1f", best["epoch"],
+              100 * best["mAP"], last["epoch"], 100 * last["mAP"])
+  return dict(best, best=best, last=last)
+
+
+def load_variables(config: ml_collections.ConfigDict, workdir: str,
+                   checkpoint: str | int | None = None) -> tuple[Any, Any, int, int]:
+  """``(model, variables, step, epoch)`` of a checkpoint of ``workdir``, or the initial model.
+
+  ``checkpoint``: "best", "latest", a step number, the path of a step folder (of any run),
+  or "init" for the initial (random or ``config.model.pretrained``) model, step 0, epoch -1.
+  The default is ``config.eval.checkpoint``; a workdir without a checkpoint and a config
+  with ``model.pretrained`` give the initial model (the "direct transfer" baseline).
+  Needs no dataset: usable from a user's own code.
+  """
+  which = config.eval.checkpoint if checkpoint is None else checkpoint
+  model = models.create_model(config.model)
+  tx = make_optimizer(config.optim, config.train.iters)
+  mesh = distributed.make_mesh()
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             read_only=True)
+  no_checkpoint = not checkpointer.all_steps()
+  if which == "init" or (checkpoint is None and no_checkpoint and has_pretrained(config)):
     if which != "init":
       logger.info("no checkpoint in %s: evaluating the initial model (%s)",
-                  run.checkpointer.directory, config.model.pretrained)
+                  checkpointer.directory, config.model.pretrained)
+    feature_dim = models.feature_dim(model.depth, model.width)
     memory = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
                                     config.memory.min_bucket)
-    state = init_train_state(run.model, tx, config, memory)
-    return distributed.replicate(state.variables, run.mesh), 0, -1
-  checkpointer = run.checkpointer
+    state = init_train_state(model, tx, config, memory)
+    return model, distributed.replicate(state.variables, mesh), 0, -1
   if isinstance(which, str) and os.path.isdir(which):
     # A step folder of any run, e.g. runs/market/checkpoints/50.
     path = os.path.abspath(which)
     checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), read_only=True)
     which = os.path.basename(path)
   step = checkpointer.resolve(which)
-  meta = checkpointer.read_meta(step)
-  restored = checkpointer.restore(step, run.abstract_state(tx, meta, feature_dim))
-  state = distributed.replicate(restored.state["train_state"], run.mesh)
-  return state.variables, step, int(meta["epoch"])
+  restored = _restore(checkpointer, step, model, tx, config, mesh)
+  variables = distributed.replicate(restored.state["train_state"].variables, mesh)
+  return model, variables, step, int(restored.meta["epoch"])
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             checkpoint: str | int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint of ``workdir`` (default ``config.eval.checkpoint``).
+
+  Prints nothing; returns mAP / CMC with the checkpoint's ``step`` and ``epoch``, and writes
+  them to ``<workdir>/eval_<step>.json`` with a rank-list picture.
+  """
+  validation.validate_config(config, num_devices=None)
+  data = loading.load_run_data(config, workdir, need_train=False)
+  model, variables, step, epoch = load_variables(config, workdir, checkpoint)
+  metrics, distmat = evaluate_variables(make_feature_extractor(model, config), variables, data,
+                                        config)
+  results = dict(metrics, step=step, epoch=epoch)
+  name = "init" if step == 0 else str(step)
+  if data.cross_domain:
+    name += f"_{config.eval.dataset or config.data.name}"
+  if distributed.is_primary():
+    write_json(os.path.join(workdir, f"eval_{name}.json"), results)
+    save_rank_list(config, workdir, data, distmat, name=f"eval_{name}")
+  return results
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out: str,
@@ -617,11 +592,11 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   ``config.eval.dataset`` when set. Returns a summary of what was written.
   """
   validation.validate_config(config, num_devices=None)
-  run = _Run(config, workdir, need_train=split == "train")
-  variables, step, epoch = _load_variables(run, checkpoint)
-  features, records = extract_split(run, variables, split)
+  data = loading.load_run_data(config, workdir, need_train=split == "train")
+  model, variables, step, epoch = load_variables(config, workdir, checkpoint)
+  images, records = split_images(data, split)
+  features = make_feature_extractor(model, config)(variables, images, desc=f"{split} extract")
   if distributed.is_primary():
     export_features(out, features, records, split)
   return {"out": out, "split": split, "num_images": len(records),
           "feature_dim": int(features.shape[1]), "step": step, "epoch": epoch}
-

@@ -41,11 +41,28 @@ def prefetch(items: Iterable[_T], load: Callable[[_T], _R], depth: int = 2) -> I
       yield result
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes ``value`` as indented JSON to ``path``, creating its folder."""
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename, creating its folder.
+
+  A reader never sees half a file, and a failed write leaves no temporary file behind.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes ``value`` as indented JSON (keys sorted) to ``path``, atomically."""
+  write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 class MetricsWriter:

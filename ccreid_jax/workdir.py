@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from ccreid_jax import validation
+from ccreid_jax.utils import write_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -130,15 +131,6 @@ def config_differences(old: dict[str, Any], new: Any,
   return out
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def check_workdir_config(workdir: str, config: Any, *, force: bool,
                          reference: Any = None, write: bool = True) -> None:
   """Saves ``config`` as ``<workdir>/config.json``, refusing one that changes a resumed run.
@@ -179,7 +171,7 @@ def check_workdir_config(workdir: str, config: Any, *, force: bool,
     return
   text = (config.to_json_best_effort(indent=2) if isinstance(config, ml_collections.ConfigDict)
           else json.dumps(config, indent=2, default=repr))
-  _write_atomic(path, text)
+  write_atomic(path, text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +256,7 @@ def prune_metrics(workdir: str, start_epoch: int) -> int:
   kept = [r for r in records if not stale(r)]
   dropped = len(records) - len(kept) + bad
   if dropped:
-    _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     logger.info("metrics.jsonl: dropped %d record(s) of the interrupted attempt "
                 "(epochs >= %d are redone)", dropped, start_epoch)
   return dropped

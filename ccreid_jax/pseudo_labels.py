@@ -1,0 +1,179 @@
+"""Pseudo-labelling, one epoch's first phase: train features -> labels, centroids, targets.
+
+``pseudo_label(features, cams, config, epoch=..., previous=...)`` clusters the L2-normalised
+train features (docs/algorithms.md sections 5, 9 and 10), builds the cluster centroids that
+become the memory, the RLCC soft targets when RLCC is on (section 6), and the statistics an
+epoch logs. It is host-side numpy / scikit-learn code and never touches the model.
+
+What one epoch hands to the next is a ``Generation``: its labels and clustering centroids
+(RLCC's previous clustering) and the reliability criterion's independence threshold (fixed by
+the first epoch). Checkpoints carry it, so a resumed run labels exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+from ccreid_jax import clustering
+
+__all__ = ["Generation", "PseudoLabels", "cluster_labels", "pseudo_label", "rlcc_targets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One epoch's clustering, as the next epoch needs it.
+
+  Attributes:
+    labels: (N,) int64 class of each train sample; -1 marks an outlier.
+    centroids: (K, D) float32 L2-normalised class means (the clustering centroids, not the
+      momentum-updated memory).
+    indep_threshold: the reliability criterion's independence threshold (computed in the
+      first epoch and reused by every later one), or None when the criterion is off.
+  """
+
+  labels: np.ndarray
+  centroids: np.ndarray
+  indep_threshold: float | None = None
+
+  @property
+  def num_clusters(self) -> int:
+    return int(self.centroids.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabels:
+  """What an epoch trains on.
+
+  Attributes:
+    generation: labels and centroids of this epoch's clustering (``num_clusters`` may be 0,
+      then there is nothing to train on).
+    targets: (N, K) float32 RLCC soft targets, or None for the hard cross-entropy.
+    stats: plain numbers for the epoch's record: ``clusters``, ``outliers``, ``cluster_ari``
+      (agreement with the true ids, a diagnostic when they are known) and ``rlcc_*``.
+  """
+
+  generation: Generation
+  targets: np.ndarray | None
+  stats: dict[str, Any]
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.generation.labels
+
+  @property
+  def centroids(self) -> np.ndarray:
+    return self.generation.centroids
+
+  @property
+  def num_clusters(self) -> int:
+    return self.generation.num_clusters
+
+
+def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
+                   cluster: ml_collections.ConfigDict, *, epoch: int,
+                   outliers_as_singletons: bool = False,
+                   indep_threshold: float | None = None) -> tuple[np.ndarray, float | None]:
+  """``(labels, indep_threshold)`` of the configured clustering; -1 marks outliers.
+
+  DBSCAN on the Jaccard or CA-Jaccard distance (with SpCL's reliability criterion when
+  ``cluster.reliable``), or InfoMap on the kNN graph. Only pairs within the largest DBSCAN
+  radius are stored. ``epoch`` selects CA-Jaccard's first-epoch query expansion.
+  """
+  if cluster.method == "infomap":
+    seed = int(cluster.infomap_seed) or None  # 0: the infomap package's own default.
+    labels = clustering.infomap_labels(
+        features, k=cluster.infomap_k, min_similarity=cluster.infomap_min_similarity,
+        min_cluster_size=cluster.infomap_min_cluster_size, seed=seed)
+  elif cluster.method == "dbscan":
+    radius = cluster.eps_loose if cluster.reliable else cluster.eps
+    if cluster.distance == "ca_jaccard":
+      first = epoch == 0
+      distance = clustering.ca_jaccard_distance(
+          features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
+          k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
+          k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
+          max_distance=radius)
+    else:
+      distance = clustering.jaccard_distance(
+          features, k1=cluster.k1, k2=cluster.k2, max_distance=radius)
+    if cluster.reliable:
+      return clustering.reliable_dbscan_labels(
+          distance, eps=(cluster.eps_tight, cluster.eps, cluster.eps_loose),
+          min_samples=cluster.min_samples, outliers_as_singletons=outliers_as_singletons,
+          indep_threshold=indep_threshold)
+    labels = clustering.dbscan_labels(distance, eps=cluster.eps,
+                                      min_samples=cluster.min_samples)
+  else:
+    raise ValueError(f"config.cluster.method: unknown method {cluster.method!r}; accepted: "
+                     "'dbscan', 'infomap'")
+  if outliers_as_singletons:
+    labels = clustering.keep_outliers_as_singletons(labels)
+  return labels, indep_threshold
+
+
+def _unclustered(labels: np.ndarray) -> int:
+  """Samples in no class of two or more: outliers (-1) and singleton classes."""
+  kept = labels[labels >= 0]
+  sizes = np.bincount(kept) if kept.size else np.zeros(0, np.int64)
+  return int((labels < 0).sum() + (sizes == 1).sum())
+
+
+def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_collections.ConfigDict,
+                 *, epoch: int, previous: Generation | None,
+                 true_ids: np.ndarray | None = None) -> PseudoLabels:
+  """Clusters ``features`` (N, D) and builds what the epoch trains on.
+
+  Args:
+    features: (N, D) L2-normalised train features (eval mode).
+    cams: (N,) camera ids (CA-Jaccard needs them), or None.
+    config: the run's config (``cluster`` and ``rlcc`` are read).
+    epoch: the 0-based epoch (RLCC mixes the previous one-hot from epoch 2 on).
+    previous: the previous epoch's ``Generation`` (None in the first epoch, or when it
+      found no cluster).
+    true_ids: (N,) ground-truth ids for the ``cluster_ari`` diagnostic (never used for
+      training), or None.
+  """
+  rlcc = config.rlcc
+  labels, indep_threshold = cluster_labels(
+      features, cams, config.cluster, epoch=epoch,
+      outliers_as_singletons=bool(rlcc.outliers_as_singletons),
+      indep_threshold=None if previous is None else previous.indep_threshold)
+  num_clusters = int(labels.max()) + 1 if labels.size else 0
+  centroids = (clustering.cluster_centroids(features, labels) if num_clusters
+               else np.zeros((0, features.shape[1]), np.float32))
+  generation = Generation(labels=labels, centroids=centroids,
+                          indep_threshold=None if indep_threshold is None
+                          else float(indep_threshold))
+  stats: dict[str, Any] = {"clusters": num_clusters, "outliers": _unclustered(labels)}
+  if true_ids is not None:
+    stats["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
+  targets = None
+  if rlcc.enabled and num_clusters and previous is not None and previous.num_clusters:
+    targets, rlcc_stats = rlcc_targets(features, generation, previous, rlcc, epoch)
+    stats.update({f"rlcc_{k}": v for k, v in rlcc_stats.items()})
+  return PseudoLabels(generation=generation, targets=targets, stats=stats)
+
+
+def rlcc_targets(features: np.ndarray, current: Generation, previous: Generation,
+                 rlcc: ml_collections.ConfigDict, epoch: int) -> tuple[np.ndarray, dict]:
+  """RLCC soft targets (N, K) for this epoch and the consensus statistics to log.
+
+  ``P = q`` on the first RLCC epoch (epoch 1), alpha-mixed with the previous one-hot from
+  epoch 2 on (docs/algorithms.md section 6).
+  """
+  consensus = clustering.consensus_matrix(
+      previous.labels, current.labels, num_prev_clusters=previous.num_clusters,
+      num_clusters=current.num_clusters)
+  targets = clustering.soft_labels(
+      features, current.labels, previous.labels, previous.centroids,
+      use_prev_onehot=epoch >= 2, alpha=rlcc.alpha, beta=rlcc.beta, pred_temp=rlcc.pred_temp,
+      consensus=consensus)
+  stats = clustering.consensus_stats(
+      previous.labels, current.labels, targets, num_prev_clusters=previous.num_clusters,
+      consensus=consensus)
+  return targets, stats
