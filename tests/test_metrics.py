@@ -1,4 +1,5 @@
-"""Re-ID ranking metrics against hand-worked numbers and a per-query loop with sklearn AP."""
+"""Re-ID ranking metrics against hand-worked numbers, a per-query loop with sklearn AP, and a
+brute-force transcription of mINP's definition."""
 
 import numpy as np
 import pytest
@@ -7,14 +8,34 @@ import reference_impls as ref
 from ccreid_jax.evaluation import evaluate_ranking, pairwise_distance
 
 
+def minp_by_definition(distmat, query_ids, gallery_ids, query_cams, gallery_cams):
+  """mINP straight from its definition, one query at a time, without sorting.
+
+  Per query: drop the gallery entries with its id and camera; skip it if no correct match is
+  left; INP = (correct matches) / (rank of the last correct match), where a tied rank counts
+  every kept entry at a distance <= the last correct match's (the AP code's tie rule).
+  """
+  inps = []
+  for i in range(distmat.shape[0]):
+    kept = ~((gallery_ids == query_ids[i]) & (gallery_cams == query_cams[i]))
+    d = distmat[i][kept]
+    correct = gallery_ids[kept] == query_ids[i]
+    if not correct.any():
+      continue
+    hardest = d[correct].max()
+    inps.append(correct.sum() / np.sum(d <= hardest))
+  return float(np.mean(inps))
+
+
 def test_hand_worked_example():
   gallery_ids = np.array([1, 2, 1, 3, 1])
   gallery_cams = np.array([0, 1, 1, 1, 1])
   dist = np.array([
       # Query id 1, cam 0: gallery 0 (same id, same cam) is dropped; the kept ranking is
-      # g1 (id 2), g2 (id 1), g3 (id 3), g4 (id 1): AP = (1/2 + 2/4) / 2 = 0.5, first hit 2.
+      # g1 (id 2), g2 (id 1), g3 (id 3), g4 (id 1): AP = (1/2 + 2/4) / 2 = 0.5, first hit 2,
+      # INP = 2 correct / last one at rank 4 = 0.5.
       [0.1, 0.2, 0.3, 0.4, 0.5],
-      # Query id 2, cam 0: g1 (id 2, cam 1) comes first: AP = 1, first hit 1.
+      # Query id 2, cam 0: g1 (id 2, cam 1) comes first: AP = 1, first hit 1, INP = 1.
       [0.5, 0.1, 0.2, 0.3, 0.4],
       # Query id 9: no match anywhere, skipped.
       [0.1, 0.2, 0.3, 0.4, 0.5],
@@ -23,7 +44,8 @@ def test_hand_worked_example():
   ])
   out = evaluate_ranking(dist, np.array([1, 2, 9, 3]), gallery_ids, np.array([0, 0, 0, 1]),
                          gallery_cams, topk=(1, 2, 5))
-  assert out == pytest.approx({"mAP": 0.75, "rank1": 0.5, "rank2": 1.0, "rank5": 1.0})
+  assert out == pytest.approx(
+      {"mAP": 0.75, "mINP": 0.75, "rank1": 0.5, "rank2": 1.0, "rank5": 1.0})
 
 
 def test_tied_distances_follow_sklearn():
@@ -34,10 +56,35 @@ def test_tied_distances_follow_sklearn():
                          np.array([0]), np.array([1, 1, 1]), topk=(1, 2))
   assert out["mAP"] == pytest.approx(1 / 3)
   assert out["rank1"] == 0.0 and out["rank2"] == 1.0
+  # The one correct match ranks at the end of its tie group (3), as for AP: INP = 1/3.
+  assert out["mINP"] == pytest.approx(1 / 3)
   # Same-id same-camera entries inside a tie group are removed before grouping.
   out = evaluate_ranking(np.array([[0.2, 0.2, 0.2, 0.1]]), np.array([1]),
                          np.array([1, 1, 2, 2]), np.array([0]), np.array([1, 0, 1, 1]))
   assert out["mAP"] == pytest.approx(1 / 3)
+  assert out["mINP"] == pytest.approx(1 / 3)
+
+
+def test_minp_hand_worked():
+  # One query (id 1, cam 0) against 6 entries, sorted by distance: g0 (id 1, cam 0: removed),
+  # g1 (id 1, cam 1: correct, rank 1), g2 (id 5), g3 (id 1, cam 2: correct, rank 3), g4 (id
+  # 6), g5 (id 1, cam 0: removed). INP = 2 / 3; AP = (1/1 + 2/3) / 2 = 5/6.
+  dist = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+  out = evaluate_ranking(dist, np.array([1]), np.array([1, 1, 5, 1, 6, 1]), np.array([0]),
+                         np.array([0, 1, 1, 2, 1, 0]))
+  assert out["mINP"] == pytest.approx(2 / 3)
+  assert out["mAP"] == pytest.approx(5 / 6)
+  # The last correct match tied with a wrong one that the stable order puts after it (g4 at
+  # 0.3): the tie counts, INP = 2 / 4 (the rank by position alone would give 2 / 3).
+  dist = np.array([[0.0, 0.1, 0.2, 0.3, 0.3, 0.5]])
+  out = evaluate_ranking(dist, np.array([1]), np.array([1, 1, 5, 1, 6, 1]), np.array([0]),
+                         np.array([0, 1, 1, 2, 1, 0]))
+  assert out["mINP"] == pytest.approx(2 / 4)
+  # INP is 1 exactly when every correct match precedes every wrong one.
+  dist = np.array([[0.0, 0.1, 0.4, 0.3, 0.5, 0.2]])
+  out = evaluate_ranking(dist, np.array([1]), np.array([1, 1, 5, 1, 6, 1]), np.array([0]),
+                         np.array([0, 1, 1, 2, 1, 0]))
+  assert out["mINP"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,10 +100,30 @@ def test_matches_loop_with_sklearn_ap(seed, block_elements):
   got = evaluate_ranking(dist, q_ids, g_ids, q_cams, g_cams, topk=topk,
                          block_elements=block_elements)
   want = ref.evaluate_loop(dist, q_ids, g_ids, q_cams, g_cams, topk=topk)
-  assert set(got) == {"mAP", "rank1", "rank3", "rank5", "rank10"}
+  assert set(got) == {"mAP", "mINP", "rank1", "rank3", "rank5", "rank10"}
   for key in want:
     assert got[key] == pytest.approx(want[key], abs=1e-12), key
     assert isinstance(got[key], float)
+  assert isinstance(got["mINP"], float)
+  assert got["mINP"] == pytest.approx(
+      minp_by_definition(dist, q_ids, g_ids, q_cams, g_cams), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("block_elements", [1, 1 << 22])
+def test_minp_matches_definition_with_ties_and_unmatched_queries(seed, block_elements):
+  rng = np.random.default_rng(100 + seed)
+  num_q, num_g = 30, 50
+  levels = [2, 4, 16, 10000][seed]  # few distinct distances -> many ties
+  dist = (rng.integers(0, levels, size=(num_q, num_g)) / levels).astype(np.float32)
+  # Query ids 6 and 7 never occur in the gallery, and with 2 cameras many queries see their
+  # only matches removed: both kinds of query are skipped.
+  q_ids, g_ids = rng.integers(0, 8, num_q), rng.integers(0, 6, num_g)
+  q_cams, g_cams = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
+  got = evaluate_ranking(dist, q_ids, g_ids, q_cams, g_cams, block_elements=block_elements)
+  want = minp_by_definition(dist, q_ids, g_ids, q_cams, g_cams)
+  assert got["mINP"] == pytest.approx(want, abs=1e-12)
+  assert (q_ids >= 6).any()
 
 
 def test_queries_without_valid_match_are_skipped():

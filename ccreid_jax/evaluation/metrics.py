@@ -1,4 +1,4 @@
-"""Re-ID ranking metrics: mAP and CMC (docs/algorithms.md, section 7), numpy only.
+"""Re-ID ranking metrics: mAP, CMC (docs/algorithms.md section 7) and mINP (section 11), numpy only.
 
 Protocol: every query is ranked against the whole gallery by increasing distance; gallery
 entries with the query's id *and* camera are removed from its ranking; queries left without any
@@ -8,6 +8,12 @@ included (tied entries share one threshold: each correct entry scores the precis
 of its tie group). CMC(k) is the fraction of queries whose first correct match is within the
 first k remaining entries; the position comes from a stable argsort, so ties are broken by
 gallery index (the reference's unstable argsort leaves them arbitrary).
+
+mINP (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook", TPAMI
+2021) is the mean over the same queries of INP = (number of correct matches) / (rank of the
+last correct match), the rank counted among the remaining entries. Ties are treated as for
+AP: the last correct match ranks at the end of its tie group, i.e. its rank is the number of
+remaining entries at a distance <= its own.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ def pairwise_distance(query_features: np.ndarray, gallery_features: np.ndarray, 
 
 
 def _rank_block(dist, q_ids, q_cams, gallery_ids, gallery_cams):
-  """AP and first-match position (1-based, among kept entries) for a block of queries.
+  """AP, first-match position (1-based, among kept entries) and INP for a block of queries.
 
-  Returns ``(ap, first, has_match)``; ``ap`` and ``first`` are meaningful where ``has_match``.
+  Returns ``(ap, first, inp, has_match)``; the first three are meaningful where ``has_match``.
   """
   order = np.argsort(dist, axis=1, kind="stable")
   sorted_dist = np.take_along_axis(dist, order, axis=1)
@@ -74,16 +80,22 @@ def _rank_block(dist, q_ids, q_cams, gallery_ids, gallery_cams):
                  / np.maximum(np.take_along_axis(cum_kept, last, axis=1), 1))
   ap = np.where(positive, prec_at_end, 0.0).sum(axis=1) / np.maximum(num_pos, 1)
 
+  rows = np.arange(b)
   first_pos = np.argmax(positive, axis=1)
-  first = cum_kept[np.arange(b), first_pos]
-  return ap, first, has_match
+  first = cum_kept[rows, first_pos]
+
+  # The last correct match ranks at the end of its tie group, as for AP.
+  last_pos = g - 1 - np.argmax(positive[:, ::-1], axis=1)
+  last_rank = cum_kept[rows, last[rows, last_pos]]
+  inp = num_pos / np.maximum(last_rank, 1)
+  return ap, first, inp, has_match
 
 
 def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np.ndarray,
                      query_cams: np.ndarray, gallery_cams: np.ndarray,
                      topk: Sequence[int] = (1, 5, 10), *,
                      block_elements: int = _BLOCK_ELEMENTS) -> dict[str, float]:
-  """mAP and CMC of a (Q, G) distance matrix under the re-ID protocol in the module docstring.
+  """mAP, CMC and mINP of a (Q, G) distance matrix under the protocol in the module docstring.
 
   Args:
     distmat: (Q, G) distances, smaller = more similar (e.g. ``pairwise_distance``).
@@ -94,8 +106,9 @@ def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np
       stays bounded for large galleries.
 
   Returns:
-    ``{"mAP": ..., "rank1": ..., "rank5": ..., "rank10": ...}`` (one ``rank{k}`` per k in
-    ``topk``), floats in [0, 1], averaged over the queries that have a valid match.
+    ``{"mAP": ..., "mINP": ..., "rank1": ..., "rank5": ..., "rank10": ...}`` (one
+    ``rank{k}`` per k in ``topk``), floats in [0, 1], averaged over the queries that have a
+    valid match.
 
   Raises:
     ValueError: on mismatched shapes, or when no query has any valid match.
@@ -116,19 +129,21 @@ def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np
 
   num_q, num_g = dist.shape
   step = max(1, int(block_elements) // max(1, num_g))
-  aps, firsts = [], []
+  aps, firsts, inps = [], [], []
   for s in range(0, num_q, step):
     e = min(s + step, num_q)
-    ap, first, ok = _rank_block(dist[s:e], q_ids[s:e], q_cams[s:e], g_ids, g_cams)
+    ap, first, inp, ok = _rank_block(dist[s:e], q_ids[s:e], q_cams[s:e], g_ids, g_cams)
     aps.append(ap[ok])
     firsts.append(first[ok])
+    inps.append(inp[ok])
   ap = np.concatenate(aps) if aps else np.zeros(0)
   first = np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64)
+  inp = np.concatenate(inps) if inps else np.zeros(0)
   if ap.size == 0:
     raise ValueError(
         "no query has a valid match in the gallery (after removing same-id same-camera "
-        "entries); mAP and CMC are undefined.")
-  out = {"mAP": float(ap.mean())}
+        "entries); mAP, CMC and mINP are undefined.")
+  out = {"mAP": float(ap.mean()), "mINP": float(inp.mean())}
   for k in topk:
     out[f"rank{k}"] = float(np.mean(first <= k))
   return out
