@@ -17,7 +17,7 @@ def _toy() -> tuple[np.ndarray, np.ndarray]:
   label 1: cams 0 x1, 1 x2   -> 1 or 2 other-camera images < K (with replacement)
   label 2: cam 3 x6          -> single camera, 5 other images >= K (no replacement)
   label 3: cam 2 x2          -> single camera, 1 other image (with replacement)
-  label 4: one image         -> repeated
+  label 4: one image         -> a block of that one image
   label 5: cams 0 x1, 1 x3   -> anchor in cam 0: exactly K-1 candidates (still with replacement)
   label 7: cams 0..4, 2 each -> 8 other-camera images
   label -1: 6 outliers
@@ -30,9 +30,21 @@ def _toy() -> tuple[np.ndarray, np.ndarray]:
   return labels[order], cams[order]
 
 
-def _blocks(sampler: CameraAwarePKSampler, num_batches: int, batch_size: int) -> np.ndarray:
-  batches = list(sampler.batches(num_batches, batch_size))
-  return np.concatenate(batches).reshape(-1, sampler.num_instances)
+def _split_blocks(stream: np.ndarray, labels: np.ndarray, k: int) -> list[np.ndarray]:
+  """The stream of drawn indices cut into blocks: 1 index for a one-image label, else K."""
+  sizes = collections.Counter(labels[labels >= 0].tolist())
+  blocks, i = [], 0
+  while i < stream.size:
+    size = 1 if sizes[labels[stream[i]]] == 1 else k
+    blocks.append(stream[i:i + size])
+    i += size
+  return blocks
+
+
+def _blocks(sampler: CameraAwarePKSampler, num_batches: int, batch_size: int,
+            labels: np.ndarray) -> list[np.ndarray]:
+  stream = np.concatenate(list(sampler.batches(num_batches, batch_size)))
+  return _split_blocks(stream, labels, sampler.num_instances)
 
 
 def test_exact_number_and_size_of_batches():
@@ -47,10 +59,11 @@ def test_exact_number_and_size_of_batches():
 def test_blocks_follow_the_camera_rules():
   labels, cams = _toy()
   sampler = CameraAwarePKSampler(labels, cams, K, seed=1)
-  blocks = _blocks(sampler, 84, 8)  # 168 blocks = 24 passes over the 7 labels
-  assert sampler.num_labels == 7
+  blocks = _blocks(sampler, 75, 8, labels)  # 600 indices = 24 passes of 25 (6 x K + 1)
+  assert sampler.num_labels == 7 and len(blocks) == 24 * 7
   for block in blocks:
     label = labels[block[0]]
+    assert block.size == (1 if label == 4 else K)
     assert label != -1 and np.all(labels[block] == label)  # one label per K-block
     anchor, rest = block[0], block[1:]
     label_cams = set(cams[labels == label])
@@ -60,8 +73,6 @@ def test_blocks_follow_the_camera_rules():
       assert len(set(rest.tolist())) == K - 1
     if label in (2, 3):  # single camera: drawn from the other images
       assert anchor not in rest
-    if label == 4:
-      assert np.all(block == block[0])
   # Labels with too few candidates are drawn with replacement (duplicates do appear).
   assert any(len(set(b[1:].tolist())) < K - 1 for b in blocks if labels[b[0]] == 1)
   assert any(len(set(b[1:].tolist())) < K - 1 for b in blocks if labels[b[0]] == 3)
@@ -74,7 +85,7 @@ def test_outliers_never_sampled_and_anchors_vary():
   sampler = CameraAwarePKSampler(labels, cams, K, seed=2)
   drawn = np.concatenate(list(sampler.batches(50, 16)))
   assert np.all(labels[drawn] >= 0)
-  blocks = drawn.reshape(-1, K)
+  blocks = _split_blocks(drawn, labels, K)
   anchors = collections.Counter(b[0] for b in blocks if labels[b[0]] == 0)
   assert len(anchors) >= 6  # the anchor is random among the label's 10 images
 
@@ -82,10 +93,10 @@ def test_outliers_never_sampled_and_anchors_vary():
 def test_every_label_once_per_pass_and_batches_cross_passes():
   labels, cams = _toy()
   sampler = CameraAwarePKSampler(labels, cams, K, seed=3)
-  # 7 labels per pass; batches of P = 4 blocks, so batches straddle pass boundaries.
-  blocks = _blocks(sampler, 14, 16)  # 56 blocks = exactly 8 passes
-  block_labels = labels[blocks[:, 0]]
-  passes = block_labels.reshape(8, 7)
+  # 7 labels (25 indices) per pass; batches of 16 straddle pass boundaries and blocks.
+  blocks = _blocks(sampler, 25, 16, labels)  # 400 indices = exactly 16 passes
+  block_labels = np.array([labels[b[0]] for b in blocks])
+  passes = block_labels.reshape(16, 7)
   for p in passes:
     assert sorted(p.tolist()) == [0, 1, 2, 3, 4, 5, 7]
   assert len({tuple(p) for p in passes}) > 1  # each pass is shuffled anew
@@ -98,6 +109,29 @@ def test_deterministic_per_seed():
   c = list(CameraAwarePKSampler(labels, cams, K, seed=8).batches(5, 8))
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_singletons_are_drawn_once_and_batches_stay_full():
+  """A one-image class (an outlier kept as its own class) gives one index per pass, not K.
+
+  Both reference samplers emit a single-member class's image once; the batches are cut from
+  the stream of passes, so every batch is still full.
+  """
+  labels = np.array([0] * 6 + [1, 2, 3] + [4] * 5)  # 1, 2, 3: singleton classes
+  cams = np.array([0, 1, 0, 1, 0, 1, 0, 1, 2, 0, 0, 1, 1, 2])
+  sampler = CameraAwarePKSampler(labels, cams, K, seed=5)
+  batches = list(sampler.batches(11, 8))  # 88 indices = 8 passes of 2 x K + 3
+  assert all(b.shape == (8,) for b in batches)
+  stream = np.concatenate(batches)
+  counts = collections.Counter(stream.tolist())
+  assert [counts[i] for i in (6, 7, 8)] == [8, 8, 8]  # once per pass each
+  blocks = _split_blocks(stream, labels, K)
+  assert sorted(b.size for b in blocks) == [1] * 24 + [K] * 16
+  # A batch of only singletons: every index appears once per pass, batches still full.
+  only = CameraAwarePKSampler(np.arange(6), np.zeros(6, int), K, seed=0)
+  drawn = list(only.batches(3, 4))
+  assert all(b.shape == (4,) for b in drawn)
+  assert sorted(np.concatenate(drawn)[:6].tolist()) == list(range(6))
 
 
 def test_single_instance_blocks():

@@ -6,7 +6,8 @@
 2. For each ``i``, walk its neighbours (skipping ``i`` itself) in order of decreasing cosine and
    add a directed edge ``i -> j`` with weight ``x_i.x_j`` while the cosine is
    ``>= min_similarity``; the walk stops at the first neighbour below it.
-3. Two-level directed InfoMap (package ``infomap``) on those edges, with a fixed seed.
+3. Two-level directed InfoMap (package ``infomap``) on those edges, with the package's default
+   seed unless another is given (the reference calls InfoMap with its defaults).
 4. Points without any edge (in or out) are singletons; every cluster with fewer than
    ``min_cluster_size`` members becomes -1 (outliers). The reference drops clusters of size
    <= 4, i.e. ``min_cluster_size=5``, the default.
@@ -63,7 +64,7 @@ def infomap_edges(features: np.ndarray, k: int = 15, min_similarity: float = 0.5
 
 
 def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.5,
-                   min_cluster_size: int = 5, *, seed: int = 1,
+                   min_cluster_size: int = 5, *, seed: int | None = None,
                    block_size: int = 1024) -> np.ndarray:
   """InfoMap pseudo labels (docs/algorithms.md, section 5); -1 marks outliers.
 
@@ -73,7 +74,8 @@ def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.
     min_similarity: smallest cosine of an edge (the reference uses 0.5).
     min_cluster_size: smallest cluster that is kept; smaller ones (singletons included) become
       -1. The reference drops clusters of size <= 4, i.e. ``min_cluster_size=5``.
-    seed: InfoMap's random seed, >= 1 (fixed: the labels are deterministic for given features).
+    seed: InfoMap's random seed, >= 1; None uses the ``infomap`` package's default, as the
+      reference does. Either way the labels are deterministic for given features.
     block_size: rows per kNN matmul block.
 
   Returns:
@@ -86,7 +88,8 @@ def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.
   src, dst, weight = infomap_edges(x, k, min_similarity, block_size=block_size)
   module = np.arange(n, dtype=np.int64) + n  # edgeless points: their own singleton modules
   if src.size:
-    solver = infomap.Infomap("--two-level --directed --silent", seed=int(seed))
+    options = {} if seed is None else {"seed": int(seed)}
+    solver = infomap.Infomap("--two-level --directed --silent", **options)
     solver.add_links(zip(src.tolist(), dst.tolist(), weight.astype(np.float64).tolist()))
     found = solver.run().modules()
     nodes = np.fromiter(found.keys(), dtype=np.int64, count=len(found))

@@ -7,11 +7,16 @@ K = ``num_instances`` dataset indices:
 * K-1 images drawn from the identity's images taken by *another camera* than the anchor's,
   without replacement when at least K such images exist and with replacement otherwise;
 * when no image of the identity comes from another camera, the K-1 are drawn from its other
-  images by the same rule; an identity with a single image repeats it K times.
+  images by the same rule;
+* an identity with a single image (a singleton class, e.g. an outlier kept as its own class)
+  contributes that one image, once, as both reference samplers do.
 
-The pass is the concatenation of its blocks. A batch is P = batch_size / K consecutive blocks,
-and batches run across pass boundaries (a new shuffled pass starts when one is used up), so an
-epoch is exactly ``num_batches`` batches. Outliers (label -1) are never drawn.
+The pass is the concatenation of its blocks, and the batches are consecutive ``batch_size``
+slices of the stream of passes: a batch is P = batch_size / K whole blocks when every block
+has K images, a block may straddle two batches when singletons shorten some, and batches run
+across pass boundaries (a new shuffled pass starts when one is used up). Every batch has
+exactly ``batch_size`` indices and an epoch is exactly ``num_batches`` batches. Outliers
+(label -1) are never drawn.
 """
 
 from __future__ import annotations
@@ -61,16 +66,14 @@ class CameraAwarePKSampler:
     return len(self._members)
 
   def _block(self, label_index: int) -> np.ndarray:
-    """The K indices one identity contributes to a pass; the anchor comes first."""
+    """The indices one identity contributes to a pass (K, or 1 for a singleton); anchor first."""
     k = self.num_instances
     members = self._members[label_index]
     member_cams = self._member_cams[label_index]
     a = int(self._rng.integers(members.size))
     anchor = members[a]
-    if k == 1:
+    if k == 1 or members.size == 1:
       return np.array([anchor], np.int64)
-    if members.size == 1:
-      return np.full(k, anchor, np.int64)
     pool = members[member_cams != member_cams[a]]
     if pool.size == 0:
       pool = np.delete(members, a)
@@ -78,9 +81,9 @@ class CameraAwarePKSampler:
     return np.concatenate([[anchor], rest]).astype(np.int64)
 
   def _pass(self) -> np.ndarray:
-    """(num_labels, K) blocks of one pass, rows in the pass's shuffled label order."""
+    """The indices of one pass: its blocks, in the pass's shuffled label order."""
     order = self._rng.permutation(self.num_labels)
-    return np.stack([self._block(int(i)) for i in order])
+    return np.concatenate([self._block(int(i)) for i in order])
 
   def batches(self, num_batches: int, batch_size: int) -> Iterator[np.ndarray]:
     """Yields ``num_batches`` int64 arrays of ``batch_size`` dataset indices.
@@ -92,12 +95,11 @@ class CameraAwarePKSampler:
     if batch_size <= 0 or batch_size % k:
       raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
                        f"num_instances={k}")
-    p = batch_size // k
-    blocks = np.zeros((0, k), np.int64)
+    stream = np.zeros(0, np.int64)
     pos = 0
     for _ in range(num_batches):
-      while blocks.shape[0] - pos < p:
-        blocks = np.concatenate([blocks[pos:], self._pass()])
+      while stream.size - pos < batch_size:
+        stream = np.concatenate([stream[pos:], self._pass()])
         pos = 0
-      yield blocks[pos:pos + p].reshape(-1).copy()
-      pos += p
+      yield stream[pos:pos + batch_size].copy()
+      pos += batch_size
