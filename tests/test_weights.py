@@ -257,7 +257,120 @@ def test_out_of_bounds_tensor_geometry_rejected(tmp_path):
   with pytest.raises(WeightsFormatError, match="past its storage"):
     read_state_dict(path)
   _hand_checkpoint(path, {"w": ("0", 0, (2**20, 2**20), (0, 0))}, storages, legacy=True)
-  with pytest.raises(WeightsFormatError, match="implausibly large"):
+  with pytest.raises(WeightsFormatError,
+                     match=r"tensor 'w' \(size \(1048576, 1048576\).*over the limit"):
+    read_state_dict(path)
+
+
+def _zip_with_zero_storage(path, numel, tensor_size=None, tensor_stride=None):
+  """A torch.save-layout zip whose storage ``data/0`` is ``numel`` float32 zeros, stored
+  deflated (a few hundred KB for 64 MiB of zeros), viewed by tensor ``w``."""
+  size = (numel,) if tensor_size is None else tensor_size
+  stride = (1,) if tensor_stride is None else tensor_stride
+  pkl = b"\x80\x02" + _p_dict([(_p_str("w"), _p_tensor("0", "FloatStorage", numel, 0, size,
+                                                       stride, False))]) + b"."
+  chunk = bytes(1 << 20)
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/byteorder", "little")
+    info = zipfile.ZipInfo("archive/data/0")
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with z.open(info, "w") as member:
+      left = numel * 4
+      while left:
+        member.write(chunk[:min(left, len(chunk))])
+        left -= min(left, len(chunk))
+
+
+def _opened_members(monkeypatch):
+  """Records the name of every zip member opened from now on."""
+  opened = []
+  original = zipfile.ZipFile.open
+
+  def spy(self, name, *args, **kwargs):
+    opened.append(name.filename if isinstance(name, zipfile.ZipInfo) else name)
+    return original(self, name, *args, **kwargs)
+
+  monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+  return opened
+
+
+def test_decompression_bomb_refused_before_its_member_is_read(tmp_path, monkeypatch):
+  path = tmp_path / "bomb.pth"
+  _zip_with_zero_storage(path, 16 << 20)   # 64 MiB of float32 zeros in a ~70 KB file
+  assert os.path.getsize(path) < 1 << 20
+  opened = _opened_members(monkeypatch)
+  with pytest.raises(WeightsFormatError) as info:
+    read_state_dict(path, max_bytes=8 << 20)
+  message = str(info.value)
+  assert str(path) in message and "'w'" in message and "data/0" in message
+  assert "67.1 MB" in message and "limit of 8.4 MB" in message
+  assert not [name for name in opened if name.endswith("data/0")]   # never decompressed
+
+
+def test_declared_size_beyond_storage_or_limit_refused_before_allocating(tmp_path,
+                                                                         monkeypatch):
+  # 1 GiB described by a stride-0 view of a one-value storage: over the default limit
+  # (16 bytes per value of a ResNet-101 with its ImageNet classifier, 715 MB).
+  path = tmp_path / "expanded.pth"
+  storages = {"0": np.zeros(1, np.float32)}
+  _hand_checkpoint(path, {"w": ("0", 0, (1 << 28,), (0,))}, storages, legacy=False)
+  with pytest.raises(WeightsFormatError) as info:
+    read_state_dict(path)
+  message = str(info.value)
+  assert str(path) in message and "'w'" in message
+  assert "(268435456,)" in message and "1073.7 MB" in message and "limit of 714.6 MB" in message
+  # A storage that declares more values than its zip member holds: refused before reading.
+  _zip_with_zero_storage(path, 4)
+  with zipfile.ZipFile(path) as z:
+    members = {n: z.read(n) for n in z.namelist()}
+  members["archive/data.pkl"] = members["archive/data.pkl"].replace(
+      _p_int(4), _p_int(1 << 28), 2)   # numel and size of the one tensor
+  with zipfile.ZipFile(path, "w") as z:
+    for name, data in members.items():
+      z.writestr(name, data)
+  opened = _opened_members(monkeypatch)
+  with pytest.raises(WeightsFormatError) as info:
+    read_state_dict(path)
+  message = str(info.value)
+  assert "'w'" in message and "data/0" in message and "16 bytes" in message
+  assert "268435456 float32 values" in message
+  assert not [name for name in opened if name.endswith("data/0")]
+
+
+def test_load_pretrained_limits_the_file_to_what_the_model_needs(tmp_path):
+  """A classifier far larger than the 10-layer model could come with is refused by
+  load_pretrained before it is allocated (read_state_dict alone, at its default limit for
+  any backbone, would read it)."""
+  sd = _numpy_state_dict(10, 8)
+  del sd["fc.weight"]
+  storages, tensors = {}, {}
+  for i, (name, array) in enumerate(sd.items()):
+    strides = tuple(s // array.itemsize for s in array.strides)
+    storages[str(i)] = array.reshape(-1)
+    tensors[name] = (str(i), 0, array.shape, strides)
+  storages["fc"] = np.zeros(1, np.float32)
+  tensors["fc.weight"] = ("fc", 0, (8192, 2048), (0, 0))   # 67 MB as float32
+  path = tmp_path / "r10_big_head.pth"
+  _hand_checkpoint(path, tensors, storages, legacy=True)
+  variables = _init_like(ReIDResNet(depth=10, width=8))
+  with pytest.raises(WeightsFormatError) as info:
+    load_pretrained(path, variables, depth=10)
+  message = str(info.value)
+  assert str(path) in message and "'fc.weight'" in message and "(8192, 2048)" in message
+
+
+def test_npz_member_declaring_more_than_it_holds_refused(tmp_path):
+  path = tmp_path / "w.npz"
+  np.savez_compressed(path, big=np.zeros(4 << 20, np.float32), small=np.ones(3, np.float32))
+  with pytest.raises(WeightsFormatError) as info:
+    read_state_dict(path, max_bytes=1 << 20)
+  assert "'big'" in str(info.value) and "limit of 1.0 MB" in str(info.value)
+  with zipfile.ZipFile(path) as z:
+    header = z.read("small.npy")
+  with zipfile.ZipFile(path, "w") as z:   # the header of 3 values, the data of 1
+    z.writestr("small.npy", header[:-8])
+  with pytest.raises(WeightsFormatError, match=r"'small'.*\(3,\).*4 bytes"):
     read_state_dict(path)
 
 

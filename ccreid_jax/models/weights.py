@@ -32,8 +32,9 @@ import numpy as np
 from ccreid_jax.models.resnet import _EXPANSION, _arch
 
 __all__ = [
-    "UnsafeCheckpointError", "WeightsFormatError", "WeightsMismatchError", "apply_state_dict",
-    "flatten_variables", "is_flax_state_dict", "load_pretrained", "read_state_dict",
+    "BYTES_PER_MODEL_VALUE", "DEFAULT_MAX_BYTES", "UnsafeCheckpointError", "WeightsFormatError",
+    "WeightsMismatchError", "WeightsTooLargeError", "apply_state_dict", "flatten_variables",
+    "is_flax_state_dict", "load_pretrained", "max_weights_bytes", "read_state_dict",
     "torchvision_to_flax", "trunk_names", "unflatten_variables",
 ]
 
@@ -50,6 +51,11 @@ class UnsafeCheckpointError(WeightsFormatError):
   """A pickle that asks for a global outside the tensor-state-dict allow-list."""
 
 
+class WeightsTooLargeError(WeightsFormatError):
+  """A file declaring more data than a weights file for the model can hold (refused before
+  that data is read or allocated)."""
+
+
 class WeightsMismatchError(ValueError):
   """A file whose tensors do not fit the model: missing, unexpected or misshapen keys."""
 
@@ -58,9 +64,36 @@ class WeightsMismatchError(ValueError):
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-# Stride-0 (expanded) tensors can describe more elements than their storage holds; refuse
-# sizes no backbone tensor comes near rather than trying to allocate them.
-_MAX_ELEMENTS = 2**32
+
+# How much data a weights file may declare. A file is refused, before anything large is
+# read or allocated, when its tensors (or its storages) total more than
+# BYTES_PER_MODEL_VALUE bytes per value of the model it is for plus an ImageNet classifier:
+# room for float64 weights with one more copy (optimizer state), or four float32 copies.
+BYTES_PER_MODEL_VALUE = 16
+_CLASSIFIER_VALUES = 2048 * 1000 + 1000   # fc of a 2048-channel ImageNet ResNet.
+_LARGEST_MODEL_VALUES = 42_611_649          # ReIDResNet(depth=101): the largest backbone.
+# The pickle of a state dict holds names and sizes only (~100 KB for a ResNet-101).
+_MAX_PICKLE_BYTES = 64 << 20
+
+
+def max_weights_bytes(model_values: int = _LARGEST_MODEL_VALUES) -> int:
+  """The most data (bytes) a weights file for a model of ``model_values`` values may hold.
+
+  The default is for the largest backbone (ResNet-101): 714.6 MB.
+  """
+  return BYTES_PER_MODEL_VALUE * (int(model_values) + _CLASSIFIER_VALUES)
+
+
+DEFAULT_MAX_BYTES = max_weights_bytes()
+
+
+def _mb(nbytes: int) -> str:
+  return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes:,} bytes"
+
+
+def _limit_text(max_bytes: int) -> str:
+  return (f"the limit of {_mb(max_bytes)} ({BYTES_PER_MODEL_VALUE} bytes per value of the "
+          "model plus an ImageNet classifier)")
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64),
@@ -116,6 +149,14 @@ class _Storage:
     self.data: np.ndarray | None = None   # 1-D, self.dtype (possibly non-native order)
     self.base: _Storage | None = None     # legacy storage views: (root storage, offset)
     self.offset = 0
+    self.member: zipfile.ZipInfo | None = None   # zip archives: read once checked
+
+  @property
+  def nbytes(self) -> int:
+    return self.numel * self.dtype.itemsize
+
+  def describe(self) -> str:
+    return f"storage data/{self.key} ({self.numel} {self.dtype.name} values, {_mb(self.nbytes)})"
 
   def array(self) -> np.ndarray:
     if self.base is not None:
@@ -140,27 +181,45 @@ class _PendingTensor:
     self.stride = stride
     self.dtype = dtype
 
+  @property
+  def element_dtype(self) -> np.dtype:
+    return self.storage.dtype if self.dtype is None else self.dtype
+
+  def nbytes(self) -> int:
+    """Bytes of the array this tensor becomes (geometry checked by ``check``)."""
+    return int(np.prod(self.size, dtype=object)) * self.element_dtype.itemsize
+
+  def check(self, name: str, source: str) -> None:
+    """Refuses a geometry that is malformed or reaches outside the storage's data."""
+    size, stride, offset = self.size, self.stride, self.offset
+    if not (isinstance(offset, int) and offset >= 0 and len(size) == len(stride)
+            and all(isinstance(v, int) and v >= 0 for v in (*size, *stride))):
+      raise WeightsFormatError(
+          f"{source}: tensor {name!r} has a bad geometry: offset {offset!r}, size {size!r}, "
+          f"stride {stride!r}")
+    if 0 in size:
+      return
+    available = self.storage.nbytes // self.element_dtype.itemsize
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= available:
+      raise WeightsFormatError(
+          f"{source}: tensor {name!r} of size {tuple(size)}, stride {tuple(stride)}, offset "
+          f"{offset} reads element {last}, past its {self.storage.describe()}")
+
   def materialise(self) -> np.ndarray:
     data = self.storage.array()
     if self.dtype is not None and self.dtype != data.dtype.newbyteorder("="):
       order = data.dtype.byteorder
       data = data.view(np.uint8).view(self.dtype.newbyteorder(order if order in "<>" else "="))
     size, stride, offset = self.size, self.stride, self.offset
-    if not (isinstance(offset, int) and offset >= 0 and len(size) == len(stride)
-            and all(isinstance(v, int) and v >= 0 for v in (*size, *stride))):
-      raise WeightsFormatError(
-          f"bad tensor geometry: offset {offset!r}, size {size!r}, stride {stride!r}")
-    if int(np.prod(size, dtype=object)) > _MAX_ELEMENTS:
-      raise WeightsFormatError(f"tensor of size {tuple(size)} is implausibly large")
     if 0 in size:
       out = np.empty(size, data.dtype)
     else:
       last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-      if last >= data.size:
+      if last >= data.size:   # checked before reading; kept as the guard of as_strided
         raise WeightsFormatError(
             f"tensor of size {tuple(size)}, stride {tuple(stride)}, offset {offset} reads "
             f"past its storage of {data.size} elements")
-      # Bounds checked above: the view never reaches outside the storage.
       view = np.lib.stride_tricks.as_strided(
           data[offset:], shape=tuple(size),
           strides=tuple(s * data.itemsize for s in stride), writeable=False)
@@ -264,52 +323,142 @@ def _storage_fields(pid, source):
   return pid[1], str(pid[2]), pid[4]
 
 
-def _materialise(obj):
-  """Replaces every pending tensor in nested dicts / lists / tuples by its numpy array."""
+def _materialise(obj, memo: dict[int, Any] | None = None):
+  """Replaces every pending tensor in nested dicts / lists / tuples by its numpy array.
+
+  A container or tensor referenced several times (pickle memo) is converted once.
+  """
+  memo = {} if memo is None else memo
+  if id(obj) in memo:
+    return memo[id(obj)]
   if isinstance(obj, _PendingTensor):
-    return obj.materialise()
-  if isinstance(obj, dict):
-    return {k: _materialise(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_materialise(v) for v in obj)
-  return obj
+    out = obj.materialise()
+  elif isinstance(obj, dict):
+    out = {k: _materialise(v, memo) for k, v in obj.items()}
+  elif isinstance(obj, (list, tuple)):
+    out = type(obj)(_materialise(v, memo) for v in obj)
+  else:
+    return obj
+  memo[id(obj)] = out
+  return out
 
 
-def _read_torch_zip(archive: zipfile.ZipFile, source: str):
+def _named_tensors(obj) -> list[tuple[str, _PendingTensor]]:
+  """``(path, tensor)`` of every pending tensor in nested dicts / lists / tuples, in order;
+  a path joins keys with ``/`` (``state_dict/conv1.weight``). Each object is visited once."""
+  found, seen = [], set()
+  stack = [("", obj)]
+  while stack:
+    path, node = stack.pop()
+    if not isinstance(node, (_PendingTensor, dict, list, tuple)) or id(node) in seen:
+      continue
+    seen.add(id(node))
+    if isinstance(node, _PendingTensor):
+      found.append((path or "<top level>", node))
+      continue
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    children = [(f"{path}/{k}" if path else str(k), v) for k, v in items]
+    stack.extend(reversed(children))
+  return found
+
+
+def _check_sizes(named: list[tuple[str, _PendingTensor]], source: str, max_bytes: int) -> None:
+  """Refuses, before any storage is read or tensor allocated: a storage that declares more
+  data than its zip member holds, a legacy storage view outside its storage, a tensor
+  reaching outside its storage, and storages or tensors totalling more than ``max_bytes``."""
+  storage_total = tensor_total = 0
+  counted: set[int] = set()
+  for name, tensor in named:
+    storage = tensor.storage
+    root = storage.base if storage.base is not None else storage
+    if storage.base is not None and storage.offset + storage.nbytes > root.nbytes:
+      raise WeightsFormatError(
+          f"{source}: tensor {name!r} uses a view of {root.describe()} that reaches past "
+          f"its end (byte {storage.offset + storage.nbytes})")
+    if id(root) not in counted:
+      counted.add(id(root))
+      member = root.member
+      if member is not None and member.file_size < root.nbytes:
+        raise WeightsFormatError(
+            f"{source}: storage data/{root.key} of tensor {name!r} declares {root.numel} "
+            f"{root.dtype.name} values ({_mb(root.nbytes)}) but its zip member "
+            f"{member.filename} holds {_mb(member.file_size)} (a truncated or forged file)")
+      storage_total += root.nbytes
+      if storage_total > max_bytes:
+        raise WeightsTooLargeError(
+            f"{source}: {root.describe()} of tensor {name!r} brings the file's storages to "
+            f"{_mb(storage_total)}, over {_limit_text(max_bytes)}; refusing to read it. Is "
+            "this the weights file of the model?")
+    tensor.check(name, source)
+    nbytes = tensor.nbytes()
+    tensor_total += nbytes
+    if tensor_total > max_bytes:
+      raise WeightsTooLargeError(
+          f"{source}: tensor {name!r} (size {tuple(tensor.size)}, "
+          f"{tensor.element_dtype.name}, {_mb(nbytes)}) brings the file's tensors to "
+          f"{_mb(tensor_total)}, over {_limit_text(max_bytes)}; refusing to allocate it. Is "
+          "this the weights file of the model?")
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int, source: str) -> bytes:
+  """A small zip member (pickle, byteorder), refused when it declares more than ``limit``."""
+  info = archive.getinfo(name)
+  if info.file_size > limit:
+    raise WeightsTooLargeError(
+        f"{source}: zip member {name} declares {_mb(info.file_size)}, more than the "
+        f"{_mb(limit)} it can need; refusing to read it")
+  with archive.open(info) as f:
+    return f.read(limit + 1)
+
+
+def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
     raise WeightsFormatError(f"{source}: zip archive without a single <name>/data.pkl")
   prefix = pickles[0][: -len("data.pkl")]
   order = "<"
   if prefix + "byteorder" in archive.namelist():
-    text = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    text = _read_member(archive, prefix + "byteorder", 16, source)
+    text = text.decode("ascii", "replace").strip()
     if text not in ("little", "big"):
       raise WeightsFormatError(f"{source}: unknown byteorder {text!r}")
     order = "<" if text == "little" else ">"
   storages: dict[tuple[str, np.dtype], _Storage] = {}
 
   def resolve(pid):
+    # Only the member's declared size is looked at here; the data is read once every
+    # tensor's size has been checked (_check_sizes).
     storage_type, key, numel = _storage_fields(pid, source)
     dtype = storage_type.dtype.newbyteorder(order)
     if (key, dtype) not in storages:
       try:
-        raw = archive.read(f"{prefix}data/{key}")
+        member = archive.getinfo(f"{prefix}data/{key}")
       except KeyError:
         raise WeightsFormatError(f"{source}: storage data/{key} is missing") from None
-      if len(raw) < numel * dtype.itemsize:
-        raise WeightsFormatError(
-            f"{source}: storage data/{key} holds {len(raw)} bytes, expected "
-            f"{numel * dtype.itemsize}")
+      if numel < 0:
+        raise WeightsFormatError(f"{source}: storage data/{key} declares {numel} values")
       storage = _Storage(key, dtype, numel)
-      storage.data = np.frombuffer(raw, dtype, count=numel)
+      storage.member = member
       storages[(key, dtype)] = storage
     return storages[(key, dtype)]
 
-  unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source, resolve)
-  return _materialise(unpickler.load())
+  pickled = _read_member(archive, pickles[0], _MAX_PICKLE_BYTES, source)
+  obj = _RestrictedUnpickler(io.BytesIO(pickled), source, resolve).load()
+  named = _named_tensors(obj)
+  _check_sizes(named, source, max_bytes)
+  for storage in {id(t.storage): t.storage for _, t in named}.values():
+    if storage.data is None:
+      with archive.open(storage.member) as f:   # at most the declared size is decompressed
+        raw = f.read(storage.nbytes)
+      if len(raw) < storage.nbytes:
+        raise WeightsFormatError(
+            f"{source}: storage data/{storage.key} holds {len(raw)} bytes, expected "
+            f"{storage.nbytes}")
+      storage.data = np.frombuffer(raw, storage.dtype, count=storage.numel)
+  return _materialise(obj)
 
 
-def _read_torch_legacy(stream: io.BytesIO, source: str):
+def _read_torch_legacy(stream: io.BytesIO, source: str, max_bytes: int):
   def plain():
     return _RestrictedUnpickler(stream, source).load()
 
@@ -356,6 +505,9 @@ def _read_torch_legacy(stream: io.BytesIO, source: str):
       raise WeightsFormatError(f"{source}: truncated storage {key!r}")
     storage.data = np.frombuffer(raw, storage.dtype)
     storage.numel = count
+  # The storages are part of the file (read already); the tensors are checked before the
+  # arrays are allocated.
+  _check_sizes(_named_tensors(result), source, max_bytes)
   return _materialise(result)
 
 
@@ -400,9 +552,41 @@ def _read_safetensors(raw: bytes, source: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_npz(path: str, source: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as data:
-    return {name: data[name] for name in data.files}
+def _read_npz(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, np.ndarray]:
+  """The arrays of an ``.npz``, every member's header checked against its size and the
+  total against ``max_bytes`` before any array is read."""
+  members, total = [], 0
+  for info in archive.infolist():
+    name = info.filename[:-len(".npy")]
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise WeightsFormatError(f"{source}: array {name!r} is in .npy format {version}")
+      held = info.file_size - f.tell()
+    if dtype.hasobject:
+      raise UnsafeCheckpointError(f"{source}: array {name!r} holds Python objects (a pickle)")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > held:
+      raise WeightsFormatError(
+          f"{source}: array {name!r} declares shape {tuple(shape)}, {dtype.name} "
+          f"({_mb(nbytes)}) but its member {info.filename} holds {_mb(max(held, 0))} of data "
+          "(a truncated or forged file)")
+    total += nbytes
+    if total > max_bytes:
+      raise WeightsTooLargeError(
+          f"{source}: array {name!r} (shape {tuple(shape)}, {dtype.name}, {_mb(nbytes)}) "
+          f"brings the file's arrays to {_mb(total)}, over {_limit_text(max_bytes)}; refusing "
+          "to read it. Is this the weights file of the model?")
+    members.append((name, info))
+  out = {}
+  for name, info in members:
+    with archive.open(info) as f:
+      out[name] = np.lib.format.read_array(f, allow_pickle=False)
+  return out
 
 
 # ----------------------------------------------------------------------------- read_state_dict
@@ -425,7 +609,8 @@ def _find_state_dict(obj, source: str) -> dict[str, np.ndarray]:
       f"{source}: checkpoint holds a {type(obj).__name__}, not a tensor state dict")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, *,
+                    max_bytes: int | None = None) -> dict[str, np.ndarray]:
   """Reads ``{name: array}`` from a PyTorch checkpoint, ``.safetensors`` or ``.npz`` file.
 
   The format is found from the content, not the name: a zip with ``<name>/data.pkl`` is a
@@ -435,28 +620,44 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   ``module.`` prefix is stripped. Arrays come back C-contiguous in native byte order with
   their stored dtype (bfloat16 via ml_dtypes).
 
+  Sizes are checked before data is read or allocated: every tensor's size, stride and
+  offset must stay inside its storage, every storage inside its zip member (so a small file
+  cannot decompress into gigabytes), and the storages, the tensors and the file itself must
+  each total at most ``max_bytes`` (default ``DEFAULT_MAX_BYTES``, 714.6 MB: the largest
+  backbone's values at ``BYTES_PER_MODEL_VALUE`` bytes each; ``load_pretrained`` passes the
+  limit of its model).
+
   Raises:
     UnsafeCheckpointError: the pickle asks for anything but a tensor state dict.
+    WeightsTooLargeError: the file declares more data than ``max_bytes``, naming the tensor.
     WeightsFormatError: a corrupt, truncated or unrecognised file.
   """
   source = os.fspath(path)
+  limit = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
   try:
+    size = os.path.getsize(source)
     with open(source, "rb") as f:
-      raw = f.read()
+      head = f.read(16)
   except OSError as e:
     raise WeightsFormatError(f"{source}: cannot read ({e.strerror})") from None
+  if size > limit + _MAX_PICKLE_BYTES:
+    raise WeightsTooLargeError(
+        f"{source}: the file holds {_mb(size)}, more than {_limit_text(limit)} allows; "
+        "refusing to read it. Is this the weights file of the model?")
   try:
-    if raw[:4] == b"PK\x03\x04" or zipfile.is_zipfile(io.BytesIO(raw)):
-      with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(source):
+      with zipfile.ZipFile(source) as archive:
         names = archive.namelist()
         if names and all(n.endswith(".npy") for n in names):
-          obj = _read_npz(source, source)
+          obj = _read_npz(archive, source, limit)
         else:
-          obj = _read_torch_zip(archive, source)
-    elif raw[:1] == b"\x80":
-      obj = _read_torch_legacy(io.BytesIO(raw), source)
-    elif raw[8:9] == b"{":
-      obj = _read_safetensors(raw, source)
+          obj = _read_torch_zip(archive, source, limit)
+    elif head[:1] == b"\x80":
+      with open(source, "rb") as f:
+        obj = _read_torch_legacy(io.BytesIO(f.read()), source, limit)
+    elif head[8:9] == b"{":
+      with open(source, "rb") as f:
+        obj = _read_safetensors(f.read(), source)
     else:
       raise WeightsFormatError(
           f"{source}: unrecognised weights format (expected a torch.save checkpoint, "
@@ -655,7 +856,7 @@ def apply_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[st
 
 
 def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any], *, depth: int,
-                    ibn: bool = False) -> dict:
+                    ibn: bool = False, max_bytes: int | None = None) -> dict:
   """A copy of the model's initialised ``variables`` with the trunk loaded from ``path``.
 
   ``path`` is anything ``read_state_dict`` reads: torchvision / IBN-Net ImageNet weights
@@ -668,7 +869,12 @@ def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any], *, de
     WeightsMismatchError: listing every missing key, unexpected key (ignoring ``fc.*`` and
       ``num_batches_tracked``) and shape mismatch (name, file shape, model shape; conv
       shapes in the file's layout).
-    WeightsFormatError / UnsafeCheckpointError: see ``read_state_dict``.
+    WeightsFormatError / UnsafeCheckpointError / WeightsTooLargeError: see
+      ``read_state_dict``; the file may hold at most ``max_bytes``, by default
+      ``max_weights_bytes`` of the model's number of values.
   """
-  state_dict = read_state_dict(path)
+  if max_bytes is None:
+    max_bytes = max_weights_bytes(sum(
+        int(np.prod(np.shape(leaf))) for leaf in flatten_variables(variables).values()))
+  state_dict = read_state_dict(path, max_bytes=max_bytes)
   return apply_state_dict(state_dict, variables, depth=depth, ibn=ibn, source=os.fspath(path))
