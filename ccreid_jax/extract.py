@@ -4,6 +4,9 @@ Batches are gathered on the host from the (possibly memory-mapped) uint8 cache, 
 to the devices sharded along the batch axis while the previous batch is computed, and
 the L2-normalised features come back to the host one batch at a time, so the host never
 holds more than the output array and two input batches.
+
+With ``flip=True`` (the flip test, docs/algorithms.md section 11) an image's feature is the
+mean of the features of the image and of its horizontal mirror, L2-normalised again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax.data.augment import test_transform
+from ccreid_jax.models import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
 
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
@@ -27,14 +31,32 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
-def make_extract_fn(model: Any, mesh: Mesh) -> ExtractFn:
-  """Jitted ``(variables, uint8 images) -> (B, D) float32 features`` in eval mode."""
+def eval_features(model: Any, variables: Any, images: jax.Array, *,
+                  flip: bool = False) -> jax.Array:
+  """``(B, D)`` float32 eval-mode features of uint8 (or [0, 255] float) NHWC ``images``.
+
+  The test transform, then the model in eval mode (its features are L2-normalised). With
+  ``flip``, the mean of the features of each image and of its horizontal mirror,
+  L2-normalised again. Not jitted: the body of ``make_extract_fn`` and of exported feature
+  functions.
+  """
+  features = model.apply(variables, test_transform(images), train=False).astype(jnp.float32)
+  if not flip:
+    return features
+  mirrored = model.apply(variables, test_transform(images[:, :, ::-1, :]), train=False)
+  return l2_normalize(0.5 * (features + mirrored.astype(jnp.float32)))
+
+
+def make_extract_fn(model: Any, mesh: Mesh, flip: bool = False) -> ExtractFn:
+  """Jitted ``(variables, uint8 images) -> (B, D) float32 features`` in eval mode.
+
+  ``flip``: the flip test (see ``eval_features``); it costs a second forward pass.
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
 
   def extract(variables, images):
-    x = test_transform(images)
-    return model.apply(variables, x, train=False).astype(jnp.float32)
+    return eval_features(model, variables, images, flip=flip)
 
   return jax.jit(
       extract, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
