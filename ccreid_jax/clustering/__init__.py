@@ -8,6 +8,7 @@ from ccreid_jax.clustering.centroids import cluster_centroids, cluster_stats, re
 from ccreid_jax.clustering.dbscan import dbscan_labels
 from ccreid_jax.clustering.infomap import infomap_edges, infomap_labels
 from ccreid_jax.clustering.jaccard import jaccard_distance, knn
+from ccreid_jax.clustering.reliable import reliable_dbscan_labels
 from ccreid_jax.clustering.rlcc import (
     consensus_matrix, consensus_stats, keep_outliers_as_singletons, previous_predictions,
     soft_labels)
@@ -26,5 +27,6 @@ __all__ = [
     "knn",
     "previous_predictions",
     "relabel_consecutive",
+    "reliable_dbscan_labels",
     "soft_labels",
 ]
