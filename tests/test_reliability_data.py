@@ -79,6 +79,57 @@ def test_split_of_only_bad_names_is_still_an_empty_split(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Paths leading outside the dataset folder.
+# ---------------------------------------------------------------------------------------
+
+
+def test_msmt_list_entries_outside_the_dataset_folder_are_refused(tmp_path):
+  folder = make_fake_tree(str(tmp_path / "data"), "msmt17", msmt_official=True)
+  secret = tmp_path / "secret"
+  secret.mkdir()
+  _jpeg(str(secret / "0009_000_01_0303morning_0000_0.jpg"))
+  list_file = os.path.join(folder, "list_query.txt")
+  with open(list_file) as f:
+    num_lines = len(f.read().splitlines())
+  with open(list_file, "a") as f:
+    f.write("../../../secret/0009_000_01_0303morning_0000_0.jpg 9\n")
+    f.write(f"{secret}/0009_000_01_0303morning_0000_0.jpg 9\n")
+  with pytest.raises(DatasetError) as info:
+    load_dataset("msmt17", str(tmp_path / "data"))
+  message = str(info.value)
+  assert list_file in message and folder in message
+  assert f"line {num_lines + 1}" in message and "../../../secret/0009_000" in message
+  assert f"line {num_lines + 2}" in message and f"{secret}/0009_000" in message
+  # Not even with links allowed: the list itself names a file outside.
+  with pytest.raises(DatasetError, match="outside"):
+    load_dataset("msmt17", str(tmp_path / "data"), allow_outside_links=True)
+
+
+def test_image_links_leading_outside_the_dataset_folder_are_refused(tmp_path):
+  _market(tmp_path / "data")
+  folder = os.path.join(tmp_path, "data", "Market-1501-v15.09.15")
+  outside = tmp_path / "elsewhere.jpg"
+  _jpeg(str(outside))
+  link = os.path.join(folder, "query", "0004_c1s1_009999_00.jpg")
+  os.symlink(outside, link)
+  inside = os.path.join(folder, "query", "0005_c2s1_009999_00.jpg")
+  os.symlink(os.path.join(folder, "bounding_box_test", sorted(os.listdir(
+      os.path.join(folder, "bounding_box_test")))[0]), inside)
+  with pytest.raises(DatasetError) as info:
+    load_dataset("market1501", str(tmp_path / "data"))
+  message = str(info.value)
+  assert link in message and str(outside) in message and inside not in message
+  assert "--config.data.follow_symlinks_outside=True" in message
+  ds = load_dataset("market1501", str(tmp_path / "data"), allow_outside_links=True)
+  assert link in [r.path for r in ds.query] and inside in [r.path for r in ds.query]
+  # The dataset folder itself may be a link (datasets kept on another disk).
+  os.remove(link)
+  os.symlink(folder, tmp_path / "Market-1501-v15.09.15")
+  ds = load_dataset("market1501", str(tmp_path))
+  assert inside.replace(str(tmp_path / "data"), str(tmp_path)) in [r.path for r in ds.query]
+
+
+# ---------------------------------------------------------------------------------------
 # Unreadable images.
 # ---------------------------------------------------------------------------------------
 
@@ -139,6 +190,28 @@ def test_skip_bad_images_drops_their_records_and_caches_the_rest(tmp_path, monke
       ds, 16, 8, cache_dir, skip_bad_images=True, progress=False)
   assert again == out
   np.testing.assert_array_equal(train_again, train_images)
+
+
+def test_dangling_and_looping_image_links_are_listed_as_unreadable(tmp_path):
+  folder = _market(tmp_path)
+  train = os.path.join(folder, "bounding_box_train")
+  dangling = os.path.join(train, "0001_c1s1_009998_00.jpg")
+  loop = os.path.join(train, "0001_c1s1_009999_00.jpg")
+  os.symlink(os.path.join(train, "deleted.jpg"), dangling)
+  os.symlink(loop, loop)
+  ds = load_dataset("market1501", str(tmp_path))
+  assert {dangling, loop} <= {r.path for r in ds.train}
+  cache_dir = str(tmp_path / "cache")
+  with pytest.raises(ImageDecodeError) as info:
+    load_dataset_images(ds, 16, 8, cache_dir, progress=False, num_workers=2)
+  message = str(info.value)
+  assert "2 image files cannot be read" in message
+  assert dangling in message and "deleted.jpg" in message and loop in message
+  assert "--config.data.skip_bad_images=True" in message
+  out, train_images, _ = load_dataset_images(ds, 16, 8, cache_dir, skip_bad_images=True,
+                                             progress=False, num_workers=2)
+  assert len(out.train) == len(ds.train) - 2 and train_images.shape[0] == len(out.train)
+  assert sorted(m.split("'")[1] for m in out.skipped) == [dangling, loop]
 
 
 def test_readable_images_without_a_cache_dir(tmp_path):

@@ -8,6 +8,7 @@ step (flip, pad, crop, normalise, erase) runs on the accelerator.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import io
@@ -78,7 +79,24 @@ def decode_image(path: str, height: int, width: int, *, data: bytes | None = Non
       rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
   except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... by format.
-    raise ImageDecodeError(f"cannot read image file {path!r}: {exc}") from exc
+    reason = (_broken_link(path) if data is None else None) or exc
+    raise ImageDecodeError(f"cannot read image file {path!r}: {reason}") from exc
+
+
+def _broken_link(path: str) -> str | None:
+  """What is wrong with ``path`` when it is a symbolic link that leads to no file."""
+  if not os.path.islink(path) or os.path.exists(path):
+    return None
+  try:
+    os.stat(path)
+  except OSError as exc:
+    if exc.errno == errno.ELOOP:
+      return "a symbolic link loop"
+  try:
+    target = os.readlink(path)
+  except OSError:
+    return None
+  return f"a symbolic link to {target!r}, which does not exist"
 
 
 def cache_file_name(paths: Sequence[str], height: int, width: int) -> str:
@@ -86,16 +104,16 @@ def cache_file_name(paths: Sequence[str], height: int, width: int) -> str:
 
   The name hashes every path (made absolute) with its file size and modification time
   (nanoseconds), plus the output size, so any change to the dataset or the size gives a new name.
-
-  Raises:
-    ImageDecodeError: if a file cannot be stat'ed.
+  A file that cannot be stat'ed (missing, a dangling link, a link loop) enters as size and
+  time -1; decoding it then names it with the other unreadable images.
   """
   entries = []
   for path in paths:
     try:
       st = os.stat(path)
-    except OSError as exc:
-      raise ImageDecodeError(f"cannot read image file {path!r}: {exc}") from exc
+    except OSError:
+      entries.append([os.path.abspath(path), -1, -1])
+      continue
     entries.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
   payload = json.dumps({"version": _CACHE_VERSION, "height": height, "width": width,
                         "files": entries}, separators=(",", ":"))

@@ -267,14 +267,82 @@ def _resolve_folder(spec: _Spec, root: str) -> tuple[str, bool]:
 
 
 def _list_images(directory: str, spec: _Spec) -> list[str]:
-  """Sorted image file names in ``directory``; raises if the folder is missing."""
+  """Sorted image file names in ``directory``; raises if the folder is missing.
+
+  Symbolic links named like images are kept even when they lead nowhere (dangling, or a
+  loop): reading them fails later and they are reported with the unreadable images.
+  """
   if not os.path.isdir(directory):
     raise DatasetError(
         f"Dataset {spec.name!r}: split folder {directory!r} is missing.\n"
         f"Expected tree:\n{_expected_tree(spec)}")
   return sorted(f for f in os.listdir(directory)
                 if f.lower().endswith(IMAGE_EXTENSIONS)
-                and os.path.isfile(os.path.join(directory, f)))
+                and (os.path.isfile(os.path.join(directory, f))
+                     or os.path.islink(os.path.join(directory, f))))
+
+
+def _inside(path: str, folder: str) -> bool:
+  return os.path.commonpath([path, folder]) == folder
+
+
+class _Containment:
+  """Collects image paths that lead outside the dataset folder.
+
+  A path written outside the folder (``../``, an absolute path elsewhere) is always refused;
+  a path inside it that resolves outside through a symbolic link (the image, or a folder on
+  the way) only without ``allow_outside_links``. The dataset folder itself may be a link.
+  """
+
+  def __init__(self, folder: str, allow_outside_links: bool):
+    self.folder = os.path.normpath(folder)
+    self.real_folder = os.path.realpath(folder)
+    self.allow_outside_links = allow_outside_links
+    self.written_outside: list[str] = []
+    self.linked_outside: list[str] = []
+    self._real_dirs: dict[str, str] = {}
+
+  def _resolve(self, path: str) -> str:
+    directory = os.path.dirname(path)
+    if directory not in self._real_dirs:
+      self._real_dirs[directory] = os.path.realpath(directory)
+    real = os.path.join(self._real_dirs[directory], os.path.basename(path))
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+  def keep(self, path: str, where: str = "", written: str = "") -> bool:
+    """Whether ``path`` may be read; records why not. ``where``: e.g. "<list> line 3",
+    ``written``: the path as the list file gives it."""
+    prefix = f"{where}: " if where else ""
+    if not _inside(os.path.normpath(path), self.folder):
+      given = f"{written!r} resolves to " if written else ""
+      self.written_outside.append(f"{prefix}{given}{os.path.normpath(path)}")
+      return False
+    if self.allow_outside_links:
+      return True
+    real = self._resolve(path)
+    if not _inside(real, self.real_folder):
+      self.linked_outside.append(f"{prefix}{path} is a link to {real}")
+      return False
+    return True
+
+  def error(self, spec: _Spec) -> DatasetError | None:
+    """One error listing every refused path, or None."""
+    lines = self.written_outside + self.linked_outside
+    if not lines:
+      return None
+    listed = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
+    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+    ways = []
+    if self.written_outside:
+      ways.append("list entries must name images inside the dataset folder (paths relative to "
+                  "its train/ or test/ folder)")
+    if self.linked_outside:
+      ways.append("move the linked images into the dataset folder, or allow links that lead "
+                  "outside it with --config.data.follow_symlinks_outside=True")
+    way_out = "; ".join(ways)
+    return DatasetError(
+        f"Dataset {spec.name!r}: {len(lines)} image path(s) lead outside the dataset folder "
+        f"{self.folder}:\n{listed}{more}\n{way_out[0].upper()}{way_out[1:]}.")
 
 
 def _camera_index(spec: _Spec, cam: int, path: str) -> int:
@@ -321,13 +389,16 @@ def _check_nonempty(spec: _Spec, records: Sequence[Record], split: str, where: s
 _Splits = dict[str, tuple[list[Record], str]]
 
 
-def _parse_market_style(spec: _Spec, folder: str, bad: list[str]) -> _Splits:
+def _parse_market_style(spec: _Spec, folder: str, bad: list[str],
+                        contain: _Containment) -> _Splits:
   splits: _Splits = {}
   for split, sub in zip(("train", "query", "gallery"), spec.split_dirs):
     directory = os.path.join(folder, sub)
     records = []
     for fname in _list_images(directory, spec):
       path = os.path.join(directory, fname)
+      if not contain.keep(path):
+        continue
       try:
         pid, cam = _parse_name(spec, path)
         if not _keep(spec, pid, split):
@@ -349,7 +420,8 @@ def _msmt_official_cam(spec: _Spec, path: str) -> int:
   return _camera_index(spec, int(fields[2]), path)
 
 
-def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str]) -> list[Record]:
+def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
+                    contain: _Containment) -> list[Record]:
   if not os.path.isfile(list_path):
     raise DatasetError(
         f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
@@ -369,6 +441,8 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str])
       if not rel.lower().endswith(IMAGE_EXTENSIONS):
         continue
       path = os.path.join(image_dir, rel)
+      if not contain.keep(path, f"{list_path} line {line_no}", rel):
+        continue
       try:
         records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
       except DatasetError as exc:
@@ -376,7 +450,8 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str])
   return records
 
 
-def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str]) -> _Splits:
+def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str],
+                         contain: _Containment) -> _Splits:
   for sub in ("train", "test"):
     if not os.path.isdir(os.path.join(folder, sub)):
       raise DatasetError(
@@ -392,7 +467,8 @@ def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str]) -> _Splits:
   for split, lists in sources.items():
     records: list[Record] = []
     for list_name, image_dir in lists:
-      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad)
+      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad,
+                                 contain)
     records = sorted(r for r in records if _keep(spec, r.pid, split))
     splits[split] = (records, os.path.join(folder, lists[0][0]))
   return splits
@@ -408,7 +484,8 @@ def _bad_names_error(spec: _Spec, bad: Sequence[str]) -> DatasetError:
       "Rename or remove these files, or skip them with --config.data.skip_bad_names=True.")
 
 
-def load_dataset(name: str, root: str, *, skip_bad_names: bool = False) -> ReidDataset:
+def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
+                 allow_outside_links: bool = False) -> ReidDataset:
   """Read the train / query / gallery splits of a dataset.
 
   Args:
@@ -417,22 +494,30 @@ def load_dataset(name: str, root: str, *, skip_bad_names: bool = False) -> ReidD
       ``Market-1501-v15.09.15``) or the dataset folder itself.
     skip_bad_names: leave out (with a logged warning, and listed in ``skipped``) the image
       files whose names do not parse or name a camera out of range, instead of raising.
+    allow_outside_links: read images that are (or lie in folders that are) symbolic links
+      leading outside the dataset folder. The dataset folder itself may always be a link;
+      list entries (official MSMT17) written outside the folder are refused regardless.
 
   Returns:
     A ``ReidDataset`` whose records are sorted by path, with 0-based camera ids and raw ids.
 
   Raises:
-    DatasetError: unknown name, missing folder, empty split, or (without ``skip_bad_names``)
+    DatasetError: unknown name, missing folder, empty split, image paths leading outside the
+      dataset folder (naming the list file and line), or (without ``skip_bad_names``)
       file names that do not parse or a camera outside the dataset's range; every such file
       is collected and the first ``MAX_LISTED`` are listed in one error.
   """
   spec = _get_spec(name)
   folder, official_msmt = _resolve_folder(spec, root)
   bad: list[str] = []
+  contain = _Containment(folder, allow_outside_links)
   if official_msmt:
-    splits = _parse_msmt_official(spec, folder, bad)
+    splits = _parse_msmt_official(spec, folder, bad, contain)
   else:
-    splits = _parse_market_style(spec, folder, bad)
+    splits = _parse_market_style(spec, folder, bad, contain)
+  outside = contain.error(spec)
+  if outside is not None:
+    raise outside
   if bad and not skip_bad_names:
     raise _bad_names_error(spec, bad)
   if bad:
