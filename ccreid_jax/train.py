@@ -53,7 +53,7 @@ from ccreid_jax.utils import Timer, prefetch, progress_bar, write_json
 __all__ = [
     "TrainState", "evaluate", "extract", "init_train_state", "load_variables",
     "make_lr_schedule", "make_optimizer", "make_train_step", "prefetch_batches",
-    "rlcc_targets", "train_and_evaluate", "train_on",
+    "rlcc_targets", "train_and_evaluate", "train_on", "TrainingSetChanged",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -423,6 +423,31 @@ def _epoch_record(epoch: int, plan: PseudoLabels, losses: list[float], state: Tr
   return record
 
 
+class TrainingSetChanged(ValueError):
+  """A resumed run's training images are not the ones its checkpoints were trained on."""
+
+
+def _check_training_set(meta: dict[str, Any], data: loading.RunData, workdir: str, *,
+                        force: bool) -> None:
+  """Refuses to resume on other training images (a changed count always; other images of the
+  same count unless ``force``)."""
+  saved_count, saved = int(meta["num_train"]), meta.get("train_fingerprint")
+  current = loading.train_fingerprint(data.dataset.train)
+  if saved_count == data.num_train and saved in (None, current):
+    return
+  what = (f"{workdir} was trained on {saved_count} images"
+          + (f" (fingerprint {saved})" if saved else "") + f"; {data.dataset.root} now gives "
+          f"{data.num_train} (fingerprint {current})")
+  if saved_count != data.num_train or not force:
+    raise TrainingSetChanged(
+        f"The training set differs from the one this run was trained on: {what}. Resuming "
+        "would continue on other images and mix evaluations of two datasets in one history. "
+        "Point config.data.root at the original images, or train into a new --workdir"
+        + ("." if saved_count != data.num_train else
+           " (--force resumes anyway: the image count is the same)."))
+  logger.warning("--force: resuming on a changed training set: %s", what)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        force: bool = False) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns its best and last evaluations.
@@ -430,17 +455,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   A killed run restarts from its latest checkpoint when called again with the same
   ``workdir``; per-epoch randomness is derived from ``(seed, epoch)`` and per-step
   randomness from ``(seed, step)``, so a resumed run reproduces the uninterrupted one.
+  One training run at a time holds a workdir (``workdir.lock_workdir``).
 
   Returns:
     The metrics of the best evaluated checkpoint (highest mAP, evaluated again at the end
     as the reference does) with its ``epoch``, plus ``best`` and ``last``: the metrics and
-    epoch of the best and of the final evaluation.
+    epoch of the best and of the final evaluation. Empty when nothing was trained
+    (``train.epochs = 0``).
   """
   validation.validate_config(config, num_devices=jax.device_count(), training=True)
   # Every process runs this function; only process 0 writes files other than checkpoints
   # (orbax coordinates those itself). Every process still checks the saved config.
   primary = distributed.is_primary()
-  workdir_lib.check_workdir_config(workdir, config, force=force, write=primary)
+  differences = workdir_lib.check_workdir_config(workdir, config, force=force, write=False)
+  with workdir_lib.lock_workdir(workdir, enabled=primary):
+    return _train(config, workdir, force=force, differences=differences, primary=primary)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
+           differences: list[tuple[str, Any, Any]], primary: bool) -> dict[str, Any]:
   data = loading.load_run_data(config, workdir, need_train=True)
   model = models.create_model(config.model)
   tx = make_optimizer(config.optim, config.train.iters)
@@ -451,20 +484,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               config.data.name, data.num_train, len(data.eval_dataset.query),
               len(data.eval_dataset.gallery), jax.device_count())
 
-  # The state to start from: the latest checkpoint, or a fresh initialisation.
+  # The state to start from: the latest checkpoint, or a fresh initialisation. The config
+  # is saved only once it is known to resume the checkpoint.
   start_epoch, previous = 0, None
   latest = checkpointer.latest_step()
   if latest is not None:
-    restored = _restore(checkpointer, latest, model, tx, config, mesh)
+    _check_training_set(checkpointer.read_meta(latest), data, workdir, force=force)
+    try:
+      restored = _restore(checkpointer, latest, model, tx, config, mesh)
+    except checkpoint_lib.CheckpointError as exc:
+      if not differences:
+        raise
+      raise checkpoint_lib.CheckpointError(
+          f"The new config cannot resume {workdir}: its checkpoint step {latest} holds arrays "
+          "of other shapes than this config's model (" + ", ".join(
+              f"{p}: {a!r} -> {b!r}" for p, a, b in differences) + "). Nothing was written; "
+          "resume with the saved config (without --force), or train into a new "
+          "--workdir.") from exc
     state, previous = restored.state["train_state"], _generation_of(restored)
     start_epoch = int(restored.meta["epoch"]) + 1
-    logger.info("resuming from %s: %d epoch(s) done, training epoch %d next",
-                checkpointer.directory, start_epoch, start_epoch)
+    logger.info("resuming from %s: epochs 0-%d done, training epoch %d next",
+                checkpointer.directory, start_epoch - 1, start_epoch)
   else:
     feature_dim = models.feature_dim(model.depth, model.width)
     empty = memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
                                    config.memory.min_bucket)
     state = init_train_state(model, tx, config, empty)
+  if primary:
+    workdir_lib.save_workdir_config(workdir, config, differences)
   state = distributed.replicate(state, mesh)
   reporter = Reporter(config, workdir, data, start_epoch=start_epoch, num_train=data.num_train,
                       enabled=primary)
@@ -562,6 +609,17 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   return model, variables, step, int(restored.meta["epoch"])
 
 
+def _run_model_config(config: ml_collections.ConfigDict, workdir: str,
+                      checkpoint: str | int | None) -> ml_collections.ConfigDict:
+  """The config with the model settings of the run whose checkpoint is evaluated."""
+  which = config.eval.checkpoint if checkpoint is None else checkpoint
+  if which == "init":
+    return config
+  if isinstance(which, str) and os.path.isdir(which):  # <run>/checkpoints/<step>
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(which)))
+  return workdir_lib.with_run_model_settings(config, workdir)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint: str | int | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint of ``workdir`` (default ``config.eval.checkpoint``).
@@ -570,6 +628,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   them to ``<workdir>/eval_<step>.json`` with a rank-list picture.
   """
   validation.validate_config(config, num_devices=None)
+  config = _run_model_config(config, workdir, checkpoint)
   data = loading.load_run_data(config, workdir, need_train=False)
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)
   metrics, distmat = evaluate_variables(make_feature_extractor(model, config), variables, data,
@@ -592,6 +651,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   ``config.eval.dataset`` when set. Returns a summary of what was written.
   """
   validation.validate_config(config, num_devices=None)
+  config = _run_model_config(config, workdir, checkpoint)
   data = loading.load_run_data(config, workdir, need_train=split == "train")
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)
   images, records = split_images(data, split)

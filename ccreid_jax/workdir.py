@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import socket
+import time
 from typing import Any
 
 import ml_collections
@@ -30,6 +34,12 @@ __all__ = [
     "prune_metrics",
     "read_epoch_records",
     "read_metrics_lines",
+    "save_workdir_config",
+    "LOCK_FILE",
+    "MODEL_FIELDS",
+    "WorkdirLocked",
+    "lock_workdir",
+    "with_run_model_settings",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -132,23 +142,31 @@ def config_differences(old: dict[str, Any], new: Any,
 
 
 def check_workdir_config(workdir: str, config: Any, *, force: bool,
-                         reference: Any = None, write: bool = True) -> None:
-  """Saves ``config`` as ``<workdir>/config.json``, refusing one that changes a resumed run.
+                         reference: Any = None, write: bool = True) -> list[tuple[str, Any, Any]]:
+  """Checks ``config`` against ``<workdir>/config.json``; saves it unless ``write=False``.
 
   The comparison happens only when the workdir already holds a checkpoint (a run to
   resume); a workdir without one simply gets the new config. Fields in
   ``RESULT_NEUTRAL_FIELDS`` (logging, evaluation, the number of epochs, data locations)
-  may change freely. With ``force`` the mismatch is logged, the old file is kept as
-  ``config.replaced-<n>.json`` and the new config is saved.
+  may change freely. With ``force`` the differences are returned (and, when writing, the
+  old file is kept as ``config.replaced-<n>.json`` and the new config saved).
 
-  ``write=False`` (the other processes of a multi-process run) only checks: process 0
-  renames and writes the files.
+  ``write=False`` only checks: a training run saves the config with ``save_workdir_config``
+  once it knows the checkpoint can be resumed with it, and the other processes of a
+  multi-process run never write.
+
+  Returns:
+    The differing fields ``(field, old, new)`` (empty unless ``force``).
 
   Raises:
-    WorkdirConfigMismatch: listing each differing field ``old -> new``.
+    WorkdirConfigMismatch: listing each differing field ``old -> new`` (without ``force``).
   """
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(
+        f"--workdir {workdir!r} is a file, not a folder: pass a folder (it is created when "
+        "missing)")
   path = os.path.join(workdir, CONFIG_FILE)
+  differences: list[tuple[str, Any, Any]] = []
   if os.path.exists(path) and has_checkpoints(workdir):
     try:
       with open(path) as f:
@@ -159,19 +177,119 @@ def check_workdir_config(workdir: str, config: Any, *, force: bool,
       differences = config_differences(old, config, reference)
     if differences and not force:
       raise WorkdirConfigMismatch(workdir, differences)
-    if differences and write:
-      n = 1
-      while os.path.exists(os.path.join(workdir, f"config.replaced-{n}.json")):
-        n += 1
-      os.replace(path, os.path.join(workdir, f"config.replaced-{n}.json"))
-      logger.warning("--force: resuming %s with a different config (%s); the old config is "
-                     "kept as config.replaced-%d.json", workdir,
-                     ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences), n)
-  if not write:
-    return
+  if write:
+    save_workdir_config(workdir, config, differences)
+  return differences
+
+
+def save_workdir_config(workdir: str, config: Any,
+                        differences: list[tuple[str, Any, Any]] = ()) -> None:
+  """Writes ``<workdir>/config.json``; with ``differences`` (``--force``) the old file is
+  first kept as ``config.replaced-<n>.json``."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if differences and os.path.exists(path):
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.replaced-{n}.json")):
+      n += 1
+    os.replace(path, os.path.join(workdir, f"config.replaced-{n}.json"))
+    logger.warning("--force: resuming %s with a different config (%s); the old config is "
+                   "kept as config.replaced-%d.json", workdir,
+                   ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences), n)
   text = (config.to_json_best_effort(indent=2) if isinstance(config, ml_collections.ConfigDict)
           else json.dumps(config, indent=2, default=repr))
   write_atomic(path, text)
+
+
+# Fields that change the model a checkpoint holds, or the input it expects: evaluation and
+# extraction take them from the run's saved config.
+MODEL_FIELDS: tuple[str, ...] = (
+    "model.arch", "model.depth", "model.width", "model.last_stride", "model.pooling",
+    "model.dtype", "data.height", "data.width")
+
+
+def with_run_model_settings(config: ml_collections.ConfigDict,
+                            workdir: str) -> ml_collections.ConfigDict:
+  """``config`` with the ``MODEL_FIELDS`` of the run saved in ``workdir`` (a copy).
+
+  Evaluating a checkpoint with another depth, pooling, image size or dtype would score
+  another model (or fail to restore): the run's own values are used, and each replaced
+  value is logged. Without a saved config the given one is returned unchanged.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = _flatten(json.load(f))
+  except (OSError, ValueError):
+    return config
+  config = config.copy_and_resolve_references()
+  for field in MODEL_FIELDS:
+    group, name = field.split(".")
+    if field not in saved or saved[field] == config[group][name]:
+      continue
+    logger.warning("%s: using the run's %s=%r from %s (the given config says %r)", workdir,
+                   field, saved[field], path, config[group][name])
+    config[group][name] = saved[field]
+  return config
+
+
+# ---------------------------------------------------------------------------------------
+# One training run at a time.
+# ---------------------------------------------------------------------------------------
+
+LOCK_FILE = "train.lock"
+
+
+class WorkdirLocked(RuntimeError):
+  """Another training run holds the workdir."""
+
+
+def _lock_holder(path: str) -> str:
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    return (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
+            f"{holder.get('started', '?')}")
+  except (OSError, ValueError):
+    return "another process"
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str, *, enabled: bool = True):
+  """Holds an exclusive lock on ``workdir`` for one training run.
+
+  The lock is an ``flock`` on ``<workdir>/train.lock``, which also records the holder's
+  process id, host and start time. The operating system releases it when the process ends,
+  however it ends, so the file left by a killed run is no obstacle. ``enabled=False`` (the
+  other processes of a multi-process run) takes no lock.
+
+  Raises:
+    WorkdirLocked: naming the process and host that hold the workdir.
+  """
+  if not enabled:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  handle = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirLocked(
+          f"{workdir} is in use by another training run ({_lock_holder(path)}). Wait for it "
+          "to finish or stop it, or train into another --workdir.") from None
+    except OSError as exc:  # a file system without locks: run unprotected, but say so.
+      logger.warning("could not lock %s (%s): make sure no other run uses this workdir",
+                     path, exc)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the lock
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""What a careless resume or evaluation must not break: another model under --force, another
+training set, two runs at once, evaluation with settings that change the model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ccreid_jax import train, workdir as workdir_lib
+from ccreid_jax.checkpoint import CheckpointError
+from ccreid_jax.data import synthetic
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_market, tmp_path_factory) -> str:
+  """A finished 1-epoch tiny run; tests copy it before changing it."""
+  config = tiny_config(tiny_market)
+  config.train.epochs = 1
+  workdir = str(tmp_path_factory.mktemp("resume") / "run")
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _copy(workdir, tmp_path) -> str:
+  target = str(tmp_path / "run")
+  shutil.copytree(workdir, target)
+  return target
+
+
+def _snapshot(workdir):
+  """Every file of the workdir but the checkpoints' and TensorBoard's, with its bytes."""
+  out = {}
+  for folder, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(folder, name)
+      out[os.path.relpath(path, workdir)] = open(path, "rb").read()
+  return out
+
+
+def test_force_with_another_model_fails_before_writing_anything(finished_run, tiny_market,
+                                                                 tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  before = _snapshot(workdir)
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  config.model.width = 16  # other shapes: the checkpoint cannot be restored into it
+  with pytest.raises(CheckpointError) as info:
+    train.train_and_evaluate(config, workdir, force=True)
+  message = str(info.value)
+  assert "model.width: 8 -> 16" in message and "Nothing was written" in message
+  assert "damaged" not in message
+  after = _snapshot(workdir)
+  assert {k: v for k, v in after.items() if k != workdir_lib.LOCK_FILE} == {
+      k: v for k, v in before.items() if k != workdir_lib.LOCK_FILE}
+  # The run's own config still resumes it.
+  workdir_lib.check_workdir_config(workdir, tiny_config(tiny_market), force=False, write=False)
+
+
+def test_resume_on_another_training_set_is_refused(finished_run, tiny_market, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  config = tiny_config(tiny_market)
+  config.train.epochs = 2
+  # Fewer images: refused, even with --force (the saved labels have one entry per image).
+  smaller = str(tmp_path / "smaller")
+  synthetic.generate_market_dataset(smaller, num_train_ids=12, num_test_ids=8, num_cams=3,
+                                    images_per_cam=(2, 3), height=64, width=32, seed=0)
+  config.data.root = smaller
+  for force in (False, True):
+    with pytest.raises(train.TrainingSetChanged, match="differs from the one this run"):
+      train.train_and_evaluate(config, workdir, force=force)
+  # The same number of images, one of them another identity: refused without --force.
+  renamed = str(tmp_path / "renamed")
+  shutil.copytree(tiny_market, renamed)
+  folder = os.path.join(renamed, "Market-1501-v15.09.15", "bounding_box_train")
+  first = sorted(os.listdir(folder))[0]
+  os.rename(os.path.join(folder, first), os.path.join(folder, "9999" + first[4:]))
+  config.data.root = renamed
+  with pytest.raises(train.TrainingSetChanged, match="--force resumes anyway"):
+    train.train_and_evaluate(config, workdir)
+  records = workdir_lib.read_epoch_records(workdir)
+  assert [r["epoch"] for r in records] == [0]  # nothing was trained or logged
+
+
+_HOLD = """
+import sys, time
+from ccreid_jax import workdir
+with workdir.lock_workdir(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(60)
+"""
+
+
+def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirLocked) as info:
+      train.train_and_evaluate(tiny_config(tiny_market), workdir)
+    assert f"process {holder.pid} on host" in str(info.value)
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without cleaning up: its lock file is no obstacle.
+  lock = os.path.join(workdir, workdir_lib.LOCK_FILE)
+  assert json.load(open(lock))["pid"] == holder.pid
+  with workdir_lib.lock_workdir(workdir):
+    assert json.load(open(lock))["pid"] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirLocked, match=f"process {os.getpid()}"):
+      with workdir_lib.lock_workdir(workdir):
+        pass
+
+
+def test_evaluation_uses_the_runs_model_settings(finished_run, tiny_market, caplog):
+  config = tiny_config(tiny_market)
+  expected = train.evaluate(config, finished_run, checkpoint="latest")
+  changed = tiny_config(tiny_market)
+  changed.data.height, changed.data.width = 64, 32  # another input size than the run's
+  changed.model.pooling = "avg"
+  with caplog.at_level("WARNING", logger="ccreid_jax"):
+    results = train.evaluate(changed, finished_run, checkpoint="latest")
+  assert results == expected
+  assert "data.height=32" in caplog.text and "model.pooling='gem'" in caplog.text
