@@ -1,4 +1,9 @@
-"""Cluster Contrast with InfoMap clustering on msmt17 (reference: k 15, similarity 0.5, clusters <= 4 dropped)."""
+"""Cluster Contrast with InfoMap clustering on MSMT17 (kNN 15, cosine >= 0.5, clusters of
+at most 4 images dropped, the infomap package's default seed).
+
+Reproduces: 31.2 mAP / 61.5 rank-1, the ResNet-50 InfoMap figure of the Cluster Contrast README
+(docs/algorithms.md section 8). Everything else as ``msmt17.py`` (ImageNet weights required).
+"""
 
 from configs import msmt17
 
@@ -9,4 +14,5 @@ def get_config():
   config.cluster.infomap_k = 15
   config.cluster.infomap_min_similarity = 0.5
   config.cluster.infomap_min_cluster_size = 5
+  config.cluster.infomap_seed = 0
   return config
