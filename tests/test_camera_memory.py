@@ -108,6 +108,13 @@ def test_build_buckets_empty_bank_and_errors():
   empty, sample_proxy = cm.build_camera_proxies(x, np.full(len(x), -1), cams, bucket=8)
   assert empty.proxies.shape == (8, x.shape[1]) and not np.asarray(empty.valid).any()
   assert (sample_proxy == -1).all()
+  # No sample at all: the placeholder bank of a train state before its first clustering.
+  none, _ = cm.build_camera_proxies(np.zeros((0, 4), np.float32), np.zeros(0, int),
+                                    np.zeros(0, int), bucket=1)
+  assert none.proxies.shape == (1, 4) and not np.asarray(none.valid).any()
+  loss = cm.camera_proxy_loss(jnp.ones((2, 4)), none, jnp.zeros(2, int), jnp.zeros(2, int),
+                              temperature=TAU, num_hard_negatives=50)
+  assert float(loss) == 0.0
 
 
 @pytest.mark.parametrize("k", [0, 3, 50], ids=["no_negatives", "k3", "all_negatives"])
