@@ -19,6 +19,7 @@ naming the step and what to do instead.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from typing import Any
@@ -33,6 +34,27 @@ logger = logging.getLogger("ccreid_jax")
 
 class CheckpointError(RuntimeError):
   """A kept checkpoint cannot be read; the message names the step and the ways out."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The checkpoint asked for is not kept (none saved, none evaluated, or not that step)."""
+
+
+class CheckpointNameError(ValueError):
+  """A checkpoint name that is none of the accepted forms."""
+
+
+# Every form --checkpoint / config.eval.checkpoint accepts ("init" and step folders are
+# handled by train.load_variables before a Checkpointer resolves the rest).
+ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a step number, or the path of "
+                  "a step folder")
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" warning, which every evaluation opens."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +98,15 @@ class Checkpointer:
         read_only=read_only,
         enable_async_checkpointing=True,
     )
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
+    absl_logger = logging.getLogger("absl")
+    notice_filter = _DropReadOnlyNotice()
+    if read_only:
+      absl_logger.addFilter(notice_filter)
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=("state", "meta"))
+    finally:
+      absl_logger.removeFilter(notice_filter)
 
   # -- queries -----------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -113,10 +142,23 @@ class Checkpointer:
     return best
 
   def resolve(self, which: str | int) -> int:
-    """Turns ``"latest"``, ``"best"`` or an epoch number into a saved step."""
+    """Turns ``"latest"``, ``"best"`` or a step number into a kept step.
+
+    Raises:
+      CheckpointNameError: ``which`` is none of these, listing every accepted form and the
+        kept steps.
+      CheckpointNotFoundError: no checkpoint is kept, none was evaluated (``"best"``) or the
+        step is not kept.
+    """
+    step = None
+    if which not in ("latest", "best"):
+      try:
+        step = int(which)
+      except (TypeError, ValueError):
+        raise CheckpointNameError(self._name_message(which)) from None
     steps = self.all_steps()
     if not steps:
-      raise FileNotFoundError(
+      raise CheckpointNotFoundError(
           f"No checkpoint in {self.directory}: train first with "
           "`python -m ccreid_jax.main --config ... --workdir <this workdir>`.")
     if which == "latest":
@@ -124,17 +166,25 @@ class Checkpointer:
     if which == "best":
       best = self.best_step()
       if best is None:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"No evaluated checkpoint in {self.directory} (saved steps: {steps}); "
             "use --checkpoint=latest.")
       return best
-    try:
-      step = int(which)
-    except ValueError:
-      raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
     if step not in steps:
-      raise FileNotFoundError(f"Step {step} is not kept in {self.directory}; kept: {steps}.")
+      raise CheckpointNotFoundError(
+          f"Step {step} is not kept in {self.directory}; kept: {steps}.")
     return step
+
+  def _name_message(self, which: Any) -> str:
+    steps = self.all_steps()
+    kept = (f"kept: {', '.join(map(str, steps))}" if steps else "none kept yet")
+    example = os.path.join(self.directory, str(steps[-1] if steps else 1))
+    close = difflib.get_close_matches(str(which), ["latest", "best", "init"], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    looks_like_path = isinstance(which, str) and (os.sep in which or which.startswith("."))
+    what = "no such step folder" if looks_like_path else "not a checkpoint"
+    return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; steps in "
+            f"{self.directory} ({kept}); a step folder such as {example}.")
 
   # -- save / restore ----------------------------------------------------------------------
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Features of a split written to ``.npz`` for analysis outside the training code.
 
-``extract_split(run, variables, split)`` computes the L2-normalised features of the train,
-query or gallery images of a ``train._Run``; ``export_features`` writes them with the ids,
+``extract_split(data, extract, variables, split)`` computes the L2-normalised features of the
+train, query or gallery images of a ``data.loading.RunData`` with a feature extractor
+(``train.make_feature_extractor``); ``export_features`` writes them with the ids,
 cameras and image paths of their records; ``load_exported`` reads such a file back without
 pickle (paths are stored as a unicode array)::
 
@@ -16,16 +17,50 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 
-__all__ = ["SPLITS", "ExportedFeatures", "export_features", "extract_split", "load_exported",
-           "split_images"]
+__all__ = ["SPLITS", "ExportedFeatures", "OutputPathError", "check_output_path",
+           "export_features", "extract_split", "load_exported", "split_images"]
 
 SPLITS = ("train", "query", "gallery")
+
+
+class OutputPathError(ValueError):
+  """A path features cannot be written to: a folder, under a file, or not writable."""
+
+
+def check_output_path(path: str) -> None:
+  """Checks that a file can be written at ``path``, creating its missing parent folders.
+
+  Meant to run before the features are computed, so a typo costs nothing.
+
+  Raises:
+    OutputPathError: naming ``path`` as given, when it is a folder, when a file stands where a
+      parent folder should be, or when its folder cannot be written to.
+  """
+  if os.path.isdir(path):
+    raise OutputPathError(
+        f"--out {path} is a folder; give the name of the file to write, e.g. "
+        f"{os.path.join(path, 'query.npz')}.")
+  folder = os.path.dirname(os.path.abspath(path))
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise OutputPathError(f"--out {path} cannot be written: {existing} is a file, not a folder.")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    probe, probe_path = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+    os.close(probe)
+    os.remove(probe_path)
+  except OSError as exc:
+    raise OutputPathError(
+        f"--out {path} cannot be written: {exc.strerror or exc} ({folder}).") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +79,11 @@ def export_features(path: str, features: np.ndarray, records: Sequence[Any], spl
 
   ``records`` are dataset records (anything with ``path``, ``pid`` and ``camid``), one per
   feature row. The file is written under a temporary name and renamed, so a reader never sees
-  half of it; ``path`` is used as given (no ``.npz`` is appended).
+  half of it, and the temporary file is removed when writing or renaming fails; ``path`` is
+  used as given (no ``.npz`` is appended).
+
+  Raises:
+    OutputPathError: ``path`` cannot be written (see ``check_output_path``).
   """
   features = np.asarray(features, dtype=np.float32)
   if features.ndim != 2:
@@ -53,8 +92,7 @@ def export_features(path: str, features: np.ndarray, records: Sequence[Any], spl
     raise ValueError(f"{features.shape[0]} feature rows but {len(records)} records.")
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
+  check_output_path(path)
   arrays = {
       "features": features,
       "ids": np.array([int(r.pid) for r in records], dtype=np.int64),
@@ -63,9 +101,13 @@ def export_features(path: str, features: np.ndarray, records: Sequence[Any], spl
       "split": np.array(split, dtype=np.str_),
   }
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_exported(path: str) -> ExportedFeatures:
@@ -80,7 +122,8 @@ def load_exported(path: str) -> ExportedFeatures:
 
 
 def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
-  """``(uint8 images, records)`` of a split of a ``train._Run``, rows aligned with records.
+  """``(uint8 images, records)`` of a split of a ``data.loading.RunData``, rows aligned with
+  records.
 
   ``run.test_images`` holds the query images followed by the gallery images of
   ``run.eval_dataset`` (``run.dataset`` when the run has no separate evaluation dataset).
@@ -99,14 +142,16 @@ def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
   return run.test_images[num_query:], list(test.gallery)
 
 
-def extract_split(run: Any, variables: Any, split: str) -> tuple[np.ndarray, list[Any]]:
+def extract_split(data: Any, extract: Any, variables: Any,
+                  split: str) -> tuple[np.ndarray, list[Any]]:
   """``(features (N, D) float32, records)`` of ``split`` ("train", "query" or "gallery").
 
-  Uses ``run.extract`` of a ``train._Run``, as the evaluation does.
+  ``data``: a ``data.loading.RunData``; ``extract``: ``extract(variables, images, desc=...)``
+  as ``train.make_feature_extractor`` builds it for the evaluation.
   """
-  images, records = split_images(run, split)
+  images, records = split_images(data, split)
   if images.shape[0] != len(records):
     raise ValueError(f"the {split} split has {len(records)} records but {images.shape[0]} "
                      "images.")
-  features = run.extract(variables, images, desc=f"{split} extract")
+  features = extract(variables, images, desc=f"{split} extract")
   return features, records

@@ -1,10 +1,13 @@
 """Checkpoint save/restore round trip and the latest/best preservation policy."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import logging as absl_logging
 
 from ccreid_jax.checkpoint import Checkpointer
 
@@ -66,3 +69,29 @@ def test_missing_checkpoints_give_a_clear_error(tmp_path):
     ckpt.resolve("best")
   with pytest.raises(ValueError, match="latest"):
     ckpt.resolve("newest")
+
+
+def test_unknown_checkpoint_name_lists_every_accepted_form(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {"epoch": step - 1})
+  ckpt.wait_until_finished()
+  with pytest.raises(ValueError) as info:
+    ckpt.resolve("bset")
+  message = str(info.value)
+  for text in ("'bset'", "'latest'", "'best'", "'init'", "a step number", "step folder",
+               "kept: 2", str(tmp_path / "ckpt" / "2"), "did you mean 'best'"):
+    assert text in message, text
+
+
+def test_read_only_checkpointer_does_not_warn(tmp_path, caplog):
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, _state(1), {"epoch": 0})
+  ckpt.wait_until_finished()
+  ckpt.close()
+  with caplog.at_level(logging.INFO):
+    reader = Checkpointer(str(tmp_path / "ckpt"), read_only=True)
+    assert reader.all_steps() == [1]
+    absl_logging.warning("another warning")   # only orbax's read-only notice is silenced
+  assert "read only" not in caplog.text
+  assert "another warning" in caplog.text

@@ -1,5 +1,6 @@
 """Feature export: .npz round trip, and the split slicing of a run's image arrays."""
 
+import os
 import types
 
 import jax
@@ -53,8 +54,40 @@ def test_export_keeps_the_given_name_and_rejects_bad_input(tmp_path):
     export.load_exported(str(tmp_path / "other.npz"))
 
 
+def test_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
+  def refuse(src, dst):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(export.os, "replace", refuse)
+  with pytest.raises(OSError, match="No space left"):
+    export.export_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_output_path_is_checked_before_anything_is_written(tmp_path):
+  created = tmp_path / "new" / "sub" / "query.npz"
+  export.check_output_path(str(created))   # a missing parent folder is created
+  assert created.parent.is_dir() and list(created.parent.iterdir()) == []
+  folder = tmp_path / "features"
+  folder.mkdir()
+  with pytest.raises(export.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
+    export.check_output_path(str(folder))
+  with pytest.raises(export.OutputPathError):   # export_features checks too, names the path
+    export.export_features(str(folder), np.zeros((2, 3)), _records(2), "query")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(export.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"):
+    export.check_output_path(str(blocker / "query.npz"))
+  if os.path.isdir("/proc"):   # a place nobody can write to, not even root
+    with pytest.raises(export.OutputPathError, match="/proc/query.npz.*cannot be written"):
+      export.check_output_path("/proc/query.npz")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "features", "new"]
+  assert list(folder.iterdir()) == []
+
+
 def _fake_run(num_train=5, num_query=3, num_gallery=6, with_train=True):
-  """The attributes of a train._Run that extract_split reads; image i is filled with value i."""
+  """The attributes of a RunData that extract_split reads, and an ``extract``; image i is
+  filled with value i."""
 
   def images(start, n):
     return (np.arange(start, start + n, dtype=np.uint8)[:, None, None, None]
@@ -90,7 +123,7 @@ def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
       ("gallery", [3, 4, 5, 6, 7, 8], run.dataset.gallery),
       ("train", [100, 101, 102, 103, 104], run.dataset.train),
   ):
-    features, records = export.extract_split(run, variables, split)
+    features, records = export.extract_split(run, run.extract, variables, split)
     assert features.dtype == np.float32
     np.testing.assert_allclose(features[:, 0], 2.0 * np.array(expected_values))
     np.testing.assert_array_equal(features[:, 1], 1.0)
@@ -105,29 +138,29 @@ def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
 def test_extract_split_errors():
   run = _fake_run(with_train=False)
   with pytest.raises(ValueError, match="need_train"):
-    export.extract_split(run, {"scale": jnp.float32(1.0)}, "train")
+    export.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "train")
   with pytest.raises(ValueError, match="split"):
-    export.extract_split(run, {"scale": jnp.float32(1.0)}, "test")
+    export.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "test")
 
 
 def test_extract_split_with_a_real_run(tiny_market, tmp_path):
-  """The attributes extract_split reads exist on train._Run, and rows follow the records."""
+  """extract_split works on a run's loaded data and extractor; rows follow the records."""
   from conftest import tiny_config
 
-  from ccreid_jax import train
+  from ccreid_jax import models, train
+  from ccreid_jax.data import loading
 
   config = tiny_config(tiny_market)
-  run = train._Run(config, str(tmp_path / "run"), need_train=False)
-  variables = run.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)), train=False)
-  query, query_records = export.extract_split(run, variables, "query")
-  gallery, gallery_records = export.extract_split(run, variables, "gallery")
-  assert query_records == list(run.dataset.query)
-  assert gallery_records == list(run.dataset.gallery)
-  assert query.shape[0] + gallery.shape[0] == run.test_images.shape[0]
+  data = loading.load_run_data(config, str(tmp_path / "run"), need_train=False)
+  model = models.create_model(config.model)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)), train=False)
+  extract = train.make_feature_extractor(model, config)
+  query, query_records = export.extract_split(data, extract, variables, "query")
+  gallery, gallery_records = export.extract_split(data, extract, variables, "gallery")
+  assert query_records == list(data.dataset.query)
+  assert gallery_records == list(data.dataset.gallery)
+  assert query.shape[0] + gallery.shape[0] == data.test_images.shape[0]
   np.testing.assert_allclose(np.linalg.norm(query, axis=1), 1.0, rtol=1e-4)
   # The same rows as extracting query + gallery at once (as the evaluation does).
-  from ccreid_jax.extract import extract_features
-
-  both = extract_features(run.extract_fn, variables, run.test_images, mesh=run.mesh,
-                          batch_size=config.eval.batch_size, progress=False)
+  both = extract(variables, data.test_images, desc="both")
   np.testing.assert_allclose(np.concatenate([query, gallery]), both, atol=1e-5)
