@@ -145,10 +145,10 @@ def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.
   ``num_hard_negatives`` valid proxies of other clusters with the largest logit (chosen on
   the logits without gradient); all of them when there are fewer (where PPLR's sort would fill
   its list with the own cluster's proxies; the two agree whenever the bank holds at least K
-  proxies of other clusters). The loss of i is the
-  cross-entropy of the softmax over positives and hard negatives against the uniform
-  distribution on the positives; a sample with no positive (its cluster seen in one camera
-  only) adds 0 but still counts in the batch mean, as in the reference.
+  proxies of other clusters). The loss of i is the cross-entropy of the softmax over positives
+  and hard negatives against the uniform distribution on the positives; a sample with no
+  positive (its cluster seen in one camera only) adds 0 but still counts in the batch mean, as
+  in the reference.
 
   Args:
     features: (B, D) features of any norm (L2-normalised here; the gradient flows into them).
