@@ -1,4 +1,4 @@
-"""Camera-aware proxies: construction, the inter-camera loss and its gradient, the update, against numpy."""
+"""Camera-aware proxies against numpy: construction, the inter-camera loss, its gradient, the update."""
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +169,8 @@ def test_own_camera_and_single_camera_clusters():
 def test_bucket_does_not_change_loss_or_grad():
   x, labels, cams, feats, y, c = _problem(5)
   num = int(cm.build_camera_proxies(x, labels, cams)[0].num_proxies)
-  results = [_jax_loss_and_grad(feats, cm.build_camera_proxies(x, labels, cams, bucket=b)[0], y, c, 4)
-             for b in (num, 2 * num, 256)]
+  banks = [cm.build_camera_proxies(x, labels, cams, bucket=b)[0] for b in (num, 2 * num, 256)]
+  results = [_jax_loss_and_grad(feats, bank, y, c, 4) for bank in banks]
   for loss, grad in results[1:]:
     assert loss == pytest.approx(results[0][0], rel=1e-6)
     np.testing.assert_allclose(grad, results[0][1], rtol=1e-6, atol=1e-7)
@@ -202,7 +202,8 @@ def test_update_sequential_matches_numpy():
   np.testing.assert_allclose(got[:num], want, rtol=0, atol=1e-6)
   assert not got[num:].any(), "padding rows must stay untouched"
   for field in ("cluster_ids", "cam_ids", "valid"):
-    np.testing.assert_array_equal(np.asarray(getattr(new, field)), np.asarray(getattr(state, field)))
+    np.testing.assert_array_equal(np.asarray(getattr(new, field)),
+                                  np.asarray(getattr(state, field)))
   assert cm.camera_proxy_update(state, jnp.asarray(feats), jnp.asarray(y), jnp.asarray(c),
                                 momentum=1.0) is state
 
