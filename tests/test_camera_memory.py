@@ -1,4 +1,4 @@
-"""Camera-aware proxies against numpy: construction, the inter-camera loss, its gradient, the update."""
+"""Camera-aware proxies against numpy: the bank, the inter-camera loss, its gradient, the update."""
 
 import jax
 import jax.numpy as jnp
