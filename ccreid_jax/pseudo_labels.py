@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
+from ccreid_jax import camera_memory
 from ccreid_jax import clustering
 
 __all__ = ["Generation", "PseudoLabels", "cluster_labels", "pseudo_label", "rlcc_targets"]
@@ -54,12 +55,16 @@ class PseudoLabels:
       then there is nothing to train on).
     targets: (N, K) float32 RLCC soft targets, or None for the hard cross-entropy.
     stats: plain numbers for the epoch's record: ``clusters``, ``outliers``, ``cluster_ari``
-      (agreement with the true ids, a diagnostic when they are known) and ``rlcc_*``.
+      (agreement with the true ids, a diagnostic when they are known), ``rlcc_*`` and
+      ``camera_proxies``.
+    camera: the camera-aware proxies of this clustering (``camera.enabled`` from
+      ``camera.start_epoch`` on), or None.
   """
 
   generation: Generation
   targets: np.ndarray | None
   stats: dict[str, Any]
+  camera: camera_memory.CameraProxyState | None = None
 
   @property
   def labels(self) -> np.ndarray:
@@ -156,7 +161,12 @@ def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_colle
   if rlcc.enabled and num_clusters and previous is not None and previous.num_clusters:
     targets, rlcc_stats = rlcc_targets(features, generation, previous, rlcc, epoch)
     stats.update({f"rlcc_{k}": v for k, v in rlcc_stats.items()})
-  return PseudoLabels(generation=generation, targets=targets, stats=stats)
+  camera = None
+  if config.camera.enabled and epoch >= config.camera.start_epoch and num_clusters:
+    camera, _ = camera_memory.build_camera_proxies(features, labels, cams,
+                                                   min_bucket=config.camera.min_bucket)
+    stats["camera_proxies"] = int(camera.num_proxies)
+  return PseudoLabels(generation=generation, targets=targets, stats=stats, camera=camera)
 
 
 def rlcc_targets(features: np.ndarray, current: Generation, previous: Generation,

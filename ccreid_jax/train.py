@@ -21,6 +21,7 @@ log line) and a checkpoint is saved after every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ccreid_jax import camera_memory
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import distributed
 from ccreid_jax import evaluation
@@ -69,6 +71,8 @@ class TrainState:
   opt_state: Any
   memory: memory_lib.MemoryState
   rng: jax.Array  # uint32 (2,): base key of the augmentation stream.
+  # The camera-aware proxies of the epoch (rebuilt every epoch, never checkpointed), or None.
+  camera: camera_memory.CameraProxyState | None = None
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -167,19 +171,26 @@ def with_precision(fn: Any, precision: str) -> Any:
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    mesh: Mesh, *, soft_targets: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+                    mesh: Mesh, *, soft_targets: bool = False,
+                    camera: bool = False) -> Callable[..., tuple[TrainState, dict]]:
   """The jitted train step: augment, forward, memory loss, Adam, memory update.
 
   ``step(state, images, labels)`` uses the hard cross-entropy against the memory;
   with ``soft_targets=True`` it is ``step(state, images, labels, targets)`` with per-sample
-  (B, C_pad) target distributions (RLCC) and the soft-target cross-entropy. The two are
-  compiled separately, so with RLCC off the step is exactly the plain Cluster Contrast one.
+  (B, C_pad) target distributions (RLCC) and the soft-target cross-entropy. With
+  ``camera=True`` the batch's camera ids follow the labels (``step(state, images, labels,
+  cams[, targets])``) and ``config.camera.weight`` times the inter-camera proxy loss against
+  ``state.camera`` is added; the proxies then move with ``config.camera.momentum`` after the
+  gradient, like the memory. Each variant is compiled separately, so with RLCC and the camera
+  term off the step is exactly the plain Cluster Contrast one.
   """
   aug = config.augment
   mem = config.memory
+  cam = config.camera
 
-  def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
-                 targets: jax.Array | None = None):
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *rest: jax.Array):
+    cams = rest[0] if camera else None
+    targets = rest[-1] if soft_targets else None
     key = jax.random.fold_in(state.rng, state.step)
     x = augment_lib.train_augment(
         key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob)
@@ -194,23 +205,34 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
       else:
         loss = memory_lib.soft_contrastive_loss(
             features, state.memory.centroids, targets, mem.temperature, valid=state.memory.valid)
-      return loss, (features, updates["batch_stats"])
+      metrics = {"loss": loss}
+      if camera:
+        camera_loss = camera_memory.camera_proxy_loss(
+            features, state.camera, labels, cams, temperature=cam.temperature,
+            num_hard_negatives=cam.num_hard_negatives)
+        loss = loss + cam.weight * camera_loss
+        metrics = {"loss": loss, "camera_loss": camera_loss}
+      return loss, (features, updates["batch_stats"], metrics)
 
-    (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (features, batch_stats, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The memory is updated after, and outside, the gradient, with this step's features.
+    features = jax.lax.stop_gradient(features)
     centroids = memory_lib.momentum_update(
-        state.memory.centroids, jax.lax.stop_gradient(features), labels, mem.momentum,
-        hard=mem.hard)
+        state.memory.centroids, features, labels, mem.momentum, hard=mem.hard)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         memory=state.memory.replace(centroids=centroids))
-    return new_state, {"loss": loss}
+    if camera:
+      new_state = new_state.replace(camera=camera_memory.camera_proxy_update(
+          state.camera, features, labels, cams, cam.momentum))
+    return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
-  batch_args = (batch_sharded,) * (3 if soft_targets else 2)
+  batch_args = (batch_sharded,) * (2 + int(soft_targets) + int(camera))
   step = jax.jit(
       train_step,
       in_shardings=(replicated,) + batch_args,
@@ -230,28 +252,36 @@ class TrainSteps:
   def __init__(self, model: Any, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict, mesh: Mesh):
     self.mesh = mesh
-    self._hard = make_train_step(model, tx, config, mesh)
-    self._soft = (make_train_step(model, tx, config, mesh, soft_targets=True)
-                  if config.rlcc.enabled else None)
-    self._seen: set[tuple[bool, int]] = set()
+    self._make = functools.partial(make_train_step, model, tx, config, mesh)
+    self._steps: dict[tuple[bool, bool], Any] = {}
+    self._seen: set[tuple[bool, int, int]] = set()
 
-  def get(self, *, soft: bool, bucket: int, epoch: int, num_clusters: int):
-    variant = (soft, bucket)
+  def get(self, *, soft: bool, bucket: int, camera_bucket: int, epoch: int,
+          num_clusters: int):
+    """The step for soft / hard targets, a memory of ``bucket`` rows and ``camera_bucket``
+    proxy rows (0: no camera term)."""
+    variant = (soft, bucket, camera_bucket)
     if self._seen and variant not in self._seen:
-      logger.info("epoch %d: %d clusters, a %d-row memory%s: the train step compiles for it "
-                  "(once per size)", epoch, num_clusters, bucket,
-                  " with soft targets" if soft else "")
+      logger.info("epoch %d: %d clusters, a %d-row memory%s%s: the train step compiles for "
+                  "it (once per size)", epoch, num_clusters, bucket,
+                  " with soft targets" if soft else "",
+                  f" and {camera_bucket} camera proxy rows" if camera_bucket else "")
     self._seen.add(variant)
-    return self._soft if soft else self._hard
+    kind = (soft, bool(camera_bucket))
+    if kind not in self._steps:
+      self._steps[kind] = self._make(soft_targets=soft, camera=bool(camera_bucket))
+    return self._steps[kind]
 
 
 def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
-                     sharding: NamedSharding, *, targets: np.ndarray | None = None,
-                     num_columns: int = 0, depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
+                     sharding: NamedSharding, *, cams: np.ndarray | None = None,
+                     targets: np.ndarray | None = None, num_columns: int = 0,
+                     depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
   """Gathers the next batches on a host thread and sends them to the devices early.
 
-  Yields ``(images, labels)`` or, with ``targets`` (N, K), ``(images, labels, targets)``
-  with the target rows zero-padded to ``num_columns`` (the memory bucket).
+  Yields ``(images, labels)``, followed by the camera ids when ``cams`` (N,) is given and by
+  the target rows when ``targets`` (N, K) is given (zero-padded to ``num_columns``, the
+  memory bucket): the arguments of the train step after the state.
   """
 
   mesh = sharding.mesh
@@ -261,6 +291,8 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
     rows = indices[distributed.process_slice(len(indices))]
     batch = (distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
              distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
+    if cams is not None:
+      batch += (distributed.global_batch_from_local(cams[rows].astype(np.int32), mesh),)
     if targets is None:
       return batch
     padded = np.zeros((len(rows), num_columns), np.float32)
@@ -271,8 +303,12 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
 
 
 def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loading.RunData,
-             config: ml_collections.ConfigDict, *, epoch: int) -> tuple[TrainState, list[float]]:
-  """One epoch's training on ``plan``'s labels: ``(state, the fetched losses)``.
+             config: ml_collections.ConfigDict, *,
+             epoch: int) -> tuple[TrainState, dict[str, list[float]]]:
+  """One epoch's training on ``plan``'s labels: ``(state, the losses of every step)``.
+
+  The losses are ``{"loss": [...]}`` (the total), plus ``"camera_loss"`` with the camera
+  term.
 
   The memory is rebuilt from the plan's centroids (padded to its bucket), the camera-aware
   sampler draws ``train.iters`` batches seeded by ``(seed, epoch)``, and the steps run with
@@ -282,31 +318,37 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
   t = config.train
   bucket = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
   memory = memory_lib.init_memory(plan.centroids, bucket)
-  state = state.replace(memory=distributed.replicate(memory, steps.mesh))
+  camera = None if plan.camera is None else distributed.replicate(plan.camera, steps.mesh)
+  state = state.replace(memory=distributed.replicate(memory, steps.mesh), camera=camera)
   sampler = sampler_lib.CameraAwarePKSampler(
       plan.labels, data.train_cams, t.num_instances,
       seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
   batches = prefetch_batches(
       sampler.batches(t.iters, t.batch_size), data.train_images, plan.labels,
-      NamedSharding(steps.mesh, PartitionSpec("data")), targets=plan.targets,
+      NamedSharding(steps.mesh, PartitionSpec("data")),
+      cams=None if camera is None else data.train_cams, targets=plan.targets,
       num_columns=bucket)
-  step_fn = steps.get(soft=plan.targets is not None, bucket=bucket, epoch=epoch,
+  step_fn = steps.get(soft=plan.targets is not None, bucket=bucket,
+                      camera_bucket=0 if camera is None else camera.bucket, epoch=epoch,
                       num_clusters=plan.num_clusters)
-  losses: list[float] = []
-  pending: list[jax.Array] = []
+  losses: dict[str, list[float]] = {}
+  pending: list[dict[str, jax.Array]] = []
   bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
                      enabled=bool(config.log.progress))
   for it, batch in enumerate(batches):
     state, metrics = step_fn(state, *batch)
-    pending.append(metrics["loss"])
+    pending.append(metrics)
     if len(pending) == t.log_every or it == t.iters - 1:
-      values = [float(v) for v in jax.device_get(pending)]
+      fetched = jax.device_get(pending)
       pending = []
+      values = [float(m["loss"]) for m in fetched]
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch} step {it}: {values}; the checkpoints of the "
             "earlier epochs are kept")
-      losses.extend(values)
+      for m in fetched:
+        for name, value in m.items():
+          losses.setdefault(name, []).append(float(value))
       bar.set_postfix(loss=f"{values[-1]:.3f}")
     bar.update(1)
   bar.close()
@@ -353,7 +395,7 @@ def _abstract_checkpoint(model: Any, tx: optax.GradientTransformation,
       centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
   state = jax.eval_shape(
       lambda: init_train_state(model, tx, config, memory, load_weights=False))
-  tree = {"train_state": state,
+  tree = {"train_state": _saved_fields(state),
           "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
           "cluster_centroids": jax.ShapeDtypeStruct(
               (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
@@ -362,12 +404,21 @@ def _abstract_checkpoint(model: Any, tx: optax.GradientTransformation,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _saved_fields(state: TrainState) -> dict[str, Any]:
+  """What a checkpoint keeps of the state: every field but the camera proxies, which every
+  epoch rebuilds from its own clustering."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "camera"}
+
+
 def _restore(checkpointer: checkpoint_lib.Checkpointer, step: int, model: Any,
              tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
              mesh: Mesh) -> checkpoint_lib.RestoredCheckpoint:
+  """A checkpoint restored replicated over ``mesh``; ``state["train_state"]`` a TrainState."""
   meta = checkpointer.read_meta(step)
-  return checkpointer.restore(
+  restored = checkpointer.restore(
       step, _abstract_checkpoint(model, tx, config, meta, NamedSharding(mesh, PartitionSpec())))
+  state = dict(restored.state, train_state=TrainState(**restored.state["train_state"]))
+  return dataclasses.replace(restored, state=state)
 
 
 def _save_checkpoint(checkpointer: checkpoint_lib.Checkpointer, epoch: int, state: TrainState,
@@ -387,7 +438,7 @@ def _save_checkpoint(checkpointer: checkpoint_lib.Checkpointer, epoch: int, stat
     centroids = np.zeros((1, centroids.shape[1]), np.float32)
   checkpointer.save(
       epoch + 1,
-      {"train_state": state, "pseudo_labels": generation.labels.astype(np.int32),
+      {"train_state": _saved_fields(state), "pseudo_labels": generation.labels.astype(np.int32),
        "cluster_centroids": centroids.astype(np.float32)},
       meta)
 
@@ -408,13 +459,16 @@ def _generation_of(restored: checkpoint_lib.RestoredCheckpoint) -> Generation:
 # ---------------------------------------------------------------------------------------
 
 
-def _epoch_record(epoch: int, plan: PseudoLabels, losses: list[float], state: TrainState,
-                  metrics: dict[str, float] | None, timer: Timer,
+def _epoch_record(epoch: int, plan: PseudoLabels, losses: dict[str, list[float]],
+                  state: TrainState, metrics: dict[str, float] | None, timer: Timer,
                   config: ml_collections.ConfigDict) -> dict[str, Any]:
   record: dict[str, Any] = {"epoch": epoch, **plan.stats}
   if plan.num_clusters:
     record["memory_bucket"] = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
-  record.update(loss=float(np.mean(losses)) if losses else float("nan"), steps=int(state.step),
+  if "camera_loss" in losses:
+    record["camera_loss"] = float(np.mean(losses["camera_loss"]))
+  record.update(loss=float(np.mean(losses["loss"])) if losses else float("nan"),
+                steps=int(state.step),
                 lr=float(make_lr_schedule(config.optim, config.train.iters)(
                     jnp.int32(epoch * config.train.iters))),
                 **{f"time_{k}": v for k, v in timer.seconds.items()})
@@ -529,7 +583,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
       with timer.phase("cluster"):
         plan = pseudo_label(features, data.train_cams, config, epoch=epoch, previous=previous,
                             true_ids=data.train_ids)
-      losses: list[float] = []
+      losses: dict[str, list[float]] = {}
       if plan.num_clusters:
         with timer.phase("train"):
           state, losses = train_on(plan, state, steps, data, config, epoch=epoch)

@@ -301,6 +301,14 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
   c.number("rlcc.beta", lambda v: 0 <= v <= 1, "in [0, 1]")
   c.number("rlcc.pred_temp", lambda v: v > 0, "> 0")
 
+  # camera
+  c.number("camera.weight", lambda v: v >= 0, ">= 0")
+  c.number("camera.temperature", lambda v: v > 0, "> 0", "it divides the logits")
+  c.integer("camera.num_hard_negatives", 0)
+  c.number("camera.momentum", lambda v: 0 <= v <= 1, "in [0, 1]", "1 keeps the proxies fixed")
+  c.integer("camera.min_bucket", 1)
+  c.integer("camera.start_epoch", 0)
+
   # augment
   c.number("augment.flip_prob", lambda v: 0 <= v <= 1, "in [0, 1]")
   c.number("augment.erasing_prob", lambda v: 0 <= v <= 1, "in [0, 1]")

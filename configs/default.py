@@ -83,6 +83,15 @@ def get_config() -> ml_collections.ConfigDict:
   rlcc.pred_temp = 30.0  # Temperature of q = softmax(pred_temp * f . c_prev).
   rlcc.outliers_as_singletons = False  # Official RLCC/SpCL: outliers become singleton classes.
 
+  config.camera = camera = ml_collections.ConfigDict()
+  camera.enabled = False  # PPLR's inter-camera proxy loss, added to the memory loss (docs/algorithms.md section 12).
+  camera.weight = 0.5  # Weight of the camera term (PPLR: 0.5; 1.0 in its MSMT17 command).
+  camera.temperature = 0.07  # Temperature of the proxy logits.
+  camera.num_hard_negatives = 50  # Proxies of other clusters in each sample's softmax (the hardest).
+  camera.momentum = 0.2  # Proxy update after each step (CAP / O2CAP); 1.0 keeps them fixed, as PPLR.
+  camera.min_bucket = 256  # Proxy rows are padded to a power of two >= max(proxies, min_bucket).
+  camera.start_epoch = 0  # First epoch that trains with the camera term.
+
   config.augment = augment = ml_collections.ConfigDict()
   augment.flip_prob = 0.5  # Horizontal flip probability.
   augment.pad = 10  # Zero padding before the random crop.
