@@ -31,19 +31,22 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
-def eval_features(model: Any, variables: Any, images: jax.Array, *,
-                  flip: bool = False) -> jax.Array:
-  """``(B, D)`` float32 eval-mode features of uint8 (or [0, 255] float) NHWC ``images``.
+def eval_features(model: Any, variables: Any, images: jax.Array, *, flip: bool = False,
+                  transform: Callable[[jax.Array], jax.Array] | None = test_transform
+                  ) -> jax.Array:
+  """``(B, D)`` float32 eval-mode features of NHWC ``images``.
 
-  The test transform, then the model in eval mode (its features are L2-normalised). With
-  ``flip``, the mean of the features of each image and of its horizontal mirror,
-  L2-normalised again. Not jitted: the body of ``make_extract_fn`` and of exported feature
-  functions.
+  ``transform`` (default: the test transform, for uint8 or [0, 255] float images; None for
+  images that are already normalised), then the model in eval mode (its features are
+  L2-normalised). With ``flip``, the mean of the features of each image and of its
+  horizontal mirror, L2-normalised again. Not jitted: the body of ``make_extract_fn`` and of
+  exported feature functions.
   """
-  features = model.apply(variables, test_transform(images), train=False).astype(jnp.float32)
+  transform = transform or (lambda x: x)
+  features = model.apply(variables, transform(images), train=False).astype(jnp.float32)
   if not flip:
     return features
-  mirrored = model.apply(variables, test_transform(images[:, :, ::-1, :]), train=False)
+  mirrored = model.apply(variables, transform(images[:, :, ::-1, :]), train=False)
   return l2_normalize(0.5 * (features + mirrored.astype(jnp.float32)))
 
 

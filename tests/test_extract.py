@@ -1,27 +1,18 @@
 """Feature extraction: the flip test against a manual mirror, and batching with padding."""
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from ccreid_jax import models
-from ccreid_jax.data import augment
 from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh
+from tiny_model import tiny_model_and_variables
 
 HEIGHT, WIDTH = 32, 16
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  config = ml_collections.ConfigDict(dict(
-      arch="resnet", depth=10, width=8, last_stride=1, pooling="gem", bn_group_size=16,
-      dtype="float32"))
-  model = models.create_model(config)
-  dummy = np.zeros((2, HEIGHT, WIDTH, 3), np.uint8)
-  init = jax.jit(lambda key, x: model.init(key, augment.test_transform(x), train=False))
-  variables = init(jax.random.PRNGKey(0), dummy)
-  return model, variables
+  return tiny_model_and_variables(HEIGHT, WIDTH)
 
 
 def _images(n, seed=0):

@@ -141,6 +141,38 @@ def test_rank_list_rejects_inconsistent_inputs():
     _problem_image(query_indices=[2])
 
 
+def test_search_rank_list_draws_the_given_order_unfiltered_and_unmarked():
+  queries = [_solid((0, 0, 200)), _solid((0, 0, 100))]
+  gallery = [_solid(c) for c in GALLERY_COLOURS]
+  # Row 0 includes g0, which rank_list_image would drop (the query's id and camera).
+  indices = np.array([[0, 3, 1], [4, 4, 2]])
+  distances = np.array([[0.0, 0.25, 0.5], [0.125, 0.125, 1.75]])
+  image = vis.search_rank_list_image(queries, gallery, indices, distances, thumb=THUMB)
+  assert image.size == vis.rank_list_size(2, 3, THUMB) == (132, 120)
+  for r in range(2):
+    assert _frame_colour(image, r, 0) == vis.QUERY
+    assert _thumb_colour(image, r, 0) == tuple(queries[r][0, 0])
+    for c in (1, 2, 3):
+      assert _frame_colour(image, r, c) == vis.NEUTRAL
+      assert _thumb_colour(image, r, c) == GALLERY_COLOURS[indices[r, c - 1]]
+  # Files work as arrays do, and other distances change only the labels.
+  again = vis.search_rank_list_image(queries, gallery, indices, distances + 0.5, thumb=THUMB)
+  assert (np.asarray(again) != np.asarray(image)).any()
+  _, y = _cell_origin(0, 1)
+  label_top = y + THUMB[0] + 2 * vis.BORDER
+  np.testing.assert_array_equal(np.asarray(again)[:label_top], np.asarray(image)[:label_top])
+
+
+def test_search_rank_list_rejects_inconsistent_inputs():
+  queries, gallery = [_solid(0)] * 2, [_solid(0)] * 5
+  with pytest.raises(ValueError, match="one shape"):
+    vis.search_rank_list_image(queries, gallery, np.zeros((2, 3), int), np.zeros((2, 2)))
+  with pytest.raises(ValueError, match="query images"):
+    vis.search_rank_list_image(queries, gallery, np.zeros((3, 1), int), np.zeros((3, 1)))
+  with pytest.raises(ValueError, match=r"\[0, 5\)"):
+    vis.search_rank_list_image(queries, gallery, np.full((2, 1), 5), np.zeros((2, 1)))
+
+
 def test_choose_queries_is_seeded_distinct_and_clipped():
   a = vis.choose_queries(100, 8, seed=3)
   assert a.tolist() == vis.choose_queries(100, 8, seed=3).tolist()

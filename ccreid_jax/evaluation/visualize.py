@@ -3,6 +3,9 @@
 * ``rank_list_image`` draws, for a few queries, the query and its first ``topk`` gallery
   matches under the evaluation protocol (gallery entries with the query's id *and* camera
   removed), each framed green (same id) or red (other id), with rank and camera printed.
+* ``search_rank_list_image`` draws a search without identities or cameras: each query and the
+  gallery entries it was ranked against, in the given order, framed grey, with rank and
+  distance printed.
 * ``training_curves_image`` draws the ``metrics.jsonl`` history of a run: mAP / rank-1 per
   evaluation (the initial features at epoch -1, labelled "init"), the number of clusters, the
   outliers and the mean loss per epoch.
@@ -28,6 +31,7 @@ __all__ = [
     "GAP",
     "LABEL_HEIGHT",
     "MARGIN",
+    "NEUTRAL",
     "QUERY",
     "WRONG",
     "CURVES_SIZE",
@@ -39,6 +43,7 @@ __all__ = [
     "save_png",
     "save_rank_list",
     "save_training_curves",
+    "search_rank_list_image",
     "training_curves_image",
 ]
 
@@ -54,6 +59,7 @@ BACKGROUND = (255, 255, 255)
 QUERY = (40, 90, 220)  # Frame of the query thumbnail.
 CORRECT = (0, 170, 0)  # Frame of a gallery match with the query's id.
 WRONG = (220, 0, 0)  # Frame of a gallery match with another id.
+NEUTRAL = (150, 150, 150)  # Frame of a gallery match whose id is not known (a search).
 _MISSING_IMAGE = (160, 160, 160)  # Thumbnail of a file that cannot be read.
 _TEXT = (0, 0, 0)
 
@@ -200,6 +206,53 @@ def rank_list_from_records(query_records: Sequence[Any], gallery_records: Sequen
       [r.camid for r in query_records], [r.path for r in gallery_records],
       [r.pid for r in gallery_records], [r.camid for r in gallery_records], distmat,
       query_indices=query_indices, topk=topk, thumb=thumb)
+
+
+def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence[Any],
+                           indices: np.ndarray, distances: np.ndarray, *,
+                           thumb: tuple[int, int] = (128, 64)) -> Image.Image:
+  """One row per query: the query, then the gallery entries it was ranked against.
+
+  For searches where identities and cameras are unknown (nothing is filtered out, nothing is
+  marked right or wrong).
+
+  Args:
+    query_images, gallery_images: image files or decoded (H, W, 3) uint8 images, as for
+      ``rank_list_image``.
+    indices: (num_rows, topk) gallery indices, closest first; row ``i`` belongs to query
+      ``i``.
+    distances: (num_rows, topk) the matching distances, printed under each match.
+    thumb: (height, width) of every thumbnail.
+
+  The query is framed blue (``QUERY``) and labelled ``q<i>``; match ``r`` is framed grey
+  (``NEUTRAL``) and labelled ``<r> <distance>`` (3 decimals). Size and cell positions are
+  those of ``rank_list_image``: ``rank_list_size(num_rows, topk, thumb)``.
+  """
+  indices = np.asarray(indices)
+  distances = np.asarray(distances)
+  if indices.ndim != 2 or distances.shape != indices.shape:
+    raise ValueError(f"indices and distances must be (num_rows, topk) arrays of one shape, "
+                     f"got {indices.shape} and {distances.shape}.")
+  num_rows, topk = indices.shape
+  if num_rows > len(query_images):
+    raise ValueError(f"{num_rows} rows of matches but {len(query_images)} query images.")
+  if indices.size and not (0 <= indices.min() and indices.max() < len(gallery_images)):
+    raise ValueError(f"gallery indices must lie in [0, {len(gallery_images)}).")
+  if topk < 1 or min(thumb) < 1:
+    raise ValueError(f"topk and the thumbnail size must be positive, got {topk} and {thumb}.")
+
+  thumb_h, thumb_w = thumb
+  cell = thumb_w + 2 * BORDER + 2 * MARGIN
+  row = thumb_h + 2 * BORDER + LABEL_HEIGHT + 2 * MARGIN
+  canvas = Image.new("RGB", rank_list_size(num_rows, topk, thumb), BACKGROUND)
+  for i in range(num_rows):
+    y = i * row + MARGIN
+    _paste_cell(canvas, MARGIN, y, query_images[i], QUERY, f"q{i}", thumb)
+    for rank, (g, d) in enumerate(zip(indices[i], distances[i]), start=1):
+      x = rank * cell + MARGIN + GAP
+      _paste_cell(canvas, x, y, gallery_images[int(g)], NEUTRAL, f"{rank} {float(d):.3f}",
+                  thumb)
+  return canvas
 
 
 def save_png(path: str, image: Image.Image) -> None:
