@@ -50,6 +50,38 @@ ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a step number, 
                   "a step folder")
 
 
+def _name_message(which: Any, directory: str, steps: list[int]) -> str:
+  kept = f"kept: {', '.join(map(str, steps))}" if steps else "none kept yet"
+  example = os.path.join(directory, str(steps[-1] if steps else 1))
+  close = difflib.get_close_matches(str(which), ["latest", "best", "init"], n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  looks_like_path = isinstance(which, str) and (os.sep in which or which.startswith("."))
+  what = "no such step folder" if looks_like_path else "not a checkpoint"
+  return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; steps in "
+          f"{directory} ({kept}); a step folder such as {example}.")
+
+
+def check_name(which: str | int | None, directory: str) -> None:
+  """Refuses a checkpoint name of no accepted form before anything is loaded.
+
+  ``which`` may be None (the default checkpoint), "latest", "best", "init", a step number or
+  an existing folder; ``directory`` is the checkpoint folder whose steps the error lists.
+
+  Raises:
+    CheckpointNameError: naming every accepted form and the kept steps.
+  """
+  if which is None or which in ("latest", "best", "init") or os.path.isdir(str(which)):
+    return
+  try:
+    int(which)
+  except (TypeError, ValueError):
+    steps = []
+    if os.path.isdir(directory):
+      steps = sorted(int(n) for n in os.listdir(directory)
+                     if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+    raise CheckpointNameError(_name_message(which, os.path.abspath(directory), steps)) from None
+
+
 class _DropReadOnlyNotice(logging.Filter):
   """Drops orbax's "Given directory is read only" warning, which every evaluation opens."""
 
@@ -176,15 +208,7 @@ class Checkpointer:
     return step
 
   def _name_message(self, which: Any) -> str:
-    steps = self.all_steps()
-    kept = (f"kept: {', '.join(map(str, steps))}" if steps else "none kept yet")
-    example = os.path.join(self.directory, str(steps[-1] if steps else 1))
-    close = difflib.get_close_matches(str(which), ["latest", "best", "init"], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    looks_like_path = isinstance(which, str) and (os.sep in which or which.startswith("."))
-    what = "no such step folder" if looks_like_path else "not a checkpoint"
-    return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; steps in "
-            f"{self.directory} ({kept}); a step folder such as {example}.")
+    return _name_message(which, self.directory, self.all_steps())
 
   # -- save / restore ----------------------------------------------------------------------
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:

@@ -1,13 +1,20 @@
 """Command line: ``python -m ccreid_jax.main --config configs/market1501.py --workdir runs/x``.
 
-Only parses flags and calls ``train.train_and_evaluate`` or ``train.evaluate``.
-Any config field can be overridden, e.g. ``--config.cluster.eps=0.5``.
+Only parses flags and calls ``train.train_and_evaluate``, ``train.evaluate`` or
+``train.extract``. Any config field can be overridden, e.g. ``--config.cluster.eps=0.5``.
+
+A user error (a misspelt flag or config field, a bad value or path, a dataset, checkpoint or
+weights file that cannot be used) ends with one ``error: ...`` message on stderr and no
+traceback; the exit code is 2 for what was typed and 1 for files that cannot be used.
+``--verbose`` or ``CCREID_TRACEBACK=1`` in the environment adds the traceback.
 """
 
+import difflib
 import json
 import logging
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -20,6 +27,13 @@ from ccreid_jax import distributed  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax import workdir as workdir_lib  # noqa: E402
 from ccreid_jax.utils import format_history_table, format_results_table  # noqa: E402
+from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
+from ccreid_jax import export  # noqa: E402
+from ccreid_jax.data.cache import ImageDecodeError  # noqa: E402
+from ccreid_jax.data.datasets import DatasetError  # noqa: E402
+from ccreid_jax.models import weights  # noqa: E402
+from ccreid_jax import validation  # noqa: E402
+from ccreid_jax.validation import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
@@ -39,24 +53,169 @@ _OUT = flags.DEFINE_string("out", None, "--mode extract: the .npz file to write.
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False,
+    "On an error, print the traceback too (as does CCREID_TRACEBACK=1 in the environment).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class CommandLineError(ValueError):
+  """A flag value that cannot work (a --workdir that is a file, a missing --out, ...)."""
+
+
+# Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
+# other exception is a bug and keeps its traceback.
+_USAGE_ERRORS = (CommandLineError, ConfigError, workdir_lib.WorkdirConfigMismatch,
+                 checkpoint_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
+                 export.OutputPathError, app.UsageError)
+_FILE_ERRORS = (DatasetError, ImageDecodeError, checkpoint_lib.CheckpointError,
+                weights.WeightsFormatError, weights.WeightsMismatchError)
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+  """2 for a user error in the command line or config, 1 for an unusable file, else None."""
+  if isinstance(exc, _USAGE_ERRORS):
+    return 2
+  if isinstance(exc, _FILE_ERRORS):
+    return 1
+  return None
+
+
+def _traceback_asked(argv: list[str] | None = None) -> bool:
+  if os.environ.get("CCREID_TRACEBACK", "") not in ("", "0"):
+    return True
+  if argv is not None:  # flags not parsed (yet): look for --verbose itself.
+    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv[1:])
+  return bool(_VERBOSE.value)
+
+
+def _fail(message: str, code: int, *, show_traceback: bool) -> None:
+  """Prints ``error: message`` (after the traceback when asked for) and exits with ``code``."""
+  if show_traceback:
+    traceback.print_exc()
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _unknown_config_field(argv: list[str]) -> str | None:
+  """Explains the first ``--config.<path>`` override that names no field of the config."""
+  config = flags.FLAGS["config"].value
+  if not hasattr(config, "keys"):  # the error came while the file was read: its tree is
+    config = validation.default_config()  # configs/default.py's, as validation checks it.
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    node, group = config, "config"
+    for key in arg[2:].split("=", 1)[0].split(".")[1:]:
+      if not hasattr(node, "keys"):
+        return f"{arg}: {group} is a value, not a group of fields"
+      if key not in node:
+        fields = list(node.keys())
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean --{group}.{close[0]}?" if close else ""
+        return f"{arg}: {group} has no field {key!r}{hint}\nFields of {group}: {', '.join(fields)}"
+      node, group = node[key], f"{group}.{key}"
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with flag and config-override errors as one clean message."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as exc:
+    _fail(f"{exc} (see --helpshort)", 2, show_traceback=_traceback_asked(argv))
+  except Exception as exc:  # ml_collections raises KeyError / AttributeError for overrides.
+    problem = _unknown_config_field(argv) if isinstance(exc, (KeyError, AttributeError)) else None
+    if problem is None:  # the config file runs while the flags are parsed
+      problem = (f"--config {_config_argument(argv)}: the config file cannot be loaded: "
+                 f"{type(exc).__name__}: {exc}")
+    _fail(problem, 2, show_traceback=_traceback_asked(argv))
+  raise AssertionError("unreachable")
+
+
+def _config_argument(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _check_workdir(path: str) -> None:
+  """Refuses a --workdir that is a file or cannot be created, before anything is loaded."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CommandLineError(f"--workdir {path} is a file, not a folder: name the folder of the "
+                           "run (it is created when missing).")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as exc:
+    raise CommandLineError(f"--workdir {path} cannot be created: {exc.strerror or exc}.") from None
+
+
+def _load_config():
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load gives an object that raises when used
+  except Exception as exc:
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    reason = str(exc).replace("Configuration is not available because of an earlier failure to "
+                              "load: ", "")
+    raise CommandLineError(f"--config {name}: the config file cannot be loaded: {reason}") from exc
+  return config
+
+
+def training_summary(config, workdir: str, results: dict) -> str:
+  """What the command line prints after training: the evaluations, or that nothing was
+  trained (no epoch to train and no checkpoint)."""
+  records = workdir_lib.read_metrics_lines(workdir)[0]
+  lines = []
+  if any("mAP" in r for r in records):
+    lines += [f"\nevaluations of {workdir} ({config.data.name}; values in %):",
+              format_history_table(records)]
+  if not results:
+    lines.append(f"\nnothing was trained: train.epochs is {config.train.epochs} and {workdir} "
+                 "holds no checkpoint (set --config.train.epochs=N to train N epochs).")
+  return "\n".join(lines)
+
+
 def main(argv):
+  try:
+    _run(argv)
+  except Exception as exc:
+    code = exit_code_of(exc)
+    if code is None:
+      raise
+    _fail(str(exc), code, show_traceback=_traceback_asked())
+
+
+def _run(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
+                           "--name=value)")
+  if _MODE.value == "extract":  # checked before anything is loaded or extracted
+    if not _OUT.value:
+      raise CommandLineError("--mode extract needs --out <file.npz>")
+    export.check_output_path(_OUT.value)
+  _check_workdir(_WORKDIR.value)
+  config = _load_config()
+  if _MODE.value != "train":
+    checkpoint_lib.check_name(
+        config.eval.checkpoint if _CHECKPOINT.value is None else _CHECKPOINT.value,
+        os.path.join(_WORKDIR.value, "checkpoints"))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
-  config = _CONFIG.value
   if _MODE.value == "train":
     results = train.train_and_evaluate(config, _WORKDIR.value, force=_FORCE.value)
-    print(f"\nevaluations of {_WORKDIR.value} ({config.data.name}; values in %):")
-    print(format_history_table(workdir_lib.read_metrics_lines(_WORKDIR.value)[0]))
+    print(training_summary(config, _WORKDIR.value, results))
+    if not results:
+      return
     title = "\nfinal"
   elif _MODE.value == "extract":
-    if not _OUT.value:
-      raise app.UsageError("--mode extract needs --out <file.npz>")
     summary = train.extract(config, _WORKDIR.value, split=_SPLIT.value, out=_OUT.value,
                             checkpoint=_CHECKPOINT.value)
     print(json.dumps(summary))
@@ -71,4 +230,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
