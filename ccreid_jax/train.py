@@ -46,7 +46,7 @@ from ccreid_jax import workdir as workdir_lib
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import loading
 from ccreid_jax.data import sampler as sampler_lib
-from ccreid_jax.export import export_features, split_images
+from ccreid_jax.export import check_output_path, export_features, split_images
 from ccreid_jax.extract import make_extract_fn
 from ccreid_jax.pseudo_labels import Generation, PseudoLabels, pseudo_label, rlcc_targets
 from ccreid_jax.reporting import Reporter, save_rank_list
@@ -705,6 +705,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   ``config.eval.dataset`` when set. Returns a summary of what was written.
   """
   validation.validate_config(config, num_devices=None)
+  check_output_path(out)
   config = _run_model_config(config, workdir, checkpoint)
   data = loading.load_run_data(config, workdir, need_train=split == "train")
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)

@@ -63,6 +63,7 @@ RESULT_NEUTRAL_FIELDS: tuple[str, ...] = (
     "data.num_workers",
     "data.skip_bad_names",
     "data.skip_bad_images",
+    "data.follow_symlinks_outside",  # with it off, any outside link stops the run.
 )
 
 _ABSENT = "<absent>"

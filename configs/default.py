@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_workers = 4  # Threads that decode images when the cache is built.
   data.skip_bad_names = False  # Skip (and log) files whose names do not parse, instead of failing.
   data.skip_bad_images = False  # Skip (and log) unreadable images, instead of failing.
+  data.follow_symlinks_outside = False  # Accept image links that lead outside the dataset folder.
 
   config.model = model = ml_collections.ConfigDict()
   model.arch = "resnet"  # "resnet" | "resnet50_ibn_a" | "resnet101_ibn_a" (IBN-Net-a: instance norm in layer1-3).

@@ -76,7 +76,8 @@ def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: st
     return tfds_data.load_tfds_dataset_images(
         name, root, data.height, data.width, cache_dir, need_train=need_train,
         progress=progress, num_workers=data.num_workers)
-  dataset = datasets_lib.load_dataset(name, root, skip_bad_names=data.skip_bad_names)
+  dataset = datasets_lib.load_dataset(name, root, skip_bad_names=data.skip_bad_names,
+                                      allow_outside_links=data.follow_symlinks_outside)
   return cache_lib.load_dataset_images(
       dataset, data.height, data.width, cache_dir, need_train=need_train,
       skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
