@@ -59,6 +59,8 @@ from ccreid_jax.extract import eval_features, extract_features, make_extract_fn,
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ExportUnavailableError",
+    "InferencePathError",
     "ONNX_KERNELS",
     "ONNX_OPSET",
     "STABLEHLO_FILE",
@@ -93,6 +95,14 @@ _STABLEHLO_PLATFORMS = ("cpu", "cuda")
 _CHUNK_BATCHES = 8  # Batches decoded at a time by ``embed``: bounds host memory.
 
 
+class InferencePathError(ValueError):
+  """An image, folder or output path given to embed, search or export that cannot be used."""
+
+
+class ExportUnavailableError(ImportError):
+  """The packages an export needs (jax2onnx, onnx) are not installed."""
+
+
 # ---------------------------------------------------------------------------------------
 # Images.
 # ---------------------------------------------------------------------------------------
@@ -104,16 +114,16 @@ def list_images(folder: str) -> list[str]:
   Images are recognised by extension (``IMAGE_EXTENSIONS``, any case).
 
   Raises:
-    FileNotFoundError: ``folder`` is not a folder, or holds no image.
+    InferencePathError: ``folder`` is not a folder, or holds no image.
   """
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder!r} is not a folder.")
+    raise InferencePathError(f"{folder!r} is not a folder.")
   found = []
   for root, dirs, files in os.walk(folder):
     dirs.sort()
     found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
   if not found:
-    raise FileNotFoundError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}.")
+    raise InferencePathError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}.")
   return sorted(found)
 
 
@@ -122,7 +132,7 @@ def _images_of(path: str) -> list[str]:
   if os.path.isdir(path):
     return list_images(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r}: no such image file or folder.")
+    raise InferencePathError(f"{path!r}: no such image file or folder.")
   return [path]
 
 
@@ -256,7 +266,7 @@ class Embedder:
     self.precision = str(precision)
     self.num_workers = int(num_workers)
     self.source = dict(source) if source else None
-    self._mesh = make_mesh()
+    self._mesh = make_mesh(jax.local_devices())  # this process's devices
     self.variables = jax.device_put(variables, NamedSharding(self._mesh, PartitionSpec()))
     self._extract_fn = make_extract_fn(model, self._mesh, flip=self.flip)
     self._feature_dim: int | None = None
@@ -315,15 +325,16 @@ class Embedder:
 
     Raises:
       ImageDecodeError: naming the files that cannot be read.
-      ValueError: a folder, or an array that is not an (H, W, 3) uint8 image.
+      InferencePathError: a folder.
+      ValueError: an array that is not an (H, W, 3) uint8 image.
     """
     items = _as_items(images_or_paths)
     out = np.empty((len(items), self.height, self.width, 3), np.uint8)
     paths = [(i, os.fspath(item)) for i, item in enumerate(items) if _is_path(item)]
     for _, path in paths:
       if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a folder; pass image files (inference.list_images(folder) "
-                         "lists its images) or arrays.")
+        raise InferencePathError(f"{path!r} is a folder; pass image files "
+                                 "(inference.list_images(folder) lists its images) or arrays.")
     if paths:
       out[[i for i, _ in paths]] = load_image_cache(
           [p for _, p in paths], self.height, self.width, None, progress=False,
@@ -605,8 +616,9 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
     import onnx
     from jax2onnx import to_onnx
   except ImportError as exc:
-    raise ImportError(f"ONNX export needs the jax2onnx and onnx packages ({exc}); install "
-                      "them with `pip install ccreid_jax[export]`.") from exc
+    raise ExportUnavailableError(
+        f"ONNX export needs the jax2onnx and onnx packages ({exc}); install them with "
+        "`pip install ccreid_jax[export]`.") from exc
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
   spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)
@@ -641,18 +653,22 @@ def _version(package: str) -> str:
 
 def run_search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery: str, *,
                topk: int = 10, out_png: str | None = None,
-               checkpoint: str | int | None = None) -> list[dict[str, Any]]:
+               checkpoint: str | int | None = None) -> tuple[list[dict[str, Any]], str]:
   """``--mode search``: ranks the images of folder ``gallery`` for each query image.
 
   ``query`` is an image file or a folder of them; ``gallery`` a folder (or one file). The
-  model is the checkpoint of ``workdir`` chosen as ``--mode eval`` chooses it. Writes the
-  rank-list picture to ``out_png`` (default ``<workdir>/search_ranklist.png``); returns
-  ``search_and_draw``'s records (``format_search_results`` prints them).
+  model is the checkpoint of ``workdir`` chosen as ``--mode eval`` chooses it. Returns
+  ``(records, png)``: ``search_and_draw``'s records (``format_search_results`` prints them)
+  and the rank-list picture written, ``out_png`` (default
+  ``<workdir>/search_ranklist.png``).
+
+  Raises:
+    InferencePathError: a query or gallery path that is missing or holds no image.
   """
   query_paths, gallery_paths = _images_of(query), _images_of(gallery)
   embedder = Embedder.from_config(config, workdir, checkpoint)
   out_png = out_png or os.path.join(workdir, "search_ranklist.png")
-  return search_and_draw(embedder, query_paths, gallery_paths, topk, out_png)
+  return search_and_draw(embedder, query_paths, gallery_paths, topk, out_png), out_png
 
 
 def run_export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, *,
@@ -661,12 +677,22 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: s
 
   ``out`` is the folder of a StableHLO export, the ``.onnx`` file of an ONNX one. Returns
   the sidecar's contents with ``path`` (the file written) and ``sidecar`` (its JSON file).
+
+  Raises:
+    InferencePathError: ``out`` missing, a file for stablehlo or a folder for onnx.
+    ExportUnavailableError: onnx without the jax2onnx / onnx packages.
   """
   if fmt not in ("stablehlo", "onnx"):
     raise ValueError(f"export format must be 'stablehlo' or 'onnx', got {fmt!r}.")
   if not out:
-    raise ValueError("the export needs an output path (--out): a folder for stablehlo, a "
-                     ".onnx file for onnx.")
+    raise InferencePathError("the export needs an output path (--out): a folder for "
+                             "stablehlo, a .onnx file for onnx.")
+  if fmt == "stablehlo" and os.path.isfile(out):
+    raise InferencePathError(f"--out {out} is a file; a StableHLO export is written into a "
+                             f"folder (it holds {STABLEHLO_FILE} and its .json).")
+  if fmt == "onnx" and os.path.isdir(out):
+    raise InferencePathError(f"--out {out} is a folder; give the name of the file to write, "
+                             f"e.g. {os.path.join(out, 'model.onnx')}.")
   embedder = Embedder.from_config(config, workdir, checkpoint)
   path = export_stablehlo(embedder, out) if fmt == "stablehlo" else export_onnx(embedder, out)
   with open(path + ".json") as f:

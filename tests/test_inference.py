@@ -90,7 +90,7 @@ def test_arrays_of_any_size_are_resized_as_the_cache_resizes_files(tiny_model, i
 def test_embed_refuses_what_it_cannot_read(tiny_model, image_files, tmp_path):
   model, variables = tiny_model
   embedder = inference.Embedder(model, variables, height=HEIGHT, width=WIDTH)
-  with pytest.raises(ValueError, match="is a folder"):
+  with pytest.raises(inference.InferencePathError, match="is a folder"):
     embedder.embed([str(tmp_path)])
   with pytest.raises(ValueError, match=r"image 1: expected an \(H, W, 3\) uint8"):
     embedder.embed([image_files[0], np.zeros((8, 8, 3), np.float32)])
@@ -149,9 +149,9 @@ def test_list_images_is_recursive_sorted_and_filtered(tmp_path):
   assert inference.list_images(str(tmp_path)) == [
       str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "c.jpeg")]
   (tmp_path / "empty").mkdir()
-  with pytest.raises(FileNotFoundError, match="no image file"):
+  with pytest.raises(inference.InferencePathError, match="no image file"):
     inference.list_images(str(tmp_path / "empty"))
-  with pytest.raises(FileNotFoundError, match="not a folder"):
+  with pytest.raises(inference.InferencePathError, match="not a folder"):
     inference.list_images(str(tmp_path / "b.jpg"))
 
 
@@ -202,11 +202,12 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   workdir, config = run_workdir
   query = image_files[3]
   gallery = os.path.dirname(image_files[0])
-  records = inference.run_search(config, workdir, query, gallery, topk=5, checkpoint="init")
+  records, png = inference.run_search(config, workdir, query, gallery, topk=5,
+                                      checkpoint="init")
   assert len(records) == 1 and records[0]["query"] == query
   assert [m["path"] for m in records[0]["matches"]][0] == query  # itself, in the folder
   assert len(records[0]["matches"]) == 5
-  assert os.path.isfile(os.path.join(workdir, "search_ranklist.png"))
+  assert png == os.path.join(workdir, "search_ranklist.png") and os.path.isfile(png)
 
   summary = inference.run_export(config, workdir, "stablehlo", str(tmp_path / "hlo"),
                                  checkpoint="init")
@@ -217,5 +218,9 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   assert (sidecar["height"], sidecar["width"]) == (32, 16)
   with pytest.raises(ValueError, match="'stablehlo' or 'onnx'"):
     inference.run_export(config, workdir, "tflite", str(tmp_path / "x"), checkpoint="init")
-  with pytest.raises(FileNotFoundError, match="no such image file or folder"):
+  with pytest.raises(inference.InferencePathError, match="no such image file or folder"):
     inference.run_search(config, workdir, str(tmp_path / "nothing"), gallery, checkpoint="init")
+  with pytest.raises(inference.InferencePathError, match="is a file"):
+    inference.run_export(config, workdir, "stablehlo", summary["path"], checkpoint="init")
+  with pytest.raises(inference.InferencePathError, match="is a folder"):
+    inference.run_export(config, workdir, "onnx", str(tmp_path), checkpoint="init")
