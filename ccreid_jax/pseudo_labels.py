@@ -22,7 +22,8 @@ from sklearn.metrics import adjusted_rand_score
 from ccreid_jax import camera_memory
 from ccreid_jax import clustering
 
-__all__ = ["Generation", "PseudoLabels", "cluster_labels", "pseudo_label", "rlcc_targets"]
+__all__ = ["Generation", "PseudoLabels", "cluster_labels", "label_stats", "pseudo_label",
+           "rlcc_targets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +122,34 @@ def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
   return labels, indep_threshold
 
 
-def _unclustered(labels: np.ndarray) -> int:
-  """Samples in no class of two or more: outliers (-1) and singleton classes."""
-  kept = labels[labels >= 0]
-  sizes = np.bincount(kept) if kept.size else np.zeros(0, np.int64)
-  return int((labels < 0).sum() + (sizes == 1).sum())
+# Upper ends of the cluster-size histogram's bins (a size s falls in the first bin >= s).
+SIZE_BINS = (1, 3, 7, 15, 31, 63)
+
+
+def label_stats(features: np.ndarray, labels: np.ndarray,
+                centroids: np.ndarray) -> dict[str, Any]:
+  """What can be known about a clustering without ground truth.
+
+  ``outliers``: samples in no class of two or more (-1, and singleton classes);
+  ``largest_cluster``: its size; ``cluster_sizes``: how many classes have 1, 2-3, 4-7, 8-15,
+  16-31, 32-63 and 64 or more members; ``intra_similarity``: the mean cosine between a
+  clustered sample and its class centroid (1 = tight clusters), over classes of two or more.
+  """
+  kept = labels >= 0
+  sizes = np.bincount(labels[kept]) if kept.any() else np.zeros(0, np.int64)
+  sizes = sizes[sizes > 0]
+  edges = (0,) + SIZE_BINS + (np.iinfo(np.int64).max,)
+  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi) for lo, hi in zip(edges, edges[1:-1])]
+  names.append(f"{SIZE_BINS[-1] + 1}+")
+  counts = np.histogram(sizes, bins=np.array(edges, dtype=np.float64) + 0.5)[0]
+  multi = kept.copy()
+  multi[kept] = sizes[np.searchsorted(np.unique(labels[kept]), labels[kept])] > 1
+  similarity = (float(np.mean(np.sum(features[multi] * centroids[labels[multi]], axis=1)))
+                if multi.any() else float("nan"))
+  return {"outliers": int(labels.size - multi.sum()),
+          "largest_cluster": int(sizes.max()) if sizes.size else 0,
+          "cluster_sizes": dict(zip(names, counts.tolist())),
+          "intra_similarity": similarity}
 
 
 def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_collections.ConfigDict,
@@ -154,7 +178,8 @@ def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_colle
   generation = Generation(labels=labels, centroids=centroids,
                           indep_threshold=None if indep_threshold is None
                           else float(indep_threshold))
-  stats: dict[str, Any] = {"clusters": num_clusters, "outliers": _unclustered(labels)}
+  stats: dict[str, Any] = {"clusters": num_clusters,
+                           **label_stats(features, labels, generation.centroids)}
   if true_ids is not None:
     stats["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
   targets = None

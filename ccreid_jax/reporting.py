@@ -58,6 +58,8 @@ def epoch_line(record: dict[str, Any]) -> str:
           f"outliers {record['outliers']:6d} | ")
   if "cluster_ari" in record:
     line += f"ARI {record['cluster_ari']:.3f} | "
+  if "intra_similarity" in record and np.isfinite(record["intra_similarity"]):
+    line += f"intra-sim {record['intra_similarity']:.3f} | "
   line += f"loss {record['loss']:.4f} | {times}"
   if "rlcc_num_dissolved" in record:
     line += (f" | rlcc dissolved {record['rlcc_num_dissolved']} new {record['rlcc_num_new']} "
