@@ -1,6 +1,8 @@
-"""The synthetic demo dataset: layout, file names, id structure, determinism, idempotence."""
+"""The synthetic demo dataset: layout, file names, id structure, determinism, idempotence,
+and the camera shift."""
 
 import collections
+import hashlib
 import json
 import os
 import re
@@ -8,7 +10,10 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import adjusted_rand_score
 
+from ccreid_jax.data import synthetic
 from ccreid_jax.data.datasets import load_dataset
 from ccreid_jax.data.synthetic import generate_market_dataset
 
@@ -160,3 +165,123 @@ def test_invalid_arguments(tmp_path):
     generate_market_dataset(str(tmp_path), num_cams=7)
   with pytest.raises(ValueError):
     generate_market_dataset(str(tmp_path), images_per_cam=(1, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# camera_shift
+# --------------------------------------------------------------------------------------------
+
+# SHA-256 over the names and pre-JPEG pixels of every file of
+# generate_market_dataset(seed=11, **_SMALL), as written before camera_shift existed. The
+# pixels, not the JPEG files, so that another Pillow / libjpeg build does not change it.
+_UNSHIFTED_PIXELS_SHA256 = "1f15cb89b3f0f4d01e681681e6fe320f21f3aa9138b8165eedf312a0aea36903"
+_SHIFT_SET = dict(num_train_ids=12, num_test_ids=4, num_cams=4, images_per_cam=(3, 3),
+                  height=32, width=16, seed=0)
+
+
+def _digest(folder: str) -> str:
+  digest = hashlib.sha256()
+  for name, data in sorted(_files(folder).items()):
+    digest.update(name.encode() + b"\0" + data)
+  return digest.hexdigest()
+
+
+def test_camera_shift_zero_writes_the_unshifted_bytes(tmp_path, monkeypatch):
+  default = generate_market_dataset(str(tmp_path / "default"), seed=11, **_SMALL)
+  zero = generate_market_dataset(str(tmp_path / "zero"), seed=11, camera_shift=0.0, **_SMALL)
+  assert _files(default) == _files(zero)
+  assert "camera_shift" not in _marker(zero)  # existing unshifted datasets stay valid
+  monkeypatch.setattr(synthetic, "_jpeg_bytes", lambda array: array.tobytes())
+  raw = generate_market_dataset(str(tmp_path / "raw"), seed=11, camera_shift=0.0, **_SMALL)
+  assert _digest(raw) == _UNSHIFTED_PIXELS_SHA256
+
+
+@pytest.fixture(scope="module")
+def shift_sets(tmp_path_factory) -> dict[float, list]:
+  """camera_shift -> the parsed records (train, then query and gallery) of ``_SHIFT_SET``."""
+  out = {}
+  for shift in (0.0, 1.0):
+    root = str(tmp_path_factory.mktemp(f"shift{shift:g}"))
+    generate_market_dataset(root, camera_shift=shift, **_SHIFT_SET)
+    ds = load_dataset("market1501", root)
+    out[shift] = (ds.train, ds.query + ds.gallery)
+  return out
+
+
+def _pixels(records) -> np.ndarray:
+  return np.stack([np.asarray(Image.open(r.path), np.float32) for r in records])
+
+
+def _cluster_aris(records) -> tuple[float, float]:
+  """ARI of Ward clusters (as many as identities) of 8x4 thumbnails vs (ids, cameras)."""
+  images = _pixels(records)
+  n = len(images)
+  thumbs = images.reshape(n, 8, 4, 4, 4, 3).mean((2, 4)).reshape(n, -1)
+  thumbs = (thumbs - thumbs.mean(0)) / (thumbs.std(0) + 1e-6)
+  pids = np.array([r.pid for r in records])
+  cams = np.array([r.camid for r in records])
+  labels = AgglomerativeClustering(n_clusters=len(set(pids)), linkage="ward").fit_predict(thumbs)
+  return adjusted_rand_score(pids, labels), adjusted_rand_score(cams, labels)
+
+
+def test_camera_shift_makes_pixels_cluster_by_camera(shift_sets):
+  id_ari0, cam_ari0 = _cluster_aris(shift_sets[0.0][0])
+  id_ari1, cam_ari1 = _cluster_aris(shift_sets[1.0][0])
+  # Unshifted, clusters of raw pixels follow the identities; shifted, the cameras.
+  assert id_ari0 > cam_ari0 + 0.1, (id_ari0, cam_ari0)
+  assert cam_ari1 > 2 * id_ari1 and cam_ari1 > cam_ari0 + 0.2, (id_ari1, cam_ari1, cam_ari0)
+
+
+def _mean_colours(records) -> tuple[np.ndarray, np.ndarray]:
+  return _pixels(records).mean((1, 2)), np.array([r.camid for r in records])
+
+
+def test_camera_shift_is_consistent_within_a_camera_and_differs_between(shift_sets):
+  spreads = {}
+  for shift, (train, test) in shift_sets.items():
+    colours, cams = _mean_colours(train)
+    centroids = np.stack([colours[cams == c].mean(0) for c in range(4)])
+    within = np.sqrt(np.mean(((colours - centroids[cams]) ** 2).sum(1)))
+    between = min(np.linalg.norm(centroids[a] - centroids[b])
+                  for a in range(4) for b in range(a + 1, 4))
+    spreads[shift] = between / within
+    # A camera's mean colour, learnt on the train ids, names the camera of the test ids'
+    # images: the shift belongs to the camera, whoever is in the picture.
+    test_colours, test_cams = _mean_colours(test)
+    guess = np.argmin(((test_colours[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    accuracy = float(np.mean(guess == test_cams))
+    if shift:
+      assert accuracy >= 0.95, accuracy
+    else:
+      assert accuracy < 0.8, accuracy
+  # Shifted: every two cameras' colours lie further apart than a camera's images spread.
+  assert spreads[1.0] > 2.0 and spreads[0.0] < 1.0, spreads
+
+
+def _marker(folder: str) -> dict:
+  with open(os.path.join(folder, ".synthetic.json")) as f:
+    return json.load(f)
+
+
+def test_camera_shift_marker_cli_and_invalid_values(tmp_path):
+  kwargs = dict(_SMALL, num_train_ids=2, num_test_ids=2)
+  folder = generate_market_dataset(str(tmp_path), camera_shift=0.5, **kwargs)
+  assert _marker(folder)["camera_shift"] == 0.5
+  before = _files(folder)
+  assert generate_market_dataset(str(tmp_path), camera_shift=0.5, **kwargs) == folder
+  assert generate_market_dataset(str(tmp_path), **kwargs) == folder  # regenerated unshifted
+  assert "camera_shift" not in _marker(folder)
+  after = _files(folder)
+  assert set(before) == set(after)  # same names (the draws of ids and cameras are shared) ...
+  assert all(before[k] != after[k] for k in before if k.endswith(".jpg"))  # ... other pixels
+
+  synthetic.main(["--root", str(tmp_path / "cli"), "--num-train-ids", "2", "--num-test-ids", "2",
+                  "--num-cams", "3", "--images-per-cam", "2", "2", "--height", "32", "--width",
+                  "16", "--camera-shift", "1.5"])
+  params = _marker(str(tmp_path / "cli" / "Market-1501-v15.09.15"))
+  assert params["camera_shift"] == 1.5 and params["num_cams"] == 3
+
+  for bad in (-0.1, 2.5, float("nan")):
+    with pytest.raises(ValueError, match="camera_shift must be in"):
+      generate_market_dataset(str(tmp_path / "bad"), camera_shift=bad, **kwargs)
+  assert not (tmp_path / "bad").exists()

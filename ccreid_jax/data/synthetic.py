@@ -8,6 +8,15 @@ Two tools:
   colour cast, illumination ramp, scale and blur, and every image adds pose / position jitter,
   sometimes an occluder, and noise. Colours come from small palettes so many identities share
   attributes, which keeps the task from being trivial for an untrained network.
+  By default the camera nuisance is mild and identity dominates the appearance.
+  ``camera_shift`` (``--camera-shift``) adds a strong per-camera appearance on top, the
+  camera shift that makes unsupervised clusters follow the cameras: a colour cast (the
+  cameras' hues spread evenly over the colour circle), an exposure gain and a gamma, a
+  tinted veil, the scene blended towards a camera colour, and extra blur or extra noise.
+  Each camera's shift is drawn from the seed alone and scaled by the value; at 1.0 images of
+  one camera look more alike than images of one person (clusters of random-init features
+  are camera clusters) while the clothing still identifies the person. 0 (the default)
+  writes exactly the files of a generator without the option.
 * ``make_fake_tree`` writes tiny images in the folder layout and file-name format of each of the
   five supported datasets, for tests.
 """
@@ -99,9 +108,14 @@ class _Camera:
   blur: int  # box-blur radius in pixels
   noise: float  # Gaussian noise standard deviation
   back_view: float  # probability that a person is seen from behind
+  # Only with ``camera_shift > 0`` (defaults: none), applied after the noise:
+  gamma: float = 1.0  # tone curve 255 * (x / 255) ** gamma
+  haze: float = 0.0  # weight of the blend towards ``haze_colour`` (a tinted veil)
+  haze_colour: np.ndarray | None = None
 
 
 _BG_MARGIN = 4
+_MAX_CAMERA_SHIFT = 2.0
 # A camera's scene is this many image widths wide; people appear at random places in it, so
 # two images of one camera share the scene's style but not the same background pixels.
 _SCENE_WIDTHS = 4
@@ -179,6 +193,42 @@ def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera
       blur=int(rng.choice([0, 0, 1, 1, 2])),
       noise=float(rng.uniform(2.0, 9.0)),
       back_view=float(rng.choice([0.0, 0.2, 0.8])),
+  )
+
+
+def _shift_camera(rng: np.random.Generator, cam: _Camera, index: int, num_cams: int,
+                  phase: float, strength: float) -> _Camera:
+  """``cam`` with the strong appearance of camera ``index`` of ``num_cams`` (``camera_shift``).
+
+  The draws do not depend on ``strength`` (it scales them), so one seed gives every strength
+  the same shift directions. The hues of the casts and backgrounds are spread evenly over the
+  colour circle (starting at ``phase``), so no two cameras get the same tint.
+  """
+  hue = phase + 2.0 * np.pi * (index + rng.uniform(-0.2, 0.2)) / num_cams
+  channel_angles = 2.0 * np.pi * np.arange(3) / 3.0
+
+  def tint(angle: float, depth: float) -> np.ndarray:  # unit brightness, hue ``angle``
+    return (1.0 + depth * np.cos(angle - channel_angles)).astype(np.float32)
+
+  cast = np.exp(strength * 0.45 * np.cos(hue - channel_angles))  # colour cast
+  level = float(np.exp(strength * rng.uniform(-0.35, 0.35)))  # exposure
+  gamma = float(np.exp(strength * rng.uniform(-0.45, 0.45)))
+  scene_colour = rng.uniform(90, 170) * tint(hue + rng.uniform(1.5, 2.5), 0.6)
+  scene_weight = min(0.9, 0.55 * strength)
+  haze_colour = rng.uniform(120, 220) * tint(hue, 0.35)
+  haze = min(0.6, strength * rng.uniform(0.1, 0.25))
+  blurs = index % 2 == 0  # a soft camera (blur) or a grainy one (noise), alternately
+  extra_blur = int(round(strength * rng.uniform(1.0, 2.0))) if blurs else 0
+  extra_noise = 0.0 if blurs else strength * rng.uniform(6.0, 12.0)
+  return dataclasses.replace(
+      cam,
+      background=cam.background * (1.0 - scene_weight) + scene_colour * scene_weight,
+      gain=(cam.gain * cast * level).astype(np.float32),
+      blur=cam.blur + extra_blur,
+      noise=cam.noise + extra_noise,
+      gamma=gamma,
+      haze=haze,
+      haze_colour=haze_colour,
   )
 
 
@@ -321,10 +371,23 @@ def _render_person(
       else:
         canvas[:, width - ow:] = colour
 
-  # Camera response: colour cast, brightness, illumination ramp, blur, sensor noise.
+  return _camera_response(rng, cam, canvas)
+
+
+def _camera_response(rng: np.random.Generator, cam: _Camera, canvas: np.ndarray, *,
+                     blur: bool = True) -> np.ndarray:
+  """The uint8 image ``cam`` records of the float32 scene ``canvas``.
+
+  Colour cast and brightness, illumination ramp, blur (unless ``blur`` is False), sensor
+  noise, then (shifted cameras only) the tone curve and the veil.
+  """
   image = (canvas * cam.gain + cam.offset) * cam.ramp
-  image = _box_blur(image, cam.blur)
+  if blur:
+    image = _box_blur(image, cam.blur)
   image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
+  if cam.gamma != 1.0 or cam.haze:
+    image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** np.float32(cam.gamma)
+    image = image * np.float32(1.0 - cam.haze) + cam.haze_colour * np.float32(cam.haze)
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -333,9 +396,7 @@ def _render_junk(rng: np.random.Generator, cam: _Camera, height: int, width: int
   dy = rng.integers(0, 2 * _BG_MARGIN + 1)
   dx = rng.integers(0, cam.background.shape[1] - width + 1)
   canvas = cam.background[dy:dy + height, dx:dx + width]
-  image = (canvas * cam.gain + cam.offset) * cam.ramp
-  image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
-  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+  return _camera_response(rng, cam, canvas, blur=False)
 
 
 def _market_name(pid: int, cam: int, frame: int, idx: int) -> str:
@@ -367,6 +428,7 @@ def generate_market_dataset(
     width: int = 64,
     seed: int = 0,
     workers: int = 1,
+    camera_shift: float = 0.0,
 ) -> str:
   """Render a synthetic Market-1501-style dataset under ``root``.
 
@@ -378,6 +440,18 @@ def generate_market_dataset(
   For each test id, one image from each of one or two of its cameras goes to ``query`` and the
   rest to ``bounding_box_test``, which also receives ``max(1, num_test_ids // 5)`` distractors
   (pid ``0000``) and ``max(1, num_test_ids // 10)`` junk images (pid ``-1``).
+
+  ``camera_shift`` in [0, 2] gives each camera a strong, consistent appearance of its own on
+  top of the mild default nuisance: a colour cast (hues spread evenly over the colour circle,
+  so no two cameras share a tint), an exposure gain and a gamma curve, a tinted veil that
+  lowers the contrast, the camera's scene blended towards a colour of its own, and extra
+  blur (cameras 1, 3, 5) or extra sensor noise (cameras 2, 4, 6). Every image of a camera
+  gets the same shift, whatever the identity or split. The shift's directions are drawn from
+  ``seed`` alone and their magnitudes scale with ``camera_shift``: at 1.0 the camera
+  dominates the appearance (simple image features and random-init network features group
+  by camera before identity), while clothing and patterns still identify a person. With 0
+  (the default) the files are byte-identical to those written without the option, and the
+  marker does not mention it.
 
   The output is a deterministic function of the arguments (same seed => byte-identical files);
   ``workers`` (processes that render identities in parallel) does not change it. With
@@ -402,12 +476,17 @@ def generate_market_dataset(
     raise ValueError("need 1 <= num_train_ids, num_test_ids and a total of at most 9999 ids")
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
+  if not 0.0 <= camera_shift <= _MAX_CAMERA_SHIFT:  # also refuses NaN
+    raise ValueError(f"camera_shift must be in [0, {_MAX_CAMERA_SHIFT:g}] (0: no extra camera "
+                     f"shift, 1: the camera dominates the appearance), got {camera_shift}")
 
   params = {
       "version": _GENERATOR_VERSION, "num_train_ids": num_train_ids,
       "num_test_ids": num_test_ids, "num_cams": num_cams, "images_per_cam": [lo, hi],
       "height": height, "width": width, "seed": seed,
   }
+  if camera_shift > 0:  # absent at 0, so unshifted datasets keep their marker
+    params["camera_shift"] = float(camera_shift)
   root = os.path.abspath(root)
   final = os.path.join(root, dataset_folder_name("market1501"))
   if os.path.isdir(final):
@@ -439,8 +518,16 @@ def generate_market_dataset(
 
 def _cameras(params: dict) -> list[_Camera]:
   cam_rng = np.random.default_rng([params["seed"], 0])
-  return [_sample_camera(cam_rng, params["height"], params["width"])
-          for _ in range(params["num_cams"])]
+  num_cams = params["num_cams"]
+  cameras = [_sample_camera(cam_rng, params["height"], params["width"])
+             for _ in range(num_cams)]
+  strength = params.get("camera_shift", 0.0)
+  if strength > 0:  # its own stream: the draws above are those of an unshifted dataset
+    shift_rng = np.random.default_rng([params["seed"], 3])
+    phase = float(shift_rng.uniform(0.0, 2.0 * np.pi))
+    cameras = [_shift_camera(shift_rng, cam, k, num_cams, phase, strength)
+               for k, cam in enumerate(cameras)]
+  return cameras
 
 
 def _jpeg_bytes(array: np.ndarray) -> bytes:
@@ -682,7 +769,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   The defaults write the demo's 100 + 50 identities at 128x64. A Market-1501-sized set
   (751 train ids; ~13,000 train images with ``--images-per-cam 2 6``) is
-  ``--num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16``.
+  ``--num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16``. A set whose
+  cameras dominate the appearance adds ``--camera-shift 1``.
   """
   import argparse
 
@@ -690,8 +778,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--root", required=True, help="folder that will hold Market-1501-v15.09.15/")
   parser.add_argument("--num-train-ids", type=int, default=100)
   parser.add_argument("--num-test-ids", type=int, default=50)
+  parser.add_argument("--num-cams", type=int, default=6, help="cameras, 2..6")
   parser.add_argument("--images-per-cam", type=int, nargs=2, default=(2, 5), metavar=("LO", "HI"),
                       help="images of an identity per camera, drawn from LO..HI")
+  parser.add_argument("--camera-shift", type=float, default=0.0,
+                      help="strength of each camera's own appearance, 0..2 (0: none, the "
+                      "default; 1: the camera dominates the appearance)")
   parser.add_argument("--height", type=int, default=128)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
@@ -700,8 +792,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   folder = generate_market_dataset(
       args.root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
-      images_per_cam=tuple(args.images_per_cam), height=args.height, width=args.width,
-      seed=args.seed, workers=args.workers)
+      num_cams=args.num_cams, images_per_cam=tuple(args.images_per_cam), height=args.height,
+      width=args.width, seed=args.seed, workers=args.workers, camera_shift=args.camera_shift)
   print(f"dataset ready: {folder}")
 
 
