@@ -23,6 +23,13 @@ from ml_collections import config_flags
 # Config files import `configs.default`; make the folder that holds `configs/` importable.
 sys.path.insert(0, os.getcwd())
 
+from ccreid_jax import xla_cpu  # noqa: E402
+
+if __name__ == "__main__":
+  # The CPU settings of ccreid_jax/xla_cpu.py (an XLA flag, glibc malloc reuse), applied
+  # before JAX starts; CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
+  xla_cpu.apply_cpu_tuning()
+
 from ccreid_jax import distributed  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax import workdir as workdir_lib  # noqa: E402

@@ -1,37 +1,45 @@
-"""Faster CPU settings, applied when the package is imported (before JAX starts).
+"""Faster CPU settings for a process, applied by the entry points before JAX starts.
+
+Importing ``ccreid_jax`` (or any of its modules) changes nothing: the programs call
+``apply_cpu_tuning()`` themselves, before JAX's backend starts. They are
+``python -m ccreid_jax.main`` (so ``scripts/demo.sh``), the ``scripts/bench_*.py`` scripts and
+the test suite (``tests/conftest.py``). Code that imports ``ccreid_jax`` as a library runs
+with JAX's and glibc's defaults unless it calls ``apply_cpu_tuning()`` itself, first thing.
 
 Two settings, each measured on the ResNet train step (docs/benchmarks.md); both are turned
-off with ``CCREID_XLA_CPU_DEFAULTS=0``.
+off with ``CCREID_XLA_CPU_DEFAULTS=0`` in the environment of the program.
 
 **The XLA flag.**
 
 XLA:CPU (jaxlib 0.10) hands convolutions, matrix products, element-wise ops and reductions
 to the YNNPACK library. On ResNet training steps its convolutions are slower than XLA's own
 (Eigen) ones, while its reductions (the batch-norm statistics) are much faster. Keeping
-YNNPACK for reductions only (``--xla_cpu_experimental_ynn_fusion_type=reduce``) made the
-CPU train step 1.2-1.3x faster and extraction 1.1-1.4x faster on ResNet-18 and ResNet-50
-(docs/benchmarks.md). GPUs and TPUs ignore ``xla_cpu_*`` flags.
+YNNPACK for reductions only (``--xla_cpu_experimental_ynn_fusion_type=reduce``) makes the
+CPU train step and extraction of ResNet-18 and ResNet-50 faster (see docs/benchmarks.md).
+GPUs and TPUs ignore ``xla_cpu_*`` flags.
 
 The flag is added to ``XLA_FLAGS`` only when
 * ``XLA_FLAGS`` does not already set it (yours wins),
 * ``CCREID_XLA_CPU_DEFAULTS`` is not ``0`` (the opt-out), and
 * the installed jaxlib is a version it was measured with (``TESTED_JAXLIB``): XLA aborts on
   a flag it does not know, and experimental flags come and go. Add a version here after
-  checking that ``tests/test_xla_cpu.py`` passes and the CPU step is not slower with it.
-It has no effect when JAX's backend was already started before ``ccreid_jax`` was imported.
+  checking that ``tests/test_xla_cpu.py`` passes and the CPU step is not slower with it
+  (``scripts/bench_train.py``).
+It has no effect when JAX's backend was already started when ``apply_cpu_tuning`` runs.
 
-**Reusing freed memory (glibc malloc).** Every call of a jitted CPU step allocates its temporary
-buffers in one block (1.7 GB for a ResNet-50 step at batch 16, 256x128) and frees it at the end.
-glibc hands blocks that large out as fresh ``mmap`` regions, so each step page-faults the whole
-block in again (430,000 faults, about 1 s of kernel time on 2 cores) and unmaps it afterwards.
-``keep_freed_memory`` sets glibc's ``mallopt`` so that freed memory is kept for reuse instead:
-one arena (``M_ARENA_MAX=1``; blocks of other arenas fall back to mmap whatever the settings),
-no mmap (``M_MMAP_MAX=0``), no trimming (``M_TRIM_THRESHOLD=-1``). The step became 1.2-1.3x
-faster (zero page faults after the first). The cost: the process keeps its peak heap for
-reuse instead of returning it to the system. Applied only on Linux with glibc, and only when
-JAX will run on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or is unset and no GPU/TPU
-plugin is installed): it speeds up nothing on an accelerator, whose buffers live on the
-device. The same effect from the shell, for any process:
+**Reusing freed memory (glibc malloc).** Every call of a jitted CPU step allocates its
+temporary buffers in one block (over a gigabyte for a ResNet-50 step at batch 16, 256x128) and
+frees it at the end. glibc hands blocks that large out as fresh ``mmap`` regions, so each step
+page-faults the whole block in again and unmaps it afterwards. ``keep_freed_memory`` sets
+glibc's ``mallopt`` so that freed memory is kept for reuse instead: one arena
+(``M_ARENA_MAX=1``; blocks of other arenas fall back to mmap whatever the settings), no mmap
+(``M_MMAP_MAX=0``), no trimming (``M_TRIM_THRESHOLD=-1``). After the first call a step reuses
+the block without page faults, and is faster (see docs/benchmarks.md; ``scripts/bench_train.py``
+reports the page faults per step). The cost: the process keeps its peak heap for reuse instead
+of returning it to the system. Applied only on Linux with glibc, and only when JAX will run on
+the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or is unset and no GPU/TPU plugin is
+installed): it speeds up nothing on an accelerator, whose buffers live on the device. The same
+effect from the shell, for any process:
 ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=-1``
 (docs/benchmarks.md).
 """
@@ -56,7 +64,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
-# What ``import ccreid_jax`` applied in this process (benchmarks record it).
+# What ``apply_cpu_tuning`` applied in this process (empty until it runs; benchmarks record it).
 APPLIED: dict[str, bool] = {}
 ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                        "jax_rocm7_plugin", "libtpu")
@@ -130,3 +138,14 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None, mallopt: Any | N
     return False
   results = [mallopt(param, value) for param, value in MALLOPT_SETTINGS]
   return all(result == 1 for result in results)
+
+
+def apply_cpu_tuning(environ: MutableMapping[str, str] | None = None) -> dict[str, bool]:
+  """Both settings of the module doc for this process; returns (and records in ``APPLIED``)
+  which ones took effect: ``{"xla_flag": ..., "keep_freed_memory": ...}``.
+
+  For entry points, before JAX's backend starts; ``CCREID_XLA_CPU_DEFAULTS=0`` turns both off.
+  """
+  APPLIED.update(xla_flag=apply_cpu_defaults(environ),
+                 keep_freed_memory=keep_freed_memory(environ))
+  return dict(APPLIED)

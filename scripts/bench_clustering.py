@@ -217,4 +217,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  # The CPU settings of ccreid_jax/xla_cpu.py, before JAX's backend starts (main() starts
+  # it); CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
+  from ccreid_jax import xla_cpu  # noqa: E402
+
+  xla_cpu.apply_cpu_tuning()
   main()

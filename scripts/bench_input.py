@@ -8,7 +8,7 @@ over random pseudo labels draws the indices, the uint8 images are gathered from 
 memory-mapped cache file (random rows, as in training), and ``jax.device_put`` sends images
 and labels to the devices sharded along the batch axis. Each stage is timed separately
 (medians over the batches, ``block_until_ready`` on the transfers), then the whole chain
-through ``train._prefetch_batches`` (the host thread that overlaps the gather with the
+through ``train.prefetch_batches`` (the host thread that overlaps the gather with the
 step) with nothing consuming the batches but a wait for them.
 
 The memmap is written to ``--dir`` (default: a temporary directory); right after writing,
@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
     # The whole chain as training runs it: sampler -> prefetch thread -> devices.
     t = time.perf_counter()
     count = 0
-    for batch in train._prefetch_batches(sampler(1).batches(args.batches, args.batch), images,
-                                         labels, sharding):
+    for batch in train.prefetch_batches(sampler(1).batches(args.batches, args.batch), images,
+                                        labels, sharding):
       jax.block_until_ready(batch)
       count += 1
     chain_s = (time.perf_counter() - t) / count
@@ -133,4 +133,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  # The CPU settings of ccreid_jax/xla_cpu.py, before JAX's backend starts (main() starts
+  # it); CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
+  from ccreid_jax import xla_cpu  # noqa: E402
+
+  xla_cpu.apply_cpu_tuning()
   main()

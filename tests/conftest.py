@@ -7,6 +7,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, ROOT)  # `import configs` as the command line does.
 
+# The CPU settings the command line applies (ccreid_jax/xla_cpu.py: an XLA flag, glibc malloc
+# reuse), before JAX starts: the tests run the program's configuration, at its speed. The
+# processes the tests start inherit the flag through XLA_FLAGS.
+from ccreid_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_cpu_tuning()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -1,5 +1,8 @@
-"""The XLA:CPU default flag: added only when safe, never over the user's own setting."""
+"""The CPU settings (ccreid_jax/xla_cpu.py): the XLA flag is added only when safe, never over
+the user's own setting; glibc's malloc options only when JAX runs on the CPU; neither when the
+package is imported, both when the command line starts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,16 +33,91 @@ def test_not_added_when_the_user_sets_it_opts_out_or_jaxlib_is_untested():
     assert "XLA_FLAGS" not in env
 
 
-def test_importing_the_package_sets_it_and_jax_accepts_it():
+def _clean_env(**extra: str) -> dict:
+  """This environment without the CPU settings the test run applied (conftest.py)."""
+  drop = ("XLA_FLAGS", "GLIBC_TUNABLES", xla_cpu.OPT_OUT)
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env.update(JAX_PLATFORMS="cpu", **extra)
+  return env
+
+
+def _run(code: str, env: dict) -> list[str]:
+  return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                        text=True, check=True).stdout.splitlines()
+
+
+def test_apply_cpu_tuning_sets_it_and_jax_accepts_it():
   """In a fresh interpreter: the flag is in XLA_FLAGS and the CPU backend starts with it."""
-  code = ("import os, ccreid_jax, jax, jax.numpy as jnp; "
+  code = ("import os; from ccreid_jax import xla_cpu; xla_cpu.apply_cpu_tuning(); "
+          "import jax, jax.numpy as jnp; "
           "print(os.environ.get('XLA_FLAGS', '')); print(float(jnp.ones(3).sum()))")
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
-  env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                       text=True, check=True).stdout.splitlines()
   expected = xla_cpu.FLAG if xla_cpu._jaxlib_version() in xla_cpu.TESTED_JAXLIB else ""
-  assert out == [expected, "3.0"]
+  assert _run(code, _clean_env()) == [expected, "3.0"]
+
+
+# Whether a 64 MiB malloc is served by mmap (glibc's default for blocks above 32 MiB) or from
+# the heap (M_MMAP_MAX=0): mallinfo2's hblkhd counts the bytes in mmapped blocks.
+_MALLOC_PROBE = """
+import ctypes
+class _Info(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks",
+                                             "keepcost")]
+_libc = ctypes.CDLL(None)
+def malloc_uses_mmap():
+  if not hasattr(_libc, "mallinfo2"):
+    return "n/a"
+  _libc.mallinfo2.restype = _Info
+  _libc.malloc.restype, _libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  _libc.free.argtypes = [ctypes.c_void_p]
+  before = _libc.mallinfo2().hblkhd
+  block = _libc.malloc(64 << 20)
+  grown = _libc.mallinfo2().hblkhd - before
+  _libc.free(block)
+  return grown >= 64 << 20
+"""
+
+
+def test_importing_the_package_changes_neither_xla_flags_nor_malloc():
+  """A fresh interpreter imports ccreid_jax and every one of its modules: XLA_FLAGS stays
+  unset, nothing is recorded as applied, and a large malloc is still served by mmap (glibc's
+  default). The control: the command line (``python -m ccreid_jax.main``, here with the
+  user's own XLA_FLAGS) applies both settings, and the probe sees the difference."""
+  report = """
+from ccreid_jax import xla_cpu
+print(json.dumps([os.environ.get("XLA_FLAGS"), xla_cpu.APPLIED, malloc_uses_mmap()]))
+"""
+  imports = _MALLOC_PROBE + """
+import importlib, json, os, pkgutil
+import ccreid_jax
+for module in pkgutil.walk_packages(ccreid_jax.__path__, "ccreid_jax."):
+  importlib.import_module(module.name)
+""" + report
+  entry_point = _MALLOC_PROBE + """
+import json, os, runpy, sys
+sys.argv = ["ccreid_jax.main", "--helpshort"]
+try:
+  runpy.run_module("ccreid_jax.main", run_name="__main__")
+except SystemExit:
+  pass
+""" + report
+  mine = "--xla_force_host_platform_device_count=2"
+  procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for code, env in ((imports, _clean_env()), (entry_point, _clean_env(XLA_FLAGS=mine)))]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    results.append(json.loads(out.splitlines()[-1]))
+  (flags, applied, mmap), (main_flags, main_applied, main_mmap) = results
+  glibc = xla_cpu._glibc_mallopt() is not None and mmap != "n/a"
+  assert (flags, applied) == (None, {})
+  tested = xla_cpu._jaxlib_version() in xla_cpu.TESTED_JAXLIB
+  assert main_flags == (f"{mine} {xla_cpu.FLAG}" if tested else mine)
+  assert main_applied == {"xla_flag": tested, "keep_freed_memory": glibc}
+  if glibc:
+    assert (mmap, main_mmap) == (True, False)
 
 
 class _Mallopt:
@@ -73,54 +151,6 @@ def test_keep_freed_memory_leaves_malloc_alone_off_cpu_or_when_opted_out():
     assert mallopt.calls == []
   assert xla_cpu.runs_on_cpu({"JAX_PLATFORMS": " CPU "}, accelerator_installed=True)
   assert not xla_cpu.runs_on_cpu({}, accelerator_installed=True)
-
-
-_FAULTS = """
-import resource, sys, time
-import ccreid_jax, jax, jax.numpy as jnp
-n = 4096  # sin(x) is a 64 MiB temporary buffer of every call (the dot's operand).
-f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum())
-x, w = jnp.ones((n, n)), jnp.ones((n, 8))
-faults = 0
-for call in range(16):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x, w).block_until_ready()
-  if call >= 4:  # the heap settles over the first calls (the arguments' buffers, compiling).
-    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-  time.sleep(0.2)  # XLA frees a call's buffers on its own thread just after the result.
-print(faults)
-"""
-
-
-def test_importing_the_package_stops_steps_from_page_faulting_their_buffers_in_again():
-  """Fresh interpreters on the CPU: calls of a step with a 64 MiB temporary buffer.
-
-  Without the setting each call maps the buffer anew (16,384 faults of 4 KiB per call);
-  with it the freed block is reused: counted over calls 5-16. (Now and then a small
-  allocation lands in the freed block first and the heap grows by one block; on a busy
-  machine that happened up to a few times in 12 calls, hence the bound of a third.)
-  """
-  if not sys.platform.startswith("linux") or xla_cpu._glibc_mallopt() is None:
-    import pytest
-    pytest.skip("glibc's mallopt only exists on Linux with glibc")
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      huge_pages = "[always]" in f.read()
-  except OSError:
-    huge_pages = False
-  if huge_pages:
-    import pytest
-    pytest.skip("transparent huge pages for every mapping: 4 KiB page faults do not count it")
-  faults = {}
-  for opt_out in ("1", "0"):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-    env.update(JAX_PLATFORMS="cpu", **{xla_cpu.OPT_OUT: opt_out})
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    faults[opt_out] = int(out.split()[-1])
-  pages = 4096 * 4096 * 4 // 4096
-  assert faults["0"] >= 10 * pages, faults  # the test can tell the two apart...
-  assert faults["1"] <= 4 * pages, faults  # ...and the setting removes most of them.
 
 
 def test_an_installed_gpu_or_tpu_plugin_counts_as_not_cpu(monkeypatch):

@@ -8,19 +8,27 @@ With ``ibn=True`` it is IBN-Net's ResNet-IBN-a: the first norm of every block in
 an ``IBN`` layer (instance norm on the first half of the channels, batch norm on the rest,
 names ``bn1/IN`` and ``bn1/BN`` as IBN-Net's ``bn1.IN`` / ``bn1.BN``); stem and layer4 are
 unchanged.
+
+The layers come from one of two sets, chosen by ``ReIDResNet.kernels`` (``LAYER_SETS``):
+"plain", flax's own layers (``nn.Conv``, ``nn.max_pool``, ``nn.relu``) and
+``layers.GhostBatchNorm``, the default; or "cpu", their XLA:CPU-friendly variants in
+``cpu_kernels.py``. Both have the same parameters, so a checkpoint or pretrained file fits
+either; ``create_model`` resolves the config's ``model.kernels = "auto"`` to "cpu" when JAX
+runs on the CPU and to "plain" elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccreid_jax.models.layers import Conv, GeM, GhostBatchNorm, max_pool_3x3_s2, residual_relu
+from ccreid_jax.models import cpu_kernels
+from ccreid_jax.models.layers import GeM, GhostBatchNorm
 
 # depth -> (block kind, blocks per stage)
 _ARCHS = {
@@ -40,8 +48,7 @@ def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) 
   bit for bit, as ``nn.initializers.variance_scaling(2.0, "fan_out", "normal")`` (JAX draws
   an array's normals in flat order whatever its shape; tested). The normals are drawn as a
   flat vector because XLA:CPU compiles the sampler for a small 4-D shape several times
-  slower (1.5-3 s per kernel shape at width 8, 0.4 s flat), and the model's
-  initialisation compiles it once per kernel shape. The barrier keeps XLA from folding the
+  slower, and the model's initialisation compiles it once per kernel shape. The barrier keeps XLA from folding the
   scale into the sampler's own constants when the initialisation is jitted (which rounds
   1 ulp differently); eager and jitted initialisation then draw the same values.
   """
@@ -61,6 +68,40 @@ def feature_dim(depth: int, width: int = 64) -> int:
   """Channels of the final feature: 8 * width (basic blocks) or 32 * width (bottlenecks)."""
   kind, _ = _arch(depth)
   return 8 * width * _EXPANSION[kind]
+
+
+class LayerSet(NamedTuple):
+  """The layers a ReIDResNet is built from."""
+
+  conv: Callable[..., nn.Module]  # bias-free convolution with nn.Conv's fields and parameter.
+  batch_norm: type[GhostBatchNorm]
+  stem_pool: Callable[[jax.Array], jax.Array]  # 3x3 max pool, stride 2, padding 1 (-inf).
+  block_relu: Callable[[jax.Array], jax.Array]  # the ReLU after a residual block's sum.
+
+
+def _stem_pool(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding
+
+
+LAYER_SETS = {
+    "plain": LayerSet(conv=functools.partial(nn.Conv, use_bias=False),
+                      batch_norm=GhostBatchNorm, stem_pool=_stem_pool, block_relu=nn.relu),
+    "cpu": LayerSet(conv=cpu_kernels.Conv, batch_norm=cpu_kernels.GhostBatchNorm,
+                    stem_pool=cpu_kernels.max_pool_3x3_s2,
+                    block_relu=cpu_kernels.residual_relu),
+}
+KERNELS = ("auto",) + tuple(LAYER_SETS)
+
+
+def resolve_kernels(kernels: str, backend: str | None = None) -> str:
+  """``model.kernels`` as a ``LAYER_SETS`` key: "auto" is "cpu" when ``backend`` (default:
+  JAX's default backend) is the CPU and "plain" otherwise."""
+  if kernels == "auto":
+    backend = jax.default_backend() if backend is None else backend
+    return "cpu" if backend == "cpu" else "plain"
+  if kernels not in LAYER_SETS:
+    raise ValueError(f"unknown model.kernels {kernels!r}; use one of {list(KERNELS)}")
+  return kernels
 
 
 class InstanceNorm(nn.Module):
@@ -118,7 +159,7 @@ def _shortcut(block: nn.Module, x, channels: int, bn):
   """Identity, or 1x1 conv (with the block's stride) + norm when the shape changes."""
   if not block.downsample:
     return x
-  x = block.conv(channels, (1, 1), (block.stride, block.stride), ((0, 0), (0, 0)),
+  x = block.conv(channels, (1, 1), strides=(block.stride, block.stride), padding=_pad(1),
                  name="downsample_conv")(x)
   return bn("downsample_bn")(x)
 
@@ -132,15 +173,17 @@ class BasicBlock(nn.Module):
   conv: Any
   norm: Any
   norm1: Any = None  # the norm after conv1 when it differs from ``norm`` (IBN)
+  out_relu: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = functools.partial(_block_norm, self, train=train)
-    y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv1")(x)
+    stride = (self.stride, self.stride)
+    y = self.conv(self.planes, (3, 3), strides=stride, padding=_pad(3), name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = self.conv(self.planes, (3, 3), (1, 1), _pad(3), name="conv2")(y)
+    y = self.conv(self.planes, (3, 3), strides=(1, 1), padding=_pad(3), name="conv2")(y)
     y = bn("bn2")(y)
-    return residual_relu(y + _shortcut(self, x, self.planes, bn))
+    return self.out_relu(y + _shortcut(self, x, self.planes, bn))
 
 
 class Bottleneck(nn.Module):
@@ -152,17 +195,19 @@ class Bottleneck(nn.Module):
   conv: Any
   norm: Any
   norm1: Any = None  # the norm after conv1 when it differs from ``norm`` (IBN)
+  out_relu: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = functools.partial(_block_norm, self, train=train)
-    y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
+    stride = (self.stride, self.stride)
+    y = self.conv(self.planes, (1, 1), strides=(1, 1), padding=_pad(1), name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = self.conv(self.planes, (3, 3), (self.stride, self.stride), _pad(3), name="conv2")(y)
+    y = self.conv(self.planes, (3, 3), strides=stride, padding=_pad(3), name="conv2")(y)
     y = nn.relu(bn("bn2")(y))
-    y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
+    y = self.conv(self.planes * 4, (1, 1), strides=(1, 1), padding=_pad(1), name="conv3")(y)
     y = bn("bn3")(y)
-    return residual_relu(y + _shortcut(self, x, self.planes * 4, bn))
+    return self.out_relu(y + _shortcut(self, x, self.planes * 4, bn))
 
 
 class ReIDResNet(nn.Module):
@@ -172,6 +217,9 @@ class ReIDResNet(nn.Module):
   rows, in train and eval mode alike. Convolutions compute in ``dtype``; every batch norm
   computes its statistics in float32 (the trunk's norms return ``dtype`` activations); the
   pooling, the neck and the returned feature are float32.
+
+  ``kernels`` picks the layer set (``LAYER_SETS``): "plain" (flax's layers) or "cpu"
+  (``cpu_kernels``); the parameters are the same either way.
   """
 
   depth: int = 50
@@ -181,22 +229,27 @@ class ReIDResNet(nn.Module):
   bn_group_size: int = 64
   dtype: Any = jnp.float32
   ibn: bool = False  # IBN-Net ResNet-IBN-a: IBN as bn1 of every block in layer1-3.
+  kernels: str = "plain"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, return_feature_map: bool = False) -> jax.Array:
+    if self.kernels not in LAYER_SETS:
+      raise ValueError(f"ReIDResNet.kernels must be one of {sorted(LAYER_SETS)}, not "
+                       f"{self.kernels!r} (resolve_kernels turns 'auto' into one of them)")
+    layer_set = LAYER_SETS[self.kernels]
     kind, layers = _arch(self.depth)
     expansion = _EXPANSION[kind]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
-    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32,
+    conv = functools.partial(layer_set.conv, dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=conv_init)
     norm = functools.partial(
-        GhostBatchNorm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
+        layer_set.batch_norm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype)
     ibn_norm = functools.partial(IBN, norm=norm, dtype=self.dtype)
 
-    x = conv(self.width, (7, 7), (2, 2), _pad(7), name="conv1")(x)
+    x = conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
-    x = max_pool_3x3_s2(x)  # padded with -inf, like torch.
+    x = layer_set.stem_pool(x)
 
     in_planes = self.width
     strides = (1, 2, 2, self.last_stride)
@@ -207,7 +260,7 @@ class ReIDResNet(nn.Module):
         downsample = index == 0 and (stride != 1 or in_planes != planes * expansion)
         x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=conv,
                       norm=norm, norm1=ibn_norm if self.ibn and stage < 3 else None,
-                      name=f"layer{stage + 1}_{index}")(x, train)
+                      out_relu=layer_set.block_relu, name=f"layer{stage + 1}_{index}")(x, train)
         in_planes = planes * expansion
     if return_feature_map:
       return x
@@ -219,9 +272,9 @@ class ReIDResNet(nn.Module):
     else:
       raise ValueError(f"unknown pooling {self.pooling!r}; use 'gem' or 'avg'")
 
-    x = GhostBatchNorm(group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
-                       use_bias=False, dtype=jnp.float32, name="feat_bn")(
-                           x, use_running_average=not train)
+    x = layer_set.batch_norm(group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
+                             use_bias=False, dtype=jnp.float32, name="feat_bn")(
+                                 x, use_running_average=not train)
     return l2_normalize(x)
 
 
@@ -263,7 +316,8 @@ def parse_arch(arch: str, depth: int | None = None) -> tuple[int, bool]:
 def create_model(config_model) -> ReIDResNet:
   """Builds a ReIDResNet from a config with depth, width, last_stride, pooling,
   bn_group_size, dtype ("float32" | "bfloat16") and optionally arch ("resnet" default,
-  "resnet50_ibn_a", "resnet101_ibn_a", ...; see ``parse_arch``)."""
+  "resnet50_ibn_a", "resnet101_ibn_a", ...; see ``parse_arch``) and kernels ("auto"
+  default, "plain" or "cpu"; see ``resolve_kernels``)."""
   depth, ibn = parse_arch(str(getattr(config_model, "arch", None) or "resnet"),
                           int(config_model.depth))
   dtype = config_model.dtype
@@ -278,4 +332,5 @@ def create_model(config_model) -> ReIDResNet:
       pooling=str(config_model.pooling),
       bn_group_size=int(config_model.bn_group_size),
       dtype=dtype,
-      ibn=ibn)
+      ibn=ibn,
+      kernels=resolve_kernels(str(getattr(config_model, "kernels", None) or "auto")))
