@@ -281,14 +281,10 @@ class Embedder:
     (``workdir.with_run_model_settings``), as ``--mode eval`` does; ``checkpoint`` defaults
     to ``config.eval.checkpoint``; ``flip`` and ``batch_size`` default to ``config.eval``'s.
     """
-    from ccreid_jax import train, workdir as workdir_lib
+    from ccreid_jax import train
 
     which = config.eval.checkpoint if checkpoint is None else checkpoint
-    run_dir = workdir
-    if isinstance(which, str) and os.path.isdir(which):  # <run>/checkpoints/<step>
-      run_dir = os.path.dirname(os.path.dirname(os.path.abspath(which)))
-    if which != "init":
-      config = workdir_lib.with_run_model_settings(config, run_dir)
+    config = train.run_model_config(config, workdir, checkpoint)
     model, variables, step, epoch = train.load_variables(config, workdir, checkpoint)
     return cls(
         model, variables, height=config.data.height, width=config.data.width,

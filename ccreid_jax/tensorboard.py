@@ -40,7 +40,7 @@ logger = logging.getLogger("ccreid_jax")
 
 _warned_missing = False  # The "tensorboardX is not installed" warning is given once.
 
-_EVAL_KEYS = ("mAP", "rank1", "rank5", "rank10")
+_EVAL_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 _SKIPPED_KEYS = ("kind", "time", "epoch", "steps")
 
 

@@ -55,7 +55,7 @@ from ccreid_jax.utils import Timer, prefetch, progress_bar, write_json
 __all__ = [
     "TrainState", "evaluate", "extract", "init_train_state", "load_variables",
     "make_lr_schedule", "make_optimizer", "make_train_step", "prefetch_batches",
-    "rlcc_targets", "train_and_evaluate", "train_on", "TrainingSetChanged",
+    "rlcc_targets", "run_model_config", "train_and_evaluate", "train_on", "TrainingSetChanged",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -360,14 +360,15 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
 # ---------------------------------------------------------------------------------------
 
 
-def make_feature_extractor(model: Any, config: ml_collections.ConfigDict):
+def make_feature_extractor(model: Any, config: ml_collections.ConfigDict, *, flip: bool = False):
   """``extract(variables, uint8 images, desc=...) -> (N, D)`` features on every process.
 
   Eval mode and the test transform; each process extracts its share on its own devices and
-  the shares are all-gathered.
+  the shares are all-gathered. ``flip``: the flip test (the mean of the features of each
+  image and its mirror, normalised again), for evaluation only; clustering never flips.
   """
   mesh = distributed.local_mesh()
-  extract_fn = with_precision(make_extract_fn(model, mesh), config.model.precision)
+  extract_fn = with_precision(make_extract_fn(model, mesh, flip=flip), config.model.precision)
   return functools.partial(distributed.extract_and_allgather, extract_fn, mesh=mesh,
                            batch_size=config.eval.batch_size,
                            progress=bool(config.log.progress))
@@ -375,7 +376,11 @@ def make_feature_extractor(model: Any, config: ml_collections.ConfigDict):
 
 def evaluate_variables(extract, variables: Any, data: loading.RunData,
                        config: ml_collections.ConfigDict) -> tuple[dict[str, float], np.ndarray]:
-  """``(mAP / CMC metrics, query x gallery distances)`` of ``data.eval_dataset``."""
+  """``(mAP / CMC / mINP metrics, query x gallery distances)`` of ``data.eval_dataset``.
+
+  ``extract`` is the evaluation's extractor (``make_feature_extractor(model, config,
+  flip=config.eval.flip)``).
+  """
   features = extract(variables, data.test_images, desc="eval extract")
   return evaluation.evaluate_features(features, data.eval_dataset, config.eval)
 
@@ -533,6 +538,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
   tx = make_optimizer(config.optim, config.train.iters)
   mesh = distributed.make_mesh()
   extract = make_feature_extractor(model, config)
+  extract_eval = (make_feature_extractor(model, config, flip=True) if config.eval.flip
+                  else extract)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
               config.data.name, data.num_train, len(data.eval_dataset.query),
@@ -570,7 +577,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
   reporter = Reporter(config, workdir, data, start_epoch=start_epoch, num_train=data.num_train,
                       enabled=primary)
   if start_epoch == 0 and config.train.eval_initial:
-    reporter.initial(*evaluate_variables(extract, state.variables, data, config))
+    reporter.initial(*evaluate_variables(extract_eval, state.variables, data, config))
 
   steps = TrainSteps(model, tx, config, mesh)
   t = config.train
@@ -593,7 +600,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
       metrics, distmat = None, None
       if (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1:
         with timer.phase("eval"):
-          metrics, distmat = evaluate_variables(extract, state.variables, data, config)
+          metrics, distmat = evaluate_variables(extract_eval, state.variables, data, config)
         last = dict(metrics, epoch=epoch)
       reporter.epoch(_epoch_record(epoch, plan, losses, state, metrics, timer, config), distmat)
       _save_checkpoint(checkpointer, epoch, state, plan, metrics, config, data)
@@ -602,7 +609,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
     # A save still in flight must complete even when the loop raises (e.g. a NaN loss).
     checkpointer.wait_until_finished()
     reporter.close()
-  return _final_results(checkpointer, last, extract, data, model, tx, config, mesh)
+  return _final_results(checkpointer, last, extract_eval, data, model, tx, config, mesh)
 
 
 def _final_results(checkpointer, last, extract, data, model, tx, config, mesh) -> dict[str, Any]:
@@ -663,9 +670,10 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   return model, variables, step, int(restored.meta["epoch"])
 
 
-def _run_model_config(config: ml_collections.ConfigDict, workdir: str,
-                      checkpoint: str | int | None) -> ml_collections.ConfigDict:
-  """The config with the model settings of the run whose checkpoint is evaluated."""
+def run_model_config(config: ml_collections.ConfigDict, workdir: str,
+                     checkpoint: str | int | None) -> ml_collections.ConfigDict:
+  """The config with the model settings of the run whose checkpoint is evaluated (the
+  workdir's, or the run of a step folder); unchanged for ``checkpoint="init"``."""
   which = config.eval.checkpoint if checkpoint is None else checkpoint
   if which == "init":
     return config
@@ -682,11 +690,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   them to ``<workdir>/eval_<step>.json`` with a rank-list picture.
   """
   validation.validate_config(config, num_devices=None)
-  config = _run_model_config(config, workdir, checkpoint)
+  config = run_model_config(config, workdir, checkpoint)
   data = loading.load_run_data(config, workdir, need_train=False)
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)
-  metrics, distmat = evaluate_variables(make_feature_extractor(model, config), variables, data,
-                                        config)
+  extract_eval = make_feature_extractor(model, config, flip=config.eval.flip)
+  metrics, distmat = evaluate_variables(extract_eval, variables, data, config)
   results = dict(metrics, step=step, epoch=epoch)
   name = "init" if step == 0 else str(step)
   if data.cross_domain:
@@ -706,11 +714,12 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   """
   validation.validate_config(config, num_devices=None)
   check_output_path(out)
-  config = _run_model_config(config, workdir, checkpoint)
+  config = run_model_config(config, workdir, checkpoint)
   data = loading.load_run_data(config, workdir, need_train=split == "train")
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)
   images, records = split_images(data, split)
-  features = make_feature_extractor(model, config)(variables, images, desc=f"{split} extract")
+  extractor = make_feature_extractor(model, config, flip=config.eval.flip and split != "train")
+  features = extractor(variables, images, desc=f"{split} extract")
   if distributed.is_primary():
     export_features(out, features, records, split)
   return {"out": out, "split": split, "num_images": len(records),

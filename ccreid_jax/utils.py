@@ -88,7 +88,7 @@ class MetricsWriter:
 
 def format_results_table(results: dict[str, float], title: str = "") -> str:
   """mAP / CMC as a small fixed-width table, values in percent."""
-  keys = [k for k in ("mAP", "rank1", "rank5", "rank10") if k in results]
+  keys = [k for k in ("mAP", "rank1", "rank5", "rank10", "mINP") if k in results]
   header = " | ".join(f"{k:>7}" for k in keys)
   values = " | ".join(f"{100 * results[k]:6.2f}%" for k in keys)
   rule = "-" * len(header)

@@ -11,5 +11,11 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet --no-compile torch==2.13.0 \
     || echo "[setup] WARNING: torch==2.13.0 could not be installed; parity tests will be skipped"
 fi
+if ! python -c "import jax2onnx" 2>/dev/null; then
+  # The ONNX export's converter, without its pins (they would downgrade orbax-checkpoint).
+  echo "[setup] installing jax2onnx==0.17.1 (--no-deps) for the ONNX export tests"
+  python -m pip install --quiet --no-deps jax2onnx==0.17.1 \
+    || echo "[setup] WARNING: jax2onnx could not be installed; the ONNX export test will be skipped"
+fi
 export JAX_PLATFORMS=cpu
 exec python -m pytest -q -n 2 --dist loadfile "$@"
