@@ -1,7 +1,8 @@
 """Command line: ``python -m ccreid_jax.main --config configs/market1501.py --workdir runs/x``.
 
-Only parses flags and calls ``train.train_and_evaluate``, ``train.evaluate`` or
-``train.extract``. Any config field can be overridden, e.g. ``--config.cluster.eps=0.5``.
+Only parses flags and calls ``train.train_and_evaluate``, ``train.evaluate``,
+``train.extract``, ``inference.run_search`` or ``inference.run_export``. Any config field can
+be overridden, e.g. ``--config.cluster.eps=0.5``.
 
 A user error (a misspelt flag or config field, a bad value or path, a dataset, checkpoint or
 weights file that cannot be used) ends with one ``error: ...`` message on stderr and no
@@ -36,6 +37,7 @@ from ccreid_jax import workdir as workdir_lib  # noqa: E402
 from ccreid_jax.utils import format_history_table, format_results_table  # noqa: E402
 from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
 from ccreid_jax import export  # noqa: E402
+from ccreid_jax import inference  # noqa: E402
 from ccreid_jax.data.cache import ImageDecodeError  # noqa: E402
 from ccreid_jax.data.datasets import DatasetError  # noqa: E402
 from ccreid_jax.models import weights  # noqa: E402
@@ -46,17 +48,32 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "extract"],
+    "mode", "train", ["train", "eval", "extract", "search", "export"],
     "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
-    "features of --split to --out (.npz).")
+    "features of --split to --out (.npz); search: rank the images of --gallery for each "
+    "--query image (prints the ranked paths with distances, writes a rank-list PNG); export: "
+    "write the model for serving in --format to --out.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "--mode eval/extract: 'best', 'latest', a step, the path of a step folder, or 'init' for the "
+    "--mode eval/extract/search/export: 'best', 'latest', a step, the path of a step folder, "
+    "or 'init' for the "
     "initial (pretrained) model (default config.eval.checkpoint; with no checkpoint and "
     "config.model.pretrained set: init).")
 _SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
                            "--mode extract: the split whose features are written.")
-_OUT = flags.DEFINE_string("out", None, "--mode extract: the .npz file to write.")
+_OUT = flags.DEFINE_string(
+    "out", None,
+    "--mode extract: the .npz file to write; --mode search: the rank-list PNG (default "
+    "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file.")
+_QUERY = flags.DEFINE_string("query", None, "--mode search: a query image, or a folder of them.")
+_GALLERY = flags.DEFINE_string(
+    "gallery", None, "--mode search: the folder of gallery images (searched recursively).")
+_TOPK = flags.DEFINE_integer("topk", 10, "--mode search: matches listed and drawn per query.",
+                             lower_bound=1)
+_FORMAT = flags.DEFINE_enum(
+    "format", "stablehlo", ["stablehlo", "onnx"],
+    "--mode export: stablehlo (--out is a folder: model.stablehlo + model.stablehlo.json) or "
+    "onnx (--out is a .onnx file, with <file>.json beside it).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
@@ -73,9 +90,11 @@ class CommandLineError(ValueError):
 # Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
 # other exception is a bug and keeps its traceback.
 _USAGE_ERRORS = (CommandLineError, ConfigError, workdir_lib.WorkdirConfigMismatch,
+                 train.TrainingSetChanged, inference.InferencePathError,
                  checkpoint_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
                  export.OutputPathError, app.UsageError)
 _FILE_ERRORS = (DatasetError, ImageDecodeError, checkpoint_lib.CheckpointError,
+                workdir_lib.WorkdirLocked, inference.ExportUnavailableError,
                 weights.WeightsFormatError, weights.WeightsMismatchError)
 
 
@@ -203,10 +222,23 @@ def _run(argv):
   if len(argv) > 1:
     raise CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
                            "--name=value)")
-  if _MODE.value == "extract":  # checked before anything is loaded or extracted
+  # Checked before anything is loaded.
+  if _MODE.value == "extract":
     if not _OUT.value:
       raise CommandLineError("--mode extract needs --out <file.npz>")
     export.check_output_path(_OUT.value)
+  if _MODE.value == "search":
+    if not (_QUERY.value and _GALLERY.value):
+      raise CommandLineError("--mode search needs --query <image or folder> and --gallery "
+                             "<folder>")
+    if _OUT.value:
+      export.check_output_path(_OUT.value)
+  if _MODE.value == "export":
+    if not _OUT.value:
+      raise CommandLineError("--mode export needs --out (a folder for --format=stablehlo, a "
+                             ".onnx file for --format=onnx)")
+    if _FORMAT.value == "onnx":
+      export.check_output_path(_OUT.value)
   _check_workdir(_WORKDIR.value)
   config = _load_config()
   if _MODE.value != "train":
@@ -221,17 +253,32 @@ def _run(argv):
     print(training_summary(config, _WORKDIR.value, results))
     if not results:
       return
-    title = "\nfinal"
-  elif _MODE.value == "extract":
+    print(format_results_table(results["best"],
+                               title=f"\nbest (epoch {results['best']['epoch']})"))
+    print(format_results_table(results["last"],
+                               title=f"\nlast (epoch {results['last']['epoch']})"))
+    print(json.dumps(results, sort_keys=True))
+    return
+  if _MODE.value == "search":
+    records, png = inference.run_search(config, _WORKDIR.value, _QUERY.value, _GALLERY.value,
+                                        topk=_TOPK.value, out_png=_OUT.value,
+                                        checkpoint=_CHECKPOINT.value)
+    print(inference.format_search_results(records))
+    print(f"rank list: {png}")
+    return
+  if _MODE.value == "export":
+    print(json.dumps(inference.run_export(config, _WORKDIR.value, _FORMAT.value, _OUT.value,
+                                          checkpoint=_CHECKPOINT.value), sort_keys=True))
+    return
+  if _MODE.value == "extract":
     summary = train.extract(config, _WORKDIR.value, split=_SPLIT.value, out=_OUT.value,
                             checkpoint=_CHECKPOINT.value)
     print(json.dumps(summary))
     return
-  else:
-    results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
-    evaluated_on = config.eval.dataset or config.data.name
-    title = (f"initial model ({evaluated_on})" if results["step"] == 0
-             else f"checkpoint step {results['step']} ({evaluated_on})")
+  results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+  evaluated_on = config.eval.dataset or config.data.name
+  title = (f"initial model ({evaluated_on})" if results["step"] == 0
+           else f"checkpoint step {results['step']} ({evaluated_on})")
   print(format_results_table(results, title=title))
   print(json.dumps({k: results[k] for k in sorted(results)}))
 
