@@ -129,6 +129,8 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=True,
+        # A read-only manager saves nothing; saying so up front keeps orbax from warning.
+        save_interval_steps=0 if read_only else 1,
     )
     absl_logger = logging.getLogger("absl")
     notice_filter = _DropReadOnlyNotice()

@@ -208,6 +208,17 @@ def training_summary(config, workdir: str, results: dict) -> str:
   return "\n".join(lines)
 
 
+def _log_to_stderr() -> None:
+  """The package's log lines on stderr as ``HH:MM:SS message`` (absl's own prefix left out)."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  logger = logging.getLogger("ccreid_jax")
+  logger.handlers[:] = [handler]
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv):
   try:
     _run(argv)
@@ -245,8 +256,7 @@ def _run(argv):
     checkpoint_lib.check_name(
         config.eval.checkpoint if _CHECKPOINT.value is None else _CHECKPOINT.value,
         os.path.join(_WORKDIR.value, "checkpoints"))
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  _log_to_stderr()
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
   if _MODE.value == "train":
     results = train.train_and_evaluate(config, _WORKDIR.value, force=_FORCE.value)
