@@ -251,7 +251,7 @@ def test_camera_shift_is_consistent_within_a_camera_and_differs_between(shift_se
     guess = np.argmin(((test_colours[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = float(np.mean(guess == test_cams))
     if shift:
-      assert accuracy >= 0.95, accuracy
+      assert accuracy >= 0.9, accuracy
     else:
       assert accuracy < 0.8, accuracy
   # Shifted: every two cameras' colours lie further apart than a camera's images spread.

@@ -210,16 +210,16 @@ def _shift_camera(rng: np.random.Generator, cam: _Camera, index: int, num_cams: 
   def tint(angle: float, depth: float) -> np.ndarray:  # unit brightness, hue ``angle``
     return (1.0 + depth * np.cos(angle - channel_angles)).astype(np.float32)
 
-  cast = np.exp(strength * 0.45 * np.cos(hue - channel_angles))  # colour cast
-  level = float(np.exp(strength * rng.uniform(-0.35, 0.35)))  # exposure
-  gamma = float(np.exp(strength * rng.uniform(-0.45, 0.45)))
+  cast = np.exp(strength * 0.34 * np.cos(hue - channel_angles))  # colour cast
+  level = float(np.exp(strength * rng.uniform(-0.26, 0.26)))  # exposure
+  gamma = float(np.exp(strength * rng.uniform(-0.34, 0.34)))
   scene_colour = rng.uniform(90, 170) * tint(hue + rng.uniform(1.5, 2.5), 0.6)
-  scene_weight = min(0.9, 0.55 * strength)
+  scene_weight = min(0.9, 0.41 * strength)
   haze_colour = rng.uniform(120, 220) * tint(hue, 0.35)
-  haze = min(0.6, strength * rng.uniform(0.1, 0.25))
+  haze = min(0.6, strength * rng.uniform(0.075, 0.19))
   blurs = index % 2 == 0  # a soft camera (blur) or a grainy one (noise), alternately
-  extra_blur = int(round(strength * rng.uniform(1.0, 2.0))) if blurs else 0
-  extra_noise = 0.0 if blurs else strength * rng.uniform(6.0, 12.0)
+  extra_blur = int(round(strength * rng.uniform(0.75, 1.5))) if blurs else 0
+  extra_noise = 0.0 if blurs else strength * rng.uniform(4.5, 9.0)
   return dataclasses.replace(
       cam,
       background=cam.background * (1.0 - scene_weight) + scene_colour * scene_weight,
