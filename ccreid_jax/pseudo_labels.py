@@ -22,8 +22,8 @@ from sklearn.metrics import adjusted_rand_score
 from ccreid_jax import camera_memory
 from ccreid_jax import clustering
 
-__all__ = ["Generation", "PseudoLabels", "cluster_labels", "label_stats", "pseudo_label",
-           "rlcc_targets"]
+__all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_labels", "label_stats",
+           "pseudo_label", "rlcc_targets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,23 @@ def label_stats(features: np.ndarray, labels: np.ndarray,
           "intra_similarity": similarity}
 
 
+def camera_stats(labels: np.ndarray, cams: np.ndarray) -> dict[str, float]:
+  """How much a clustering follows the cameras (diagnostics; camera shift makes it high).
+
+  ``camera_ari``: adjusted Rand index of the labels against the camera ids;
+  ``one_camera_clusters``: the share of classes of two or more whose members all come from
+  one camera (nan without such a class).
+  """
+  kept = labels >= 0
+  pairs = np.unique(np.stack([labels[kept], cams[kept]], axis=1), axis=0)
+  classes, cameras_per_class = np.unique(pairs[:, 0], return_counts=True)
+  sizes = np.bincount(labels[kept], minlength=int(labels.max()) + 1 if kept.any() else 0)
+  multi = sizes[classes] > 1
+  return {"camera_ari": float(adjusted_rand_score(cams, labels)),
+          "one_camera_clusters": (float(np.mean(cameras_per_class[multi] == 1)) if multi.any()
+                                  else float("nan"))}
+
+
 def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_collections.ConfigDict,
                  *, epoch: int, previous: Generation | None,
                  true_ids: np.ndarray | None = None) -> PseudoLabels:
@@ -182,6 +199,8 @@ def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_colle
                            **label_stats(features, labels, generation.centroids)}
   if true_ids is not None:
     stats["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
+  if cams is not None:
+    stats.update(camera_stats(labels, cams))
   targets = None
   if rlcc.enabled and num_clusters and previous is not None and previous.num_clusters:
     targets, rlcc_stats = rlcc_targets(features, generation, previous, rlcc, epoch)

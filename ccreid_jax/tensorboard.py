@@ -58,9 +58,10 @@ def _tag(key: str) -> str:
     return f"eval/{key}"
   if key.startswith("time_"):
     return f"time/{key[len('time_'):]}"
-  if key in ("clusters", "outliers", "cluster_ari") or key.startswith("rlcc_"):
+  if key in ("clusters", "outliers", "cluster_ari", "camera_ari", "one_camera_clusters",
+             "largest_cluster", "intra_similarity", "camera_proxies") or key.startswith("rlcc_"):
     return f"cluster/{key}"
-  if key in ("loss", "lr"):
+  if key in ("loss", "lr", "camera_loss"):
     return f"train/{key}"
   return f"other/{key}"
 

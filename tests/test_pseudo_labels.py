@@ -76,3 +76,15 @@ def test_pseudo_label_plan_and_reliability_threshold_handed_on():
   every_split, _ = clustering.reliable_dbscan_labels(distance, eps=(0.5, 0.55, 0.6),
                                                      indep_threshold=-1.0)
   np.testing.assert_array_equal(second.labels, every_split)
+
+
+def test_camera_stats_by_hand():
+  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, -1, -1])
+  cams = np.array([0, 0, 0, 1, 2, 3, 3, 3, 1, 0, 1])
+  stats = pseudo_labels.camera_stats(labels, cams)
+  # Classes of two or more: 0 (one camera), 1 (two cameras), 2 (one camera); 3 is a singleton.
+  assert stats["one_camera_clusters"] == pytest.approx(2 / 3)
+  from sklearn.metrics import adjusted_rand_score
+  assert stats["camera_ari"] == pytest.approx(adjusted_rand_score(cams, labels))
+  assert np.isnan(pseudo_labels.camera_stats(np.array([-1, 0]), np.array([0, 1]))[
+      "one_camera_clusters"])
