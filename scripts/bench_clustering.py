@@ -1,4 +1,4 @@
-"""Benchmark of the pseudo-labelling step: kNN, Jaccard distance, DBSCAN, InfoMap.
+"""Benchmark of the pseudo-labelling step: kNN, (CA-)Jaccard distance, DBSCAN, InfoMap.
 
 Generates synthetic clustered unit features, times each stage and prints a table; ``--out``
 also writes the numbers as JSON. Timings are wall-clock seconds on the default JAX device
@@ -12,6 +12,16 @@ around the group directions only (outliers). Points live in a random ``--intrins
 subspace of the ``--dim``-dimensional space: with the default 32, neighbourhoods overlap the way
 real re-ID features do (about 2,600 stored Jaccard pairs per row at N = 12,936, k1 = 30, k2 = 6);
 full-rank Gaussian clusters would give a few dozen and an unrealistically easy benchmark.
+
+``--distance ca_jaccard`` times the camera-aware Jaccard distance (docs/algorithms.md section 9)
+instead of the plain one, on the same features: every point gets a camera id drawn uniformly from
+``--cameras`` ids with a separate random stream, so the features do not depend on it. With
+``--camera-shift s`` (default 0) each camera also adds ``s`` times its own random direction to
+the low-dimensional points before the normalisation, as a camera bias does in real features.
+``knn_s`` is then the camera-aware kNN (intra- and inter-camera list heads) and
+``jaccard_post_knn_s`` the rest of the distance.
+
+  python scripts/bench_clustering.py --n 12936 --distance ca_jaccard --cameras 6
 
 ``--dense-compare`` also runs a straightforward dense implementation written here (N x N
 float32 distance, full stable argsort, dense V, and the min-sum through an inverted index with a
@@ -33,14 +43,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ccreid_jax.clustering import dbscan_labels, infomap_labels  # noqa: E402
-from ccreid_jax.clustering import jaccard  # noqa: E402
+from ccreid_jax.clustering import ca_jaccard, jaccard  # noqa: E402
 from ccreid_jax.utils import write_json  # noqa: E402
 
 
 def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
-                       outlier_fraction: float = 0.1,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(n, dim) float32 unit features and their generating cluster (-1 for the outliers)."""
+                       outlier_fraction: float = 0.1, seed: int = 0,
+                       camera_shift: float = 0.0,
+                       cameras: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(n, dim) float32 unit features and their generating cluster (-1 for the outliers).
+
+  ``cameras`` (n,) ints (after the permutation, i.e. per output row) and ``camera_shift > 0``
+  add ``camera_shift`` times a random unit direction per camera; without them the features are
+  those of the camera-free benchmark.
+  """
   rng = np.random.default_rng(seed)
   r = min(intrinsic, dim)
   groups = max(1, clusters // 8)
@@ -61,9 +77,20 @@ def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
   truth = np.concatenate([truth, np.full(n - num_in, -1)])
   basis, _ = np.linalg.qr(rng.standard_normal((dim, r)))  # orthonormal columns
   perm = rng.permutation(n)
-  x = low[perm] @ basis.T.astype(np.float32)
+  low = low[perm]
+  if camera_shift and cameras is not None:
+    cam_rng = np.random.default_rng([seed, 2])
+    cam_dir = cam_rng.standard_normal((int(cameras.max()) + 1, r))
+    cam_dir /= np.linalg.norm(cam_dir, axis=1, keepdims=True)
+    low += np.float32(camera_shift) * cam_dir[cameras].astype(np.float32)
+  x = low @ basis.T.astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   return np.ascontiguousarray(x, dtype=np.float32), truth[perm]
+
+
+def synthetic_cameras(n: int, cameras: int, seed: int = 0) -> np.ndarray:
+  """(n,) camera ids drawn uniformly from ``cameras`` ids (their own random stream)."""
+  return np.random.default_rng([seed, 1]).integers(0, cameras, n)
 
 
 def peak_rss_gb() -> float:
@@ -139,6 +166,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--clusters", type=int, default=None, help="default: n // 17")
   parser.add_argument("--intrinsic", type=int, default=32)
   parser.add_argument("--method", choices=["dbscan", "infomap", "both"], default="dbscan")
+  parser.add_argument("--distance", choices=["jaccard", "ca_jaccard"], default="jaccard",
+                      help="distance DBSCAN clusters with (ca_jaccard: camera-aware)")
+  parser.add_argument("--cameras", type=int, default=6, help="camera ids (ca_jaccard, shift)")
+  parser.add_argument("--camera-shift", type=float, default=0.0)
+  parser.add_argument("--k1-intra", type=int, default=5)
+  parser.add_argument("--k1-inter", type=int, default=20)
+  parser.add_argument("--k2-intra", type=int, default=2)
+  parser.add_argument("--k2-inter", type=int, default=4)
   parser.add_argument("--k1", type=int, default=30)
   parser.add_argument("--k2", type=int, default=6)
   parser.add_argument("--eps", type=float, default=0.6)
@@ -157,38 +192,61 @@ def main(argv=None) -> dict:
   clusters = args.clusters or max(1, args.n // 17)
 
   res = {"n": args.n, "dim": args.dim, "clusters": clusters, "intrinsic": args.intrinsic,
-         "k1": args.k1, "k2": args.k2, "eps": args.eps, "min_samples": args.min_samples,
+         "distance": args.distance, "eps": args.eps, "min_samples": args.min_samples,
          "machine": machine()}
+  ca = args.distance == "ca_jaccard"
+  if ca:
+    ks = {"k1_intra": args.k1_intra, "k1_inter": args.k1_inter, "k2_intra": args.k2_intra,
+          "k2_inter": args.k2_inter}
+    res.update(ks, cameras=args.cameras, camera_shift=args.camera_shift)
+  else:
+    res.update(k1=args.k1, k2=args.k2)
+  cams = synthetic_cameras(args.n, args.cameras, args.seed)
   (x, truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
-                                        intrinsic=args.intrinsic, seed=args.seed)
+                                        intrinsic=args.intrinsic, seed=args.seed,
+                                        camera_shift=args.camera_shift, cameras=cams)
   res["rss_after_features_gb"] = peak_rss_gb()
+
+  def neighbour_lists():
+    if not ca:
+      return jaccard.knn(x, min(args.k1, args.n), args.block_size)
+    codes = ca_jaccard._check_cameras(cams, args.n)
+    intra_len = min(max(args.k1_intra + 1, args.k2_intra), args.n)
+    inter_len = min(max(args.k1_inter + 1, args.k2_inter), args.n)
+    return ca_jaccard._camera_ranking_lists(x, codes, intra_len, inter_len, args.block_size)
+
+  def distance(lists, max_distance):
+    if not ca:
+      return jaccard._jaccard_from_knn(x, *lists, args.k1, args.k2, max_distance)
+    return ca_jaccard._ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)
+
   # Warm-up: compiles the jitted kNN block for this (N, D) before timing it. It runs a whole
   # kNN, so above --warmup-max-n it is skipped and knn_s includes the compilation (< 1 s).
   res["knn_warmup"] = args.n <= args.warmup_max_n
   if res["knn_warmup"]:
-    jaccard.knn(x, min(args.k1, args.n), args.block_size)
+    neighbour_lists()
   if not args.skip_matmul:
     _, res["matmul_s"] = timed(matmul_only, x, args.block_size)
   if args.method in ("dbscan", "both"):
-    (idx, dist), res["knn_s"] = timed(jaccard.knn, x, min(args.k1, args.n), args.block_size)
-    cut, res["jaccard_post_knn_s"] = timed(jaccard._jaccard_from_knn, x, idx, dist, args.k1,
-                                           args.k2, args.eps)
+    lists, res["knn_s"] = timed(neighbour_lists)
+    cut, res["jaccard_post_knn_s"] = timed(distance, lists, args.eps)
     res["stored_per_row"] = cut.nnz / args.n
     labels, res["dbscan_s"] = timed(dbscan_labels, cut, args.eps, args.min_samples)
     res["step_s"] = res["knn_s"] + res["jaccard_post_knn_s"] + res["dbscan_s"]
     res["dbscan_clusters"] = int(labels.max() + 1)
     res["dbscan_outliers"] = int(np.sum(labels < 0))
     if args.full:
-      full, res["jaccard_post_knn_full_s"] = timed(jaccard._jaccard_from_knn, x, idx, dist,
-                                                   args.k1, args.k2, None)
+      full, res["jaccard_post_knn_full_s"] = timed(distance, lists, None)
       res["stored_per_row_full"] = full.nnz / args.n
       full_labels, res["dbscan_full_s"] = timed(dbscan_labels, full, args.eps, args.min_samples)
       res["full_labels_agree"] = bool(np.array_equal(full_labels, labels))
       del full
-    del cut, idx, dist
+    del cut, lists
     res["rss_after_dbscan_gb"] = peak_rss_gb()
     if args.dense_compare:
-      if args.n > args.dense_max_n:
+      if ca:
+        res["dense"] = "skipped: the dense comparison is the plain Jaccard distance"
+      elif args.n > args.dense_max_n:
         res["dense"] = f"skipped: n > --dense-max-n={args.dense_max_n}"
       else:
         dense, res["dense_jaccard_s"] = timed(dense_jaccard, x, args.k1, args.k2)

@@ -38,9 +38,10 @@ Edge cases (all follow from the lists of step 1, as in the reference):
   ``Rinter``, and same-camera points can be inter-reciprocal (they have the same number of
   other-camera images). In CLQE such rows (``i`` itself included) can count twice.
 * One camera only: ``O(i)`` is empty, so intra and inter lists are both the plain kNN list.
-  The support is ``Rk(i, k1_inter)`` of section 5 (which contains ``Rk(i, k1_intra)``), and CLQE
-  averages the first ``k2_intra`` and the first ``k2_inter`` kNN entries with multiplicity: the
-  first ``min(k2_intra, k2_inter)`` rows count twice. It is not an error.
+  The support is the k-reciprocal set on that list with ``k = max(k1_intra, k1_inter)`` (the
+  smaller k's set lies inside it), and CLQE averages the first ``k2_intra`` and the first
+  ``k2_inter`` kNN entries with multiplicity: the first ``min(k2_intra, k2_inter)`` rows count
+  twice. It is not an error.
 * Fewer than ``k + 1`` points in all (``N < k1_inter + 1`` etc.): the lists hold all N points.
   (The reference fails there: ``np.argpartition`` needs ``k + 2 <= N``.)
 * Ties: equal distances are ordered by increasing index (``lax.top_k``'s order, as ``knn``).
