@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from typing import Any, Callable
 
 import ml_collections
@@ -190,12 +191,61 @@ def _missing_weights_message(c: _Checker) -> str:
           f"the published mAP), pass --config.model.pretrained={NO_PRETRAINED}")
 
 
+def _check_folder_fields(c: _Checker, folder_dataset: bool) -> None:
+  """The fields of a folder of own images (``data.name = "folder"``): cameras, the evaluation
+  list, and the camera-aware options that need cameras."""
+  cameras = c.choice("data.cameras", datasets_lib.CAMERA_SOURCES)
+  c.integer("data.camera_folder_level", 1)
+  regex = c.get("data.camera_regex", str)
+  if cameras == "regex" and regex is not _MISSING:
+    try:
+      if not re.compile(regex).pattern:
+        c.fail("data.camera_regex", regex, "is empty; give a regular expression whose group 1 "
+               r"is the camera in the file name, e.g. 'c(\d+)'")
+    except re.error as exc:
+      c.fail("data.camera_regex", regex, f"is not a regular expression: {exc}")
+  eval_list = c.get("eval.list", str)
+  eval_name = c.get("eval.dataset", str)
+  if eval_list not in (_MISSING, ""):
+    if not folder_dataset:
+      c.fail("eval.list", eval_list, "is read for config.data.name='folder' only (a "
+             "benchmark is evaluated on its own query / gallery)")
+    elif not os.path.isfile(os.path.expanduser(eval_list)):
+      c.fail("eval.list", eval_list, "file not found (one line per image: 'query|gallery "
+             "<path> <id> <camera>')")
+    if eval_name not in (_MISSING, ""):
+      c.fail("eval.list", eval_list, f"and config.eval.dataset={eval_name!r} both name the "
+             "evaluation images; set one of them")
+  if not folder_dataset:
+    return
+  if c.get("data.source", str) == "tfds":
+    c.fail("data.source", "tfds", "a folder dataset (config.data.name='folder') is read from "
+           "its image files; use config.data.source='folder'")
+  eval_root = c.get("eval.root", str)
+  if eval_root not in (_MISSING, "") and eval_name in (_MISSING, ""):
+    c.fail("eval.root", eval_root, "names the folder of config.eval.dataset, which is not set; "
+           "with config.data.name='folder' set config.eval.dataset to the layout of the "
+           "evaluation images, or list them in config.eval.list")
+  if cameras != "none":
+    return
+  no_cameras = ("camera-aware training needs camera ids, and config.data.cameras='none' gives "
+                "every image of the folder dataset (config.data.name='folder') camera 0; read "
+                "them with config.data.cameras='folder' (and config.data.camera_folder_level) "
+                "or 'regex' (and config.data.camera_regex), or turn this off")
+  if c.get("cluster.distance", str) == "ca_jaccard":
+    c.fail("cluster.distance", "ca_jaccard", f"{no_cameras} (config.cluster.distance='jaccard')")
+  if c.get("camera.enabled", bool) is True:
+    c.fail("camera.enabled", True, f"{no_cameras} (config.camera.enabled=False)")
+
+
 def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
                   training: bool = False) -> None:
   c = _Checker(config, problems)
 
   # data
-  name = c.choice("data.name", datasets_lib.DATASET_NAMES, lower=True)
+  name = c.choice("data.name", datasets_lib.DATASET_NAMES + (datasets_lib.FOLDER_NAME,),
+                  lower=True)
+  folder_dataset = isinstance(name, str) and name.lower() == datasets_lib.FOLDER_NAME
   stride = c.get("model.last_stride", int)
   stride = stride if stride in (1, 2) else 2
   for side in ("data.height", "data.width"):
@@ -211,10 +261,12 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
       folder = (datasets_lib.dataset_folder_name(name)
                 if isinstance(name, str) and name.lower() in datasets_lib.DATASET_NAMES
                 else "<dataset folder>")
+      holds = ("the folder of your training images" if folder_dataset else
+               f"the folder that holds {folder}/, or that folder itself")
       c.fail("data.root", root,
              f"dataset root {full!r} does not exist; set it with "
-             f"--config.data.root=/path/to/datasets (the folder that holds {folder}/, "
-             "or that folder itself)")
+             f"--config.data.root=/path/to/datasets ({holds})")
+  _check_folder_fields(c, folder_dataset)
 
   # model
   c.choice("model.depth", tuple(sorted(resnet_lib._ARCHS)))  # pylint: disable=protected-access

@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 1  # Seeds parameter init, sampler, augmentation; same seed => same run.
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = "market1501"  # market1501 | dukemtmcreid | msmt17 | veri776 | personx.
+  data.name = "market1501"  # market1501 | dukemtmcreid | msmt17 | veri776 | personx | folder (your own images, configs/custom.py).
   data.source = "folder"  # "folder": image files under data.root | "tfds": a TFDS build (docs/tfds.md).
   data.root = "data"  # Folder that holds the dataset folder (or that folder itself); with source="tfds", the TFDS data_dir.
   data.height = 256  # Input height after the bicubic resize.
@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.skip_bad_names = False  # Skip (and log) files whose names do not parse, instead of failing.
   data.skip_bad_images = False  # Skip (and log) unreadable images, instead of failing.
   data.follow_symlinks_outside = False  # Accept image links that lead outside the dataset folder.
+  data.cameras = "none"  # data.name="folder": camera of an image from "none" (all camera 0) | "folder" | "regex".
+  data.camera_folder_level = 1  # data.cameras="folder": the sub-folder level naming the camera (1 = first under data.root).
+  data.camera_regex = r"c(\d+)"  # data.cameras="regex": group 1 of its first match in the file name is the camera.
 
   config.model = model = ml_collections.ConfigDict()
   model.arch = "resnet"  # "resnet" | "resnet50_ibn_a" | "resnet101_ibn_a" (IBN-Net-a: instance norm in layer1-3).
@@ -108,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.rerank_lambda = 0.3  # Weight of the original distance in the re-ranked one.
   ev.dataset = ""  # Evaluate on this dataset's query/gallery (cross-domain); "" = data.name.
   ev.root = ""  # Root folder of eval.dataset; "" = data.root.
+  ev.list = ""  # data.name="folder": query/gallery list file, lines "query|gallery <path> <id> <camera>"; "" = none.
 
   config.log = log = ml_collections.ConfigDict()
   log.progress = True  # tqdm progress bars (quiet automatically when not a terminal).

@@ -201,3 +201,16 @@ def test_only_image_extensions_are_read(tmp_path):
     f.write("x")
   ds = load_dataset("dukemtmcreid", str(tmp_path))
   assert len([r for r in ds.train if r.pid == 9]) == 2
+
+
+def test_benchmarks_have_evaluation_ids_and_cameras(tmp_path):
+  """What a run asks a dataset before it trains: a benchmark always has a query / gallery,
+  known train ids and cameras (a folder of own images may have none of them)."""
+  make_fake_tree(str(tmp_path), "market1501", seed=0)
+  ds = load_dataset("market1501", str(tmp_path))
+  assert ds.has_eval and ds.has_train_ids and ds.has_cameras and ds.camera_names == ()
+  assert all(" - " not in line for line in ds.summary().splitlines()[2:])
+  no_eval = datasets.ReidDataset("folder", str(tmp_path), ds.train, [], ds.gallery)
+  assert not no_eval.has_eval
+  unknown = [datasets.Record(r.path, datasets.UNKNOWN_ID, r.camid) for r in ds.train]
+  assert not datasets.ReidDataset("folder", str(tmp_path), unknown, [], []).has_train_ids

@@ -7,10 +7,16 @@ unsupervised training never reads the train ids, and evaluation compares ids for
 
 Supported datasets (``DATASET_NAMES``): Market-1501, DukeMTMC-reID, MSMT17 (Market-style converted
 layout or the official ``list_*.txt`` layout), VeRi-776 and PersonX.
+
+``load_folder_dataset`` reads a user's own images instead (``data.name = "folder"``): any tree of
+image files with any names, without identities (every train ``pid`` is ``UNKNOWN_ID``), cameras
+from a sub-folder level, a file-name regular expression or none at all, and an optional labelled
+query / gallery list file (``read_eval_list``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -19,12 +25,20 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 __all__ = [
+    "CAMERA_SOURCES",
     "DATASET_NAMES",
+    "FOLDER_IMAGE_EXTENSIONS",
+    "FOLDER_NAME",
+    "UNKNOWN_ID",
     "DatasetError",
     "Record",
     "ReidDataset",
+    "check_folder_size",
     "dataset_folder_name",
+    "folder_min_images",
     "load_dataset",
+    "load_folder_dataset",
+    "read_eval_list",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("market1501", "dukemtmcreid", "msmt17", "veri776", "personx")
@@ -32,6 +46,13 @@ DATASET_NAMES: tuple[str, ...] = ("market1501", "dukemtmcreid", "msmt17", "veri7
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 MAX_LISTED = 10  # Bad file names listed in an error message; the rest are counted.
+
+FOLDER_NAME = "folder"  # ``data.name`` of a user's own folder of images (``load_folder_dataset``).
+CAMERA_SOURCES: tuple[str, ...] = ("none", "folder", "regex")  # ``data.cameras`` values.
+# The extensions ``load_folder_dataset`` reads (any case); other files are counted and ignored.
+FOLDER_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+UNKNOWN_ID = -1  # ``Record.pid`` of an image whose identity is not known (a folder's train images).
 
 logger = logging.getLogger("ccreid_jax")
 
@@ -64,6 +85,11 @@ class ReidDataset:
     gallery: gallery images (for Market-1501 including the distractors, pid 0).
     skipped: files left out because their names do not parse (``skip_bad_names=True``),
       one message naming the file and the reason each.
+    camera_names: the name of each train camera id (id ``i`` is ``camera_names[i]``) when the
+      cameras were read from folder or file names (``load_folder_dataset``); empty for the
+      benchmarks, whose ids are their file names' camera numbers, shifted to start at 0.
+    has_cameras: False when no camera was given (``data.cameras = "none"``): every camid is 0
+      and means nothing.
   """
 
   name: str
@@ -72,6 +98,18 @@ class ReidDataset:
   query: list[Record]
   gallery: list[Record]
   skipped: tuple[str, ...] = ()
+  camera_names: tuple[str, ...] = ()
+  has_cameras: bool = True
+
+  @property
+  def has_eval(self) -> bool:
+    """Whether there is a query / gallery to evaluate (a folder dataset may have none)."""
+    return bool(self.query) and bool(self.gallery)
+
+  @property
+  def has_train_ids(self) -> bool:
+    """Whether the train identities are known (not ``UNKNOWN_ID``), e.g. for diagnostics."""
+    return any(r.pid != UNKNOWN_ID for r in self.train)
 
   @property
   def num_train_pids(self) -> int:
@@ -93,8 +131,9 @@ class ReidDataset:
     lines = [f"{self.name} ({self.root})", "  split   | ids   | images | cameras"]
     for split_name, records in (("train", self.train), ("query", self.query),
                                 ("gallery", self.gallery)):
-      ids = len({r.pid for r in records})
-      cams = len({r.camid for r in records})
+      train = split_name == "train"
+      ids = "-" if train and not self.has_train_ids else len({r.pid for r in records})
+      cams = "-" if train and not self.has_cameras else len({r.camid for r in records})
       lines.append(f"  {split_name:<7} | {ids:>5} | {len(records):>6} | {cams:>7}")
     return "\n".join(lines)
 
@@ -286,18 +325,28 @@ def _inside(path: str, folder: str) -> bool:
   return os.path.commonpath([path, folder]) == folder
 
 
+def _listed(lines: Sequence[str]) -> str:
+  """The first ``MAX_LISTED`` lines, indented, and how many more there are."""
+  listed = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
+  more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+  return listed + more
+
+
 class _Containment:
   """Collects image paths that lead outside the dataset folder.
 
-  A path written outside the folder (``../``, an absolute path elsewhere) is always refused;
-  a path inside it that resolves outside through a symbolic link (the image, or a folder on
-  the way) only without ``allow_outside_links``. The dataset folder itself may be a link.
+  A path written outside the folder (``../``, an absolute path elsewhere) is refused unless
+  ``allow_outside_paths``; a path inside it that resolves outside through a symbolic link (the
+  image, or a folder on the way) only without ``allow_outside_links``. The dataset folder
+  itself may be a link.
   """
 
-  def __init__(self, folder: str, allow_outside_links: bool):
+  def __init__(self, folder: str, allow_outside_links: bool, *,
+               allow_outside_paths: bool = False):
     self.folder = os.path.normpath(folder)
     self.real_folder = os.path.realpath(folder)
     self.allow_outside_links = allow_outside_links
+    self.allow_outside_paths = allow_outside_paths
     self.written_outside: list[str] = []
     self.linked_outside: list[str] = []
     self._real_dirs: dict[str, str] = {}
@@ -314,6 +363,8 @@ class _Containment:
     ``written``: the path as the list file gives it."""
     prefix = f"{where}: " if where else ""
     if not _inside(os.path.normpath(path), self.folder):
+      if self.allow_outside_paths:
+        return True
       given = f"{written!r} resolves to " if written else ""
       self.written_outside.append(f"{prefix}{given}{os.path.normpath(path)}")
       return False
@@ -325,24 +376,27 @@ class _Containment:
       return False
     return True
 
-  def error(self, spec: _Spec) -> DatasetError | None:
-    """One error listing every refused path, or None."""
+  def error(self, subject: str, written_fix: str) -> DatasetError | None:
+    """One error listing every refused path, or None.
+
+    Args:
+      subject: what was read, e.g. "Dataset 'msmt17'".
+      written_fix: how list entries name images inside the folder (the fix for paths
+        written outside it).
+    """
     lines = self.written_outside + self.linked_outside
     if not lines:
       return None
-    listed = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
-    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
     ways = []
     if self.written_outside:
-      ways.append("list entries must name images inside the dataset folder (paths relative to "
-                  "its train/ or test/ folder)")
+      ways.append(written_fix)
     if self.linked_outside:
-      ways.append("move the linked images into the dataset folder, or allow links that lead "
+      ways.append("move the linked images into the folder, or allow links that lead "
                   "outside it with --config.data.follow_symlinks_outside=True")
     way_out = "; ".join(ways)
     return DatasetError(
-        f"Dataset {spec.name!r}: {len(lines)} image path(s) lead outside the dataset folder "
-        f"{self.folder}:\n{listed}{more}\n{way_out[0].upper()}{way_out[1:]}.")
+        f"{subject}: {len(lines)} image path(s) lead outside the folder "
+        f"{self.folder}:\n{_listed(lines)}\n{way_out[0].upper()}{way_out[1:]}.")
 
 
 def _camera_index(spec: _Spec, cam: int, path: str) -> int:
@@ -475,12 +529,10 @@ def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str],
 
 
 def _bad_names_error(spec: _Spec, bad: Sequence[str]) -> DatasetError:
-  listed = "\n".join(f"  {line}" for line in bad[:MAX_LISTED])
-  more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
   return DatasetError(
       f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an id and a camera "
       f"(pattern {spec.pattern.pattern} on the file name, e.g. {spec.example!r}, cameras "
-      f"{spec.cam_description}):\n{listed}{more}\n"
+      f"{spec.cam_description}):\n{_listed(bad)}\n"
       "Rename or remove these files, or skip them with --config.data.skip_bad_names=True.")
 
 
@@ -515,7 +567,9 @@ def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
     splits = _parse_msmt_official(spec, folder, bad, contain)
   else:
     splits = _parse_market_style(spec, folder, bad, contain)
-  outside = contain.error(spec)
+  outside = contain.error(
+      f"Dataset {spec.name!r}", "list entries must name images inside the dataset folder "
+      "(paths relative to its train/ or test/ folder)")
   if outside is not None:
     raise outside
   if bad and not skip_bad_names:
@@ -528,3 +582,290 @@ def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
   return ReidDataset(name=spec.name, root=folder, train=splits["train"][0],
                      query=splits["query"][0], gallery=splits["gallery"][0],
                      skipped=tuple(bad))
+
+
+# --------------------------------------------------------------------------------------------
+# A folder of the user's own images (data.name = "folder").
+# --------------------------------------------------------------------------------------------
+
+
+def folder_min_images(num_instances: int, min_samples: int) -> int:
+  """The fewest train images a folder dataset may have: ``2 * max(K, min_samples)``.
+
+  Fewer images cannot hold two pseudo identities of ``train.num_instances`` (K) distinct images
+  each, nor two DBSCAN clusters of ``cluster.min_samples`` members: the contrastive loss then
+  has at most one class to contrast with, and training learns nothing.
+  """
+  return 2 * max(int(num_instances), int(min_samples), 1)
+
+
+def _natural_key(name: str) -> list:
+  """Sort key that compares the digit runs of a name by value: "c2" < "c10"."""
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _camera_ids(names: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
+  """``(0-based id of each name, the names in id order)``: sorted, numbers by value."""
+  ordered = tuple(sorted(set(names), key=_natural_key))
+  index = {name: i for i, name in enumerate(ordered)}
+  return [index[name] for name in names], ordered
+
+
+def _describe_cameras(names: Sequence[str], limit: int = 20) -> str:
+  shown = ", ".join(f"{name!r} -> {i}" for i, name in enumerate(names[:limit]))
+  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _walk_folder(root: str, skip: set[str]) -> tuple[list[str], list[str], int]:
+  """``(image paths, other files, files skipped)`` under ``root``, sorted by path.
+
+  Sub-folders are followed, links to folders included (each real folder once, so a link loop
+  ends); names starting with "." (hidden files, macOS ``._*`` companions) count as other
+  files and hidden folders are not entered. Files whose real path is in ``skip`` are left out.
+  Symbolic links named like images are kept even when they lead nowhere: reading them fails
+  later and they are reported with the unreadable images.
+  """
+  images, others, skipped = [], [], 0
+  seen: set[str] = set()
+  for directory, dirs, files in os.walk(root, followlinks=True):
+    real = os.path.realpath(directory)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for name in files:
+      path = os.path.join(directory, name)
+      if skip and os.path.realpath(path) in skip:
+        skipped += 1
+        continue
+      if not name.startswith(".") and name.lower().endswith(FOLDER_IMAGE_EXTENSIONS):
+        images.append(path)
+      else:
+        others.append(path)
+  return sorted(images), sorted(others), skipped
+
+
+class _CameraReader:
+  """Reads the camera name of an image path under ``root`` (``data.cameras``)."""
+
+  def __init__(self, root: str, source: str, folder_level: int, regex: str):
+    self.root, self.source, self.level = root, source, int(folder_level)
+    self.pattern = re.compile(regex) if source == "regex" else None
+    if source not in CAMERA_SOURCES:
+      raise DatasetError(f"data.cameras={source!r}: accepted: "
+                         f"{', '.join(repr(c) for c in CAMERA_SOURCES)}")
+    if source == "folder" and self.level < 1:
+      raise DatasetError(f"data.camera_folder_level={folder_level}: must be >= 1 (1 = the first "
+                         "sub-folder of data.root)")
+
+  def how(self) -> str:
+    """How the camera is read, for messages."""
+    if self.source == "folder":
+      return f"the sub-folder at level {self.level} under data.root (data.camera_folder_level)"
+    which = "group 1 of its first match" if self.pattern.groups else "its first match"
+    return f"data.camera_regex '{self.pattern.pattern}' ({which} in the file name)"
+
+  def name(self, path: str) -> str:
+    """The camera name of ``path``; raises ``DatasetError`` saying why there is none."""
+    if self.source == "folder":
+      folders = os.path.relpath(path, self.root).split(os.sep)[:-1]
+      if len(folders) < self.level:
+        raise DatasetError(f"file {path!r} lies in {len(folders)} sub-folder(s) of data.root; "
+                           f"data.camera_folder_level={self.level} needs at least {self.level}")
+      return folders[self.level - 1]
+    match = self.pattern.search(os.path.basename(path))
+    name = None if match is None else match.group(1 if self.pattern.groups else 0)
+    if not name:
+      raise DatasetError(f"data.camera_regex '{self.pattern.pattern}' gives no camera for file "
+                         f"{path!r}")
+    return name
+
+
+def _warn_single_image_cameras(records: Sequence[Record], names: Sequence[str]) -> None:
+  counts = collections.Counter(r.camid for r in records)
+  single = [f"{names[i]!r}" for i in range(len(names)) if counts[i] == 1]
+  if single:
+    logger.warning(
+        "dataset folder: %d camera(s) with a single image: %s. The camera-aware sampler and "
+        "CA-Jaccard find no other image of the same camera for them; check "
+        "data.camera_folder_level / data.camera_regex if these are not real cameras.",
+        len(single), ", ".join(single[:MAX_LISTED]) + (" ..." if len(single) > MAX_LISTED else ""))
+
+
+def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level: int = 1,
+                        camera_regex: str = r"c(\d+)", eval_list: str = "",
+                        skip_bad_names: bool = False, allow_outside_links: bool = False,
+                        min_images: int = 1) -> ReidDataset:
+  """A user's own images as a training set (``data.name = "folder"``).
+
+  Every image file under ``root`` (any sub-folders, any names; ``FOLDER_IMAGE_EXTENSIONS``)
+  is a train record with ``pid = UNKNOWN_ID``. Other files are ignored (their count is logged),
+  as are names starting with "." and the images the evaluation list names.
+
+  Args:
+    root: the folder of the training images (``data.root``).
+    cameras: where the camera of an image comes from (``data.cameras``): "none" (every image
+      gets camera 0: the camera-aware sampler then draws plain PxK batches), "folder" (the
+      sub-folder at ``camera_folder_level``: 1 is the first level under ``root``) or "regex"
+      (group 1 of the first match of ``camera_regex`` in the file name, or the whole match
+      when it has no group). Camera names (any strings) become 0-based ids in sorted order,
+      numbers by value ("c2" before "c10"); the names are kept in ``camera_names`` and logged.
+    camera_folder_level: see ``cameras``.
+    camera_regex: see ``cameras``.
+    eval_list: a query / gallery list file (``read_eval_list``), or "" for no evaluation
+      (then ``query`` and ``gallery`` are empty and ``has_eval`` is False).
+    skip_bad_names: leave out (logged, and listed in ``skipped``) the images that give no
+      camera, instead of raising.
+    allow_outside_links: read images that are (or lie in folders that are) symbolic links
+      leading outside ``root``, and list entries outside the list file's folder.
+    min_images: the fewest train images accepted (``folder_min_images``).
+
+  Raises:
+    DatasetError: ``root`` is not a folder or holds no image, fewer than ``min_images``
+      images, images linked from outside ``root``, a regular expression or folder level that
+      gives no file a camera (naming it and a sample file), or (without ``skip_bad_names``)
+      images without a camera, listed together; the errors of ``read_eval_list``.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise DatasetError(f"Dataset 'folder': data.root {root!r} is not a folder. Set "
+                       "--config.data.root to the folder that holds your training images.")
+  reader = _CameraReader(root, cameras, camera_folder_level, camera_regex)
+  query: list[Record] = []
+  gallery: list[Record] = []
+  skip: set[str] = set()
+  if eval_list:
+    query, gallery = read_eval_list(eval_list, allow_outside_links=allow_outside_links)
+    skip = {os.path.realpath(p) for p in [eval_list] + [r.path for r in query + gallery]}
+  paths, others, listed = _walk_folder(root, skip)
+  if listed:
+    logger.info("dataset folder: %d file(s) under data.root are named by eval.list (the list, "
+                "or query / gallery images) and are left out of training", listed)
+  if others:
+    logger.info("dataset folder: ignored %d file(s) that are not images (%s), e.g. %s",
+                len(others), "/".join(FOLDER_IMAGE_EXTENSIONS), others[0])
+  if not paths:
+    ignored = (f" ({len(others)} other file(s) ignored, e.g. {others[0]!r})" if others else "")
+    raise DatasetError(
+        f"Dataset 'folder': no image file ({', '.join(FOLDER_IMAGE_EXTENSIONS)}) under "
+        f"data.root {root!r}{ignored}. Put the training images (any names, in any sub-folders) "
+        "there, or point --config.data.root at them.")
+  contain = _Containment(root, allow_outside_links)
+  paths = [p for p in paths if contain.keep(p)]
+  outside = contain.error("Dataset 'folder'", "name images inside data.root")
+  if outside is not None:
+    raise outside
+  names, bad, kept = [], [], []
+  for path in paths:
+    if cameras == "none":
+      names.append("")
+      kept.append(path)
+      continue
+    try:
+      names.append(reader.name(path))
+      kept.append(path)
+    except DatasetError as exc:
+      bad.append(str(exc))
+  if bad and not kept:
+    sample = (os.path.relpath(paths[0], root) if cameras == "folder"
+              else os.path.basename(paths[0]))
+    raise DatasetError(
+        f"Dataset 'folder': no image under {root!r} gets a camera from {reader.how()}, e.g. "
+        f"{sample!r}. Choose another "
+        f"{'data.camera_folder_level' if cameras == 'folder' else 'data.camera_regex'}, or "
+        "set --config.data.cameras=none.")
+  if bad and not skip_bad_names:
+    raise DatasetError(
+        f"Dataset 'folder': {len(bad)} image(s) get no camera from {reader.how()}:\n"
+        f"{_listed(bad)}\nMove or rename them, or skip them with "
+        "--config.data.skip_bad_names=True.")
+  if bad:
+    logger.warning("dataset folder: skipped %d image(s) without a camera (first: %s)", len(bad),
+                   bad[0])
+  if cameras == "none":
+    ids, camera_names = [0] * len(kept), ()
+  else:
+    ids, camera_names = _camera_ids(names)
+  train = [Record(path, UNKNOWN_ID, camid) for path, camid in zip(kept, ids)]
+  check_folder_size(len(train), min_images, root)
+  if cameras != "none":
+    logger.info("dataset folder: %d camera(s) from %s: %s", len(camera_names), reader.how(),
+                _describe_cameras(camera_names))
+    _warn_single_image_cameras(train, camera_names)
+  return ReidDataset(name=FOLDER_NAME, root=root, train=train, query=query, gallery=gallery,
+                     skipped=tuple(bad), camera_names=camera_names,
+                     has_cameras=cameras != "none")
+
+
+def check_folder_size(num_images: int, min_images: int, root: str) -> None:
+  """Raises ``DatasetError`` when a folder dataset has fewer than ``min_images`` images."""
+  if num_images < min_images:
+    raise DatasetError(
+        f"Dataset 'folder': {num_images} usable training image(s) under {root!r}; training "
+        f"needs at least {min_images} (2 x max(train.num_instances, cluster.min_samples): two "
+        "pseudo identities of a full batch block each). Add images, or lower "
+        "--config.train.num_instances and --config.cluster.min_samples.")
+
+
+_EVAL_LINE = "query|gallery <path> <id> <camera>"
+
+
+def read_eval_list(list_path: str, *,
+                   allow_outside_links: bool = False) -> tuple[list[Record], list[Record]]:
+  """The labelled query and gallery of a list file (``eval.list``): ``(query, gallery)``.
+
+  One image per line, four whitespace-separated fields: ``query`` or ``gallery``, the image
+  path (relative to the list file's folder, or absolute), its identity (an integer >= 0) and
+  its camera (any name; names become 0-based ids in sorted order, numbers by value). Text
+  from a ``#`` at the start of a line or after a space is a comment; blank lines are skipped.
+  Records keep the order of the file. Paths with spaces cannot be written.
+
+  Paths must lie inside the list file's folder, and must not lead outside it through a
+  symbolic link, unless ``allow_outside_links`` (``data.follow_symlinks_outside``).
+
+  Raises:
+    DatasetError: a missing list file, a malformed line (naming the file and the line), paths
+      leading outside the folder (every one listed), no query or no gallery line.
+  """
+  list_path = os.path.abspath(os.path.expanduser(list_path))
+  if not os.path.isfile(list_path):
+    raise DatasetError(f"eval.list {list_path!r} is not a file (expected one line per image: "
+                       f"'{_EVAL_LINE}').")
+  folder = os.path.dirname(list_path)
+  contain = _Containment(folder, allow_outside_links, allow_outside_paths=allow_outside_links)
+  entries: list[tuple[str, str, int, str]] = []
+  with open(list_path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      text = re.sub(r"(^|\s)#.*$", "", line).strip()
+      if not text:
+        continue
+      where = f"{list_path} line {line_no}"
+      parts = text.split()
+      if (len(parts) != 4 or parts[0] not in ("query", "gallery")
+          or not parts[2].isdigit()):
+        raise DatasetError(
+            f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the id an "
+            "integer >= 0, e.g. 'query images/0001_a.jpg 1 cam2').")
+      split, written, pid, camera = parts
+      path = os.path.normpath(os.path.join(folder, os.path.expanduser(written)))
+      if contain.keep(path, where, written):
+        entries.append((split, path, int(pid), camera))
+  outside = contain.error(
+      f"eval.list {list_path!r}", "list entries must name images inside the list file's folder "
+      "(paths relative to it), or allow paths outside it with "
+      "--config.data.follow_symlinks_outside=True")
+  if outside is not None:
+    raise outside
+  camids, names = _camera_ids([camera for _, _, _, camera in entries])
+  records = {"query": [], "gallery": []}
+  for (split, path, pid, _), camid in zip(entries, camids):
+    records[split].append(Record(path, pid, camid))
+  for split, found in records.items():
+    if not found:
+      raise DatasetError(f"eval.list {list_path!r} has no {split} line (expected lines "
+                         f"'{_EVAL_LINE}'; evaluation needs both a query and a gallery).")
+  logger.info("eval list %s: %d query / %d gallery images, %d camera(s): %s", list_path,
+              len(records["query"]), len(records["gallery"]), len(names),
+              _describe_cameras(names))
+  return records["query"], records["gallery"]

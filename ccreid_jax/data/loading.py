@@ -1,15 +1,18 @@
 """The images a run needs, decoded once: ``load_run_data(config, workdir, need_train=...)``.
 
-Reads the dataset named by ``config.data`` (an image folder in one of the known layouts, or a
-TFDS build of one) and its uint8 image cache (``data.cache_dir`` or ``<workdir>/cache``).
-With ``config.eval.dataset`` / ``config.eval.root`` set, query and gallery come from that
-dataset instead (cross-domain evaluation).
+Reads the dataset named by ``config.data`` (an image folder in one of the known layouts, a
+TFDS build of one, or with ``data.name = "folder"`` any folder of the user's own images) and
+its uint8 image cache (``data.cache_dir`` or ``<workdir>/cache``). With
+``config.eval.dataset`` / ``config.eval.root`` set, query and gallery come from that dataset
+instead (cross-domain evaluation). A folder dataset is evaluated on the list file
+``config.eval.list``, on ``eval.dataset``, or not at all (``RunData.has_eval`` is False).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 
 import ml_collections
@@ -18,8 +21,11 @@ import numpy as np
 from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import tfds_data
+from ccreid_jax.validation import ConfigError
 
 __all__ = ["RunData", "load_run_data", "train_fingerprint"]
+
+logger = logging.getLogger("ccreid_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +37,17 @@ class RunData:
       dataset also its query and gallery).
     train_images: (N, H, W, 3) uint8 rows aligned with ``dataset.train``, or None when the
       train split was not loaded.
-    eval_dataset: the dataset whose query and gallery are evaluated.
-    test_images: (Q + G, H, W, 3) uint8: ``eval_dataset``'s query images, then its gallery.
+    eval_dataset: the dataset whose query and gallery are evaluated (with no evaluation,
+      ``dataset`` itself, whose query and gallery are empty).
+    test_images: (Q + G, H, W, 3) uint8: ``eval_dataset``'s query images, then its gallery;
+      None when there is nothing to evaluate (``has_eval`` is False).
     cross_domain: whether ``eval_dataset`` is another dataset than ``dataset``.
   """
 
   dataset: datasets_lib.ReidDataset
   train_images: np.ndarray | None
   eval_dataset: datasets_lib.ReidDataset
-  test_images: np.ndarray
+  test_images: np.ndarray | None
   cross_domain: bool
 
   @property
@@ -47,11 +55,32 @@ class RunData:
     return len(self.dataset.train)
 
   @property
+  def has_eval(self) -> bool:
+    """Whether a query / gallery is there to evaluate (a folder dataset may have none)."""
+    return self.test_images is not None
+
+  @property
+  def has_train_ids(self) -> bool:
+    """Whether the train identities are known (benchmarks; not a folder of own images)."""
+    return self.dataset.has_train_ids
+
+  @property
+  def has_train_cams(self) -> bool:
+    """Whether the train camera ids mean something (False: a folder read without cameras,
+    every id 0)."""
+    return self.dataset.has_cameras
+
+  @property
   def train_cams(self) -> np.ndarray:
+    """(N,) int64 camera id of each train image (all 0 without ``has_train_cams``)."""
     return np.array([r.camid for r in self.dataset.train], np.int64)
 
   @property
-  def train_ids(self) -> np.ndarray:
+  def train_ids(self) -> np.ndarray | None:
+    """(N,) int64 identity of each train image (never used for training, diagnostics only),
+    or None when they are not known (``has_train_ids`` is False)."""
+    if not self.has_train_ids:
+      return None
     return np.array([r.pid for r in self.dataset.train], np.int64)
 
 
@@ -68,24 +97,82 @@ def train_fingerprint(records) -> str:
   return digest.hexdigest()[:16]
 
 
+def _read_records(config: ml_collections.ConfigDict, name: str,
+                  root: str) -> datasets_lib.ReidDataset:
+  """The records of a dataset folder: a known layout, or a folder of own images."""
+  data = config.data
+  if name.lower() != datasets_lib.FOLDER_NAME:
+    return datasets_lib.load_dataset(name, root, skip_bad_names=data.skip_bad_names,
+                                     allow_outside_links=data.follow_symlinks_outside)
+  return datasets_lib.load_folder_dataset(
+      root, cameras=data.cameras, camera_folder_level=data.camera_folder_level,
+      camera_regex=data.camera_regex, eval_list=config.eval.list,
+      skip_bad_names=data.skip_bad_names, allow_outside_links=data.follow_symlinks_outside,
+      min_images=_min_images(config))
+
+
+def _min_images(config: ml_collections.ConfigDict) -> int:
+  return datasets_lib.folder_min_images(config.train.num_instances, config.cluster.min_samples)
+
+
+def _load_train_only(dataset: datasets_lib.ReidDataset, config: ml_collections.ConfigDict,
+                     cache_dir: str):
+  """``cache.load_dataset_images`` for a dataset without query / gallery and with
+  ``skip_bad_images`` (it would report the empty query split as emptied by bad images)."""
+  data = config.data
+  readable = cache_lib.load_readable_images(
+      [r.path for r in dataset.train], data.height, data.width, cache_dir,
+      progress=bool(config.log.progress), num_workers=data.num_workers)
+  if readable.bad:
+    logger.warning("dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name,
+                   len(readable.bad), readable.bad[0])
+    dataset = dataclasses.replace(dataset, train=[dataset.train[i] for i in readable.kept],
+                                  skipped=dataset.skipped + readable.bad)
+  return dataset, readable.images, None
+
+
 def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: str, *,
           need_train: bool):
+  """``(dataset, train images or None, test images or None)``."""
   data = config.data
   progress = bool(config.log.progress)
   if data.source == "tfds":  # root is the TFDS data_dir of a tfds_data build.
     return tfds_data.load_tfds_dataset_images(
         name, root, data.height, data.width, cache_dir, need_train=need_train,
         progress=progress, num_workers=data.num_workers)
-  dataset = datasets_lib.load_dataset(name, root, skip_bad_names=data.skip_bad_names,
-                                      allow_outside_links=data.follow_symlinks_outside)
-  return cache_lib.load_dataset_images(
-      dataset, data.height, data.width, cache_dir, need_train=need_train,
-      skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
+  dataset = _read_records(config, name, root)
+  if need_train and not dataset.has_eval and data.skip_bad_images:
+    dataset, train_images, test_images = _load_train_only(dataset, config, cache_dir)
+  else:
+    dataset, train_images, test_images = cache_lib.load_dataset_images(
+        dataset, data.height, data.width, cache_dir, need_train=need_train,
+        skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
+  if dataset.name == datasets_lib.FOLDER_NAME and need_train:
+    datasets_lib.check_folder_size(len(dataset.train), _min_images(config), dataset.root)
+  return dataset, train_images, test_images if dataset.has_eval else None
+
+
+def _check_something_to_evaluate(config: ml_collections.ConfigDict) -> None:
+  if config.data.name.lower() == datasets_lib.FOLDER_NAME and not (
+      config.eval.list or config.eval.dataset):
+    raise ConfigError([
+        f"config.eval.list = '': a folder dataset (config.data.name = 'folder') has no query / "
+        "gallery to evaluate; give a list file of labelled images "
+        "(--config.eval.list=list.txt, lines 'query|gallery <path> <id> <camera>') or a "
+        "labelled dataset (--config.eval.dataset=<name> --config.eval.root=<folder>)"])
 
 
 def load_run_data(config: ml_collections.ConfigDict, workdir: str, *,
                   need_train: bool) -> RunData:
-  """Loads the datasets of ``config`` (train split only when ``need_train``)."""
+  """Loads the datasets of ``config`` (train split only when ``need_train``).
+
+  Raises:
+    ConfigError: nothing to load: no train split asked for and a folder dataset without
+      evaluation images.
+    DatasetError, ImageDecodeError: from the dataset readers and the image cache.
+  """
+  if not need_train:
+    _check_something_to_evaluate(config)
   cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
   eval_name = config.eval.dataset or config.data.name
   eval_root = config.eval.root or config.data.root

@@ -1,0 +1,346 @@
+"""Choose DBSCAN's radius without retraining: one model's train features clustered at many eps.
+
+  python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
+      [--checkpoint best|latest|<step>|<step folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
+
+The sweep loads the model of a checkpoint (``init``: the initial model, ImageNet weights from
+``model.pretrained`` or a random one with ``model.pretrained=none``), extracts the train
+features once (evaluation transform, as every epoch's clustering does), computes the configured
+sparse distance once (``cluster.distance``: "jaccard" or "ca_jaccard", stored up to the largest
+eps of the sweep) and runs DBSCAN (``cluster.min_samples``) at every eps. At each eps the labels
+are the ones the training's clustering gives the same features with ``cluster.eps`` set to it
+(docs/algorithms.md section 5). It prints a table and writes ``eps_sweep_<checkpoint>.json``
+and ``eps_sweep_<checkpoint>.png`` (``init`` or the step) into ``--out`` (default: the workdir).
+
+``--eps`` is ``start:stop:step`` (stop included), a comma-separated list, or one value; every
+eps lies in (0, 1), the range of the Jaccard distance.
+
+Per eps:
+
+* ``clusters``: DBSCAN's clusters, the pseudo identities an epoch would train on;
+* ``outliers`` and ``outlier_fraction``: images in no cluster (left out of that epoch);
+* ``largest_share``: the largest cluster's size over the N train images;
+* ``ari`` (only when the train identities are known, i.e. a benchmark): the adjusted Rand index
+  of the labels against them (outliers count as one group, as the training log's
+  ``cluster_ari``).
+
+How to read it. A small eps links few images: many small clusters and most images outliers.
+As eps grows the outliers join clusters, and then clusters start to merge: the cluster count
+falls and the largest cluster's share climbs. A good eps lies on the plateau of the cluster
+count, where it changes little while the outlier fraction keeps falling, before the largest
+share starts to rise. A giant cluster (a share far above one identity's share of the images)
+warns that distinct identities are merged into one pseudo label, which the contrastive loss
+then pulls together; a smaller eps is safer than a larger one. The published recipes keep eps
+fixed for the whole run (0.6 for ImageNet-initialised ResNet-50 on the person benchmarks):
+sweep the initial model (what the first epoch clusters) and, once a run has a few epochs, a
+middle checkpoint, and prefer an eps that sits on the plateau for both. Where ids are known,
+the ARI's peak is the best eps for these features; comparing it with the plateau on a
+benchmark shows how far the rule of thumb can be trusted.
+
+Not swept: the reliability criterion (``cluster.reliable``; the sweep is plain DBSCAN at each
+eps) and ``rlcc.outliers_as_singletons`` (the outliers are counted as DBSCAN leaves them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from ccreid_jax import xla_cpu
+
+if __name__ == "__main__":
+  # The command line's CPU settings (ccreid_jax/xla_cpu.py), before JAX starts.
+  xla_cpu.apply_cpu_tuning()
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+# The command line's flags (--config, --workdir, --checkpoint, --out, --verbose) and its
+# handling of user errors.
+from ccreid_jax import main as cli  # noqa: E402
+from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
+from ccreid_jax import clustering  # noqa: E402
+from ccreid_jax import distributed  # noqa: E402
+from ccreid_jax import train  # noqa: E402
+from ccreid_jax import validation  # noqa: E402
+from ccreid_jax.data import loading  # noqa: E402
+from ccreid_jax.evaluation import visualize  # noqa: E402
+from ccreid_jax.utils import write_json  # noqa: E402
+
+__all__ = ["cluster_distance", "format_table", "label_row", "parse_eps", "parse_eps_flag",
+           "run_sweep", "sweep_image", "sweep_rows"]
+
+logger = logging.getLogger("ccreid_jax")
+
+_EPS = flags.DEFINE_string(
+    "eps", "0.3:0.8:0.05",
+    "DBSCAN radii to try: start:stop:step (stop included), a comma-separated list, or one "
+    "value; each in (0, 1).")
+for _name in ("config", "workdir", "checkpoint", "out", "verbose"):
+  flags.declare_key_flag(_name)
+# Flags of ccreid_jax.main that mean nothing here.
+_NOT_HERE = ("mode", "split", "query", "gallery", "topk", "format", "force")
+MAX_EPS_VALUES = 1000
+
+# Colours of this tool's series that visualize.SERIES_COLOURS lacks (its panels look the colour
+# of a series up by name).
+visualize.SERIES_COLOURS.setdefault("largest", (140, 86, 75))
+visualize.SERIES_COLOURS.setdefault("ARI", (31, 119, 180))
+
+
+def parse_eps(text: str) -> list[float]:
+  """The radii of ``--eps``: ``start:stop:step`` (stop included), ``a,b,c`` or ``a``.
+
+  Returns:
+    Sorted distinct values, each rounded to 10 decimals (0.3 + 2 * 0.05 is 0.4).
+
+  Raises:
+    ValueError: not numbers, a value outside (0, 1), a step <= 0, stop < start, or more than
+      ``MAX_EPS_VALUES`` values.
+  """
+  text = str(text).strip()
+  try:
+    if ":" in text:
+      parts = [float(p) for p in text.split(":")]
+      if len(parts) != 3:
+        raise ValueError
+      start, stop, step = parts
+      if not step > 0 or stop < start:
+        raise ValueError(f"--eps {text}: start:stop:step needs step > 0 and stop >= start")
+      count = int(math.floor((stop - start) / step + 1e-9)) + 1
+      if count > MAX_EPS_VALUES:
+        raise ValueError(f"--eps {text}: {count} values, at most {MAX_EPS_VALUES}")
+      values = [start + i * step for i in range(count)]
+    else:
+      values = [float(p) for p in text.split(",")]
+  except ValueError as exc:
+    if str(exc).startswith("--eps"):
+      raise
+    raise ValueError(f"--eps {text}: expected start:stop:step (e.g. 0.3:0.8:0.05), a "
+                     "comma-separated list (0.5,0.6) or one number") from None
+  values = sorted({round(v, 10) for v in values})
+  outside = [v for v in values if not 0 < v < 1]
+  if outside:
+    raise ValueError(f"--eps {text}: {outside[0]} is outside (0, 1); Jaccard distances lie in "
+                     "[0, 1] and absent pairs are 1.0, so eps >= 1 links every pair")
+  return values
+
+
+def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
+                     cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
+  """The sparse distance DBSCAN clusters at ``epoch`` (``cluster.distance``), up to
+  ``max_distance``: the computation of ``pseudo_labels.cluster_labels``, done once."""
+  if cluster.distance == "ca_jaccard":
+    first = epoch == 0
+    return clustering.ca_jaccard_distance(
+        features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
+        k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
+        k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
+        max_distance=max_distance)
+  return clustering.jaccard_distance(features, k1=cluster.k1, k2=cluster.k2,
+                                     max_distance=max_distance)
+
+
+def label_row(labels: np.ndarray, eps: float, true_ids: np.ndarray | None = None) -> dict:
+  """The figures of one clustering (see the module docstring); ``ari`` only with ids."""
+  n = int(labels.size)
+  clustered = labels[labels >= 0]
+  sizes = np.bincount(clustered) if clustered.size else np.zeros(0, np.int64)
+  outliers = int(n - clustered.size)
+  row = {"eps": float(eps), "clusters": int(np.count_nonzero(sizes)), "outliers": outliers,
+         "outlier_fraction": outliers / n if n else float("nan"),
+         "largest_cluster": int(sizes.max()) if sizes.size else 0}
+  row["largest_share"] = row["largest_cluster"] / n if n else float("nan")
+  if true_ids is not None:
+    row["ari"] = float(adjusted_rand_score(true_ids, labels))
+  return row
+
+
+def sweep_rows(distance, eps_values: list[float], min_samples: int,
+               true_ids: np.ndarray | None = None) -> list[dict]:
+  """DBSCAN on one precomputed ``distance`` at every eps: one ``label_row`` each.
+
+  ``distance`` must hold every pair up to ``max(eps_values)`` (``cluster_distance`` with
+  that ``max_distance``); DBSCAN at a smaller eps reads the same stored values.
+  """
+  return [label_row(clustering.dbscan_labels(distance, eps=eps, min_samples=min_samples), eps,
+                    true_ids)
+          for eps in eps_values]
+
+
+def format_table(rows: list[dict], configured_eps: float | None = None) -> str:
+  """The sweep as a text table; the configured eps is marked with ``<``."""
+  with_ari = any("ari" in r for r in rows)
+  header = "   eps | clusters | outliers | outlier % | largest % " + ("|   ARI" if with_ari else "")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    line = (f"{r['eps']:6.3f} | {r['clusters']:8d} | {r['outliers']:8d} | "
+            f"{100 * r['outlier_fraction']:9.1f} | {100 * r['largest_share']:9.1f} ")
+    if with_ari:
+      line += f"| {r['ari']:5.3f}"
+    if configured_eps is not None and math.isclose(r["eps"], configured_eps, abs_tol=1e-9):
+      line += "  < config.cluster.eps"
+    lines.append(line)
+  return "\n".join(lines)
+
+
+def _integer_axis(values: list[float]) -> tuple[int, str]:
+  """The power of ten that makes every eps an integer (the plot's x axis counts integers)."""
+  for digits in range(2, 7):
+    scale = 10 ** digits
+    if all(abs(v * scale - round(v * scale)) < 1e-6 for v in values):
+      return scale, f"eps x {scale}"
+  return 10 ** 6, "eps x 1000000"
+
+
+def sweep_image(rows: list[dict], *, title: str = "") -> Any:
+  """Four panels (``visualize.CURVES_SIZE``) against eps: clusters, outlier fraction, the
+  largest cluster's share, and the ARI (a "no data" panel without known ids)."""
+  from PIL import Image, ImageDraw
+
+  scale, x_label = _integer_axis([r["eps"] for r in rows])
+  xs = [int(round(r["eps"] * scale)) for r in rows]
+
+  def series(key: str) -> list[tuple[int, float]]:
+    return [(x, float(r[key])) for x, r in zip(xs, rows) if key in r]
+
+  width, height = visualize.CURVES_SIZE
+  canvas = Image.new("RGB", visualize.CURVES_SIZE, visualize.BACKGROUND)
+  top = 16 if title else 0
+  half_w, half_h = width // 2, (height - top) // 2
+  boxes = [(0, top, half_w, top + half_h), (half_w, top, width, top + half_h),
+           (0, top + half_h, half_w, height), (half_w, top + half_h, width, height)]
+  panels = [("clusters", [("clusters", series("clusters"))]),
+            ("outlier fraction", [("outliers", series("outlier_fraction"))]),
+            ("largest cluster / N", [("largest", series("largest_share"))]),
+            ("adjusted Rand index vs the true ids", [("ARI", series("ari"))])]
+  draw_panel = visualize._draw_panel  # pylint: disable=protected-access
+  for box, (panel_title, panel_series) in zip(boxes, panels):
+    draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)),
+               x_label=x_label)
+  if title:
+    ImageDraw.Draw(canvas).text((8, 2), title, fill=(0, 0, 0))
+  return canvas
+
+
+def _check_sweepable(config: ml_collections.ConfigDict) -> None:
+  if config.cluster.method != "dbscan":
+    raise validation.ConfigError([
+        f"config.cluster.method = {config.cluster.method!r}: the eps sweep runs DBSCAN, "
+        "which has the radius eps; pass --config.cluster.method=dbscan"])
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[float], *,
+              checkpoint: str | int | None = None, out: str | None = None) -> dict[str, Any]:
+  """Sweeps DBSCAN's eps on the train features of a checkpoint of ``workdir``.
+
+  Args:
+    config: the run's config (``cluster`` gives the distance, k's and ``min_samples``).
+    workdir: the run folder (checkpoints; the image cache unless ``data.cache_dir``).
+    eps_values: the radii (``parse_eps``), each in (0, 1).
+    checkpoint: as ``train.load_variables`` ("best", "latest", a step, a step folder, "init";
+      None: ``config.eval.checkpoint``).
+    out: folder for ``eps_sweep_<name>.json`` / ``.png`` (``name``: "init" or the step);
+      None writes nothing.
+
+  Returns:
+    ``{"checkpoint", "step", "epoch", "num_train", "distance", "min_samples",
+    "configured_eps", "has_train_ids", "rows"}`` (``rows``: one ``label_row`` per eps), plus
+    ``"json"`` and ``"png"`` paths when written.
+  """
+  validation.validate_config(config, num_devices=None)
+  _check_sweepable(config)
+  if config.cluster.reliable:
+    logger.info("cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
+                "reliability criterion's eps_tight / eps_loose are not swept)")
+  eps_values = parse_eps(",".join(str(v) for v in eps_values))
+  config = train.run_model_config(config, workdir, checkpoint)
+  data = loading.load_run_data(config, workdir, need_train=True)
+  model, variables, step, epoch = train.load_variables(config, workdir, checkpoint)
+  extract = train.make_feature_extractor(model, config)
+  features = np.asarray(extract(variables, data.train_images, desc="train extract"))
+  # The features of a model that finished epoch e are clustered by epoch e + 1.
+  distance = cluster_distance(features, data.train_cams, config.cluster, epoch=epoch + 1,
+                              max_distance=max(eps_values))
+  rows = sweep_rows(distance, eps_values, config.cluster.min_samples, data.train_ids)
+  name = "init" if step == 0 else str(step)
+  result: dict[str, Any] = {
+      "checkpoint": name, "step": step, "epoch": epoch, "num_train": data.num_train,
+      "distance": config.cluster.distance, "min_samples": int(config.cluster.min_samples),
+      "configured_eps": float(config.cluster.eps), "has_train_ids": data.has_train_ids,
+      "rows": rows}
+  if out is not None and distributed.is_primary():
+    os.makedirs(out, exist_ok=True)
+    result["json"] = os.path.join(out, f"eps_sweep_{name}.json")
+    result["png"] = os.path.join(out, f"eps_sweep_{name}.png")
+    write_json(result["json"], {k: v for k, v in result.items() if k not in ("json", "png")})
+    title = (f"{config.data.name} {data.dataset.root}: checkpoint {name}, {data.num_train} "
+             f"images, {config.cluster.distance}, min_samples {config.cluster.min_samples}")
+    visualize.save_png(result["png"], sweep_image(rows, title=title))
+  return result
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------
+
+
+def parse_eps_flag(text: str) -> list[float]:
+  """``parse_eps`` for the command line: a bad value is a ``main.CommandLineError``."""
+  try:
+    return parse_eps(text)
+  except ValueError as exc:
+    raise cli.CommandLineError(str(exc)) from None
+
+
+def _run(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
+                               "--name=value)")
+  given = [f"--{name}" for name in _NOT_HERE if flags.FLAGS[name].present]
+  if given:
+    raise cli.CommandLineError(f"{', '.join(given)}: flags of ccreid_jax.main, not of the eps "
+                               "sweep (see --helpshort)")
+  eps_values = parse_eps_flag(_EPS.value)
+  out = cli._OUT.value or cli._WORKDIR.value  # pylint: disable=protected-access
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise cli.CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
+  cli._check_workdir(cli._WORKDIR.value)  # pylint: disable=protected-access
+  config = cli._load_config()  # pylint: disable=protected-access
+  checkpoint = cli._CHECKPOINT.value  # pylint: disable=protected-access
+  checkpoint_lib.check_name(config.eval.checkpoint if checkpoint is None else checkpoint,
+                            os.path.join(cli._WORKDIR.value, "checkpoints"))
+  cli._log_to_stderr()  # pylint: disable=protected-access
+  distributed.maybe_initialize()
+  result = run_sweep(config, cli._WORKDIR.value, eps_values, checkpoint=checkpoint, out=out)
+  print(f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
+        f"({result['distance']} distance, min_samples {result['min_samples']}):")
+  print(format_table(result["rows"], result["configured_eps"]))
+  if "json" in result:
+    print(f"wrote {result['json']} and {result['png']}")
+
+
+def main(argv: list[str]) -> None:
+  try:
+    _run(argv)
+  except Exception as exc:  # pylint: disable=broad-except
+    code = cli.exit_code_of(exc)
+    if code is None:
+      raise
+    # pylint: disable-next=protected-access
+    cli._fail(str(exc), code, show_traceback=cli._traceback_asked())
+
+
+if __name__ == "__main__":
+  flags.FLAGS["out"].help = ("Folder for eps_sweep_<checkpoint>.json and .png (default: "
+                             "--workdir).")
+  flags.FLAGS["checkpoint"].help = ("'best', 'latest', a step, the path of a step folder, or "
+                                    "'init' for the initial model (default "
+                                    "config.eval.checkpoint).")
+  app.run(main, flags_parser=cli._parse_flags)  # pylint: disable=protected-access
