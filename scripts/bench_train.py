@@ -24,7 +24,10 @@ runs in the same process, so it shares the malloc setting (below); run with
 ``--kernels`` picks the model's layer set (``model.kernels``): ``auto`` (the config's
 default: the CPU kernels of ``ccreid_jax/models/cpu_kernels.py`` on the CPU, flax's plain
 layers elsewhere), ``plain``, ``cpu``, or ``both``, which builds and times the two sets side
-by side in one process (``jax_plain`` and ``jax_cpu`` in the output).
+by side in one process (``jax_plain`` and ``jax_cpu`` in the output). Compare the two with
+``--rounds``: the single blocks of steps are measured one after the other, and the set
+measured second (``cpu``) has come out slower there than in the rounds or in a process of its
+own (``--kernels cpu``).
 
 ``--rounds R`` then alternates the compute steps on one resident batch each: R rounds of
 ``--steps`` steps of every timed step (JAX and PyTorch with ``--torch``, or the two kernel
