@@ -9,7 +9,8 @@ if ! python -c "import torch" 2>/dev/null; then
   # --no-compile: byte-compiling torch's sources took 34 of the install's 46 s on 2 cores;
   # only the two pytest workers import torch, which then costs them ~3 s more each.
   python -m pip install --quiet --no-compile torch==2.13.0 \
-    || echo "[setup] WARNING: torch==2.13.0 could not be installed; parity tests will be skipped"
+    || echo "[setup] WARNING: torch==2.13.0 could not be installed; the tests that need it" \
+            "will be skipped (with CI set, as on CI services, each fails instead: tests/conftest.py)"
 fi
 if ! python -c "import jax2onnx" 2>/dev/null; then
   # The ONNX export's converter, without its pins (they would downgrade orbax-checkpoint).
