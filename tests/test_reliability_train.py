@@ -10,6 +10,7 @@ import pytest
 
 from ccreid_jax import clustering, train, workdir as workdir_lib
 from ccreid_jax.checkpoint import CheckpointError, Checkpointer
+from ccreid_jax.data.datasets import load_dataset
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -53,35 +54,45 @@ def _one_cluster(n, epoch, real):
 @pytest.mark.parametrize("make_labels", [_no_cluster, _fewer_than_p, _one_cluster])
 def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels):
   config = tiny_config(tiny_market)
-  real_pseudo_labels = train.pseudo_labels
+  config.train.eval_initial = True
+  real_dbscan = clustering.dbscan_labels
   calls = []
 
-  def pseudo_labels(features, cluster):
-    epoch = len(calls)
+  def dbscan_labels(distance, **kwargs):
+    epoch = len(calls)  # one clustering per epoch
     calls.append(epoch)
-    return make_labels(len(features), epoch, lambda: real_pseudo_labels(features, cluster))
+    return make_labels(distance.shape[0], epoch, lambda: real_dbscan(distance, **kwargs))
 
-  monkeypatch.setattr(train, "pseudo_labels", pseudo_labels)
+  monkeypatch.setattr(clustering, "dbscan_labels", dbscan_labels)
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
-  assert 0.0 <= results["mAP"] <= 1.0
+  num_train = len(load_dataset(config.data.name, config.data.root).train)
   records = workdir_lib.read_epoch_records(workdir)
-  assert [r["epoch"] for r in records] == [0, 1]
+  assert [r["epoch"] for r in records] == [0, 1] and calls == [0, 1]
   steps = 0
   for record in records:
     if record["clusters"] == 0:  # skipped: nothing trained, the loss says so
       assert math.isnan(record["loss"]) and record["steps"] == steps
-      assert record["outliers"] == len(train.datasets_lib.load_dataset(
-          config.data.name, config.data.root).train)
+      assert record["outliers"] == num_train
     else:
       steps += config.train.iters
       assert np.isfinite(record["loss"]) and record["steps"] == steps
     assert 0.0 <= record["mAP"] <= 1.0
+  # The results are the last evaluation and the best one (ties: any epoch with the best mAP).
+  assert results["last"]["epoch"] == 1 and results["last"]["mAP"] == records[1]["mAP"]
+  best = max(r["mAP"] for r in records)
+  assert results["mAP"] == pytest.approx(best, abs=1e-6)
+  assert records[results["epoch"]]["mAP"] == pytest.approx(best, abs=1e-6)
+  initial = [r for r in workdir_lib.read_metrics_lines(workdir)[0] if r["kind"] == "initial"]
+  assert len(initial) == 1
   if make_labels is _no_cluster:
     assert [r["clusters"] for r in records][0] == 0 and records[1]["clusters"] > 0
+    # Epoch 0 trained nothing: its model is the initial one, batch statistics included.
+    assert records[0]["mAP"] == initial[0]["mAP"]
   if make_labels is _fewer_than_p:
     assert [r["clusters"] for r in records] == [3, 3]
-    assert records[0]["outliers"] == len(range(0, records[0]["outliers"] * 7, 7))
+    # Samples 0, 7, 14, ... are the outliers: ceil(N / 7) of them.
+    assert [r["outliers"] for r in records] == [-(-num_train // 7)] * 2
   if make_labels is _one_cluster:
     assert [(r["clusters"], r["outliers"]) for r in records] == [(1, 0), (1, 0)]
     assert [r["loss"] for r in records] == [0.0, 0.0]  # one class: cross-entropy is 0
