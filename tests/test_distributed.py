@@ -102,6 +102,10 @@ def test_one_device_four_devices_and_two_processes_give_the_same_losses():
   two = run_processes(2, 2, _script())
   one = run_processes(1, 4, _script())[0]
   single = run_processes(1, 1, _script())[0]
+  # Every process ran every step and extracted every image (10 rows of 64 features), so the
+  # comparisons below are between whole lists.
+  for r in two + [one, single]:
+    assert len(r["losses"]) == _STEPS and np.shape(r["features"]) == (10, 64)
   # 1 vs 4 simulated devices: the same sums in another order (per-device partial sums).
   assert (single["processes"], single["devices"]) == (1, 1)
   np.testing.assert_allclose(one["losses"], single["losses"], rtol=1e-4, atol=1e-5)

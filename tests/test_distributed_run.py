@@ -63,6 +63,8 @@ def test_two_process_run_trains_checkpoints_resumes_and_evaluates(tiny_market, t
   assert two[0]["results"] == two[1]["results"]  # every process computes the same metrics.
   two_records, one_records = _epoch_records(shared), _epoch_records(single)
   assert [r["epoch"] for r in two_records] == [0, 1]  # written once, by process 0.
+  assert [r["epoch"] for r in one_records] == [0, 1]
+  assert all(r["clusters"] > 0 for r in one_records), "an epoch trained nothing"
   for a, b in zip(two_records, one_records):
     assert (a["clusters"], a["outliers"], a["steps"]) == (b["clusters"], b["outliers"], b["steps"])
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
