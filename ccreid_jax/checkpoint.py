@@ -112,11 +112,16 @@ class Checkpointer:
     directory: folder that holds the numbered checkpoints (created if missing).
     keep_best: also keep the checkpoint with the highest evaluated mAP.
     read_only: open an existing folder for evaluation without creating anything.
+    keep_every: also keep every checkpoint whose step is a multiple of this (a run without an
+      evaluation, which has no best checkpoint).
   """
 
-  def __init__(self, directory: str, *, keep_best: bool = True, read_only: bool = False):
+  def __init__(self, directory: str, *, keep_best: bool = True, read_only: bool = False,
+               keep_every: int | None = None):
     self.directory = os.path.abspath(directory)
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
+    if keep_every:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
     if keep_best:
       policies.append(
           ocp.checkpoint_managers.BestN(

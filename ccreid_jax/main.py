@@ -263,6 +263,12 @@ def _run(argv):
     print(training_summary(config, _WORKDIR.value, results))
     if not results:
       return
+    if "best" not in results:  # nothing to evaluate on: the checkpoints kept.
+      print(f"\nno query / gallery to evaluate on; checkpoints kept in {_WORKDIR.value}/"
+            f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
+            "--mode eval --config.eval.list=..., or sweep eps on it with "
+            "python -m ccreid_jax.tools.eps_sweep)")
+      return
     print(format_results_table(results["best"],
                                title=f"\nbest (epoch {results['best']['epoch']})"))
     print(format_results_table(results["last"],

@@ -303,8 +303,9 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
 
 
 def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loading.RunData,
-             config: ml_collections.ConfigDict, *,
-             epoch: int) -> tuple[TrainState, dict[str, list[float]]]:
+             config: ml_collections.ConfigDict, *, epoch: int,
+             checkpoint_dir: str = "the run's checkpoints folder"
+             ) -> tuple[TrainState, dict[str, list[float]]]:
   """One epoch's training on ``plan``'s labels: ``(state, the losses of every step)``.
 
   The losses are ``{"loss": [...]}`` (the total), plus ``"camera_loss"`` with the camera
@@ -345,7 +346,7 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch} step {it}: {values}; the checkpoints of the "
-            "earlier epochs are kept")
+            f"earlier epochs are kept in {checkpoint_dir}")
       for m in fetched:
         for name, value in m.items():
           losses.setdefault(name, []).append(float(value))
@@ -519,8 +520,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The metrics of the best evaluated checkpoint (highest mAP, evaluated again at the end
     as the reference does) with its ``epoch``, plus ``best`` and ``last``: the metrics and
-    epoch of the best and of the final evaluation. Empty when nothing was trained
-    (``train.epochs = 0``).
+    epoch of the best and of the final evaluation. Without query / gallery (a folder of
+    unlabeled images and no ``eval.list``): the last ``epoch`` and the kept ``checkpoints``
+    (steps). Empty when nothing was trained (``train.epochs = 0``).
   """
   validation.validate_config(config, num_devices=jax.device_count(), training=True)
   # Every process runs this function; only process 0 writes files other than checkpoints
@@ -540,7 +542,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
   extract = make_feature_extractor(model, config)
   extract_eval = (make_feature_extractor(model, config, flip=True) if config.eval.flip
                   else extract)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  # Without an evaluation there is no best checkpoint: every eval_every-th epoch's is kept.
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      keep_every=None if data.has_eval else config.train.eval_every)
   logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
               config.data.name, data.num_train, len(data.eval_dataset.query),
               len(data.eval_dataset.gallery), jax.device_count())
@@ -576,7 +581,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
   state = distributed.replicate(state, mesh)
   reporter = Reporter(config, workdir, data, start_epoch=start_epoch, num_train=data.num_train,
                       enabled=primary)
-  if start_epoch == 0 and config.train.eval_initial:
+  if start_epoch == 0 and config.train.eval_initial and data.has_eval:
     reporter.initial(*evaluate_variables(extract_eval, state.variables, data, config))
 
   steps = TrainSteps(model, tx, config, mesh)
@@ -588,17 +593,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
       with timer.phase("extract"):
         features = extract(state.variables, data.train_images, desc=f"epoch {epoch} extract")
       with timer.phase("cluster"):
-        plan = pseudo_label(features, data.train_cams, config, epoch=epoch, previous=previous,
-                            true_ids=data.train_ids)
+        plan = pseudo_label(features, data.train_cams if data.has_train_cams else None, config,
+                            epoch=epoch, previous=previous, true_ids=data.train_ids)
       losses: dict[str, list[float]] = {}
       if plan.num_clusters:
         with timer.phase("train"):
-          state, losses = train_on(plan, state, steps, data, config, epoch=epoch)
+          state, losses = train_on(plan, state, steps, data, config, epoch=epoch,
+                                   checkpoint_dir=checkpointer.directory)
       else:
         logger.warning("epoch %d: the clustering found no cluster (all %d samples are "
                        "outliers); this epoch trains nothing", epoch, data.num_train)
       metrics, distmat = None, None
-      if (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1:
+      if data.has_eval and ((epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1):
         with timer.phase("eval"):
           metrics, distmat = evaluate_variables(extract_eval, state.variables, data, config)
         last = dict(metrics, epoch=epoch)
@@ -613,10 +619,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
 
 
 def _final_results(checkpointer, last, extract, data, model, tx, config, mesh) -> dict[str, Any]:
-  """The best checkpoint's metrics (evaluated again), with ``best`` and ``last`` (see above)."""
+  """The best checkpoint's metrics (evaluated again), with ``best`` and ``last`` (see above);
+  without an evaluation, the last epoch and the kept checkpoints."""
   steps = checkpointer.all_steps()
   if not steps:
     return {}
+  if not data.has_eval:
+    return {"epoch": steps[-1] - 1, "checkpoints": steps}
 
   def evaluated(step: int) -> dict[str, Any]:
     restored = _restore(checkpointer, step, model, tx, config, mesh)

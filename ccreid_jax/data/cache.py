@@ -435,8 +435,10 @@ def load_dataset_images(
   gallery = [test[i] for i in kept if i >= num_query]
   logger.warning("dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name,
                  len(bad), bad[0])
-  for split, records in (("train", train), ("query", query), ("gallery", gallery)):
-    if not records:
+  for split, records, before in (("train", train, dataset.train),
+                                 ("query", query, dataset.query),
+                                 ("gallery", gallery, dataset.gallery)):
+    if before and not records:  # a split with no records at all (no query) stays empty.
       raise DatasetError(f"Dataset {dataset.name!r}: no readable image is left in the {split} "
                          f"split ({len(bad)} unreadable files, first: {bad[0]})")
   filtered = dataclasses.replace(dataset, train=train, query=query, gallery=gallery,

@@ -115,22 +115,6 @@ def _min_images(config: ml_collections.ConfigDict) -> int:
   return datasets_lib.folder_min_images(config.train.num_instances, config.cluster.min_samples)
 
 
-def _load_train_only(dataset: datasets_lib.ReidDataset, config: ml_collections.ConfigDict,
-                     cache_dir: str):
-  """``cache.load_dataset_images`` for a dataset without query / gallery and with
-  ``skip_bad_images`` (it would report the empty query split as emptied by bad images)."""
-  data = config.data
-  readable = cache_lib.load_readable_images(
-      [r.path for r in dataset.train], data.height, data.width, cache_dir,
-      progress=bool(config.log.progress), num_workers=data.num_workers)
-  if readable.bad:
-    logger.warning("dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name,
-                   len(readable.bad), readable.bad[0])
-    dataset = dataclasses.replace(dataset, train=[dataset.train[i] for i in readable.kept],
-                                  skipped=dataset.skipped + readable.bad)
-  return dataset, readable.images, None
-
-
 def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: str, *,
           need_train: bool):
   """``(dataset, train images or None, test images or None)``."""
@@ -141,12 +125,9 @@ def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: st
         name, root, data.height, data.width, cache_dir, need_train=need_train,
         progress=progress, num_workers=data.num_workers)
   dataset = _read_records(config, name, root)
-  if need_train and not dataset.has_eval and data.skip_bad_images:
-    dataset, train_images, test_images = _load_train_only(dataset, config, cache_dir)
-  else:
-    dataset, train_images, test_images = cache_lib.load_dataset_images(
-        dataset, data.height, data.width, cache_dir, need_train=need_train,
-        skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
+  dataset, train_images, test_images = cache_lib.load_dataset_images(
+      dataset, data.height, data.width, cache_dir, need_train=need_train,
+      skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
   if dataset.name == datasets_lib.FOLDER_NAME and need_train:
     datasets_lib.check_folder_size(len(dataset.train), _min_images(config), dataset.root)
   return dataset, train_images, test_images if dataset.has_eval else None
