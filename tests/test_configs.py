@@ -100,6 +100,21 @@ def test_official_rlcc_recipe(name):
   assert (config.model.pooling, config.data.height, config.data.width) == ("gem", 256, 128)
 
 
+@pytest.mark.parametrize("name,dataset,eps", [("market1501_cam", "market1501", 0.4),
+                                              ("msmt17_cam", "msmt17", 0.6),
+                                              ("veri776_cam", "veri776", 0.6)])
+def test_camera_aware_recipes_use_the_ca_jaccard_papers_settings(name, dataset, eps):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  base = importlib.import_module(f"configs.{dataset}").get_config()
+  assert config.data.name == dataset and config.cluster.distance == "ca_jaccard"
+  assert (config.cluster.eps, config.model.pooling) == (eps, "avg")
+  assert (config.cluster.ca_k1_intra, config.cluster.ca_k1_inter, config.cluster.ca_k2_intra,
+          config.cluster.ca_k2_inter, config.cluster.ca_k2_intra_first,
+          config.cluster.ca_k2_inter_first) == (5, 20, 2, 4, 3, 3)
+  assert config.train.iters == base.train.iters and not config.camera.enabled
+  assert (config.data.height, config.data.width) == (base.data.height, base.data.width)
+
+
 def test_every_recipe_names_its_published_figure():
   """Every dataset config's docstring says what it reproduces (or that nothing published does)."""
   for name in CONFIG_NAMES:
