@@ -25,12 +25,6 @@ from ccreid_jax.utils import prefetch, progress_bar
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-axis ("data") mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("data",))
-
-
 def eval_features(model: Any, variables: Any, images: jax.Array, *, flip: bool = False,
                   transform: Callable[[jax.Array], jax.Array] | None = test_transform
                   ) -> jax.Array:

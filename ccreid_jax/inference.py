@@ -53,9 +53,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ccreid_jax.data import augment
+from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data.cache import decode_image, load_image_cache
 from ccreid_jax.evaluation import pairwise_distance, visualize
-from ccreid_jax.extract import eval_features, extract_features, make_extract_fn, make_mesh
+from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import eval_features, extract_features, make_extract_fn
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -80,17 +82,13 @@ __all__ = [
 
 logger = logging.getLogger("ccreid_jax")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = datasets_lib.FOLDER_IMAGE_EXTENSIONS
 STABLEHLO_FILE = "model.stablehlo"  # File name of the StableHLO export in its folder.
 # The lowest opset that fits what jax2onnx writes (ReduceMean with its axes as an input).
 ONNX_OPSET = 18
-# The layer set the ONNX export is traced with. jax2onnx 0.17 cannot convert the "plain"
-# set's stem pool, flax's max_pool with explicit (1, 1) padding: its flax.linen max_pool and
-# pool rules accept only "SAME" / "VALID" padding (and window_shape by keyword), and its
-# lax.reduce_window_max rule writes a 4-D MaxPool kernel over NHWC data that ONNX Runtime
-# rejects ("Unsupported pooling size"). The "cpu" set's pool (nine strided slices and a
-# maximum) converts; its layers have the same parameters and values.
-ONNX_KERNELS = "cpu"
+# The layer set the ONNX export is traced with: flax's plain layers, which jax2onnx maps to
+# ONNX's Conv, MaxPool and Relu (the stem pool pads with -inf itself and pools with "VALID").
+ONNX_KERNELS = "plain"
 _STABLEHLO_PLATFORMS = ("cpu", "cuda")
 _CHUNK_BATCHES = 8  # Batches decoded at a time by ``embed``: bounds host memory.
 

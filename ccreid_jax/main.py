@@ -46,14 +46,14 @@ from ccreid_jax.validation import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "extract", "search", "export"],
     "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
     "features of --split to --out (.npz); search: rank the images of --gallery for each "
     "--query image (prints the ranked paths with distances, writes a rank-list PNG); export: "
     "write the model for serving in --format to --out.")
-_CHECKPOINT = flags.DEFINE_string(
+CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
     "--mode eval/extract/search/export: 'best', 'latest', a step, the path of a step folder, "
     "or 'init' for the "
@@ -61,7 +61,7 @@ _CHECKPOINT = flags.DEFINE_string(
     "config.model.pretrained set: init).")
 _SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
                            "--mode extract: the split whose features are written.")
-_OUT = flags.DEFINE_string(
+OUT = flags.DEFINE_string(
     "out", None,
     "--mode extract: the .npz file to write; --mode search: the rank-list PNG (default "
     "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file.")
@@ -107,7 +107,7 @@ def exit_code_of(exc: BaseException) -> int | None:
   return None
 
 
-def _traceback_asked(argv: list[str] | None = None) -> bool:
+def traceback_asked(argv: list[str] | None = None) -> bool:
   if os.environ.get("CCREID_TRACEBACK", "") not in ("", "0"):
     return True
   if argv is not None:  # flags not parsed (yet): look for --verbose itself.
@@ -115,7 +115,7 @@ def _traceback_asked(argv: list[str] | None = None) -> bool:
   return bool(_VERBOSE.value)
 
 
-def _fail(message: str, code: int, *, show_traceback: bool) -> None:
+def fail(message: str, code: int, *, show_traceback: bool) -> None:
   """Prints ``error: message`` (after the traceback when asked for) and exits with ``code``."""
   if show_traceback:
     traceback.print_exc()
@@ -147,18 +147,18 @@ def _unknown_config_field(argv: list[str]) -> str | None:
   return None
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with flag and config-override errors as one clean message."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as exc:
-    _fail(f"{exc} (see --helpshort)", 2, show_traceback=_traceback_asked(argv))
+    fail(f"{exc} (see --helpshort)", 2, show_traceback=traceback_asked(argv))
   except Exception as exc:  # ml_collections raises KeyError / AttributeError for overrides.
     problem = _unknown_config_field(argv) if isinstance(exc, (KeyError, AttributeError)) else None
     if problem is None:  # the config file runs while the flags are parsed
       problem = (f"--config {_config_argument(argv)}: the config file cannot be loaded: "
                  f"{type(exc).__name__}: {exc}")
-    _fail(problem, 2, show_traceback=_traceback_asked(argv))
+    fail(problem, 2, show_traceback=traceback_asked(argv))
   raise AssertionError("unreachable")
 
 
@@ -171,7 +171,7 @@ def _config_argument(argv: list[str]) -> str:
   return "?"
 
 
-def _check_workdir(path: str) -> None:
+def check_workdir(path: str) -> None:
   """Refuses a --workdir that is a file or cannot be created, before anything is loaded."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise CommandLineError(f"--workdir {path} is a file, not a folder: name the folder of the "
@@ -182,7 +182,7 @@ def _check_workdir(path: str) -> None:
     raise CommandLineError(f"--workdir {path} cannot be created: {exc.strerror or exc}.") from None
 
 
-def _load_config():
+def load_config():
   try:
     config = _CONFIG.value
     config.keys()  # a file that failed to load gives an object that raises when used
@@ -208,7 +208,7 @@ def training_summary(config, workdir: str, results: dict) -> str:
   return "\n".join(lines)
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
   """The package's log lines on stderr as ``HH:MM:SS message`` (absl's own prefix left out)."""
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -226,7 +226,7 @@ def main(argv):
     code = exit_code_of(exc)
     if code is None:
       raise
-    _fail(str(exc), code, show_traceback=_traceback_asked())
+    fail(str(exc), code, show_traceback=traceback_asked())
 
 
 def _run(argv):
@@ -235,36 +235,36 @@ def _run(argv):
                            "--name=value)")
   # Checked before anything is loaded.
   if _MODE.value == "extract":
-    if not _OUT.value:
+    if not OUT.value:
       raise CommandLineError("--mode extract needs --out <file.npz>")
-    export.check_output_path(_OUT.value)
+    export.check_output_path(OUT.value)
   if _MODE.value == "search":
     if not (_QUERY.value and _GALLERY.value):
       raise CommandLineError("--mode search needs --query <image or folder> and --gallery "
                              "<folder>")
-    if _OUT.value:
-      export.check_output_path(_OUT.value)
+    if OUT.value:
+      export.check_output_path(OUT.value)
   if _MODE.value == "export":
-    if not _OUT.value:
+    if not OUT.value:
       raise CommandLineError("--mode export needs --out (a folder for --format=stablehlo, a "
                              ".onnx file for --format=onnx)")
     if _FORMAT.value == "onnx":
-      export.check_output_path(_OUT.value)
-  _check_workdir(_WORKDIR.value)
-  config = _load_config()
+      export.check_output_path(OUT.value)
+  check_workdir(WORKDIR.value)
+  config = load_config()
   if _MODE.value != "train":
     checkpoint_lib.check_name(
-        config.eval.checkpoint if _CHECKPOINT.value is None else _CHECKPOINT.value,
-        os.path.join(_WORKDIR.value, "checkpoints"))
-  _log_to_stderr()
+        config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value,
+        os.path.join(WORKDIR.value, "checkpoints"))
+  log_to_stderr()
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
   if _MODE.value == "train":
-    results = train.train_and_evaluate(config, _WORKDIR.value, force=_FORCE.value)
-    print(training_summary(config, _WORKDIR.value, results))
+    results = train.train_and_evaluate(config, WORKDIR.value, force=_FORCE.value)
+    print(training_summary(config, WORKDIR.value, results))
     if not results:
       return
     if "best" not in results:  # nothing to evaluate on: the checkpoints kept.
-      print(f"\nno query / gallery to evaluate on; checkpoints kept in {_WORKDIR.value}/"
+      print(f"\nno query / gallery to evaluate on; checkpoints kept in {WORKDIR.value}/"
             f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
             "--mode eval --config.eval.list=..., or sweep eps on it with "
             "python -m ccreid_jax.tools.eps_sweep)")
@@ -276,22 +276,22 @@ def _run(argv):
     print(json.dumps(results, sort_keys=True))
     return
   if _MODE.value == "search":
-    records, png = inference.run_search(config, _WORKDIR.value, _QUERY.value, _GALLERY.value,
-                                        topk=_TOPK.value, out_png=_OUT.value,
-                                        checkpoint=_CHECKPOINT.value)
+    records, png = inference.run_search(config, WORKDIR.value, _QUERY.value, _GALLERY.value,
+                                        topk=_TOPK.value, out_png=OUT.value,
+                                        checkpoint=CHECKPOINT.value)
     print(inference.format_search_results(records))
     print(f"rank list: {png}")
     return
   if _MODE.value == "export":
-    print(json.dumps(inference.run_export(config, _WORKDIR.value, _FORMAT.value, _OUT.value,
-                                          checkpoint=_CHECKPOINT.value), sort_keys=True))
+    print(json.dumps(inference.run_export(config, WORKDIR.value, _FORMAT.value, OUT.value,
+                                          checkpoint=CHECKPOINT.value), sort_keys=True))
     return
   if _MODE.value == "extract":
-    summary = train.extract(config, _WORKDIR.value, split=_SPLIT.value, out=_OUT.value,
-                            checkpoint=_CHECKPOINT.value)
+    summary = train.extract(config, WORKDIR.value, split=_SPLIT.value, out=OUT.value,
+                            checkpoint=CHECKPOINT.value)
     print(json.dumps(summary))
     return
-  results = train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+  results = train.evaluate(config, WORKDIR.value, checkpoint=CHECKPOINT.value)
   evaluated_on = config.eval.dataset or config.data.name
   title = (f"initial model ({evaluated_on})" if results["step"] == 0
            else f"checkpoint step {results['step']} ({evaluated_on})")
@@ -300,4 +300,4 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

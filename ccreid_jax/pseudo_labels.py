@@ -22,7 +22,8 @@ from sklearn.metrics import adjusted_rand_score
 from ccreid_jax import camera_memory
 from ccreid_jax import clustering
 
-__all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_labels", "label_stats",
+__all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_distance", "cluster_labels",
+           "label_stats",
            "pseudo_label", "rlcc_targets"]
 
 
@@ -80,6 +81,21 @@ class PseudoLabels:
     return self.generation.num_clusters
 
 
+def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
+                     cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
+  """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
+  first-epoch query expansion in epoch 0), storing the pairs up to ``max_distance``."""
+  if cluster.distance == "ca_jaccard":
+    first = epoch == 0
+    return clustering.ca_jaccard_distance(
+        features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
+        k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
+        k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
+        max_distance=max_distance)
+  return clustering.jaccard_distance(features, k1=cluster.k1, k2=cluster.k2,
+                                     max_distance=max_distance)
+
+
 def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
                    cluster: ml_collections.ConfigDict, *, epoch: int,
                    outliers_as_singletons: bool = False,
@@ -97,16 +113,7 @@ def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
         min_cluster_size=cluster.infomap_min_cluster_size, seed=seed)
   elif cluster.method == "dbscan":
     radius = cluster.eps_loose if cluster.reliable else cluster.eps
-    if cluster.distance == "ca_jaccard":
-      first = epoch == 0
-      distance = clustering.ca_jaccard_distance(
-          features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
-          k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
-          k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
-          max_distance=radius)
-    else:
-      distance = clustering.jaccard_distance(
-          features, k1=cluster.k1, k2=cluster.k2, max_distance=radius)
+    distance = cluster_distance(features, cams, cluster, epoch=epoch, max_distance=radius)
     if cluster.reliable:
       return clustering.reliable_dbscan_labels(
           distance, eps=(cluster.eps_tight, cluster.eps, cluster.eps_loose),

@@ -27,7 +27,7 @@ CLUSTER_METHODS: tuple[str, ...] = ("dbscan", "infomap")
 CLUSTER_DISTANCES: tuple[str, ...] = ("jaccard", "ca_jaccard")
 POOLINGS: tuple[str, ...] = ("gem", "avg")
 PRECISIONS: tuple[str, ...] = ("default", "float32")
-KERNELS: tuple[str, ...] = ("auto", "plain", "cpu")
+KERNELS: tuple[str, ...] = resnet_lib.KERNELS
 # ``model.pretrained`` value that asks for a random initialisation on purpose.
 NO_PRETRAINED = "none"
 # The ImageNet files the published recipes start from (torchvision IMAGENET1K_V1 names; older

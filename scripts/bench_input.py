@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax.data.sampler import CameraAwarePKSampler  # noqa: E402
-from ccreid_jax.extract import make_mesh  # noqa: E402
+from ccreid_jax.distributed import make_mesh  # noqa: E402
 from ccreid_jax.utils import write_json  # noqa: E402
 
 

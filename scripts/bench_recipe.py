@@ -234,4 +234,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  # The CPU settings of ccreid_jax/xla_cpu.py before JAX starts (CCREID_XLA_CPU_DEFAULTS=0: off).
+  from ccreid_jax import xla_cpu  # pylint: disable=ungrouped-imports
+
+  xla_cpu.apply_cpu_tuning()
   main()

@@ -72,7 +72,8 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ccreid_jax import memory as memory_lib  # noqa: E402
 from ccreid_jax import xla_cpu  # noqa: E402
 from ccreid_jax import models, train  # noqa: E402
-from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh  # noqa: E402
+from ccreid_jax.extract import extract_features, make_extract_fn  # noqa: E402
+from ccreid_jax.distributed import make_mesh  # noqa: E402
 from ccreid_jax.utils import write_json  # noqa: E402
 
 

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from ccreid_jax import xla_cpu
+
 TIMEOUT_S = 420
 
 
@@ -22,6 +24,7 @@ def process_env(local_devices: int, **extra: str) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("CCREID_", "JAX_COORD"))}
   env.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", **extra)
+  xla_cpu.apply_cpu_defaults(env)  # the CPU flag the test process runs with (xla_cpu.py)
   return env
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ccreid_jax import distributed, memory as memory_lib, models, train
-from ccreid_jax.extract import make_extract_fn, make_mesh
+from ccreid_jax.extract import make_extract_fn
+from ccreid_jax.distributed import make_mesh
 from conftest import tiny_config
 
 

@@ -78,9 +78,9 @@ def test_workdir_that_is_a_file_and_a_misspelt_checkpoint_are_refused_up_front(t
   path = tmp_path / "a_file"
   path.write_text("")
   with pytest.raises(main.CommandLineError) as info:
-    main._check_workdir(str(path))
+    main.check_workdir(str(path))
   assert f"--workdir {path} is a file" in str(info.value)
-  main._check_workdir(str(tmp_path / "new" / "run"))   # created
+  main.check_workdir(str(tmp_path / "new" / "run"))   # created
   assert (tmp_path / "new" / "run").is_dir()
   (tmp_path / "new" / "run" / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(checkpoint_lib.CheckpointNameError) as info:

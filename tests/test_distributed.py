@@ -28,7 +28,7 @@ initialized = distributed.maybe_initialize(initialization_timeout=120)
 import numpy as np
 from conftest import tiny_config  # also sets up the compilation cache (not for 2 processes)
 from ccreid_jax import memory as memory_lib, models, train
-from ccreid_jax.extract import make_mesh
+from ccreid_jax.distributed import make_mesh
 
 config = tiny_config("unused")
 config.train.batch_size = 32
@@ -79,7 +79,7 @@ def test_process_slice_and_share():
 
 
 def test_single_process_helpers_are_plain_device_puts():
-  from ccreid_jax.extract import make_mesh
+  from ccreid_jax.distributed import make_mesh
 
   mesh = make_mesh()
   x = np.arange(8, dtype=np.float32).reshape(4, 2)

@@ -11,7 +11,10 @@ import pytest
 
 from ccreid_jax import export
 from ccreid_jax.data.datasets import Record
-from ccreid_jax.extract import extract_features, make_mesh
+from ccreid_jax.extract import extract_features
+
+
+from ccreid_jax.distributed import make_mesh
 
 
 def _records(n, offset=0):

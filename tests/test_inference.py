@@ -12,7 +12,8 @@ from PIL import Image
 from ccreid_jax import inference, models
 from ccreid_jax.data.cache import ImageDecodeError, load_image_cache
 from ccreid_jax.evaluation import visualize
-from ccreid_jax.extract import extract_features, make_extract_fn, make_mesh
+from ccreid_jax.extract import extract_features, make_extract_fn
+from ccreid_jax.distributed import make_mesh
 from tiny_model import tiny_model_and_variables
 
 HEIGHT, WIDTH = 32, 16

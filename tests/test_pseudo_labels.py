@@ -2,7 +2,6 @@
 
 import collections
 
-import ml_collections
 import numpy as np
 import pytest
 

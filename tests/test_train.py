@@ -125,7 +125,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
 def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   """RLCC with alpha = 1 is plain Cluster Contrast: same loss, same updated parameters."""
   from ccreid_jax import memory as memory_lib, models
-  from ccreid_jax.extract import make_mesh
+  from ccreid_jax.distributed import make_mesh
 
   config = tiny_config("unused")
   model = models.create_model(config.model)

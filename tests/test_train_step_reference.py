@@ -21,7 +21,7 @@ from ccreid_jax import clustering, models, train
 from ccreid_jax import memory as memory_lib
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.export import load_exported
-from ccreid_jax.extract import make_mesh
+from ccreid_jax.distributed import make_mesh
 from ccreid_jax.workdir import read_epoch_records
 from conftest import tiny_config
 

@@ -137,7 +137,7 @@ def _check_something_to_evaluate(config: ml_collections.ConfigDict) -> None:
   if config.data.name.lower() == datasets_lib.FOLDER_NAME and not (
       config.eval.list or config.eval.dataset):
     raise ConfigError([
-        f"config.eval.list = '': a folder dataset (config.data.name = 'folder') has no query / "
+        "config.eval.list = '': a folder dataset (config.data.name = 'folder') has no query / "
         "gallery to evaluate; give a list file of labelled images "
         "(--config.eval.list=list.txt, lines 'query|gallery <path> <id> <camera>') or a "
         "labelled dataset (--config.eval.dataset=<name> --config.eval.root=<folder>)"])

@@ -80,7 +80,13 @@ class LayerSet(NamedTuple):
 
 
 def _stem_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding
+  """3x3 max pooling, stride 2, over the input padded by 1 with -inf (torch's MaxPool2d).
+
+  Padded explicitly and pooled with "VALID", which converters such as jax2onnx map to one
+  ONNX MaxPool.
+  """
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 LAYER_SETS = {

@@ -67,13 +67,14 @@ from ccreid_jax import main as cli  # noqa: E402
 from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
 from ccreid_jax import clustering  # noqa: E402
 from ccreid_jax import distributed  # noqa: E402
+from ccreid_jax import pseudo_labels  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax import validation  # noqa: E402
 from ccreid_jax.data import loading  # noqa: E402
 from ccreid_jax.evaluation import visualize  # noqa: E402
 from ccreid_jax.utils import write_json  # noqa: E402
 
-__all__ = ["cluster_distance", "format_table", "label_row", "parse_eps", "parse_eps_flag",
+__all__ = ["format_table", "label_row", "parse_eps", "parse_eps_flag",
            "run_sweep", "sweep_image", "sweep_rows"]
 
 logger = logging.getLogger("ccreid_jax")
@@ -88,10 +89,7 @@ for _name in ("config", "workdir", "checkpoint", "out", "verbose"):
 _NOT_HERE = ("mode", "split", "query", "gallery", "topk", "format", "force")
 MAX_EPS_VALUES = 1000
 
-# Colours of this tool's series that visualize.SERIES_COLOURS lacks (its panels look the colour
-# of a series up by name).
-visualize.SERIES_COLOURS.setdefault("largest", (140, 86, 75))
-visualize.SERIES_COLOURS.setdefault("ARI", (31, 119, 180))
+
 
 
 def parse_eps(text: str) -> list[float]:
@@ -132,21 +130,6 @@ def parse_eps(text: str) -> list[float]:
   return values
 
 
-def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
-                     cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
-  """The sparse distance DBSCAN clusters at ``epoch`` (``cluster.distance``), up to
-  ``max_distance``: the computation of ``pseudo_labels.cluster_labels``, done once."""
-  if cluster.distance == "ca_jaccard":
-    first = epoch == 0
-    return clustering.ca_jaccard_distance(
-        features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
-        k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
-        k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
-        max_distance=max_distance)
-  return clustering.jaccard_distance(features, k1=cluster.k1, k2=cluster.k2,
-                                     max_distance=max_distance)
-
-
 def label_row(labels: np.ndarray, eps: float, true_ids: np.ndarray | None = None) -> dict:
   """The figures of one clustering (see the module docstring); ``ari`` only with ids."""
   n = int(labels.size)
@@ -166,8 +149,8 @@ def sweep_rows(distance, eps_values: list[float], min_samples: int,
                true_ids: np.ndarray | None = None) -> list[dict]:
   """DBSCAN on one precomputed ``distance`` at every eps: one ``label_row`` each.
 
-  ``distance`` must hold every pair up to ``max(eps_values)`` (``cluster_distance`` with
-  that ``max_distance``); DBSCAN at a smaller eps reads the same stored values.
+  ``distance`` must hold every pair up to ``max(eps_values)`` (``pseudo_labels.cluster_distance``
+  with that ``max_distance``); DBSCAN at a smaller eps reads the same stored values.
   """
   return [label_row(clustering.dbscan_labels(distance, eps=eps, min_samples=min_samples), eps,
                     true_ids)
@@ -220,7 +203,7 @@ def sweep_image(rows: list[dict], *, title: str = "") -> Any:
             ("outlier fraction", [("outliers", series("outlier_fraction"))]),
             ("largest cluster / N", [("largest", series("largest_share"))]),
             ("adjusted Rand index vs the true ids", [("ARI", series("ari"))])]
-  draw_panel = visualize._draw_panel  # pylint: disable=protected-access
+  draw_panel = visualize._draw_panel
   for box, (panel_title, panel_series) in zip(boxes, panels):
     draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)),
                x_label=x_label)
@@ -266,8 +249,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[
   extract = train.make_feature_extractor(model, config)
   features = np.asarray(extract(variables, data.train_images, desc="train extract"))
   # The features of a model that finished epoch e are clustered by epoch e + 1.
-  distance = cluster_distance(features, data.train_cams, config.cluster, epoch=epoch + 1,
-                              max_distance=max(eps_values))
+  distance = pseudo_labels.cluster_distance(
+      features, data.train_cams, config.cluster, epoch=epoch + 1,
+      max_distance=max(eps_values))
   rows = sweep_rows(distance, eps_values, config.cluster.min_samples, data.train_ids)
   name = "init" if step == 0 else str(step)
   result: dict[str, Any] = {
@@ -308,17 +292,17 @@ def _run(argv: list[str]) -> None:
     raise cli.CommandLineError(f"{', '.join(given)}: flags of ccreid_jax.main, not of the eps "
                                "sweep (see --helpshort)")
   eps_values = parse_eps_flag(_EPS.value)
-  out = cli._OUT.value or cli._WORKDIR.value  # pylint: disable=protected-access
+  out = cli.OUT.value or cli.WORKDIR.value
   if os.path.exists(out) and not os.path.isdir(out):
     raise cli.CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
-  cli._check_workdir(cli._WORKDIR.value)  # pylint: disable=protected-access
-  config = cli._load_config()  # pylint: disable=protected-access
-  checkpoint = cli._CHECKPOINT.value  # pylint: disable=protected-access
+  cli.check_workdir(cli.WORKDIR.value)
+  config = cli.load_config()
+  checkpoint = cli.CHECKPOINT.value
   checkpoint_lib.check_name(config.eval.checkpoint if checkpoint is None else checkpoint,
-                            os.path.join(cli._WORKDIR.value, "checkpoints"))
-  cli._log_to_stderr()  # pylint: disable=protected-access
+                            os.path.join(cli.WORKDIR.value, "checkpoints"))
+  cli.log_to_stderr()
   distributed.maybe_initialize()
-  result = run_sweep(config, cli._WORKDIR.value, eps_values, checkpoint=checkpoint, out=out)
+  result = run_sweep(config, cli.WORKDIR.value, eps_values, checkpoint=checkpoint, out=out)
   print(f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
         f"({result['distance']} distance, min_samples {result['min_samples']}):")
   print(format_table(result["rows"], result["configured_eps"]))
@@ -334,7 +318,7 @@ def main(argv: list[str]) -> None:
     if code is None:
       raise
     # pylint: disable-next=protected-access
-    cli._fail(str(exc), code, show_traceback=cli._traceback_asked())
+    cli.fail(str(exc), code, show_traceback=cli.traceback_asked())
 
 
 if __name__ == "__main__":
@@ -343,4 +327,4 @@ if __name__ == "__main__":
   flags.FLAGS["checkpoint"].help = ("'best', 'latest', a step, the path of a step folder, or "
                                     "'init' for the initial model (default "
                                     "config.eval.checkpoint).")
-  app.run(main, flags_parser=cli._parse_flags)  # pylint: disable=protected-access
+  app.run(main, flags_parser=cli.parse_flags)
