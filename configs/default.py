@@ -2,6 +2,14 @@
 
 Dataset configs import this file and override a few fields. Any field can be
 overridden from the command line, e.g. ``--config.cluster.eps=0.5``.
+
+Weights: every published recipe starts from ImageNet: torchvision's ResNet-50 IMAGENET1K_V1
+(``resnet50-19c8e357.pth``) or IBN-Net's ``resnet50_ibn_a.pth.tar``, given with
+``--config.model.pretrained=weights/<file>``; training refuses to start without it.
+IMAGENET1K_V2 weights are another recipe, not comparable with the published figures.
+Precision: ``model.precision = "default"`` lets GPUs run convolutions with TF32 passes, as
+PyTorch's cuDNN default (``allow_tf32``) did for the reference on Ampere GPUs; "float32" asks
+for true float32 products.
 """
 
 import ml_collections

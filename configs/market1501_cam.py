@@ -13,10 +13,10 @@ combination.
 from configs import market1501
 
 
-def get_config():
-  config = market1501.get_config()
+def ca_jaccard_recipe(config, eps):
+  """The CA-Jaccard paper's settings on top of a dataset config, with its DBSCAN radius."""
   config.cluster.distance = "ca_jaccard"
-  config.cluster.eps = 0.4
+  config.cluster.eps = eps
   config.cluster.ca_k1_intra = 5
   config.cluster.ca_k1_inter = 20
   config.cluster.ca_k2_intra = 2
@@ -25,3 +25,7 @@ def get_config():
   config.cluster.ca_k2_inter_first = 3
   config.model.pooling = "avg"
   return config
+
+
+def get_config():
+  return ca_jaccard_recipe(market1501.get_config(), eps=0.4)

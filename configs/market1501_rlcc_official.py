@@ -25,8 +25,8 @@ Weights: torchvision's ImageNet ResNet-50 (IMAGENET1K_V1, ``resnet50-19c8e357.pt
 from configs import market1501
 
 
-def get_config():
-  config = market1501.get_config()
+def official_rlcc(config):
+  """The official RLCC recipe's fields on top of a dataset config."""
   config.cluster.reliable = True
   config.cluster.eps_tight = 0.58
   config.cluster.eps = 0.6
@@ -44,3 +44,7 @@ def get_config():
   config.train.eval_every = 5
   config.model.bn_group_size = 16
   return config
+
+
+def get_config():
+  return official_rlcc(market1501.get_config())

@@ -4,12 +4,7 @@ Reproduces: 40.3 mAP / 84.6 rank-1, the ResNet-50 DBSCAN figure of the Cluster C
 (``alibaba/cluster-contrast-reid``; docs/algorithms.md section 8). Batch 256 = 16 pseudo-ids x
 16 images, 400 steps per epoch, 50 epochs, eps 0.6, 224x224 images.
 
-Weights: the run starts from torchvision's ImageNet ResNet-50 (IMAGENET1K_V1,
-``resnet50-19c8e357.pth``), given with ``--config.model.pretrained=weights/resnet50-19c8e357.pth``;
-IMAGENET1K_V2 weights are another recipe, not comparable with the published figure.
-Precision: ``model.precision = "default"`` lets GPUs run convolutions with TF32 passes, as
-PyTorch's cuDNN default (``allow_tf32``) did for the reference on Ampere GPUs; set "float32" for
-true float32 products.
+Weights (``resnet50-19c8e357.pth``, required) and precision: see configs/default.py.
 """
 
 from configs import default
