@@ -80,6 +80,27 @@ def tiny_market(tmp_path_factory) -> str:
   return root
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_market, tmp_path_factory) -> str:
+  """A finished 1-epoch tiny run (checkpoint step 1); tests copy it before changing it."""
+  from ccreid_jax import train
+
+  config = tiny_config(tiny_market)
+  config.train.epochs = 1
+  workdir = str(tmp_path_factory.mktemp("one_epoch") / "run")
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def copy_run(workdir: str, tmp_path) -> str:
+  """A copy of a run folder under ``tmp_path`` (tests change the copy, never the original)."""
+  import shutil
+
+  target = str(tmp_path / "run")
+  shutil.copytree(workdir, target)
+  return target
+
+
 # Files whose tests take a minute or more on 2 cores (multi-process runs, crash restarts,
 # whole runs), slowest first. They are collected first, so pytest-xdist's two workers start
 # on them and the short files fill in at the end, instead of one worker finishing a long

@@ -88,3 +88,11 @@ def evaluate_loop(distmat, query_ids, gallery_ids, query_cams, gallery_cams, top
   for k in topk:
     out[f"rank{k}"] = float(np.mean([r <= k for r in first_ranks]))
   return out
+
+
+def densify(mat):
+  """A sparse distance in the convention of ``jaccard_distance`` as a dense array (absent = 1)."""
+  out = np.ones(mat.shape, dtype=np.float32)
+  coo = mat.tocoo()
+  out[coo.row, coo.col] = coo.data
+  return out

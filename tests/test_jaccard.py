@@ -72,17 +72,10 @@ def _case(name):
   return x, sparse, dense_ref
 
 
-def _densify(mat):
-  out = np.ones(mat.shape, dtype=np.float32)  # absent entries mean 1.0
-  coo = mat.tocoo()
-  out[coo.row, coo.col] = coo.data
-  return out
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_bruteforce(name):
   _, sparse, dense_ref = _case(name)
-  np.testing.assert_allclose(_densify(sparse), dense_ref, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(ref.densify(sparse), dense_ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -181,7 +174,7 @@ def test_two_isolated_pairs_by_hand():
   got = jaccard_distance(x, k1=2, k2=1)
   want = np.array([[0, expected, 1, 1], [expected, 0, 1, 1],
                    [1, 1, 0, expected], [1, 1, expected, 0]])
-  np.testing.assert_allclose(_densify(got), want, atol=1e-6)
+  np.testing.assert_allclose(ref.densify(got), want, atol=1e-6)
   assert got.nnz == 8  # 4 diagonal zeros + 2 symmetric pairs; the rest is absent (= 1)
   # k2 = 2 averages V over [self, partner]: both rows become (1/2, 1/2) -> distance 0.
   np.testing.assert_allclose(jaccard_distance(x, k1=2, k2=2).toarray()[[0, 2], [1, 3]], 0.0,

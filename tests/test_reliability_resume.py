@@ -12,25 +12,9 @@ import pytest
 from ccreid_jax import train, workdir as workdir_lib
 from ccreid_jax.checkpoint import CheckpointError
 from ccreid_jax.data import synthetic
-from conftest import tiny_config
+from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_market, tmp_path_factory) -> str:
-  """A finished 1-epoch tiny run; tests copy it before changing it."""
-  config = tiny_config(tiny_market)
-  config.train.epochs = 1
-  workdir = str(tmp_path_factory.mktemp("resume") / "run")
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
-def _copy(workdir, tmp_path) -> str:
-  target = str(tmp_path / "run")
-  shutil.copytree(workdir, target)
-  return target
 
 
 def _snapshot(workdir):
@@ -43,9 +27,9 @@ def _snapshot(workdir):
   return out
 
 
-def test_force_with_another_model_fails_before_writing_anything(finished_run, tiny_market,
+def test_force_with_another_model_fails_before_writing_anything(one_epoch_run, tiny_market,
                                                                  tmp_path):
-  workdir = _copy(finished_run, tmp_path)
+  workdir = copy_run(one_epoch_run, tmp_path)
   before = _snapshot(workdir)
   config = tiny_config(tiny_market)
   config.train.epochs = 2
@@ -62,8 +46,8 @@ def test_force_with_another_model_fails_before_writing_anything(finished_run, ti
   workdir_lib.check_workdir_config(workdir, tiny_config(tiny_market), force=False, write=False)
 
 
-def test_resume_on_another_training_set_is_refused(finished_run, tiny_market, tmp_path):
-  workdir = _copy(finished_run, tmp_path)
+def test_resume_on_another_training_set_is_refused(one_epoch_run, tiny_market, tmp_path):
+  workdir = copy_run(one_epoch_run, tmp_path)
   config = tiny_config(tiny_market)
   config.train.epochs = 2
   # Fewer images: refused, even with --force (the saved labels have one entry per image).
@@ -119,13 +103,13 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
         pass
 
 
-def test_evaluation_uses_the_runs_model_settings(finished_run, tiny_market, caplog):
+def test_evaluation_uses_the_runs_model_settings(one_epoch_run, tiny_market, caplog):
   config = tiny_config(tiny_market)
-  expected = train.evaluate(config, finished_run, checkpoint="latest")
+  expected = train.evaluate(config, one_epoch_run, checkpoint="latest")
   changed = tiny_config(tiny_market)
   changed.data.height, changed.data.width = 64, 32  # another input size than the run's
   changed.model.pooling = "avg"
   with caplog.at_level("WARNING", logger="ccreid_jax"):
-    results = train.evaluate(changed, finished_run, checkpoint="latest")
+    results = train.evaluate(changed, one_epoch_run, checkpoint="latest")
   assert results == expected
   assert "data.height=32" in caplog.text and "model.pooling='gem'" in caplog.text

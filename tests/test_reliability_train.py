@@ -11,25 +11,11 @@ import pytest
 from ccreid_jax import clustering, train, workdir as workdir_lib
 from ccreid_jax.checkpoint import CheckpointError, Checkpointer
 from ccreid_jax.data.datasets import load_dataset
-from conftest import tiny_config
+from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tiny_market, tmp_path_factory) -> str:
-  """A finished 1-epoch tiny run (checkpoint step 1); tests copy it before changing it."""
-  config = tiny_config(tiny_market)
-  config.train.epochs = 1
-  workdir = str(tmp_path_factory.mktemp("one_epoch") / "run")
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
-def _copy(workdir: str, tmp_path) -> str:
-  target = str(tmp_path / "run")
-  shutil.copytree(workdir, target)
-  return target
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +151,7 @@ def _largest_file(folder: str) -> str:
 
 def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny_market,
                                                                tmp_path):
-  workdir = _copy(one_epoch_run, tmp_path)
+  workdir = copy_run(one_epoch_run, tmp_path)
   victim = _largest_file(os.path.join(workdir, "checkpoints", "1", "state"))
   with open(victim, "rb") as f:
     data = f.read()
@@ -183,7 +169,7 @@ def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny
 
 
 def test_damaged_checkpoint_metadata(one_epoch_run, tiny_market, tmp_path):
-  workdir = _copy(one_epoch_run, tmp_path)
+  workdir = copy_run(one_epoch_run, tmp_path)
   with open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata"), "w") as f:
     f.write('{"epoch": ')
   config = tiny_config(tiny_market)
@@ -193,7 +179,7 @@ def test_damaged_checkpoint_metadata(one_epoch_run, tiny_market, tmp_path):
 
 
 def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
-  workdir = _copy(one_epoch_run, tmp_path)
+  workdir = copy_run(one_epoch_run, tmp_path)
   folder = os.path.join(workdir, "checkpoints")
   shutil.copytree(os.path.join(folder, "1"), os.path.join(folder, "2"))
   with open(os.path.join(folder, "2", "meta", "metadata"), "w") as f:
@@ -207,7 +193,7 @@ def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
 def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run, tiny_market,
                                                                   tmp_path):
   """A run killed while orbax wrote step 2 leaves ``2.orbax-checkpoint-tmp-*`` behind."""
-  workdir = _copy(one_epoch_run, tmp_path)
+  workdir = copy_run(one_epoch_run, tmp_path)
   folder = os.path.join(workdir, "checkpoints")
   partial = os.path.join(folder, "2.orbax-checkpoint-tmp-1700000000000000")
   shutil.copytree(os.path.join(folder, "1"), partial)
