@@ -16,12 +16,15 @@ pickle (paths are stored as a unicode array)::
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ccreid_jax.utils import write_atomic
 
 
 __all__ = ["SPLITS", "ExportedFeatures", "OutputPathError", "check_output_path",
@@ -100,14 +103,9 @@ def export_features(path: str, features: np.ndarray, records: Sequence[Any], spl
       "paths": np.array([str(r.path) for r in records], dtype=np.str_),
       "split": np.array(split, dtype=np.str_),
   }
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_atomic(path, buffer.getvalue())
 
 
 def load_exported(path: str) -> ExportedFeatures:

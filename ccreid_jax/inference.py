@@ -58,6 +58,7 @@ from ccreid_jax.data.cache import decode_image, load_image_cache
 from ccreid_jax.evaluation import pairwise_distance, visualize
 from ccreid_jax.distributed import make_mesh
 from ccreid_jax.extract import eval_features, extract_features, make_extract_fn
+from ccreid_jax.utils import write_atomic, write_json
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -509,21 +510,6 @@ def _sidecar(embedder: Embedder, fmt: str, file_name: str, **fields: Any) -> dic
   }
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "uint8",
                      platforms: Sequence[str] = _STABLEHLO_PLATFORMS) -> str:
   """Writes the feature function as serialised StableHLO; returns the file's path.
@@ -550,8 +536,8 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
     exported = jax.export.export(jax.jit(embedder.feature_function()),
                                  platforms=tuple(platforms))(spec)
   path = os.path.join(out_dir, STABLEHLO_FILE)
-  _write_bytes(path, bytes(exported.serialize()))
-  _write_json(path + ".json", _sidecar(
+  write_atomic(path, bytes(exported.serialize()))
+  write_json(path + ".json", _sidecar(
       embedder, "stablehlo", STABLEHLO_FILE,
       input_name="images", input_layout="NHWC",
       input_shape=["batch", embedder.height, embedder.width, 3], input_dtype=input_dtype,
@@ -620,8 +606,8 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
     function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS)
     proto = to_onnx(function, [spec], model_name="ccreid_jax_features", opset=int(opset),
                     input_names=["images"], output_names=["features"])
-  _write_bytes(out_path, proto.SerializeToString())
-  _write_json(out_path + ".json", _sidecar(
+  write_atomic(out_path, proto.SerializeToString())
+  write_json(out_path + ".json", _sidecar(
       embedder, "onnx", os.path.basename(out_path),
       input_name="images", input_layout="NCHW",
       input_shape=["batch", 3, embedder.height, embedder.width], input_dtype="float32",

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccreid_jax.models.resnet import l2_normalize  # the model's own: one definition
+
 # Logit given to padded memory rows: exp(_MASKED - max_logit) underflows to exactly 0
 # (real logits are bounded by 1 / temperature), and it stays finite so 0 * logit is 0.
 _MASKED = -1e9
@@ -65,13 +67,6 @@ def init_memory(centroids: np.ndarray, bucket: int | None = None) -> MemoryState
   padded[:num] = centroids
   valid = np.arange(bucket) < num
   return MemoryState(centroids=jnp.asarray(padded), valid=jnp.asarray(valid))
-
-
-def l2_normalize(x: jax.Array, eps: float = _NORM_EPS) -> jax.Array:
-  """Rows divided by max(||x||, eps), as torch.nn.functional.normalize."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def memory_logits(features: jax.Array, centroids: jax.Array, temperature: float,

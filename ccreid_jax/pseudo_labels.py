@@ -81,6 +81,10 @@ class PseudoLabels:
     return self.generation.num_clusters
 
 
+CLUSTER_METHODS = ("dbscan", "infomap")
+CLUSTER_DISTANCES = ("jaccard", "ca_jaccard")
+
+
 def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
                      cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
   """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
@@ -123,7 +127,7 @@ def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
                                       min_samples=cluster.min_samples)
   else:
     raise ValueError(f"config.cluster.method: unknown method {cluster.method!r}; accepted: "
-                     "'dbscan', 'infomap'")
+                     f"{', '.join(map(repr, CLUSTER_METHODS))}")
   if outliers_as_singletons:
     labels = clustering.keep_outliers_as_singletons(labels)
   return labels, indep_threshold

@@ -18,14 +18,15 @@ from typing import Any, Callable
 
 import ml_collections
 
+from ccreid_jax import pseudo_labels
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.models import resnet as resnet_lib
 
 __all__ = ["ConfigError", "default_config", "validate_config"]
 
-CLUSTER_METHODS: tuple[str, ...] = ("dbscan", "infomap")
-CLUSTER_DISTANCES: tuple[str, ...] = ("jaccard", "ca_jaccard")
-POOLINGS: tuple[str, ...] = ("gem", "avg")
+CLUSTER_METHODS: tuple[str, ...] = pseudo_labels.CLUSTER_METHODS
+CLUSTER_DISTANCES: tuple[str, ...] = pseudo_labels.CLUSTER_DISTANCES
+POOLINGS: tuple[str, ...] = resnet_lib.POOLINGS
 PRECISIONS: tuple[str, ...] = ("default", "float32")
 KERNELS: tuple[str, ...] = resnet_lib.KERNELS
 # ``model.pretrained`` value that asks for a random initialisation on purpose.

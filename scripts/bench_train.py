@@ -250,78 +250,15 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
 
 def bench_torch(args: argparse.Namespace, images: np.ndarray, steppers: dict | None = None) -> dict:
   import torch
-  from torch import nn
   import torch.nn.functional as F
 
-  class Basic(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, planes, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.down = None
-      if stride != 1 or cin != planes:
-        self.down = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
-                                  nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-      y = F.relu(self.bn1(self.conv1(x)))
-      y = self.bn2(self.conv2(y))
-      return F.relu(y + (x if self.down is None else self.down(x)))
-
-  class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, planes, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = nn.BatchNorm2d(planes * 4)
-      self.down = None
-      if stride != 1 or cin != planes * 4:
-        self.down = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
-                                  nn.BatchNorm2d(planes * 4))
-
-    def forward(self, x):
-      y = F.relu(self.bn1(self.conv1(x)))
-      y = F.relu(self.bn2(self.conv2(y)))
-      y = self.bn3(self.conv3(y))
-      return F.relu(y + (x if self.down is None else self.down(x)))
-
-  archs = {10: (Basic, (1, 1, 1, 1)), 18: (Basic, (2, 2, 2, 2)), 34: (Basic, (3, 4, 6, 3)),
-           50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
-
-  class ReID(nn.Module):
-    def __init__(self, depth, width):
-      super().__init__()
-      block, layers = archs[depth]
-      self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
-                                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-      stages, cin = [], width
-      for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 1))):  # last stride 1
-        planes = width * 2 ** i
-        for j in range(n):
-          stages.append(block(cin, planes, stride if j == 0 else 1))
-          cin = planes * block.expansion
-      self.trunk = nn.Sequential(*stages)
-      self.p = nn.Parameter(torch.ones(1) * 3.0)  # GeM
-      self.neck = nn.BatchNorm1d(cin)
-      self.neck.bias.requires_grad_(False)
-      self.dim = cin
-
-    def forward(self, x):
-      x = self.trunk(self.stem(x))
-      x = x.clamp(min=1e-6).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
-      return F.normalize(self.neck(x))
+  # The same PyTorch model the parity tests compare with (tests/torch_reid.py).
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tests"))
+  import torch_reid  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
-  model = ReID(args.depth, args.model_width).train()
+  model = torch_reid.TorchReIDResNet(args.depth, args.model_width).train()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
   memory = F.normalize(torch.randn(memory_lib.bucket_size(args.clusters), model.dim))

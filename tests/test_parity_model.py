@@ -19,6 +19,8 @@ from ccreid_jax.models import GeM, GhostBatchNorm, ReIDResNet
 torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
+import torch_reid  # noqa: E402  (needs torch)
+
 pytestmark = pytest.mark.parity
 
 
@@ -33,17 +35,6 @@ def nhwc(t):
 # ------------------------------------------------------------------------------------ layers
 
 
-class TorchGeM(nn.Module):
-  def __init__(self, p=3.0, eps=1e-6):
-    super().__init__()
-    self.p = nn.Parameter(torch.ones(1) * p)
-    self.eps = eps
-
-  def forward(self, x):
-    x = x.clamp(min=self.eps).pow(self.p)
-    return F.avg_pool2d(x, (x.size(-2), x.size(-1))).pow(1.0 / self.p).flatten(1)
-
-
 @pytest.mark.parametrize("p", [3.0, 2.3])
 def test_gem_forward_and_gradients(p):
   rng = np.random.default_rng(0)
@@ -51,7 +42,7 @@ def test_gem_forward_and_gradients(p):
   x[0, 0, 0, :] = 0.0
   coef = rng.normal(size=(3, 6)).astype(np.float32)
 
-  ref = TorchGeM(p)
+  ref = torch_reid.TorchGeM(p)
   xt = nchw(x).requires_grad_(True)
   out_t = ref(xt)
   (out_t * torch.tensor(coef)).sum().backward()
@@ -190,86 +181,6 @@ def test_neck_batchnorm1d_with_frozen_zero_bias():
 # ------------------------------------------------------------------------------------ ResNet
 
 
-class TorchBasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, in_planes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.relu = nn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    shortcut = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + shortcut)
-
-
-class TorchBottleneck(nn.Module):
-  expansion = 4
-
-  def __init__(self, in_planes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5: stride here
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    shortcut = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + shortcut)
-
-
-_LAYOUT = {18: (TorchBasicBlock, (2, 2, 2, 2)), 50: (TorchBottleneck, (3, 4, 6, 3))}
-
-
-class TorchReIDResNet(nn.Module):
-  """torchvision trunk (last stride 1) + GeM + BatchNorm1d neck (bias 0, frozen) + normalize."""
-
-  def __init__(self, depth):
-    super().__init__()
-    block, layers = _LAYOUT[depth]
-    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.relu = nn.ReLU(inplace=True)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    in_planes = 64
-    for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 1))):
-      planes = 64 * 2 ** stage
-      modules = []
-      for index in range(blocks):
-        s = stride if index == 0 else 1
-        downsample = None
-        if index == 0 and (s != 1 or in_planes != planes * block.expansion):
-          downsample = nn.Sequential(
-              nn.Conv2d(in_planes, planes * block.expansion, 1, s, bias=False),
-              nn.BatchNorm2d(planes * block.expansion))
-        modules.append(block(in_planes, planes, s, downsample))
-        in_planes = planes * block.expansion
-      setattr(self, f"layer{stage + 1}", nn.Sequential(*modules))
-    self.gem = TorchGeM()
-    self.feat_bn = nn.BatchNorm1d(in_planes)
-    nn.init.constant_(self.feat_bn.weight, 1)
-    nn.init.constant_(self.feat_bn.bias, 0)
-    self.feat_bn.bias.requires_grad_(False)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return F.normalize(self.feat_bn(self.gem(x)))
-
-
 def _randomise(model, seed):
   """Kaiming conv weights (torchvision's init) and random BN affine + running statistics."""
   gen = torch.Generator().manual_seed(seed)
@@ -317,7 +228,7 @@ def _flatten(tree, prefix=""):
 def test_resnet_features_and_train_mode_stats_match_torch(depth):
   rng = np.random.default_rng(depth)
   images = rng.normal(size=(2, 64, 32, 3)).astype(np.float32)
-  ref = TorchReIDResNet(depth)
+  ref = torch_reid.TorchReIDResNet(depth)
   _randomise(ref, seed=depth)
   variables = _to_flax(ref, depth)
   model = ReIDResNet(depth=depth, width=64, last_stride=1, pooling="gem", bn_group_size=64)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ccreid_jax.data.datasets import DatasetError, ReidDataset
-from ccreid_jax.utils import progress_bar
+from ccreid_jax.utils import progress_bar, write_atomic
 
 __all__ = [
     "ImageDecodeError",
@@ -375,10 +375,7 @@ def load_readable_images(
   kept_paths = [paths[i] for i in kept]
   images = load_image_cache(kept_paths, height, width, cache_dir, progress=progress,
                             num_workers=num_workers)
-  tmp = f"{bad_file}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump({"unreadable": [[i, m] for i, m in errors]}, f, indent=1)
-  os.replace(tmp, bad_file)
+  write_atomic(bad_file, json.dumps({"unreadable": [[i, m] for i, m in errors]}, indent=1))
   return ReadableImages(images, kept, tuple(m for _, m in errors))
 
 

@@ -16,6 +16,7 @@ each function), and draw nothing at random: the same inputs give the same pixels
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ccreid_jax.utils import write_atomic
 
 __all__ = [
     "BACKGROUND",
@@ -257,11 +260,9 @@ def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence
 
 def save_png(path: str, image: Image.Image) -> None:
   """Writes ``image`` as PNG atomically (a temporary file renamed into place)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  write_atomic(path, buffer.getvalue())
 
 
 def save_rank_list(path: str, *args: Any, **kwargs: Any) -> Image.Image:

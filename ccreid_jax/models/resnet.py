@@ -89,6 +89,8 @@ def _stem_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
+POOLINGS = ("gem", "avg")  # GeM (learnable p, init 3) or average pooling.
+
 LAYER_SETS = {
     "plain": LayerSet(conv=functools.partial(nn.Conv, use_bias=False),
                       batch_norm=GhostBatchNorm, stem_pool=_stem_pool, block_relu=nn.relu),
@@ -276,7 +278,7 @@ class ReIDResNet(nn.Module):
     elif self.pooling == "avg":
       x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     else:
-      raise ValueError(f"unknown pooling {self.pooling!r}; use 'gem' or 'avg'")
+      raise ValueError(f"unknown pooling {self.pooling!r}; use one of {list(POOLINGS)}")
 
     x = layer_set.batch_norm(group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
                              use_bias=False, dtype=jnp.float32, name="feat_bn")(
