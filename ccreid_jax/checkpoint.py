@@ -1,7 +1,8 @@
 """Checkpoints of a run: one orbax ``CheckpointManager`` per workdir.
 
-A checkpoint is written at the end of every epoch under ``<workdir>/checkpoints/<step>``
-where ``step = epoch + 1`` (the number of finished epochs). It holds two items:
+A checkpoint is written at the end of every epoch under ``<workdir>/checkpoints/<N>``, where
+``N = epoch + 1`` is the number of finished epochs (orbax calls it the checkpoint's step; it is
+not a count of train steps). It holds two items:
 
 * ``state``: the array tree (params, batch stats, optimizer state, cluster memory,
   pseudo labels, RNG key, step counter), saved with ``StandardSave`` and restored into
@@ -44,10 +45,10 @@ class CheckpointNameError(ValueError):
   """A checkpoint name that is none of the accepted forms."""
 
 
-# Every form --checkpoint / config.eval.checkpoint accepts ("init" and step folders are
+# Every form --checkpoint / config.eval.checkpoint accepts ("init" and checkpoint folders are
 # handled by train.load_variables before a Checkpointer resolves the rest).
-ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a step number, or the path of "
-                  "a step folder")
+ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a checkpoint number (the "
+                  "epochs it finished), or the path of a checkpoint folder")
 
 
 def _name_message(which: Any, directory: str, steps: list[int]) -> str:
@@ -56,19 +57,19 @@ def _name_message(which: Any, directory: str, steps: list[int]) -> str:
   close = difflib.get_close_matches(str(which), ["latest", "best", "init"], n=1)
   hint = f" (did you mean {close[0]!r}?)" if close else ""
   looks_like_path = isinstance(which, str) and (os.sep in which or which.startswith("."))
-  what = "no such step folder" if looks_like_path else "not a checkpoint"
-  return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; steps in "
-          f"{directory} ({kept}); a step folder such as {example}.")
+  what = "no such checkpoint folder" if looks_like_path else "not a checkpoint"
+  return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; "
+          f"checkpoints in {directory} ({kept}); a checkpoint folder such as {example}.")
 
 
 def check_name(which: str | int | None, directory: str) -> None:
   """Refuses a checkpoint name of no accepted form before anything is loaded.
 
-  ``which`` may be None (the default checkpoint), "latest", "best", "init", a step number or
+  ``which`` may be None (the default checkpoint), "latest", "best", "init", a checkpoint number or
   an existing folder; ``directory`` is the checkpoint folder whose steps the error lists.
 
   Raises:
-    CheckpointNameError: naming every accepted form and the kept steps.
+    CheckpointNameError: naming every accepted form and the kept checkpoints.
   """
   if which is None or which in ("latest", "best", "init") or os.path.isdir(str(which)):
     return
@@ -181,11 +182,11 @@ class Checkpointer:
     return best
 
   def resolve(self, which: str | int) -> int:
-    """Turns ``"latest"``, ``"best"`` or a step number into a kept step.
+    """Turns ``"latest"``, ``"best"`` or a checkpoint number into a kept checkpoint.
 
     Raises:
       CheckpointNameError: ``which`` is none of these, listing every accepted form and the
-        kept steps.
+        kept checkpoints.
       CheckpointNotFoundError: no checkpoint is kept, none was evaluated (``"best"``) or the
         step is not kept.
     """
@@ -206,12 +207,12 @@ class Checkpointer:
       best = self.best_step()
       if best is None:
         raise CheckpointNotFoundError(
-            f"No evaluated checkpoint in {self.directory} (saved steps: {steps}); "
+            f"No evaluated checkpoint in {self.directory} (kept: {steps}); "
             "use --checkpoint=latest.")
       return best
     if step not in steps:
       raise CheckpointNotFoundError(
-          f"Step {step} is not kept in {self.directory}; kept: {steps}.")
+          f"Checkpoint {step} is not kept in {self.directory}; kept: {steps}.")
     return step
 
   def _name_message(self, which: Any) -> str:
@@ -247,14 +248,14 @@ class Checkpointer:
     others = [s for s in self.all_steps() if s != step]
     reason = (str(exc).strip().splitlines() or [""])[0][:300]
     if others:
-      instead = (f"evaluate another kept step with --checkpoint={others[-1]} (kept: {others}); "
-                 f"to resume training from step {others[-1]}, move {path} out of the way; "
+      instead = (f"evaluate another kept checkpoint with --checkpoint={others[-1]} (kept: {others}); "
+                 f"to resume training from checkpoint {others[-1]}, move {path} out of the way; "
                  "or train into a new --workdir.")
     else:
-      instead = (f"no other step is kept; move {path} out of the way to train from scratch, "
+      instead = (f"no other checkpoint is kept; move {path} out of the way to train from scratch, "
                  "or train into a new --workdir.")
     return CheckpointError(
-        f"Checkpoint step {step} in {self.directory} cannot be read: its files are damaged "
+        f"Checkpoint {step} in {self.directory} cannot be read: its files are damaged "
         "(truncated or partly deleted) or were written for another model config "
         f"({type(exc).__name__}: {reason}).\nInstead: {instead}")
 

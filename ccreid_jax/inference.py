@@ -292,14 +292,14 @@ class Embedder:
         precision=config.model.get("precision", "default"),
         num_workers=config.data.num_workers,
         source={"workdir": os.path.abspath(workdir), "checkpoint": str(which),
-                "step": int(step), "epoch": int(epoch)})
+                "number": int(step), "epoch": int(epoch)})
 
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: str | int = "best", *,
                    flip: bool | None = None, batch_size: int | None = None) -> Embedder:
     """The model of a checkpoint of a run, set up by the run's own ``config.json``.
 
-    ``checkpoint``: "best", "latest", a step, the path of a step folder, or "init".
+    ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder, or "init".
     """
     return cls.from_config(read_run_config(workdir), workdir, checkpoint, flip=flip,
                            batch_size=batch_size)

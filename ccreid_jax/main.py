@@ -55,7 +55,8 @@ _MODE = flags.DEFINE_enum(
     "write the model for serving in --format to --out.")
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "--mode eval/extract/search/export: 'best', 'latest', a step, the path of a step folder, "
+    "--mode eval/extract/search/export: 'best', 'latest', a checkpoint number (the epochs it "
+    "finished), the path of a checkpoint folder, "
     "or 'init' for the "
     "initial (pretrained) model (default config.eval.checkpoint; with no checkpoint and "
     "config.model.pretrained set: init).")
@@ -293,8 +294,9 @@ def _run(argv):
     return
   results = train.evaluate(config, WORKDIR.value, checkpoint=CHECKPOINT.value)
   evaluated_on = config.eval.dataset or config.data.name
-  title = (f"initial model ({evaluated_on})" if results["step"] == 0
-           else f"checkpoint step {results['step']} ({evaluated_on})")
+  title = (f"initial model ({evaluated_on})" if results["checkpoint"] == 0
+           else f"checkpoint {results['checkpoint']}: after epoch {results['epoch']} "
+                f"({evaluated_on})")
   print(format_results_table(results, title=title))
   print(json.dumps({k: results[k] for k in sorted(results)}))
 

@@ -6,7 +6,7 @@ arguments as ``utils.MetricsWriter.write``, so every ``metrics.jsonl`` record ca
 TensorBoard too, under these tags and steps:
 
 * step = number of epochs done: 0 for the ``initial`` record, ``epoch + 1`` for the record of
-  ``epoch`` (the same numbering as the checkpoint steps);
+  ``epoch`` (the same numbering as the checkpoints);
 * ``eval/mAP``, ``eval/rank1``, ... (evaluation), ``train/loss``, ``train/lr``,
   ``cluster/clusters``, ``cluster/outliers``, ``cluster/cluster_ari``, ``cluster/rlcc_*``,
   ``time/<phase>`` (seconds); ``kind``, ``time``, ``epoch`` and ``steps`` are not written.

@@ -562,7 +562,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, force: bool,
       if not differences:
         raise
       raise checkpoint_lib.CheckpointError(
-          f"The new config cannot resume {workdir}: its checkpoint step {latest} holds arrays "
+          f"The new config cannot resume {workdir}: its checkpoint {latest} holds arrays "
           "of other shapes than this config's model (" + ", ".join(
               f"{p}: {a!r} -> {b!r}" for p, a, b in differences) + "). Nothing was written; "
           "resume with the saved config (without --force), or train into a new "
@@ -646,7 +646,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
                    checkpoint: str | int | None = None) -> tuple[Any, Any, int, int]:
   """``(model, variables, step, epoch)`` of a checkpoint of ``workdir``, or the initial model.
 
-  ``checkpoint``: "best", "latest", a step number, the path of a step folder (of any run),
+  ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder (of any run),
   or "init" for the initial (random or ``config.model.pretrained``) model, step 0, epoch -1.
   The default is ``config.eval.checkpoint``; a workdir without a checkpoint and a config
   with ``model.pretrained`` give the initial model (the "direct transfer" baseline).
@@ -669,7 +669,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
     state = init_train_state(model, tx, config, memory)
     return model, distributed.replicate(state.variables, mesh), 0, -1
   if isinstance(which, str) and os.path.isdir(which):
-    # A step folder of any run, e.g. runs/market/checkpoints/50.
+    # A checkpoint folder of any run, e.g. runs/market/checkpoints/50.
     path = os.path.abspath(which)
     checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), read_only=True)
     which = os.path.basename(path)
@@ -682,11 +682,11 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
 def run_model_config(config: ml_collections.ConfigDict, workdir: str,
                      checkpoint: str | int | None) -> ml_collections.ConfigDict:
   """The config with the model settings of the run whose checkpoint is evaluated (the
-  workdir's, or the run of a step folder); unchanged for ``checkpoint="init"``."""
+  workdir's, or the run of a checkpoint folder); unchanged for ``checkpoint="init"``."""
   which = config.eval.checkpoint if checkpoint is None else checkpoint
   if which == "init":
     return config
-  if isinstance(which, str) and os.path.isdir(which):  # <run>/checkpoints/<step>
+  if isinstance(which, str) and os.path.isdir(which):  # <run>/checkpoints/<N>
     workdir = os.path.dirname(os.path.dirname(os.path.abspath(which)))
   return workdir_lib.with_run_model_settings(config, workdir)
 
@@ -695,7 +695,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint: str | int | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint of ``workdir`` (default ``config.eval.checkpoint``).
 
-  Prints nothing; returns mAP / CMC with the checkpoint's ``step`` and ``epoch``, and writes
+  Prints nothing; returns mAP / CMC / mINP with the ``checkpoint`` (its number: the epochs
+  done, 0 for the initial model) and its last ``epoch``, and writes
   them to ``<workdir>/eval_<step>.json`` with a rank-list picture.
   """
   validation.validate_config(config, num_devices=None)
@@ -704,7 +705,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, variables, step, epoch = load_variables(config, workdir, checkpoint)
   extract_eval = make_feature_extractor(model, config, flip=config.eval.flip)
   metrics, distmat = evaluate_variables(extract_eval, variables, data, config)
-  results = dict(metrics, step=step, epoch=epoch)
+  results = dict(metrics, checkpoint=step, epoch=epoch)
   name = "init" if step == 0 else str(step)
   if data.cross_domain:
     name += f"_{config.eval.dataset or config.data.name}"
@@ -732,4 +733,4 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   if distributed.is_primary():
     export_features(out, features, records, split)
   return {"out": out, "split": split, "num_images": len(records),
-          "feature_dim": int(features.shape[1]), "step": step, "epoch": epoch}
+          "feature_dim": int(features.shape[1]), "checkpoint": step, "epoch": epoch}

@@ -382,7 +382,7 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
       int(which)
     except ValueError:
       c.fail("eval.checkpoint", which,
-             "accepted: 'best', 'latest', 'init', a step number or a step folder")
+             "accepted: 'best', 'latest', 'init', a checkpoint number or a checkpoint folder")
 
 
 def validate_config(config: Any, *, num_devices: int | None, training: bool = False,

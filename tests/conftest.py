@@ -82,7 +82,7 @@ def tiny_market(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_market, tmp_path_factory) -> str:
-  """A finished 1-epoch tiny run (checkpoint step 1); tests copy it before changing it."""
+  """A finished 1-epoch tiny run (checkpoint 1); tests copy it before changing it."""
   from ccreid_jax import train
 
   config = tiny_config(tiny_market)

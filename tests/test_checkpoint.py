@@ -79,7 +79,7 @@ def test_unknown_checkpoint_name_lists_every_accepted_form(tmp_path):
   with pytest.raises(ValueError) as info:
     ckpt.resolve("bset")
   message = str(info.value)
-  for text in ("'bset'", "'latest'", "'best'", "'init'", "a step number", "step folder",
+  for text in ("'bset'", "'latest'", "'best'", "'init'", "a checkpoint number", "checkpoint folder",
                "kept: 2", str(tmp_path / "ckpt" / "2"), "did you mean 'best'"):
     assert text in message, text
 

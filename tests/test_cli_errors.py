@@ -85,8 +85,8 @@ def test_workdir_that_is_a_file_and_a_misspelt_checkpoint_are_refused_up_front(t
   (tmp_path / "new" / "run" / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(checkpoint_lib.CheckpointNameError) as info:
     checkpoint_lib.check_name("bset", str(tmp_path / "new" / "run" / "checkpoints"))
-  for text in ("'bset'", "did you mean 'best'", "'latest'", "'init'", "a step number",
-               "step folder", "kept: 4"):
+  for text in ("'bset'", "did you mean 'best'", "'latest'", "'init'", "a checkpoint number",
+               "checkpoint folder", "kept: 4"):
     assert text in str(info.value), text
   for accepted in (None, "latest", "best", "init", "12", 3, str(tmp_path)):
     checkpoint_lib.check_name(accepted, str(tmp_path))

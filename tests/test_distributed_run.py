@@ -73,7 +73,7 @@ def test_two_process_run_trains_checkpoints_resumes_and_evaluates(tiny_market, t
     assert os.path.exists(os.path.join(shared, name)), name
   for r in two:  # the checkpoint both processes wrote evaluates to what training logged.
     assert r["evaluated"]["mAP"] == pytest.approx(two_records[-1]["mAP"], abs=1e-6)
-    assert r["evaluated"]["step"] == 2
+    assert r["evaluated"]["checkpoint"] == 2
 
   # Resume the shared run for one more epoch, again in two processes.
   resumed = run_processes(2, 2, _train_script(tiny_market, shared, epochs=3))
@@ -82,5 +82,5 @@ def test_two_process_run_trains_checkpoints_resumes_and_evaluates(tiny_market, t
   assert records[:2] == two_records  # the finished epochs are kept, not redone.
   assert records[2]["steps"] == 3 * records[0]["steps"]
   for r in resumed:
-    assert r["evaluated"]["step"] == 3
+    assert r["evaluated"]["checkpoint"] == 3
     assert r["evaluated"]["mAP"] == pytest.approx(records[2]["mAP"], abs=1e-6)

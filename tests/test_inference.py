@@ -183,7 +183,7 @@ def test_from_workdir_reads_the_saved_config_and_the_checkpoint(run_workdir, ima
   assert (embedder.height, embedder.width) == (32, 16)
   assert embedder.flip and embedder.batch_size == 8
   assert embedder.source == {"workdir": os.path.abspath(workdir), "checkpoint": "init",
-                             "step": 0, "epoch": -1}
+                             "number": 0, "epoch": -1}
   # The variables are load_variables' (features from variables: the tests above).
   model, variables, _, _ = train.load_variables(config, workdir, "init")
   assert embedder.model == model
@@ -215,7 +215,7 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   assert summary["path"] == str(tmp_path / "hlo" / inference.STABLEHLO_FILE)
   with open(summary["sidecar"]) as f:
     sidecar = json.load(f)
-  assert sidecar["checkpoint"]["step"] == 0 and sidecar["flip"] is True
+  assert sidecar["checkpoint"]["number"] == 0 and sidecar["flip"] is True
   assert (sidecar["height"], sidecar["width"]) == (32, 16)
   with pytest.raises(ValueError, match="'stablehlo' or 'onnx'"):
     inference.run_export(config, workdir, "tflite", str(tmp_path / "x"), checkpoint="init")

@@ -132,7 +132,7 @@ def test_nan_loss_leaves_the_last_good_checkpoint_restorable(nan_run):
   ckpt = Checkpointer(folder, read_only=True)
   assert ckpt.latest_step() == 1
   evaluated = train.evaluate(config, workdir, checkpoint="latest")
-  assert evaluated["step"] == 1 and evaluated["epoch"] == 0
+  assert evaluated["checkpoint"] == 1 and evaluated["epoch"] == 0
   # Resuming, the fault gone, continues with epoch 1.
   config.train.epochs = 2
   train.train_and_evaluate(config, workdir)
@@ -162,9 +162,9 @@ def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny
   with pytest.raises(CheckpointError) as info:
     train.train_and_evaluate(config, workdir)
   message = str(info.value)
-  assert "Checkpoint step 1" in message and os.path.join(workdir, "checkpoints") in message
+  assert "Checkpoint 1" in message and os.path.join(workdir, "checkpoints") in message
   assert "new --workdir" in message and "move" in message
-  with pytest.raises(CheckpointError, match="Checkpoint step 1"):
+  with pytest.raises(CheckpointError, match="Checkpoint 1"):
     train.evaluate(config, workdir, checkpoint="latest")
 
 
@@ -174,7 +174,7 @@ def test_damaged_checkpoint_metadata(one_epoch_run, tiny_market, tmp_path):
     f.write('{"epoch": ')
   config = tiny_config(tiny_market)
   config.train.epochs = 2
-  with pytest.raises(CheckpointError, match="Checkpoint step 1 .* cannot be read"):
+  with pytest.raises(CheckpointError, match="Checkpoint 1 .* cannot be read"):
     train.train_and_evaluate(config, workdir)
 
 

@@ -45,7 +45,7 @@ def _images(n, seed):
 def _embedder(tiny_model, flip=False):
   model, variables = tiny_model
   return inference.Embedder(model, variables, height=HEIGHT, width=WIDTH, flip=flip,
-                            source={"workdir": "/runs/x", "checkpoint": "best", "step": 7,
+                            source={"workdir": "/runs/x", "checkpoint": "best", "number": 7,
                                     "epoch": 3})
 
 
@@ -54,7 +54,7 @@ def _check_common_sidecar(sidecar, embedder):
   assert sidecar["feature_dim"] == embedder.feature_dim == models.feature_dim(10, 8)
   assert sidecar["mean"] == list(augment.IMAGENET_MEAN)
   assert sidecar["std"] == list(augment.IMAGENET_STD)
-  assert sidecar["checkpoint"] == {"workdir": "/runs/x", "checkpoint": "best", "step": 7,
+  assert sidecar["checkpoint"] == {"workdir": "/runs/x", "checkpoint": "best", "number": 7,
                                    "epoch": 3}
   assert sidecar["output_shape"] == ["batch", embedder.feature_dim]
   assert sidecar["flip"] is embedder.flip

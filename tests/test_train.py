@@ -76,7 +76,7 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   assert evaluated["epoch"] == 1
   for key in ("mAP", "rank1"):
     assert evaluated[key] == pytest.approx(epochs[-1][key], abs=1e-6)
-  assert os.path.exists(os.path.join(workdir, f"eval_{evaluated['step']}.json"))
+  assert os.path.exists(os.path.join(workdir, f"eval_{evaluated['checkpoint']}.json"))
   # Re-ranking changes the distances, hence (on this data) the mAP, and still gives valid metrics.
   config.eval.rerank = True
   reranked = train.evaluate(config, workdir, checkpoint="latest")

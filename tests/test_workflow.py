@@ -42,14 +42,14 @@ def test_workflow_outputs(tiny_market, tmp_path):
   # Direct transfer: the initial model, evaluated from an existing workdir, reproduces the
   # "initial" record written before training.
   initial = train.evaluate(config, workdir, checkpoint="init")
-  assert (initial["step"], initial["epoch"]) == (0, -1)
+  assert (initial["checkpoint"], initial["epoch"]) == (0, -1)
   assert initial["mAP"] == pytest.approx(records[0]["mAP"], abs=1e-6)
   assert os.path.exists(os.path.join(workdir, "eval_init.json"))
 
   # A checkpoint can also be named by its folder.
   by_path = train.evaluate(config, workdir, checkpoint=os.path.join(workdir, "checkpoints", "2"))
   latest = train.evaluate(config, workdir, checkpoint="latest")
-  assert by_path["step"] == latest["step"] == 2
+  assert by_path["checkpoint"] == latest["checkpoint"] == 2
   assert by_path["mAP"] == pytest.approx(latest["mAP"], abs=1e-9)
 
   # Feature export of a split.

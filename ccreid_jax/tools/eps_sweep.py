@@ -1,7 +1,7 @@
 """Choose DBSCAN's radius without retraining: one model's train features clustered at many eps.
 
   python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
-      [--checkpoint best|latest|<step>|<step folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
+      [--checkpoint best|latest|<N>|<checkpoint folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
 
 The sweep loads the model of a checkpoint (``init``: the initial model, ImageNet weights from
 ``model.pretrained`` or a random one with ``model.pretrained=none``), extracts the train
@@ -227,7 +227,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[
     config: the run's config (``cluster`` gives the distance, k's and ``min_samples``).
     workdir: the run folder (checkpoints; the image cache unless ``data.cache_dir``).
     eps_values: the radii (``parse_eps``), each in (0, 1).
-    checkpoint: as ``train.load_variables`` ("best", "latest", a step, a step folder, "init";
+    checkpoint: as ``train.load_variables`` ("best", "latest", a checkpoint number, a checkpoint folder, "init";
       None: ``config.eval.checkpoint``).
     out: folder for ``eps_sweep_<name>.json`` / ``.png`` (``name``: "init" or the step);
       None writes nothing.
@@ -255,7 +255,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[
   rows = sweep_rows(distance, eps_values, config.cluster.min_samples, data.train_ids)
   name = "init" if step == 0 else str(step)
   result: dict[str, Any] = {
-      "checkpoint": name, "step": step, "epoch": epoch, "num_train": data.num_train,
+      "checkpoint": name, "epoch": epoch, "num_train": data.num_train,
       "distance": config.cluster.distance, "min_samples": int(config.cluster.min_samples),
       "configured_eps": float(config.cluster.eps), "has_train_ids": data.has_train_ids,
       "rows": rows}
@@ -324,7 +324,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.FLAGS["out"].help = ("Folder for eps_sweep_<checkpoint>.json and .png (default: "
                              "--workdir).")
-  flags.FLAGS["checkpoint"].help = ("'best', 'latest', a step, the path of a step folder, or "
+  flags.FLAGS["checkpoint"].help = ("'best', 'latest', a checkpoint number, the path of a checkpoint folder, or "
                                     "'init' for the initial model (default "
                                     "config.eval.checkpoint).")
   app.run(main, flags_parser=cli.parse_flags)
