@@ -34,7 +34,7 @@ logger = logging.getLogger("ccreid_jax")
 
 
 class CheckpointError(RuntimeError):
-  """A kept checkpoint cannot be read; the message names the step and the ways out."""
+  """A kept checkpoint cannot be read; the message names the checkpoint and the ways out."""
 
 
 class CheckpointNotFoundError(FileNotFoundError):

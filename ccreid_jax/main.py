@@ -218,6 +218,8 @@ def log_to_stderr() -> None:
   logger.setLevel(logging.INFO)
   logger.propagate = False
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # JAX's note that it found no TPU library, at INFO on every CPU and GPU start.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def main(argv):

@@ -697,7 +697,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Prints nothing; returns mAP / CMC / mINP with the ``checkpoint`` (its number: the epochs
   done, 0 for the initial model) and its last ``epoch``, and writes
-  them to ``<workdir>/eval_<step>.json`` with a rank-list picture.
+  them to ``<workdir>/eval_<checkpoint>.json`` with a rank-list picture.
   """
   validation.validate_config(config, num_devices=None)
   config = run_model_config(config, workdir, checkpoint)
