@@ -1,21 +1,24 @@
-# Sourced by scripts/*.sh: creates .venv at the repo root if missing and installs the
-# package with the given extras (e.g. "test"). Idempotent and quick when up to date.
+# Sourced by scripts/*.sh, which then call `setup_venv [extras]`: creates .venv at the repo
+# root if missing and installs the package with the given extras (e.g. "test"). Idempotent
+# and quick when up to date. A function, so that the sourcing script's own arguments (e.g.
+# demo.sh's --config.seed=2) are never read as extras.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($PY --version)"
-  "$PY" -m venv .venv
-fi
-EXTRAS="${1:-}"
-SPEC="."
-[ -n "$EXTRAS" ] && SPEC=".[$EXTRAS]"
-STAMP=".venv/.installed-${EXTRAS:-base}"
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  echo "[setup] installing ccreid_jax${EXTRAS:+[$EXTRAS]} into .venv"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e "$SPEC"
-  touch "$STAMP"
-fi
-export PATH="$ROOT/.venv/bin:$PATH"
+
+setup_venv() {
+  local extras="${1:-}" spec="." stamp py="${PYTHON:-python3}"
+  cd "$ROOT"
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($py --version)"
+    "$py" -m venv .venv
+  fi
+  [ -n "$extras" ] && spec=".[$extras]"
+  stamp=".venv/.installed-${extras:-base}"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "[setup] installing ccreid_jax${extras:+[$extras]} into .venv"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e "$spec"
+    touch "$stamp"
+  fi
+  export PATH="$ROOT/.venv/bin:$PATH"
+}

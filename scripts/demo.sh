@@ -4,6 +4,7 @@
 # Extra arguments go to ccreid_jax.main (e.g. --config.train.epochs=2).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+setup_venv
 WORKDIR="${WORKDIR:-runs/demo}"
 python -m ccreid_jax.data.synthetic --root demo_data
 python -m ccreid_jax.main --config configs/demo.py --workdir "$WORKDIR" "$@"

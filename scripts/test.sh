@@ -3,7 +3,8 @@
 # PyTorch 2.13.0 for the parity tests), runs pytest. Extra arguments go to pytest
 # (e.g. `bash scripts/test.sh -k memory`).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+setup_venv test
 if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0 (CPU) for the parity tests"
   # --no-compile: byte-compiling torch's sources took 34 of the install's 46 s on 2 cores;
