@@ -27,7 +27,8 @@ Choose DBSCAN's radius (``cluster.eps``) for your data with the eps sweep, on th
 model or any checkpoint, without retraining:
 
     python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
-        --config.data.root=/path/to/images --checkpoint init --eps 0.3:0.8:0.05
+        --config.data.root=/path/to/images --checkpoint init --eps 0.3:0.8:0.05 \\
+        --config.model.pretrained=weights/resnet50-19c8e357.pth
 
 Everything else is the published Cluster Contrast recipe (configs/default.py): ResNet-50
 from ImageNet, 256x128 images (person-shaped; use e.g. 224x224 for vehicles), batches of 16

@@ -105,6 +105,9 @@ def test_the_command_line(tiny_market, tmp_path):
   cases = {
       "ok": base + ["--checkpoint", "init", "--eps", "0.5:0.7:0.1", "--out", str(tmp_path / "o")],
       "eps": base + ["--eps", "0.5:1.5:0.1", "--mode", "eval"],
+      # The initial model without weights would be a random network: refused as training is.
+      "weights": base[:-1] + [str(tmp_path / "run_w"), "--checkpoint", "init",
+                              "--config.model.pretrained="],
   }
   procs = {name: subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
@@ -121,5 +124,9 @@ def test_the_command_line(tiny_market, tmp_path):
   assert code == 2 and "Traceback" not in err, err
   assert err.strip().splitlines() == [
       "error: --mode: flags of ccreid_jax.main, not of the eps sweep (see --helpshort)"], err
+  code, _, err = results["weights"]
+  assert code == 2 and "Traceback" not in err, err
+  assert "model.pretrained = '': no backbone weights" in err and "pretrained=none" in err, err
+  assert os.listdir(tmp_path / "run_w") == [], "nothing is loaded before the check"
   with pytest.raises(CommandLineError, match="1.0 is outside"):
     eps_sweep.parse_eps_flag("0.5:1.5:0.1")

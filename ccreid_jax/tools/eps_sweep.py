@@ -4,11 +4,12 @@
       [--checkpoint best|latest|<N>|<checkpoint folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
 
 The sweep loads the model of a checkpoint (``init``: the initial model, ImageNet weights from
-``model.pretrained`` or a random one with ``model.pretrained=none``), extracts the train
-features once (evaluation transform, as every epoch's clustering does), computes the configured
-sparse distance once (``cluster.distance``: "jaccard" or "ca_jaccard", stored up to the largest
-eps of the sweep) and runs DBSCAN (``cluster.min_samples``) at every eps. At each eps the labels
-are the ones the training's clustering gives the same features with ``cluster.eps`` set to it
+``model.pretrained``, or a random one when asked for with ``model.pretrained=none``; neither is
+refused, as training is), extracts the train features once (evaluation transform, as every
+epoch's clustering does), computes the configured sparse distance once (``cluster.distance``:
+"jaccard" or "ca_jaccard", stored up to the largest eps of the sweep) and runs DBSCAN
+(``cluster.min_samples``) at every eps. At each eps the labels are the ones the training's
+clustering gives the same features with ``cluster.eps`` set to it
 (docs/algorithms.md section 5). It prints a table and writes ``eps_sweep_<checkpoint>.json``
 and ``eps_sweep_<checkpoint>.png`` (``init`` or the step) into ``--out`` (default: the workdir).
 
@@ -237,7 +238,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[
     "configured_eps", "has_train_ids", "rows"}`` (``rows``: one ``label_row`` per eps), plus
     ``"json"`` and ``"png"`` paths when written.
   """
-  validation.validate_config(config, num_devices=None)
+  # The initial model is what the first epoch clusters: without weights it would be a random
+  # network, whose eps says nothing about a run from ImageNet. Refused as training is.
+  sweeps_init = str(checkpoint if checkpoint is not None else config.eval.checkpoint) == "init"
+  validation.validate_config(config, num_devices=None, training=sweeps_init)
   _check_sweepable(config)
   if config.cluster.reliable:
     logger.info("cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
