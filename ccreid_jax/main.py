@@ -217,9 +217,10 @@ def log_to_stderr() -> None:
   logger.handlers[:] = [handler]
   logger.setLevel(logging.INFO)
   logger.propagate = False
+  # Other libraries' INFO lines (JAX's note that it found no TPU library on every CPU and GPU
+  # start, the ONNX converter's progress) are left out; their warnings are kept.
+  logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  # JAX's note that it found no TPU library, at INFO on every CPU and GPU start.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def main(argv):
