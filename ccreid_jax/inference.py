@@ -19,7 +19,8 @@ layout, dtype, value range, mean / std, image size, feature dimension and the ch
 
 * ``export_stablehlo(embedder, out_dir)``: ``out_dir/model.stablehlo``, a serialised
   ``jax.export.Exported`` of the whole feature function (uint8 NHWC images in, features out,
-  test transform included, batch size symbolic). It runs with JAX alone::
+  test transform included, batch size symbolic). It runs with JAX alone (``pip install jax
+  flatbuffers``: JAX reads the file with ``flatbuffers``, which it does not install itself)::
 
       exported = jax.export.deserialize(bytearray(open("model.stablehlo", "rb").read()))
       features = exported.call(images)        # (B, H, W, 3) uint8 -> (B, D) float32
@@ -85,6 +86,8 @@ logger = logging.getLogger("ccreid_jax")
 
 IMAGE_EXTENSIONS = datasets_lib.FOLDER_IMAGE_EXTENSIONS
 STABLEHLO_FILE = "model.stablehlo"  # File name of the StableHLO export in its folder.
+# The converter version the ONNX export is written and tested for (scripts/test.sh installs it).
+JAX2ONNX = "jax2onnx==0.17.1"
 # The lowest opset that fits what jax2onnx writes (ReduceMean with its axes as an input).
 ONNX_OPSET = 18
 # The layer set the ONNX export is traced with: flax's plain layers, which jax2onnx maps to
@@ -517,8 +520,8 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
   The file, ``out_dir/model.stablehlo``, holds a ``jax.export.Exported`` of
   (B, height, width, 3) RGB images -> (B, D) float32 L2-normalised features, with the test
   transform (and the flip test when the embedder has it) and the variables inside; B is
-  symbolic (any batch size). Run it with JAX alone:
-  ``jax.export.deserialize(bytearray(data)).call(images)``. ``out_dir/model.stablehlo.json``
+  symbolic (any batch size). Run it with JAX alone (and ``flatbuffers``, which JAX's
+  serializer needs): ``jax.export.deserialize(bytearray(data)).call(images)``. ``out_dir/model.stablehlo.json``
   describes it.
 
   Args:
@@ -590,7 +593,8 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   and normalised, ``(x / 255 - mean) / std`` with the ImageNet mean / std (``onnx_input``
   makes it from uint8 NHWC images); batch is dynamic. Output ``features``: (batch, D) float32
   L2-normalised (with the flip test when the embedder has it). ``<out_path>.json`` describes
-  both. Needs the ``jax2onnx`` and ``onnx`` packages (``pip install ccreid_jax[export]``).
+  both. Needs the ``onnx`` packages (``pip install "ccreid_jax[export]"``) and the converter
+  (``pip install --no-deps jax2onnx==0.17.1``: its own pins would downgrade orbax-checkpoint).
   """
   try:
     import onnx
@@ -598,7 +602,8 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   except ImportError as exc:
     raise ExportUnavailableError(
         f"ONNX export needs the jax2onnx and onnx packages ({exc}); install them with "
-        "`pip install ccreid_jax[export]`.") from exc
+        f'`pip install "ccreid_jax[export]"` and `pip install --no-deps {JAX2ONNX}` (the '
+        "converter's own pins would downgrade orbax-checkpoint).") from exc
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
   spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)

@@ -522,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     as the reference does) with its ``epoch``, plus ``best`` and ``last``: the metrics and
     epoch of the best and of the final evaluation. Without query / gallery (a folder of
     unlabeled images and no ``eval.list``): the last ``epoch`` and the kept ``checkpoints``
-    (steps). Empty when nothing was trained (``train.epochs = 0``).
+    (their numbers: epochs done). Empty when nothing was trained (``train.epochs = 0``).
   """
   validation.validate_config(config, num_devices=jax.device_count(), training=True)
   # Every process runs this function; only process 0 writes files other than checkpoints

@@ -1,11 +1,16 @@
 """Exports for serving: the StableHLO file run by JAX alone in a fresh process, and the ONNX
-model run by ONNX Runtime, give the in-process model's features at two batch sizes."""
+model run by ONNX Runtime, give the in-process model's features at two batch sizes. The
+StableHLO export is written with the package's base dependencies only and read with jax, numpy
+and flatbuffers only (other installed packages are made unimportable in those processes)."""
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 
 import jax
 import numpy as np
@@ -18,10 +23,30 @@ from tiny_model import tiny_model_and_variables
 HEIGHT, WIDTH = 32, 16
 BATCH_SIZES = (1, 5)
 
-# Runs a StableHLO export with jax and numpy only: importing ccreid_jax would fail.
-_RUN_STABLEHLO = textwrap.dedent("""
-    import sys
-    sys.modules["ccreid_jax"] = None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Prepended to a child process's code: makes every installed top-level module unimportable
+# whose distribution is not in ALLOWED (a JSON list of normalised names), as on a machine
+# where only those are installed. Standard-library modules and modules of no installed
+# distribution (the tests' helpers) stay importable.
+_ONLY_ALLOWED = textwrap.dedent("""
+    import importlib.metadata, json, re, sys
+    _allowed = set(json.loads(sys.argv.pop(1)))
+    _owners = importlib.metadata.packages_distributions()
+
+    class _Block:
+      def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in _owners.get(top, ())}
+        if top in sys.stdlib_module_names or not dists or dists & _allowed:
+          return None
+        raise ModuleNotFoundError(f"No module named {name!r} (not allowed here)", name=name)
+
+    sys.meta_path.insert(0, _Block())
+""")
+
+# Runs a StableHLO export with jax, numpy and flatbuffers only.
+_RUN_STABLEHLO = _ONLY_ALLOWED + textwrap.dedent("""
     import jax
     import numpy as np
     path, inputs, outputs = sys.argv[1:4]
@@ -31,6 +56,48 @@ _RUN_STABLEHLO = textwrap.dedent("""
       results = {name: np.asarray(exported.call(data[name])) for name in data.files}
     np.savez(outputs, **results)
 """)
+
+
+# Writes a StableHLO export of the tiny model with the package's base dependencies only.
+_EXPORT_STABLEHLO = _ONLY_ALLOWED + textwrap.dedent("""
+    from ccreid_jax import inference
+    from tiny_model import tiny_model_and_variables
+    model, variables = tiny_model_and_variables(32, 16)
+    embedder = inference.Embedder(model, variables, height=32, width=16)
+    inference.export_stablehlo(embedder, sys.argv[1], platforms=("cpu",))
+""")
+
+
+def _name(requirement):
+  return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+
+
+def _with_requirements(names):
+  """The distributions ``names`` and everything they require (extras left out)."""
+  found, todo = set(), [_name(n) for n in names]
+  while todo:
+    name = todo.pop()
+    if name in found:
+      continue
+    found.add(name)
+    try:
+      requirements = importlib.metadata.requires(name) or []
+    except importlib.metadata.PackageNotFoundError:
+      continue
+    todo += [_name(r) for r in requirements if not re.search(r"\bextra\s*==", r)]
+  return sorted(found)
+
+
+def _base_dependencies():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]["dependencies"]
+
+
+def _run_child(code, allowed, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+  return subprocess.run([sys.executable, "-c", code, json.dumps(allowed), *args],
+                        env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +133,11 @@ def test_stablehlo_export_runs_with_jax_alone(tiny_model, tmp_path):
   assert path == str(tmp_path / "export" / inference.STABLEHLO_FILE)
   inputs = {f"b{n}": _images(n, seed=n) for n in BATCH_SIZES}
   np.savez(tmp_path / "inputs.npz", **inputs)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", _RUN_STABLEHLO, path, str(tmp_path / "inputs.npz"),
-                  str(tmp_path / "outputs.npz")], check=True, env=env, cwd=str(tmp_path),
-                 timeout=300)
+  allowed = _with_requirements(["jax", "numpy", "flatbuffers"])
+  assert "ccreid-jax" not in allowed
+  child = _run_child(_RUN_STABLEHLO, allowed, path, str(tmp_path / "inputs.npz"),
+                     str(tmp_path / "outputs.npz"))
+  assert child.returncode == 0, child.stderr[-3000:]
   with np.load(tmp_path / "outputs.npz") as outputs:
     for name, images in inputs.items():
       got, want = outputs[name], embedder.embed(images)
@@ -84,6 +152,15 @@ def test_stablehlo_export_runs_with_jax_alone(tiny_model, tmp_path):
   assert sidecar["input_shape"] == ["batch", HEIGHT, WIDTH, 3]
   assert sidecar["input_value_range"] == [0, 255] and sidecar["normalization_included"]
   assert set(sidecar["platforms"]) == {"cpu", "cuda"}
+
+
+def test_stablehlo_export_needs_only_the_base_dependencies(tmp_path):
+  """``pip install ccreid_jax`` can export: the serializer's flatbuffers is no jax
+  requirement, so it must be one of ours."""
+  allowed = _with_requirements(_base_dependencies()) + ["ccreid-jax"]
+  child = _run_child(_EXPORT_STABLEHLO, allowed, str(tmp_path))
+  assert child.returncode == 0, child.stderr[-3000:]
+  assert os.path.isfile(tmp_path / inference.STABLEHLO_FILE)
 
 
 def test_stablehlo_export_with_flip_and_float_input(tiny_model, tmp_path):
@@ -139,3 +216,20 @@ def test_onnx_input_is_the_test_transform_transposed():
   mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
   want = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
   np.testing.assert_allclose(x, want, atol=1e-5)
+
+
+def test_onnx_export_without_the_converter_says_how_to_install_it(tiny_model, tmp_path,
+                                                                   monkeypatch):
+  monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if it were not installed
+  out = tmp_path / "reid.onnx"
+  with pytest.raises(inference.ExportUnavailableError) as info:
+    inference.export_onnx(_embedder(tiny_model), str(out))
+  message = str(info.value)
+  assert 'pip install "ccreid_jax[export]"' in message
+  assert "pip install --no-deps jax2onnx==0.17.1" in message
+  assert not os.path.exists(out) and not os.listdir(tmp_path)
+
+
+def test_the_converter_version_is_the_one_the_scripts_install():
+  with open(os.path.join(ROOT, "scripts", "test.sh")) as f:
+    assert inference.JAX2ONNX in f.read()
