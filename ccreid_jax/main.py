@@ -150,6 +150,7 @@ def _unknown_config_field(argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with flag and config-override errors as one clean message."""
+  _make_config_package_importable(_config_argument(argv))
   try:
     return flags.FLAGS(argv)
   except flags.Error as exc:
@@ -161,6 +162,20 @@ def parse_flags(argv: list[str]) -> list[str]:
                  f"{type(exc).__name__}: {exc}")
     fail(problem, 2, show_traceback=traceback_asked(argv))
   raise AssertionError("unreachable")
+
+
+def _make_config_package_importable(config_path: str) -> None:
+  """Config files import their siblings (``from configs import default``): when the config
+  lies in a package folder, the folder that holds it goes first on ``sys.path``, so the
+  command works from any working directory."""
+  if config_path == "?":  # no --config given: absl says so
+    return
+  folder = os.path.dirname(os.path.abspath(config_path.split(":", 1)[0]))
+  if os.path.isfile(os.path.join(folder, "__init__.py")):
+    parent = os.path.dirname(folder)
+    if parent in sys.path:
+      sys.path.remove(parent)
+    sys.path.insert(0, parent)
 
 
 def _config_argument(argv: list[str]) -> str:

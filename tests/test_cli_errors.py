@@ -35,13 +35,20 @@ def runs(tmp_path_factory):
                  {"CCREID_TRACEBACK": "1"}),
       "out": (base + ["--workdir", str(tmp / "w4"), "--mode=extract", f"--out={paths['out_dir']}",
                       f"--config.data.root={paths['missing_root']}"], {}),
+      # From another working directory: the config still finds its sibling configs.default
+      # (the typo is found only once the file has loaded).
+      "elsewhere": (["--config", os.path.join(ROOT, "configs", "custom.py"), "--workdir",
+                     str(tmp / "w5"), "--config.train.epoch=3"], {}),
   }
   procs = {}
   for name, (args, extra_env) in cases.items():
     env = {k: v for k, v in os.environ.items() if k != "CCREID_TRACEBACK"}
     env.update(JAX_PLATFORMS="cpu", **extra_env)
+    if name == "elsewhere":
+      env.pop("PYTHONPATH", None)
     procs[name] = subprocess.Popen(
-        [sys.executable, "-m", "ccreid_jax.main", *args], cwd=ROOT, env=env,
+        [sys.executable, "-m", "ccreid_jax.main", *args],
+        cwd=str(tmp) if name == "elsewhere" else ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   results = {}
   for name, proc in procs.items():
@@ -63,6 +70,11 @@ def test_config_field_typo_is_one_line_naming_the_field_and_the_fix(runs):
   err = _clean(*runs[0]["typo"])
   assert "--config.train.epoch=3" in err and "no field 'epoch'" in err
   assert "did you mean --config.train.epochs?" in err
+
+
+def test_a_config_file_loads_from_any_working_directory(runs):
+  err = _clean(*runs[0]["elsewhere"])
+  assert "cannot be loaded" not in err and "no field 'epoch'" in err
 
 
 def test_bad_values_with_the_traceback_asked_for(runs):
