@@ -298,11 +298,13 @@ class Embedder:
                 "number": int(step), "epoch": int(epoch)})
 
   @classmethod
-  def from_workdir(cls, workdir: str, checkpoint: str | int = "best", *,
+  def from_workdir(cls, workdir: str, checkpoint: str | int | None = None, *,
                    flip: bool | None = None, batch_size: int | None = None) -> Embedder:
     """The model of a checkpoint of a run, set up by the run's own ``config.json``.
 
-    ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder, or "init".
+    ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder, or
+    "init"; by default the run's ``eval.checkpoint`` ("best", or the latest checkpoint of a
+    run that evaluated none).
     """
     return cls.from_config(read_run_config(workdir), workdir, checkpoint, flip=flip,
                            batch_size=batch_size)

@@ -649,8 +649,9 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder (of any run),
   or "init" for the initial (random or ``config.model.pretrained``) model, step 0, epoch -1.
   The default is ``config.eval.checkpoint``; a workdir without a checkpoint and a config
-  with ``model.pretrained`` give the initial model (the "direct transfer" baseline).
-  Needs no dataset: usable from a user's own code.
+  with ``model.pretrained`` give the initial model (the "direct transfer" baseline), and a
+  default of "best" in a run that evaluated no checkpoint (no query / gallery) gives the
+  latest. Needs no dataset: usable from a user's own code.
   """
   which = config.eval.checkpoint if checkpoint is None else checkpoint
   model = models.create_model(config.model)
@@ -673,6 +674,11 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
     path = os.path.abspath(which)
     checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), read_only=True)
     which = os.path.basename(path)
+  if checkpoint is None and which == "best" and not no_checkpoint and (
+      checkpointer.best_step() is None):
+    which = "latest"
+    logger.info("no checkpoint in %s was evaluated (no query / gallery): using the latest, "
+                "checkpoint %d", checkpointer.directory, checkpointer.all_steps()[-1])
   step = checkpointer.resolve(which)
   restored = _restore(checkpointer, step, model, tx, config, mesh)
   variables = distributed.replicate(restored.state["train_state"].variables, mesh)

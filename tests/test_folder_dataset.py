@@ -13,6 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
+from ccreid_jax import checkpoint as checkpoint_lib
+from ccreid_jax import train
 from ccreid_jax.data import datasets, loading
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError, load_folder_dataset, read_eval_list
@@ -463,6 +465,11 @@ def test_training_without_cameras_or_evaluation(own, tmp_path):
   results, record = _short_run(config, workdir)
   assert "mAP" not in record and "cluster_ari" not in record and "camera_ari" not in record
   assert results == {"epoch": 0, "checkpoints": [1]}
+  # No checkpoint was evaluated: the default ("best") loads the latest; "best" asked for
+  # says there is none.
+  assert train.load_variables(config, workdir)[2:] == (1, 0)
+  with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match="No evaluated checkpoint"):
+    train.load_variables(config, workdir, checkpoint="best")
   # What can be known without labels is logged instead.
   assert {"clusters", "outliers", "largest_cluster", "cluster_sizes",
           "intra_similarity"} <= set(record)
