@@ -285,9 +285,11 @@ class Embedder:
     """
     from ccreid_jax import train
 
-    which = config.eval.checkpoint if checkpoint is None else checkpoint
     config = train.run_model_config(config, workdir, checkpoint)
     model, variables, step, epoch = train.load_variables(config, workdir, checkpoint)
+    which = (checkpoint if checkpoint is not None else
+             "init" if (step, epoch) == (0, -1) else
+             train.default_checkpoint(config, workdir, log=False))
     return cls(
         model, variables, height=config.data.height, width=config.data.width,
         flip=config.eval.flip if flip is None else flip,

@@ -642,6 +642,22 @@ def _final_results(checkpointer, last, extract, data, model, tx, config, mesh) -
   return dict(best, best=best, last=last)
 
 
+def default_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                       log: bool = True) -> str | int:
+  """The checkpoint read when none is named: ``config.eval.checkpoint``, except that "best"
+  in a run that evaluated no checkpoint (no query / gallery) is its latest (logged)."""
+  which = config.eval.checkpoint
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             read_only=True)
+  steps = checkpointer.all_steps()
+  if which == "best" and steps and checkpointer.best_step() is None:
+    if log:
+      logger.info("no checkpoint in %s was evaluated (no query / gallery): using the latest, "
+                  "checkpoint %d", checkpointer.directory, steps[-1])
+    return "latest"
+  return which
+
+
 def load_variables(config: ml_collections.ConfigDict, workdir: str,
                    checkpoint: str | int | None = None) -> tuple[Any, Any, int, int]:
   """``(model, variables, step, epoch)`` of a checkpoint of ``workdir``, or the initial model.
@@ -653,7 +669,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   default of "best" in a run that evaluated no checkpoint (no query / gallery) gives the
   latest. Needs no dataset: usable from a user's own code.
   """
-  which = config.eval.checkpoint if checkpoint is None else checkpoint
+  which = default_checkpoint(config, workdir) if checkpoint is None else checkpoint
   model = models.create_model(config.model)
   tx = make_optimizer(config.optim, config.train.iters)
   mesh = distributed.make_mesh()
@@ -674,11 +690,6 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
     path = os.path.abspath(which)
     checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), read_only=True)
     which = os.path.basename(path)
-  if checkpoint is None and which == "best" and not no_checkpoint and (
-      checkpointer.best_step() is None):
-    which = "latest"
-    logger.info("no checkpoint in %s was evaluated (no query / gallery): using the latest, "
-                "checkpoint %d", checkpointer.directory, checkpointer.all_steps()[-1])
   step = checkpointer.resolve(which)
   restored = _restore(checkpointer, step, model, tx, config, mesh)
   variables = distributed.replicate(restored.state["train_state"].variables, mesh)

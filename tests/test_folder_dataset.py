@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import checkpoint as checkpoint_lib
+from ccreid_jax import inference
 from ccreid_jax import train
 from ccreid_jax.data import datasets, loading
 from ccreid_jax.data.cache import ImageDecodeError
@@ -468,6 +469,8 @@ def test_training_without_cameras_or_evaluation(own, tmp_path):
   # No checkpoint was evaluated: the default ("best") loads the latest; "best" asked for
   # says there is none.
   assert train.load_variables(config, workdir)[2:] == (1, 0)
+  source = inference.Embedder.from_workdir(workdir).source
+  assert (source["checkpoint"], source["number"]) == ("latest", 1)
   with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match="No evaluated checkpoint"):
     train.load_variables(config, workdir, checkpoint="best")
   # What can be known without labels is logged instead.
