@@ -525,8 +525,8 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
   (B, height, width, 3) RGB images -> (B, D) float32 L2-normalised features, with the test
   transform (and the flip test when the embedder has it) and the variables inside; B is
   symbolic (any batch size). Run it with JAX alone (and ``flatbuffers``, which JAX's
-  serializer needs): ``jax.export.deserialize(bytearray(data)).call(images)``. ``out_dir/model.stablehlo.json``
-  describes it.
+  serializer needs): ``jax.export.deserialize(bytearray(data)).call(images)``.
+  ``out_dir/model.stablehlo.json`` describes it.
 
   Args:
     embedder: the model.

@@ -311,8 +311,9 @@ def _run(argv):
     print(json.dumps(summary))
     return
   results = train.evaluate(config, WORKDIR.value, checkpoint=CHECKPOINT.value)
-  evaluated_on = (config.eval.dataset or
-                  (f"eval list {config.eval.list}" if config.eval.get("list") else config.data.name))
+  evaluated_on = config.eval.dataset or config.data.name
+  if not config.eval.dataset and config.eval.get("list"):
+    evaluated_on = f"eval list {config.eval.list}"
   title = (f"initial model ({evaluated_on})" if results["checkpoint"] == 0
            else f"checkpoint {results['checkpoint']}: after epoch {results['epoch']} "
                 f"({evaluated_on})")

@@ -183,14 +183,14 @@ def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
   embedder = _embedder(tiny_model)
   out = str(tmp_path / "onnx" / "reid.onnx")
   assert inference.export_onnx(embedder, out) == out
-  session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-  (feed,) = session.get_inputs()
+  runtime = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+  (feed,) = runtime.get_inputs()
   assert feed.name == "images" and feed.type == "tensor(float)"
   assert feed.shape[1:] == [3, HEIGHT, WIDTH] and not isinstance(feed.shape[0], int)
-  assert [o.name for o in session.get_outputs()] == ["features"]
+  assert [o.name for o in runtime.get_outputs()] == ["features"]
   for n in BATCH_SIZES:
     images = _images(n, seed=10 + n)
-    (got,) = session.run(None, {"images": inference.onnx_input(images)})
+    (got,) = runtime.run(None, {"images": inference.onnx_input(images)})
     want = embedder.embed(images)
     assert got.shape == want.shape == (n, embedder.feature_dim)
     assert np.abs(got - want).max() <= 1e-4, n
