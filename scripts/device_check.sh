@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# The accelerator checks of docs/benchmarks.md in one command, most important first: the
-# ResNet-50 bf16 train step at batch 256, a Market-1501-sized recipe (3 epochs measured, 50
-# projected), the input pipeline alone on the machine's cores, then the float32 train step.
-# Run from the repository root on the GPU machine:
+# The GPU benchmarks of docs/benchmarks.md in one command, most important first: the ResNet-50
+# bf16 train step at batch 256, a Market-1501-sized recipe (3 epochs measured, 50 projected),
+# the input pipeline alone on the host's cores, then the float32 train step. Needs a CUDA
+# machine with jax's CUDA plugin and ccreid_jax's dependencies (or the wheels of
+# scripts/device_wheels.sh). Run from the repository root:
 #
-#   bash scripts/device_check.sh [OUT_DIR]      # default: $OUT, else ./device_check
+#   bash scripts/device_check.sh [OUT_DIR]      # OUT_DIR: the output folder, default $OUT,
+#                                               # else runs/device_check
 #
-# With a .whl/ folder (scripts/device_wheels.sh) the missing packages are installed from it
-# first, without any index. Each benchmark writes its JSON to OUT_DIR, all output goes to
-# OUT_DIR/log.txt as it comes, and nvidia-smi dmon logs the GPU's load to OUT_DIR/dmon.txt.
+# With a .whl/ folder (scripts/device_wheels.sh) the missing packages are first installed from
+# it into runs/device_site, without any package index. Each benchmark writes its JSON to
+# OUT_DIR, all output goes to OUT_DIR/log.txt as it comes, and nvidia-smi dmon logs the GPU's
+# load to OUT_DIR/dmon.txt. The recipe's generated dataset, its image cache and its run
+# folders go to runs/recipe/ (git-ignored; the dataset and cache are reused by later runs).
 # Each benchmark has its own time cap, and none runs past DEADLINE seconds after the start
-# (default 560), so the script fits a 10-minute call.
+# (default 560), so the whole check ends within about 10 minutes.
 set -uo pipefail
-out=${1:-${OUT:-device_check}}
+out=${1:-${OUT:-runs/device_check}}
 deadline=${DEADLINE:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 if [ -d .whl ]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/ccreid_site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/ccreid_site${PYTHONPATH:+:$PYTHONPATH}
+    --target runs/device_site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/runs/device_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 log=$out/log.txt
 "$py" - <<'PY' 2>&1 | tee "$log"
@@ -55,8 +59,8 @@ capped train_bf16 170 "$py" scripts/bench_train.py --depth 50 --height 256 --wid
   --batch 256 --dtype bfloat16 --steps 20 --out "$out/train_bf16.json"
 # Target: the full Market recipe (50 epochs x 200 steps, clustering included) < 30 minutes.
 capped recipe_bf16 300 "$py" scripts/bench_recipe.py --config configs/market1501.py \
-  --epochs 3 --dtype bfloat16 --workers "$(nproc)" --root /tmp/ccreid_recipe/data \
-  --workdir "/tmp/ccreid_recipe/run-$(date +%s)" --set data.cache_dir=/tmp/ccreid_recipe/cache \
+  --epochs 3 --dtype bfloat16 --workers "$(nproc)" --root runs/recipe/data \
+  --workdir "runs/recipe/run-$(date +%s)" --set data.cache_dir=runs/recipe/cache \
   --out "$out/recipe_bf16.json"
 # Target: >= 5,000 images/s through the input pipeline at 256x128 on a 16-core host.
 capped input 45 "$py" scripts/bench_input.py --height 256 --width 128 --batch 256 \
