@@ -1,11 +1,11 @@
 """Checkpoints of a run: one orbax ``CheckpointManager`` per workdir.
 
 A checkpoint is written at the end of every epoch under ``<workdir>/checkpoints/<N>``, where
-``N = epoch + 1`` is the number of finished epochs (orbax calls it the checkpoint's step; it is
-not a count of train steps). It holds two items:
+``N = epoch + 1`` is the checkpoint's number: the epochs it finished (orbax calls it the
+checkpoint's step; it is not a count of optimizer steps). It holds two items:
 
 * ``state``: the array tree (params, batch stats, optimizer state, cluster memory,
-  pseudo labels, RNG key, step counter), saved with ``StandardSave`` and restored into
+  pseudo labels, RNG key, optimizer step counter), saved with ``StandardSave`` and restored into
   an abstract tree built with ``jax.eval_shape`` (so nothing is allocated twice);
 * ``meta``: a small JSON document (epoch, evaluation metrics when the epoch was
   evaluated, the config the run was started with).
@@ -14,13 +14,12 @@ The preservation policy keeps the latest checkpoint and the one with the best mA
 Orbax writes every checkpoint into a temporary folder and renames it when complete,
 so a run killed during a save resumes from the previous good checkpoint. A saved
 checkpoint whose files were damaged later (truncated, deleted) raises ``CheckpointError``
-naming the step and what to do instead.
+naming the checkpoint and what to do instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 from typing import Any
@@ -38,49 +37,7 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointNotFoundError(FileNotFoundError):
-  """The checkpoint asked for is not kept (none saved, none evaluated, or not that step)."""
-
-
-class CheckpointNameError(ValueError):
-  """A checkpoint name that is none of the accepted forms."""
-
-
-# Every form --checkpoint / config.eval.checkpoint accepts ("init" and checkpoint folders are
-# handled by train.load_variables before a Checkpointer resolves the rest).
-ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a checkpoint number (the "
-                  "epochs it finished), or the path of a checkpoint folder")
-
-
-def _name_message(which: Any, directory: str, steps: list[int]) -> str:
-  kept = f"kept: {', '.join(map(str, steps))}" if steps else "none kept yet"
-  example = os.path.join(directory, str(steps[-1] if steps else 1))
-  close = difflib.get_close_matches(str(which), ["latest", "best", "init"], n=1)
-  hint = f" (did you mean {close[0]!r}?)" if close else ""
-  looks_like_path = isinstance(which, str) and (os.sep in which or which.startswith("."))
-  what = "no such checkpoint folder" if looks_like_path else "not a checkpoint"
-  return (f"checkpoint {which!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; "
-          f"checkpoints in {directory} ({kept}); a checkpoint folder such as {example}.")
-
-
-def check_name(which: str | int | None, directory: str) -> None:
-  """Refuses a checkpoint name of no accepted form before anything is loaded.
-
-  ``which`` may be None (the default checkpoint), "latest", "best", "init", a checkpoint number or
-  an existing folder; ``directory`` is the checkpoint folder whose steps the error lists.
-
-  Raises:
-    CheckpointNameError: naming every accepted form and the kept checkpoints.
-  """
-  if which is None or which in ("latest", "best", "init") or os.path.isdir(str(which)):
-    return
-  try:
-    int(which)
-  except (TypeError, ValueError):
-    steps = []
-    if os.path.isdir(directory):
-      steps = sorted(int(n) for n in os.listdir(directory)
-                     if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-    raise CheckpointNameError(_name_message(which, os.path.abspath(directory), steps)) from None
+  """The checkpoint asked for is not kept (none saved, none evaluated, or not that number)."""
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -94,7 +51,7 @@ class _DropReadOnlyNotice(logging.Filter):
 class RestoredCheckpoint:
   """What ``Checkpointer.restore`` returns."""
 
-  step: int
+  number: int
   state: PyTree
   meta: dict[str, Any]
 
@@ -113,7 +70,7 @@ class Checkpointer:
     directory: folder that holds the numbered checkpoints (created if missing).
     keep_best: also keep the checkpoint with the highest evaluated mAP.
     read_only: open an existing folder for evaluation without creating anything.
-    keep_every: also keep every checkpoint whose step is a multiple of this (a run without an
+    keep_every: also keep every checkpoint whose number is a multiple of this (a run without an
       evaluation, which has no best checkpoint).
   """
 
@@ -149,113 +106,81 @@ class Checkpointer:
       absl_logger.removeFilter(notice_filter)
 
   # -- queries -----------------------------------------------------------------------------
-  def all_steps(self) -> list[int]:
+  def numbers(self) -> list[int]:
+    """The numbers of the kept checkpoints, in order."""
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> int | None:
+  def latest(self) -> int | None:
+    """The number of the newest kept checkpoint, or None."""
     return self._manager.latest_step()
 
-  def read_meta(self, step: int) -> dict[str, Any]:
+  def read_meta(self, number: int) -> dict[str, Any]:
+    """The metadata saved with checkpoint ``number``."""
     try:
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as exc:  # orbax / tensorstore / json raise many types.
-      raise self._unreadable(step, exc) from exc
+          number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as exc:  # noqa: BLE001 (orbax / tensorstore / json raise many types)
+      raise self._unreadable(number, exc) from exc
     return dict(restored["meta"])
 
-  def best_step(self) -> int | None:
-    """The step with the highest evaluated mAP, or None when no epoch was evaluated.
+  def best(self) -> int | None:
+    """The checkpoint with the highest evaluated mAP, or None when no epoch was evaluated.
 
-    A step whose metadata cannot be read is left out (with a warning), so one damaged
+    A checkpoint whose metadata cannot be read is left out (with a warning), so one damaged
     checkpoint does not hide the others.
     """
     best, best_map = None, None
-    for step in self.all_steps():
+    for number in self.numbers():
       try:
-        meta = self.read_meta(step)
+        meta = self.read_meta(number)
       except CheckpointError as exc:
         logger.warning("%s", exc)
         continue
       value = _map_of(meta)
       if value is not None and (best_map is None or value > best_map):
-        best, best_map = step, value
+        best, best_map = number, value
     return best
 
-  def resolve(self, which: str | int) -> int:
-    """Turns ``"latest"``, ``"best"`` or a checkpoint number into a kept checkpoint.
-
-    Raises:
-      CheckpointNameError: ``which`` is none of these, listing every accepted form and the
-        kept checkpoints.
-      CheckpointNotFoundError: no checkpoint is kept, none was evaluated (``"best"``) or the
-        step is not kept.
-    """
-    step = None
-    if which not in ("latest", "best"):
-      try:
-        step = int(which)
-      except (TypeError, ValueError):
-        raise CheckpointNameError(self._name_message(which)) from None
-    steps = self.all_steps()
-    if not steps:
-      raise CheckpointNotFoundError(
-          f"No checkpoint in {self.directory}: train first with "
-          "`python -m ccreid_jax.main --config ... --workdir <this workdir>`.")
-    if which == "latest":
-      return steps[-1]
-    if which == "best":
-      best = self.best_step()
-      if best is None:
-        raise CheckpointNotFoundError(
-            f"No evaluated checkpoint in {self.directory} (kept: {steps}); "
-            "use --checkpoint=latest.")
-      return best
-    if step not in steps:
-      raise CheckpointNotFoundError(
-          f"Checkpoint {step} is not kept in {self.directory}; kept: {steps}.")
-    return step
-
-  def _name_message(self, which: Any) -> str:
-    return _name_message(which, self.directory, self.all_steps())
-
   # -- save / restore ----------------------------------------------------------------------
-  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
-    """Saves asynchronously; ``meta['metrics']['mAP']`` (if present) ranks checkpoints."""
+  def save(self, number: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Saves checkpoint ``number`` asynchronously; ``meta['metrics']['mAP']`` (if present)
+    ranks checkpoints."""
     mean_ap = _map_of(meta)
     self._manager.save(
-        step,
+        number,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics=None if mean_ap is None else {"mAP": mean_ap},
     )
 
-  def restore(self, which: str | int, abstract_state: PyTree) -> RestoredCheckpoint:
-    """Restores into the structure/shapes of ``abstract_state`` (from jax.eval_shape)."""
-    step = self.resolve(which)
+  def restore(self, number: int, abstract_state: PyTree) -> RestoredCheckpoint:
+    """Restores checkpoint ``number`` into the structure / shapes of ``abstract_state`` (from
+    ``jax.eval_shape``)."""
     abstract_state = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       restored = self._manager.restore(
-          step,
+          number,
           args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
       )
-    except Exception as exc:  # orbax / tensorstore / json raise many types.
-      raise self._unreadable(step, exc) from exc
-    return RestoredCheckpoint(step=step, state=restored["state"], meta=dict(restored["meta"]))
+    except Exception as exc:  # noqa: BLE001 (orbax / tensorstore / json raise many types)
+      raise self._unreadable(number, exc) from exc
+    return RestoredCheckpoint(number=number, state=restored["state"],
+                              meta=dict(restored["meta"]))
 
-  def _unreadable(self, step: int, exc: BaseException) -> CheckpointError:
-    path = os.path.join(self.directory, str(step))
-    others = [s for s in self.all_steps() if s != step]
+  def _unreadable(self, number: int, exc: BaseException) -> CheckpointError:
+    path = os.path.join(self.directory, str(number))
+    others = [n for n in self.numbers() if n != number]
     reason = (str(exc).strip().splitlines() or [""])[0][:300]
     if others:
-      instead = (f"evaluate another kept checkpoint with --checkpoint={others[-1]} (kept: {others}); "
-                 f"to resume training from checkpoint {others[-1]}, move {path} out of the way; "
-                 "or train into a new --workdir.")
+      instead = (f"evaluate another kept checkpoint with --checkpoint={others[-1]} (kept: "
+                 f"{others}); to resume training from checkpoint {others[-1]}, move {path} out "
+                 "of the way; or train into a new --workdir.")
     else:
-      instead = (f"no other checkpoint is kept; move {path} out of the way to train from scratch, "
-                 "or train into a new --workdir.")
+      instead = (f"no other checkpoint is kept; move {path} out of the way to train from "
+                 "scratch, or train into a new --workdir.")
     return CheckpointError(
-        f"Checkpoint {step} in {self.directory} cannot be read: its files are damaged "
+        f"Checkpoint {number} in {self.directory} cannot be read: its files are damaged "
         "(truncated or partly deleted) or were written for another model config "
         f"({type(exc).__name__}: {reason}).\nInstead: {instead}")
 

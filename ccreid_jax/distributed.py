@@ -225,28 +225,3 @@ def local_copy(tree: Any) -> Any:
       return x.addressable_data(0)
     return x
   return jax.tree_util.tree_map(one, tree)
-
-
-def extract_and_allgather(extract_fn: Any, variables: Any, images: np.ndarray, *,
-                          mesh: Mesh, batch_size: int, progress: bool = False,
-                          desc: str = "extract") -> np.ndarray:
-  """Features of all ``images`` on every process: each extracts its share, then all-gather.
-
-  ``extract_fn`` must be built over ``mesh = local_mesh()`` (``make_extract_fn(model,
-  local_mesh())``); ``variables`` may be the global replicated ones. Single process: plain
-  ``extract_features``.
-  """
-  from ccreid_jax.extract import extract_features  # the model side; imported lazily.
-
-  if jax.process_count() == 1:
-    return extract_features(extract_fn, variables, images, mesh=mesh, batch_size=batch_size,
-                            progress=progress, desc=desc)
-  n = images.shape[0]
-  share, per = process_share(n)
-  mine = np.asarray(images[share])
-  if mine.shape[0] < per:  # the last share: pad to the common length.
-    pad = np.zeros((per - mine.shape[0],) + images.shape[1:], images.dtype)
-    mine = np.concatenate([mine, pad])
-  local = extract_features(extract_fn, local_copy(variables), mine, mesh=mesh,
-                           batch_size=batch_size, progress=progress, desc=desc)
-  return allgather_features(local)[:n]

@@ -1,155 +1,238 @@
-"""Features of a split written to ``.npz`` for analysis outside the training code.
+"""The model exported for serving: StableHLO (JAX alone) and ONNX.
 
-``extract_split(data, extract, variables, split)`` computes the L2-normalised features of the
-train, query or gallery images of a ``data.loading.RunData`` with a feature extractor
-(``train.make_feature_extractor``); ``export_features`` writes them with the ids,
-cameras and image paths of their records; ``load_exported`` reads such a file back without
-pickle (paths are stored as a unicode array)::
+Each file gets a JSON sidecar, ``<file>.json``, that states the input layout, dtype, value
+range, mean / std, image size, feature dimension and the checkpoint:
 
-    exported = load_exported("query.npz")
-    exported.features  # (N, D) float32
-    exported.ids, exported.cams  # (N,) int64
-    exported.paths  # (N,) str
-    exported.split  # "query"
+* ``export_stablehlo(embedder, out_dir)``: ``out_dir/model.stablehlo``, a serialised
+  ``jax.export.Exported`` of the whole feature function (uint8 NHWC images in, features out,
+  test transform included, batch size symbolic). It runs with JAX alone (``pip install jax
+  flatbuffers``: JAX reads the file with ``flatbuffers``, which it does not install itself)::
+
+      exported = jax.export.deserialize(bytearray(open("model.stablehlo", "rb").read()))
+      features = exported.call(images)        # (B, H, W, 3) uint8 -> (B, D) float32
+
+* ``export_onnx(embedder, out_path)``: an ONNX model (converted by ``jax2onnx``) whose input
+  is a float32 NCHW batch that is already resized and normalised, ``(x / 255 - mean) / std``
+  with the ImageNet mean / std, the layout TensorRT, OpenVINO and ONNX Runtime users feed;
+  ``onnx_input(images)`` makes it from uint8 NHWC images.
+
+The embedder is an ``inference.Embedder`` (e.g. ``Embedder.from_workdir(run_folder)``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
+import contextlib
+import logging
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ccreid_jax.utils import write_atomic
+from ccreid_jax.data import augment
+from ccreid_jax.extract import precision_scope
+from ccreid_jax.inference import Embedder
+from ccreid_jax.utils import write_atomic, write_json
+
+__all__ = [
+    "FORMATS",
+    "ONNX_KERNELS",
+    "ONNX_OPSET",
+    "STABLEHLO_FILE",
+    "ExportUnavailableError",
+    "export_onnx",
+    "export_stablehlo",
+    "onnx_input",
+]
+
+logger = logging.getLogger("ccreid_jax")
+
+FORMATS = ("stablehlo", "onnx")
+STABLEHLO_FILE = "model.stablehlo"  # File name of the StableHLO export in its folder.
+# The converter version the ONNX export is written and tested for (scripts/test.sh installs it).
+JAX2ONNX = "jax2onnx==0.17.1"
+# The lowest opset that fits what jax2onnx writes (ReduceMean with its axes as an input).
+ONNX_OPSET = 18
+# The layer set the ONNX export is traced with: flax's plain layers, which jax2onnx maps to
+# ONNX's Conv, MaxPool and Relu (the stem pool pads with -inf itself and pools with "VALID").
+ONNX_KERNELS = "plain"
+_STABLEHLO_PLATFORMS = ("cpu", "cuda")
 
 
-__all__ = ["SPLITS", "ExportedFeatures", "OutputPathError", "check_output_path",
-           "export_features", "extract_split", "load_exported", "split_images"]
-
-SPLITS = ("train", "query", "gallery")
+class ExportUnavailableError(ImportError):
+  """The packages an export needs (jax2onnx, onnx) are not installed."""
 
 
-class OutputPathError(ValueError):
-  """A path features cannot be written to: a folder, under a file, or not writable."""
+def onnx_input(images: np.ndarray) -> np.ndarray:
+  """The input of an ONNX export for (N, H, W, 3) uint8 RGB images of the export's size.
 
-
-def check_output_path(path: str) -> None:
-  """Checks that a file can be written at ``path``, creating its missing parent folders.
-
-  Meant to run before the features are computed, so a typo costs nothing.
-
-  Raises:
-    OutputPathError: naming ``path`` as given, when it is a folder, when a file stands where a
-      parent folder should be, or when its folder cannot be written to.
+  float32 NCHW, ``(x / 255 - mean) / std`` with the ImageNet mean and std: the test
+  transform (``data.augment.normalize``), transposed.
   """
-  if os.path.isdir(path):
-    raise OutputPathError(
-        f"--out {path} is a folder; give the name of the file to write, e.g. "
-        f"{os.path.join(path, 'query.npz')}.")
-  folder = os.path.dirname(os.path.abspath(path))
-  existing = folder
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise OutputPathError(f"--out {path} cannot be written: {existing} is a file, not a folder.")
-  try:
-    os.makedirs(folder, exist_ok=True)
-    probe, probe_path = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-    os.close(probe)
-    os.remove(probe_path)
-  except OSError as exc:
-    raise OutputPathError(
-        f"--out {path} cannot be written: {exc.strerror or exc} ({folder}).") from None
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}.")
+  return np.ascontiguousarray(np.asarray(augment.normalize(images)).transpose(0, 3, 1, 2))
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportedFeatures:
-  """The contents of an exported ``.npz``: one row per image."""
-
-  features: np.ndarray  # (N, D) float32.
-  ids: np.ndarray  # (N,) int64 identities (-1 never occurs: junk images are not loaded).
-  cams: np.ndarray  # (N,) int64 0-based camera ids.
-  paths: np.ndarray  # (N,) unicode image paths.
-  split: str  # "train", "query" or "gallery".
+# ---------------------------------------------------------------------------------------
+# Export for serving.
+# ---------------------------------------------------------------------------------------
 
 
-def export_features(path: str, features: np.ndarray, records: Sequence[Any], split: str) -> None:
-  """Writes ``features`` and the ``records``' ids, cameras and paths to ``path`` (.npz).
+def _describe_model(model: Any) -> dict[str, Any]:
+  names = ("depth", "width", "last_stride", "pooling", "ibn", "dtype")
+  out = {"class": type(model).__name__}
+  for name in names:
+    if hasattr(model, name):
+      value = getattr(model, name)
+      out[name] = value if isinstance(value, (bool, int, float, str)) else jnp.dtype(value).name
+  return out
 
-  ``records`` are dataset records (anything with ``path``, ``pid`` and ``camid``), one per
-  feature row. The file is written under a temporary name and renamed, so a reader never sees
-  half of it, and the temporary file is removed when writing or renaming fails; ``path`` is
-  used as given (no ``.npz`` is appended).
 
-  Raises:
-    OutputPathError: ``path`` cannot be written (see ``check_output_path``).
-  """
-  features = np.asarray(features, dtype=np.float32)
-  if features.ndim != 2:
-    raise ValueError(f"features must be (N, D), got shape {features.shape}.")
-  if len(records) != features.shape[0]:
-    raise ValueError(f"{features.shape[0]} feature rows but {len(records)} records.")
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-  check_output_path(path)
-  arrays = {
-      "features": features,
-      "ids": np.array([int(r.pid) for r in records], dtype=np.int64),
-      "cams": np.array([int(r.camid) for r in records], dtype=np.int64),
-      "paths": np.array([str(r.path) for r in records], dtype=np.str_),
-      "split": np.array(split, dtype=np.str_),
+def _sidecar(embedder: Embedder, fmt: str, file_name: str, **fields: Any) -> dict[str, Any]:
+  """What a serving stack needs to feed an export and read its output."""
+  return {
+      "format": fmt,
+      "file": file_name,
+      **fields,
+      "height": embedder.height,
+      "width": embedder.width,
+      "channels": "RGB",
+      "resize": ("PIL bicubic resize of the whole RGB image to height x width (no crop, no "
+                 "padding), as ccreid_jax.data.cache.decode_image"),
+      "mean": list(augment.IMAGENET_MEAN),
+      "std": list(augment.IMAGENET_STD),
+      "normalization": "(x / 255 - mean) / std per channel, x the RGB value in [0, 255]",
+      "output_name": "features",
+      "output_shape": ["batch", embedder.feature_dim],
+      "output_dtype": "float32",
+      "feature_dim": embedder.feature_dim,
+      "l2_normalized": True,
+      "distance": "squared Euclidean distance of the features: 2 - 2 cos",
+      "flip": embedder.flip,
+      "precision": embedder.precision,
+      "checkpoint": embedder.source,
+      "model": _describe_model(embedder.model),
+      "jax_version": jax.__version__,
   }
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  write_atomic(path, buffer.getvalue())
 
 
-def load_exported(path: str) -> ExportedFeatures:
-  """Reads a file written by ``export_features``."""
-  with np.load(path, allow_pickle=False) as data:
-    missing = {"features", "ids", "cams", "paths", "split"} - set(data.files)
-    if missing:
-      raise ValueError(f"{path} is not an exported feature file: missing {sorted(missing)}.")
-    return ExportedFeatures(
-        features=data["features"], ids=data["ids"], cams=data["cams"], paths=data["paths"],
-        split=str(data["split"]))
+def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "uint8",
+                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS) -> str:
+  """Writes the feature function as serialised StableHLO; returns the file's path.
 
+  The file, ``out_dir/model.stablehlo``, holds a ``jax.export.Exported`` of
+  (B, height, width, 3) RGB images -> (B, D) float32 L2-normalised features, with the test
+  transform (and the flip test when the embedder has it) and the variables inside; B is
+  symbolic (any batch size). Run it with JAX alone (and ``flatbuffers``, which JAX's
+  serializer needs): ``jax.export.deserialize(bytearray(data)).call(images)``.
+  ``out_dir/model.stablehlo.json`` describes it.
 
-def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
-  """``(uint8 images, records)`` of a split of a ``data.loading.RunData``, rows aligned with
-  records.
-
-  ``run.test_images`` holds the query images followed by the gallery images of
-  ``run.eval_dataset`` (``run.dataset`` when the run has no separate evaluation dataset).
+  Args:
+    embedder: the model.
+    out_dir: created if needed.
+    input_dtype: "uint8" (values 0-255), or "float32" (values in [0, 255], not normalised).
+    platforms: the platforms it is lowered for (default CPU and CUDA GPUs).
   """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-  if split == "train":
-    if run.train_images is None:
-      raise ValueError("this run loaded no train images: build it with need_train=True to "
-                       "extract the train split.")
-    return run.train_images, list(run.dataset.train)
-  test = getattr(run, "eval_dataset", None) or run.dataset
-  num_query = len(test.query)
-  if split == "query":
-    return run.test_images[:num_query], list(test.query)
-  return run.test_images[num_query:], list(test.gallery)
+  if input_dtype not in ("uint8", "float32"):
+    raise ValueError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}.")
+  os.makedirs(out_dir, exist_ok=True)
+  batch, = jax.export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, embedder.height, embedder.width, 3), jnp.dtype(input_dtype))
+  with precision_scope(embedder.precision):
+    exported = jax.export.export(jax.jit(embedder.feature_function()),
+                                 platforms=tuple(platforms))(spec)
+  path = os.path.join(out_dir, STABLEHLO_FILE)
+  write_atomic(path, bytes(exported.serialize()))
+  write_json(path + ".json", _sidecar(
+      embedder, "stablehlo", STABLEHLO_FILE,
+      input_name="images", input_layout="NHWC",
+      input_shape=["batch", embedder.height, embedder.width, 3], input_dtype=input_dtype,
+      input_value_range=[0, 255], normalization_included=True,
+      platforms=list(exported.platforms),
+      calling_convention_version=exported.calling_convention_version,
+      load="jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"))
+  return path
 
 
-def extract_split(data: Any, extract: Any, variables: Any,
-                  split: str) -> tuple[np.ndarray, list[Any]]:
-  """``(features (N, D) float32, records)`` of ``split`` ("train", "query" or "gallery").
+@contextlib.contextmanager
+def _jax2onnx_fixes() -> Iterator[None]:
+  """Works around two things of jax2onnx 0.17 for the duration of a conversion.
 
-  ``data``: a ``data.loading.RunData``; ``extract``: ``extract(variables, images, desc=...)``
-  as ``train.make_feature_extractor`` builds it for the evaluation.
+  * Its shape rule for ``jnp.power`` (GeM pooling) hands symbolic dimensions (the batch) to
+    ``np.broadcast_shapes``, which raises TypeError; those shapes are broadcast with
+    ``jax.lax.broadcast_shapes`` instead, which knows symbolic dimensions.
+  * It imports every plugin it ships and logs a traceback for each whose optional package
+    (equinox, dm_pix, ...) is missing; those warnings are silenced.
   """
-  images, records = split_images(data, split)
-  if images.shape[0] != len(records):
-    raise ValueError(f"the {split} split has {len(records)} records but {images.shape[0]} "
-                     "images.")
-  features = extract(variables, images, desc=f"{split} extract")
-  return features, records
+  try:
+    from jax2onnx.plugins.jax.numpy import pow as pow_plugin
+  except ImportError:
+    pow_plugin = None
+  original = getattr(pow_plugin, "_broadcast_shape", None)
+
+  def broadcast_shape(x_shape, y_shape):
+    try:
+      return original(x_shape, y_shape)
+    except TypeError:
+      return tuple(jax.lax.broadcast_shapes(tuple(x_shape), tuple(y_shape)))
+
+  plugin_logger = logging.getLogger("jax2onnx.plugins.plugin_system")
+  level = plugin_logger.level
+  plugin_logger.setLevel(logging.ERROR)
+  if original is not None:
+    pow_plugin._broadcast_shape = broadcast_shape
+  try:
+    yield
+  finally:
+    if original is not None:
+      pow_plugin._broadcast_shape = original
+    plugin_logger.setLevel(level)
+
+
+def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -> str:
+  """Writes the feature function as an ONNX model at ``out_path``; returns the path.
+
+  Input ``images``: (batch, 3, height, width) float32, RGB, resized as the image cache does
+  and normalised, ``(x / 255 - mean) / std`` with the ImageNet mean / std (``onnx_input``
+  makes it from uint8 NHWC images); batch is dynamic. Output ``features``: (batch, D) float32
+  L2-normalised (with the flip test when the embedder has it). ``<out_path>.json`` describes
+  both. Needs the ``onnx`` packages (``pip install "ccreid_jax[export]"``) and the converter
+  (``pip install --no-deps jax2onnx==0.17.1``: its own pins would downgrade orbax-checkpoint).
+  """
+  try:
+    import onnx
+    from jax2onnx import to_onnx
+  except ImportError as exc:
+    raise ExportUnavailableError(
+        f"ONNX export needs the jax2onnx and onnx packages ({exc}); install them with "
+        f'`pip install "ccreid_jax[export]"` and `pip install --no-deps {JAX2ONNX}` (the '
+        "converter's own pins would downgrade orbax-checkpoint).") from exc
+  folder = os.path.dirname(os.path.abspath(out_path))
+  os.makedirs(folder, exist_ok=True)
+  spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)
+  with _jax2onnx_fixes(), precision_scope(embedder.precision):
+    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS)
+    proto = to_onnx(function, [spec], model_name="ccreid_jax_features", opset=int(opset),
+                    input_names=["images"], output_names=["features"])
+  write_atomic(out_path, proto.SerializeToString())
+  write_json(out_path + ".json", _sidecar(
+      embedder, "onnx", os.path.basename(out_path),
+      input_name="images", input_layout="NCHW",
+      input_shape=["batch", 3, embedder.height, embedder.width], input_dtype="float32",
+      input_value_range="normalised: (x / 255 - mean) / std",
+      normalization_included=False, opset=int(opset),
+      converter=f"jax2onnx {_version('jax2onnx')}", onnx_version=onnx.__version__))
+  return out_path
+
+
+def _version(package: str) -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version(package)
+  except metadata.PackageNotFoundError:
+    return "unknown"

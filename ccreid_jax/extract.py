@@ -11,18 +11,65 @@ mean of the features of the image and of its horizontal mirror, L2-normalised ag
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ccreid_jax import distributed
+from ccreid_jax import evaluation
 from ccreid_jax.data.augment import test_transform
 from ccreid_jax.models import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
 
+__all__ = [
+    "ExtractFn", "FeatureExtractor", "eval_features", "evaluate_variables",
+    "extract_and_allgather", "extract_features", "make_extract_fn", "precision_scope",
+    "with_precision",
+]
+
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def precision_scope(precision: str) -> contextlib.AbstractContextManager[Any]:
+  """``jax.default_matmul_precision(precision)``, or nothing for "default"."""
+  if precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)
+
+
+class _WithPrecision:
+  """A jitted function traced, compiled and run under ``jax.default_matmul_precision``."""
+
+  def __init__(self, fn: Any, precision: str):
+    self._fn = fn
+    self._precision = precision
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    with jax.default_matmul_precision(self._precision):
+      return self._fn(*args, **kwargs)
+
+  def lower(self, *args: Any, **kwargs: Any) -> Any:
+    with jax.default_matmul_precision(self._precision):
+      return self._fn.lower(*args, **kwargs)
+
+
+def with_precision(fn: Any, precision: str) -> Any:
+  """``fn`` with ``model.precision`` applied to its matrix products and convolutions.
+
+  "default" leaves JAX's default (which allows TF32 passes on Ampere / Hopper GPUs and
+  bf16 passes on TPUs); "float32" asks for full float32 products, as the reference's
+  PyTorch runs computed. The CPU computes float32 either way.
+  """
+  if precision == "default":
+    return fn
+  return _WithPrecision(fn, precision)
 
 
 def eval_features(model: Any, variables: Any, images: jax.Array, *, flip: bool = False,
@@ -105,3 +152,66 @@ def extract_features(
   result = np.concatenate(outputs)
   assert result.shape[0] == n
   return result
+
+
+def extract_and_allgather(extract_fn: Any, variables: Any, images: np.ndarray, *,
+                          mesh: Mesh, batch_size: int, progress: bool = False,
+                          desc: str = "extract") -> np.ndarray:
+  """Features of all ``images`` on every process: each extracts its share, then all-gather.
+
+  ``extract_fn`` must be built over ``mesh = local_mesh()`` (``make_extract_fn(model,
+  distributed.local_mesh())``); ``variables`` may be the global replicated ones. Single process: plain
+  ``extract_features``.
+  """
+  if jax.process_count() == 1:
+    return extract_features(extract_fn, variables, images, mesh=mesh, batch_size=batch_size,
+                            progress=progress, desc=desc)
+  n = images.shape[0]
+  share, per = distributed.process_share(n)
+  mine = np.asarray(images[share])
+  if mine.shape[0] < per:  # the last share: pad to the common length.
+    pad = np.zeros((per - mine.shape[0],) + images.shape[1:], images.dtype)
+    mine = np.concatenate([mine, pad])
+  local = extract_features(extract_fn, distributed.local_copy(variables), mine, mesh=mesh,
+                           batch_size=batch_size, progress=progress, desc=desc)
+  return distributed.allgather_features(local)[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+  """``extractor(variables, uint8 images, desc=...) -> (N, D)`` features on every process.
+
+  Eval mode and the test transform; each process extracts its share on its own devices and
+  the shares are all-gathered. ``flip``: the flip test (the mean of the features of each
+  image and its mirror, normalised again), for evaluation only; clustering never flips.
+  """
+
+  extract_fn: Any  # the jitted (variables, images) -> features over ``mesh``.
+  mesh: Mesh
+  batch_size: int
+  progress: bool = False
+
+  @classmethod
+  def create(cls, model: Any, config: ml_collections.ConfigDict, *,
+             flip: bool = False) -> FeatureExtractor:
+    """The extractor of ``model`` set up by ``config`` (``model.precision``,
+    ``eval.batch_size``, ``log.progress``)."""
+    mesh = distributed.local_mesh()
+    extract_fn = with_precision(make_extract_fn(model, mesh, flip=flip), config.model.precision)
+    return cls(extract_fn=extract_fn, mesh=mesh, batch_size=int(config.eval.batch_size),
+               progress=bool(config.log.progress))
+
+  def __call__(self, variables: Any, images: np.ndarray, *, desc: str = "extract") -> np.ndarray:
+    return extract_and_allgather(self.extract_fn, variables, images, mesh=self.mesh,
+                                 batch_size=self.batch_size, progress=self.progress, desc=desc)
+
+
+def evaluate_variables(extract: FeatureExtractor, variables: Any, data: Any,
+                       config: ml_collections.ConfigDict) -> tuple[dict[str, float], np.ndarray]:
+  """``(mAP / CMC / mINP metrics, query x gallery distances)`` of ``data.eval_dataset``.
+
+  ``data`` is a ``data.loading.RunData``; ``extract`` the evaluation's extractor
+  (``FeatureExtractor.create(model, config, flip=config.eval.flip)``).
+  """
+  features = extract(variables, data.test_images, desc="eval extract")
+  return evaluation.evaluate_features(features, data.eval_dataset, config.eval)

@@ -1,8 +1,8 @@
 """Command line: ``python -m ccreid_jax.main --config configs/market1501.py --workdir runs/x``.
 
-Only parses flags and calls ``train.train_and_evaluate``, ``train.evaluate``,
-``train.extract``, ``inference.run_search`` or ``inference.run_export``. Any config field can
-be overridden, e.g. ``--config.cluster.eps=0.5``.
+This file is kept short: it parses flags and calls one function per ``--mode`` (``MODES``):
+``train.train_and_evaluate`` or one of ``commands`` (evaluate, extract, search, export,
+sweep). Any config field can be overridden, e.g. ``--config.cluster.eps=0.5``.
 
 A user error (a misspelt flag or config field, a bad value or path, a dataset, checkpoint or
 weights file that cannot be used) ends with one ``error: ...`` message on stderr and no
@@ -16,7 +16,9 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
+import ml_collections
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -24,48 +26,46 @@ from ml_collections import config_flags
 # Config files import `configs.default`; make the folder that holds `configs/` importable.
 sys.path.insert(0, os.getcwd())
 
-from ccreid_jax import xla_cpu  # noqa: E402
-
-if __name__ == "__main__":
-  # The CPU settings of ccreid_jax/xla_cpu.py (an XLA flag, glibc malloc reuse), applied
-  # before JAX starts; CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
-  xla_cpu.apply_cpu_tuning()
-
-from ccreid_jax import distributed  # noqa: E402
-from ccreid_jax import train  # noqa: E402
-from ccreid_jax import workdir as workdir_lib  # noqa: E402
-from ccreid_jax.utils import format_history_table, format_results_table  # noqa: E402
-from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
-from ccreid_jax import export  # noqa: E402
-from ccreid_jax import inference  # noqa: E402
-from ccreid_jax.data.cache import ImageDecodeError  # noqa: E402
-from ccreid_jax.data.datasets import DatasetError  # noqa: E402
-from ccreid_jax.models import weights  # noqa: E402
-from ccreid_jax import validation  # noqa: E402
-from ccreid_jax.validation import ConfigError  # noqa: E402
+from ccreid_jax import checkpoint as checkpoint_lib
+from ccreid_jax import commands
+from ccreid_jax import distributed
+from ccreid_jax import export as export_lib
+from ccreid_jax import feature_files
+from ccreid_jax import inference
+from ccreid_jax import run as run_lib
+from ccreid_jax import train
+from ccreid_jax import validation
+from ccreid_jax import xla_cpu
+from ccreid_jax.data.cache import ImageDecodeError
+from ccreid_jax.data.datasets import DatasetError
+from ccreid_jax.models import weights
+from ccreid_jax.tools import eps_sweep
+from ccreid_jax.utils import format_history_table, format_results_table
+from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "extract", "search", "export"],
+    "mode", "train", ["train", "eval", "extract", "search", "export", "sweep"],
     "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
     "features of --split to --out (.npz); search: rank the images of --gallery for each "
     "--query image (prints the ranked paths with distances, writes a rank-list PNG); export: "
-    "write the model for serving in --format to --out.")
+    "write the model for serving in --format to --out; sweep: cluster the train features of "
+    "a checkpoint at every DBSCAN radius of --eps (a table, and a JSON and PNG in --out).")
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "--mode eval/extract/search/export: 'best', 'latest', a checkpoint number (the epochs it "
-    "finished), the path of a checkpoint folder, "
-    "or 'init' for the "
-    "initial (pretrained) model (default config.eval.checkpoint; with no checkpoint and "
-    "config.model.pretrained set: init).")
+    "--mode eval/extract/search/export/sweep: 'best', 'latest', a checkpoint number (the epochs "
+    "it finished), the path of a checkpoint folder, or 'init' for the initial (pretrained) "
+    "model (default config.eval.checkpoint; with no checkpoint and config.model.pretrained "
+    "set: init).")
 _SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
                            "--mode extract: the split whose features are written.")
 OUT = flags.DEFINE_string(
     "out", None,
     "--mode extract: the .npz file to write; --mode search: the rank-list PNG (default "
-    "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file.")
+    "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file; "
+    "--mode sweep: the folder of eps_sweep_<checkpoint>.json and .png (default --workdir).")
 _QUERY = flags.DEFINE_string("query", None, "--mode search: a query image, or a folder of them.")
 _GALLERY = flags.DEFINE_string(
     "gallery", None, "--mode search: the folder of gallery images (searched recursively).")
@@ -75,6 +75,10 @@ _FORMAT = flags.DEFINE_enum(
     "format", "stablehlo", ["stablehlo", "onnx"],
     "--mode export: stablehlo (--out is a folder: model.stablehlo + model.stablehlo.json) or "
     "onnx (--out is a .onnx file, with <file>.json beside it).")
+_EPS = flags.DEFINE_string(
+    "eps", "0.3:0.8:0.05",
+    "--mode sweep: DBSCAN radii to try: start:stop:step (stop included), a comma-separated "
+    "list, or one value; each in (0, 1).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
@@ -90,12 +94,12 @@ class CommandLineError(ValueError):
 
 # Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
 # other exception is a bug and keeps its traceback.
-_USAGE_ERRORS = (CommandLineError, ConfigError, workdir_lib.WorkdirConfigMismatch,
+_USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
                  train.TrainingSetChanged, inference.InferencePathError,
-                 checkpoint_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
-                 export.OutputPathError, app.UsageError)
+                 run_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
+                 feature_files.OutputPathError, app.UsageError)
 _FILE_ERRORS = (DatasetError, ImageDecodeError, checkpoint_lib.CheckpointError,
-                workdir_lib.WorkdirLocked, inference.ExportUnavailableError,
+                run_lib.WorkdirLocked, export_lib.ExportUnavailableError,
                 weights.WeightsFormatError, weights.WeightsMismatchError)
 
 
@@ -198,11 +202,11 @@ def check_workdir(path: str) -> None:
     raise CommandLineError(f"--workdir {path} cannot be created: {exc.strerror or exc}.") from None
 
 
-def load_config():
+def load_config() -> ml_collections.ConfigDict:
   try:
     config = _CONFIG.value
     config.keys()  # a file that failed to load gives an object that raises when used
-  except Exception as exc:
+  except Exception as exc:  # noqa: BLE001 (absl re-raises whatever the config file raised)
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     reason = str(exc).replace("Configuration is not available because of an earlier failure to "
                               "load: ", "")
@@ -210,10 +214,11 @@ def load_config():
   return config
 
 
-def training_summary(config, workdir: str, results: dict) -> str:
+def training_summary(config: ml_collections.ConfigDict, workdir: str,
+                     results: dict[str, object]) -> str:
   """What the command line prints after training: the evaluations, or that nothing was
   trained (no epoch to train and no checkpoint)."""
-  records = workdir_lib.read_metrics_lines(workdir)[0]
+  records = run_lib.Run(workdir).metrics_lines()[0]
   lines = []
   if any("mAP" in r for r in records):
     lines += [f"\nevaluations of {workdir} ({config.data.name}; values in %):",
@@ -238,79 +243,32 @@ def log_to_stderr() -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def main(argv):
-  try:
-    _run(argv)
-  except Exception as exc:
-    code = exit_code_of(exc)
-    if code is None:
-      raise
-    fail(str(exc), code, show_traceback=traceback_asked())
+# ---------------------------------------------------------------------------------------
+# The modes: each checks its flags before anything is loaded, then runs one command.
+# ---------------------------------------------------------------------------------------
 
 
-def _run(argv):
-  if len(argv) > 1:
-    raise CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
-                           "--name=value)")
-  # Checked before anything is loaded.
-  if _MODE.value == "extract":
-    if not OUT.value:
-      raise CommandLineError("--mode extract needs --out <file.npz>")
-    export.check_output_path(OUT.value)
-  if _MODE.value == "search":
-    if not (_QUERY.value and _GALLERY.value):
-      raise CommandLineError("--mode search needs --query <image or folder> and --gallery "
-                             "<folder>")
-    if OUT.value:
-      export.check_output_path(OUT.value)
-  if _MODE.value == "export":
-    if not OUT.value:
-      raise CommandLineError("--mode export needs --out (a folder for --format=stablehlo, a "
-                             ".onnx file for --format=onnx)")
-    if _FORMAT.value == "onnx":
-      export.check_output_path(OUT.value)
-  check_workdir(WORKDIR.value)
-  config = load_config()
-  if _MODE.value != "train":
-    checkpoint_lib.check_name(
-        config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value,
-        os.path.join(WORKDIR.value, "checkpoints"))
-  log_to_stderr()
-  distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
-  if _MODE.value == "train":
-    results = train.train_and_evaluate(config, WORKDIR.value, force=_FORCE.value)
-    print(training_summary(config, WORKDIR.value, results))
-    if not results:
-      return
-    if "best" not in results:  # nothing to evaluate on: the checkpoints kept.
-      print(f"\nno query / gallery to evaluate on; checkpoints kept in {WORKDIR.value}/"
-            f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
-            "--mode eval --config.eval.list=..., or sweep eps on it with "
-            "python -m ccreid_jax.tools.eps_sweep)")
-      return
-    print(format_results_table(results["best"],
-                               title=f"\nbest (epoch {results['best']['epoch']})"))
-    print(format_results_table(results["last"],
-                               title=f"\nlast (epoch {results['last']['epoch']})"))
-    print(json.dumps(results, sort_keys=True))
+def _nothing_to_check() -> None:
+  """Modes whose flags need no check before loading (train, eval)."""
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  results = train.train_and_evaluate(config, workdir, force=_FORCE.value)
+  print(training_summary(config, workdir, results))
+  if not results:
     return
-  if _MODE.value == "search":
-    records, png = inference.run_search(config, WORKDIR.value, _QUERY.value, _GALLERY.value,
-                                        topk=_TOPK.value, out_png=OUT.value,
-                                        checkpoint=CHECKPOINT.value)
-    print(inference.format_search_results(records))
-    print(f"rank list: {png}")
+  if "best" not in results:  # nothing to evaluate on: the checkpoints kept.
+    print(f"\nno query / gallery to evaluate on; checkpoints kept in {workdir}/"
+          f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
+          "--mode eval --config.eval.list=..., or sweep eps on it with --mode sweep)")
     return
-  if _MODE.value == "export":
-    print(json.dumps(inference.run_export(config, WORKDIR.value, _FORMAT.value, OUT.value,
-                                          checkpoint=CHECKPOINT.value), sort_keys=True))
-    return
-  if _MODE.value == "extract":
-    summary = train.extract(config, WORKDIR.value, split=_SPLIT.value, out=OUT.value,
-                            checkpoint=CHECKPOINT.value)
-    print(json.dumps(summary))
-    return
-  results = train.evaluate(config, WORKDIR.value, checkpoint=CHECKPOINT.value)
+  print(format_results_table(results["best"], title=f"\nbest (epoch {results['best']['epoch']})"))
+  print(format_results_table(results["last"], title=f"\nlast (epoch {results['last']['epoch']})"))
+  print(json.dumps(results, sort_keys=True))
+
+
+def _eval(config: ml_collections.ConfigDict, workdir: str) -> None:
+  results = commands.evaluate(config, workdir, checkpoint=CHECKPOINT.value)
   evaluated_on = config.eval.dataset or config.data.name
   if not config.eval.dataset and config.eval.get("list"):
     evaluated_on = f"eval list {config.eval.list}"
@@ -321,5 +279,114 @@ def _run(argv):
   print(json.dumps({k: results[k] for k in sorted(results)}))
 
 
-if __name__ == "__main__":
+def _check_extract() -> None:
+  if not OUT.value:
+    raise CommandLineError("--mode extract needs --out <file.npz>")
+  feature_files.check_output_path(OUT.value)
+
+
+def _extract(config: ml_collections.ConfigDict, workdir: str) -> None:
+  summary = commands.extract(config, workdir, split=_SPLIT.value, out=OUT.value,
+                             checkpoint=CHECKPOINT.value)
+  print(json.dumps(summary))
+
+
+def _check_search() -> None:
+  if not (_QUERY.value and _GALLERY.value):
+    raise CommandLineError("--mode search needs --query <image or folder> and --gallery "
+                           "<folder>")
+  if OUT.value:
+    feature_files.check_output_path(OUT.value)
+
+
+def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
+  records, png = commands.search(config, workdir, _QUERY.value, _GALLERY.value,
+                                 topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
+  print(inference.format_search_results(records))
+  print(f"rank list: {png}")
+
+
+def _check_export() -> None:
+  if not OUT.value:
+    raise CommandLineError("--mode export needs --out (a folder for --format=stablehlo, a "
+                           ".onnx file for --format=onnx)")
+  if _FORMAT.value == "onnx":
+    feature_files.check_output_path(OUT.value)
+
+
+def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
+  print(json.dumps(commands.export(config, workdir, _FORMAT.value, OUT.value,
+                                   checkpoint=CHECKPOINT.value), sort_keys=True))
+
+
+def _eps_values() -> list[float]:
+  try:
+    return eps_sweep.parse_eps(_EPS.value)
+  except ValueError as exc:
+    raise CommandLineError(str(exc)) from None
+
+
+def _check_sweep() -> None:
+  _eps_values()
+  out = OUT.value or WORKDIR.value
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
+
+
+def _sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
+  result = commands.sweep(config, workdir, _eps_values(), checkpoint=CHECKPOINT.value,
+                          out=OUT.value or workdir)
+  print(f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
+        f"({result['distance']} distance, min_samples {result['min_samples']}):")
+  print(eps_sweep.format_table(result["rows"], result["configured_eps"]))
+  if "json" in result:
+    print(f"wrote {result['json']} and {result['png']}")
+
+
+# --mode -> (the check of its flags, the command).
+MODES: dict[str, tuple[Callable[[], None], Callable[[ml_collections.ConfigDict, str], None]]] = {
+    "train": (_nothing_to_check, _train),
+    "eval": (_nothing_to_check, _eval),
+    "extract": (_check_extract, _extract),
+    "search": (_check_search, _search),
+    "export": (_check_export, _export),
+    "sweep": (_check_sweep, _sweep),
+}
+
+
+def main(argv: list[str]) -> None:
+  try:
+    _run(argv)
+  except Exception as exc:
+    code = exit_code_of(exc)
+    if code is None:
+      raise
+    fail(str(exc), code, show_traceback=traceback_asked())
+
+
+def _run(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
+                           "--name=value)")
+  check_flags, command = MODES[_MODE.value]
+  check_flags()  # before anything is loaded.
+  check_workdir(WORKDIR.value)
+  config = load_config()
+  if _MODE.value != "train":
+    run_lib.Run(WORKDIR.value).reference(
+        config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value)
+  log_to_stderr()
+  distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
+  command(config, WORKDIR.value)
+
+
+def run() -> None:
+  """The command line: CPU settings first (``xla_cpu``), then the flags and the mode."""
+  # The CPU settings of ccreid_jax/xla_cpu.py (an XLA flag, glibc malloc reuse), applied
+  # before JAX's backend starts; CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
+  xla_cpu.apply_cpu_tuning()
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -17,9 +17,8 @@ import ml_collections
 import numpy as np
 
 from ccreid_jax import tensorboard as tensorboard_lib
-from ccreid_jax import workdir as workdir_lib
 from ccreid_jax.evaluation import visualize
-from ccreid_jax.utils import MetricsWriter
+from ccreid_jax.run import Run
 
 __all__ = ["Reporter", "epoch_line", "save_rank_list"]
 
@@ -75,7 +74,7 @@ class Reporter:
 
   Args:
     config: the run's config (``log`` is read; ``seed`` picks the rank-list queries).
-    workdir: the run's folder.
+    run: the run's folder.
     data: the run's ``RunData`` (rank lists draw its evaluation images).
     start_epoch: the first epoch this process trains; a resumed run drops what an
       interrupted attempt logged from here on, in metrics.jsonl and TensorBoard.
@@ -83,20 +82,20 @@ class Reporter:
     enabled: False on every process but the primary one: nothing is written.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: Any, *,
+  def __init__(self, config: ml_collections.ConfigDict, run: Run, data: Any, *,
                start_epoch: int, num_train: int, enabled: bool = True):
     self.config = config
-    self.workdir = workdir
+    self.workdir = run.path
     self.data = data
     self.num_train = num_train
     self.enabled = enabled
     if enabled:
-      workdir_lib.prune_metrics(workdir, start_epoch)
-    self._metrics = MetricsWriter(workdir, enabled=enabled)
+      run.prune_metrics(start_epoch)
+    self._metrics = run.metrics_writer(enabled=enabled)
     # The history the curves are drawn from: read once, then kept up to date in memory.
-    self._history = workdir_lib.read_metrics_lines(workdir)[0] if enabled else []
+    self._history = run.metrics_lines()[0] if enabled else []
     self._tensorboard = tensorboard_lib.TensorBoardWriter(
-        os.path.join(workdir, "tensorboard"),
+        run.file("tensorboard"),
         purge_step=start_epoch + 1 if start_epoch else 0,
         enabled=bool(config.log.tensorboard) and enabled)
 

@@ -65,27 +65,6 @@ def write_json(path: str, value: Any) -> None:
   write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-class MetricsWriter:
-  """Appends one JSON object per line to ``<workdir>/metrics.jsonl``.
-
-  ``enabled=False`` (every process but process 0 of a multi-process run) writes nothing.
-  """
-
-  def __init__(self, workdir: str, *, enabled: bool = True):
-    self.enabled = enabled
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-
-  def write(self, kind: str, **values: Any) -> None:
-    if not self.enabled:
-      return
-    record = {"kind": kind, "time": time.time(), **values}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-      f.flush()
-
-
 def format_results_table(results: dict[str, float], title: str = "") -> str:
   """mAP / CMC as a small fixed-width table, values in percent."""
   keys = [k for k in ("mAP", "rank1", "rank5", "rank10", "mINP") if k in results]

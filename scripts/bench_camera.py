@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ccreid_jax import run as run_lib
 from ccreid_jax import xla_cpu  # noqa: E402
 
 VARIANTS = {
@@ -81,7 +82,7 @@ def run_config(args, variant: str, seed: int, data_root: str):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, force=True)
-  from ccreid_jax import train, workdir as workdir_lib
+  from ccreid_jax import train
   from ccreid_jax.data import synthetic
 
   data_root = os.path.join(args.root, f"data_shift{args.camera_shift:g}")
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
       config.data.cache_dir = os.path.join(args.root, "cache")
       start = time.time()
       final = train.train_and_evaluate(config, workdir)
-      records = workdir_lib.read_epoch_records(workdir)
+      records = run_lib.Run(workdir).epoch_records()
       run = {"variant": variant, "seed": seed, "seconds": time.time() - start,
              "mAP": final["last"]["mAP"], "rank1": final["last"]["rank1"],
              "epochs": [{k: r.get(k) for k in ("epoch", "clusters", "outliers", "cluster_ari",

@@ -69,6 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from ccreid_jax import state as state_lib
 from ccreid_jax import memory as memory_lib  # noqa: E402
 from ccreid_jax import xla_cpu  # noqa: E402
 from ccreid_jax import models, train  # noqa: E402
@@ -153,16 +154,16 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
   mesh = make_mesh()
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = models.create_model(config.model)
-  tx = train.make_optimizer(config.optim, config.train.iters)
+  tx = state_lib.make_optimizer(config.optim, config.train.iters)
   dim = models.feature_dim(args.depth, args.model_width)
   rng = np.random.default_rng(0)
   centroids = rng.normal(size=(args.clusters, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
   memory = memory_lib.init_memory(centroids, memory_lib.bucket_size(args.clusters))
-  state = jax.device_put(train.init_train_state(model, tx, config, memory),
+  state = jax.device_put(state_lib.create_train_state(model, config, tx=tx, memory=memory),
                          NamedSharding(mesh, PartitionSpec()))
   labels_all = rng.integers(0, args.clusters, size=images.shape[0]).astype(np.int32)
-  step = train.make_train_step(model, tx, config, mesh)
+  step = train.make_train_step(config, mesh)
 
   def index_batches(count):
     for _ in range(count):

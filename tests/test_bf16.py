@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ccreid_jax import state as state_lib
 from ccreid_jax import distributed, memory as memory_lib, models, train
 from ccreid_jax.extract import make_extract_fn
 from ccreid_jax.distributed import make_mesh
@@ -24,11 +25,11 @@ def _setup(dtype: str):
   config.augment.erasing_prob = 0.0
   config.memory.momentum = 1.0
   model = models.create_model(config.model)
-  tx = train.make_optimizer(config.optim, config.train.iters)
+  tx = state_lib.make_optimizer(config.optim, config.train.iters)
   rng = np.random.default_rng(0)
   centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
+  state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
   images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
   labels = np.repeat(np.arange(8) % 6, 4).astype(np.int32)
   return config, model, tx, state, images, labels
@@ -49,7 +50,7 @@ def runs():
     # Replicated over the mesh up front, as train_and_evaluate does, so that the step's
     # input shardings are those of its outputs and it compiles once, not twice.
     state = distributed.replicate(state, mesh)
-    step = train.make_train_step(model, tx, config, mesh)
+    step = train.make_train_step(config, mesh)
     features = make_extract_fn(model, mesh)(state.variables, images)
     losses = []
     for _ in range(4):

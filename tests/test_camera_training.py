@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ccreid_jax import train, workdir as workdir_lib
+from ccreid_jax import run as run_lib
+from ccreid_jax import train
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_camera_aware_run_trains_and_resumes_exactly(tiny_market, tmp_path):
   config.train.epochs = 2
   train.train_and_evaluate(config, resumed)
 
-  a, b = workdir_lib.read_epoch_records(straight), workdir_lib.read_epoch_records(resumed)
+  a, b = run_lib.Run(straight).epoch_records(), run_lib.Run(resumed).epoch_records()
   assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [0, 1]
   for record in a:
     assert record["clusters"] > 0 and record["camera_proxies"] >= record["clusters"]

@@ -11,12 +11,13 @@ import sys
 
 import pytest
 
+from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models.weights import WeightsTooLargeError
 from ccreid_jax.validation import ConfigError
-from ccreid_jax.workdir import WorkdirConfigMismatch
+from ccreid_jax.run import WorkdirConfigMismatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,13 +96,13 @@ def test_workdir_that_is_a_file_and_a_misspelt_checkpoint_are_refused_up_front(t
   main.check_workdir(str(tmp_path / "new" / "run"))   # created
   assert (tmp_path / "new" / "run").is_dir()
   (tmp_path / "new" / "run" / "checkpoints" / "4").mkdir(parents=True)
-  with pytest.raises(checkpoint_lib.CheckpointNameError) as info:
-    checkpoint_lib.check_name("bset", str(tmp_path / "new" / "run" / "checkpoints"))
+  with pytest.raises(run_lib.CheckpointNameError) as info:
+    run_lib.CheckpointRef.parse("bset", str(tmp_path / "new" / "run" / "checkpoints"))
   for text in ("'bset'", "did you mean 'best'", "'latest'", "'init'", "a checkpoint number",
                "checkpoint folder", "kept: 4"):
     assert text in str(info.value), text
-  for accepted in (None, "latest", "best", "init", "12", 3, str(tmp_path)):
-    checkpoint_lib.check_name(accepted, str(tmp_path))
+  for accepted in ("latest", "best", "init", "12", 3, str(tmp_path)):
+    run_lib.CheckpointRef.parse(accepted, str(tmp_path))
 
 
 def test_extract_output_checked_before_anything_is_loaded(runs):
@@ -114,7 +115,7 @@ def test_exit_codes_of_the_user_errors():
   from ccreid_jax import main
 
   usage = [ConfigError(["x"]), WorkdirConfigMismatch("w", [("a", 1, 2)]),
-           checkpoint_lib.CheckpointNameError("x"), checkpoint_lib.CheckpointNotFoundError("x")]
+           run_lib.CheckpointNameError("x"), checkpoint_lib.CheckpointNotFoundError("x")]
   files = [DatasetError("x"), ImageDecodeError("x"), checkpoint_lib.CheckpointError("x"),
            WeightsTooLargeError("x")]
   assert [main.exit_code_of(e) for e in usage] == [2] * len(usage)

@@ -28,20 +28,21 @@ initialized = distributed.maybe_initialize(initialization_timeout=120)
 import numpy as np
 from conftest import tiny_config  # also sets up the compilation cache (not for 2 processes)
 from ccreid_jax import memory as memory_lib, models, train
+from ccreid_jax import state as state_lib
 from ccreid_jax.distributed import make_mesh
 
 config = tiny_config("unused")
 config.train.batch_size = 32
 config.model.bn_group_size = 8
 model = models.create_model(config.model)
-tx = train.make_optimizer(config.optim, config.train.iters)
+tx = state_lib.make_optimizer(config.optim, config.train.iters)
 rng = np.random.default_rng(0)
 centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
 centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
 mesh = make_mesh()
-state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
+state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
 state = distributed.replicate(state, mesh)
-step = train.make_train_step(model, tx, config, mesh)
+step = train.make_train_step(config, mesh)
 rows = distributed.process_slice(32)
 losses = []
 for i in range({steps}):

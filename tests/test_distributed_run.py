@@ -21,6 +21,7 @@ _TRAIN_SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import jax
+from ccreid_jax import commands
 from ccreid_jax import distributed
 distributed.maybe_initialize(initialization_timeout=120)
 from conftest import tiny_config  # also sets up the compilation cache (not for 2 processes)
@@ -29,7 +30,7 @@ config = tiny_config({data_root!r})
 config.train.epochs = {epochs}
 config.log.ranklist_queries = 2
 results = train.train_and_evaluate(config, {workdir!r})
-evaluated = train.evaluate(config, {workdir!r}, checkpoint="latest")
+evaluated = commands.evaluate(config, {workdir!r}, checkpoint="latest")
 print(json.dumps({{"process": jax.process_index(), "processes": jax.process_count(),
                   "results": results, "evaluated": evaluated}}))
 """

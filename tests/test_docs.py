@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from ccreid_jax.workdir import RESULT_NEUTRAL_FIELDS
+from ccreid_jax.run import RESULT_NEUTRAL_FIELDS
 from conftest import ROOT
 
 # Absolute paths of a development machine, the names of its tools and references to files
@@ -22,11 +22,11 @@ SHIPPED = ("README.md", "docs", "scripts", "configs")
 
 
 def _neutral_fields_in_reliability_doc():
-  """The fields listed after ``(`workdir.RESULT_NEUTRAL_FIELDS`):`` up to the sentence's end,
+  """The fields listed after ``(`run.RESULT_NEUTRAL_FIELDS`):`` up to the sentence's end,
   ``x.*`` read as the prefix ``x.``."""
   with open(os.path.join(ROOT, "docs", "reliability.md"), encoding="utf-8") as f:
     text = f.read()
-  marker = "(`workdir.RESULT_NEUTRAL_FIELDS`):"
+  marker = "(`run.RESULT_NEUTRAL_FIELDS`):"
   assert text.count(marker) == 1, f"docs/reliability.md should hold {marker!r} once"
   listed = re.split(r"\.\s", text.split(marker, 1)[1], maxsplit=1)[0]
   assert re.fullmatch(r"\s*`[^`]+`(\s*,\s*`[^`]+`)*\s*", listed), f"not a list: {listed!r}"

@@ -1,4 +1,4 @@
-"""The eps sweep (``python -m ccreid_jax.tools.eps_sweep``): its figures at every eps equal the
+"""The eps sweep (``python -m ccreid_jax.main --mode sweep``): its figures at every eps equal the
 training's own clustering run separately at that eps on the same features; the command line
 writes the table, JSON and PNG, and refuses bad values with one clean line."""
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import pseudo_labels, train
-from ccreid_jax.main import CommandLineError
+from ccreid_jax import commands
+from ccreid_jax import run as run_lib
+from ccreid_jax.extract import FeatureExtractor
+from ccreid_jax import pseudo_labels
 from ccreid_jax.data import loading
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.tools import eps_sweep
@@ -67,13 +69,14 @@ def test_sweep_equals_the_clustering_at_each_eps(tiny_market, tmp_path):
   workdir = str(tmp_path / "run")
   # The features, extracted independently of the sweep.
   data = loading.load_run_data(config, workdir, need_train=True)
-  model, variables, _, _ = train.load_variables(config, workdir, "init")
-  features = np.asarray(train.make_feature_extractor(model, config)(variables, data.train_images))
+  loaded = run_lib.Run(workdir).load_model(config, "init")
+  features = np.asarray(FeatureExtractor.create(loaded.model, config)(loaded.variables,
+                                                                      data.train_images))
 
   for distance, eps_values in EPS.items():
     config.cluster.distance = distance
     out = str(tmp_path / distance)
-    result = eps_sweep.run_sweep(config, workdir, eps_values, checkpoint="init", out=out)
+    result = commands.sweep(config, workdir, eps_values, checkpoint="init", out=out)
     expected = _expected_rows(features, data, config, eps_values)
     assert result["rows"] == expected
     assert (result["checkpoint"], result["epoch"], result["distance"]) == ("init", -1, distance)
@@ -98,13 +101,13 @@ def test_the_command_line(tiny_market, tmp_path):
       "from conftest import tiny_config\n\n\n"
       "def get_config():\n"
       f"  return tiny_config({tiny_market!r})\n")
-  base = [sys.executable, "-m", "ccreid_jax.tools.eps_sweep", "--config", str(config_file),
+  base = [sys.executable, "-m", "ccreid_jax.main", "--mode", "sweep", "--config", str(config_file),
           "--workdir", str(tmp_path / "run")]
   env = {k: v for k, v in os.environ.items() if k != "CCREID_TRACEBACK"}
   env["JAX_PLATFORMS"] = "cpu"
   cases = {
       "ok": base + ["--checkpoint", "init", "--eps", "0.5:0.7:0.1", "--out", str(tmp_path / "o")],
-      "eps": base + ["--eps", "0.5:1.5:0.1", "--mode", "eval"],
+      "eps": base + ["--eps", "0.5:1.5:0.1"],
       # The initial model without weights would be a random network: refused as training is.
       "weights": base[:-1] + [str(tmp_path / "run_w"), "--checkpoint", "init",
                               "--config.model.pretrained="],
@@ -123,10 +126,11 @@ def test_the_command_line(tiny_market, tmp_path):
   code, _, err = results["eps"]
   assert code == 2 and "Traceback" not in err, err
   assert err.strip().splitlines() == [
-      "error: --mode: flags of ccreid_jax.main, not of the eps sweep (see --helpshort)"], err
+      "error: --eps 0.5:1.5:0.1: 1.0 is outside (0, 1); Jaccard distances lie in [0, 1] and "
+      "absent pairs are 1.0, so eps >= 1 links every pair"], err
   code, _, err = results["weights"]
   assert code == 2 and "Traceback" not in err, err
   assert "model.pretrained = '': no backbone weights" in err and "pretrained=none" in err, err
   assert os.listdir(tmp_path / "run_w") == [], "nothing is loaded before the check"
-  with pytest.raises(CommandLineError, match="1.0 is outside"):
-    eps_sweep.parse_eps_flag("0.5:1.5:0.1")
+  with pytest.raises(ValueError, match="1.0 is outside"):
+    eps_sweep.parse_eps("0.5:1.5:0.1")

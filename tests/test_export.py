@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ccreid_jax import export
+from ccreid_jax import feature_files
+from ccreid_jax.extract import FeatureExtractor
 from ccreid_jax.data.datasets import Record
 from ccreid_jax.extract import extract_features
 
@@ -27,9 +28,9 @@ def test_export_round_trip(tmp_path):
   features = rng.standard_normal((7, 5)).astype(np.float64)  # stored as float32
   records = _records(7)
   path = str(tmp_path / "out" / "query.npz")
-  export.export_features(path, features, records, "query")
+  feature_files.write_features(path, features, records, "query")
 
-  loaded = export.load_exported(path)  # np.load(allow_pickle=False) inside
+  loaded = feature_files.read_features(path)  # np.load(allow_pickle=False) inside
   assert loaded.split == "query"
   assert loaded.features.dtype == np.float32
   np.testing.assert_array_equal(loaded.features, features.astype(np.float32))
@@ -43,47 +44,47 @@ def test_export_round_trip(tmp_path):
 
 def test_export_keeps_the_given_name_and_rejects_bad_input(tmp_path):
   path = str(tmp_path / "features.bin")
-  export.export_features(path, np.zeros((2, 3)), _records(2), "train")
-  assert export.load_exported(path).split == "train"
+  feature_files.write_features(path, np.zeros((2, 3)), _records(2), "train")
+  assert feature_files.read_features(path).split == "train"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["features.bin"]  # no temporary left
   with pytest.raises(ValueError, match="records"):
-    export.export_features(path, np.zeros((3, 3)), _records(2), "train")
+    feature_files.write_features(path, np.zeros((3, 3)), _records(2), "train")
   with pytest.raises(ValueError, match="split"):
-    export.export_features(path, np.zeros((2, 3)), _records(2), "test")
+    feature_files.write_features(path, np.zeros((2, 3)), _records(2), "test")
   with pytest.raises(ValueError, match="N, D"):
-    export.export_features(path, np.zeros((2,)), _records(2), "train")
+    feature_files.write_features(path, np.zeros((2,)), _records(2), "train")
   np.savez(str(tmp_path / "other.npz"), features=np.zeros((1, 1)))
   with pytest.raises(ValueError, match="missing"):
-    export.load_exported(str(tmp_path / "other.npz"))
+    feature_files.read_features(str(tmp_path / "other.npz"))
 
 
 def test_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
   def refuse(src, dst):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(export.os, "replace", refuse)
+  monkeypatch.setattr(feature_files.os, "replace", refuse)
   with pytest.raises(OSError, match="No space left"):
-    export.export_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query")
+    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query")
   assert list(tmp_path.iterdir()) == []
 
 
 def test_output_path_is_checked_before_anything_is_written(tmp_path):
   created = tmp_path / "new" / "sub" / "query.npz"
-  export.check_output_path(str(created))   # a missing parent folder is created
+  feature_files.check_output_path(str(created))   # a missing parent folder is created
   assert created.parent.is_dir() and list(created.parent.iterdir()) == []
   folder = tmp_path / "features"
   folder.mkdir()
-  with pytest.raises(export.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
-    export.check_output_path(str(folder))
-  with pytest.raises(export.OutputPathError):   # export_features checks too, names the path
-    export.export_features(str(folder), np.zeros((2, 3)), _records(2), "query")
+  with pytest.raises(feature_files.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
+    feature_files.check_output_path(str(folder))
+  with pytest.raises(feature_files.OutputPathError):   # export_features checks too, names the path
+    feature_files.write_features(str(folder), np.zeros((2, 3)), _records(2), "query")
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  with pytest.raises(export.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"):
-    export.check_output_path(str(blocker / "query.npz"))
+  with pytest.raises(feature_files.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"):
+    feature_files.check_output_path(str(blocker / "query.npz"))
   if os.path.isdir("/proc"):   # a place nobody can write to, not even root
-    with pytest.raises(export.OutputPathError, match="/proc/query.npz.*cannot be written"):
-      export.check_output_path("/proc/query.npz")
+    with pytest.raises(feature_files.OutputPathError, match="/proc/query.npz.*cannot be written"):
+      feature_files.check_output_path("/proc/query.npz")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "features", "new"]
   assert list(folder.iterdir()) == []
 
@@ -126,14 +127,14 @@ def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
       ("gallery", [3, 4, 5, 6, 7, 8], run.dataset.gallery),
       ("train", [100, 101, 102, 103, 104], run.dataset.train),
   ):
-    features, records = export.extract_split(run, run.extract, variables, split)
+    features, records = feature_files.extract_split(run, run.extract, variables, split)
     assert features.dtype == np.float32
     np.testing.assert_allclose(features[:, 0], 2.0 * np.array(expected_values))
     np.testing.assert_array_equal(features[:, 1], 1.0)
     assert records == list(expected_records)
     path = str(tmp_path / f"{split}.npz")
-    export.export_features(path, features, records, split)
-    loaded = export.load_exported(path)
+    feature_files.write_features(path, features, records, split)
+    loaded = feature_files.read_features(path)
     np.testing.assert_array_equal(loaded.features, features)
     assert loaded.paths.tolist() == [r.path for r in expected_records]
 
@@ -141,25 +142,25 @@ def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
 def test_extract_split_errors():
   run = _fake_run(with_train=False)
   with pytest.raises(ValueError, match="need_train"):
-    export.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "train")
+    feature_files.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "train")
   with pytest.raises(ValueError, match="split"):
-    export.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "test")
+    feature_files.extract_split(run, run.extract, {"scale": jnp.float32(1.0)}, "test")
 
 
 def test_extract_split_with_a_real_run(tiny_market, tmp_path):
   """extract_split works on a run's loaded data and extractor; rows follow the records."""
   from conftest import tiny_config
 
-  from ccreid_jax import models, train
+  from ccreid_jax import models
   from ccreid_jax.data import loading
 
   config = tiny_config(tiny_market)
   data = loading.load_run_data(config, str(tmp_path / "run"), need_train=False)
   model = models.create_model(config.model)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)), train=False)
-  extract = train.make_feature_extractor(model, config)
-  query, query_records = export.extract_split(data, extract, variables, "query")
-  gallery, gallery_records = export.extract_split(data, extract, variables, "gallery")
+  extract = FeatureExtractor.create(model, config)
+  query, query_records = feature_files.extract_split(data, extract, variables, "query")
+  gallery, gallery_records = feature_files.extract_split(data, extract, variables, "gallery")
   assert query_records == list(data.dataset.query)
   assert gallery_records == list(data.dataset.gallery)
   assert query.shape[0] + gallery.shape[0] == data.test_images.shape[0]

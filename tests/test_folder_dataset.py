@@ -13,6 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
+from ccreid_jax import commands
+from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import inference
 from ccreid_jax import train
@@ -426,14 +428,12 @@ def test_custom_config_reads_a_folder(own):
 
 
 def _short_run(config, workdir):
-  from ccreid_jax import train
-  from ccreid_jax.workdir import read_metrics_lines
 
   config.train.epochs, config.train.iters = 1, 2
   config.cluster.min_samples = 2
   results = train.train_and_evaluate(config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
-  records = [r for r in read_metrics_lines(workdir)[0] if r["kind"] == "epoch"]
+  records = [r for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "epoch"]
   assert [r["epoch"] for r in records] == [0] and records[0]["steps"] == 2
   return results, records[0]
 
@@ -442,7 +442,6 @@ def _short_run(config, workdir):
 def test_training_on_camera_folders_with_an_eval_list(own, tmp_path):
   """Trains, evaluates on the list, and the eps sweep reads the checkpoint (no ARI: the
   train ids are not known)."""
-  from ccreid_jax.tools import eps_sweep
 
   root, copied = own["folder"]
   config = _folder_config(root, cameras="folder", camera_folder_level=2)
@@ -452,7 +451,7 @@ def test_training_on_camera_folders_with_an_eval_list(own, tmp_path):
   assert 0.0 <= results["mAP"] <= 1.0 and "mAP" in record
   assert "cluster_ari" not in record  # the train ids are not known
   assert "camera_ari" in record
-  sweep = eps_sweep.run_sweep(config, workdir, [0.5, 0.6], checkpoint="latest", out=workdir)
+  sweep = commands.sweep(config, workdir, [0.5, 0.6], checkpoint="latest", out=workdir)
   assert (sweep["checkpoint"], sweep["epoch"], sweep["num_train"]) == ("1", 0, len(copied))
   assert not sweep["has_train_ids"] and all("ari" not in r for r in sweep["rows"])
   assert os.path.isfile(os.path.join(workdir, "eps_sweep_1.png"))
@@ -468,11 +467,12 @@ def test_training_without_cameras_or_evaluation(own, tmp_path):
   assert results == {"epoch": 0, "checkpoints": [1]}
   # No checkpoint was evaluated: the default ("best") loads the latest; "best" asked for
   # says there is none.
-  assert train.load_variables(config, workdir)[2:] == (1, 0)
+  checkpoint = run_lib.Run(workdir).load_model(config).checkpoint
+  assert (checkpoint.number, checkpoint.epoch, checkpoint.name) == (1, 0, "latest")
   source = inference.Embedder.from_workdir(workdir).source
   assert (source["checkpoint"], source["number"]) == ("latest", 1)
   with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match="No evaluated checkpoint"):
-    train.load_variables(config, workdir, checkpoint="best")
+    run_lib.Run(workdir).load_model(config, "best")
   # What can be known without labels is logged instead.
   assert {"clusters", "outliers", "largest_cluster", "cluster_sizes",
           "intra_similarity"} <= set(record)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ccreid_jax import commands
+from ccreid_jax import export as export_lib
 from ccreid_jax import inference, models
 from ccreid_jax.data.cache import ImageDecodeError, load_image_cache
 from ccreid_jax.evaluation import visualize
@@ -165,18 +167,18 @@ def test_list_images_is_recursive_sorted_and_filtered(tmp_path):
 def run_workdir(tmp_path_factory):
   """A workdir holding only the saved config of a tiny run (its model is the initial one)."""
   from conftest import tiny_config
-  from ccreid_jax import workdir as workdir_lib
+  from ccreid_jax import run as run_lib
 
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config(str(tmp_path_factory.mktemp("no_data")))
   config.eval.flip = True
   config.eval.batch_size = 8
-  workdir_lib.check_workdir_config(workdir, config, force=False)
+  run_lib.Run(workdir).check_config(config, force=False)
   return workdir, config
 
 
 def test_from_workdir_reads_the_saved_config_and_the_checkpoint(run_workdir, image_files):
-  from ccreid_jax import train
+  from ccreid_jax import run as run_lib
 
   workdir, config = run_workdir
   embedder = inference.Embedder.from_workdir(workdir, checkpoint="init")
@@ -184,10 +186,10 @@ def test_from_workdir_reads_the_saved_config_and_the_checkpoint(run_workdir, ima
   assert embedder.flip and embedder.batch_size == 8
   assert embedder.source == {"workdir": os.path.abspath(workdir), "checkpoint": "init",
                              "number": 0, "epoch": -1}
-  # The variables are load_variables' (features from variables: the tests above).
-  model, variables, _, _ = train.load_variables(config, workdir, "init")
-  assert embedder.model == model
-  jax.tree_util.tree_map(np.testing.assert_array_equal, embedder.variables, variables)
+  # The variables are the run folder's (features from variables: the tests above).
+  loaded = run_lib.Run(workdir).load_model(config, "init")
+  assert embedder.model == loaded.model
+  jax.tree_util.tree_map(np.testing.assert_array_equal, embedder.variables, loaded.variables)
   assert embedder.embed(image_files[:2]).shape == (2, models.feature_dim(10, 8))
 
 
@@ -203,25 +205,25 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   workdir, config = run_workdir
   query = image_files[3]
   gallery = os.path.dirname(image_files[0])
-  records, png = inference.run_search(config, workdir, query, gallery, topk=5,
+  records, png = commands.search(config, workdir, query, gallery, topk=5,
                                       checkpoint="init")
   assert len(records) == 1 and records[0]["query"] == query
   assert [m["path"] for m in records[0]["matches"]][0] == query  # itself, in the folder
   assert len(records[0]["matches"]) == 5
   assert png == os.path.join(workdir, "search_ranklist.png") and os.path.isfile(png)
 
-  summary = inference.run_export(config, workdir, "stablehlo", str(tmp_path / "hlo"),
+  summary = commands.export(config, workdir, "stablehlo", str(tmp_path / "hlo"),
                                  checkpoint="init")
-  assert summary["path"] == str(tmp_path / "hlo" / inference.STABLEHLO_FILE)
+  assert summary["path"] == str(tmp_path / "hlo" / export_lib.STABLEHLO_FILE)
   with open(summary["sidecar"]) as f:
     sidecar = json.load(f)
   assert sidecar["checkpoint"]["number"] == 0 and sidecar["flip"] is True
   assert (sidecar["height"], sidecar["width"]) == (32, 16)
   with pytest.raises(ValueError, match="'stablehlo' or 'onnx'"):
-    inference.run_export(config, workdir, "tflite", str(tmp_path / "x"), checkpoint="init")
+    commands.export(config, workdir, "tflite", str(tmp_path / "x"), checkpoint="init")
   with pytest.raises(inference.InferencePathError, match="no such image file or folder"):
-    inference.run_search(config, workdir, str(tmp_path / "nothing"), gallery, checkpoint="init")
+    commands.search(config, workdir, str(tmp_path / "nothing"), gallery, checkpoint="init")
   with pytest.raises(inference.InferencePathError, match="is a file"):
-    inference.run_export(config, workdir, "stablehlo", summary["path"], checkpoint="init")
+    commands.export(config, workdir, "stablehlo", summary["path"], checkpoint="init")
   with pytest.raises(inference.InferencePathError, match="is a folder"):
-    inference.run_export(config, workdir, "onnx", str(tmp_path), checkpoint="init")
+    commands.export(config, workdir, "onnx", str(tmp_path), checkpoint="init")

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ccreid_jax import train
+from ccreid_jax import state as state_lib
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.parity
@@ -64,7 +64,7 @@ def run_torch(init, coef, steps, optim, iters_per_epoch, decoupled=False):
 
 
 def run_jax(init, coef, steps, optim, iters_per_epoch):
-  tx = train.make_optimizer(optim, iters_per_epoch)
+  tx = state_lib.make_optimizer(optim, iters_per_epoch)
   params = jax.tree.map(jnp.asarray, init)
   coef = jax.tree.map(jnp.asarray, coef)
   opt_state = tx.init(params)
@@ -105,7 +105,7 @@ def test_adam_across_lr_steps_with_step_lr():
 def test_lr_schedule_matches_step_lr():
   optim = _config_optim()
   iters = 7
-  schedule = train.make_lr_schedule(optim, iters)
+  schedule = state_lib.make_lr_schedule(optim, iters)
   opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=optim.lr)
   sched = torch.optim.lr_scheduler.StepLR(opt, step_size=optim.step_size, gamma=optim.gamma)
   for epoch in range(50):

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from ccreid_jax import memory as memory_lib, models, train, workdir as workdir_lib
+from ccreid_jax import state as state_lib
+from ccreid_jax import run as run_lib
+from ccreid_jax import memory as memory_lib, models, train
 from ccreid_jax.distributed import make_mesh
 from ccreid_jax.validation import ConfigError, validate_config
 from conftest import tiny_config
@@ -36,11 +38,11 @@ def test_model_precision_reaches_the_compiled_step(precision):
   config = tiny_config("unused")
   config.model.precision = precision
   model = models.create_model(config.model)
-  tx = train.make_optimizer(config.optim, config.train.iters)
+  tx = state_lib.make_optimizer(config.optim, config.train.iters)
   dim = models.feature_dim(config.model.depth, config.model.width)
   memory = memory_lib.init_memory(np.eye(4, dim, dtype=np.float32), 16)
-  state = train.init_train_state(model, tx, config, memory)
-  step = train.make_train_step(model, tx, config, make_mesh())
+  state = state_lib.create_train_state(model, config, tx=tx, memory=memory)
+  step = train.make_train_step(config, make_mesh())
   images = np.zeros((16, 32, 16, 3), np.uint8)
   labels = np.zeros(16, np.int32)
   precisions = _matmul_precisions(step.lower(state, images, labels))
@@ -97,5 +99,5 @@ def test_best_and_last_evaluations_are_both_reported(tiny_market, tmp_path, monk
   assert results["last"]["mAP"] == -1.0
   for key, value in calls[0].items():
     assert results["best"][key] == value == results[key], key
-  records = workdir_lib.read_epoch_records(str(tmp_path / "run"))
+  records = run_lib.Run(str(tmp_path / "run")).epoch_records()
   assert [r["mAP"] for r in records] == [calls[0]["mAP"], -1.0]

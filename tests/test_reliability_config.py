@@ -1,4 +1,4 @@
-"""Bad configs and workdirs: validate_config, check_workdir_config, the metrics history."""
+"""Bad configs and workdirs: validate_config, check_config, the metrics history."""
 
 import json
 import math
@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from ccreid_jax import validation, workdir as workdir_lib
+from ccreid_jax import run as run_lib
+from ccreid_jax import validation
 from ccreid_jax.validation import ConfigError, validate_config
-from ccreid_jax.workdir import WorkdirConfigMismatch, check_workdir_config
+from ccreid_jax.run import WorkdirConfigMismatch, check_config
 from conftest import tiny_config
 
 
@@ -160,17 +161,17 @@ def _fake_checkpoint(workdir):
 
 def test_new_workdir_saves_the_config(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["cluster"]["eps"] == config.cluster.eps
   # No checkpoint yet: nothing to protect, a new config simply replaces it.
   config.cluster.eps = 0.5
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
 
 
 def test_resume_with_neutral_changes_is_allowed(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   _fake_checkpoint(workdir)
   config.train.epochs += 5  # extending a run
   config.eval.batch_size = 16
@@ -179,21 +180,21 @@ def test_resume_with_neutral_changes_is_allowed(config, tmp_path):
   config.data.cache_dir = str(tmp_path / "cache")
   config.data.num_workers = 1
   config.train.eval_every = 3
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["epochs"] == config.train.epochs  # the saved one follows
 
 
 def test_resume_with_result_changes_is_refused(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   _fake_checkpoint(workdir)
   old_eps, old_lr = config.cluster.eps, config.optim.lr
   config.cluster.eps = 0.5
   config.optim.lr = 1e-3
   config.seed = 7
   with pytest.raises(WorkdirConfigMismatch) as info:
-    check_workdir_config(workdir, config, force=False)
+    check_config(workdir, config, force=False)
   message = str(info.value)
   assert f"cluster.eps: {old_eps!r} -> 0.5" in message
   assert f"optim.lr: {old_lr!r} -> 0.001" in message
@@ -201,15 +202,15 @@ def test_resume_with_result_changes_is_refused(config, tmp_path):
   assert "--force" in message and "--workdir" in message
   assert [d[0] for d in info.value.differences] == ["cluster.eps", "optim.lr", "seed"]
   # --force resumes with the new config and keeps the old one.
-  check_workdir_config(workdir, config, force=True)
+  check_config(workdir, config, force=True)
   with open(os.path.join(workdir, "config.replaced-1.json")) as f:
     assert json.load(f)["cluster"]["eps"] == old_eps
-  check_workdir_config(workdir, config, force=False)  # now the saved config matches
+  check_config(workdir, config, force=False)  # now the saved config matches
 
 
 def test_field_added_later_counts_as_its_default(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   _fake_checkpoint(workdir)
   path = os.path.join(workdir, "config.json")
   with open(path) as f:
@@ -217,12 +218,12 @@ def test_field_added_later_counts_as_its_default(config, tmp_path):
   del saved["memory"]["hard"]  # a run saved before the field existed
   with open(path, "w") as f:
     json.dump(saved, f)
-  check_workdir_config(workdir, config, force=False)  # default False == False
+  check_config(workdir, config, force=False)  # default False == False
   with open(path, "w") as f:  # the check saved the full config again; restore the old one
     json.dump(saved, f)
   config.memory.hard = True
   with pytest.raises(WorkdirConfigMismatch, match=r"memory.hard: False -> True"):
-    check_workdir_config(workdir, config, force=False)
+    check_config(workdir, config, force=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,11 +248,11 @@ def test_epoch_records_keep_the_last_per_epoch_and_skip_torn_lines(tmp_path):
       '{"kind": "epoch", "epo',                # torn by a kill, then appended to
       rec(kind="epoch", epoch=2, loss=float("nan")),
   ])
-  records = workdir_lib.read_epoch_records(workdir)
+  records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1, 2]
   assert records[1]["loss"] == 2.5 and math.isnan(records[2]["loss"])
-  assert workdir_lib.read_metrics_lines(workdir)[1] == 1
-  assert workdir_lib.read_epoch_records(str(tmp_path / "none")) == []
+  assert run_lib.Run(workdir).metrics_lines()[1] == 1
+  assert run_lib.Run(str(tmp_path / "none")).epoch_records() == []
 
 
 def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
@@ -259,26 +260,26 @@ def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
   rec = lambda **kw: json.dumps(kw) + "\n"
   _write_lines(workdir, [rec(kind="initial", mAP=0.1), rec(kind="epoch", epoch=0),
                          rec(kind="epoch", epoch=1), rec(kind="other"), '{"torn'])
-  assert workdir_lib.prune_metrics(workdir, start_epoch=1) == 2
-  kinds = [(r["kind"], r.get("epoch")) for r in workdir_lib.read_metrics_lines(workdir)[0]]
+  assert run_lib.Run(workdir).prune_metrics(start_epoch=1) == 2
+  kinds = [(r["kind"], r.get("epoch")) for r in run_lib.Run(workdir).metrics_lines()[0]]
   assert kinds == [("initial", None), ("epoch", 0), ("other", None)]
-  assert workdir_lib.prune_metrics(workdir, start_epoch=1) == 0
-  assert workdir_lib.prune_metrics(workdir, start_epoch=0) == 2
-  assert workdir_lib.read_metrics_lines(workdir)[0] == [{"kind": "other"}]
+  assert run_lib.Run(workdir).prune_metrics(start_epoch=1) == 0
+  assert run_lib.Run(workdir).prune_metrics(start_epoch=0) == 2
+  assert run_lib.Run(workdir).metrics_lines()[0] == [{"kind": "other"}]
 
 
 def test_processes_other_than_the_first_check_but_never_write(config, tmp_path):
   """``write=False`` (process > 0 of a multi-process run): refuses the same, writes nothing."""
   workdir = str(tmp_path / "run")
-  check_workdir_config(workdir, config, force=False, write=False)
+  check_config(workdir, config, force=False, write=False)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
-  check_workdir_config(workdir, config, force=False)
+  check_config(workdir, config, force=False)
   _fake_checkpoint(workdir)
   config.cluster.eps = 0.5
   with pytest.raises(WorkdirConfigMismatch, match="cluster.eps"):
-    check_workdir_config(workdir, config, force=False, write=False)
+    check_config(workdir, config, force=False, write=False)
   before = sorted(os.listdir(workdir))
-  check_workdir_config(workdir, config, force=True, write=False)  # nothing renamed or written.
+  check_config(workdir, config, force=True, write=False)  # nothing renamed or written.
   assert sorted(os.listdir(workdir)) == before
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["cluster"]["eps"] != 0.5

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from ccreid_jax import workdir as workdir_lib
+from ccreid_jax import run as run_lib
 from conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def _saving(workdir: str) -> bool:
 
 
 def _epochs_logged(workdir: str) -> int:
-  records = workdir_lib.read_epoch_records(workdir)
+  records = run_lib.Run(workdir).epoch_records()
   return records[-1]["epoch"] + 1 if records else 0
 
 
@@ -153,8 +153,8 @@ def test_killed_and_restarted_run_equals_the_uninterrupted_one(straight_run, tin
     restarts += 1
   print(f"kills: {kills}; temporary checkpoint folders left by a kill: {leftovers}")
 
-  straight = workdir_lib.read_epoch_records(straight_run["workdir"])
-  resumed = workdir_lib.read_epoch_records(workdir)
+  straight = run_lib.Run(straight_run["workdir"]).epoch_records()
+  resumed = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in straight] == [r["epoch"] for r in resumed] == list(range(EPOCHS))
   # Every epoch trained: NaN losses of untrained epochs would compare equal without showing
   # anything, so the comparison below is exact.

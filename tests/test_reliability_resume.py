@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from ccreid_jax import train, workdir as workdir_lib
+from ccreid_jax import commands
+from ccreid_jax import run as run_lib
+from ccreid_jax import train
 from ccreid_jax.checkpoint import CheckpointError
 from ccreid_jax.data import synthetic
 from conftest import copy_run, tiny_config
@@ -40,10 +42,10 @@ def test_force_with_another_model_fails_before_writing_anything(one_epoch_run, t
   assert "model.width: 8 -> 16" in message and "Nothing was written" in message
   assert "damaged" not in message
   after = _snapshot(workdir)
-  assert {k: v for k, v in after.items() if k != workdir_lib.LOCK_FILE} == {
-      k: v for k, v in before.items() if k != workdir_lib.LOCK_FILE}
+  assert {k: v for k, v in after.items() if k != run_lib.LOCK_FILE} == {
+      k: v for k, v in before.items() if k != run_lib.LOCK_FILE}
   # The run's own config still resumes it.
-  workdir_lib.check_workdir_config(workdir, tiny_config(tiny_market), force=False, write=False)
+  run_lib.Run(workdir).check_config(tiny_config(tiny_market), force=False, write=False)
 
 
 def test_resume_on_another_training_set_is_refused(one_epoch_run, tiny_market, tmp_path):
@@ -67,14 +69,14 @@ def test_resume_on_another_training_set_is_refused(one_epoch_run, tiny_market, t
   config.data.root = renamed
   with pytest.raises(train.TrainingSetChanged, match="--force resumes anyway"):
     train.train_and_evaluate(config, workdir)
-  records = workdir_lib.read_epoch_records(workdir)
+  records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0]  # nothing was trained or logged
 
 
 _HOLD = """
 import sys, time
-from ccreid_jax import workdir
-with workdir.lock_workdir(sys.argv[1]):
+from ccreid_jax import run as run_lib
+with run_lib.Run(sys.argv[1]).lock():
   print("locked", flush=True)
   time.sleep(60)
 """
@@ -86,7 +88,7 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
                             text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(workdir_lib.WorkdirLocked) as info:
+    with pytest.raises(run_lib.WorkdirLocked) as info:
       train.train_and_evaluate(tiny_config(tiny_market), workdir)
     assert f"process {holder.pid} on host" in str(info.value)
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
@@ -94,22 +96,22 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
     holder.kill()
     holder.wait()
   # The holder died without cleaning up: its lock file is no obstacle.
-  lock = os.path.join(workdir, workdir_lib.LOCK_FILE)
+  lock = os.path.join(workdir, run_lib.LOCK_FILE)
   assert json.load(open(lock))["pid"] == holder.pid
-  with workdir_lib.lock_workdir(workdir):
+  with run_lib.Run(workdir).lock():
     assert json.load(open(lock))["pid"] == os.getpid()
-    with pytest.raises(workdir_lib.WorkdirLocked, match=f"process {os.getpid()}"):
-      with workdir_lib.lock_workdir(workdir):
+    with pytest.raises(run_lib.WorkdirLocked, match=f"process {os.getpid()}"):
+      with run_lib.Run(workdir).lock():
         pass
 
 
 def test_evaluation_uses_the_runs_model_settings(one_epoch_run, tiny_market, caplog):
   config = tiny_config(tiny_market)
-  expected = train.evaluate(config, one_epoch_run, checkpoint="latest")
+  expected = commands.evaluate(config, one_epoch_run, checkpoint="latest")
   changed = tiny_config(tiny_market)
   changed.data.height, changed.data.width = 64, 32  # another input size than the run's
   changed.model.pooling = "avg"
   with caplog.at_level("WARNING", logger="ccreid_jax"):
-    results = train.evaluate(changed, one_epoch_run, checkpoint="latest")
+    results = commands.evaluate(changed, one_epoch_run, checkpoint="latest")
   assert results == expected
   assert "data.height=32" in caplog.text and "model.pooling='gem'" in caplog.text

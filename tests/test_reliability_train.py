@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from ccreid_jax import clustering, train, workdir as workdir_lib
+from ccreid_jax import commands
+from ccreid_jax import run as run_lib
+from ccreid_jax import clustering, train
 from ccreid_jax.checkpoint import CheckpointError, Checkpointer
 from ccreid_jax.data.datasets import load_dataset
 from conftest import copy_run, tiny_config
@@ -53,7 +55,7 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   num_train = len(load_dataset(config.data.name, config.data.root).train)
-  records = workdir_lib.read_epoch_records(workdir)
+  records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1] and calls == [0, 1]
   steps = 0
   for record in records:
@@ -69,7 +71,7 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
   best = max(r["mAP"] for r in records)
   assert results["mAP"] == pytest.approx(best, abs=1e-6)
   assert records[results["epoch"]]["mAP"] == pytest.approx(best, abs=1e-6)
-  initial = [r for r in workdir_lib.read_metrics_lines(workdir)[0] if r["kind"] == "initial"]
+  initial = [r for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "initial"]
   assert len(initial) == 1
   if make_labels is _no_cluster:
     assert [r["clusters"] for r in records][0] == 0 and records[1]["clusters"] > 0
@@ -116,7 +118,7 @@ def test_nan_loss_stops_the_run(nan_run):
   _, workdir, error, _ = nan_run
   assert "non-finite loss at epoch 1" in str(error)
   assert os.path.join(workdir, "checkpoints") in str(error)
-  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0]
+  assert [r["epoch"] for r in run_lib.Run(workdir).epoch_records()] == [0]
 
 
 def test_last_good_checkpoint_is_committed_when_the_error_is_raised(nan_run):
@@ -130,13 +132,13 @@ def test_nan_loss_leaves_the_last_good_checkpoint_restorable(nan_run):
   while sorted(os.listdir(folder)) != ["1"] and time.monotonic() < deadline:
     time.sleep(0.05)
   ckpt = Checkpointer(folder, read_only=True)
-  assert ckpt.latest_step() == 1
-  evaluated = train.evaluate(config, workdir, checkpoint="latest")
+  assert ckpt.latest() == 1
+  evaluated = commands.evaluate(config, workdir, checkpoint="latest")
   assert evaluated["checkpoint"] == 1 and evaluated["epoch"] == 0
   # Resuming, the fault gone, continues with epoch 1.
   config.train.epochs = 2
   train.train_and_evaluate(config, workdir)
-  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0, 1]
+  assert [r["epoch"] for r in run_lib.Run(workdir).epoch_records()] == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny
   assert "Checkpoint 1" in message and os.path.join(workdir, "checkpoints") in message
   assert "new --workdir" in message and "move" in message
   with pytest.raises(CheckpointError, match="Checkpoint 1"):
-    train.evaluate(config, workdir, checkpoint="latest")
+    commands.evaluate(config, workdir, checkpoint="latest")
 
 
 def test_damaged_checkpoint_metadata(one_epoch_run, tiny_market, tmp_path):
@@ -187,7 +189,7 @@ def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
   ckpt = Checkpointer(folder, read_only=True)
   with pytest.raises(CheckpointError, match=r"--checkpoint=1 \(kept: \[1\]\)"):
     ckpt.read_meta(2)
-  assert ckpt.best_step() == 1  # the unreadable step is left out, with a warning
+  assert ckpt.best() == 1  # the unreadable step is left out, with a warning
 
 
 def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run, tiny_market,
@@ -205,10 +207,10 @@ def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run,
       else:
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
-  assert Checkpointer(folder, read_only=True).latest_step() == 1
+  assert Checkpointer(folder, read_only=True).latest() == 1
   config = tiny_config(tiny_market)
   config.train.epochs = 2
   train.train_and_evaluate(config, workdir)
-  assert Checkpointer(folder, read_only=True).latest_step() == 2
-  assert [r["epoch"] for r in workdir_lib.read_epoch_records(workdir)] == [0, 1]
-  assert train.evaluate(config, workdir, checkpoint="latest")["epoch"] == 1
+  assert Checkpointer(folder, read_only=True).latest() == 2
+  assert [r["epoch"] for r in run_lib.Run(workdir).epoch_records()] == [0, 1]
+  assert commands.evaluate(config, workdir, checkpoint="latest")["epoch"] == 1

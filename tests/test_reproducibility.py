@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from ccreid_jax import run as run_lib
 from ccreid_jax import train
-from ccreid_jax.workdir import read_metrics_lines
 from conftest import tiny_config
 
 _FIELDS = ("epoch", "clusters", "outliers", "cluster_ari", "loss", "steps", "mAP", "rank1")
@@ -14,7 +14,7 @@ def _epoch_records(data_root, workdir, seed):
   config.seed = seed
   config.data.cache_dir = f"{data_root}_cache"  # decoded once, shared by the runs
   train.train_and_evaluate(config, workdir)
-  records = [r for r in read_metrics_lines(workdir)[0] if r["kind"] == "epoch"]
+  records = [r for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "epoch"]
   return [{k: r.get(k) for k in _FIELDS} for r in records]
 
 

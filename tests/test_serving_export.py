@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from ccreid_jax import export as export_lib
 from ccreid_jax import inference, models
 from ccreid_jax.data import augment
 from tiny_model import tiny_model_and_variables
@@ -64,7 +65,7 @@ _EXPORT_STABLEHLO = _ONLY_ALLOWED + textwrap.dedent("""
     from tiny_model import tiny_model_and_variables
     model, variables = tiny_model_and_variables(32, 16)
     embedder = inference.Embedder(model, variables, height=32, width=16)
-    inference.export_stablehlo(embedder, sys.argv[1], platforms=("cpu",))
+    export_lib.export_stablehlo(embedder, sys.argv[1], platforms=("cpu",))
 """)
 
 
@@ -129,8 +130,8 @@ def _check_common_sidecar(sidecar, embedder):
 
 def test_stablehlo_export_runs_with_jax_alone(tiny_model, tmp_path):
   embedder = _embedder(tiny_model)
-  path = inference.export_stablehlo(embedder, str(tmp_path / "export"))
-  assert path == str(tmp_path / "export" / inference.STABLEHLO_FILE)
+  path = export_lib.export_stablehlo(embedder, str(tmp_path / "export"))
+  assert path == str(tmp_path / "export" / export_lib.STABLEHLO_FILE)
   inputs = {f"b{n}": _images(n, seed=n) for n in BATCH_SIZES}
   np.savez(tmp_path / "inputs.npz", **inputs)
   allowed = _with_requirements(["jax", "numpy", "flatbuffers"])
@@ -147,7 +148,7 @@ def test_stablehlo_export_runs_with_jax_alone(tiny_model, tmp_path):
   with open(path + ".json") as f:
     sidecar = json.load(f)
   _check_common_sidecar(sidecar, embedder)
-  assert sidecar["format"] == "stablehlo" and sidecar["file"] == inference.STABLEHLO_FILE
+  assert sidecar["format"] == "stablehlo" and sidecar["file"] == export_lib.STABLEHLO_FILE
   assert sidecar["input_layout"] == "NHWC" and sidecar["input_dtype"] == "uint8"
   assert sidecar["input_shape"] == ["batch", HEIGHT, WIDTH, 3]
   assert sidecar["input_value_range"] == [0, 255] and sidecar["normalization_included"]
@@ -160,12 +161,12 @@ def test_stablehlo_export_needs_only_the_base_dependencies(tmp_path):
   allowed = _with_requirements(_base_dependencies()) + ["ccreid-jax"]
   child = _run_child(_EXPORT_STABLEHLO, allowed, str(tmp_path))
   assert child.returncode == 0, child.stderr[-3000:]
-  assert os.path.isfile(tmp_path / inference.STABLEHLO_FILE)
+  assert os.path.isfile(tmp_path / export_lib.STABLEHLO_FILE)
 
 
 def test_stablehlo_export_with_flip_and_float_input(tiny_model, tmp_path):
   embedder = _embedder(tiny_model, flip=True)
-  path = inference.export_stablehlo(embedder, str(tmp_path), input_dtype="float32",
+  path = export_lib.export_stablehlo(embedder, str(tmp_path), input_dtype="float32",
                                     platforms=("cpu",))
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
@@ -173,7 +174,7 @@ def test_stablehlo_export_with_flip_and_float_input(tiny_model, tmp_path):
   got = np.asarray(exported.call(images.astype(np.float32)))
   assert np.abs(got - embedder.embed(images)).max() <= 1e-4
   with pytest.raises(ValueError, match="input_dtype"):
-    inference.export_stablehlo(embedder, str(tmp_path), input_dtype="float16")
+    export_lib.export_stablehlo(embedder, str(tmp_path), input_dtype="float16")
 
 
 def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
@@ -182,7 +183,7 @@ def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
   ort = pytest.importorskip("onnxruntime")
   embedder = _embedder(tiny_model)
   out = str(tmp_path / "onnx" / "reid.onnx")
-  assert inference.export_onnx(embedder, out) == out
+  assert export_lib.export_onnx(embedder, out) == out
   runtime = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
   (feed,) = runtime.get_inputs()
   assert feed.name == "images" and feed.type == "tensor(float)"
@@ -190,7 +191,7 @@ def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
   assert [o.name for o in runtime.get_outputs()] == ["features"]
   for n in BATCH_SIZES:
     images = _images(n, seed=10 + n)
-    (got,) = runtime.run(None, {"images": inference.onnx_input(images)})
+    (got,) = runtime.run(None, {"images": export_lib.onnx_input(images)})
     want = embedder.embed(images)
     assert got.shape == want.shape == (n, embedder.feature_dim)
     assert np.abs(got - want).max() <= 1e-4, n
@@ -202,16 +203,16 @@ def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
   assert sidecar["input_layout"] == "NCHW" and sidecar["input_dtype"] == "float32"
   assert sidecar["input_shape"] == ["batch", 3, HEIGHT, WIDTH]
   assert not sidecar["normalization_included"]
-  assert sidecar["opset"] == inference.ONNX_OPSET
+  assert sidecar["opset"] == export_lib.ONNX_OPSET
   import onnx
 
   assert max(o.version for o in onnx.load(out).opset_import
-             if o.domain in ("", "ai.onnx")) == inference.ONNX_OPSET
+             if o.domain in ("", "ai.onnx")) == export_lib.ONNX_OPSET
 
 
 def test_onnx_input_is_the_test_transform_transposed():
   images = _images(2, seed=4)
-  x = inference.onnx_input(images)
+  x = export_lib.onnx_input(images)
   assert x.shape == (2, 3, HEIGHT, WIDTH) and x.dtype == np.float32
   mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
   want = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
@@ -222,8 +223,8 @@ def test_onnx_export_without_the_converter_says_how_to_install_it(tiny_model, tm
                                                                    monkeypatch):
   monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if it were not installed
   out = tmp_path / "reid.onnx"
-  with pytest.raises(inference.ExportUnavailableError) as info:
-    inference.export_onnx(_embedder(tiny_model), str(out))
+  with pytest.raises(export_lib.ExportUnavailableError) as info:
+    export_lib.export_onnx(_embedder(tiny_model), str(out))
   message = str(info.value)
   assert 'pip install "ccreid_jax[export]"' in message
   assert "pip install --no-deps jax2onnx==0.17.1" in message
@@ -232,4 +233,4 @@ def test_onnx_export_without_the_converter_says_how_to_install_it(tiny_model, tm
 
 def test_the_converter_version_is_the_one_the_scripts_install():
   with open(os.path.join(ROOT, "scripts", "test.sh")) as f:
-    assert inference.JAX2ONNX in f.read()
+    assert export_lib.JAX2ONNX in f.read()

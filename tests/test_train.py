@@ -6,9 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from ccreid_jax import commands
+from ccreid_jax import state as state_lib
+from ccreid_jax import run as run_lib
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import train
-from ccreid_jax.workdir import read_metrics_lines
 from conftest import tiny_config
 
 
@@ -16,7 +18,7 @@ def test_lr_schedule_steps_by_epoch():
   from configs import default
 
   optim = default.get_config().optim
-  schedule = train.make_lr_schedule(optim, iters_per_epoch=200)
+  schedule = state_lib.make_lr_schedule(optim, iters_per_epoch=200)
   lrs = [float(schedule(np.int32(e * 200))) for e in (0, 19, 20, 39, 40, 49)]
   np.testing.assert_allclose(lrs, [3.5e-4, 3.5e-4, 3.5e-5, 3.5e-5, 3.5e-6, 3.5e-6], rtol=1e-6)
   # The lr changes at the first step of epoch 20, not before.
@@ -28,7 +30,7 @@ def test_optimizer_is_adam_with_coupled_l2():
   from configs import default
 
   optim = default.get_config().optim
-  tx = train.make_optimizer(optim, iters_per_epoch=10)
+  tx = state_lib.make_optimizer(optim, iters_per_epoch=10)
   params = {"w": np.array([0.5, -2.0, 3.0], np.float32)}
   grads = {"w": np.array([0.1, 0.0, -0.3], np.float32)}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -56,7 +58,7 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   for key in ("mAP", "rank1", "rank5", "rank10"):
     assert 0.0 <= results[key] <= 1.0
 
-  records = read_metrics_lines(workdir)[0]
+  records = run_lib.Run(workdir).metrics_lines()[0]
   epochs = [r for r in records if r["kind"] == "epoch"]
   assert [r["epoch"] for r in epochs] == [0, 1]
   initial = [r for r in records if r["kind"] == "initial"]
@@ -72,21 +74,21 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
       memory_lib.bucket_size(r["clusters"], config.memory.min_bucket) for r in epochs]
 
   # Evaluating the saved checkpoint reproduces the metrics logged at training time.
-  evaluated = train.evaluate(config, workdir, checkpoint="latest")
+  evaluated = commands.evaluate(config, workdir, checkpoint="latest")
   assert evaluated["epoch"] == 1
   for key in ("mAP", "rank1"):
     assert evaluated[key] == pytest.approx(epochs[-1][key], abs=1e-6)
   assert os.path.exists(os.path.join(workdir, f"eval_{evaluated['checkpoint']}.json"))
   # Re-ranking changes the distances, hence (on this data) the mAP, and still gives valid metrics.
   config.eval.rerank = True
-  reranked = train.evaluate(config, workdir, checkpoint="latest")
+  reranked = commands.evaluate(config, workdir, checkpoint="latest")
   assert 0.0 <= reranked["mAP"] <= 1.0 and reranked["mAP"] != evaluated["mAP"]
   config.eval.rerank = False
 
   # Calling again with more epochs resumes from the checkpoint, it does not start over.
   config.train.epochs = 3
   train.train_and_evaluate(config, workdir)
-  epochs = [r["epoch"] for r in read_metrics_lines(workdir)[0] if r["kind"] == "epoch"]
+  epochs = [r["epoch"] for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "epoch"]
   assert epochs == [0, 1, 2]
 
 
@@ -101,9 +103,9 @@ def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  straight = [r for r in read_metrics_lines(str(tmp_path / "straight"))[0]
+  straight = [r for r in run_lib.Run(str(tmp_path / "straight")).metrics_lines()[0]
               if r["kind"] == "epoch"]
-  resumed = [r for r in read_metrics_lines(str(tmp_path / "resumed"))[0]
+  resumed = [r for r in run_lib.Run(str(tmp_path / "resumed")).metrics_lines()[0]
              if r["kind"] == "epoch"]
   assert [r["epoch"] for r in straight] == [r["epoch"] for r in resumed] == [0, 1, 2]
   # Every epoch trained (a formed clustering, a finite loss): NaN losses of untrained epochs
@@ -129,7 +131,7 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
 
   config = tiny_config("unused")
   model = models.create_model(config.model)
-  tx = train.make_optimizer(config.optim, config.train.iters)
+  tx = state_lib.make_optimizer(config.optim, config.train.iters)
   rng = np.random.default_rng(0)
   dim = models.feature_dim(config.model.depth, config.model.width)
   centroids = rng.normal(size=(5, dim)).astype(np.float32)
@@ -140,8 +142,8 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   targets = np.eye(16, dtype=np.float32)[labels]  # one-hot over the padded bucket of 16
 
   def run(soft):
-    state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, 16))
-    step = train.make_train_step(model, tx, config, mesh, soft_targets=soft)
+    state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
+    step = train.make_train_step(config, mesh, soft_targets=soft)
     args = (images, labels, targets) if soft else (images, labels)
     return step(state, *args)
 
@@ -160,15 +162,15 @@ def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
 
   config = tiny_config("unused")
   model = models.create_model(config.model)
-  tx = train.make_optimizer(config.optim, 3)
+  tx = state_lib.make_optimizer(config.optim, 3)
   memory = memory_lib.init_memory(np.zeros((0, 64), np.float32), 16)
-  fresh = train.init_train_state(model, tx, config, memory)
+  fresh = state_lib.create_train_state(model, config, tx=tx, memory=memory)
   shifted = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, fresh.params)
   path = str(tmp_path / "trunk.npz")
   np.savez(path, **weights.flatten_variables(
       {"params": shifted, "batch_stats": fresh.batch_stats}))
   config.model.pretrained = path
-  loaded = train.init_train_state(model, tx, config, memory)
+  loaded = state_lib.create_train_state(model, config, tx=tx, memory=memory)
   np.testing.assert_array_equal(np.asarray(loaded.params["layer1_0"]["conv1"]["kernel"]),
                                 np.asarray(shifted["layer1_0"]["conv1"]["kernel"]))
   # The optimizer state is built for the loaded parameters: same tree, zero moments.

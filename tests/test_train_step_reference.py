@@ -16,13 +16,15 @@ import numpy as np
 import optax
 import pytest
 
+from ccreid_jax import commands
+from ccreid_jax import state as state_lib
+from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import clustering, models, train
 from ccreid_jax import memory as memory_lib
 from ccreid_jax.data import augment as augment_lib
-from ccreid_jax.export import load_exported
+from ccreid_jax.feature_files import read_features
 from ccreid_jax.distributed import make_mesh
-from ccreid_jax.workdir import read_epoch_records
 from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ class _ReferenceStep:
   Holds its own copies of everything (float64 where numpy computes); ``step`` advances them.
   """
 
-  def __init__(self, model, config, state: train.TrainState):
+  def __init__(self, model, config, state: state_lib.TrainState):
     self.model, self.config = model, config
     self.rng = np.asarray(state.rng)
     self.step_count = 0
@@ -168,13 +170,13 @@ def test_train_step_equals_a_hand_built_step():
   config = _step_config()
   model = models.create_model(config.model)
   dim = models.feature_dim(config.model.depth, config.model.width)
-  tx = train.make_optimizer(config.optim, config.train.iters)
+  tx = state_lib.make_optimizer(config.optim, config.train.iters)
   rng = np.random.default_rng(7)
   centroids = rng.normal(size=(NUM_CLUSTERS, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = train.init_train_state(model, tx, config, memory_lib.init_memory(centroids, BUCKET))
+  state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, BUCKET))
   reference = _ReferenceStep(model, config, state)
-  step = train.make_train_step(model, tx, config, make_mesh())
+  step = train.make_train_step(config, make_mesh())
 
   for i in range(STEPS):
     images = rng.integers(0, 256, size=(BATCH, config.data.height, config.data.width, 3),
@@ -262,7 +264,7 @@ def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
 
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", save)
   train.train_and_evaluate(config, workdir)
-  records = read_epoch_records(workdir)
+  records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1, 2] and sorted(saved) == [1, 2, 3]
   assert all(r["clusters"] > 0 for r in records), "a tiny epoch formed no cluster"
   assert not any(k.startswith("rlcc_") for k in records[0])  # no previous clustering yet
@@ -271,8 +273,8 @@ def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
     previous, current = saved[epoch], saved[epoch + 1]
     prev_centroids = previous["centroids"][:previous["num_clusters"]]
     out = str(tmp_path / f"features{epoch}.npz")
-    train.extract(config, workdir, split="train", out=out, checkpoint=str(kept / str(epoch)))
-    features = load_exported(out).features
+    commands.extract(config, workdir, split="train", out=out, checkpoint=str(kept / str(epoch)))
+    features = read_features(out).features
     # These are the features epoch `epoch` clustered: they give its saved centroids.
     np.testing.assert_allclose(clustering.cluster_centroids(features, current["labels"]),
                                current["centroids"][:current["num_clusters"]], atol=1e-6)

@@ -31,11 +31,11 @@ def test_prefetch_of_nothing_yields_nothing():
 def test_metrics_writer_appends_records_and_a_disabled_one_writes_nothing(tmp_path):
   import json
 
-  from ccreid_jax.utils import MetricsWriter
+  from ccreid_jax.run import MetricsWriter
 
-  MetricsWriter(str(tmp_path / "off"), enabled=False).write("epoch", epoch=0)
+  MetricsWriter(str(tmp_path / "off" / "metrics.jsonl"), enabled=False).write("epoch", epoch=0)
   assert not (tmp_path / "off").exists()
-  writer = MetricsWriter(str(tmp_path / "on"))
+  writer = MetricsWriter(str(tmp_path / "on" / "metrics.jsonl"))
   writer.write("epoch", epoch=0, loss=1.5)
   writer.write("epoch", epoch=1, loss=1.25)
   lines = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import export, train
+from ccreid_jax import commands
+from ccreid_jax import run as run_lib
+from ccreid_jax import feature_files
+from ccreid_jax import train
 from ccreid_jax import tensorboard as tb
 from ccreid_jax.data import synthetic
-from ccreid_jax.workdir import read_metrics_lines
 from conftest import tiny_config
 
 
@@ -31,7 +33,7 @@ def test_workflow_outputs(tiny_market, tmp_path):
     assert image.size == (900, 600)
 
   # TensorBoard holds the same scalars as metrics.jsonl, at step = epochs done.
-  records, _ = read_metrics_lines(workdir)
+  records, _ = run_lib.Run(workdir).metrics_lines()
   scalars = tb.read_scalars(os.path.join(workdir, "tensorboard"))
   assert [step for step, _ in scalars["eval/mAP"]] == [0, 1, 2]
   logged = [r["mAP"] for r in records if "mAP" in r]
@@ -41,21 +43,21 @@ def test_workflow_outputs(tiny_market, tmp_path):
 
   # Direct transfer: the initial model, evaluated from an existing workdir, reproduces the
   # "initial" record written before training.
-  initial = train.evaluate(config, workdir, checkpoint="init")
+  initial = commands.evaluate(config, workdir, checkpoint="init")
   assert (initial["checkpoint"], initial["epoch"]) == (0, -1)
   assert initial["mAP"] == pytest.approx(records[0]["mAP"], abs=1e-6)
   assert os.path.exists(os.path.join(workdir, "eval_init.json"))
 
   # A checkpoint can also be named by its folder.
-  by_path = train.evaluate(config, workdir, checkpoint=os.path.join(workdir, "checkpoints", "2"))
-  latest = train.evaluate(config, workdir, checkpoint="latest")
+  by_path = commands.evaluate(config, workdir, checkpoint=os.path.join(workdir, "checkpoints", "2"))
+  latest = commands.evaluate(config, workdir, checkpoint="latest")
   assert by_path["checkpoint"] == latest["checkpoint"] == 2
   assert by_path["mAP"] == pytest.approx(latest["mAP"], abs=1e-9)
 
   # Feature export of a split.
   out = str(tmp_path / "query.npz")
-  summary = train.extract(config, workdir, split="query", out=out, checkpoint="latest")
-  exported = export.load_exported(out)
+  summary = commands.extract(config, workdir, split="query", out=out, checkpoint="latest")
+  exported = feature_files.read_features(out)
   assert exported.features.shape[0] == summary["num_images"] > 0
   np.testing.assert_allclose(np.linalg.norm(exported.features, axis=1), 1.0, atol=1e-5)
 
@@ -64,6 +66,6 @@ def test_workflow_outputs(tiny_market, tmp_path):
   synthetic.generate_market_dataset(other, num_train_ids=4, num_test_ids=5, num_cams=2,
                                     images_per_cam=(2, 2), height=64, width=32, seed=5)
   config.eval.root = other
-  cross = train.evaluate(config, workdir, checkpoint="latest")
+  cross = commands.evaluate(config, workdir, checkpoint="latest")
   assert os.path.exists(os.path.join(workdir, "eval_2_market1501.json"))
   assert 0.0 <= cross["mAP"] <= 1.0

@@ -1,7 +1,9 @@
 """Choose DBSCAN's radius without retraining: one model's train features clustered at many eps.
 
-  python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
+  python -m ccreid_jax.main --mode sweep --config custom --workdir runs/mine \\
       [--checkpoint best|latest|<N>|<checkpoint folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
+
+(``commands.sweep`` runs it; this module holds its pieces.)
 
 The sweep loads the model of a checkpoint (``init``: the initial model, ImageNet weights from
 ``model.pretrained``, or a random one when asked for with ``model.pretrained=none``; neither is
@@ -11,7 +13,7 @@ epoch's clustering does), computes the configured sparse distance once (``cluste
 (``cluster.min_samples``) at every eps. At each eps the labels are the ones the training's
 clustering gives the same features with ``cluster.eps`` set to it
 (docs/algorithms.md section 5). It prints a table and writes ``eps_sweep_<checkpoint>.json``
-and ``eps_sweep_<checkpoint>.png`` (``init`` or the step) into ``--out`` (default: the workdir).
+and ``eps_sweep_<checkpoint>.png`` (``init`` or the checkpoint number) into ``--out`` (default: the workdir).
 
 ``--eps`` is ``start:stop:step`` (stop included), a comma-separated list, or one value; every
 eps lies in (0, 1), the range of the Jaccard distance.
@@ -44,53 +46,20 @@ eps) and ``rlcc.outliers_as_singletons`` (the outliers are counted as DBSCAN lea
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Any
 
-from absl import app
-from absl import flags
+import numpy as np
+from PIL import Image, ImageDraw
+from sklearn.metrics import adjusted_rand_score
 
-from ccreid_jax import xla_cpu
+from ccreid_jax import clustering
+from ccreid_jax.evaluation import visualize
 
-if __name__ == "__main__":
-  # The command line's CPU settings (ccreid_jax/xla_cpu.py), before JAX starts.
-  xla_cpu.apply_cpu_tuning()
+__all__ = ["MAX_EPS_VALUES", "format_table", "label_row", "parse_eps", "sweep_image",
+           "sweep_rows"]
 
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import adjusted_rand_score  # noqa: E402
-
-# The command line's flags (--config, --workdir, --checkpoint, --out, --verbose) and its
-# handling of user errors.
-from ccreid_jax import main as cli  # noqa: E402
-from ccreid_jax import checkpoint as checkpoint_lib  # noqa: E402
-from ccreid_jax import clustering  # noqa: E402
-from ccreid_jax import distributed  # noqa: E402
-from ccreid_jax import pseudo_labels  # noqa: E402
-from ccreid_jax import train  # noqa: E402
-from ccreid_jax import validation  # noqa: E402
-from ccreid_jax.data import loading  # noqa: E402
-from ccreid_jax.evaluation import visualize  # noqa: E402
-from ccreid_jax.utils import write_json  # noqa: E402
-
-__all__ = ["format_table", "label_row", "parse_eps", "parse_eps_flag",
-           "run_sweep", "sweep_image", "sweep_rows"]
-
-logger = logging.getLogger("ccreid_jax")
-
-_EPS = flags.DEFINE_string(
-    "eps", "0.3:0.8:0.05",
-    "DBSCAN radii to try: start:stop:step (stop included), a comma-separated list, or one "
-    "value; each in (0, 1).")
-for _name in ("config", "workdir", "checkpoint", "out", "verbose"):
-  flags.declare_key_flag(_name)
-# Flags of ccreid_jax.main that mean nothing here.
-_NOT_HERE = ("mode", "split", "query", "gallery", "topk", "format", "force")
 MAX_EPS_VALUES = 1000
-
-
 
 
 def parse_eps(text: str) -> list[float]:
@@ -186,8 +155,6 @@ def _integer_axis(values: list[float]) -> tuple[int, str]:
 def sweep_image(rows: list[dict], *, title: str = "") -> Any:
   """Four panels (``visualize.CURVES_SIZE``) against eps: clusters, outlier fraction, the
   largest cluster's share, and the ARI (a "no data" panel without known ids)."""
-  from PIL import Image, ImageDraw
-
   scale, x_label = _integer_axis([r["eps"] for r in rows])
   xs = [int(round(r["eps"] * scale)) for r in rows]
 
@@ -211,124 +178,3 @@ def sweep_image(rows: list[dict], *, title: str = "") -> Any:
   if title:
     ImageDraw.Draw(canvas).text((8, 2), title, fill=(0, 0, 0))
   return canvas
-
-
-def _check_sweepable(config: ml_collections.ConfigDict) -> None:
-  if config.cluster.method != "dbscan":
-    raise validation.ConfigError([
-        f"config.cluster.method = {config.cluster.method!r}: the eps sweep runs DBSCAN, "
-        "which has the radius eps; pass --config.cluster.method=dbscan"])
-
-
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[float], *,
-              checkpoint: str | int | None = None, out: str | None = None) -> dict[str, Any]:
-  """Sweeps DBSCAN's eps on the train features of a checkpoint of ``workdir``.
-
-  Args:
-    config: the run's config (``cluster`` gives the distance, k's and ``min_samples``).
-    workdir: the run folder (checkpoints; the image cache unless ``data.cache_dir``).
-    eps_values: the radii (``parse_eps``), each in (0, 1).
-    checkpoint: as ``train.load_variables`` ("best", "latest", a checkpoint number, a checkpoint folder, "init";
-      None: ``config.eval.checkpoint``).
-    out: folder for ``eps_sweep_<name>.json`` / ``.png`` (``name``: "init" or the step);
-      None writes nothing.
-
-  Returns:
-    ``{"checkpoint", "step", "epoch", "num_train", "distance", "min_samples",
-    "configured_eps", "has_train_ids", "rows"}`` (``rows``: one ``label_row`` per eps), plus
-    ``"json"`` and ``"png"`` paths when written.
-  """
-  # The initial model is what the first epoch clusters: without weights it would be a random
-  # network, whose eps says nothing about a run from ImageNet. Refused as training is.
-  sweeps_init = str(checkpoint if checkpoint is not None else config.eval.checkpoint) == "init"
-  validation.validate_config(config, num_devices=None, training=sweeps_init)
-  _check_sweepable(config)
-  if config.cluster.reliable:
-    logger.info("cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
-                "reliability criterion's eps_tight / eps_loose are not swept)")
-  eps_values = parse_eps(",".join(str(v) for v in eps_values))
-  config = train.run_model_config(config, workdir, checkpoint)
-  data = loading.load_run_data(config, workdir, need_train=True)
-  model, variables, step, epoch = train.load_variables(config, workdir, checkpoint)
-  extract = train.make_feature_extractor(model, config)
-  features = np.asarray(extract(variables, data.train_images, desc="train extract"))
-  # The features of a model that finished epoch e are clustered by epoch e + 1.
-  distance = pseudo_labels.cluster_distance(
-      features, data.train_cams, config.cluster, epoch=epoch + 1,
-      max_distance=max(eps_values))
-  rows = sweep_rows(distance, eps_values, config.cluster.min_samples, data.train_ids)
-  name = "init" if step == 0 else str(step)
-  result: dict[str, Any] = {
-      "checkpoint": name, "epoch": epoch, "num_train": data.num_train,
-      "distance": config.cluster.distance, "min_samples": int(config.cluster.min_samples),
-      "configured_eps": float(config.cluster.eps), "has_train_ids": data.has_train_ids,
-      "rows": rows}
-  if out is not None and distributed.is_primary():
-    os.makedirs(out, exist_ok=True)
-    result["json"] = os.path.join(out, f"eps_sweep_{name}.json")
-    result["png"] = os.path.join(out, f"eps_sweep_{name}.png")
-    write_json(result["json"], {k: v for k, v in result.items() if k not in ("json", "png")})
-    title = (f"{config.data.name} {data.dataset.root}: checkpoint {name}, {data.num_train} "
-             f"images, {config.cluster.distance}, min_samples {config.cluster.min_samples}")
-    visualize.save_png(result["png"], sweep_image(rows, title=title))
-  return result
-
-
-# ---------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------
-
-
-def parse_eps_flag(text: str) -> list[float]:
-  """``parse_eps`` for the command line: a bad value is a ``main.CommandLineError``."""
-  try:
-    return parse_eps(text)
-  except ValueError as exc:
-    raise cli.CommandLineError(str(exc)) from None
-
-
-def _run(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise cli.CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
-                               "--name=value)")
-  given = [f"--{name}" for name in _NOT_HERE if flags.FLAGS[name].present]
-  if given:
-    raise cli.CommandLineError(f"{', '.join(given)}: flags of ccreid_jax.main, not of the eps "
-                               "sweep (see --helpshort)")
-  eps_values = parse_eps_flag(_EPS.value)
-  out = cli.OUT.value or cli.WORKDIR.value
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise cli.CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
-  cli.check_workdir(cli.WORKDIR.value)
-  config = cli.load_config()
-  checkpoint = cli.CHECKPOINT.value
-  checkpoint_lib.check_name(config.eval.checkpoint if checkpoint is None else checkpoint,
-                            os.path.join(cli.WORKDIR.value, "checkpoints"))
-  cli.log_to_stderr()
-  distributed.maybe_initialize()
-  result = run_sweep(config, cli.WORKDIR.value, eps_values, checkpoint=checkpoint, out=out)
-  print(f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
-        f"({result['distance']} distance, min_samples {result['min_samples']}):")
-  print(format_table(result["rows"], result["configured_eps"]))
-  if "json" in result:
-    print(f"wrote {result['json']} and {result['png']}")
-
-
-def main(argv: list[str]) -> None:
-  try:
-    _run(argv)
-  except Exception as exc:  # pylint: disable=broad-except
-    code = cli.exit_code_of(exc)
-    if code is None:
-      raise
-    # pylint: disable-next=protected-access
-    cli.fail(str(exc), code, show_traceback=cli.traceback_asked())
-
-
-if __name__ == "__main__":
-  flags.FLAGS["out"].help = ("Folder for eps_sweep_<checkpoint>.json and .png (default: "
-                             "--workdir).")
-  flags.FLAGS["checkpoint"].help = ("'best', 'latest', a checkpoint number, the path of a checkpoint folder, or "
-                                    "'init' for the initial model (default "
-                                    "config.eval.checkpoint).")
-  app.run(main, flags_parser=cli.parse_flags)
