@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax.data.augment import test_transform
-from ccreid_jax.models import l2_normalize
+from ccreid_jax.ops import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
 
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
