@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ccreid_jax import distributed
 from ccreid_jax import evaluation
 from ccreid_jax.data.augment import test_transform
-from ccreid_jax.models import l2_normalize
+from ccreid_jax.ops import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
 
 __all__ = [

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccreid_jax.models.resnet import l2_normalize  # the model's own: one definition
+from ccreid_jax.ops import l2_normalize  # the model's own too: one definition
 
 # Logit given to padded memory rows: exp(_MASKED - max_logit) underflows to exactly 0
 # (real logits are bounded by 1 / temperature), and it stays finite so 0 * logit is 0.

@@ -270,9 +270,9 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
   _check_folder_fields(c, folder_dataset)
 
   # model
-  c.choice("model.depth", tuple(sorted(resnet_lib._ARCHS)))  # pylint: disable=protected-access
+  c.choice("model.depth", tuple(sorted(resnet_lib.ARCHS)))
   c.choice("model.pooling", POOLINGS)
-  c.choice("model.dtype", tuple(sorted(resnet_lib._DTYPES)))  # pylint: disable=protected-access
+  c.choice("model.dtype", tuple(sorted(resnet_lib.DTYPES)))
   c.integer("model.width", 1)
   c.choice("model.last_stride", (1, 2))
   c.integer("model.bn_group_size", 1)

@@ -210,15 +210,15 @@ def main(argv=None) -> dict:
   def neighbour_lists():
     if not ca:
       return jaccard.knn(x, min(args.k1, args.n), args.block_size)
-    codes = ca_jaccard._check_cameras(cams, args.n)
+    codes = ca_jaccard.check_cameras(cams, args.n)
     intra_len = min(max(args.k1_intra + 1, args.k2_intra), args.n)
     inter_len = min(max(args.k1_inter + 1, args.k2_inter), args.n)
-    return ca_jaccard._camera_ranking_lists(x, codes, intra_len, inter_len, args.block_size)
+    return ca_jaccard.camera_ranking_lists(x, codes, intra_len, inter_len, args.block_size)
 
   def distance(lists, max_distance):
     if not ca:
-      return jaccard._jaccard_from_knn(x, *lists, args.k1, args.k2, max_distance)
-    return ca_jaccard._ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)
+      return jaccard.jaccard_from_knn(x, *lists, args.k1, args.k2, max_distance)
+    return ca_jaccard.ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)
 
   # Warm-up: compiles the jitted kNN block for this (N, D) before timing it. It runs a whole
   # kNN, so above --warmup-max-n it is skipped and knn_s includes the compilation (< 1 s).

@@ -409,7 +409,7 @@ def kernel_figures() -> dict:
 
   return {
       "batch_norm_value_and_grad_bytes": {
-          "closed_form": bn_bytes(cpu_kernels._batch_norm_train),
+          "closed_form": bn_bytes(cpu_kernels.batch_norm_train),
           "autodiff": bn_bytes(layers.batch_norm_groups)},
       "residual_chain_grad": {"residual_relu": chain(cpu_kernels.residual_relu),
                               "nn.relu": chain(nn.relu)},

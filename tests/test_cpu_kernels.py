@@ -95,7 +95,7 @@ def test_batch_norm_closed_form_gradient_equals_autodiff(shape):
       return jnp.sum(jnp.sin(y) * w_y) + jnp.sum(mean * w_mean) + jnp.sum(var * w_var)
     return f
 
-  closed_form, autodiff = cpu_kernels._batch_norm_train, layers.batch_norm_groups
+  closed_form, autodiff = cpu_kernels.batch_norm_train, layers.batch_norm_groups
   for a, b in zip(closed_form(xg, scale, bias, 1e-5), autodiff(xg, scale, bias, 1e-5)):
     np.testing.assert_array_equal(a, b)
   ours = jax.grad(loss(closed_form), argnums=(0, 1, 2))(xg, scale, bias)

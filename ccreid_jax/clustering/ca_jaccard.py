@@ -64,9 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from ccreid_jax.clustering import jaccard as _jac
+from ccreid_jax.clustering import jaccard as jaccard_lib
 
-__all__ = ["ca_jaccard_distance"]
+__all__ = ["ca_jaccard_distance", "ca_jaccard_from_lists", "camera_ranking_lists", "check_cameras"]
 
 
 @functools.partial(jax.jit, static_argnames=("block", "k_same", "k_other"))
@@ -77,7 +77,8 @@ def _camera_knn_block(x: jax.Array, cams: jax.Array, start: jax.Array, *, block:
   Returns ``(same_key, same_idx, other_key, other_idx)`` with ``key = 2 x_i.x_j - 2 = -d``,
   each top-``k`` ordered by decreasing key, equal keys by increasing index. Masked columns get
   ``-inf`` and come last; the caller never reads them. ``start`` is clamped by
-  ``dynamic_slice`` exactly as in ``jaccard._knn_block``.
+  ``dynamic_slice`` to ``N - block``, as ``jaccard.map_row_blocks`` expects (and as ``knn``
+  does).
   """
   query = jax.lax.dynamic_slice_in_dim(x, start, block)
   query_cams = jax.lax.dynamic_slice_in_dim(cams, start, block)
@@ -89,7 +90,7 @@ def _camera_knn_block(x: jax.Array, cams: jax.Array, start: jax.Array, *, block:
   return same_key, same_idx, other_key, other_idx
 
 
-def _check_cameras(cameras, n: int) -> np.ndarray:
+def check_cameras(cameras, n: int) -> np.ndarray:
   """Camera ids as consecutive int32 codes 0..C-1 (any integer labels are accepted)."""
   cams = np.asarray(cameras)
   if cams.shape != (n,):
@@ -100,8 +101,8 @@ def _check_cameras(cameras, n: int) -> np.ndarray:
   return np.unique(cams, return_inverse=True)[1].reshape(n).astype(np.int32)
 
 
-def _camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int,
-                          block_size: int) -> tuple[np.ndarray, ...]:
+def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int,
+                         block_size: int) -> tuple[np.ndarray, ...]:
   """The first ``intra_len`` / ``inter_len`` entries of every intra / inter list (step 1).
 
   Returns ``(intra_idx, intra_dist, inter_idx, inter_dist)``: int64 and float32 arrays of shape
@@ -118,7 +119,7 @@ def _camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inte
   block = min(int(block_size), n)
   x_dev = jax.device_put(x)
   cams_dev = jax.device_put(codes)
-  same_key, same_idx, other_key, other_idx = _jac._map_row_blocks(
+  same_key, same_idx, other_key, other_idx = jaccard_lib.map_row_blocks(
       n, block, lambda first_row: _camera_knn_block(
           x_dev, cams_dev, first_row, block=block, k_same=k_same, k_other=k_other),
       (np.float32, np.int64, np.float32, np.int64))
@@ -144,26 +145,28 @@ def _camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inte
   return intra_idx, intra_dist, inter_idx, inter_dist
 
 
-def _ca_jaccard_from_lists(x: np.ndarray, intra_idx: np.ndarray, intra_dist: np.ndarray,
-                           inter_idx: np.ndarray, inter_dist: np.ndarray, k1_intra: int,
-                           k1_inter: int, k2_intra: int, k2_inter: int,
-                           max_distance: float | None) -> sp.csr_matrix:
-  """Steps 2-5 from the ranking lists (``ca_jaccard_distance`` minus its kNN; benchmarks time
-  it)."""
+def ca_jaccard_from_lists(x: np.ndarray, intra_idx: np.ndarray, intra_dist: np.ndarray,
+                          inter_idx: np.ndarray, inter_dist: np.ndarray, k1_intra: int,
+                          k1_inter: int, k2_intra: int, k2_inter: int,
+                          max_distance: float | None) -> sp.csr_matrix:
+  """Steps 2-5 from the ranking lists (``ca_jaccard_distance`` minus its kNN search).
+
+  The lists are ``camera_ranking_lists``'s output; the benchmarks time the two stages apart.
+  """
   n = x.shape[0]
-  support = (_jac._reciprocal_sets(intra_idx, min(k1_intra + 1, n), n)
-             + _jac._reciprocal_sets(inter_idx, min(k1_inter + 1, n), n)).tocsr()
+  support = (jaccard_lib.reciprocal_sets(intra_idx, min(k1_intra + 1, n), n)
+             + jaccard_lib.reciprocal_sets(inter_idx, min(k1_inter + 1, n), n)).tocsr()
   support.sum_duplicates()  # canonical: sorted column indices, one entry per pair
   support.data[:] = 1
   # Every support pair lies in one of i's two lists: all logits reuse the kNN distances.
-  v = _jac._softmax_weights(x, support, np.hstack((intra_idx, inter_idx)),
-                            np.hstack((intra_dist, inter_dist)))
+  v = jaccard_lib.softmax_weights(x, support, np.hstack((intra_idx, inter_idx)),
+                                  np.hstack((intra_dist, inter_dist)))
   width_intra, width_inter = min(k2_intra, n), min(k2_inter, n)
-  selector = (_jac._list_prefix_matrix(intra_idx, width_intra, n)
-              + _jac._list_prefix_matrix(inter_idx, width_inter, n))  # 2 where both lists
-  v = _jac._query_expansion(v, selector, width_intra + width_inter)
+  selector = (jaccard_lib.list_prefix_matrix(intra_idx, width_intra, n)
+              + jaccard_lib.list_prefix_matrix(inter_idx, width_inter, n))  # 2 where both lists
+  v = jaccard_lib.query_expansion(v, selector, width_intra + width_inter)
   v.eliminate_zeros()  # V is internal; only positive weights take part
-  return _jac._distance_from_support(v, max_distance)
+  return jaccard_lib.distance_from_support(v, max_distance)
 
 
 def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: int = 5,
@@ -200,9 +203,9 @@ def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: 
     ValueError: bad features (shape, NaN/inf), cameras not an integer (N,) array, a ``k`` below
       1, a negative ``max_distance`` or a non-positive ``block_size``.
   """
-  x = _jac._check_features(features)
+  x = jaccard_lib.check_features(features)
   n = x.shape[0]
-  codes = _check_cameras(cameras, n)
+  codes = check_cameras(cameras, n)
   ks = {"k1_intra": k1_intra, "k1_inter": k1_inter, "k2_intra": k2_intra, "k2_inter": k2_inter}
   ks = {name: int(value) for name, value in ks.items()}
   bad = {name: value for name, value in ks.items() if value < 1}
@@ -214,5 +217,5 @@ def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: 
     raise ValueError(f"block_size must be positive, got {block_size}.")
   intra_len = min(max(ks["k1_intra"] + 1, ks["k2_intra"]), n)
   inter_len = min(max(ks["k1_inter"] + 1, ks["k2_inter"]), n)
-  lists = _camera_ranking_lists(x, codes, intra_len, inter_len, block_size)
-  return _ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)
+  lists = camera_ranking_lists(x, codes, intra_len, inter_len, block_size)
+  return ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import infomap
 import numpy as np
 
-from ccreid_jax.clustering.jaccard import _check_features, _pair_dots, knn
+from ccreid_jax.clustering.jaccard import check_features, knn, pair_dots
 
 __all__ = ["infomap_edges", "infomap_labels"]
 
@@ -45,14 +45,14 @@ def infomap_edges(features: np.ndarray, k: int = 15, min_similarity: float = 0.5
     ``(src, dst, weight)``: int64, int64 and float32 arrays, edges ordered by source and, per
     source, by decreasing weight.
   """
-  x = _check_features(features)
+  x = check_features(features)
   n = x.shape[0]
   k = min(int(k), n)
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
   indices, _ = knn(x, k, block_size)
   rows = np.repeat(np.arange(n, dtype=np.int64), k)
-  sims = _pair_dots(x, rows, indices.ravel()).reshape(n, k)
+  sims = pair_dots(x, rows, indices.ravel()).reshape(n, k)
   order = np.argsort(-sims, axis=1, kind="stable")
   indices = np.take_along_axis(indices, order, axis=1)
   sims = np.take_along_axis(sims, order, axis=1)
@@ -83,7 +83,7 @@ def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.
   """
   if int(min_cluster_size) < 1:
     raise ValueError(f"min_cluster_size must be >= 1, got {min_cluster_size}.")
-  x = _check_features(features)
+  x = check_features(features)
   n = x.shape[0]
   src, dst, weight = infomap_edges(x, k, min_similarity, block_size=block_size)
   module = np.arange(n, dtype=np.int64) + n  # edgeless points: their own singleton modules

@@ -20,6 +20,11 @@ on the default JAX device); everything after it is sparse, O(N k) memory. The re
 support) and whose diagonal is always stored explicitly. With ``max_distance`` (DBSCAN's eps)
 only the pairs within it are stored and computed without any O(N^2) pass: a few dozen entries
 per row instead of thousands, which is all DBSCAN needs.
+
+The steps are public building blocks, shared with the camera-aware variant (``ca_jaccard.py``)
+and InfoMap: ``check_features``, ``map_row_blocks`` (the blocked kNN driver), ``pair_dots``,
+``list_prefix_matrix``, ``reciprocal_sets``, ``softmax_weights`` (step 4), ``query_expansion``
+(step 5), ``distance_from_support`` (step 6) and ``jaccard_from_knn`` (steps 2-6).
 """
 
 from __future__ import annotations
@@ -31,7 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["jaccard_distance", "knn"]
+__all__ = [
+    "check_features",
+    "distance_from_support",
+    "jaccard_distance",
+    "jaccard_from_knn",
+    "knn",
+    "list_prefix_matrix",
+    "map_row_blocks",
+    "pair_dots",
+    "query_expansion",
+    "reciprocal_sets",
+    "softmax_weights",
+]
 
 # Upper bound on the number of (row, column) candidate pairs handled in one vectorised step of
 # the min-sum (and on the cells of its dense block buffer): a few hundred MB of temporaries.
@@ -45,7 +62,8 @@ _HALF_MIN_ROWS = 16
 _GATHER_BUDGET = 1 << 21
 
 
-def _check_features(features: np.ndarray) -> np.ndarray:
+def check_features(features: np.ndarray) -> np.ndarray:
+  """(N, D) features as a C-contiguous float32 array; ValueError if empty, not 2-D or not finite."""
   x = np.ascontiguousarray(features, dtype=np.float32)
   if x.ndim != 2 or x.shape[0] == 0:
     raise ValueError(f"features must be a non-empty (N, D) array, got shape {x.shape}.")
@@ -76,7 +94,7 @@ def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
   return jax.lax.top_k(2.0 * sims - 2.0, k)
 
 
-def _map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray]:
+def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray]:
   """Runs a jitted per-block function over all N rows and gathers its outputs on the host.
 
   ``launch(first_row)`` (``first_row`` a device int32 scalar) must return a tuple of device
@@ -128,7 +146,7 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   Returns:
     ``(indices, distances)``: int64 (N, k) and float32 (N, k), row ``i`` sorted as above.
   """
-  x = _check_features(features)
+  x = check_features(features)
   n = x.shape[0]
   k = int(k)
   if not 1 <= k <= n:
@@ -141,7 +159,7 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   exact = knn_dtype == "float32"
   width = k if exact else min(2 * k, n)
   x_dev = jax.device_put(x)
-  out_key, out_idx = _map_row_blocks(
+  out_key, out_idx = map_row_blocks(
       n, block, lambda first_row: _knn_block(x_dev, first_row, block=block, k=width,
                                              dtype=knn_dtype),
       (np.float32, np.int64))
@@ -150,13 +168,13 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
     return out_idx, np.float32(0.0) - out_key  # 0 - key: +0.0, never -0.0, for self
   # Low precision: re-rank the candidates by their float32 distance (same tie-break).
   rows = np.repeat(np.arange(n), width)
-  dist = (2.0 - 2.0 * _pair_dots(x, rows, out_idx.ravel())).reshape(n, width)
+  dist = (2.0 - 2.0 * pair_dots(x, rows, out_idx.ravel())).reshape(n, width)
   order = np.lexsort((out_idx, dist), axis=-1)[:, :k]
   return (np.take_along_axis(out_idx, order, axis=1),
           np.take_along_axis(dist, order, axis=1).astype(np.float32))
 
 
-def _list_prefix_matrix(indices: np.ndarray, length: int, n: int) -> sp.csr_matrix:
+def list_prefix_matrix(indices: np.ndarray, length: int, n: int) -> sp.csr_matrix:
   """CSR 0/1 matrix with row i = the first ``length`` entries of kNN list i."""
   cols = np.ascontiguousarray(indices[:, :length]).ravel()
   indptr = np.arange(0, n * length + 1, length, dtype=np.int64)
@@ -165,9 +183,9 @@ def _list_prefix_matrix(indices: np.ndarray, length: int, n: int) -> sp.csr_matr
   return mat
 
 
-def _reciprocal_sets(indices: np.ndarray, length: int, n: int) -> sp.csr_matrix:
+def reciprocal_sets(indices: np.ndarray, length: int, n: int) -> sp.csr_matrix:
   """CSR 0/1 matrix with row i = {j in first `length` of i's list : i in first `length` of j's}."""
-  forward = _list_prefix_matrix(indices, length, n)
+  forward = list_prefix_matrix(indices, length, n)
   mutual = forward.multiply(forward.T).tocsr()
   mutual.sort_indices()
   return mutual
@@ -177,8 +195,8 @@ def _expanded_support(indices: np.ndarray, k1: int, n: int) -> sp.csr_matrix:
   """CSR 0/1 matrix whose row i is the expanded set E(i) (steps 2-3)."""
   k_list = indices.shape[1]
   k_half = int(np.round(k1 / 2))  # numpy rounds half to even: 15 for k1 = 30
-  r_full = _reciprocal_sets(indices, min(k1 + 1, k_list), n)
-  r_half = _reciprocal_sets(indices, min(k_half + 1, k_list), n)
+  r_full = reciprocal_sets(indices, min(k1 + 1, k_list), n)
+  r_half = reciprocal_sets(indices, min(k_half + 1, k_list), n)
   half_size = np.diff(r_half.indptr)
   # overlap[i, c] = |Rk(i, k1) & Rk(c, k')|, kept only where c is in Rk(i, k1).
   overlap = r_full.multiply(r_full @ r_half.T).tocoo()
@@ -193,7 +211,7 @@ def _expanded_support(indices: np.ndarray, k1: int, n: int) -> sp.csr_matrix:
   return support
 
 
-def _pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
   """float32 x[rows[p]].x[cols[p]] for every pair p, gathered in bounded chunks."""
   out = np.empty(rows.size, dtype=np.float32)
   step = max(1, _GATHER_BUDGET // max(1, x.shape[1]))
@@ -222,7 +240,7 @@ def _distance_values(m: np.ndarray) -> np.ndarray:
   return np.maximum(1.0 - m / (2.0 - m), 0.0).astype(np.float32)
 
 
-def _distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -> sp.csr_matrix:
+def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -> sp.csr_matrix:
   """Steps 6 and storage: the Jaccard distance CSR from the (query-expanded) V.
 
   For each row i, ``m[i, j] = sum_k min(v[i, k], v[j, k])`` runs over the k shared by rows i
@@ -356,12 +374,12 @@ def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   dist = np.empty(code.size, dtype=np.float32)
   dist[found] = distances.ravel()[order[at[found]]]
   rest = ~found
-  dist[rest] = 2.0 - 2.0 * _pair_dots(x, rows[rest], support.indices[rest])
+  dist[rest] = 2.0 - 2.0 * pair_dots(x, rows[rest], support.indices[rest])
   return -dist
 
 
-def _softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
-                     distances: np.ndarray) -> sp.csr_matrix:
+def softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
+                    distances: np.ndarray) -> sp.csr_matrix:
   """Step 4: float64 CSR ``V`` with row i = softmax of ``-(2 - 2 x_i.x_j)`` over its support.
 
   ``indices``/``distances`` are kNN-style lists (row i holds neighbours of i and their float32
@@ -373,7 +391,7 @@ def _softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
                        shape=(n, n))
 
 
-def _query_expansion(v: sp.csr_matrix, selector: sp.csr_matrix, count: int) -> sp.csr_matrix:
+def query_expansion(v: sp.csr_matrix, selector: sp.csr_matrix, count: int) -> sp.csr_matrix:
   """Step 5: ``V_qe[i] = (sum_j selector[i, j] V[j]) / count`` (float64, canonical CSR).
 
   ``selector`` holds the (integer) multiplicity of every row ``j`` that row ``i`` averages.
@@ -412,7 +430,7 @@ def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, *,
     ``max_distance``, "farther than ``max_distance``"). Callers must not call
     ``eliminate_zeros`` on it: that would drop the diagonal zeros and turn them into 1.0.
   """
-  x = _check_features(features)
+  x = check_features(features)
   n = x.shape[0]
   k1, k2 = int(k1), int(k2)
   if k1 < 1 or k2 < 1:
@@ -420,17 +438,17 @@ def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, *,
   if max_distance is not None and not max_distance >= 0:
     raise ValueError(f"max_distance must be None or >= 0, got {max_distance}.")
   indices, distances = knn(x, min(k1, n), block_size, knn_dtype=knn_dtype)
-  return _jaccard_from_knn(x, indices, distances, k1, k2, max_distance)
+  return jaccard_from_knn(x, indices, distances, k1, k2, max_distance)
 
 
-def _jaccard_from_knn(x: np.ndarray, indices: np.ndarray, distances: np.ndarray, k1: int,
-                      k2: int, max_distance: float | None) -> sp.csr_matrix:
+def jaccard_from_knn(x: np.ndarray, indices: np.ndarray, distances: np.ndarray, k1: int,
+                     k2: int, max_distance: float | None) -> sp.csr_matrix:
   """Steps 2-6 from the kNN lists (``jaccard_distance`` minus its kNN; benchmarks time it)."""
   n = x.shape[0]
   support = _expanded_support(indices, k1, n)
-  v = _softmax_weights(x, support, indices, distances)
+  v = softmax_weights(x, support, indices, distances)
   if k2 > 1:
     width = min(k2, indices.shape[1])
-    v = _query_expansion(v, _list_prefix_matrix(indices, width, n), width)
+    v = query_expansion(v, list_prefix_matrix(indices, width, n), width)
   v.eliminate_zeros()  # V is internal; only positive weights take part
-  return _distance_from_support(v, max_distance)
+  return distance_from_support(v, max_distance)

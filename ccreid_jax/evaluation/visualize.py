@@ -39,6 +39,7 @@ __all__ = [
     "WRONG",
     "CURVES_SIZE",
     "choose_queries",
+    "draw_panel",
     "rank_list_from_records",
     "rank_list_image",
     "rank_list_size",
@@ -340,9 +341,9 @@ def _format_tick(value: float, step: float) -> str:
   return "0" if text.strip("-0.") == "" else text
 
 
-def _draw_panel(canvas: Image.Image, box: tuple[int, int, int, int], title: str,
-                series: list[tuple[str, list[tuple[int, float]]]], *, x_range: tuple[int, int],
-                x_label: str = "epoch") -> None:
+def draw_panel(canvas: Image.Image, box: tuple[int, int, int, int], title: str,
+               series: list[tuple[str, list[tuple[int, float]]]], *, x_range: tuple[int, int],
+               x_label: str = "epoch") -> None:
   """A line plot of ``series`` ((name, [(x, y), ...]), ...) in ``box`` (left, top, right, bottom).
 
   x values are epochs; -1 is labelled "init". Points with non-finite y are left out.
@@ -457,15 +458,15 @@ def training_curves_image(records: Sequence[Mapping[str, Any]], *,
   half_w, half_h = width // 2, height // 2
   boxes = [(0, 0, half_w, half_h), (half_w, 0, width, half_h),
            (0, half_h, half_w, height), (half_w, half_h, width, height)]
-  _draw_panel(canvas, boxes[0], "evaluation (%)", [
+  draw_panel(canvas, boxes[0], "evaluation (%)", [
       ("mAP", [(x, 100 * float(r["mAP"])) for x, r in evaluations]),
       ("rank-1", [(x, 100 * float(r["rank1"])) for x, r in evaluations if _finite(r.get("rank1"))]),
   ], x_range=x_range)
-  _draw_panel(canvas, boxes[1], "clusters", [("clusters", per_epoch("clusters"))],
-              x_range=x_range)
-  _draw_panel(canvas, boxes[2], "outlier fraction" if as_fraction else "outliers",
-              [("outliers", outliers)], x_range=x_range)
-  _draw_panel(canvas, boxes[3], "mean loss", [("loss", per_epoch("loss"))], x_range=x_range)
+  draw_panel(canvas, boxes[1], "clusters", [("clusters", per_epoch("clusters"))],
+             x_range=x_range)
+  draw_panel(canvas, boxes[2], "outlier fraction" if as_fraction else "outliers",
+             [("outliers", outliers)], x_range=x_range)
+  draw_panel(canvas, boxes[3], "mean loss", [("loss", per_epoch("loss"))], x_range=x_range)
   return canvas
 
 

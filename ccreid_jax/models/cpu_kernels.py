@@ -29,7 +29,7 @@ than the plain layer: the measurements are in docs/benchmarks.md, and
   does not duplicate a division into a fusion, so each output is computed once. Values and
   gradients are ``nn.relu``'s bit for bit.
 * ``GhostBatchNorm``: ``layers.GhostBatchNorm`` with the closed-form training gradient
-  (``_batch_norm_train``): two sums per group and channel and one element-wise pass, in
+  (``batch_norm_train``): two sums per group and channel and one element-wise pass, in
   which every term reads x or dy, instead of autodiff through the two-pass statistics, which
   also writes a centred copy for the backward pass.
 """
@@ -210,7 +210,7 @@ def residual_relu(x: jax.Array) -> jax.Array:
 class GhostBatchNorm(layers.GhostBatchNorm):
   """``layers.GhostBatchNorm`` (same variables and values) with the closed-form gradient.
 
-  Training statistics over a single device use ``_batch_norm_train``; with ``axis_name``
+  Training statistics over a single device use ``batch_norm_train``; with ``axis_name``
   (statistics pooled across devices) the gradient is autodiff's, through the collectives,
   as in the plain layer.
   """
@@ -218,11 +218,11 @@ class GhostBatchNorm(layers.GhostBatchNorm):
   def _normalise_groups(self, xg, scale, bias):
     if self.axis_name is not None:
       return super()._normalise_groups(xg, scale, bias)
-    return _batch_norm_train(xg, scale, bias, self.epsilon)
+    return batch_norm_train(xg, scale, bias, self.epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+def batch_norm_train(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
   """``layers.batch_norm_groups`` with the textbook gradient instead of autodiff's.
 
   The closed form needs two sums per group and channel, of dy and of dy * (x - mean), and one
@@ -258,4 +258,4 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   return dx, jnp.sum(dot * rstd, axis=0), jnp.sum(sum_dy, axis=0)
 
 
-_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)

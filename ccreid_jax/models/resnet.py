@@ -29,16 +29,17 @@ import jax.numpy as jnp
 
 from ccreid_jax.models import cpu_kernels
 from ccreid_jax.models.layers import GeM, GhostBatchNorm
+from ccreid_jax.ops import l2_normalize  # re-exported: models.l2_normalize, resnet.l2_normalize
 
-# depth -> (block kind, blocks per stage)
-_ARCHS = {
+# Supported ResNet depths: depth -> (block kind, blocks per stage).
+ARCHS = {
     10: ("basic", (1, 1, 1, 1)),
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-_EXPANSION = {"basic": 1, "bottleneck": 4}
+BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4}  # block kind -> output / inner channels
 
 
 def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -58,16 +59,17 @@ def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) 
   return (normal * jnp.sqrt(variance)).reshape(shape)
 
 
-def _arch(depth: int) -> tuple[str, tuple[int, ...]]:
-  if depth not in _ARCHS:
-    raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(_ARCHS)}")
-  return _ARCHS[depth]
+def block_layout(depth: int) -> tuple[str, tuple[int, ...]]:
+  """(block kind, blocks per stage) of a ResNet depth; ValueError for an unsupported depth."""
+  if depth not in ARCHS:
+    raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(ARCHS)}")
+  return ARCHS[depth]
 
 
 def feature_dim(depth: int, width: int = 64) -> int:
   """Channels of the final feature: 8 * width (basic blocks) or 32 * width (bottlenecks)."""
-  kind, _ = _arch(depth)
-  return 8 * width * _EXPANSION[kind]
+  kind, _ = block_layout(depth)
+  return 8 * width * BLOCK_EXPANSION[kind]
 
 
 class LayerSet(NamedTuple):
@@ -245,8 +247,8 @@ class ReIDResNet(nn.Module):
       raise ValueError(f"ReIDResNet.kernels must be one of {sorted(LAYER_SETS)}, not "
                        f"{self.kernels!r} (resolve_kernels turns 'auto' into one of them)")
     layer_set = LAYER_SETS[self.kernels]
-    kind, layers = _arch(self.depth)
-    expansion = _EXPANSION[kind]
+    kind, layers = block_layout(self.depth)
+    expansion = BLOCK_EXPANSION[kind]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     conv = functools.partial(layer_set.conv, dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=conv_init)
@@ -286,14 +288,8 @@ class ReIDResNet(nn.Module):
     return l2_normalize(x)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows divided by max(||x||, eps), as torch.nn.functional.normalize."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# model.dtype names -> the compute dtype of the network.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_arch(arch: str, depth: int | None = None) -> tuple[int, bool]:
@@ -317,7 +313,7 @@ def parse_arch(arch: str, depth: int | None = None) -> tuple[int, bool]:
     depth = named
   if depth is None:
     raise ValueError(f"model.arch {arch!r} needs model.depth")
-  _arch(int(depth))
+  block_layout(int(depth))
   return int(depth), ibn
 
 
@@ -330,9 +326,9 @@ def create_model(config_model) -> ReIDResNet:
                           int(config_model.depth))
   dtype = config_model.dtype
   if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ValueError(f"unknown model dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    dtype = _DTYPES[dtype]
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown model dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    dtype = DTYPES[dtype]
   return ReIDResNet(
       depth=depth,
       width=int(config_model.width),

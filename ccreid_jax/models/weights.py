@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ccreid_jax.models.resnet import _EXPANSION, _arch
+from ccreid_jax.models.resnet import BLOCK_EXPANSION, block_layout
 
 __all__ = [
     "BYTES_PER_MODEL_VALUE", "DEFAULT_MAX_BYTES", "UnsafeCheckpointError", "WeightsFormatError",
@@ -689,7 +689,7 @@ def _is_ignored(name: str) -> bool:
 def trunk_names(depth: int, ibn: bool = False) -> dict[str, str]:
   """torchvision (IBN-Net for ``ibn``) trunk key -> flattened Flax path, e.g.
   ``layer1.0.downsample.0.weight`` -> ``params/layer1_0/downsample_conv/kernel``."""
-  kind, layers = _arch(depth)
+  kind, layers = block_layout(depth)
   names: dict[str, str] = {}
 
   def conv(torch_mod, flax_mod):
@@ -712,7 +712,7 @@ def trunk_names(depth: int, ibn: bool = False) -> dict[str, str]:
           norm(f"{t}.bn1.BN", f"{f}/bn1/BN")
         else:
           norm(f"{t}.bn{i}", f"{f}/bn{i}")
-      if index == 0 and (stage > 0 or _EXPANSION[kind] != 1):
+      if index == 0 and (stage > 0 or BLOCK_EXPANSION[kind] != 1):
         conv(f"{t}.downsample.0", f"{f}/downsample_conv")
         norm(f"{t}.downsample.1", f"{f}/downsample_bn")
   return names

@@ -171,7 +171,7 @@ def sweep_image(rows: list[dict], *, title: str = "") -> Any:
             ("outlier fraction", [("outliers", series("outlier_fraction"))]),
             ("largest cluster / N", [("largest", series("largest_share"))]),
             ("adjusted Rand index vs the true ids", [("ARI", series("ari"))])]
-  draw_panel = visualize._draw_panel
+  draw_panel = visualize.draw_panel
   for box, (panel_title, panel_series) in zip(boxes, panels):
     draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)),
                x_label=x_label)
