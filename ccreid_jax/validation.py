@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ml_collections
 
 from ccreid_jax import pseudo_labels
+from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.models import resnet as resnet_lib
 
@@ -43,16 +44,6 @@ IMAGENET_FILES: dict[tuple[int, bool], str] = {
 }
 # The ResNet downsamples by 16 * last_stride: a smaller side leaves a map of only padding.
 MIN_SIDE_PER_STRIDE = 16
-
-
-class ConfigError(ValueError):
-  """The config cannot run; the message lists every problem, one line each."""
-
-  def __init__(self, problems: list[str]):
-    self.problems = list(problems)
-    count = len(self.problems)
-    header = f"Invalid config ({count} problem{'s' if count != 1 else ''}):"
-    super().__init__("\n".join([header] + [f"  - {p}" for p in self.problems]))
 
 
 def default_config() -> ml_collections.ConfigDict | None:

@@ -21,7 +21,7 @@ import numpy as np
 from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import tfds_data
-from ccreid_jax.validation import ConfigError
+from ccreid_jax.errors import ConfigError
 
 __all__ = ["RunData", "load_run_data", "train_fingerprint"]
 

@@ -298,7 +298,7 @@ def _history(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any] | Non
                                                             list[dict[str, Any]]]:
   """``(initial record or None, one epoch record per epoch)``; the last record written wins.
 
-  A resumed run can log an epoch twice (``workdir.read_epoch_records`` keeps the later one;
+  A resumed run can log an epoch twice (``run.Run.epoch_records`` keeps the later one;
   so does this).
   """
   initial = None
