@@ -30,7 +30,7 @@ from ccreid_jax import validation
 from ccreid_jax.pseudo_labels import Generation
 
 __all__ = [
-    "TrainState", "abstract_checkpoint", "checkpoint_tree", "create_train_state",
+    "SAVED_FIELDS", "TrainState", "abstract_checkpoint", "checkpoint_tree", "create_train_state",
     "empty_memory", "from_checkpoint", "has_pretrained", "make_lr_schedule", "make_optimizer",
 ]
 

@@ -275,27 +275,6 @@ class TrainingSetChanged(ValueError):
   """A resumed run's training images are not the ones its checkpoints were trained on."""
 
 
-def _check_training_set(meta: dict[str, Any], data: loading.RunData, workdir: str, *,
-                        force: bool) -> None:
-  """Refuses to resume on other training images (a changed count always; other images of the
-  same count unless ``force``)."""
-  saved_count, saved = int(meta["num_train"]), meta.get("train_fingerprint")
-  current = loading.train_fingerprint(data.dataset.train)
-  if saved_count == data.num_train and saved in (None, current):
-    return
-  what = (f"{workdir} was trained on {saved_count} images"
-          + (f" (fingerprint {saved})" if saved else "") + f"; {data.dataset.root} now gives "
-          f"{data.num_train} (fingerprint {current})")
-  if saved_count != data.num_train or not force:
-    raise TrainingSetChanged(
-        f"The training set differs from the one this run was trained on: {what}. Resuming "
-        "would continue on other images and mix evaluations of two datasets in one history. "
-        "Point config.data.root at the original images, or train into a new --workdir"
-        + ("." if saved_count != data.num_train else
-           " (--force resumes anyway: the image count is the same)."))
-  logger.warning("--force: resuming on a changed training set: %s", what)
-
-
 def _check_training_set(meta: dict[str, Any], data: loading.RunData, run: Run, *,
                         force: bool) -> None:
   """Refuses to resume on other training images (a changed count always; other images of the

@@ -178,3 +178,14 @@ def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
           == jax.tree_util.tree_structure(fresh.opt_state))
   assert all(float(np.abs(np.asarray(x)).max()) == 0.0
              for x in jax.tree_util.tree_leaves(loaded.opt_state) if np.asarray(x).ndim)
+
+
+def test_every_train_state_field_is_saved_static_or_rebuilt():
+  """A checkpoint holds every array field but the camera proxies (rebuilt every epoch); the
+  model's apply and the optimizer are static (part of the state's type, never saved)."""
+  import dataclasses
+
+  fields = {f.name: f for f in dataclasses.fields(state_lib.TrainState)}
+  static = {name for name, f in fields.items() if not f.metadata.get("pytree_node", True)}
+  assert static == {"apply_fn", "tx"}
+  assert set(state_lib.SAVED_FIELDS) == set(fields) - static - {"camera"}
