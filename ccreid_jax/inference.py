@@ -203,8 +203,8 @@ def _overlay(base: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in ``<workdir>/config.json``.
 
-  Fields the file lacks (a run saved before they existed) take their ``configs/default.py``
-  values when that file is importable.
+  Fields the file lacks (a run saved before they existed) take their
+  ``ccreid_jax.configs.default`` values.
 
   Raises:
     FileNotFoundError: no ``config.json`` in ``workdir``.
@@ -224,8 +224,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(saved, dict):
     raise ValueError(f"{path} does not hold a JSON object (a run's config).")
   defaults = validation.default_config()
-  if defaults is not None:
-    saved = _overlay(json.loads(defaults.to_json_best_effort()), saved)
+  saved = _overlay(json.loads(defaults.to_json_best_effort()), saved)
   return ml_collections.ConfigDict(saved)
 
 

@@ -124,12 +124,12 @@ def config_differences(old: dict[str, Any], new: Any,
   """``(field, old, new)`` for every result-changing field that differs, sorted by field.
 
   A field missing from ``old`` (a run saved before the field existed) counts as its default
-  in ``reference`` (``configs/default.py`` when None), since new fields default to the old
-  behaviour.
+  in ``reference`` (``ccreid_jax.configs.default`` when None), since new fields default to the
+  old behaviour.
   """
   if reference is None:
     reference = validation.default_config()
-  defaults = _flatten(_as_plain(reference)) if reference is not None else {}
+  defaults = _flatten(_as_plain(reference))
   old_flat, new_flat = _flatten(old), _flatten(_as_plain(new))
   out = []
   for path in sorted(set(old_flat) | set(new_flat)):

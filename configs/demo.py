@@ -10,7 +10,7 @@ clustering (k1 15, eps 0.5). With random-init features the published k1 30 / eps
 merge identities into large impure clusters (purity 0.19 on the demo data vs 0.64).
 """
 
-from configs import default
+from ccreid_jax.configs import default
 
 
 def get_config():

@@ -10,7 +10,7 @@ neighbours (3 + 3 in the first epoch), DBSCAN eps 0.4, average pooling; the rest
 combination.
 """
 
-from configs import market1501
+from ccreid_jax.configs import market1501
 
 
 def ca_jaccard_recipe(config, eps):

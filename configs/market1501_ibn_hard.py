@@ -10,7 +10,7 @@ Weights: IBN-Net's ImageNet IBN-ResNet-50-a (``resnet50_ibn_a.pth.tar``), given 
 Precision: as ``market1501.py`` ("default": TF32 convolutions on Ampere / Hopper GPUs).
 """
 
-from configs import market1501
+from ccreid_jax.configs import market1501
 
 
 def get_config():

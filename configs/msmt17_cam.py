@@ -5,8 +5,8 @@ sections 8 and 9): the settings of ``market1501_cam.py`` with DBSCAN eps 0.6, on
 ``msmt17.py``.
 """
 
-from configs import market1501_cam
-from configs import msmt17
+from ccreid_jax.configs import market1501_cam
+from ccreid_jax.configs import msmt17
 
 
 def get_config():

@@ -5,8 +5,8 @@ sections 8 and 9): the settings of ``market1501_cam.py`` with DBSCAN eps 0.6, on
 ``veri776.py``.
 """
 
-from configs import market1501_cam
-from configs import veri776
+from ccreid_jax.configs import market1501_cam
+from ccreid_jax.configs import veri776
 
 
 def get_config():

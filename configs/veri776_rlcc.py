@@ -7,7 +7,7 @@ so there is no published figure to reproduce; the RLCC paper's own recipe, on an
 base, is ``veri776_rlcc_official.py``.
 """
 
-from configs import veri776
+from ccreid_jax.configs import veri776
 
 
 def get_config():

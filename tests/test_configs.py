@@ -1,4 +1,5 @@
-"""Configs load, carry the published defaults, and accept nested command-line overrides."""
+"""Configs load, carry the published defaults, and accept nested command-line overrides;
+``--config`` finds the recipes by name."""
 
 import importlib
 import os
@@ -7,11 +8,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from ccreid_jax import configs
 from ccreid_jax.validation import ConfigError, validate_config
 from conftest import ROOT
 
-CONFIG_NAMES = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "configs"))
-                      if name.endswith(".py") and name != "__init__.py")
+RECIPE_NAMES = [
+    "custom", "demo", "dukemtmcreid", "dukemtmcreid_infomap", "market1501", "market1501_cam",
+    "market1501_ibn_hard", "market1501_infomap", "market1501_rlcc", "market1501_rlcc_official",
+    "msmt17", "msmt17_cam", "msmt17_infomap", "msmt17_rlcc", "msmt17_rlcc_official", "personx",
+    "veri776", "veri776_cam", "veri776_infomap", "veri776_rlcc"]
+CONFIG_NAMES = ["default", *RECIPE_NAMES]
 
 # What each shipped recipe must set: (dataset, steps per epoch, eps, image size, clustering,
 # RLCC, hard update, architecture). Every other field is the published default (below).
@@ -38,7 +44,7 @@ RECIPES = {
 def test_every_shipped_config_validates(name, tmp_path):
   """Each config passes validation (given a data folder); training refuses it without
   ImageNet weights, except the demo, which asks for a random initialisation."""
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
   config.data.root = str(tmp_path)
   validate_config(config, num_devices=1)
   validate_config(config, num_devices=4)
@@ -57,7 +63,7 @@ def test_every_shipped_config_validates(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipes_pin_their_published_settings(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
   dataset, iters, eps, size, method, rlcc, hard, arch = RECIPES[name]
   assert config.data.name == dataset and config.train.iters == iters
   assert config.cluster.eps == eps and (config.data.height, config.data.width) == size
@@ -81,7 +87,7 @@ def test_recipes_pin_their_published_settings(name):
 @pytest.mark.parametrize("name", ["market1501_rlcc_official", "msmt17_rlcc_official"])
 def test_official_rlcc_recipe(name):
   """The RLCC paper's own recipe (tools/config.yaml of its code): SpCL's base, not ours."""
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
   assert config.data.name == name.split("_")[0]
   assert config.cluster.reliable and config.cluster.method == "dbscan"
   assert (config.cluster.eps_tight, config.cluster.eps, config.cluster.eps_loose) == (
@@ -104,8 +110,8 @@ def test_official_rlcc_recipe(name):
                                               ("msmt17_cam", "msmt17", 0.6),
                                               ("veri776_cam", "veri776", 0.6)])
 def test_camera_aware_recipes_use_the_ca_jaccard_papers_settings(name, dataset, eps):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  base = importlib.import_module(f"configs.{dataset}").get_config()
+  config = importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
+  base = importlib.import_module(f"ccreid_jax.configs.{dataset}").get_config()
   assert config.data.name == dataset and config.cluster.distance == "ca_jaccard"
   assert (config.cluster.eps, config.model.pooling) == (eps, "avg")
   assert (config.cluster.ca_k1_intra, config.cluster.ca_k1_inter, config.cluster.ca_k2_intra,
@@ -120,12 +126,12 @@ def test_every_recipe_names_its_published_figure():
   for name in CONFIG_NAMES:
     if name in ("default", "demo"):
       continue
-    doc = importlib.import_module(f"configs.{name}").__doc__
+    doc = importlib.import_module(f"ccreid_jax.configs.{name}").__doc__
     assert "Reproduces:" in doc or "no published figure" in doc, name
 
 
 def test_published_defaults():
-  config = importlib.import_module("configs.default").get_config()
+  config = importlib.import_module("ccreid_jax.configs.default").get_config()
   assert (config.train.batch_size, config.train.num_instances) == (256, 16)
   assert (config.optim.lr, config.optim.weight_decay) == (3.5e-4, 5e-4)
   assert (config.optim.step_size, config.optim.gamma, config.train.epochs) == (20, 0.1, 50)
@@ -135,9 +141,9 @@ def test_published_defaults():
   assert (config.data.height, config.data.width, config.seed) == (256, 128, 1)
   assert (config.model.pooling, config.model.last_stride, config.model.bn_group_size) == (
       "gem", 1, 64)
-  veri = importlib.import_module("configs.veri776").get_config()
+  veri = importlib.import_module("ccreid_jax.configs.veri776").get_config()
   assert (veri.data.height, veri.data.width, veri.train.iters) == (224, 224, 400)
-  assert importlib.import_module("configs.msmt17").get_config().train.iters == 400
+  assert importlib.import_module("ccreid_jax.configs.msmt17").get_config().train.iters == 400
 
 
 def test_nested_override_from_the_command_line():
@@ -157,7 +163,84 @@ def test_nested_override_from_the_command_line():
 
 def test_rlcc_configs_use_the_paper_settings():
   for name in ("market1501_rlcc", "msmt17_rlcc", "veri776_rlcc"):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
     assert config.rlcc.enabled is True
     assert (config.rlcc.alpha, config.rlcc.beta, config.rlcc.pred_temp) == (0.9, 0.0, 30.0)
-  assert importlib.import_module("configs.default").get_config().rlcc.enabled is False
+  assert importlib.import_module("ccreid_jax.configs.default").get_config().rlcc.enabled is False
+
+
+# ---------------------------------------------------------------------------------------
+# --config by recipe name.
+# ---------------------------------------------------------------------------------------
+
+
+def _recipe(name):
+  return importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
+
+
+def test_the_package_is_this_checkouts_configs_folder():
+  assert configs.FOLDER == os.path.join(ROOT, "configs")
+  assert configs.recipe_names() == RECIPE_NAMES
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_recipe_name_resolves_and_loads(name, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no file of that name here
+  path = os.path.join(configs.FOLDER, f"{name}.py")
+  assert configs.resolve(name) == configs.resolve(f"{name}.py") == path
+  argv = ["prog", f"--config={configs.resolve(name)}", "--config.seed=7"]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "cfg", flag_values=values,
+                                           sys_argv=argv)
+  values(argv)
+  expected = _recipe(name)
+  expected.seed = 7
+  assert holder.value.to_dict() == expected.to_dict()
+
+
+def test_resolve_keeps_paths_and_the_config_argument(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert configs.resolve("msmt17_cam:sweep") == os.path.join(configs.FOLDER,
+                                                             "msmt17_cam.py") + ":sweep"
+  assert configs.resolve("market1501.py:") == os.path.join(configs.FOLDER, "market1501.py:")
+  (tmp_path / "market1501.py").write_text("")  # a file of the working directory wins
+  assert configs.resolve("market1501.py") == "market1501.py"
+  assert configs.resolve("market1501.py:a") == "market1501.py:a"
+  assert configs.resolve("market1501") == os.path.join(configs.FOLDER, "market1501.py")
+  mine = str(tmp_path / "mine.py")
+  (tmp_path / "mine.py").write_text("")
+  assert configs.resolve(mine) == mine and configs.resolve(f"{mine}:x") == f"{mine}:x"
+
+
+def test_an_unknown_recipe_name_lists_the_names_with_the_closest(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError) as info:
+    configs.resolve("msmt17_cma")
+  first, names = str(info.value).splitlines()
+  assert first == "msmt17_cma: no such file and no recipe of that name; did you mean msmt17_cam?"
+  assert names == "Recipes: " + ", ".join(RECIPE_NAMES)
+  with pytest.raises(ValueError, match=r"^xyzzy: no such file and no recipe of that name\n"):
+    configs.resolve("xyzzy:arg")
+  # A path (from another folder than the repository root): the recipe is named.
+  with pytest.raises(ValueError, match=r"^configs/msmt17\.py: no such file; the package's "
+                     r"recipe of that name is --config msmt17$"):
+    configs.resolve("configs/msmt17.py")
+
+
+def test_the_command_line_resolves_config_names_before_absl_parses(tmp_path, monkeypatch,
+                                                                  capsys):
+  from ccreid_jax import main
+
+  monkeypatch.chdir(tmp_path)
+  path = os.path.join(configs.FOLDER, "msmt17_cam.py")
+  argv = ["prog", "--config", "msmt17_cam", "--config.cluster.eps=0.5", "--workdir", "w"]
+  assert main._resolve_config_argument(argv) == [
+      "prog", "--config", path, "--config.cluster.eps=0.5", "--workdir", "w"]
+  assert main._resolve_config_argument(["prog", "--config=msmt17_cam:x", "--", "--config"]) == [
+      "prog", f"--config={path}:x", "--", "--config"]
+  with pytest.raises(SystemExit) as info:
+    main.parse_flags(["prog", "--config=markt1501", "--workdir", "w"])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --config markt1501: no such file and no recipe of that name; "
+                        "did you mean market1501?\nRecipes: custom, demo,"), err

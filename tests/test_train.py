@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 
 def test_lr_schedule_steps_by_epoch():
-  from configs import default
+  from ccreid_jax.configs import default
 
   optim = default.get_config().optim
   schedule = train.make_lr_schedule(optim, iters_per_epoch=200)
@@ -25,7 +25,7 @@ def test_lr_schedule_steps_by_epoch():
 
 def test_optimizer_is_adam_with_coupled_l2():
   """One step equals Adam applied to (grad + wd * param), computed by hand."""
-  from configs import default
+  from ccreid_jax.configs import default
 
   optim = default.get_config().optim
   tx = train.make_optimizer(optim, iters_per_epoch=10)

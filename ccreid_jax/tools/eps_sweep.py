@@ -1,6 +1,6 @@
 """Choose DBSCAN's radius without retraining: one model's train features clustered at many eps.
 
-  python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
+  python -m ccreid_jax.tools.eps_sweep --config custom --workdir runs/mine \\
       [--checkpoint best|latest|<N>|<checkpoint folder>|init] --eps 0.3:0.8:0.05 [--out DIR]
 
 The sweep loads the model of a checkpoint (``init``: the initial model, ImageNet weights from
