@@ -43,6 +43,4 @@ def get_config():
   config = default.get_config()
   config.data.name = "folder"
   config.data.root = "my_images"
-  config.data.cameras = "none"
-  config.eval.list = ""
   return config

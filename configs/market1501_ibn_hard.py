@@ -16,8 +16,6 @@ from ccreid_jax.configs import market1501
 def get_config():
   config = market1501.get_config()
   config.model.arch = "resnet50_ibn_a"
-  config.model.depth = 50
-  config.model.pooling = "gem"
   config.memory.hard = True
   config.cluster.eps = 0.4
   config.train.iters = 400

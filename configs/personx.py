@@ -13,5 +13,4 @@ from ccreid_jax.configs import default
 def get_config():
   config = default.get_config()
   config.data.name = "personx"
-  config.train.iters = 200
   return config

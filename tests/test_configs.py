@@ -1,14 +1,18 @@
 """Configs load, carry the published defaults, and accept nested command-line overrides;
-``--config`` finds the recipes by name."""
+recipes are small overrides of the defaults that ``--config`` finds by name."""
 
+import ast
 import importlib
 import os
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from ccreid_jax import configs
+from ccreid_jax.configs import default
+from ccreid_jax.configs import variants
 from ccreid_jax.validation import ConfigError, validate_config
 from conftest import ROOT
 
@@ -170,17 +174,136 @@ def test_rlcc_configs_use_the_paper_settings():
 
 
 # ---------------------------------------------------------------------------------------
-# --config by recipe name.
+# Recipes as small overrides of the defaults.
 # ---------------------------------------------------------------------------------------
+
+_CAM = {"cluster.distance": "ca_jaccard", "model.pooling": "avg"}
+_OFFICIAL_RLCC = {
+    "cluster.reliable": True, "rlcc.enabled": True, "rlcc.outliers_as_singletons": True,
+    "memory.temperature": 0.04, "memory.momentum": 0.2, "train.batch_size": 64,
+    "train.num_instances": 4, "train.iters": 400, "train.eval_every": 5,
+    "model.bn_group_size": 16}
+_MSMT17 = {"data.name": "msmt17", "train.iters": 400}
+_VERI776 = {"data.name": "veri776", "data.height": 224, "data.width": 224, "train.iters": 400}
+# Every field where a recipe differs from default.py, with its value (the recipes' values
+# before they became overrides of the defaults, commit fff8a0f).
+DIFFERS_FROM_DEFAULT = {
+    "custom": {"data.name": "folder", "data.root": "my_images"},
+    "demo": {"data.root": "demo_data", "data.height": 128, "data.width": 64,
+             "model.depth": 18, "model.width": 32, "model.bn_group_size": 32,
+             "model.pretrained": "none", "cluster.k1": 15, "cluster.eps": 0.5,
+             "train.epochs": 15, "train.iters": 40, "train.batch_size": 64,
+             "train.num_instances": 8, "train.log_every": 10, "train.eval_every": 5,
+             "train.eval_initial": True, "optim.step_size": 12},
+    "dukemtmcreid": {"data.name": "dukemtmcreid"},
+    "dukemtmcreid_infomap": {"data.name": "dukemtmcreid", "cluster.method": "infomap"},
+    "market1501": {},
+    "market1501_cam": {**_CAM, "cluster.eps": 0.4},
+    "market1501_ibn_hard": {"model.arch": "resnet50_ibn_a", "memory.hard": True,
+                            "cluster.eps": 0.4, "train.iters": 400},
+    "market1501_infomap": {"cluster.method": "infomap"},
+    "market1501_rlcc": {"rlcc.enabled": True},
+    "market1501_rlcc_official": _OFFICIAL_RLCC,
+    "msmt17": _MSMT17,
+    "msmt17_cam": {**_MSMT17, **_CAM},
+    "msmt17_infomap": {**_MSMT17, "cluster.method": "infomap"},
+    "msmt17_rlcc": {**_MSMT17, "rlcc.enabled": True},
+    "msmt17_rlcc_official": {**_MSMT17, **_OFFICIAL_RLCC},
+    "personx": {"data.name": "personx"},
+    "veri776": _VERI776,
+    "veri776_cam": {**_VERI776, **_CAM},
+    "veri776_infomap": {**_VERI776, "cluster.method": "infomap"},
+    "veri776_rlcc": {**_VERI776, "rlcc.enabled": True},
+}
+
+
+def _fields(config) -> dict:
+  """``{"group.field": value}`` (the schema is one level of groups, and ``seed``)."""
+  out = {}
+  for group, value in config.to_dict().items():
+    items = value.items() if isinstance(value, dict) else [("", value)]
+    out.update({f"{group}.{key}".rstrip("."): v for key, v in items})
+  return out
 
 
 def _recipe(name):
   return importlib.import_module(f"ccreid_jax.configs.{name}").get_config()
 
 
+def _restatements(build):
+  """``(field, value)`` of every assignment made while ``build()`` builds its config that
+  gives a field the value it holds already."""
+  found, original = [], ml_collections.ConfigDict.__setitem__
+
+  def recording(self, key, value):
+    if key in self and not isinstance(value, ml_collections.ConfigDict) and self[key] == value:
+      found.append((self, key, value))
+    original(self, key, value)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(ml_collections.ConfigDict, "__setitem__", recording)
+    config = build()
+  groups = {id(config[group]): group for group in config.keys()
+            if isinstance(config[group], ml_collections.ConfigDict)}
+  return [(f"{groups.get(id(node), '?')}.{key}", value) for node, key, value in found]
+
+
 def test_the_package_is_this_checkouts_configs_folder():
   assert configs.FOLDER == os.path.join(ROOT, "configs")
-  assert configs.recipe_names() == RECIPE_NAMES
+  assert configs.recipe_names() == RECIPE_NAMES == sorted(DIFFERS_FROM_DEFAULT)
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_recipes_differ_from_the_defaults_in_their_fields_only(name):
+  base = _fields(default.get_config())
+  config = _fields(_recipe(name))
+  assert sorted(config) == sorted(base)
+  assert {k: v for k, v in config.items() if base[k] != v} == DIFFERS_FROM_DEFAULT[name]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_no_recipe_restates_a_value_its_config_holds_already(name):
+  assert _restatements(lambda: _recipe(name)) == []
+
+
+def test_the_restatement_check_finds_restated_values():
+  def restating():
+    config = variants.rlcc(default.get_config())
+    config.rlcc.alpha = 0.9  # the default
+    config.cluster.eps = 0.4
+    config.cluster.eps = 0.4  # what the line above set
+    return variants.infomap(variants.infomap(config))
+
+  assert _restatements(restating) == [("rlcc.alpha", 0.9), ("cluster.eps", 0.4),
+                                      ("cluster.method", "infomap")]
+
+
+def _imports(path):
+  imported = set()
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      imported |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      imported |= {f"{'.' * node.level}{node.module}.{alias.name}" for alias in node.names}
+  return imported
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_recipes_import_the_defaults_the_variants_and_their_own_datasets_recipe_only(name):
+  dataset = name.split("_")[0]
+  allowed = {"ccreid_jax.configs.default", "ccreid_jax.configs.variants"}
+  if dataset != name:
+    allowed.add(f"ccreid_jax.configs.{dataset}")
+  imported = _imports(os.path.join(configs.FOLDER, f"{name}.py"))
+  assert imported <= allowed, imported - allowed
+  assert _imports(os.path.join(configs.FOLDER, "variants.py")) == {"ml_collections"}
+
+
+# ---------------------------------------------------------------------------------------
+# --config by recipe name.
+# ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)

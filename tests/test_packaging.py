@@ -62,7 +62,7 @@ def test_an_installed_wheel_trains_a_recipe_by_name_from_another_folder(tmp_path
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
   shipped = {f"ccreid_jax/configs/{n}.py"
-             for n in ["__init__", "default", *configs.recipe_names()]}
+             for n in ["__init__", "default", "variants", *configs.recipe_names()]}
   assert shipped <= names and not any(n.startswith("configs/") for n in names)
 
   # A new environment holding only the wheel; the dependencies are this interpreter's,
