@@ -23,11 +23,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-# Config files import `configs.default`; make the folder that holds `configs/` importable.
-sys.path.insert(0, os.getcwd())
-
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import commands
+from ccreid_jax import configs
 from ccreid_jax import distributed
 from ccreid_jax import export as export_lib
 from ccreid_jax import feature_files
@@ -44,7 +42,9 @@ from ccreid_jax.utils import format_history_table, format_results_table
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/<name>.py).", lock_config=True)
+    "config", None,
+    "A recipe name (market1501, msmt17_cam, demo, ...; ccreid_jax.configs.recipe_names()) or "
+    "the path of a config file.", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "extract", "search", "export", "sweep"],
@@ -134,8 +134,6 @@ def _unknown_config_field(argv: list[str]) -> str | None:
   config = flags.FLAGS["config"].value
   if not hasattr(config, "keys"):  # the error came while the file was read: its tree is
     config = validation.default_config()  # configs/default.py's, as validation checks it.
-  if config is None:
-    return None
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
@@ -153,8 +151,12 @@ def _unknown_config_field(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with flag and config-override errors as one clean message."""
-  _make_config_package_importable(_config_argument(argv))
+  """absl's flag parsing, with flag and config-override errors as one clean message; a recipe
+  name given to --config becomes the path of the packaged file."""
+  try:
+    argv = _resolve_config_argument(argv)
+  except ValueError as exc:
+    fail(f"--config {exc}", 2, show_traceback=traceback_asked(argv))
   try:
     return flags.FLAGS(argv)
   except flags.Error as exc:
@@ -168,18 +170,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
-def _make_config_package_importable(config_path: str) -> None:
-  """Config files import their siblings (``from configs import default``): when the config
-  lies in a package folder, the folder that holds it goes first on ``sys.path``, so the
-  command works from any working directory."""
-  if config_path == "?":  # no --config given: absl says so
-    return
-  folder = os.path.dirname(os.path.abspath(config_path.split(":", 1)[0]))
-  if os.path.isfile(os.path.join(folder, "__init__.py")):
-    parent = os.path.dirname(folder)
-    if parent in sys.path:
-      sys.path.remove(parent)
-    sys.path.insert(0, parent)
+def _resolve_config_argument(argv: list[str]) -> list[str]:
+  """``argv`` with the value of ``--config X`` / ``--config=X`` through ``configs.resolve``:
+  a recipe name (``--config market1501``) becomes the packaged file's path."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + configs.resolve(arg[len("--config="):])
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = configs.resolve(argv[i + 1])
+  return argv
 
 
 def _config_argument(argv: list[str]) -> str:

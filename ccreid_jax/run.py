@@ -261,7 +261,7 @@ def config_differences(old: dict[str, Any], new: Any,
   """
   if reference is None:
     reference = validation.default_config()
-  defaults = _flatten(_as_plain(reference)) if reference is not None else {}
+  defaults = _flatten(_as_plain(reference))
   old_flat, new_flat = _flatten(old), _flatten(_as_plain(new))
   out = []
   for path in sorted(set(old_flat) | set(new_flat)):
@@ -385,8 +385,7 @@ class Run:
     if not isinstance(saved, dict):
       raise ValueError(f"{path} does not hold a JSON object (a run's config).")
     defaults = validation.default_config()
-    if defaults is not None:
-      saved = _overlay(json.loads(defaults.to_json_best_effort()), saved)
+    saved = _overlay(json.loads(defaults.to_json_best_effort()), saved)
     return ml_collections.ConfigDict(saved)
 
   def check_config(self, config: Any, *, force: bool, reference: Any = None,

@@ -1,7 +1,7 @@
 """Checks a run's config before anything is loaded, compiled or written.
 
 ``validate_config(config, num_devices=...)`` walks the config against the tree of
-``configs/default.py`` (unknown fields, wrong types) and then checks the values that
+``ccreid_jax.configs.default`` (unknown fields, wrong types) and then checks the values that
 cannot work (a batch that does not split into identities or devices, a DBSCAN radius
 outside the Jaccard range, unknown model or dataset names, a missing dataset folder, ...).
 Every problem is collected and reported together in one ``ConfigError``, one line each,
@@ -11,7 +11,6 @@ naming the field and what it accepts.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from typing import Any, Callable
 import ml_collections
 
 from ccreid_jax import pseudo_labels
+from ccreid_jax.configs import default as default_lib
 from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.models import resnet as resnet_lib
@@ -46,17 +46,9 @@ IMAGENET_FILES: dict[tuple[int, bool], str] = {
 MIN_SIDE_PER_STRIDE = 16
 
 
-def default_config() -> ml_collections.ConfigDict | None:
-  """``configs.default.get_config()``, or None when the ``configs`` folder is not importable.
-
-  ``configs/`` sits next to the package (the command line puts the working directory on
-  ``sys.path``); an installed package used from elsewhere has no reference tree.
-  """
-  try:
-    module = importlib.import_module("configs.default")
-  except ImportError:
-    return None
-  return module.get_config()
+def default_config() -> ml_collections.ConfigDict:
+  """``ccreid_jax.configs.default.get_config()``: every field of a run, with its default."""
+  return default_lib.get_config()
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,12 +379,11 @@ def validate_config(config: Any, *, num_devices: int | None, training: bool = Fa
     training: the config is about to train: ``model.pretrained`` must name a weights file, or
       be ``"none"`` for a random initialisation on purpose.
     reference: the tree of every known field with its default; default
-      ``configs.default.get_config()``. When neither is available only values are checked.
+      ``ccreid_jax.configs.default.get_config()``.
   """
   problems: list[str] = []
   reference = default_config() if reference is None else reference
-  if reference is not None:
-    _walk(config, reference, "config", problems)
+  _walk(config, reference, "config", problems)
   _check_values(config, num_devices, problems, training=training)
   if problems:
     raise ConfigError(problems)

@@ -19,14 +19,14 @@ Evaluation is optional: ``eval.list`` names a list file of labelled images, one 
 comments), or ``eval.dataset`` / ``eval.root`` a labelled dataset in a known layout. Images
 the list names are left out of training. Without either, the run trains without evaluation.
 
-    python -m ccreid_jax.main --config configs/custom.py --workdir runs/mine \\
+    python -m ccreid_jax.main --config custom --workdir runs/mine \\
         --config.data.root=/path/to/images --config.data.cameras=folder \\
         --config.model.pretrained=weights/resnet50-19c8e357.pth
 
 Choose DBSCAN's radius (``cluster.eps``) for your data with the eps sweep, on the initial
 model or any checkpoint, without retraining:
 
-    python -m ccreid_jax.tools.eps_sweep --config configs/custom.py --workdir runs/mine \\
+    python -m ccreid_jax.main --mode sweep --config custom --workdir runs/mine \\
         --config.data.root=/path/to/images --checkpoint init --eps 0.3:0.8:0.05 \\
         --config.model.pretrained=weights/resnet50-19c8e357.pth
 
@@ -36,13 +36,11 @@ pseudo identities x 16 images. A folder needs at least 2 x max(train.num_instanc
 cluster.min_samples) images (64 here).
 """
 
-from configs import default
+from ccreid_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
   config.data.name = "folder"
   config.data.root = "my_images"
-  config.data.cameras = "none"
-  config.eval.list = ""
   return config

@@ -1,7 +1,7 @@
 """Every field of a ccreid_jax run, with the published Cluster Contrast defaults.
 
-Dataset configs import this file and override a few fields. Any field can be
-overridden from the command line, e.g. ``--config.cluster.eps=0.5``.
+The recipes import this file (``from ccreid_jax.configs import default``) and override a few
+fields. Any field can be overridden from the command line, e.g. ``--config.cluster.eps=0.5``.
 
 Weights: every published recipe starts from ImageNet: torchvision's ResNet-50 IMAGENET1K_V1
 (``resnet50-19c8e357.pth``) or IBN-Net's ``resnet50_ibn_a.pth.tar``, given with

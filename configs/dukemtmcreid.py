@@ -7,11 +7,10 @@ Reproduces: 72.6 mAP / 84.9 rank-1, the ResNet-50 DBSCAN figure of the Cluster C
 Weights (``resnet50-19c8e357.pth``, required) and precision: see configs/default.py.
 """
 
-from configs import default
+from ccreid_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
   config.data.name = "dukemtmcreid"
-  config.train.iters = 200
   return config

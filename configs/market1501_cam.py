@@ -10,22 +10,11 @@ neighbours (3 + 3 in the first epoch), DBSCAN eps 0.4, average pooling; the rest
 combination.
 """
 
-from configs import market1501
-
-
-def ca_jaccard_recipe(config, eps):
-  """The CA-Jaccard paper's settings on top of a dataset config, with its DBSCAN radius."""
-  config.cluster.distance = "ca_jaccard"
-  config.cluster.eps = eps
-  config.cluster.ca_k1_intra = 5
-  config.cluster.ca_k1_inter = 20
-  config.cluster.ca_k2_intra = 2
-  config.cluster.ca_k2_inter = 4
-  config.cluster.ca_k2_intra_first = 3
-  config.cluster.ca_k2_inter_first = 3
-  config.model.pooling = "avg"
-  return config
+from ccreid_jax.configs import market1501
+from ccreid_jax.configs import variants
 
 
 def get_config():
-  return ca_jaccard_recipe(market1501.get_config(), eps=0.4)
+  config = variants.ca_jaccard(market1501.get_config())
+  config.cluster.eps = 0.4
+  return config

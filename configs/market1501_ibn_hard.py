@@ -10,14 +10,12 @@ Weights: IBN-Net's ImageNet IBN-ResNet-50-a (``resnet50_ibn_a.pth.tar``), given 
 Precision: as ``market1501.py`` ("default": TF32 convolutions on Ampere / Hopper GPUs).
 """
 
-from configs import market1501
+from ccreid_jax.configs import market1501
 
 
 def get_config():
   config = market1501.get_config()
   config.model.arch = "resnet50_ibn_a"
-  config.model.depth = 50
-  config.model.pooling = "gem"
   config.memory.hard = True
   config.cluster.eps = 0.4
   config.train.iters = 400

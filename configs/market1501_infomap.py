@@ -5,14 +5,9 @@ Reproduces: 83.0 mAP / 92.9 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``market1501.py`` (ImageNet weights required).
 """
 
-from configs import market1501
+from ccreid_jax.configs import market1501
+from ccreid_jax.configs import variants
 
 
 def get_config():
-  config = market1501.get_config()
-  config.cluster.method = "infomap"
-  config.cluster.infomap_k = 15
-  config.cluster.infomap_min_similarity = 0.5
-  config.cluster.infomap_min_cluster_size = 5
-  config.cluster.infomap_seed = 0
-  return config
+  return variants.infomap(market1501.get_config())

@@ -7,13 +7,9 @@ so there is no published figure to reproduce; the RLCC paper's own recipe, on an
 base, is ``market1501_rlcc_official.py``.
 """
 
-from configs import market1501
+from ccreid_jax.configs import market1501
+from ccreid_jax.configs import variants
 
 
 def get_config():
-  config = market1501.get_config()
-  config.rlcc.enabled = True
-  config.rlcc.alpha = 0.9
-  config.rlcc.beta = 0.0
-  config.rlcc.pred_temp = 30.0
-  return config
+  return variants.rlcc(market1501.get_config())

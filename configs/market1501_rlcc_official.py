@@ -22,29 +22,11 @@ Weights: torchvision's ImageNet ResNet-50 (IMAGENET1K_V1, ``resnet50-19c8e357.pt
 ``--config.model.pretrained=weights/resnet50-19c8e357.pth``.
 """
 
-from configs import market1501
-
-
-def official_rlcc(config):
-  """The official RLCC recipe's fields on top of a dataset config."""
-  config.cluster.reliable = True
-  config.cluster.eps_tight = 0.58
-  config.cluster.eps = 0.6
-  config.cluster.eps_loose = 0.62
-  config.rlcc.enabled = True
-  config.rlcc.outliers_as_singletons = True
-  config.rlcc.alpha = 0.9
-  config.rlcc.beta = 0.0
-  config.rlcc.pred_temp = 30.0
-  config.memory.temperature = 0.04
-  config.memory.momentum = 0.2
-  config.train.batch_size = 64
-  config.train.num_instances = 4
-  config.train.iters = 400
-  config.train.eval_every = 5
-  config.model.bn_group_size = 16
-  return config
+from ccreid_jax.configs import market1501
+from ccreid_jax.configs import variants
 
 
 def get_config():
-  return official_rlcc(market1501.get_config())
+  config = variants.official_rlcc(market1501.get_config())
+  config.train.iters = 400  # The recipe's steps per epoch (variants.official_rlcc leaves them).
+  return config

@@ -7,7 +7,7 @@ Reproduces: 27.6 mAP / 56.0 rank-1, the ResNet-50 DBSCAN figure of the Cluster C
 Weights (``resnet50-19c8e357.pth``, required) and precision: see configs/default.py.
 """
 
-from configs import default
+from ccreid_jax.configs import default
 
 
 def get_config():

@@ -6,9 +6,9 @@ docs/algorithms.md sections 6, 8 and 10); the recipe of ``market1501_rlcc_offici
 (its docstring lists it and what still differs from the reference) on MSMT17.
 """
 
-from configs import market1501_rlcc_official
-from configs import msmt17
+from ccreid_jax.configs import msmt17
+from ccreid_jax.configs import variants
 
 
 def get_config():
-  return market1501_rlcc_official.official_rlcc(msmt17.get_config())
+  return variants.official_rlcc(msmt17.get_config())  # 400 steps per epoch: msmt17.py's.

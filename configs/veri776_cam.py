@@ -5,9 +5,9 @@ sections 8 and 9): the settings of ``market1501_cam.py`` with DBSCAN eps 0.6, on
 ``veri776.py``.
 """
 
-from configs import market1501_cam
-from configs import veri776
+from ccreid_jax.configs import variants
+from ccreid_jax.configs import veri776
 
 
 def get_config():
-  return market1501_cam.ca_jaccard_recipe(veri776.get_config(), eps=0.6)
+  return variants.ca_jaccard(veri776.get_config())  # DBSCAN eps: the default 0.6.

@@ -5,14 +5,9 @@ Reproduces: 40.8 mAP / 86.2 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``veri776.py`` (ImageNet weights required).
 """
 
-from configs import veri776
+from ccreid_jax.configs import variants
+from ccreid_jax.configs import veri776
 
 
 def get_config():
-  config = veri776.get_config()
-  config.cluster.method = "infomap"
-  config.cluster.infomap_k = 15
-  config.cluster.infomap_min_similarity = 0.5
-  config.cluster.infomap_min_cluster_size = 5
-  config.cluster.infomap_seed = 0
-  return config
+  return variants.infomap(veri776.get_config())

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_config(args, variant: str, seed: int, data_root: str):
   """configs/demo.py on the generated data, with the variant's fields and the seed."""
-  from configs import demo
+  from ccreid_jax.configs import demo
 
   config = demo.get_config()
   config.data.root = data_root

@@ -1,6 +1,6 @@
 """Wall time of a whole training recipe (clustering included), measured on a few epochs.
 
-  python scripts/bench_recipe.py --config configs/market1501.py --epochs 3 \
+  python scripts/bench_recipe.py --config market1501 --epochs 3 \
       --num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16 \
       [--dtype bfloat16] [--set train.iters=200 ...] [--out recipe.json]
 
@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from ccreid_jax import configs  # noqa: E402
 from ccreid_jax import train  # noqa: E402
 from ccreid_jax.data import cache as cache_lib  # noqa: E402
 from ccreid_jax.data import datasets as datasets_lib  # noqa: E402
@@ -61,7 +62,8 @@ from ccreid_jax.utils import write_json  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="configs/market1501.py", help="a config file")
+  p.add_argument("--config", default="market1501",
+                 help="a recipe name or the path of a config file, as ccreid_jax.main's")
   p.add_argument("--epochs", type=int, default=3, help="epochs actually run (>= 2)")
   p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
                  help="model.dtype (default: the config's)")
@@ -83,11 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_config(path: str, overrides: list[str]):
-  """``get_config()`` of the file at ``path`` with ``FIELD=VALUE`` overrides applied."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # config files import configs.default
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("_recipe_config", path)
+  """``get_config()`` of the config ``path`` names (a file or a recipe name, as for
+  ``ccreid_jax.main --config``) with ``FIELD=VALUE`` overrides applied."""
+  spec = importlib.util.spec_from_file_location("_recipe_config", configs.resolve(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
   if args.dtype:
     config.model.dtype = args.dtype
   full_epochs, eval_every = int(config.train.epochs), int(config.train.eval_every)
-  config_name = os.path.basename(args.config)
+  config_name = os.path.basename(configs.resolve(args.config))
   if config.data.name != "market1501":
     print(f"note: {config_name} trains on {config.data.name}; the generated dataset has the "
           "Market-1501 layout, so data.name is set to market1501")

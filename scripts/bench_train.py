@@ -126,7 +126,7 @@ def synthetic_memmap(n: int, height: int, width: int, directory: str, seed: int 
 
 
 def make_config(args: argparse.Namespace, kernels: str = "auto"):
-  from configs import default
+  from ccreid_jax.configs import default
 
   config = default.get_config()
   config.data.height, config.data.width = args.height, args.width

@@ -5,7 +5,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, ROOT)  # `import configs` as the command line does.
+sys.path.insert(0, ROOT)  # This checkout's ccreid_jax (and its configs/) is the one tested.
 
 # The CPU settings the command line applies (ccreid_jax/xla_cpu.py: an XLA flag, glibc malloc
 # reuse), before JAX starts: the tests run the program's configuration, at its speed. The
@@ -41,7 +41,7 @@ def load_script(name: str):
 
 def tiny_config(data_root: str):
   """A config that trains a 1-block ResNet on 32x16 images for a couple of steps."""
-  from configs import default
+  from ccreid_jax.configs import default
 
   config = default.get_config()
   config.data.name = "market1501"

@@ -65,6 +65,10 @@ def test_config_overrides_are_typed_and_checked(bench_recipe):
     bench_recipe.load_config(_MARKET, ["train.iter=2"])
   with pytest.raises(SystemExit, match="FIELD=VALUE"):
     bench_recipe.load_config(_MARKET, ["train.iters"])
+  # A recipe name, as ccreid_jax.main's --config takes.
+  assert bench_recipe.load_config("msmt17_rlcc", ["train.epochs=3"]).to_dict() == (
+      bench_recipe.load_config(os.path.join(ROOT, "configs", "msmt17_rlcc.py"),
+                               ["train.epochs=3"]).to_dict())
 
 
 def test_one_epoch_is_refused(bench_recipe):

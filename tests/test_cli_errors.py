@@ -36,17 +36,16 @@ def runs(tmp_path_factory):
                  {"CCREID_TRACEBACK": "1"}),
       "out": (base + ["--workdir", str(tmp / "w4"), "--mode=extract", f"--out={paths['out_dir']}",
                       f"--config.data.root={paths['missing_root']}"], {}),
-      # From another working directory: the config still finds its sibling configs.default
-      # (the typo is found only once the file has loaded).
+      # From another working directory: the config file imports ccreid_jax.configs.default,
+      # which this checkout's package provides (the typo is found only once the file has
+      # loaded). tests/test_packaging.py runs an installed wheel the same way.
       "elsewhere": (["--config", os.path.join(ROOT, "configs", "custom.py"), "--workdir",
-                     str(tmp / "w5"), "--config.train.epoch=3"], {}),
+                     str(tmp / "w5"), "--config.train.epoch=3"], {"PYTHONPATH": ROOT}),
   }
   procs = {}
   for name, (args, extra_env) in cases.items():
     env = {k: v for k, v in os.environ.items() if k != "CCREID_TRACEBACK"}
     env.update(JAX_PLATFORMS="cpu", **extra_env)
-    if name == "elsewhere":
-      env.pop("PYTHONPATH", None)
     procs[name] = subprocess.Popen(
         [sys.executable, "-m", "ccreid_jax.main", *args],
         cwd=str(tmp) if name == "elsewhere" else ROOT, env=env,

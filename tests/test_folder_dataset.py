@@ -414,7 +414,7 @@ def test_config_checks_of_the_folder_fields(own, tmp_path):
 
 
 def test_custom_config_reads_a_folder(own):
-  from configs import custom
+  from ccreid_jax.configs import custom
 
   config = custom.get_config()
   assert config.data.name == "folder" and config.data.cameras == "none"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.parity
 
 
 def _config_optim():
-  from configs import default  # importable through tests/conftest.py's sys.path entry
+  from ccreid_jax.configs import default
 
   return default.get_config().optim
 

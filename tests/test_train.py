@@ -15,7 +15,7 @@ from conftest import tiny_config
 
 
 def test_lr_schedule_steps_by_epoch():
-  from configs import default
+  from ccreid_jax.configs import default
 
   optim = default.get_config().optim
   schedule = state_lib.make_lr_schedule(optim, iters_per_epoch=200)
@@ -27,7 +27,7 @@ def test_lr_schedule_steps_by_epoch():
 
 def test_optimizer_is_adam_with_coupled_l2():
   """One step equals Adam applied to (grad + wd * param), computed by hand."""
-  from configs import default
+  from ccreid_jax.configs import default
 
   optim = default.get_config().optim
   tx = state_lib.make_optimizer(optim, iters_per_epoch=10)
