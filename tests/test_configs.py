@@ -249,7 +249,9 @@ def _restatements(build):
 
 
 def test_the_package_is_this_checkouts_configs_folder():
-  assert configs.FOLDER == os.path.join(ROOT, "configs")
+  assert configs.FOLDER == os.path.join(ROOT, "ccreid_jax", "configs")
+  # The top-level configs/ of the repository is that folder (a link), for configs/<name>.py.
+  assert os.path.samefile(os.path.join(ROOT, "configs"), configs.FOLDER)
   assert configs.recipe_names() == RECIPE_NAMES == sorted(DIFFERS_FROM_DEFAULT)
 
 

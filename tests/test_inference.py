@@ -193,12 +193,14 @@ def test_from_workdir_reads_the_saved_config_and_the_checkpoint(run_workdir, ima
   assert embedder.embed(image_files[:2]).shape == (2, models.feature_dim(10, 8))
 
 
-def test_read_run_config_needs_a_run_folder(tmp_path):
+def test_read_config_needs_a_run_folder(tmp_path):
+  from ccreid_jax.run import Run
+
   with pytest.raises(FileNotFoundError, match="config.json"):
-    inference.read_run_config(str(tmp_path))
+    Run(str(tmp_path)).read_config()
   (tmp_path / "config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="JSON object"):
-    inference.read_run_config(str(tmp_path))
+    Run(str(tmp_path)).read_config()
 
 
 def test_run_search_and_run_export(run_workdir, image_files, tmp_path):

@@ -1,4 +1,4 @@
-"""Bad configs and workdirs: validate_config, check_config, the metrics history."""
+"""Bad configs and workdirs: validate_config, Run.check_config, the metrics history."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import pytest
 from ccreid_jax import run as run_lib
 from ccreid_jax import validation
 from ccreid_jax.validation import ConfigError, validate_config
-from ccreid_jax.run import WorkdirConfigMismatch, check_config
+from ccreid_jax.run import Run, WorkdirConfigMismatch
 from conftest import tiny_config
 
 
@@ -161,17 +161,17 @@ def _fake_checkpoint(workdir):
 
 def test_new_workdir_saves_the_config(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["cluster"]["eps"] == config.cluster.eps
   # No checkpoint yet: nothing to protect, a new config simply replaces it.
   config.cluster.eps = 0.5
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
 
 
 def test_resume_with_neutral_changes_is_allowed(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   _fake_checkpoint(workdir)
   config.train.epochs += 5  # extending a run
   config.eval.batch_size = 16
@@ -180,21 +180,21 @@ def test_resume_with_neutral_changes_is_allowed(config, tmp_path):
   config.data.cache_dir = str(tmp_path / "cache")
   config.data.num_workers = 1
   config.train.eval_every = 3
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["epochs"] == config.train.epochs  # the saved one follows
 
 
 def test_resume_with_result_changes_is_refused(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   _fake_checkpoint(workdir)
   old_eps, old_lr = config.cluster.eps, config.optim.lr
   config.cluster.eps = 0.5
   config.optim.lr = 1e-3
   config.seed = 7
   with pytest.raises(WorkdirConfigMismatch) as info:
-    check_config(workdir, config, force=False)
+    Run(workdir).check_config(config, force=False)
   message = str(info.value)
   assert f"cluster.eps: {old_eps!r} -> 0.5" in message
   assert f"optim.lr: {old_lr!r} -> 0.001" in message
@@ -202,15 +202,15 @@ def test_resume_with_result_changes_is_refused(config, tmp_path):
   assert "--force" in message and "--workdir" in message
   assert [d[0] for d in info.value.differences] == ["cluster.eps", "optim.lr", "seed"]
   # --force resumes with the new config and keeps the old one.
-  check_config(workdir, config, force=True)
+  Run(workdir).check_config(config, force=True)
   with open(os.path.join(workdir, "config.replaced-1.json")) as f:
     assert json.load(f)["cluster"]["eps"] == old_eps
-  check_config(workdir, config, force=False)  # now the saved config matches
+  Run(workdir).check_config(config, force=False)  # now the saved config matches
 
 
 def test_field_added_later_counts_as_its_default(config, tmp_path):
   workdir = str(tmp_path / "run")
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   _fake_checkpoint(workdir)
   path = os.path.join(workdir, "config.json")
   with open(path) as f:
@@ -218,12 +218,12 @@ def test_field_added_later_counts_as_its_default(config, tmp_path):
   del saved["memory"]["hard"]  # a run saved before the field existed
   with open(path, "w") as f:
     json.dump(saved, f)
-  check_config(workdir, config, force=False)  # default False == False
+  Run(workdir).check_config(config, force=False)  # default False == False
   with open(path, "w") as f:  # the check saved the full config again; restore the old one
     json.dump(saved, f)
   config.memory.hard = True
   with pytest.raises(WorkdirConfigMismatch, match=r"memory.hard: False -> True"):
-    check_config(workdir, config, force=False)
+    Run(workdir).check_config(config, force=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,15 +271,15 @@ def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
 def test_processes_other_than_the_first_check_but_never_write(config, tmp_path):
   """``write=False`` (process > 0 of a multi-process run): refuses the same, writes nothing."""
   workdir = str(tmp_path / "run")
-  check_config(workdir, config, force=False, write=False)
+  Run(workdir).check_config(config, force=False, write=False)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
-  check_config(workdir, config, force=False)
+  Run(workdir).check_config(config, force=False)
   _fake_checkpoint(workdir)
   config.cluster.eps = 0.5
   with pytest.raises(WorkdirConfigMismatch, match="cluster.eps"):
-    check_config(workdir, config, force=False, write=False)
+    Run(workdir).check_config(config, force=False, write=False)
   before = sorted(os.listdir(workdir))
-  check_config(workdir, config, force=True, write=False)  # nothing renamed or written.
+  Run(workdir).check_config(config, force=True, write=False)  # nothing renamed or written.
   assert sorted(os.listdir(workdir)) == before
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["cluster"]["eps"] != 0.5

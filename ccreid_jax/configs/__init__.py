@@ -14,8 +14,8 @@ starts from the defaults the same way::
       config.cluster.eps = 0.5
       return config
 
-In the repository the package is the top-level ``configs/`` folder (pyproject.toml installs
-it as ``ccreid_jax.configs``).
+In the repository the top-level ``configs`` is a link to this folder, so paths such as
+``configs/market1501.py`` work from the repository root as names do from anywhere.
 """
 
 import difflib
