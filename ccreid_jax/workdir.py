@@ -30,6 +30,7 @@ __all__ = [
     "WorkdirConfigMismatch",
     "check_workdir_config",
     "config_differences",
+    "upgrade_saved_config",
     "has_checkpoints",
     "prune_metrics",
     "read_epoch_records",
@@ -119,18 +120,34 @@ def _neutral(path: str) -> bool:
              for f in RESULT_NEUTRAL_FIELDS)
 
 
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (``config.json``) in today's fields: a copy, old fields rewritten.
+
+  The one place that maps fields of older runs (``validation.REPLACED_FIELDS``) to their
+  replacements: ``memory.hard`` (bool) becomes ``memory.update_rule``, False -> "momentum" and
+  True -> "hard".
+  """
+  memory = saved.get("memory")
+  if not isinstance(memory, dict) or "hard" not in memory:
+    return saved
+  memory = dict(memory)
+  hard = memory.pop("hard")
+  memory.setdefault("update_rule", "hard" if hard else "momentum")
+  return {**saved, "memory": memory}
+
+
 def config_differences(old: dict[str, Any], new: Any,
                        reference: Any = None) -> list[tuple[str, Any, Any]]:
   """``(field, old, new)`` for every result-changing field that differs, sorted by field.
 
   A field missing from ``old`` (a run saved before the field existed) counts as its default
   in ``reference`` (``configs/default.py`` when None), since new fields default to the old
-  behaviour.
+  behaviour; a replaced field is first rewritten by :func:`upgrade_saved_config`.
   """
   if reference is None:
     reference = validation.default_config()
   defaults = _flatten(_as_plain(reference)) if reference is not None else {}
-  old_flat, new_flat = _flatten(old), _flatten(_as_plain(new))
+  old_flat, new_flat = _flatten(upgrade_saved_config(old)), _flatten(_as_plain(new))
   out = []
   for path in sorted(set(old_flat) | set(new_flat)):
     if _neutral(path):

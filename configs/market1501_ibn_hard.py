@@ -18,7 +18,7 @@ def get_config():
   config.model.arch = "resnet50_ibn_a"
   config.model.depth = 50
   config.model.pooling = "gem"
-  config.memory.hard = True
+  config.memory.update_rule = "hard"
   config.cluster.eps = 0.4
   config.train.iters = 400
   return config
