@@ -142,6 +142,9 @@ def _unknown_config_field(argv: list[str]) -> str | None:
       if not hasattr(node, "keys"):
         return f"{arg}: {group} is a value, not a group of fields"
       if key not in node:
+        replaced = validation.REPLACED_FIELDS.get(f"{group}.{key}".partition(".")[2])
+        if replaced is not None:
+          return f"{arg}: {replaced}"
         fields = list(node.keys())
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean --{group}.{close[0]}?" if close else ""

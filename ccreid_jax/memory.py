@@ -1,14 +1,20 @@
-"""Cluster memory: contrastive loss against centroids and their momentum update.
+"""Cluster memory: contrastive loss against centroids and their rewriting after each step.
 
 The memory ``M`` (C x D, unit rows) is rebuilt every epoch from the cluster centroids.
 The number of clusters changes every epoch, so ``M`` is padded to a bucketed size
 (:func:`bucket_size`) and a ``valid`` mask keeps the padding out of the softmax; a jitted
 train step is compiled once per bucket, not once per epoch.
 
+After each step the rows are rewritten with the step's features: Cluster Contrast's momentum
+update (:func:`momentum_update`, sequential or hard) or BMW's pull-and-push rewrite
+(:func:`bmw_update`); :func:`update_centroids` picks one from ``config.memory.update_rule``.
+
 Everything here is a pure function of arrays and works under ``jax.jit``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.struct
 import jax
@@ -21,6 +27,9 @@ from ccreid_jax.ops import l2_normalize  # the model's own too: one definition
 # (real logits are bounded by 1 / temperature), and it stays finite so 0 * logit is 0.
 _MASKED = -1e9
 _NORM_EPS = 1e-12
+
+# The values of ``config.memory.update_rule``: how the rows are rewritten after each step.
+UPDATE_RULES: tuple[str, ...] = ("momentum", "hard", "bmw")
 
 
 @flax.struct.dataclass
@@ -149,3 +158,101 @@ def _hard_update(memory: jax.Array, x: jax.Array, labels: jax.Array,
   chosen = x[jnp.clip(hardest, 0, batch - 1)]                                  # (C, D)
   updated = l2_normalize(momentum * memory + (1.0 - momentum) * chosen)
   return jnp.where(present[:, None], updated, memory)
+
+
+def bmw_update(centroids: jax.Array, features: jax.Array, labels: jax.Array, *,
+               pull: float = 0.9, push: float = 0.2, dynamic_weights: bool = True,
+               valid: jax.Array | None = None) -> jax.Array:
+  """BMW's rewrite of the memory after a step: pull each row in, push it from its neighbour.
+
+  Liu et al., "Bidirectionally Memory bank reWriting for Unsupervised Person
+  Re-Identification", NeurIPS 2025 (``liu-xb/BMW``, ``reid/gcctrain_v2_weight.py``, strategy
+  ``far-update``; docs/algorithms.md section 13). The features are L2-normalised first.
+  Every cluster present in the batch is rewritten once, one cluster at a time in the order of
+  its first sample in the batch, so that a later cluster sees the rows rewritten before it.
+  For cluster ``y`` with row ``m``:
+
+  * ``f``: its hardest positive, the batch sample of ``y`` with the lowest cosine to ``m``
+    (the first in batch order on ties);
+  * ``c``: its nearest other row, the row of largest cosine to ``m`` with ``m``'s own
+    cosine counted as 0 (as the authors do; so when every other cosine is negative, ``c`` is
+    ``m`` itself) and padded rows (``valid == False``) never chosen;
+  * ``g1 = (1 - <m, f>) (m - f)``, ``g2 = (1 + <m, c>) (m + c)`` (``dynamic_weights=False``:
+    ``g1 = m - f``, ``g2 = m + c``);
+  * ``m <- l2norm(m - pull * g1 - push * g2)``.
+
+  Rows of clusters absent from the batch, and padding, are returned unchanged.
+
+  Args:
+    centroids: (K, D) float32 memory rows (unit norm; padded rows may be anything).
+    features: (B, D) batch features (the ones the loss used; no gradient flows).
+    labels: (B,) int cluster labels, each a real row of ``centroids``.
+    pull: eta1, the weight of the pull towards the hardest positive.
+    push: eta2, the weight of the push away from the nearest other row.
+    dynamic_weights: scale the pull by ``1 - <m, f>`` and the push by ``1 + <m, c>``.
+    valid: (K,) bool, the real rows; None: every row is real.
+
+  Returns:
+    The (K, D) float32 memory after the rewrite.
+  """
+  memory = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+  x = l2_normalize(jax.lax.stop_gradient(features))
+  labels = labels.astype(jnp.int32)
+  batch = labels.shape[0]
+  candidate = (jnp.ones(memory.shape[0], bool) if valid is None
+               else jnp.asarray(valid, bool))
+  # One scan slot per sample: first the first sample of each cluster in batch order (its
+  # cluster is rewritten there), then the repeated samples, whose slots change nothing.
+  position = jnp.arange(batch)
+  seen_before = jnp.any((labels[:, None] == labels[None, :])
+                        & (position[None, :] < position[:, None]), axis=1)
+  order = jnp.argsort(seen_before.astype(jnp.int32), stable=True)
+
+  def rewrite(mem: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    label, active = slot
+    m = mem[label]
+    # Elementwise products, so the cosines are exact float32 (no matmul precision mode).
+    to_members = jnp.where(labels == label, jnp.sum(x * m, axis=-1), jnp.inf)   # (B,)
+    hardest = jnp.argmin(to_members)                    # ties: the first in batch order
+    f, mf = x[hardest], to_members[hardest]
+    to_rows = jnp.sum(mem * m, axis=-1)                                       # (K,)
+    scores = jnp.where(candidate, to_rows, -jnp.inf).at[label].set(0.0)
+    nearest = jnp.argmax(scores)                        # ties: the lowest row index
+    c, mc = mem[nearest], to_rows[nearest]              # mc = <m, m> when c is m itself
+    g1, g2 = m - f, m + c
+    if dynamic_weights:
+      g1, g2 = (1.0 - mf) * g1, (1.0 + mc) * g2
+    row = m - pull * g1 - push * g2
+    row = row / jnp.maximum(jnp.linalg.norm(row), _NORM_EPS)
+    return mem.at[label].set(jnp.where(active, row, m)), None
+
+  memory, _ = jax.lax.scan(rewrite, memory, (labels[order], ~seen_before[order]))
+  return memory
+
+
+def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, labels: jax.Array,
+                     settings: Any) -> MemoryState | jax.Array:
+  """The memory after this step's rewrite, as ``settings.update_rule`` (``config.memory``) says.
+
+  "momentum": :func:`momentum_update` in batch order with ``settings.momentum``; "hard": its
+  hard variant; "bmw": :func:`bmw_update` with ``settings.bmw_pull``, ``bmw_push`` and
+  ``bmw_dynamic_weights``. ``labels`` are the hard pseudo labels (also with RLCC's soft
+  targets). A ``MemoryState`` comes back as one, with its ``valid`` mask kept out of BMW's
+  neighbours; a bare (K, D) array comes back as an array (every row counted as real).
+
+  Raises:
+    ValueError: an unknown ``settings.update_rule``.
+  """
+  state = memory if isinstance(memory, MemoryState) else None
+  centroids = memory.centroids if state is not None else memory
+  kind = settings.update_rule
+  if kind in ("momentum", "hard"):
+    new = momentum_update(centroids, features, labels, settings.momentum, hard=kind == "hard")
+  elif kind == "bmw":
+    new = bmw_update(centroids, features, labels, pull=settings.bmw_pull,
+                     push=settings.bmw_push, dynamic_weights=settings.bmw_dynamic_weights,
+                     valid=None if state is None else state.valid)
+  else:
+    raise ValueError(f"config.memory.update_rule = {kind!r}: accepted: "
+                     f"{', '.join(repr(u) for u in UPDATE_RULES)}")
+  return new if state is None else state.replace(centroids=new)

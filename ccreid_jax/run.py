@@ -46,7 +46,7 @@ __all__ = [
     "ACCEPTED_NAMES", "CHECKPOINTS_FOLDER", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE",
     "MODEL_FIELDS", "RESULT_NEUTRAL_FIELDS", "Checkpoint", "CheckpointNameError",
     "CheckpointRef", "LoadedModel", "MetricsWriter", "Run", "WorkdirConfigMismatch",
-    "WorkdirLocked", "config_differences",
+    "WorkdirLocked", "config_differences", "upgrade_saved_config",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -251,18 +251,34 @@ def _overlay(base: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (``config.json``) in today's fields: a copy, old fields rewritten.
+
+  The one place that maps fields of older runs (``validation.REPLACED_FIELDS``) to their
+  replacements: ``memory.hard`` (bool) becomes ``memory.update_rule``, False -> "momentum" and
+  True -> "hard".
+  """
+  memory = saved.get("memory")
+  if not isinstance(memory, dict) or "hard" not in memory:
+    return saved
+  memory = dict(memory)
+  hard = memory.pop("hard")
+  memory.setdefault("update_rule", "hard" if hard else "momentum")
+  return {**saved, "memory": memory}
+
+
 def config_differences(old: dict[str, Any], new: Any,
                        reference: Any = None) -> list[tuple[str, Any, Any]]:
   """``(field, old, new)`` for every result-changing field that differs, sorted by field.
 
   A field missing from ``old`` (a run saved before the field existed) counts as its default
   in ``reference`` (the package's default config when None), since new fields default to the
-  old behaviour.
+  old behaviour; a replaced field is first rewritten by ``upgrade_saved_config``.
   """
   if reference is None:
     reference = validation.default_config()
   defaults = _flatten(_as_plain(reference))
-  old_flat, new_flat = _flatten(old), _flatten(_as_plain(new))
+  old_flat, new_flat = _flatten(upgrade_saved_config(old)), _flatten(_as_plain(new))
   out = []
   for path in sorted(set(old_flat) | set(new_flat)):
     if _neutral(path):
@@ -385,7 +401,7 @@ class Run:
     if not isinstance(saved, dict):
       raise ValueError(f"{path} does not hold a JSON object (a run's config).")
     defaults = validation.default_config()
-    saved = _overlay(json.loads(defaults.to_json_best_effort()), saved)
+    saved = _overlay(json.loads(defaults.to_json_best_effort()), upgrade_saved_config(saved))
     return ml_collections.ConfigDict(saved)
 
   def check_config(self, config: Any, *, force: bool, reference: Any = None,

@@ -113,11 +113,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
     params = optax.apply_updates(state.params, updates)
     # The memory is updated after, and outside, the gradient, with this step's features.
     features = jax.lax.stop_gradient(features)
-    centroids = memory_lib.momentum_update(
-        state.memory.centroids, features, labels, mem.momentum, hard=mem.hard)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-        memory=state.memory.replace(centroids=centroids))
+        memory=memory_lib.update_centroids(state.memory, features, labels, mem))
     if camera:
       new_state = new_state.replace(camera=camera_memory.camera_proxy_update(
           state.camera, features, labels, cams, cam.momentum))

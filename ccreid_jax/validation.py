@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 import ml_collections
 
+from ccreid_jax import memory as memory_lib
 from ccreid_jax import pseudo_labels
 from ccreid_jax.configs import default as default_lib
 from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.models import resnet as resnet_lib
 
-__all__ = ["ConfigError", "default_config", "validate_config"]
+__all__ = ["ConfigError", "REPLACED_FIELDS", "default_config", "validate_config"]
 
 CLUSTER_METHODS: tuple[str, ...] = pseudo_labels.CLUSTER_METHODS
 CLUSTER_DISTANCES: tuple[str, ...] = pseudo_labels.CLUSTER_DISTANCES
@@ -44,6 +45,14 @@ IMAGENET_FILES: dict[tuple[int, bool], str] = {
 }
 # The ResNet downsamples by 16 * last_stride: a smaller side leaves a map of only padding.
 MIN_SIDE_PER_STRIDE = 16
+MEMORY_UPDATE_RULES: tuple[str, ...] = memory_lib.UPDATE_RULES
+# Fields that no longer exist, and what took their place (the old spelling is refused with it).
+# A run saved with them still resumes: run.upgrade_saved_config rewrites its config.json.
+REPLACED_FIELDS: dict[str, str] = {
+    "memory.hard": "this field was replaced by config.memory.update_rule: memory.hard=True is "
+                   "now --config.memory.update_rule=hard (config.memory.update_rule = \"hard\" "
+                   "in a config file), and False is \"momentum\", the default",
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -91,6 +100,10 @@ def _walk(config: Any, reference: Any, prefix: str, problems: list[str]) -> None
     path = f"{prefix}.{key}"
     value = config[key]
     if key not in reference:
+      replaced = REPLACED_FIELDS.get(path.partition(".")[2])
+      if replaced is not None:
+        problems.append(f"{path}: {replaced}")
+        continue
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"did you mean {prefix}.{close[0]}? " if close else ""
       problems.append(f"{path}: unknown field; {hint}fields of {prefix}: {', '.join(known)}")
@@ -297,6 +310,9 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
   c.number("memory.momentum", lambda v: 0 <= v < 1, "in [0, 1)",
            "1 would freeze the centroids")
   c.integer("memory.min_bucket", 1)
+  c.choice("memory.update_rule", MEMORY_UPDATE_RULES)
+  c.number("memory.bmw_pull", lambda v: v >= 0, ">= 0", "the weight of BMW's pull")
+  c.number("memory.bmw_push", lambda v: v >= 0, ">= 0", "the weight of BMW's push")
 
   # cluster
   method = c.choice("cluster.method", CLUSTER_METHODS)

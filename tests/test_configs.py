@@ -72,7 +72,8 @@ def test_recipes_pin_their_published_settings(name):
   assert config.data.name == dataset and config.train.iters == iters
   assert config.cluster.eps == eps and (config.data.height, config.data.width) == size
   assert config.cluster.method == method and config.cluster.distance == "jaccard"
-  assert config.rlcc.enabled is rlcc and config.memory.hard is hard
+  assert config.rlcc.enabled is rlcc
+  assert config.memory.update_rule == ("hard" if hard else "momentum")
   assert config.model.arch == arch and config.model.depth == 50
   assert (config.train.batch_size, config.train.num_instances, config.train.epochs) == (
       256, 16, 50)
@@ -98,8 +99,8 @@ def test_official_rlcc_recipe(name):
       0.58, 0.6, 0.62)
   assert config.rlcc.enabled and config.rlcc.outliers_as_singletons
   assert (config.rlcc.alpha, config.rlcc.beta, config.rlcc.pred_temp) == (0.9, 0.0, 30.0)
-  assert (config.memory.temperature, config.memory.momentum, config.memory.hard) == (
-      0.04, 0.2, False)
+  assert (config.memory.temperature, config.memory.momentum) == (0.04, 0.2)
+  assert config.memory.update_rule == "momentum"
   assert (config.train.batch_size, config.train.num_instances, config.train.iters) == (
       64, 4, 400)
   assert (config.train.epochs, config.train.eval_every, config.model.bn_group_size) == (
@@ -153,14 +154,14 @@ def test_published_defaults():
 def test_nested_override_from_the_command_line():
   path = os.path.join(ROOT, "configs", "market1501.py")
   argv = ["prog", f"--config={path}", "--config.cluster.eps=0.5",
-          "--config.memory.hard=True", "--config.train.iters=7"]
+          "--config.memory.update_rule=hard", "--config.train.iters=7"]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file(
       "config", None, "cfg", flag_values=values, sys_argv=argv)
   values(argv)
   config = holder.value
   assert config.cluster.eps == 0.5
-  assert config.memory.hard is True
+  assert config.memory.update_rule == "hard"
   assert config.train.iters == 7
   assert config.data.name == "market1501"
 
@@ -199,7 +200,7 @@ DIFFERS_FROM_DEFAULT = {
     "dukemtmcreid_infomap": {"data.name": "dukemtmcreid", "cluster.method": "infomap"},
     "market1501": {},
     "market1501_cam": {**_CAM, "cluster.eps": 0.4},
-    "market1501_ibn_hard": {"model.arch": "resnet50_ibn_a", "memory.hard": True,
+    "market1501_ibn_hard": {"model.arch": "resnet50_ibn_a", "memory.update_rule": "hard",
                             "cluster.eps": 0.4, "train.iters": 400},
     "market1501_infomap": {"cluster.method": "infomap"},
     "market1501_rlcc": {"rlcc.enabled": True},

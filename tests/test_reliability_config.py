@@ -47,12 +47,13 @@ def test_wrong_types_name_field_and_expected_type(config):
   raw = config.to_dict()
   raw["train"]["iters"] = "200"
   raw["model"]["pooling"] = 3
-  raw["memory"]["hard"] = 1
+  raw["memory"]["bmw_dynamic_weights"] = 1
   raw["optim"]["lr"] = True
   problems = _problems(raw)
   assert any(p.startswith("config.train.iters = '200': expected int") for p in problems)
   assert any(p.startswith("config.model.pooling = 3: expected str") for p in problems)
-  assert any(p.startswith("config.memory.hard = 1: expected bool") for p in problems)
+  assert any(p.startswith("config.memory.bmw_dynamic_weights = 1: expected bool")
+             for p in problems)
   assert any(p.startswith("config.optim.lr = True: expected int or float") for p in problems)
   assert len(problems) == 4
 
@@ -215,14 +216,14 @@ def test_field_added_later_counts_as_its_default(config, tmp_path):
   path = os.path.join(workdir, "config.json")
   with open(path) as f:
     saved = json.load(f)
-  del saved["memory"]["hard"]  # a run saved before the field existed
+  del saved["memory"]["bmw_push"]  # a run saved before the field existed
   with open(path, "w") as f:
     json.dump(saved, f)
-  Run(workdir).check_config(config, force=False)  # default False == False
+  Run(workdir).check_config(config, force=False)  # default 0.2 == 0.2
   with open(path, "w") as f:  # the check saved the full config again; restore the old one
     json.dump(saved, f)
-  config.memory.hard = True
-  with pytest.raises(WorkdirConfigMismatch, match=r"memory.hard: False -> True"):
+  config.memory.bmw_push = 0.3
+  with pytest.raises(WorkdirConfigMismatch, match=r"memory.bmw_push: 0.2 -> 0.3"):
     Run(workdir).check_config(config, force=False)
 
 

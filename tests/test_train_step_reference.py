@@ -155,15 +155,18 @@ class _ReferenceStep:
       v_hat = self.nu[i] / (1 - b2 ** t)
       self.params[i] = self.params[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
 
-    # Memory: after the gradient, sample by sample in batch order, renormalised each time.
-    mom = cfg.memory.momentum
-    for feature, label in zip(fn, labels):
-      row = mom * self.memory[label] + (1 - mom) * feature
-      self.memory[label] = row / np.linalg.norm(row)
-
+    self.update_memory(fn, labels)
     self.batch_stats = jax.device_get(new_stats)
     self.step_count += 1
     return loss
+
+  def update_memory(self, features: np.ndarray, labels: np.ndarray) -> None:
+    """After the gradient, with the step's (normalised) features: sample by sample in batch
+    order, renormalised each time."""
+    mom = self.config.memory.momentum
+    for feature, label in zip(features, labels):
+      row = mom * self.memory[label] + (1 - mom) * feature
+      self.memory[label] = row / np.linalg.norm(row)
 
 
 def test_train_step_equals_a_hand_built_step():

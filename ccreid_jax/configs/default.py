@@ -64,7 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.memory = memory = ml_collections.ConfigDict()
   memory.temperature = 0.05  # Softmax temperature tau of the memory logits.
   memory.momentum = 0.1  # Momentum mu of the centroid update.
-  memory.hard = False  # Hard update: use the least similar in-batch sample per cluster.
+  memory.update_rule = "momentum"  # After each step: "momentum" | "hard" (least similar) | "bmw".
+  memory.bmw_pull = 0.9  # BMW: weight eta1 of the pull towards the cluster's hardest positive.
+  memory.bmw_push = 0.2  # BMW: weight eta2 of the push away from the nearest other centroid.
+  memory.bmw_dynamic_weights = True  # BMW: pull x (1 - cos), push x (1 + cos); False: unit weights.
   memory.min_bucket = 64  # Memory rows are padded to a power of two >= max(K, min_bucket).
 
   config.cluster = cluster = ml_collections.ConfigDict()

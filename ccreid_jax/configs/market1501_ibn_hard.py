@@ -16,7 +16,7 @@ from ccreid_jax.configs import market1501
 def get_config():
   config = market1501.get_config()
   config.model.arch = "resnet50_ibn_a"
-  config.memory.hard = True
+  config.memory.update_rule = "hard"
   config.cluster.eps = 0.4
   config.train.iters = 400
   return config
