@@ -52,10 +52,10 @@ for i in range({steps}):
                         distributed.global_batch_from_local(labels[rows], mesh))
   losses.append(float(metrics["loss"]))
 # Features of 10 images (not a multiple of anything): each process extracts its share.
-from ccreid_jax.extract import make_extract_fn
+from ccreid_jax.extract import extract_and_allgather, make_extract_fn
 lmesh = distributed.local_mesh()
 images = np.random.default_rng(1).integers(0, 256, size=(10, 32, 16, 3), dtype=np.uint8)
-feats = distributed.extract_and_allgather(
+feats = extract_and_allgather(
     make_extract_fn(model, lmesh), state.variables, images, mesh=lmesh, batch_size=4)
 print(json.dumps({{"initialized": initialized, "process": jax.process_index(),
                   "processes": jax.process_count(), "devices": jax.device_count(),

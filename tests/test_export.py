@@ -76,7 +76,7 @@ def test_output_path_is_checked_before_anything_is_written(tmp_path):
   folder.mkdir()
   with pytest.raises(feature_files.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
     feature_files.check_output_path(str(folder))
-  with pytest.raises(feature_files.OutputPathError):   # export_features checks too, names the path
+  with pytest.raises(feature_files.OutputPathError):   # write_features checks too, names the path
     feature_files.write_features(str(folder), np.zeros((2, 3)), _records(2), "query")
   blocker = tmp_path / "a_file"
   blocker.write_text("x")

@@ -359,7 +359,7 @@ def test_conv_init_is_kaiming_normal_fan_out():
 def test_conv_init_equals_flax_variance_scaling_bit_for_bit(shape, dtype):
   # conv_init draws its normals as a flat vector (faster to compile); the values must be
   # exactly those of the 4-D draw, so initial weights (and the demo's numbers) are unchanged.
-  # train.init_train_state runs the initialisation jitted: inside one program XLA would fold
+  # state.create_train_state runs the initialisation jitted: inside one program XLA would fold
   # the scale into the sampler's constants and round 1 ulp differently, so that must draw
   # the same values too.
   key = jax.random.PRNGKey(7)

@@ -62,6 +62,7 @@ _RUN_STABLEHLO = _ONLY_ALLOWED + textwrap.dedent("""
 # Writes a StableHLO export of the tiny model with the package's base dependencies only.
 _EXPORT_STABLEHLO = _ONLY_ALLOWED + textwrap.dedent("""
     from ccreid_jax import inference
+    from ccreid_jax import export as export_lib
     from tiny_model import tiny_model_and_variables
     model, variables = tiny_model_and_variables(32, 16)
     embedder = inference.Embedder(model, variables, height=32, width=16)
