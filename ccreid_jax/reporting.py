@@ -42,8 +42,8 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
   else:
     query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
   image = visualize.rank_list_image(
-      query_images, [r.pid for r in query], [r.camid for r in query], gallery_images,
-      [r.pid for r in gallery], [r.camid for r in gallery], distmat, query_indices=queries,
+      query_images, [r.identity for r in query], [r.camera for r in query], gallery_images,
+      [r.identity for r in gallery], [r.camera for r in gallery], distmat, query_indices=queries,
       topk=log.ranklist_topk)
   visualize.save_png(os.path.join(workdir, f"ranklist_{name}.png"), image)
   return image
