@@ -45,14 +45,14 @@ _UNSELECTED = -1e9
 class CameraProxyState:
   """Padded proxy bank: one row per (cluster, camera) pair present, ordered by cluster, then camera.
 
-  ``proxies`` (Ppad, D) float32 unit rows; ``cluster_ids`` and ``cam_ids`` (Ppad,) int32, the
+  ``proxies`` (Ppad, D) float32 unit rows; ``cluster_ids`` and ``cameras`` (Ppad,) int32, the
   cluster and camera of each row (-1 on padding); ``valid`` (Ppad,) bool. Rows with
   ``valid == False`` are padding: the loss never selects them and the update never writes them.
   """
 
   proxies: jax.Array
   cluster_ids: jax.Array
-  cam_ids: jax.Array
+  cameras: jax.Array
   valid: jax.Array
 
   @property
@@ -65,7 +65,7 @@ class CameraProxyState:
     return self.proxies.shape[0]
 
 
-def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cams: np.ndarray,
+def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cameras: np.ndarray,
                          bucket: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET
                          ) -> tuple[CameraProxyState, np.ndarray]:
   """The epoch's proxies: L2-normalised mean feature of every (cluster, camera) pair present.
@@ -73,7 +73,7 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cams: np.ndar
   Args:
     features: (N, D) train features (the ones the pseudo labels were computed from).
     labels: (N,) integer pseudo labels, -1 = outlier (outliers make no proxy).
-    cams: (N,) integer camera ids.
+    cameras: (N,) integer cameras.
     bucket: rows of the padded bank; default ``memory.bucket_size(P, min_bucket)``.
     min_bucket: smallest default bucket.
 
@@ -87,20 +87,20 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cams: np.ndar
   """
   x = np.asarray(features)
   labels = np.asarray(labels)
-  cams = np.asarray(cams)
+  cameras = np.asarray(cameras)
   if x.ndim != 2:
     raise ValueError(f"features must be (N, D), got shape {x.shape}")
-  if labels.shape != (x.shape[0],) or cams.shape != (x.shape[0],):
-    raise ValueError(f"labels {labels.shape} and cams {cams.shape} must both be ({x.shape[0]},), "
-                     f"one per row of features {x.shape}")
-  for name, values in (("labels", labels), ("cams", cams)):
+  if labels.shape != (x.shape[0],) or cameras.shape != (x.shape[0],):
+    raise ValueError(f"labels {labels.shape} and cameras {cameras.shape} must both be "
+                     f"({x.shape[0]},), one per row of features {x.shape}")
+  for name, values in (("labels", labels), ("cameras", cameras)):
     if values.size and not np.issubdtype(values.dtype, np.integer):
       raise ValueError(f"{name} must be integers, got dtype {values.dtype}")
   kept = labels >= 0
   pairs = np.zeros((0, 2), np.int64)
   sample_proxy_index = np.full(x.shape[0], -1, np.int64)
   if kept.any():
-    pairs, inverse = np.unique(np.stack([labels[kept], cams[kept]], axis=1).astype(np.int64),
+    pairs, inverse = np.unique(np.stack([labels[kept], cameras[kept]], axis=1).astype(np.int64),
                                axis=0, return_inverse=True)
     sample_proxy_index[kept] = inverse.reshape(-1)
   # Proxy p's members are the samples whose index is p: the cluster-centroid computation.
@@ -113,12 +113,12 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cams: np.ndar
   padded = np.zeros((bucket, x.shape[1]), np.float32)
   padded[:num] = proxies
   cluster_ids = np.full(bucket, -1, np.int32)
-  cam_ids = np.full(bucket, -1, np.int32)
+  row_cameras = np.full(bucket, -1, np.int32)
   cluster_ids[:num] = pairs[:, 0]
-  cam_ids[:num] = pairs[:, 1]
+  row_cameras[:num] = pairs[:, 1]
   state = CameraProxyState(
       proxies=jnp.asarray(padded), cluster_ids=jnp.asarray(cluster_ids),
-      cam_ids=jnp.asarray(cam_ids), valid=jnp.asarray(np.arange(bucket) < num))
+      cameras=jnp.asarray(row_cameras), valid=jnp.asarray(np.arange(bucket) < num))
   return state, sample_proxy_index
 
 
@@ -136,12 +136,12 @@ def _hard_negative_mask(logits: jax.Array, negative: jax.Array, k: int) -> jax.A
 
 
 def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.Array,
-                      cams: jax.Array, *, temperature: float,
+                      cameras: jax.Array, *, temperature: float,
                       num_hard_negatives: int) -> jax.Array:
   """PPLR's inter-camera contrastive loss of a batch, a float32 scalar.
 
   Positives of sample i: the valid proxies of cluster ``labels[i]`` in a camera other than
-  ``cams[i]`` (its own-camera proxy is neither positive nor negative). Negatives: the
+  ``cameras[i]`` (its own-camera proxy is neither positive nor negative). Negatives: the
   ``num_hard_negatives`` valid proxies of other clusters with the largest logit (chosen on
   the logits without gradient); all of them when there are fewer (where PPLR's sort would fill
   its list with the own cluster's proxies; the two agree whenever the bank holds at least K
@@ -154,15 +154,15 @@ def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.
     features: (B, D) features of any norm (L2-normalised here; the gradient flows into them).
     state: the proxy bank (no gradient).
     labels: (B,) cluster ids of the samples.
-    cams: (B,) camera ids of the samples.
+    cameras: (B,) cameras of the samples.
     temperature: tau of the logits ``cos / tau``.
     num_hard_negatives: K.
   """
   logits = memory_lib.memory_logits(features, state.proxies, temperature, state.valid)
   labels = labels.astype(jnp.int32)[:, None]
-  cams = cams.astype(jnp.int32)[:, None]
+  cameras = cameras.astype(jnp.int32)[:, None]
   same_cluster = state.cluster_ids[None, :] == labels
-  positive = state.valid[None, :] & same_cluster & (state.cam_ids[None, :] != cams)
+  positive = state.valid[None, :] & same_cluster & (state.cameras[None, :] != cameras)
   negative = state.valid[None, :] & ~same_cluster
   selected = positive | _hard_negative_mask(logits, negative, num_hard_negatives)
   log_norm = jax.nn.logsumexp(jnp.where(selected, logits, _UNSELECTED), axis=-1)
@@ -173,17 +173,17 @@ def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.
   return jnp.mean(per_sample)
 
 
-def own_proxy_index(state: CameraProxyState, labels: jax.Array, cams: jax.Array) -> jax.Array:
+def own_proxy_index(state: CameraProxyState, labels: jax.Array, cameras: jax.Array) -> jax.Array:
   """(B,) int32 row of each sample's (cluster, camera) proxy; ``state.bucket`` when it has none."""
   match = (state.valid[None, :]
            & (state.cluster_ids[None, :] == labels.astype(jnp.int32)[:, None])
-           & (state.cam_ids[None, :] == cams.astype(jnp.int32)[:, None]))
+           & (state.cameras[None, :] == cameras.astype(jnp.int32)[:, None]))
   return jnp.where(jnp.any(match, axis=-1), jnp.argmax(match, axis=-1),
                    state.bucket).astype(jnp.int32)
 
 
 def camera_proxy_update(state: CameraProxyState, features: jax.Array, labels: jax.Array,
-                        cams: jax.Array, momentum: float) -> CameraProxyState:
+                        cameras: jax.Array, momentum: float) -> CameraProxyState:
   """The bank after this batch's momentum update (a new state; features get no gradient).
 
   ``momentum >= 1`` returns ``state`` itself: PPLR keeps the proxies fixed for the epoch.
@@ -194,6 +194,6 @@ def camera_proxy_update(state: CameraProxyState, features: jax.Array, labels: ja
   """
   if momentum >= 1.0:
     return state
-  rows = own_proxy_index(state, labels, cams)
+  rows = own_proxy_index(state, labels, cameras)
   proxies = memory_lib.momentum_update(state.proxies, features, rows, momentum)
   return state.replace(proxies=proxies)

@@ -166,8 +166,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
 
   Returns:
     ``{"checkpoint", "epoch", "num_train", "distance", "min_samples", "configured_eps",
-    "has_train_ids", "rows"}`` (``rows``: one ``tools.eps_sweep.label_row`` per eps), plus
-    ``"json"`` and ``"png"`` paths when written.
+    "has_train_identities", "rows"}`` (``rows``: one ``tools.eps_sweep.label_row`` per eps),
+    plus ``"json"`` and ``"png"`` paths when written.
   """
   # The initial model is what the first epoch clusters: without weights it would be a random
   # network, whose eps says nothing about a run from ImageNet. Refused as training is.
@@ -186,15 +186,16 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   features = np.asarray(extractor(loaded.variables, data.train_images, desc="train extract"))
   # The features of a model that finished epoch e are clustered by epoch e + 1.
   distance = pseudo_labels.cluster_distance(
-      features, data.train_cams, config.cluster, epoch=loaded.checkpoint.epoch + 1,
+      features, data.train_cameras, config.cluster, epoch=loaded.checkpoint.epoch + 1,
       max_distance=max(eps_values))
-  rows = eps_sweep.sweep_rows(distance, eps_values, config.cluster.min_samples, data.train_ids)
+  rows = eps_sweep.sweep_rows(distance, eps_values, config.cluster.min_samples,
+                              data.train_identities)
   name = loaded.checkpoint.label
   result: dict[str, Any] = {
       "checkpoint": name, "epoch": loaded.checkpoint.epoch, "num_train": data.num_train,
       "distance": config.cluster.distance, "min_samples": int(config.cluster.min_samples),
-      "configured_eps": float(config.cluster.eps), "has_train_ids": data.has_train_ids,
-      "rows": rows}
+      "configured_eps": float(config.cluster.eps),
+      "has_train_identities": data.has_train_identities, "rows": rows}
   if out is not None and distributed.is_primary():
     os.makedirs(out, exist_ok=True)
     result["json"] = os.path.join(out, f"eps_sweep_{name}.json")

@@ -2,13 +2,13 @@
 
 ``extract_split(data, extract, variables, split)`` computes the L2-normalised features of the
 train, query or gallery images of a ``data.loading.RunData`` with a feature extractor
-(``extract.FeatureExtractor``); ``write_features`` writes them with the ids,
+(``extract.FeatureExtractor``); ``write_features`` writes them with the identities,
 cameras and image paths of their records; ``read_features`` reads such a file back without
 pickle (paths are stored as a unicode array)::
 
     loaded = read_features("query.npz")
     loaded.features  # (N, D) float32
-    loaded.ids, loaded.cams  # (N,) int64
+    loaded.identities, loaded.cameras  # (N,) int64
     loaded.paths  # (N,) str
     loaded.split  # "query"
 """
@@ -31,6 +31,10 @@ __all__ = ["SPLITS", "FeatureFile", "OutputPathError", "check_output_path",
            "write_features", "extract_split", "read_features", "split_images"]
 
 SPLITS = ("train", "query", "gallery")
+
+_KEYS = ("features", "identities", "cameras", "paths", "split")  # The arrays of a feature file.
+# Keys of files written before the rename, read as today's so that those files still load.
+_OLD_KEYS = {"ids": "identities", "cams": "cameras"}
 
 
 class OutputPathError(ValueError):
@@ -71,16 +75,16 @@ class FeatureFile:
   """The contents of an feature file (``.npz``): one row per image."""
 
   features: np.ndarray  # (N, D) float32.
-  ids: np.ndarray  # (N,) int64 identities (-1 never occurs: junk images are not loaded).
-  cams: np.ndarray  # (N,) int64 0-based camera ids.
+  identities: np.ndarray  # (N,) int64 (-1 never occurs: junk images are not loaded).
+  cameras: np.ndarray  # (N,) int64 0-based cameras.
   paths: np.ndarray  # (N,) unicode image paths.
   split: str  # "train", "query" or "gallery".
 
 
 def write_features(path: str, features: np.ndarray, records: Sequence[Any], split: str) -> None:
-  """Writes ``features`` and the ``records``' ids, cameras and paths to ``path`` (.npz).
+  """Writes ``features`` and the ``records``' identities, cameras and paths to ``path`` (.npz).
 
-  ``records`` are dataset records (anything with ``path``, ``pid`` and ``camid``), one per
+  ``records`` are dataset records (anything with ``path``, ``identity`` and ``camera``), one per
   feature row. The file is written under a temporary name and renamed, so a reader never sees
   half of it, and the temporary file is removed when writing or renaming fails; ``path`` is
   used as given (no ``.npz`` is appended).
@@ -98,8 +102,8 @@ def write_features(path: str, features: np.ndarray, records: Sequence[Any], spli
   check_output_path(path)
   arrays = {
       "features": features,
-      "ids": np.array([int(r.pid) for r in records], dtype=np.int64),
-      "cams": np.array([int(r.camid) for r in records], dtype=np.int64),
+      "identities": np.array([int(r.identity) for r in records], dtype=np.int64),
+      "cameras": np.array([int(r.camera) for r in records], dtype=np.int64),
       "paths": np.array([str(r.path) for r in records], dtype=np.str_),
       "split": np.array(split, dtype=np.str_),
   }
@@ -109,14 +113,16 @@ def write_features(path: str, features: np.ndarray, records: Sequence[Any], spli
 
 
 def read_features(path: str) -> FeatureFile:
-  """Reads a file written by ``write_features``."""
+  """Reads a file written by ``write_features``, also one with the old keys ``ids`` / ``cams``."""
   with np.load(path, allow_pickle=False) as data:
-    missing = {"features", "ids", "cams", "paths", "split"} - set(data.files)
+    arrays = {_OLD_KEYS.get(name, name): data[name] for name in data.files}
+    missing = set(_KEYS) - set(arrays)
     if missing:
-      raise ValueError(f"{path} is not a feature file (written by write_features): missing {sorted(missing)}.")
+      raise ValueError(f"{path} is not a feature file (written by write_features): missing "
+                       f"{sorted(missing)}.")
     return FeatureFile(
-        features=data["features"], ids=data["ids"], cams=data["cams"], paths=data["paths"],
-        split=str(data["split"]))
+        features=arrays["features"], identities=arrays["identities"], cameras=arrays["cameras"],
+        paths=arrays["paths"], split=str(arrays["split"]))
 
 
 def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:

@@ -1,6 +1,6 @@
 """Pseudo-labelling, one epoch's first phase: train features -> labels, centroids, targets.
 
-``pseudo_label(features, cams, config, epoch=..., previous=...)`` clusters the L2-normalised
+``pseudo_label(features, cameras, config, epoch=..., previous=...)`` clusters the L2-normalised
 train features (docs/algorithms.md sections 5, 9 and 10), builds the cluster centroids that
 become the memory, the RLCC soft targets when RLCC is on (section 6), and the statistics an
 epoch logs. It is host-side numpy / scikit-learn code and never touches the model.
@@ -57,7 +57,7 @@ class PseudoLabels:
       then there is nothing to train on).
     targets: (N, K) float32 RLCC soft targets, or None for the hard cross-entropy.
     stats: plain numbers for the epoch's record: ``clusters``, ``outliers``, ``cluster_ari``
-      (agreement with the true ids, a diagnostic when they are known), ``rlcc_*`` and
+      (agreement with the true identities, a diagnostic when they are known), ``rlcc_*`` and
       ``camera_proxies``.
     camera: the camera-aware proxies of this clustering (``camera.enabled`` from
       ``camera.start_epoch`` on), or None.
@@ -85,14 +85,14 @@ CLUSTER_METHODS = ("dbscan", "infomap")
 CLUSTER_DISTANCES = ("jaccard", "ca_jaccard")
 
 
-def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
+def cluster_distance(features: np.ndarray, cameras: np.ndarray | None,
                      cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
   """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
   first-epoch query expansion in epoch 0), storing the pairs up to ``max_distance``."""
   if cluster.distance == "ca_jaccard":
     first = epoch == 0
     return clustering.ca_jaccard_distance(
-        features, cams, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
+        features, cameras, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
         k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
         k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
         max_distance=max_distance)
@@ -100,7 +100,7 @@ def cluster_distance(features: np.ndarray, cams: np.ndarray | None,
                                      max_distance=max_distance)
 
 
-def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
+def cluster_labels(features: np.ndarray, cameras: np.ndarray | None,
                    cluster: ml_collections.ConfigDict, *, epoch: int,
                    outliers_as_singletons: bool = False,
                    indep_threshold: float | None = None) -> tuple[np.ndarray, float | None]:
@@ -117,7 +117,7 @@ def cluster_labels(features: np.ndarray, cams: np.ndarray | None,
         min_cluster_size=cluster.infomap_min_cluster_size, seed=seed)
   elif cluster.method == "dbscan":
     radius = cluster.eps_loose if cluster.reliable else cluster.eps
-    distance = cluster_distance(features, cams, cluster, epoch=epoch, max_distance=radius)
+    distance = cluster_distance(features, cameras, cluster, epoch=epoch, max_distance=radius)
     if cluster.reliable:
       return clustering.reliable_dbscan_labels(
           distance, eps=(cluster.eps_tight, cluster.eps, cluster.eps_loose),
@@ -163,41 +163,41 @@ def label_stats(features: np.ndarray, labels: np.ndarray,
           "intra_similarity": similarity}
 
 
-def camera_stats(labels: np.ndarray, cams: np.ndarray) -> dict[str, float]:
+def camera_stats(labels: np.ndarray, cameras: np.ndarray) -> dict[str, float]:
   """How much a clustering follows the cameras (diagnostics; camera shift makes it high).
 
-  ``camera_ari``: adjusted Rand index of the labels against the camera ids;
+  ``camera_ari``: adjusted Rand index of the labels against the cameras;
   ``one_camera_clusters``: the share of classes of two or more whose members all come from
   one camera (nan without such a class).
   """
   kept = labels >= 0
-  pairs = np.unique(np.stack([labels[kept], cams[kept]], axis=1), axis=0)
+  pairs = np.unique(np.stack([labels[kept], cameras[kept]], axis=1), axis=0)
   classes, cameras_per_class = np.unique(pairs[:, 0], return_counts=True)
   sizes = np.bincount(labels[kept], minlength=int(labels.max()) + 1 if kept.any() else 0)
   multi = sizes[classes] > 1
-  return {"camera_ari": float(adjusted_rand_score(cams, labels)),
+  return {"camera_ari": float(adjusted_rand_score(cameras, labels)),
           "one_camera_clusters": (float(np.mean(cameras_per_class[multi] == 1)) if multi.any()
                                   else float("nan"))}
 
 
-def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_collections.ConfigDict,
-                 *, epoch: int, previous: Generation | None,
-                 true_ids: np.ndarray | None = None) -> PseudoLabels:
+def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
+                 config: ml_collections.ConfigDict, *, epoch: int, previous: Generation | None,
+                 true_identities: np.ndarray | None = None) -> PseudoLabels:
   """Clusters ``features`` (N, D) and builds what the epoch trains on.
 
   Args:
     features: (N, D) L2-normalised train features (eval mode).
-    cams: (N,) camera ids (CA-Jaccard needs them), or None.
+    cameras: (N,) cameras (CA-Jaccard needs them), or None.
     config: the run's config (``cluster`` and ``rlcc`` are read).
     epoch: the 0-based epoch (RLCC mixes the previous one-hot from epoch 2 on).
     previous: the previous epoch's ``Generation`` (None in the first epoch, or when it
       found no cluster).
-    true_ids: (N,) ground-truth ids for the ``cluster_ari`` diagnostic (never used for
-      training), or None.
+    true_identities: (N,) ground-truth identities for the ``cluster_ari`` diagnostic (never
+      used for training), or None.
   """
   rlcc = config.rlcc
   labels, indep_threshold = cluster_labels(
-      features, cams, config.cluster, epoch=epoch,
+      features, cameras, config.cluster, epoch=epoch,
       outliers_as_singletons=bool(rlcc.outliers_as_singletons),
       indep_threshold=None if previous is None else previous.indep_threshold)
   num_clusters = int(labels.max()) + 1 if labels.size else 0
@@ -208,17 +208,17 @@ def pseudo_label(features: np.ndarray, cams: np.ndarray | None, config: ml_colle
                           else float(indep_threshold))
   stats: dict[str, Any] = {"clusters": num_clusters,
                            **label_stats(features, labels, generation.centroids)}
-  if true_ids is not None:
-    stats["cluster_ari"] = float(adjusted_rand_score(true_ids, labels))
-  if cams is not None:
-    stats.update(camera_stats(labels, cams))
+  if true_identities is not None:
+    stats["cluster_ari"] = float(adjusted_rand_score(true_identities, labels))
+  if cameras is not None:
+    stats.update(camera_stats(labels, cameras))
   targets = None
   if rlcc.enabled and num_clusters and previous is not None and previous.num_clusters:
     targets, rlcc_stats = rlcc_targets(features, generation, previous, rlcc, epoch)
     stats.update({f"rlcc_{k}": v for k, v in rlcc_stats.items()})
   camera = None
   if config.camera.enabled and epoch >= config.camera.start_epoch and num_clusters:
-    camera, _ = camera_memory.build_camera_proxies(features, labels, cams,
+    camera, _ = camera_memory.build_camera_proxies(features, labels, cameras,
                                                    min_bucket=config.camera.min_bucket)
     stats["camera_proxies"] = int(camera.num_proxies)
   return PseudoLabels(generation=generation, targets=targets, stats=stats, camera=camera)

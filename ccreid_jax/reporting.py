@@ -2,8 +2,8 @@
 
 ``Reporter.initial`` and ``Reporter.epoch`` take one record (the plain numbers of an
 evaluation or an epoch) and write it everywhere it goes: a line of ``metrics.jsonl``, the
-same scalars to TensorBoard (step = epochs done, as the checkpoints), the rank list of an
-evaluation (``ranklist_<name>.png``, also to TensorBoard), the training curves
+same scalars to TensorBoard (TensorBoard's step = the epochs done, a checkpoint's number), the
+rank list of an evaluation (``ranklist_<name>.png``, also to TensorBoard), the training curves
 (``curves.png``) and one log line. Only the primary process of a multi-process run writes.
 """
 
@@ -42,8 +42,8 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
   else:
     query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
   image = visualize.rank_list_image(
-      query_images, [r.pid for r in query], [r.camid for r in query], gallery_images,
-      [r.pid for r in gallery], [r.camid for r in gallery], distmat, query_indices=queries,
+      query_images, [r.identity for r in query], [r.camera for r in query], gallery_images,
+      [r.identity for r in gallery], [r.camera for r in gallery], distmat, query_indices=queries,
       topk=log.ranklist_topk)
   visualize.save_png(os.path.join(workdir, f"ranklist_{name}.png"), image)
   return image
@@ -104,19 +104,19 @@ class Reporter:
     self._history.append({"kind": kind, **record})
     self._tensorboard.write_record(kind, **record)
 
-  def _rank_list(self, distmat: np.ndarray | None, *, step: int, name: str) -> None:
+  def _rank_list(self, distmat: np.ndarray | None, *, epochs_done: int, name: str) -> None:
     if distmat is None:
       return
     image = save_rank_list(self.config, self.workdir, self.data, distmat, name=name)
     if image is not None:
-      self._tensorboard.image("ranklist", step, image)
+      self._tensorboard.image("ranklist", epochs_done, image)
 
   def initial(self, metrics: dict[str, float], distmat: np.ndarray) -> None:
     """The evaluation of the features before training (``train.eval_initial``)."""
     if not self.enabled:
       return
     self._write("initial", dict(metrics))
-    self._rank_list(distmat, step=0, name="init")
+    self._rank_list(distmat, epochs_done=0, name="init")
     self._tensorboard.flush()
     logger.info("initial features (before training): mAP %.1f rank1 %.1f",
                 100 * metrics["mAP"], 100 * metrics["rank1"])
@@ -127,7 +127,7 @@ class Reporter:
       return
     epoch = int(record["epoch"])
     self._write("epoch", record)
-    self._rank_list(distmat, step=epoch + 1, name=f"epoch{epoch}")
+    self._rank_list(distmat, epochs_done=epoch + 1, name=f"epoch{epoch}")
     visualize.save_training_curves(os.path.join(self.workdir, "curves.png"), self._history,
                                    num_train=self.num_train)
     self._tensorboard.flush()

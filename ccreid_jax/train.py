@@ -71,8 +71,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
   ``step(state, images, labels)`` uses the hard cross-entropy against the memory;
   with ``soft_targets=True`` it is ``step(state, images, labels, targets)`` with per-sample
   (B, C_pad) target distributions (RLCC) and the soft-target cross-entropy. With
-  ``camera=True`` the batch's camera ids follow the labels (``step(state, images, labels,
-  cams[, targets])``) and ``config.camera.weight`` times the inter-camera proxy loss against
+  ``camera=True`` the batch's cameras follow the labels (``step(state, images, labels,
+  cameras[, targets])``) and ``config.camera.weight`` times the inter-camera proxy loss against
   ``state.camera`` is added; the proxies then move with ``config.camera.momentum`` after the
   gradient, like the memory. Each variant is compiled separately, so with RLCC and the camera
   term off the step is exactly the plain Cluster Contrast one.
@@ -82,7 +82,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
   cam = config.camera
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *rest: jax.Array):
-    cams = rest[0] if camera else None
+    cameras = rest[0] if camera else None
     targets = rest[-1] if soft_targets else None
     key = jax.random.fold_in(state.rng, state.step)
     x = augment_lib.train_augment(
@@ -101,7 +101,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
       metrics = {"loss": loss}
       if camera:
         camera_loss = camera_memory.camera_proxy_loss(
-            features, state.camera, labels, cams, temperature=cam.temperature,
+            features, state.camera, labels, cameras, temperature=cam.temperature,
             num_hard_negatives=cam.num_hard_negatives)
         loss = loss + cam.weight * camera_loss
         metrics = {"loss": loss, "camera_loss": camera_loss}
@@ -118,7 +118,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
         memory=memory_lib.update_centroids(state.memory, features, labels, mem))
     if camera:
       new_state = new_state.replace(camera=camera_memory.camera_proxy_update(
-          state.camera, features, labels, cams, cam.momentum))
+          state.camera, features, labels, cameras, cam.momentum))
     return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -164,12 +164,12 @@ class TrainSteps:
 
 
 def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
-                     sharding: NamedSharding, *, cams: np.ndarray | None = None,
+                     sharding: NamedSharding, *, cameras: np.ndarray | None = None,
                      targets: np.ndarray | None = None, num_columns: int = 0,
                      depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
   """Gathers the next batches on a host thread and sends them to the devices early.
 
-  Yields ``(images, labels)``, followed by the camera ids when ``cams`` (N,) is given and by
+  Yields ``(images, labels)``, followed by the cameras when ``cameras`` (N,) is given and by
   the target rows when ``targets`` (N, K) is given (zero-padded to ``num_columns``, the
   memory bucket): the arguments of the train step after the state.
   """
@@ -181,8 +181,8 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
     rows = indices[distributed.process_slice(len(indices))]
     batch = (distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
              distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
-    if cams is not None:
-      batch += (distributed.global_batch_from_local(cams[rows].astype(np.int32), mesh),)
+    if cameras is not None:
+      batch += (distributed.global_batch_from_local(cameras[rows].astype(np.int32), mesh),)
     if targets is None:
       return batch
     padded = np.zeros((len(rows), num_columns), np.float32)
@@ -212,12 +212,12 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
   camera = None if plan.camera is None else distributed.replicate(plan.camera, steps.mesh)
   state = state.replace(memory=distributed.replicate(memory, steps.mesh), camera=camera)
   sampler = sampler_lib.CameraAwarePKSampler(
-      plan.labels, data.train_cams, t.num_instances,
+      plan.labels, data.train_cameras, t.num_instances,
       seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
   batches = prefetch_batches(
       sampler.batches(t.iters, t.batch_size), data.train_images, plan.labels,
       NamedSharding(steps.mesh, PartitionSpec("data")),
-      cams=None if camera is None else data.train_cams, targets=plan.targets,
+      cameras=None if camera is None else data.train_cameras, targets=plan.targets,
       num_columns=bucket)
   step_fn = steps.get(soft=plan.targets is not None, bucket=bucket,
                       camera_bucket=0 if camera is None else camera.bucket, epoch=epoch,
@@ -386,8 +386,9 @@ def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
         features = setup.extract(state.variables, data.train_images,
                                  desc=f"epoch {epoch} extract")
       with timer.phase("cluster"):
-        plan = pseudo_label(features, data.train_cams if data.has_train_cams else None, config,
-                            epoch=epoch, previous=previous, true_ids=data.train_ids)
+        plan = pseudo_label(features, data.train_cameras if data.has_train_cameras else None,
+                            config, epoch=epoch, previous=previous,
+                            true_identities=data.train_identities)
       losses: dict[str, list[float]] = {}
       if plan.num_clusters:
         with timer.phase("train"):

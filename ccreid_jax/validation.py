@@ -209,7 +209,7 @@ def _check_folder_fields(c: _Checker, folder_dataset: bool) -> None:
              "benchmark is evaluated on its own query / gallery)")
     elif not os.path.isfile(os.path.expanduser(eval_list)):
       c.fail("eval.list", eval_list, "file not found (one line per image: 'query|gallery "
-             "<path> <id> <camera>')")
+             "<path> <identity> <camera>')")
     if eval_name not in (_MISSING, ""):
       c.fail("eval.list", eval_list, f"and config.eval.dataset={eval_name!r} both name the "
              "evaluation images; set one of them")
@@ -225,7 +225,7 @@ def _check_folder_fields(c: _Checker, folder_dataset: bool) -> None:
            "evaluation images, or list them in config.eval.list")
   if cameras != "none":
     return
-  no_cameras = ("camera-aware training needs camera ids, and config.data.cameras='none' gives "
+  no_cameras = ("camera-aware training needs the cameras, and config.data.cameras='none' gives "
                 "every image of the folder dataset (config.data.name='folder') camera 0; read "
                 "them with config.data.cameras='folder' (and config.data.camera_folder_level) "
                 "or 'regex' (and config.data.camera_regex), or turn this off")

@@ -4,7 +4,7 @@
 
 Generates a Market-1501-layout dataset in which every camera has a strong appearance of its
 own (``synthetic.generate_market_dataset(camera_shift=1.0)``: colour cast, exposure, haze,
-background, blur or noise per camera; 60 train ids, 6 cameras), then trains the demo's model
+background, blur or noise per camera; 60 train identities, 6 cameras), then trains the demo's model
 (``configs/demo.py``: a half-width ResNet-18 on 128x64 images, random initialisation) four
 ways, each with every seed:
 
@@ -49,10 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--epochs", type=int, default=8)
   p.add_argument("--iters", type=int, default=30, help="train steps per epoch")
   p.add_argument("--camera-shift", type=float, default=1.0)
-  p.add_argument("--num-train-ids", type=int, default=60)
-  p.add_argument("--num-test-ids", type=int, default=40)
-  p.add_argument("--num-cams", type=int, default=6)
-  p.add_argument("--images-per-cam", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
+  p.add_argument("--num-train-identities", type=int, default=60)
+  p.add_argument("--num-test-identities", type=int, default=40)
+  p.add_argument("--num-cameras", type=int, default=6)
+  p.add_argument("--images-per-camera", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
   p.add_argument("--root", default="runs/bench_camera", help="dataset and run folders")
   p.add_argument("--out", default="", help="write the results as JSON here")
   return p.parse_args(argv)
@@ -87,9 +87,10 @@ def main(argv=None) -> dict:
 
   data_root = os.path.join(args.root, f"data_shift{args.camera_shift:g}")
   synthetic.generate_market_dataset(
-      data_root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
-      num_cams=args.num_cams, images_per_cam=tuple(args.images_per_cam), height=128, width=64,
-      seed=0, camera_shift=args.camera_shift)
+      data_root, num_train_identities=args.num_train_identities,
+      num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
+      images_per_camera=tuple(args.images_per_camera), height=128, width=64, seed=0,
+      camera_shift=args.camera_shift)
   results = {"args": vars(args), "runs": []}
   for variant in args.variants:
     for seed in args.seeds:
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
       results["runs"].append(run)
       last = run["epochs"][-1]
       print(f"{variant:>10} seed {seed}: mAP {100 * run['mAP']:5.1f} rank1 "
-            f"{100 * run['rank1']:5.1f} | last epoch: id ARI {last['cluster_ari']:.3f} "
+            f"{100 * run['rank1']:5.1f} | last epoch: cluster ARI {last['cluster_ari']:.3f} "
             f"camera ARI {last['camera_ari']:.3f} one-camera clusters "
             f"{last['one_camera_clusters']:.2f} ({run['seconds']:.0f} s)", flush=True)
   print_summary(results)
@@ -125,9 +126,10 @@ def _mean(values):
 def print_summary(results: dict) -> None:
   """Per variant, means over seeds: final mAP / rank-1, and the ARIs and one-camera share
   averaged over the epochs (the whole training's clusterings) and at the last epoch."""
-  print(f"\n{'variant':>10} | {'mAP':>5} | {'rank1':>5} | {'id ARI':>6} | {'cam ARI':>7} | "
-        f"{'1-cam':>5} | {'id ARI':>6} | {'cam ARI':>7} | {'1-cam':>5}")
-  print(f"{'':>10} | {'final':>13} | {'mean over epochs':>24} | {'last epoch':>24}")
+  print(f"\n{'variant':>10} | {'mAP':>5} | {'rank1':>5} | {'cluster ARI':>11} | "
+        f"{'camera ARI':>10} | {'1-camera':>8} | {'cluster ARI':>11} | {'camera ARI':>10} | "
+        f"{'1-camera':>8}")
+  print(f"{'':>10} | {'final':>13} | {'mean over epochs':>35} | {'last epoch':>35}")
   for variant in results["args"]["variants"]:
     runs = [r for r in results["runs"] if r["variant"] == variant]
     if not runs:
@@ -137,10 +139,10 @@ def print_summary(results: dict) -> None:
     last = {k: _mean([r["epochs"][-1][k] for r in runs])
             for k in ("cluster_ari", "camera_ari", "one_camera_clusters")}
     print(f"{variant:>10} | {100 * _mean([r['mAP'] for r in runs]):5.1f} | "
-          f"{100 * _mean([r['rank1'] for r in runs]):5.1f} | {over['cluster_ari']:6.3f} | "
-          f"{over['camera_ari']:7.3f} | {over['one_camera_clusters']:5.2f} | "
-          f"{last['cluster_ari']:6.3f} | {last['camera_ari']:7.3f} | "
-          f"{last['one_camera_clusters']:5.2f}")
+          f"{100 * _mean([r['rank1'] for r in runs]):5.1f} | {over['cluster_ari']:11.3f} | "
+          f"{over['camera_ari']:10.3f} | {over['one_camera_clusters']:8.2f} | "
+          f"{last['cluster_ari']:11.3f} | {last['camera_ari']:10.3f} | "
+          f"{last['one_camera_clusters']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ real re-ID features do (about 2,600 stored Jaccard pairs per row at N = 12,936, 
 full-rank Gaussian clusters would give a few dozen and an unrealistically easy benchmark.
 
 ``--distance ca_jaccard`` times the camera-aware Jaccard distance (docs/algorithms.md section 9)
-instead of the plain one, on the same features: every point gets a camera id drawn uniformly from
-``--cameras`` ids with a separate random stream, so the features do not depend on it. With
+instead of the plain one, on the same features: every point gets a camera drawn uniformly from
+``--cameras`` cameras with a separate random stream, so the features do not depend on it. With
 ``--camera-shift s`` (default 0) each camera also adds ``s`` times its own random direction to
 the low-dimensional points before the normalisation, as a camera bias does in real features.
 ``knn_s`` is then the camera-aware kNN (intra- and inter-camera list heads) and
@@ -79,18 +79,18 @@ def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
   perm = rng.permutation(n)
   low = low[perm]
   if camera_shift and cameras is not None:
-    cam_rng = np.random.default_rng([seed, 2])
-    cam_dir = cam_rng.standard_normal((int(cameras.max()) + 1, r))
-    cam_dir /= np.linalg.norm(cam_dir, axis=1, keepdims=True)
-    low += np.float32(camera_shift) * cam_dir[cameras].astype(np.float32)
+    camera_rng = np.random.default_rng([seed, 2])
+    camera_dirs = camera_rng.standard_normal((int(cameras.max()) + 1, r))
+    camera_dirs /= np.linalg.norm(camera_dirs, axis=1, keepdims=True)
+    low += np.float32(camera_shift) * camera_dirs[cameras].astype(np.float32)
   x = low @ basis.T.astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   return np.ascontiguousarray(x, dtype=np.float32), truth[perm]
 
 
-def synthetic_cameras(n: int, cameras: int, seed: int = 0) -> np.ndarray:
-  """(n,) camera ids drawn uniformly from ``cameras`` ids (their own random stream)."""
-  return np.random.default_rng([seed, 1]).integers(0, cameras, n)
+def synthetic_cameras(n: int, num_cameras: int, seed: int = 0) -> np.ndarray:
+  """(n,) cameras drawn uniformly from ``num_cameras`` (their own random stream)."""
+  return np.random.default_rng([seed, 1]).integers(0, num_cameras, n)
 
 
 def peak_rss_gb() -> float:
@@ -168,7 +168,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--method", choices=["dbscan", "infomap", "both"], default="dbscan")
   parser.add_argument("--distance", choices=["jaccard", "ca_jaccard"], default="jaccard",
                       help="distance DBSCAN clusters with (ca_jaccard: camera-aware)")
-  parser.add_argument("--cameras", type=int, default=6, help="camera ids (ca_jaccard, shift)")
+  parser.add_argument("--cameras", type=int, default=6,
+                      help="number of cameras (ca_jaccard, shift)")
   parser.add_argument("--camera-shift", type=float, default=0.0)
   parser.add_argument("--k1-intra", type=int, default=5)
   parser.add_argument("--k1-inter", type=int, default=20)
@@ -201,16 +202,16 @@ def main(argv=None) -> dict:
     res.update(ks, cameras=args.cameras, camera_shift=args.camera_shift)
   else:
     res.update(k1=args.k1, k2=args.k2)
-  cams = synthetic_cameras(args.n, args.cameras, args.seed)
+  cameras = synthetic_cameras(args.n, args.cameras, args.seed)
   (x, truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
                                         intrinsic=args.intrinsic, seed=args.seed,
-                                        camera_shift=args.camera_shift, cameras=cams)
+                                        camera_shift=args.camera_shift, cameras=cameras)
   res["rss_after_features_gb"] = peak_rss_gb()
 
   def neighbour_lists():
     if not ca:
       return jaccard.knn(x, min(args.k1, args.n), args.block_size)
-    codes = ca_jaccard.check_cameras(cams, args.n)
+    codes = ca_jaccard.check_cameras(cameras, args.n)
     intra_len = min(max(args.k1_intra + 1, args.k2_intra), args.n)
     inter_len = min(max(args.k1_inter + 1, args.k2_inter), args.n)
     return ca_jaccard.camera_ranking_lists(x, codes, intra_len, inter_len, args.block_size)

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-instances", type=int, default=16)
   p.add_argument("--num-images", type=int, default=12936, help="images in the memmap")
   p.add_argument("--clusters", type=int, default=600)
-  p.add_argument("--cams", type=int, default=6)
+  p.add_argument("--cameras", type=int, default=6, help="number of cameras")
   p.add_argument("--batches", type=int, default=100)
   p.add_argument("--dir", default="", help="where to write the memmap (default: a temp dir)")
   p.add_argument("--out", default="")
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
   mesh = make_mesh()
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   labels = rng.integers(-1, args.clusters, size=args.num_images)  # ~0.2% outliers
-  cams = rng.integers(0, args.cams, size=args.num_images)
+  cameras = rng.integers(0, args.cameras, size=args.num_images)
 
   with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
     path = os.path.join(tmp, "images.npy")
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     images = np.load(path, mmap_mode="r")
 
     def sampler(seed=0):
-      return CameraAwarePKSampler(labels, cams, args.num_instances, seed=seed)
+      return CameraAwarePKSampler(labels, cameras, args.num_instances, seed=seed)
 
     t = time.perf_counter()
     index_batches = list(sampler().batches(args.batches, args.batch))

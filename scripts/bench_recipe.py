@@ -1,12 +1,12 @@
 """Wall time of a whole training recipe (clustering included), measured on a few epochs.
 
   python scripts/bench_recipe.py --config market1501 --epochs 3 \
-      --num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16 \
+      --num-train-identities 751 --num-test-identities 750 --images-per-camera 2 6 --workers 16 \
       [--dtype bfloat16] [--set train.iters=200 ...] [--out recipe.json]
 
 No real dataset can be fetched, so the data is generated: ``ccreid_jax.data.synthetic``
 writes a Market-1501-layout dataset of the given size (128x64 JPEGs, as Market's crops are;
-751 train ids with ``--images-per-cam 2 6`` give about 13,000 train images, Market has
+751 train identities with ``--images-per-camera 2 6`` give about 13,000 train images, Market has
 12,936), rendered by ``--workers`` processes. The config's recipe then runs unchanged
 (``train_and_evaluate``: extraction, Jaccard + DBSCAN, ``train.iters`` steps per epoch,
 checkpoints) except that it stops after ``--epochs`` epochs and evaluates only after the
@@ -71,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="config overrides, e.g. train.iters=20 model.depth=18")
   p.add_argument("--root", default="", help="dataset root (default: a folder in the workdir)")
   p.add_argument("--workdir", default="", help="run folder (default: a temporary folder)")
-  p.add_argument("--num-train-ids", type=int, default=751)
-  p.add_argument("--num-test-ids", type=int, default=750)
-  p.add_argument("--images-per-cam", type=int, nargs=2, default=(2, 6), metavar=("LO", "HI"))
+  p.add_argument("--num-train-identities", type=int, default=751)
+  p.add_argument("--num-test-identities", type=int, default=750)
+  p.add_argument("--images-per-camera", type=int, nargs=2, default=(2, 6), metavar=("LO", "HI"))
   p.add_argument("--seed", type=int, default=0, help="dataset seed")
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="processes rendering the dataset")
@@ -190,8 +190,9 @@ def main(argv=None) -> dict:
     root = args.root or os.path.join(workdir, "data")
     t = time.perf_counter()
     synthetic.generate_market_dataset(
-        root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
-        images_per_cam=tuple(args.images_per_cam), seed=args.seed, workers=args.workers)
+        root, num_train_identities=args.num_train_identities,
+        num_test_identities=args.num_test_identities,
+        images_per_camera=tuple(args.images_per_camera), seed=args.seed, workers=args.workers)
     generate_s = time.perf_counter() - t
 
     config.data.root = root

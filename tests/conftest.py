@@ -75,7 +75,7 @@ def tiny_market(tmp_path_factory) -> str:
 
   root = str(tmp_path_factory.mktemp("data"))
   synthetic.generate_market_dataset(
-      root, num_train_ids=16, num_test_ids=8, num_cams=3, images_per_cam=(2, 3),
+      root, num_train_identities=16, num_test_identities=8, num_cameras=3, images_per_camera=(2, 3),
       height=64, width=32, seed=0)
   return root
 

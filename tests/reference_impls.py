@@ -67,19 +67,20 @@ def squared_euclidean(q, g):
   return out
 
 
-def evaluate_loop(distmat, query_ids, gallery_ids, query_cams, gallery_cams, topk=(1, 5, 10)):
-  """Per-query loop: same-id-and-same-camera entries dropped, sklearn AP, first-match CMC."""
+def evaluate_loop(distmat, query_identities, gallery_identities, query_cameras, gallery_cameras,
+                  topk=(1, 5, 10)):
+  """Per-query loop: same-identity-and-same-camera entries dropped, sklearn AP, first-match CMC."""
   aps = []
   first_ranks = []
   for i in range(distmat.shape[0]):
     order = np.argsort(distmat[i], kind="stable")
     ranked = []
     for j in order:
-      if gallery_ids[j] == query_ids[i] and gallery_cams[j] == query_cams[i]:
+      if gallery_identities[j] == query_identities[i] and gallery_cameras[j] == query_cameras[i]:
         continue
       ranked.append(j)
     ranked = np.array(ranked, dtype=np.int64)
-    matches = gallery_ids[ranked] == query_ids[i]
+    matches = gallery_identities[ranked] == query_identities[i]
     if not matches.any():
       continue
     aps.append(average_precision_score(matches, -distmat[i, ranked]))

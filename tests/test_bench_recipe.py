@@ -104,9 +104,9 @@ def test_main_runs_a_short_recipe_and_projects_the_full_one(bench_recipe, tmp_pa
   monkeypatch.setattr(bench_recipe.train, "train_and_evaluate", fake_train_and_evaluate)
   out = tmp_path / "recipe.json"
   result = bench_recipe.main([
-      "--config", _MARKET, "--epochs", "2", "--num-train-ids", "3", "--num-test-ids", "2",
-      "--images-per-cam", "2", "2", "--workers", "1", "--dtype", "bfloat16",
-      "--set", "train.iters=7", "data.height=32", "data.width=16",
+      "--config", _MARKET, "--epochs", "2", "--num-train-identities", "3",
+      "--num-test-identities", "2", "--images-per-camera", "2", "2", "--workers", "1",
+      "--dtype", "bfloat16", "--set", "train.iters=7", "data.height=32", "data.width=16",
       "--workdir", str(tmp_path / "run"), "--out", str(out)])
   assert seen == {"epochs": 2, "eval_every": 2, "root": os.path.join(str(tmp_path / "run"), "data"),
                   "dtype": "bfloat16", "iters": 7, "progress": False}

@@ -264,7 +264,7 @@ def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
   reference = _BMWReferenceStep(model, config, state)
   reference.step(images, labels)
   dim = models.feature_dim(config.model.depth, config.model.width)
-  cams = rng.integers(0, 3, size=len(labels)).astype(np.int32)
+  cameras = rng.integers(0, 3, size=len(labels)).astype(np.int32)
   proxies, _ = camera_memory.build_camera_proxies(
       _unit(rng.normal(size=(60, dim))).astype(np.float32), np.arange(60) % 5,
       rng.integers(0, 3, size=60), bucket=32)
@@ -277,7 +277,7 @@ def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
     if camera:
       start = start.replace(camera=jax.tree_util.tree_map(jnp.copy, proxies))
     step = train.make_train_step(config, mesh, soft_targets=soft, camera=camera)
-    args = (images, labels) + ((cams,) if camera else ()) + ((targets,) if soft else ())
+    args = (images, labels) + ((cameras,) if camera else ()) + ((targets,) if soft else ())
     new, metrics = step(start, *args)
     assert ("camera_loss" in metrics) is camera
     np.testing.assert_allclose(np.asarray(new.memory.centroids, np.float64), reference.memory,

@@ -31,10 +31,10 @@ def _camera_shifted(cameras, dim, clusters, shift, spread, dup_fraction, seed):
   n = cameras.size
   centres = rng.normal(size=(clusters, dim))
   centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-  cam_dirs = rng.normal(size=(cameras.max() + 1, dim))
-  cam_dirs /= np.linalg.norm(cam_dirs, axis=1, keepdims=True)
+  camera_dirs = rng.normal(size=(cameras.max() + 1, dim))
+  camera_dirs /= np.linalg.norm(camera_dirs, axis=1, keepdims=True)
   labels = rng.integers(0, clusters, n)
-  x = (centres[labels] + shift * cam_dirs[cameras]
+  x = (centres[labels] + shift * camera_dirs[cameras]
        + spread * rng.normal(size=(n, dim)) / np.sqrt(dim))
   num_dup = int(dup_fraction * n)
   x[rng.choice(n, num_dup, replace=False)] = x[rng.integers(0, n, num_dup)]
@@ -52,35 +52,35 @@ def _signs(n, dim, seed):
 
 
 def _shift6():
-  cams = _random_cameras(240, 6, 0)
-  return _camera_shifted(cams, 32, 12, 0.8, 0.5, 0.1, 0), cams
+  cameras = _random_cameras(240, 6, 0)
+  return _camera_shifted(cameras, 32, 12, 0.8, 0.5, 0.1, 0), cameras
 
 
 def _small_cameras():
   # Camera 0: 100 images, hence only 20 < k1_inter + 1 other-camera images; camera 3: 1 image;
   # camera 2: 2 images (< k1_intra + 1).
-  cams = np.random.default_rng(1).permutation(np.repeat([0, 1, 2, 3], [100, 17, 2, 1]))
-  return _camera_shifted(cams, 16, 8, 0.6, 0.5, 0.05, 1), cams
+  cameras = np.random.default_rng(1).permutation(np.repeat([0, 1, 2, 3], [100, 17, 2, 1]))
+  return _camera_shifted(cameras, 16, 8, 0.6, 0.5, 0.05, 1), cameras
 
 
 def _ties():
-  cams = _random_cameras(150, 4, 2)
-  return _signs(150, 16, 2), cams
+  cameras = _random_cameras(150, 4, 2)
+  return _signs(150, 16, 2), cameras
 
 
 def _one_camera():
-  cams = np.full(100, 7)
-  return _camera_shifted(cams, 16, 6, 0.0, 0.5, 0.1, 3), cams
+  cameras = np.full(100, 7)
+  return _camera_shifted(cameras, 16, 6, 0.0, 0.5, 0.1, 3), cameras
 
 
 def _tiny():
-  cams = np.array([0, 0, 1, 2, 1, 0, 2, 0, 1, 0, 0, 1])
-  return _camera_shifted(cams, 8, 2, 0.5, 0.5, 0.2, 4), cams
+  cameras = np.array([0, 0, 1, 2, 1, 0, 2, 0, 1, 0, 0, 1])
+  return _camera_shifted(cameras, 8, 2, 0.5, 0.5, 0.2, 4), cameras
 
 
 def _long_k2():
-  cams = np.random.default_rng(5).permutation(np.repeat([3, 9, 4, 1, 0], [30, 25, 20, 12, 3]))
-  return _camera_shifted(cams, 16, 6, 0.7, 0.5, 0.1, 5), cams
+  cameras = np.random.default_rng(5).permutation(np.repeat([3, 9, 4, 1, 0], [30, 25, 20, 12, 3]))
+  return _camera_shifted(cameras, 16, 6, 0.7, 0.5, 0.1, 5), cameras
 
 
 DEFAULT = {"k1_intra": 5, "k1_inter": 20, "k2_intra": 2, "k2_inter": 4}
@@ -129,9 +129,9 @@ def _ca_jaccard_dense(x, cameras, k1_intra, k1_inter, k2_intra, k2_inter):
 @functools.lru_cache(maxsize=None)
 def _case(name):
   make, ks, block = CASES[name]
-  x, cams = make()
-  full = ca_jaccard_distance(x, cams, block_size=block, **ks)
-  return x, cams, full, _ca_jaccard_dense(x, cams, **ks)
+  x, cameras = make()
+  full = ca_jaccard_distance(x, cameras, block_size=block, **ks)
+  return x, cameras, full, _ca_jaccard_dense(x, cameras, **ks)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -159,28 +159,28 @@ def test_storage_convention(name):
 
 
 def test_cases_exercise_the_edge_cases():
-  x, cams, _, _ = _case("shift6")
+  x, cameras, _, _ = _case("shift6")
   assert np.unique(x, axis=0).shape[0] < x.shape[0]  # exact duplicates
   # The camera shift matters: CA-Jaccard differs from what it would be without cameras.
   _, _, full, _ = _case("shift6")
-  blind = ca_jaccard_distance(x, np.zeros_like(cams))
+  blind = ca_jaccard_distance(x, np.zeros_like(cameras))
   assert abs(full - blind).max() > 0.1
   x, _, _, _ = _case("ties")
   d = np.sort(2.0 - 2.0 * (x @ x.T), axis=1)[:, :12]
   assert np.any(d[:, 1:] == d[:, :-1])  # ties inside the list heads
-  _, cams, _, _ = _case("small_cameras")
-  sizes = np.bincount(cams)
+  _, cameras, _, _ = _case("small_cameras")
+  sizes = np.bincount(cameras)
   assert sizes.min() == 1 and np.any(sizes == 2)  # cameras below k1_intra + 1
-  assert np.any(cams.size - sizes < DEFAULT["k1_inter"] + 1)  # few other-camera images
+  assert np.any(cameras.size - sizes < DEFAULT["k1_inter"] + 1)  # few other-camera images
   assert _case("tiny_n")[0].shape[0] < DEFAULT["k1_inter"] + 1
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("eps", [0.4, 0.6])
 def test_max_distance_equals_thresholded_full(name, eps):
-  x, cams, full, dense = _case(name)
+  x, cameras, full, dense = _case(name)
   _, ks, block = CASES[name]
-  cut = ca_jaccard_distance(x, cams, max_distance=eps, block_size=block, **ks)
+  cut = ca_jaccard_distance(x, cameras, max_distance=eps, block_size=block, **ks)
   n = x.shape[0]
   assert isinstance(cut, sp.csr_matrix) and cut.dtype == np.float32 and cut.has_sorted_indices
   coo, full_coo = cut.tocoo(), full.tocoo()
@@ -199,18 +199,18 @@ def test_max_distance_equals_thresholded_full(name, eps):
 
 
 def test_dbscan_finds_clusters_across_cameras():
-  _, cams, full, _ = _case("shift6")
+  _, cameras, full, _ = _case("shift6")
   labels = dbscan_labels(full, eps=0.6, min_samples=4)
   assert labels.max() + 1 >= 3
-  spans = [np.unique(cams[labels == c]).size for c in range(labels.max() + 1)]
+  spans = [np.unique(cameras[labels == c]).size for c in range(labels.max() + 1)]
   assert max(spans) >= 2  # the camera-aware neighbours join images of different cameras
 
 
-def test_camera_ids_and_block_size_do_not_matter():
-  x, cams, full, _ = _case("small_cameras")
-  relabelled = np.array([40, -3, 7, 1000])[cams]  # any integers, only equality matters
+def test_camera_values_and_block_size_do_not_matter():
+  x, cameras, full, _ = _case("small_cameras")
+  relabelled = np.array([40, -3, 7, 1000])[cameras]  # any integers, only equality matters
   for other in (ca_jaccard_distance(x, relabelled, block_size=1),
-                ca_jaccard_distance(x, cams.astype(np.uint8), block_size=4096)):
+                ca_jaccard_distance(x, cameras.astype(np.uint8), block_size=4096)):
     np.testing.assert_array_equal(other.indptr, full.indptr)
     np.testing.assert_array_equal(other.indices, full.indices)
     np.testing.assert_array_equal(other.data, full.data)
@@ -219,10 +219,10 @@ def test_camera_ids_and_block_size_do_not_matter():
 def test_one_camera_uses_the_plain_list_twice():
   # One camera: intra and inter lists are both the plain kNN list, so Rk(i, k1_intra) lies
   # inside Rk(i, k1_inter) and k1_intra has no effect while k1_intra <= k1_inter.
-  x, cams, full, _ = _case("one_camera")
+  x, cameras, full, _ = _case("one_camera")
   _, ks, block = CASES["one_camera"]
   for k1_intra in (1, ks["k1_inter"]):
-    other = ca_jaccard_distance(x, cams, block_size=block, **dict(ks, k1_intra=k1_intra))
+    other = ca_jaccard_distance(x, cameras, block_size=block, **dict(ks, k1_intra=k1_intra))
     np.testing.assert_array_equal(other.indices, full.indices)
     np.testing.assert_array_equal(other.data, full.data)
   # A second camera changes the lists, hence the distance.
@@ -232,19 +232,19 @@ def test_one_camera_uses_the_plain_list_twice():
 
 def test_invalid_arguments():
   x = _signs(10, 16, 0)
-  cams = np.arange(10) % 3
+  cameras = np.arange(10) % 3
   with pytest.raises(ValueError, match="cameras"):
-    ca_jaccard_distance(x, cams[:9])
+    ca_jaccard_distance(x, cameras[:9])
   with pytest.raises(ValueError, match="cameras"):
-    ca_jaccard_distance(x, cams[:, None])
+    ca_jaccard_distance(x, cameras[:, None])
   with pytest.raises(ValueError, match="integer"):
-    ca_jaccard_distance(x, cams.astype(np.float32))
+    ca_jaccard_distance(x, cameras.astype(np.float32))
   for name in ("k1_intra", "k1_inter", "k2_intra", "k2_inter"):
     with pytest.raises(ValueError, match=name):
-      ca_jaccard_distance(x, cams, **{name: 0})
+      ca_jaccard_distance(x, cameras, **{name: 0})
   with pytest.raises(ValueError, match="max_distance"):
-    ca_jaccard_distance(x, cams, max_distance=-0.1)
+    ca_jaccard_distance(x, cameras, max_distance=-0.1)
   bad = x.copy()
   bad[0, 0] = np.inf
   with pytest.raises(ValueError):
-    ca_jaccard_distance(bad, cams)
+    ca_jaccard_distance(bad, cameras)

@@ -49,11 +49,11 @@ def test_round_trip_restores_every_leaf_exactly(tmp_path):
 def test_keeps_latest_and_best_map(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
   maps = {1: None, 2: 0.40, 3: None, 4: 0.55, 5: 0.50, 6: None}
-  for step, value in maps.items():
-    meta = {"epoch": step - 1}
+  for number, value in maps.items():
+    meta = {"epoch": number - 1}
     if value is not None:
       meta["metrics"] = {"mAP": value}
-    ckpt.save(step, _state(step), meta)
+    ckpt.save(number, _state(number), meta)
   ckpt.wait_until_finished()
   assert ckpt.numbers() == [4, 6]
   assert ckpt.best() == 4 and ckpt.latest() == 6
@@ -83,8 +83,8 @@ def test_missing_checkpoints_give_a_clear_error(tmp_path):
 
 def test_unknown_checkpoint_name_lists_every_accepted_form(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
-  for step in (1, 2):
-    ckpt.save(step, _state(step), {"epoch": step - 1})
+  for number in (1, 2):
+    ckpt.save(number, _state(number), {"epoch": number - 1})
   ckpt.wait_until_finished()
   with pytest.raises(CheckpointNameError) as info:
     _run_of(ckpt).reference("bset")

@@ -11,7 +11,7 @@ from ccreid_jax.data import datasets
 from ccreid_jax.data.datasets import DATASET_NAMES, DatasetError, load_dataset
 from ccreid_jax.data.synthetic import FAKE_TREE_CAMERAS, fake_tree_sizes, make_fake_tree
 
-# 0-based camera id of each raw camera, per dataset.
+# 0-based camera of each raw camera, per dataset.
 _ZERO_BASED = {
     "market1501": lambda c: c - 1,
     "dukemtmcreid": lambda c: c - 1,
@@ -35,20 +35,20 @@ def test_parses_every_layout(tmp_path, name):
   assert (len(ds.train), len(ds.query), len(ds.gallery)) == (
       sizes["train"], sizes["query"], sizes["gallery"])
 
-  cams = [_ZERO_BASED[name](c) for c in FAKE_TREE_CAMERAS[name]]
-  # Train: id 1+k has two images in each of cams[2k], cams[2k+1].
-  train = sorted((r.pid, r.camid) for r in ds.train)
-  expected = sorted([(1 + k, cams[2 * k + j]) for k in range(3) for j in (0, 1)] * 2)
+  cameras = [_ZERO_BASED[name](c) for c in FAKE_TREE_CAMERAS[name]]
+  # Train: identity 1+k has two images in each of cameras[2k], cameras[2k+1].
+  train = sorted((r.identity, r.camera) for r in ds.train)
+  expected = sorted([(1 + k, cameras[2 * k + j]) for k in range(3) for j in (0, 1)] * 2)
   assert train == expected
-  assert ds.num_train_pids == 3 and ds.num_train_cams == 6
-  assert sorted((r.pid, r.camid) for r in ds.query) == [(4, cams[0]), (5, cams[1])]
-  gallery = sorted((r.pid, r.camid) for r in ds.gallery if r.pid != 0)
-  assert gallery == [(4, cams[2])] * 2 + [(5, cams[3])] * 2
-  # Deterministic order, real files, every camid 0-based.
+  assert ds.num_train_identities == 3 and ds.num_train_cameras == 6
+  assert sorted((r.identity, r.camera) for r in ds.query) == [(4, cameras[0]), (5, cameras[1])]
+  gallery = sorted((r.identity, r.camera) for r in ds.gallery if r.identity != 0)
+  assert gallery == [(4, cameras[2])] * 2 + [(5, cameras[3])] * 2
+  # Deterministic order, real files, every camera 0-based.
   for split in (ds.train, ds.query, ds.gallery):
     assert [r.path for r in split] == sorted(r.path for r in split)
     assert all(os.path.isfile(r.path) for r in split)
-    assert all(0 <= r.camid for r in split)
+    assert all(0 <= r.camera for r in split)
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES)
@@ -66,24 +66,24 @@ def test_market_junk_dropped_and_distractors_in_gallery_only(tmp_path):
   assert "notes.txt" in on_disk
   ds = load_dataset("market1501", str(tmp_path))
   everything = ds.train + ds.query + ds.gallery
-  assert all(r.pid != -1 for r in everything)
-  assert all(r.pid != 0 for r in ds.train + ds.query)
-  distractors = [r for r in ds.gallery if r.pid == 0]
+  assert all(r.identity != -1 for r in everything)
+  assert all(r.identity != 0 for r in ds.train + ds.query)
+  distractors = [r for r in ds.gallery if r.identity == 0]
   assert len(distractors) == 2
-  assert sorted(r.camid for r in distractors) == [4, 5]
+  assert sorted(r.camera for r in distractors) == [4, 5]
 
 
-def test_pid_zero_is_an_ordinary_id_outside_market(tmp_path):
+def test_identity_zero_is_an_ordinary_identity_outside_market(tmp_path):
   folder = make_fake_tree(str(tmp_path), "msmt17")
   _tiny_jpeg(os.path.join(folder, "bounding_box_train", "0000_c3_9999.jpg"))
   ds = load_dataset("msmt17", str(tmp_path))
-  assert (0, 2) in {(r.pid, r.camid) for r in ds.train}
+  assert (0, 2) in {(r.identity, r.camera) for r in ds.train}
 
 
 def test_personx_camera_mapping(tmp_path):
   make_fake_tree(str(tmp_path), "personx")
   ds = load_dataset("personx", str(tmp_path))
-  by_name = {os.path.basename(r.path): r.camid for r in ds.train}
+  by_name = {os.path.basename(r.path): r.camera for r in ds.train}
   assert by_name["0001_c3_0000.jpg"] == 0
   assert by_name["0001_c4_0002.jpg"] == 1
   assert by_name["0002_c8_0004.jpg"] == 2
@@ -93,7 +93,7 @@ def test_personx_camera_mapping(tmp_path):
 def test_veri_three_digit_cameras(tmp_path):
   make_fake_tree(str(tmp_path), "veri776")
   ds = load_dataset("veri776", str(tmp_path))
-  by_name = {os.path.basename(r.path): (r.pid, r.camid) for r in ds.train}
+  by_name = {os.path.basename(r.path): (r.identity, r.camera) for r in ds.train}
   assert by_name["0003_c020_00010050_0.jpg"] == (3, 19)
 
 
@@ -101,18 +101,18 @@ def test_msmt_official_list_layout(tmp_path):
   folder = make_fake_tree(str(tmp_path), "msmt17", msmt_official=True)
   assert os.path.isfile(os.path.join(folder, "list_val.txt"))
   ds = load_dataset("msmt17", str(tmp_path))
-  cams = [c - 1 for c in FAKE_TREE_CAMERAS["msmt17"]]
+  cameras = [c - 1 for c in FAKE_TREE_CAMERAS["msmt17"]]
   assert len(ds.train) == 12 and len(ds.query) == 2 and len(ds.gallery) == 4
-  # Train is list_train.txt (ids 1, 2) plus list_val.txt (id 3).
-  assert sorted({r.pid for r in ds.train}) == [1, 2, 3]
-  assert sorted({r.camid for r in ds.train}) == sorted(cams)
+  # Train is list_train.txt (identities 1, 2) plus list_val.txt (identity 3).
+  assert sorted({r.identity for r in ds.train}) == [1, 2, 3]
+  assert sorted({r.camera for r in ds.train}) == sorted(cameras)
   assert all(f"{os.sep}train{os.sep}" in r.path for r in ds.train)
   assert all(f"{os.sep}test{os.sep}" in r.path for r in ds.query + ds.gallery)
   assert all(os.path.isfile(r.path) for r in ds.train + ds.query + ds.gallery)
-  assert sorted((r.pid, r.camid) for r in ds.query) == [(4, cams[0]), (5, cams[1])]
+  assert sorted((r.identity, r.camera) for r in ds.query) == [(4, cameras[0]), (5, cameras[1])]
   # The camera is the third '_' field of the official names.
   first = ds.train[0]
-  assert int(os.path.basename(first.path).split("_")[2]) - 1 == first.camid
+  assert int(os.path.basename(first.path).split("_")[2]) - 1 == first.camera
 
 
 def test_msmt_official_camera_out_of_range(tmp_path):
@@ -200,17 +200,17 @@ def test_only_image_extensions_are_read(tmp_path):
   with open(os.path.join(train, "0009_c1_f0000003.txt"), "w") as f:
     f.write("x")
   ds = load_dataset("dukemtmcreid", str(tmp_path))
-  assert len([r for r in ds.train if r.pid == 9]) == 2
+  assert len([r for r in ds.train if r.identity == 9]) == 2
 
 
-def test_benchmarks_have_evaluation_ids_and_cameras(tmp_path):
+def test_benchmarks_have_evaluation_identities_and_cameras(tmp_path):
   """What a run asks a dataset before it trains: a benchmark always has a query / gallery,
-  known train ids and cameras (a folder of own images may have none of them)."""
+  known train identities and cameras (a folder of own images may have none of them)."""
   make_fake_tree(str(tmp_path), "market1501", seed=0)
   ds = load_dataset("market1501", str(tmp_path))
-  assert ds.has_eval and ds.has_train_ids and ds.has_cameras and ds.camera_names == ()
+  assert ds.has_eval and ds.has_train_identities and ds.has_cameras and ds.camera_names == ()
   assert all(" - " not in line for line in ds.summary().splitlines()[2:])
   no_eval = datasets.ReidDataset("folder", str(tmp_path), ds.train, [], ds.gallery)
   assert not no_eval.has_eval
-  unknown = [datasets.Record(r.path, datasets.UNKNOWN_ID, r.camid) for r in ds.train]
-  assert not datasets.ReidDataset("folder", str(tmp_path), unknown, [], []).has_train_ids
+  unknown = [datasets.Record(r.path, datasets.UNKNOWN_IDENTITY, r.camera) for r in ds.train]
+  assert not datasets.ReidDataset("folder", str(tmp_path), unknown, [], []).has_train_identities

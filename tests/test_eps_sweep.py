@@ -42,8 +42,8 @@ def test_parse_eps():
 
 def test_label_row_by_hand():
   labels = np.array([0, 0, 1, -1, 1, 1, -1, 2, 2, 0])
-  ids = np.array([5, 5, 6, 6, 6, 6, 7, 8, 8, 5])
-  row = eps_sweep.label_row(labels, 0.5, ids)
+  identities = np.array([5, 5, 6, 6, 6, 6, 7, 8, 8, 5])
+  row = eps_sweep.label_row(labels, 0.5, identities)
   assert (row["clusters"], row["outliers"], row["largest_cluster"]) == (3, 2, 3)
   assert row["outlier_fraction"] == 0.2 and row["largest_share"] == 0.3
   assert 0 < row["ari"] < 1
@@ -59,8 +59,8 @@ def _expected_rows(features, data, config, eps_values):
   for eps in eps_values:
     cluster = config.cluster.copy_and_resolve_references()
     cluster.eps = eps
-    labels, _ = pseudo_labels.cluster_labels(features, data.train_cams, cluster, epoch=0)
-    rows.append(eps_sweep.label_row(labels, eps, data.train_ids))
+    labels, _ = pseudo_labels.cluster_labels(features, data.train_cameras, cluster, epoch=0)
+    rows.append(eps_sweep.label_row(labels, eps, data.train_identities))
   return rows
 
 
@@ -80,7 +80,7 @@ def test_sweep_equals_the_clustering_at_each_eps(tiny_market, tmp_path):
     expected = _expected_rows(features, data, config, eps_values)
     assert result["rows"] == expected
     assert (result["checkpoint"], result["epoch"], result["distance"]) == ("init", -1, distance)
-    assert result["num_train"] == data.num_train and result["has_train_ids"]
+    assert result["num_train"] == data.num_train and result["has_train_identities"]
     assert len({r["clusters"] for r in expected}) >= 3, expected  # a range of clusterings
     assert expected[0]["outliers"] > expected[-1]["outliers"]
     with open(os.path.join(out, "eps_sweep_init.json")) as f:

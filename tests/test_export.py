@@ -34,12 +34,25 @@ def test_export_round_trip(tmp_path):
   assert loaded.split == "query"
   assert loaded.features.dtype == np.float32
   np.testing.assert_array_equal(loaded.features, features.astype(np.float32))
-  np.testing.assert_array_equal(loaded.ids, [r.pid for r in records])
-  np.testing.assert_array_equal(loaded.cams, [r.camid for r in records])
+  np.testing.assert_array_equal(loaded.identities, [r.identity for r in records])
+  np.testing.assert_array_equal(loaded.cameras, [r.camera for r in records])
   assert loaded.paths.dtype.kind == "U"
   assert loaded.paths.tolist() == [r.path for r in records]
   with np.load(path, allow_pickle=False) as raw:
-    assert sorted(raw.files) == ["cams", "features", "ids", "paths", "split"]
+    assert sorted(raw.files) == ["cameras", "features", "identities", "paths", "split"]
+
+
+def test_a_file_with_the_old_keys_ids_and_cams_still_reads(tmp_path):
+  records = _records(3)
+  path = str(tmp_path / "old.npz")
+  np.savez(path, features=np.ones((3, 2), np.float32),
+           ids=np.array([r.identity for r in records], np.int64),
+           cams=np.array([r.camera for r in records], np.int64),
+           paths=np.array([r.path for r in records], np.str_), split=np.array("gallery", np.str_))
+  loaded = feature_files.read_features(path)
+  np.testing.assert_array_equal(loaded.identities, [r.identity for r in records])
+  np.testing.assert_array_equal(loaded.cameras, [r.camera for r in records])
+  assert loaded.split == "gallery" and loaded.paths.tolist() == [r.path for r in records]
 
 
 def test_export_keeps_the_given_name_and_rejects_bad_input(tmp_path):

@@ -28,18 +28,18 @@ from conftest import tiny_config
 # Market camera -> the camera folder / file-name camera of the copies. Sorted with numbers by
 # value: gate2 < gate10 < lobby (a plain string sort would put gate10 first).
 FOLDER_NAMES = {1: "gate10", 2: "lobby", 3: "gate2"}
-FOLDER_IDS = {"gate2": 0, "gate10": 1, "lobby": 2}
+FOLDER_CAMERAS = {"gate2": 0, "gate10": 1, "lobby": 2}
 REGEX_NAMES = {1: "10", 2: "7", 3: "2"}
-REGEX_IDS = {"2": 0, "7": 1, "10": 2}
+REGEX_CAMERAS = {"2": 0, "7": 1, "10": 2}
 
 
 def _market_files(root: str, split: str) -> list[tuple[str, int, int]]:
-  """``(path, id, camera)`` of a split of the tiny Market-1501 tree, sorted."""
+  """``(path, identity, camera)`` of a split of the tiny Market-1501 tree, sorted."""
   folder = os.path.join(root, "Market-1501-v15.09.15", split)
   out = []
   for name in sorted(os.listdir(folder)):
-    pid, rest = name.split("_c", 1)
-    out.append((os.path.join(folder, name), int(pid), int(rest[0])))
+    identity, rest = name.split("_c", 1)
+    out.append((os.path.join(folder, name), int(identity), int(rest[0])))
   return out
 
 
@@ -48,27 +48,27 @@ def _copy_train(tiny_market: str, dest: str, layout: str) -> dict[str, tuple[int
 
   ``layout``: "folder" (``<day>/<camera>/shot_N.jpg``, the camera at level 2), "regex"
   (``IMG_N_cam<camera>.jpeg``) or "none" (``a/b/<N>.jpg``, some upper-case ``.JPG``).
-  Returns ``{new path: (market id, market camera)}``.
+  Returns ``{new path: (market identity, market camera)}``.
   """
   copied = {}
-  for i, (path, pid, cam) in enumerate(_market_files(tiny_market, "bounding_box_train")):
+  for i, (path, identity, camera) in enumerate(_market_files(tiny_market, "bounding_box_train")):
     if layout == "folder":
-      new = os.path.join(dest, f"day{1 + i % 2}", FOLDER_NAMES[cam], f"shot_{i:03d}.jpg")
+      new = os.path.join(dest, f"day{1 + i % 2}", FOLDER_NAMES[camera], f"shot_{i:03d}.jpg")
     elif layout == "regex":
-      new = os.path.join(dest, f"IMG_{i:04d}_cam{REGEX_NAMES[cam]}.jpeg")
+      new = os.path.join(dest, f"IMG_{i:04d}_cam{REGEX_NAMES[camera]}.jpeg")
     else:
       new = os.path.join(dest, "a" if i % 3 else os.path.join("a", "b"),
                          f"{(i * 7919) % 1000:03d}_{i}.{'JPG' if i % 5 == 0 else 'jpg'}")
     os.makedirs(os.path.dirname(new), exist_ok=True)
     shutil.copyfile(path, new)
-    copied[new] = (pid, cam)
+    copied[new] = (identity, camera)
   return copied
 
 
 @pytest.fixture(scope="module")
 def own(tiny_market, tmp_path_factory):
   """``{layout: (root, copied)}`` for the three layouts, plus an evaluation set with its list
-  file (``"eval"``: (list path, [(split, path, id, market camera)]))."""
+  file (``"eval"``: (list path, [(split, path, identity, market camera)]))."""
   base = tmp_path_factory.mktemp("own")
   trees = {layout: (str(base / layout), _copy_train(tiny_market, str(base / layout), layout))
            for layout in ("folder", "regex", "none")}
@@ -77,14 +77,14 @@ def own(tiny_market, tmp_path_factory):
   lines = ["# labelled images of my own", ""]
   for split, source in (("query", "query"), ("gallery", "bounding_box_test")):
     os.makedirs(evalset / split)
-    for i, (path, pid, cam) in enumerate(_market_files(tiny_market, source)):
-      if pid < 0:
+    for i, (path, identity, camera) in enumerate(_market_files(tiny_market, source)):
+      if identity < 0:
         continue
       new = str(evalset / split / f"{i:03d}.jpg")
       shutil.copyfile(path, new)
       written = new if i % 4 == 0 else os.path.relpath(new, evalset)  # absolute or relative
-      lines.append(f"{split} {written} {pid} cam{cam}  # from {os.path.basename(path)}")
-      entries.append((split, new, pid, cam))
+      lines.append(f"{split} {written} {identity} cam{camera}  # from {os.path.basename(path)}")
+      entries.append((split, new, identity, camera))
   (evalset / "list.txt").write_text("\n".join(lines) + "\n")
   trees["eval"] = (str(evalset / "list.txt"), entries)
   return trees
@@ -109,9 +109,9 @@ def test_cameras_from_a_folder_level(own):
   assert sorted(r.path for r in ds.train) == sorted(copied)
   assert ds.camera_names == ("gate2", "gate10", "lobby") and ds.has_cameras
   for r in ds.train:
-    assert r.pid == datasets.UNKNOWN_ID
-    assert r.camid == FOLDER_IDS[FOLDER_NAMES[copied[r.path][1]]]
-  assert not ds.has_train_ids and not ds.has_eval and ds.query == [] and ds.gallery == []
+    assert r.identity == datasets.UNKNOWN_IDENTITY
+    assert r.camera == FOLDER_CAMERAS[FOLDER_NAMES[copied[r.path][1]]]
+  assert not ds.has_train_identities and not ds.has_eval and ds.query == [] and ds.gallery == []
   # Level 1 is the day folder: two "cameras".
   assert load_folder_dataset(root, cameras="folder").camera_names == ("day1", "day2")
 
@@ -120,7 +120,7 @@ def test_cameras_from_a_file_name_regex(own):
   root, copied = own["regex"]
   ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam(\d+)\.")
   assert ds.camera_names == ("2", "7", "10")
-  assert [r.camid for r in ds.train] == [REGEX_IDS[REGEX_NAMES[copied[r.path][1]]]
+  assert [r.camera for r in ds.train] == [REGEX_CAMERAS[REGEX_NAMES[copied[r.path][1]]]
                                          for r in ds.train]
   # Without a group the whole match names the camera.
   ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam\d+")
@@ -131,8 +131,8 @@ def test_no_cameras_every_image_is_camera_zero(own):
   root, copied = own["none"]
   ds = load_folder_dataset(root)
   assert sorted(r.path for r in ds.train) == sorted(copied)  # upper-case .JPG included
-  assert {r.camid for r in ds.train} == {0} and not ds.has_cameras and ds.camera_names == ()
-  assert ds.summary().splitlines()[2].split("|")[1:4:2] == ["     - ", "       -"]  # unknown
+  assert {r.camera for r in ds.train} == {0} and not ds.has_cameras and ds.camera_names == ()
+  assert ds.summary().splitlines()[2].split("|")[1:4:2] == ["          - ", "       -"]  # unknown
 
 
 def test_without_cameras_the_camera_aware_sampler_draws_plain_pk_batches():
@@ -163,8 +163,8 @@ def test_without_cameras_the_camera_aware_sampler_draws_plain_pk_batches():
   zeros = CameraAwarePKSampler(labels, np.zeros_like(labels), k, seed=seed)
   batches = [list(b) for b in zeros.batches(num_batches, batch_size)]
   assert batches == [[int(i) for i in b] for b in plain_pk()]
-  cams = CameraAwarePKSampler(labels, np.arange(labels.size) % 3, k, seed=seed)
-  assert [list(b) for b in cams.batches(num_batches, batch_size)] != batches
+  with_cameras = CameraAwarePKSampler(labels, np.arange(labels.size) % 3, k, seed=seed)
+  assert [list(b) for b in with_cameras.batches(num_batches, batch_size)] != batches
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,8 +295,9 @@ def test_unreadable_images_are_skipped_when_asked(tmp_path, own, caplog):
 def test_eval_list_gives_query_and_gallery(own):
   list_path, entries = own["eval"]
   query, gallery = read_eval_list(list_path)
-  cams = sorted({cam for *_, cam in entries})
-  expected = {s: [(p, pid, cams.index(cam)) for split, p, pid, cam in entries if split == s]
+  cameras = sorted({camera for *_, camera in entries})
+  expected = {s: [(p, identity, cameras.index(camera))
+                  for split, p, identity, camera in entries if split == s]
               for s in ("query", "gallery")}
   assert [tuple(r) for r in query] == expected["query"]
   assert [tuple(r) for r in gallery] == expected["gallery"]
@@ -311,7 +312,7 @@ def test_eval_list_malformed_lines_name_the_file_and_line(tmp_path):
     with pytest.raises(DatasetError) as info:
       read_eval_list(str(path))
     assert f"{path} line 4 is malformed" in str(info.value) and bad in str(info.value)
-    assert "query|gallery <path> <id> <camera>" in str(info.value)
+    assert "query|gallery <path> <identity> <camera>" in str(info.value)
   path.write_text("query a.jpg 1 c1\n")
   with pytest.raises(DatasetError, match="no gallery line"):
     read_eval_list(str(path))
@@ -344,9 +345,10 @@ def test_run_data_without_and_with_evaluation(own, tmp_path, tiny_market):
   config = _folder_config(root)
   data = loading.load_run_data(config, str(tmp_path / "w"), need_train=True)
   assert not data.has_eval and data.test_images is None
-  assert not data.has_train_ids and data.train_ids is None and not data.has_train_cams
+  assert not data.has_train_identities and data.train_identities is None
+  assert not data.has_train_cameras
   assert data.train_images.shape == (len(copied), 32, 16, 3)
-  assert np.all(data.train_cams == 0)
+  assert np.all(data.train_cameras == 0)
   with pytest.raises(ConfigError, match="config.eval.list"):
     loading.load_run_data(config, str(tmp_path / "w"), need_train=False)
 
@@ -404,12 +406,12 @@ def test_config_checks_of_the_folder_fields(own, tmp_path):
   config.eval.list = own["eval"][0]
   with pytest.raises(ConfigError, match="config.data.name='folder' only"):
     validate_config(config, num_devices=1)
-  config = _folder_config(root, cameras="cams", camera_folder_level=0)
+  config = _folder_config(root, cameras="cameras", camera_folder_level=0)
   config.eval.root = root
   with pytest.raises(ConfigError) as info:
     validate_config(config, num_devices=1)
   message = str(info.value)
-  assert "config.data.cameras = 'cams'" in message and "camera_folder_level = 0" in message
+  assert "config.data.cameras = 'cameras'" in message and "camera_folder_level = 0" in message
   assert "config.eval.root" in message
 
 
@@ -441,7 +443,7 @@ def _short_run(config, workdir):
 @pytest.mark.slow
 def test_training_on_camera_folders_with_an_eval_list(own, tmp_path):
   """Trains, evaluates on the list, and the eps sweep reads the checkpoint (no ARI: the
-  train ids are not known)."""
+  train identities are not known)."""
 
   root, copied = own["folder"]
   config = _folder_config(root, cameras="folder", camera_folder_level=2)
@@ -449,11 +451,11 @@ def test_training_on_camera_folders_with_an_eval_list(own, tmp_path):
   workdir = str(tmp_path / "run")
   results, record = _short_run(config, workdir)
   assert 0.0 <= results["mAP"] <= 1.0 and "mAP" in record
-  assert "cluster_ari" not in record  # the train ids are not known
+  assert "cluster_ari" not in record  # the train identities are not known
   assert "camera_ari" in record
   sweep = commands.sweep(config, workdir, [0.5, 0.6], checkpoint="latest", out=workdir)
   assert (sweep["checkpoint"], sweep["epoch"], sweep["num_train"]) == ("1", 0, len(copied))
-  assert not sweep["has_train_ids"] and all("ari" not in r for r in sweep["rows"])
+  assert not sweep["has_train_identities"] and all("ari" not in r for r in sweep["rows"])
   assert os.path.isfile(os.path.join(workdir, "eps_sweep_1.png"))
 
 

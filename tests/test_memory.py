@@ -130,7 +130,7 @@ def test_soft_loss_matches_numpy():
 
 
 def _label_orders():
-  pk = np.repeat(np.arange(4), 3)                       # PxK: 4 ids x 3 instances
+  pk = np.repeat(np.arange(4), 3)                       # PxK: 4 identities x 3 instances
   shuffled = np.random.default_rng(7).permutation(pk)
   repeated = np.array([2, 2, 0, 2, 1, 1, 2, 0, 0, 2, 3, 2])
   return {"pk": pk, "shuffled": shuffled, "repeated": repeated}

@@ -8,18 +8,19 @@ import reference_impls as ref
 from ccreid_jax.evaluation import evaluate_ranking, pairwise_distance
 
 
-def minp_by_definition(distmat, query_ids, gallery_ids, query_cams, gallery_cams):
+def minp_by_definition(distmat, query_identities, gallery_identities, query_cameras,
+                       gallery_cameras):
   """mINP straight from its definition, one query at a time, without sorting.
 
-  Per query: drop the gallery entries with its id and camera; skip it if no correct match is
-  left; INP = (correct matches) / (rank of the last correct match), where a tied rank counts
+  Per query: drop the gallery entries with its identity and camera; skip it if no correct match
+  is left; INP = (correct matches) / (rank of the last correct match), where a tied rank counts
   every kept entry at a distance <= the last correct match's (the AP code's tie rule).
   """
   inps = []
   for i in range(distmat.shape[0]):
-    kept = ~((gallery_ids == query_ids[i]) & (gallery_cams == query_cams[i]))
+    kept = ~((gallery_identities == query_identities[i]) & (gallery_cameras == query_cameras[i]))
     d = distmat[i][kept]
-    correct = gallery_ids[kept] == query_ids[i]
+    correct = gallery_identities[kept] == query_identities[i]
     if not correct.any():
       continue
     hardest = d[correct].max()
@@ -28,37 +29,38 @@ def minp_by_definition(distmat, query_ids, gallery_ids, query_cams, gallery_cams
 
 
 def test_hand_worked_example():
-  gallery_ids = np.array([1, 2, 1, 3, 1])
-  gallery_cams = np.array([0, 1, 1, 1, 1])
+  gallery_identities = np.array([1, 2, 1, 3, 1])
+  gallery_cameras = np.array([0, 1, 1, 1, 1])
   dist = np.array([
-      # Query id 1, cam 0: gallery 0 (same id, same cam) is dropped; the kept ranking is
-      # g1 (id 2), g2 (id 1), g3 (id 3), g4 (id 1): AP = (1/2 + 2/4) / 2 = 0.5, first hit 2,
-      # INP = 2 correct / last one at rank 4 = 0.5.
+      # Query identity 1, camera 0: gallery 0 (same identity, same camera) is dropped; the kept
+      # ranking is g1 (identity 2), g2 (identity 1), g3 (identity 3), g4 (identity 1):
+      # AP = (1/2 + 2/4) / 2 = 0.5, first hit 2, INP = 2 correct / last one at rank 4 = 0.5.
       [0.1, 0.2, 0.3, 0.4, 0.5],
-      # Query id 2, cam 0: g1 (id 2, cam 1) comes first: AP = 1, first hit 1, INP = 1.
+      # Query identity 2, camera 0: g1 (identity 2, camera 1) comes first: AP = 1, first hit 1,
+      # INP = 1.
       [0.5, 0.1, 0.2, 0.3, 0.4],
-      # Query id 9: no match anywhere, skipped.
+      # Query identity 9: no match anywhere, skipped.
       [0.1, 0.2, 0.3, 0.4, 0.5],
-      # Query id 3, cam 1: its only match (g3) has the same camera: skipped.
+      # Query identity 3, camera 1: its only match (g3) has the same camera: skipped.
       [0.4, 0.3, 0.2, 0.1, 0.5],
   ])
-  out = evaluate_ranking(dist, np.array([1, 2, 9, 3]), gallery_ids, np.array([0, 0, 0, 1]),
-                         gallery_cams, topk=(1, 2, 5))
+  out = evaluate_ranking(dist, np.array([1, 2, 9, 3]), gallery_identities, np.array([0, 0, 0, 1]),
+                         gallery_cameras, topk=(1, 2, 5))
   assert out == pytest.approx(
       {"mAP": 0.75, "mINP": 0.75, "rank1": 0.5, "rank2": 1.0, "rank5": 1.0})
 
 
 def test_tied_distances_follow_sklearn():
-  # Sorted: g2 (id 2) at 0.1, then g0 (id 1) and g1 (id 2) tied at 0.2. sklearn groups the
-  # tie into one threshold: the precision there is 1/3, so AP = 1/3 (not 1/2). The stable
-  # order puts g0 second: first correct match at rank 2.
+  # Sorted: g2 (identity 2) at 0.1, then g0 (identity 1) and g1 (identity 2) tied at 0.2.
+  # sklearn groups the tie into one threshold: the precision there is 1/3, so AP = 1/3 (not
+  # 1/2). The stable order puts g0 second: first correct match at rank 2.
   out = evaluate_ranking(np.array([[0.2, 0.2, 0.1]]), np.array([1]), np.array([1, 2, 2]),
                          np.array([0]), np.array([1, 1, 1]), topk=(1, 2))
   assert out["mAP"] == pytest.approx(1 / 3)
   assert out["rank1"] == 0.0 and out["rank2"] == 1.0
   # The one correct match ranks at the end of its tie group (3), as for AP: INP = 1/3.
   assert out["mINP"] == pytest.approx(1 / 3)
-  # Same-id same-camera entries inside a tie group are removed before grouping.
+  # Same-identity same-camera entries inside a tie group are removed before grouping.
   out = evaluate_ranking(np.array([[0.2, 0.2, 0.2, 0.1]]), np.array([1]),
                          np.array([1, 1, 2, 2]), np.array([0]), np.array([1, 0, 1, 1]))
   assert out["mAP"] == pytest.approx(1 / 3)
@@ -66,9 +68,10 @@ def test_tied_distances_follow_sklearn():
 
 
 def test_minp_hand_worked():
-  # One query (id 1, cam 0) against 6 entries, sorted by distance: g0 (id 1, cam 0: removed),
-  # g1 (id 1, cam 1: correct, rank 1), g2 (id 5), g3 (id 1, cam 2: correct, rank 3), g4 (id
-  # 6), g5 (id 1, cam 0: removed). INP = 2 / 3; AP = (1/1 + 2/3) / 2 = 5/6.
+  # One query (identity 1, camera 0) against 6 entries, sorted by distance: g0 (identity 1,
+  # camera 0: removed), g1 (identity 1, camera 1: correct, rank 1), g2 (identity 5), g3
+  # (identity 1, camera 2: correct, rank 3), g4 (identity 6), g5 (identity 1, camera 0:
+  # removed). INP = 2 / 3; AP = (1/1 + 2/3) / 2 = 5/6.
   dist = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
   out = evaluate_ranking(dist, np.array([1]), np.array([1, 1, 5, 1, 6, 1]), np.array([0]),
                          np.array([0, 1, 1, 2, 1, 0]))
@@ -94,19 +97,19 @@ def test_matches_loop_with_sklearn_ap(seed, block_elements):
   num_q, num_g = 40, 70
   levels = [3, 8, 1000][seed % 3]  # few distinct distances -> many ties
   dist = (rng.integers(0, levels, size=(num_q, num_g)) / levels).astype(np.float32)
-  q_ids, g_ids = rng.integers(0, 8, num_q), rng.integers(0, 8, num_g)
-  q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+  q_identities, g_identities = rng.integers(0, 8, num_q), rng.integers(0, 8, num_g)
+  q_cameras, g_cameras = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
   topk = (1, 3, 5, 10)
-  got = evaluate_ranking(dist, q_ids, g_ids, q_cams, g_cams, topk=topk,
+  got = evaluate_ranking(dist, q_identities, g_identities, q_cameras, g_cameras, topk=topk,
                          block_elements=block_elements)
-  want = ref.evaluate_loop(dist, q_ids, g_ids, q_cams, g_cams, topk=topk)
+  want = ref.evaluate_loop(dist, q_identities, g_identities, q_cameras, g_cameras, topk=topk)
   assert set(got) == {"mAP", "mINP", "rank1", "rank3", "rank5", "rank10"}
   for key in want:
     assert got[key] == pytest.approx(want[key], abs=1e-12), key
     assert isinstance(got[key], float)
   assert isinstance(got["mINP"], float)
   assert got["mINP"] == pytest.approx(
-      minp_by_definition(dist, q_ids, g_ids, q_cams, g_cams), abs=1e-12)
+      minp_by_definition(dist, q_identities, g_identities, q_cameras, g_cameras), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -116,30 +119,31 @@ def test_minp_matches_definition_with_ties_and_unmatched_queries(seed, block_ele
   num_q, num_g = 30, 50
   levels = [2, 4, 16, 10000][seed]  # few distinct distances -> many ties
   dist = (rng.integers(0, levels, size=(num_q, num_g)) / levels).astype(np.float32)
-  # Query ids 6 and 7 never occur in the gallery, and with 2 cameras many queries see their
-  # only matches removed: both kinds of query are skipped.
-  q_ids, g_ids = rng.integers(0, 8, num_q), rng.integers(0, 6, num_g)
-  q_cams, g_cams = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
-  got = evaluate_ranking(dist, q_ids, g_ids, q_cams, g_cams, block_elements=block_elements)
-  want = minp_by_definition(dist, q_ids, g_ids, q_cams, g_cams)
+  # Query identities 6 and 7 never occur in the gallery, and with 2 cameras many queries see
+  # their only matches removed: both kinds of query are skipped.
+  q_identities, g_identities = rng.integers(0, 8, num_q), rng.integers(0, 6, num_g)
+  q_cameras, g_cameras = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
+  got = evaluate_ranking(dist, q_identities, g_identities, q_cameras, g_cameras,
+                         block_elements=block_elements)
+  want = minp_by_definition(dist, q_identities, g_identities, q_cameras, g_cameras)
   assert got["mINP"] == pytest.approx(want, abs=1e-12)
-  assert (q_ids >= 6).any()
+  assert (q_identities >= 6).any()
 
 
 def test_queries_without_valid_match_are_skipped():
   rng = np.random.default_rng(0)
   dist = rng.random((6, 9))
-  q_ids, g_ids = rng.integers(0, 3, 6), rng.integers(0, 3, 9)
-  q_cams, g_cams = np.zeros(6, int), np.ones(9, int)
-  base = evaluate_ranking(dist, q_ids, g_ids, q_cams, g_cams)
-  # Extra queries: an unseen id, and an id whose only gallery match shares its camera.
-  g_ids2 = np.append(g_ids, 77)
-  g_cams2 = np.append(g_cams, 5)
-  # The new gallery entry (id 77) ranks last for the old queries: a trailing non-match
+  q_identities, g_identities = rng.integers(0, 3, 6), rng.integers(0, 3, 9)
+  q_cameras, g_cameras = np.zeros(6, int), np.ones(9, int)
+  base = evaluate_ranking(dist, q_identities, g_identities, q_cameras, g_cameras)
+  # Extra queries: an unseen identity, and an identity whose only gallery match shares its camera.
+  g_identities2 = np.append(g_identities, 77)
+  g_cameras2 = np.append(g_cameras, 5)
+  # The new gallery entry (identity 77) ranks last for the old queries: a trailing non-match
   # changes neither their AP nor their CMC.
   dist2 = np.vstack([np.hstack([dist, np.full((6, 1), 10.0)]), rng.random((2, 10))])
-  out = evaluate_ranking(dist2, np.append(q_ids, [99, 77]), g_ids2, np.append(q_cams, [0, 5]),
-                         g_cams2)
+  out = evaluate_ranking(dist2, np.append(q_identities, [99, 77]), g_identities2,
+                         np.append(q_cameras, [0, 5]), g_cameras2)
   assert out == pytest.approx(base)
 
 

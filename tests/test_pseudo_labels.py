@@ -54,14 +54,14 @@ def _clustered(seed=0, n=60):
 def test_pseudo_label_plan_and_reliability_threshold_handed_on():
   """The plan's labels are the clustering's; the reliability threshold computed in the first
   epoch is handed to the next one, which reuses it instead of computing its own."""
-  features, ids = _clustered()
+  features, identities = _clustered()
   config = tiny_config("unused")
   config.cluster.k1, config.cluster.k2 = 10, 3
   config.cluster.reliable = True
   config.cluster.eps_tight, config.cluster.eps, config.cluster.eps_loose = 0.5, 0.55, 0.6
   config.rlcc.outliers_as_singletons = True
   first = pseudo_labels.pseudo_label(features, np.zeros(60, int), config, epoch=0,
-                                     previous=None, true_ids=ids)
+                                     previous=None, true_identities=identities)
   distance = clustering.jaccard_distance(features, k1=10, k2=3, max_distance=0.6)
   labels, threshold = clustering.reliable_dbscan_labels(distance, eps=(0.5, 0.55, 0.6))
   np.testing.assert_array_equal(first.labels, labels)
@@ -79,11 +79,11 @@ def test_pseudo_label_plan_and_reliability_threshold_handed_on():
 
 def test_camera_stats_by_hand():
   labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, -1, -1])
-  cams = np.array([0, 0, 0, 1, 2, 3, 3, 3, 1, 0, 1])
-  stats = pseudo_labels.camera_stats(labels, cams)
+  cameras = np.array([0, 0, 0, 1, 2, 3, 3, 3, 1, 0, 1])
+  stats = pseudo_labels.camera_stats(labels, cameras)
   # Classes of two or more: 0 (one camera), 1 (two cameras), 2 (one camera); 3 is a singleton.
   assert stats["one_camera_clusters"] == pytest.approx(2 / 3)
   from sklearn.metrics import adjusted_rand_score
-  assert stats["camera_ari"] == pytest.approx(adjusted_rand_score(cams, labels))
+  assert stats["camera_ari"] == pytest.approx(adjusted_rand_score(cameras, labels))
   assert np.isnan(pseudo_labels.camera_stats(np.array([-1, 0]), np.array([0, 1]))[
       "one_camera_clusters"])

@@ -54,8 +54,9 @@ def test_resume_on_another_training_set_is_refused(one_epoch_run, tiny_market, t
   config.train.epochs = 2
   # Fewer images: refused, even with --force (the saved labels have one entry per image).
   smaller = str(tmp_path / "smaller")
-  synthetic.generate_market_dataset(smaller, num_train_ids=12, num_test_ids=8, num_cams=3,
-                                    images_per_cam=(2, 3), height=64, width=32, seed=0)
+  synthetic.generate_market_dataset(smaller, num_train_identities=12, num_test_identities=8,
+                                    num_cameras=3, images_per_camera=(2, 3), height=64, width=32,
+                                    seed=0)
   config.data.root = smaller
   for force in (False, True):
     with pytest.raises(train.TrainingSetChanged, match="differs from the one this run"):

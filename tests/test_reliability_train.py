@@ -189,12 +189,12 @@ def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
   ckpt = Checkpointer(folder, read_only=True)
   with pytest.raises(CheckpointError, match=r"--checkpoint=1 \(kept: \[1\]\)"):
     ckpt.read_meta(2)
-  assert ckpt.best() == 1  # the unreadable step is left out, with a warning
+  assert ckpt.best() == 1  # the unreadable checkpoint is left out, with a warning
 
 
 def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run, tiny_market,
                                                                   tmp_path):
-  """A run killed while orbax wrote step 2 leaves ``2.orbax-checkpoint-tmp-*`` behind."""
+  """A run killed while orbax wrote checkpoint 2 leaves ``2.orbax-checkpoint-tmp-*`` behind."""
   workdir = copy_run(one_epoch_run, tmp_path)
   folder = os.path.join(workdir, "checkpoints")
   partial = os.path.join(folder, "2.orbax-checkpoint-tmp-1700000000000000")

@@ -48,24 +48,24 @@ def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
   return final[:, num_q:]
 
 
-def clustered(num_ids, per_id, dim, noise, seed, duplicates=0):
+def clustered(num_identities, per_identity, dim, noise, seed, duplicates=0):
   """Unit features around random identity centres; ``duplicates`` exact copies appended."""
   rng = np.random.default_rng(seed)
-  centres = rng.normal(size=(num_ids, dim))
-  ids = np.repeat(np.arange(num_ids), per_id)
-  x = centres[ids] + noise * rng.normal(size=(ids.size, dim))
+  centres = rng.normal(size=(num_identities, dim))
+  identities = np.repeat(np.arange(num_identities), per_identity)
+  x = centres[identities] + noise * rng.normal(size=(identities.size, dim))
   if duplicates:
-    pick = rng.choice(ids.size, duplicates, replace=False)
+    pick = rng.choice(identities.size, duplicates, replace=False)
     x = np.concatenate([x, x[pick]])
-    ids = np.concatenate([ids, ids[pick]])
+    identities = np.concatenate([identities, identities[pick]])
   x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-  return x, ids
+  return x, identities
 
 
-def split(x, ids, num_q, seed):
-  perm = np.random.default_rng(seed).permutation(len(ids))
+def split(x, identities, num_q, seed):
+  perm = np.random.default_rng(seed).permutation(len(identities))
   q, g = perm[:num_q], perm[num_q:]
-  return x[q], ids[q], x[g], ids[g]
+  return x[q], identities[q], x[g], identities[g]
 
 
 @pytest.mark.parametrize("k1,k2,lambda_value,duplicates", [
@@ -75,8 +75,9 @@ def split(x, ids, num_q, seed):
     (9, 4, 0.3, 12),  # exact duplicate features: ties broken by index in both
 ])
 def test_matches_loop_transcription(k1, k2, lambda_value, duplicates):
-  x, ids = clustered(num_ids=25, per_id=8, dim=16, noise=0.7, seed=k1, duplicates=duplicates)
-  qf, _, gf, _ = split(x, ids, 50, seed=k2)
+  x, identities = clustered(num_identities=25, per_identity=8, dim=16, noise=0.7, seed=k1,
+                            duplicates=duplicates)
+  qf, _, gf, _ = split(x, identities, 50, seed=k2)
   q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf),
                    pairwise_distance(gf, gf))
   got = rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
@@ -86,16 +87,16 @@ def test_matches_loop_transcription(k1, k2, lambda_value, duplicates):
 
 
 def test_more_neighbours_than_samples_uses_whole_rows():
-  x, ids = clustered(num_ids=3, per_id=4, dim=8, noise=0.5, seed=3)
-  qf, _, gf, _ = split(x, ids, 4, seed=0)
+  x, identities = clustered(num_identities=3, per_identity=4, dim=8, noise=0.5, seed=3)
+  qf, _, gf, _ = split(x, identities, 4, seed=0)
   args = (pairwise_distance(qf, gf), pairwise_distance(qf, qf), pairwise_distance(gf, gf))
   np.testing.assert_allclose(rerank(*args, k1=20, k2=30), loop_rerank(*args, k1=20, k2=30),
                              rtol=0, atol=1e-5)
 
 
 def test_lambda_one_is_the_normalised_original_distance():
-  x, ids = clustered(num_ids=6, per_id=5, dim=8, noise=0.5, seed=1)
-  qf, _, gf, _ = split(x, ids, 7, seed=1)
+  x, identities = clustered(num_identities=6, per_identity=5, dim=8, noise=0.5, seed=1)
+  qf, _, gf, _ = split(x, identities, 7, seed=1)
   q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf),
                    pairwise_distance(gf, gf))
   got = rerank(q_g, q_q, g_g, k1=5, k2=2, lambda_value=1.0)
@@ -107,20 +108,21 @@ def test_lambda_one_is_the_normalised_original_distance():
 def test_rerank_improves_map_on_clustered_data():
   """Identities spread along curved manifolds: neighbours-of-neighbours fix plain L2."""
   rng = np.random.default_rng(0)
-  num_ids, per_id, dim = 40, 12, 32
-  ids = np.repeat(np.arange(num_ids), per_id)
+  num_identities, per_identity, dim = 40, 12, 32
+  identities = np.repeat(np.arange(num_identities), per_identity)
   # Each identity is a random arc: the far ends of an arc are farther apart than the
   # nearest points of other arcs, but linked through the arc's middle.
-  starts = rng.normal(size=(num_ids, dim))
-  ends = rng.normal(size=(num_ids, dim))
-  t = rng.uniform(0, 1, size=ids.size)[:, None]
-  x = (1 - t) * starts[ids] + t * ends[ids] + 0.35 * rng.normal(size=(ids.size, dim))
+  starts = rng.normal(size=(num_identities, dim))
+  ends = rng.normal(size=(num_identities, dim))
+  t = rng.uniform(0, 1, size=identities.size)[:, None]
+  x = ((1 - t) * starts[identities] + t * ends[identities]
+       + 0.35 * rng.normal(size=(identities.size, dim)))
   x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-  cams = rng.integers(0, 4, size=ids.size)
-  perm = rng.permutation(ids.size)
+  cameras = rng.integers(0, 4, size=identities.size)
+  perm = rng.permutation(identities.size)
   q, g = perm[:80], perm[80:]
   q_g = pairwise_distance(x[q], x[g])
-  args = (ids[q], ids[g], cams[q], cams[g])
+  args = (identities[q], identities[g], cameras[q], cameras[g])
   plain = evaluate_ranking(q_g, *args)
   reranked = evaluate_ranking(
       rerank(q_g, pairwise_distance(x[q], x[q]), pairwise_distance(x[g], x[g]), k1=10, k2=3),

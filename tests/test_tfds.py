@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _folder_records(dataset) -> dict[str, list[tuple[str, int, int]]]:
   """The folder loader's records per split, with paths relative to the dataset folder."""
-  return {split: [(os.path.relpath(r.path, dataset.root).replace(os.sep, "/"), r.pid, r.camid)
-                  for r in getattr(dataset, split)] for split in tfds_data.SPLITS}
+  return {split: [(os.path.relpath(r.path, dataset.root).replace(os.sep, "/"), r.identity,
+                   r.camera) for r in getattr(dataset, split)] for split in tfds_data.SPLITS}
 
 
 def _tfds_records(dataset) -> dict[str, list[tuple[str, int, int]]]:
@@ -263,6 +263,7 @@ def test_tfds_data_source_by_name_reads_the_build(tiny_market, market_build):
   source = tfds.data_source("ccreid_market1501", split="gallery", data_dir=market_build,
                             decoders={"image": tfds.decode.SkipDecoding()})
   folder = _folder_records(load_dataset("market1501", tiny_market))["gallery"]
+  # The stored feature names stay those of the first builds ("pid", "camid"; tfds_data.py).
   got = [(r["path"].decode(), int(r["pid"]), int(r["camid"])) for r in
          (source[i] for i in range(len(source)))]
   assert got == folder

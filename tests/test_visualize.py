@@ -33,13 +33,15 @@ def _thumb_colour(image, row, column):
 
 # A hand-made problem: two queries, five gallery images each of one solid colour.
 GALLERY_COLOURS = [(10, 0, 0), (20, 0, 0), (30, 0, 0), (40, 0, 0), (50, 0, 0)]
-QUERY_IDS, QUERY_CAMS = [1, 3], [0, 2]
-GALLERY_IDS = [1, 2, 1, 3, 3]
-GALLERY_CAMS = [0, 1, 1, 2, 0]
+QUERY_IDENTITIES, QUERY_CAMERAS = [1, 3], [0, 2]
+GALLERY_IDENTITIES = [1, 2, 1, 3, 3]
+GALLERY_CAMERAS = [0, 1, 1, 2, 0]
 DISTMAT = np.array([
-    # q0 (id 1, cam 0): g0 is closest but has the query's id and camera: it must be skipped.
+    # q0 (identity 1, camera 0): g0 is closest but has the query's identity and camera: it must
+    # be skipped.
     [0.0, 0.1, 0.2, 0.3, 0.4],
-    # q1 (id 3, cam 2): g3 (same id and camera) skipped; g4 (same id, other camera) is rank 1.
+    # q1 (identity 3, camera 2): g3 (same identity and camera) skipped; g4 (same identity, other
+    # camera) is rank 1.
     [0.5, 0.4, 0.3, 0.0, 0.1],
 ], np.float32)
 
@@ -47,8 +49,9 @@ DISTMAT = np.array([
 def _problem_image(topk=3, query_indices=(0, 1), gallery=None):
   gallery = [_solid(c) for c in GALLERY_COLOURS] if gallery is None else gallery
   return vis.rank_list_image(
-      [_solid((0, 0, 200)), _solid((0, 0, 100))], QUERY_IDS, QUERY_CAMS, gallery, GALLERY_IDS,
-      GALLERY_CAMS, DISTMAT, query_indices=list(query_indices), topk=topk, thumb=THUMB)
+      [_solid((0, 0, 200)), _solid((0, 0, 100))], QUERY_IDENTITIES, QUERY_CAMERAS, gallery,
+      GALLERY_IDENTITIES, GALLERY_CAMERAS, DISTMAT, query_indices=list(query_indices), topk=topk,
+      thumb=THUMB)
 
 
 def test_rank_list_size_is_exact():
@@ -61,17 +64,19 @@ def test_rank_list_size_is_exact():
 
 def test_rank_list_frames_order_and_same_camera_filtering():
   image = _problem_image()
-  # Query 0 (id 1, cam 0): g0 removed; then g1 (id 2: wrong), g2 (id 1: right), g3 (wrong).
+  # Query 0 (identity 1, camera 0): g0 removed; then g1 (identity 2: wrong), g2 (identity 1:
+  # right), g3 (wrong).
   assert _frame_colour(image, 0, 0) == vis.QUERY
   assert _thumb_colour(image, 0, 0) == (0, 0, 200)
   assert [_thumb_colour(image, 0, c) for c in (1, 2, 3)] == [
       GALLERY_COLOURS[1], GALLERY_COLOURS[2], GALLERY_COLOURS[3]]
   assert [_frame_colour(image, 0, c) for c in (1, 2, 3)] == [vis.WRONG, vis.CORRECT, vis.WRONG]
-  # Query 1 (id 3, cam 2): g3 removed; g4 (id 3, cam 0: right), g2 (wrong), g1 (wrong).
+  # Query 1 (identity 3, camera 2): g3 removed; g4 (identity 3, camera 0: right), g2 (wrong), g1
+  # (wrong).
   assert [_thumb_colour(image, 1, c) for c in (1, 2, 3)] == [
       GALLERY_COLOURS[4], GALLERY_COLOURS[2], GALLERY_COLOURS[1]]
   assert [_frame_colour(image, 1, c) for c in (1, 2, 3)] == [vis.CORRECT, vis.WRONG, vis.WRONG]
-  # The skipped same-id-same-camera image appears nowhere in its query's row.
+  # The skipped same-identity-same-camera image appears nowhere in its query's row.
   pixels = np.asarray(image)
   row0 = pixels[:ROW]
   assert not np.all(row0 == GALLERY_COLOURS[0], axis=-1).any()
@@ -82,7 +87,7 @@ def test_rank_list_frames_order_and_same_camera_filtering():
 def test_rank_list_leaves_slots_blank_when_few_entries_are_kept():
   # Query 0 keeps 4 of the 5 gallery images; slot 5 of topk=5 stays background.
   image = _problem_image(topk=5, query_indices=[0])
-  assert _frame_colour(image, 0, 4) == vis.WRONG  # g4: id 3.
+  assert _frame_colour(image, 0, 4) == vis.WRONG  # g4: identity 3.
   assert _frame_colour(image, 0, 5) == vis.BACKGROUND
   assert _thumb_colour(image, 0, 5) == vis.BACKGROUND
 
@@ -90,7 +95,7 @@ def test_rank_list_leaves_slots_blank_when_few_entries_are_kept():
 def test_rank_list_ties_keep_gallery_order():
   order = vis.ranked_gallery(np.array([0.5, 0.1, 0.1, 0.1]), 7, 0, np.array([1, 2, 7, 3]),
                              np.array([0, 0, 0, 1]), topk=3)
-  assert order.tolist() == [1, 3, 0]  # g2 (same id and camera) removed; ties by index.
+  assert order.tolist() == [1, 3, 0]  # g2 (same identity and camera) removed; ties by index.
 
 
 def test_rank_list_reads_files_and_draws_unreadable_ones_grey(tmp_path):
@@ -119,24 +124,26 @@ def test_save_rank_list_and_records_helper(tmp_path):
   query_paths = [str(tmp_path / "q0.png"), str(tmp_path / "q1.png")]
   Image.fromarray(_solid((0, 0, 200))).save(query_paths[0])
   Image.fromarray(_solid((0, 0, 100))).save(query_paths[1])
-  query = [Record(p, i, c) for p, i, c in zip(query_paths, QUERY_IDS, QUERY_CAMS)]
-  gallery = [Record(p, i, c) for p, i, c in zip(gallery_paths, GALLERY_IDS, GALLERY_CAMS)]
+  query = [Record(p, i, c) for p, i, c in zip(query_paths, QUERY_IDENTITIES, QUERY_CAMERAS)]
+  gallery = [Record(p, i, c)
+             for p, i, c in zip(gallery_paths, GALLERY_IDENTITIES, GALLERY_CAMERAS)]
   image = vis.rank_list_from_records(query, gallery, DISTMAT, query_indices=[0, 1], topk=3,
                                      thumb=THUMB)
   np.testing.assert_array_equal(np.asarray(image), np.asarray(_problem_image()))
 
   out = tmp_path / "sub" / "ranklist.png"
-  saved = vis.save_rank_list(str(out), [_solid((0, 0, 200)), _solid((0, 0, 100))], QUERY_IDS,
-                             QUERY_CAMS, [_solid(c) for c in GALLERY_COLOURS], GALLERY_IDS,
-                             GALLERY_CAMS, DISTMAT, query_indices=[0, 1], topk=3, thumb=THUMB)
+  saved = vis.save_rank_list(str(out), [_solid((0, 0, 200)), _solid((0, 0, 100))],
+                             QUERY_IDENTITIES, QUERY_CAMERAS,
+                             [_solid(c) for c in GALLERY_COLOURS], GALLERY_IDENTITIES,
+                             GALLERY_CAMERAS, DISTMAT, query_indices=[0, 1], topk=3, thumb=THUMB)
   with Image.open(out) as reread:
     np.testing.assert_array_equal(np.asarray(reread.convert("RGB")), np.asarray(saved))
 
 
 def test_rank_list_rejects_inconsistent_inputs():
   with pytest.raises(ValueError, match="distmat"):
-    vis.rank_list_image([_solid(0)] * 2, QUERY_IDS, QUERY_CAMS, [_solid(0)] * 5, GALLERY_IDS,
-                        GALLERY_CAMS, DISTMAT.T, query_indices=[0])
+    vis.rank_list_image([_solid(0)] * 2, QUERY_IDENTITIES, QUERY_CAMERAS, [_solid(0)] * 5,
+                        GALLERY_IDENTITIES, GALLERY_CAMERAS, DISTMAT.T, query_indices=[0])
   with pytest.raises(ValueError, match="out of range"):
     _problem_image(query_indices=[2])
 
@@ -144,7 +151,7 @@ def test_rank_list_rejects_inconsistent_inputs():
 def test_search_rank_list_draws_the_given_order_unfiltered_and_unmarked():
   queries = [_solid((0, 0, 200)), _solid((0, 0, 100))]
   gallery = [_solid(c) for c in GALLERY_COLOURS]
-  # Row 0 includes g0, which rank_list_image would drop (the query's id and camera).
+  # Row 0 includes g0, which rank_list_image would drop (the query's identity and camera).
   indices = np.array([[0, 3, 1], [4, 4, 2]])
   distances = np.array([[0.0, 0.25, 0.5], [0.125, 0.125, 1.75]])
   image = vis.search_rank_list_image(queries, gallery, indices, distances, thumb=THUMB)

@@ -4,7 +4,7 @@ Source: Chen et al., "CA-Jaccard: Camera-aware Jaccard Distance for Person Re-id
 CVPR 2024; code ``chenyiyuu/CA-Jaccard``, ``caj/utils/caj_rerank.py`` (``--ckrnns --clqe``).
 It is the k-reciprocal Jaccard distance of ``jaccard.py`` (docs/algorithms.md section 5) with
 camera-aware neighbour sets and query expansion. Given L2-normalised features ``x`` (N x D), one
-camera id per row, and the float32 distance ``d(i, j) = 2 - 2 x_i.x_j``:
+camera per row, and the float32 distance ``d(i, j) = 2 - 2 x_i.x_j``:
 
 1. Ranking lists of ``i`` over all N points. ``S(i)``: the points of i's camera (i included),
    ``O(i)``: all other points, each ordered by ``d(i, .)``, equal distances by increasing index.
@@ -70,7 +70,7 @@ __all__ = ["ca_jaccard_distance", "ca_jaccard_from_lists", "camera_ranking_lists
 
 
 @functools.partial(jax.jit, static_argnames=("block", "k_same", "k_other"))
-def _camera_knn_block(x: jax.Array, cams: jax.Array, start: jax.Array, *, block: int,
+def _camera_knn_block(x: jax.Array, cameras: jax.Array, start: jax.Array, *, block: int,
                       k_same: int, k_other: int) -> tuple[jax.Array, ...]:
   """Heads of ``S(i)`` and ``O(i)`` for the ``block`` query rows starting at ``start``.
 
@@ -81,9 +81,9 @@ def _camera_knn_block(x: jax.Array, cams: jax.Array, start: jax.Array, *, block:
   does).
   """
   query = jax.lax.dynamic_slice_in_dim(x, start, block)
-  query_cams = jax.lax.dynamic_slice_in_dim(cams, start, block)
+  query_cameras = jax.lax.dynamic_slice_in_dim(cameras, start, block)
   key = 2.0 * jnp.matmul(query, x.T, precision=jax.lax.Precision.HIGHEST) - 2.0
-  same = query_cams[:, None] == cams[None, :]
+  same = query_cameras[:, None] == cameras[None, :]
   masked = jnp.float32(-jnp.inf)
   same_key, same_idx = jax.lax.top_k(jnp.where(same, key, masked), k_same)
   other_key, other_idx = jax.lax.top_k(jnp.where(same, masked, key), k_other)
@@ -91,14 +91,14 @@ def _camera_knn_block(x: jax.Array, cams: jax.Array, start: jax.Array, *, block:
 
 
 def check_cameras(cameras, n: int) -> np.ndarray:
-  """Camera ids as consecutive int32 codes 0..C-1 (any integer labels are accepted)."""
-  cams = np.asarray(cameras)
-  if cams.shape != (n,):
-    raise ValueError(f"cameras must be a 1-D array with one camera id per feature row "
-                     f"(shape ({n},)), got shape {cams.shape}.")
-  if not np.issubdtype(cams.dtype, np.integer):
-    raise ValueError(f"cameras must hold integer camera ids, got dtype {cams.dtype}.")
-  return np.unique(cams, return_inverse=True)[1].reshape(n).astype(np.int32)
+  """Cameras as consecutive int32 codes 0..C-1 (any integer labels are accepted)."""
+  cameras = np.asarray(cameras)
+  if cameras.shape != (n,):
+    raise ValueError(f"cameras must be a 1-D array with one camera per feature row "
+                     f"(shape ({n},)), got shape {cameras.shape}.")
+  if not np.issubdtype(cameras.dtype, np.integer):
+    raise ValueError(f"cameras must be integers, got dtype {cameras.dtype}.")
+  return np.unique(cameras, return_inverse=True)[1].reshape(n).astype(np.int32)
 
 
 def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int,
@@ -118,12 +118,12 @@ def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter
   k_same, k_other = max(k_same, 1), max(k_other, 1)  # one camera: O(i) is empty, unused
   block = min(int(block_size), n)
   x_dev = jax.device_put(x)
-  cams_dev = jax.device_put(codes)
+  cameras_dev = jax.device_put(codes)
   same_key, same_idx, other_key, other_idx = jaccard_lib.map_row_blocks(
       n, block, lambda first_row: _camera_knn_block(
-          x_dev, cams_dev, first_row, block=block, k_same=k_same, k_other=k_other),
+          x_dev, cameras_dev, first_row, block=block, k_same=k_same, k_other=k_other),
       (np.float32, np.int64, np.float32, np.int64))
-  del x_dev, cams_dev
+  del x_dev, cameras_dev
   same_dist = np.float32(0.0) - same_key  # 0 - key: +0.0, never -0.0, as in knn
   other_dist = np.float32(0.0) - other_key
 
@@ -131,10 +131,10 @@ def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter
   inter_idx = np.empty((n, inter_len), dtype=np.int64)
   intra_dist = np.empty((n, intra_len), dtype=np.float32)
   inter_dist = np.empty((n, inter_len), dtype=np.float32)
-  for cam_size in np.unique(size):  # rows of equal camera size share the list layout
-    rows = np.flatnonzero(size == cam_size)
-    a = min(intra_len, int(cam_size))  # S(i) entries at the head of the intra list
-    b = min(inter_len, n - int(cam_size))  # O(i) entries at the head of the inter list
+  for camera_size in np.unique(size):  # rows of equal camera size share the list layout
+    rows = np.flatnonzero(size == camera_size)
+    a = min(intra_len, int(camera_size))  # S(i) entries at the head of the intra list
+    b = min(inter_len, n - int(camera_size))  # O(i) entries at the head of the inter list
     for out_idx, out_dist, first, second, split, length in (
         (intra_idx, intra_dist, (same_idx, same_dist), (other_idx, other_dist), a, intra_len),
         (inter_idx, inter_dist, (other_idx, other_dist), (same_idx, same_dist), b, inter_len)):
@@ -183,7 +183,7 @@ def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: 
 
   Args:
     features: (N, D) L2-normalised features (cast to float32).
-    cameras: (N,) integer camera ids, any values (only equality matters).
+    cameras: (N,) integer cameras, any values (only equality matters).
     k1_intra: k of the k-reciprocal set on the intra-camera lists (list head of
       ``k1_intra + 1`` entries, self included).
     k1_inter: k of the k-reciprocal set on the inter-camera lists.

@@ -12,10 +12,10 @@ the clustering. Other files and names starting with "." are ignored. Cameras are
 * ``data.cameras = "regex"``: group 1 of the first match of ``data.camera_regex`` in the file
   name (default ``c(\\d+)``: ``0001_c3_17.jpg`` is camera "3").
 
-Camera names become ids 0, 1, ... in sorted order (numbers by value), logged at the start.
+Camera names become camera numbers 0, 1, ... in sorted order (numbers by value), logged at the start.
 
 Evaluation is optional: ``eval.list`` names a list file of labelled images, one per line
-``query|gallery <path> <id> <camera>`` (paths relative to the list file's folder; ``#``
+``query|gallery <path> <identity> <camera>`` (paths relative to the list file's folder; ``#``
 comments), or ``eval.dataset`` / ``eval.root`` a labelled dataset in a known layout. Images
 the list names are left out of training. Without either, the run trains without evaluation.
 

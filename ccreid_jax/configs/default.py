@@ -49,8 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = train = ml_collections.ConfigDict()
   train.epochs = 50  # Training epochs (one clustering per epoch).
   train.iters = 200  # Train steps per epoch (200 Market/Duke, 400 MSMT17/VeRi).
-  train.batch_size = 256  # Global batch: P pseudo-ids x num_instances images.
-  train.num_instances = 16  # K images per pseudo-id in a batch.
+  train.batch_size = 256  # Global batch: P pseudo identities x num_instances images.
+  train.num_instances = 16  # K images per pseudo identity in a batch.
   train.log_every = 50  # Fetch metrics from the device every this many steps.
   train.eval_every = 10  # Evaluate on query/gallery every this many epochs (and at the end).
   train.eval_initial = False  # Also evaluate the initial features before the first epoch.
@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.rerank_lambda = 0.3  # Weight of the original distance in the re-ranked one.
   ev.dataset = ""  # Evaluate on this dataset's query/gallery (cross-domain); "" = data.name.
   ev.root = ""  # Root folder of eval.dataset; "" = data.root.
-  ev.list = ""  # data.name="folder": query/gallery list file, lines "query|gallery <path> <id> <camera>"; "" = none.
+  ev.list = ""  # data.name="folder": query/gallery list file, lines "query|gallery <path> <identity> <camera>"; "" = none.
 
   config.log = log = ml_collections.ConfigDict()
   log.progress = True  # tqdm progress bars (quiet automatically when not a terminal).

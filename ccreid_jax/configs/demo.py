@@ -5,7 +5,7 @@ layout, so the same loader that reads real Market-1501 reads it.
 
 Differences from the published recipe, all for a 2-core CPU and a randomly initialised
 network, so the demo needs no download: a ResNet-18 at half width on 128x64 images, batches
-of 8 pseudo-ids x 8 images, 15 short epochs, and tighter clustering (k1 15, eps 0.5). With
+of 8 pseudo identities x 8 images, 15 short epochs, and tighter clustering (k1 15, eps 0.5). With
 random-init features the published k1 30 / eps 0.6 merge identities into large impure
 clusters (purity 0.19 on the demo data vs 0.64).
 """

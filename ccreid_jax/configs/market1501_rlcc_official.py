@@ -10,7 +10,7 @@ docs/algorithms.md sections 6, 8 and 10). Its base is not Cluster Contrast:
   include;
 * memory: one row per class rebuilt from the class means every epoch, temperature 0.04,
   momentum 0.2, the sequential update;
-* batch 64 = 16 pseudo-ids x 4 images from the camera-aware sampler (a singleton class gives
+* batch 64 = 16 pseudo identities x 4 images from the camera-aware sampler (a singleton class gives
   one image), 400 steps per epoch, 50 epochs; every batch norm over 16 images (the
   reference's per-GPU batch norm on 4 GPUs);
 * RLCC: alpha 0.9, beta 0, prediction temperature 30; evaluation every 5 epochs.

@@ -35,7 +35,7 @@ def official_rlcc(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   but for its 400 steps per epoch, which the dataset's recipe sets where it has fewer.
 
   Set here: SpCL's reliability criterion with outliers and unreliable members as singleton
-  classes, the memory's temperature 0.04 and momentum 0.2, batches of 64 = 16 pseudo-ids x 4
+  classes, the memory's temperature 0.04 and momentum 0.2, batches of 64 = 16 pseudo identities x 4
   images, batch norm over 16 images, evaluation every 5 epochs. The defaults give the rest:
   DBSCAN at eps 0.58 / 0.6 / 0.62 on the Jaccard distance, RLCC's alpha 0.9, beta 0 and
   prediction temperature 30.

@@ -2,16 +2,17 @@
 
 Every parser reads identities and cameras from the *file name* (never from parent folders), keeps
 only ``.jpg`` / ``.jpeg`` / ``.png`` files, sorts them by path for determinism and returns 0-based
-camera ids. Person / vehicle ids are kept exactly as written in the file name (no relabelling):
-unsupervised training never reads the train ids, and evaluation compares ids for equality only.
+cameras. Person / vehicle identities are kept exactly as written in the file name (no
+relabelling): unsupervised training never reads the train identities, and evaluation compares
+identities for equality only.
 
 Supported datasets (``DATASET_NAMES``): Market-1501, DukeMTMC-reID, MSMT17 (Market-style converted
 layout or the official ``list_*.txt`` layout), VeRi-776 and PersonX.
 
 ``load_folder_dataset`` reads a user's own images instead (``data.name = "folder"``): any tree of
-image files with any names, without identities (every train ``pid`` is ``UNKNOWN_ID``), cameras
-from a sub-folder level, a file-name regular expression or none at all, and an optional labelled
-query / gallery list file (``read_eval_list``).
+image files with any names, without identities (every train ``identity`` is
+``UNKNOWN_IDENTITY``), cameras from a sub-folder level, a file-name regular expression or none at
+all, and an optional labelled query / gallery list file (``read_eval_list``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = [
     "DATASET_NAMES",
     "FOLDER_IMAGE_EXTENSIONS",
     "FOLDER_NAME",
-    "UNKNOWN_ID",
+    "UNKNOWN_IDENTITY",
     "DatasetError",
     "Record",
     "ReidDataset",
@@ -52,7 +53,8 @@ CAMERA_SOURCES: tuple[str, ...] = ("none", "folder", "regex")  # ``data.cameras`
 # The extensions ``load_folder_dataset`` reads (any case); other files are counted and ignored.
 FOLDER_IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-UNKNOWN_ID = -1  # ``Record.pid`` of an image whose identity is not known (a folder's train images).
+# ``Record.identity`` of an image whose identity is not known (a folder's train images).
+UNKNOWN_IDENTITY = -1
 
 logger = logging.getLogger("ccreid_jax")
 
@@ -66,11 +68,11 @@ class DatasetError(FileNotFoundError, ValueError):
 
 
 class Record(NamedTuple):
-  """One image of a split: its path, identity and 0-based camera id."""
+  """One image of a split: its path, identity and 0-based camera."""
 
   path: str
-  pid: int
-  camid: int
+  identity: int
+  camera: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +84,13 @@ class ReidDataset:
     root: the dataset folder that was read (e.g. ``.../Market-1501-v15.09.15``).
     train: training images (junk and distractors removed).
     query: query images.
-    gallery: gallery images (for Market-1501 including the distractors, pid 0).
+    gallery: gallery images (for Market-1501 including the distractors, identity 0).
     skipped: files left out because their names do not parse (``skip_bad_names=True``),
       one message naming the file and the reason each.
-    camera_names: the name of each train camera id (id ``i`` is ``camera_names[i]``) when the
+    camera_names: the name of each train camera (camera ``i`` is ``camera_names[i]``) when the
       cameras were read from folder or file names (``load_folder_dataset``); empty for the
-      benchmarks, whose ids are their file names' camera numbers, shifted to start at 0.
-    has_cameras: False when no camera was given (``data.cameras = "none"``): every camid is 0
+      benchmarks, whose cameras are their file names' camera numbers, shifted to start at 0.
+    has_cameras: False when no camera was given (``data.cameras = "none"``): every camera is 0
       and means nothing.
   """
 
@@ -107,19 +109,19 @@ class ReidDataset:
     return bool(self.query) and bool(self.gallery)
 
   @property
-  def has_train_ids(self) -> bool:
-    """Whether the train identities are known (not ``UNKNOWN_ID``), e.g. for diagnostics."""
-    return any(r.pid != UNKNOWN_ID for r in self.train)
+  def has_train_identities(self) -> bool:
+    """Whether the train identities are known (not ``UNKNOWN_IDENTITY``), e.g. for diagnostics."""
+    return any(r.identity != UNKNOWN_IDENTITY for r in self.train)
 
   @property
-  def num_train_pids(self) -> int:
+  def num_train_identities(self) -> int:
     """Number of distinct identities in the training split."""
-    return len({r.pid for r in self.train})
+    return len({r.identity for r in self.train})
 
   @property
-  def num_train_cams(self) -> int:
+  def num_train_cameras(self) -> int:
     """Number of distinct cameras in the training split."""
-    return len({r.camid for r in self.train})
+    return len({r.camera for r in self.train})
 
   @property
   def num_train_images(self) -> int:
@@ -127,14 +129,15 @@ class ReidDataset:
     return len(self.train)
 
   def summary(self) -> str:
-    """A small human-readable table with ids / images / cameras per split."""
-    lines = [f"{self.name} ({self.root})", "  split   | ids   | images | cameras"]
+    """A small human-readable table with identities / images / cameras per split."""
+    lines = [f"{self.name} ({self.root})", "  split   | identities | images | cameras"]
     for split_name, records in (("train", self.train), ("query", self.query),
                                 ("gallery", self.gallery)):
       train = split_name == "train"
-      ids = "-" if train and not self.has_train_ids else len({r.pid for r in records})
-      cams = "-" if train and not self.has_cameras else len({r.camid for r in records})
-      lines.append(f"  {split_name:<7} | {ids:>5} | {len(records):>6} | {cams:>7}")
+      identities = ("-" if train and not self.has_train_identities
+                    else len({r.identity for r in records}))
+      cameras = "-" if train and not self.has_cameras else len({r.camera for r in records})
+      lines.append(f"  {split_name:<7} | {identities:>10} | {len(records):>6} | {cameras:>7}")
     return "\n".join(lines)
 
 
@@ -151,22 +154,22 @@ class _Spec:
   folder: str
   split_dirs: tuple[str, str, str]  # train, query, gallery
   pattern: re.Pattern[str]
-  cam_to_index: Callable[[int], int | None]  # raw camera -> 0-based id, None if invalid
-  cam_description: str
+  camera_to_index: Callable[[int], int | None]  # raw camera -> 0-based camera, None if invalid
+  camera_description: str
   example: str
-  market_filters: bool  # pid 0 is a distractor (gallery only)
+  market_filters: bool  # identity 0 is a distractor (gallery only)
 
 
-def _range_cams(low: int, high: int) -> Callable[[int], int | None]:
+def _range_cameras(low: int, high: int) -> Callable[[int], int | None]:
   """Cameras numbered ``low..high`` map to ``0..high-low``."""
 
-  def to_index(cam: int) -> int | None:
-    return cam - low if low <= cam <= high else None
+  def to_index(camera: int) -> int | None:
+    return camera - low if low <= camera <= high else None
 
   return to_index
 
 
-_PERSONX_CAMS: dict[int, int] = {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}
+_PERSONX_CAMERAS: dict[int, int] = {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}
 
 _MARKET_SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 
@@ -176,8 +179,8 @@ _SPECS: dict[str, _Spec] = {
         folder="Market-1501-v15.09.15",
         split_dirs=_MARKET_SPLITS,
         pattern=re.compile(r"([-\d]+)_c(\d)"),
-        cam_to_index=_range_cams(1, 6),
-        cam_description="1..6",
+        camera_to_index=_range_cameras(1, 6),
+        camera_description="1..6",
         example="0002_c1s1_000451_03.jpg",
         market_filters=True,
     ),
@@ -186,8 +189,8 @@ _SPECS: dict[str, _Spec] = {
         folder="DukeMTMC-reID",
         split_dirs=_MARKET_SPLITS,
         pattern=re.compile(r"([-\d]+)_c(\d)"),
-        cam_to_index=_range_cams(1, 8),
-        cam_description="1..8",
+        camera_to_index=_range_cameras(1, 8),
+        camera_description="1..8",
         example="0001_c2_f0046182.jpg",
         market_filters=False,
     ),
@@ -196,8 +199,8 @@ _SPECS: dict[str, _Spec] = {
         folder="MSMT17_V1",
         split_dirs=_MARKET_SPLITS,
         pattern=re.compile(r"([-\d]+)_c(\d+)"),
-        cam_to_index=_range_cams(1, 15),
-        cam_description="1..15",
+        camera_to_index=_range_cameras(1, 15),
+        camera_description="1..15",
         example="0000_c1_0000.jpg",
         market_filters=False,
     ),
@@ -206,8 +209,8 @@ _SPECS: dict[str, _Spec] = {
         folder="VeRi",
         split_dirs=("image_train", "image_query", "image_test"),
         pattern=re.compile(r"([\d]+)_c(\d+)"),
-        cam_to_index=_range_cams(1, 20),
-        cam_description="1..20",
+        camera_to_index=_range_cameras(1, 20),
+        camera_description="1..20",
         example="0001_c001_00016450_0.jpg",
         market_filters=False,
     ),
@@ -216,8 +219,8 @@ _SPECS: dict[str, _Spec] = {
         folder="PersonX",
         split_dirs=_MARKET_SPLITS,
         pattern=re.compile(r"([-\d]+)_c([-\d]+)"),
-        cam_to_index=_PERSONX_CAMS.get,
-        cam_description="one of 3, 4, 8, 10, 11, 12",
+        camera_to_index=_PERSONX_CAMERAS.get,
+        camera_description="one of 3, 4, 8, 10, 11, 12",
         example="0001_c3_0001.jpg",
         market_filters=False,
     ),
@@ -255,7 +258,7 @@ def _expected_tree(spec: _Spec) -> str:
         "    train/  0000/0000_000_01_0303morning_0015_0.jpg ...",
         "    test/",
         "    list_train.txt  list_val.txt  list_query.txt  list_gallery.txt",
-        "      (each line: 'relative/path.jpg pid', e.g. "
+        "      (each line: 'relative/path.jpg identity', e.g. "
         "'0000/0000_000_01_0303morning_0015_0.jpg 0')",
     ]
   return "\n".join(lines)
@@ -399,17 +402,17 @@ class _Containment:
         f"{self.folder}:\n{_listed(lines)}\n{way_out[0].upper()}{way_out[1:]}.")
 
 
-def _camera_index(spec: _Spec, cam: int, path: str) -> int:
-  index = spec.cam_to_index(cam)
+def _camera_index(spec: _Spec, camera: int, path: str) -> int:
+  index = spec.camera_to_index(camera)
   if index is None:
     raise DatasetError(
-        f"camera {cam} parsed from file {path!r} is out of range "
-        f"(expected {spec.cam_description})")
+        f"camera {camera} parsed from file {path!r} is out of range "
+        f"(expected {spec.camera_description})")
   return index
 
 
 def _parse_name(spec: _Spec, path: str) -> tuple[int, int]:
-  """``(pid, raw camera)`` from a file name with the dataset's regular expression."""
+  """``(identity, raw camera)`` from a file name with the dataset's regular expression."""
   match = spec.pattern.search(os.path.basename(path))
   try:
     if match is None:
@@ -417,15 +420,15 @@ def _parse_name(spec: _Spec, path: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
   except ValueError:  # no match, or a match such as "-" that is not a number.
     raise DatasetError(
-        f"cannot parse id and camera from file {path!r} "
+        f"cannot parse identity and camera from file {path!r} "
         f"(expected a name like {spec.example!r})") from None
 
 
-def _keep(spec: _Spec, pid: int, split: str) -> bool:
-  """Whether a record with ``pid`` belongs in ``split`` after junk / distractor filtering."""
-  if pid == -1:  # junk images: dropped everywhere.
+def _keep(spec: _Spec, identity: int, split: str) -> bool:
+  """Whether a record of ``identity`` belongs in ``split`` after junk / distractor filtering."""
+  if identity == -1:  # junk images: dropped everywhere.
     return False
-  if spec.market_filters and pid == 0:  # Market distractors: gallery only.
+  if spec.market_filters and identity == 0:  # Market distractors: gallery only.
     return split == "gallery"
   return True
 
@@ -454,17 +457,17 @@ def _parse_market_style(spec: _Spec, folder: str, bad: list[str],
       if not contain.keep(path):
         continue
       try:
-        pid, cam = _parse_name(spec, path)
-        if not _keep(spec, pid, split):
+        identity, camera = _parse_name(spec, path)
+        if not _keep(spec, identity, split):
           continue
-        records.append(Record(path, pid, _camera_index(spec, cam, path)))
+        records.append(Record(path, identity, _camera_index(spec, camera, path)))
       except DatasetError as exc:
         bad.append(str(exc))
     splits[split] = (records, directory)
   return splits
 
 
-def _msmt_official_cam(spec: _Spec, path: str) -> int:
+def _msmt_official_camera(spec: _Spec, path: str) -> int:
   """Camera of an official MSMT17 file name: the third ``_``-separated field."""
   fields = os.path.basename(path).split("_")
   if len(fields) < 3 or not fields[2].isdigit():
@@ -490,15 +493,15 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
       if len(parts) != 2:
         raise DatasetError(
             f"Dataset {spec.name!r}: line {line_no} of {list_path!r} is malformed: "
-            f"{line!r} (expected 'relative/path.jpg pid').")
-      rel, pid_text = parts
+            f"{line!r} (expected 'relative/path.jpg identity').")
+      rel, identity_text = parts
       if not rel.lower().endswith(IMAGE_EXTENSIONS):
         continue
       path = os.path.join(image_dir, rel)
       if not contain.keep(path, f"{list_path} line {line_no}", rel):
         continue
       try:
-        records.append(Record(path, int(pid_text), _msmt_official_cam(spec, path)))
+        records.append(Record(path, int(identity_text), _msmt_official_camera(spec, path)))
       except DatasetError as exc:
         bad.append(str(exc))
   return records
@@ -523,16 +526,16 @@ def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str],
     for list_name, image_dir in lists:
       records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad,
                                  contain)
-    records = sorted(r for r in records if _keep(spec, r.pid, split))
+    records = sorted(r for r in records if _keep(spec, r.identity, split))
     splits[split] = (records, os.path.join(folder, lists[0][0]))
   return splits
 
 
 def _bad_names_error(spec: _Spec, bad: Sequence[str]) -> DatasetError:
   return DatasetError(
-      f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an id and a camera "
+      f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an identity and a camera "
       f"(pattern {spec.pattern.pattern} on the file name, e.g. {spec.example!r}, cameras "
-      f"{spec.cam_description}):\n{_listed(bad)}\n"
+      f"{spec.camera_description}):\n{_listed(bad)}\n"
       "Rename or remove these files, or skip them with --config.data.skip_bad_names=True.")
 
 
@@ -551,7 +554,8 @@ def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
       list entries (official MSMT17) written outside the folder are refused regardless.
 
   Returns:
-    A ``ReidDataset`` whose records are sorted by path, with 0-based camera ids and raw ids.
+    A ``ReidDataset`` whose records are sorted by path, with 0-based cameras and the
+    identities as written.
 
   Raises:
     DatasetError: unknown name, missing folder, empty split, image paths leading outside the
@@ -604,8 +608,8 @@ def _natural_key(name: str) -> list:
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _camera_ids(names: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
-  """``(0-based id of each name, the names in id order)``: sorted, numbers by value."""
+def _camera_indices(names: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
+  """``(0-based camera of each name, the names in camera order)``: sorted, numbers by value."""
   ordered = tuple(sorted(set(names), key=_natural_key))
   index = {name: i for i, name in enumerate(ordered)}
   return [index[name] for name in names], ordered
@@ -683,7 +687,7 @@ class _CameraReader:
 
 
 def _warn_single_image_cameras(records: Sequence[Record], names: Sequence[str]) -> None:
-  counts = collections.Counter(r.camid for r in records)
+  counts = collections.Counter(r.camera for r in records)
   single = [f"{names[i]!r}" for i in range(len(names)) if counts[i] == 1]
   if single:
     logger.warning(
@@ -700,8 +704,8 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
   """A user's own images as a training set (``data.name = "folder"``).
 
   Every image file under ``root`` (any sub-folders, any names; ``FOLDER_IMAGE_EXTENSIONS``)
-  is a train record with ``pid = UNKNOWN_ID``. Other files are ignored (their count is logged),
-  as are names starting with "." and the images the evaluation list names.
+  is a train record with ``identity = UNKNOWN_IDENTITY``. Other files are ignored (their count is
+  logged), as are names starting with "." and the images the evaluation list names.
 
   Args:
     root: the folder of the training images (``data.root``).
@@ -709,7 +713,7 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
       gets camera 0: the camera-aware sampler then draws plain PxK batches), "folder" (the
       sub-folder at ``camera_folder_level``: 1 is the first level under ``root``) or "regex"
       (group 1 of the first match of ``camera_regex`` in the file name, or the whole match
-      when it has no group). Camera names (any strings) become 0-based ids in sorted order,
+      when it has no group). Camera names (any strings) become 0-based cameras in sorted order,
       numbers by value ("c2" before "c10"); the names are kept in ``camera_names`` and logged.
     camera_folder_level: see ``cameras``.
     camera_regex: see ``cameras``.
@@ -784,10 +788,10 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
     logger.warning("dataset folder: skipped %d image(s) without a camera (first: %s)", len(bad),
                    bad[0])
   if cameras == "none":
-    ids, camera_names = [0] * len(kept), ()
+    indices, camera_names = [0] * len(kept), ()
   else:
-    ids, camera_names = _camera_ids(names)
-  train = [Record(path, UNKNOWN_ID, camid) for path, camid in zip(kept, ids)]
+    indices, camera_names = _camera_indices(names)
+  train = [Record(path, UNKNOWN_IDENTITY, camera) for path, camera in zip(kept, indices)]
   check_folder_size(len(train), min_images, root)
   if cameras != "none":
     logger.info("dataset folder: %d camera(s) from %s: %s", len(camera_names), reader.how(),
@@ -808,7 +812,7 @@ def check_folder_size(num_images: int, min_images: int, root: str) -> None:
         "--config.train.num_instances and --config.cluster.min_samples.")
 
 
-_EVAL_LINE = "query|gallery <path> <id> <camera>"
+_EVAL_LINE = "query|gallery <path> <identity> <camera>"
 
 
 def read_eval_list(list_path: str, *,
@@ -817,7 +821,7 @@ def read_eval_list(list_path: str, *,
 
   One image per line, four whitespace-separated fields: ``query`` or ``gallery``, the image
   path (relative to the list file's folder, or absolute), its identity (an integer >= 0) and
-  its camera (any name; names become 0-based ids in sorted order, numbers by value). Text
+  its camera (any name; names become 0-based cameras in sorted order, numbers by value). Text
   from a ``#`` at the start of a line or after a space is a comment; blank lines are skipped.
   Records keep the order of the file. Paths with spaces cannot be written.
 
@@ -845,22 +849,22 @@ def read_eval_list(list_path: str, *,
       if (len(parts) != 4 or parts[0] not in ("query", "gallery")
           or not parts[2].isdigit()):
         raise DatasetError(
-            f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the id an "
+            f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the identity an "
             "integer >= 0, e.g. 'query images/0001_a.jpg 1 cam2').")
-      split, written, pid, camera = parts
+      split, written, identity, camera_name = parts
       path = os.path.normpath(os.path.join(folder, os.path.expanduser(written)))
       if contain.keep(path, where, written):
-        entries.append((split, path, int(pid), camera))
+        entries.append((split, path, int(identity), camera_name))
   outside = contain.error(
       f"eval.list {list_path!r}", "list entries must name images inside the list file's folder "
       "(paths relative to it), or allow paths outside it with "
       "--config.data.follow_symlinks_outside=True")
   if outside is not None:
     raise outside
-  camids, names = _camera_ids([camera for _, _, _, camera in entries])
+  cameras, names = _camera_indices([camera_name for _, _, _, camera_name in entries])
   records = {"query": [], "gallery": []}
-  for (split, path, pid, _), camid in zip(entries, camids):
-    records[split].append(Record(path, pid, camid))
+  for (split, path, identity, _), camera in zip(entries, cameras):
+    records[split].append(Record(path, identity, camera))
   for split, found in records.items():
     if not found:
       raise DatasetError(f"eval.list {list_path!r} has no {split} line (expected lines "

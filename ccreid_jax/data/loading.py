@@ -60,32 +60,33 @@ class RunData:
     return self.test_images is not None
 
   @property
-  def has_train_ids(self) -> bool:
+  def has_train_identities(self) -> bool:
     """Whether the train identities are known (benchmarks; not a folder of own images)."""
-    return self.dataset.has_train_ids
+    return self.dataset.has_train_identities
 
   @property
-  def has_train_cams(self) -> bool:
-    """Whether the train camera ids mean something (False: a folder read without cameras,
-    every id 0)."""
+  def has_train_cameras(self) -> bool:
+    """Whether the train cameras mean something (False: a folder read without cameras,
+    every camera 0)."""
     return self.dataset.has_cameras
 
   @property
-  def train_cams(self) -> np.ndarray:
-    """(N,) int64 camera id of each train image (all 0 without ``has_train_cams``)."""
-    return np.array([r.camid for r in self.dataset.train], np.int64)
+  def train_cameras(self) -> np.ndarray:
+    """(N,) int64 camera of each train image (all 0 without ``has_train_cameras``)."""
+    return np.array([r.camera for r in self.dataset.train], np.int64)
 
   @property
-  def train_ids(self) -> np.ndarray | None:
+  def train_identities(self) -> np.ndarray | None:
     """(N,) int64 identity of each train image (never used for training, diagnostics only),
-    or None when they are not known (``has_train_ids`` is False)."""
-    if not self.has_train_ids:
+    or None when they are not known (``has_train_identities`` is False)."""
+    if not self.has_train_identities:
       return None
-    return np.array([r.pid for r in self.dataset.train], np.int64)
+    return np.array([r.identity for r in self.dataset.train], np.int64)
 
 
 def train_fingerprint(records) -> str:
-  """A short hash of a train split: each image's last two path parts, id and camera, in order.
+  """A short hash of a train split: each image's last two path parts, identity and camera, in
+  order.
 
   The same images read from another root folder, or from a TFDS build of the folder, give the
   same fingerprint; another image list gives another one.
@@ -93,7 +94,8 @@ def train_fingerprint(records) -> str:
   digest = hashlib.sha256()
   for record in records:
     parts = str(record.path).replace(os.sep, "/").split("/")[-2:]
-    digest.update(f"{'/'.join(parts)}\t{int(record.pid)}\t{int(record.camid)}\n".encode())
+    digest.update(f"{'/'.join(parts)}\t{int(record.identity)}\t{int(record.camera)}\n"
+                  .encode())
   return digest.hexdigest()[:16]
 
 
@@ -139,7 +141,7 @@ def _check_something_to_evaluate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError([
         "config.eval.list = '': a folder dataset (config.data.name = 'folder') has no query / "
         "gallery to evaluate; give a list file of labelled images "
-        "(--config.eval.list=list.txt, lines 'query|gallery <path> <id> <camera>') or a "
+        "(--config.eval.list=list.txt, lines 'query|gallery <path> <identity> <camera>') or a "
         "labelled dataset (--config.eval.dataset=<name> --config.eval.root=<folder>)"])
 
 

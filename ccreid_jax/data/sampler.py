@@ -33,7 +33,7 @@ class CameraAwarePKSampler:
 
   Args:
     labels: (N,) integer pseudo label of each training index; -1 marks an outlier.
-    cams: (N,) integer camera id of each training index.
+    cameras: (N,) integer camera of each training index.
     num_instances: K, the number of indices per identity in a batch.
     seed: seeds the sampler's ``np.random.default_rng``. Successive ``batches`` calls continue
       the same random stream (each call starts a fresh pass).
@@ -42,11 +42,11 @@ class CameraAwarePKSampler:
     ValueError: mismatched shapes, ``num_instances < 1`` or no labelled index at all.
   """
 
-  def __init__(self, labels: np.ndarray, cams: np.ndarray, num_instances: int, seed: int):
+  def __init__(self, labels: np.ndarray, cameras: np.ndarray, num_instances: int, seed: int):
     labels = np.asarray(labels)
-    cams = np.asarray(cams)
-    if labels.ndim != 1 or labels.shape != cams.shape:
-      raise ValueError(f"labels {labels.shape} and cams {cams.shape} must be 1-D and equal")
+    cameras = np.asarray(cameras)
+    if labels.ndim != 1 or labels.shape != cameras.shape:
+      raise ValueError(f"labels {labels.shape} and cameras {cameras.shape} must be 1-D and equal")
     if num_instances < 1:
       raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     self.num_instances = int(num_instances)
@@ -58,7 +58,7 @@ class CameraAwarePKSampler:
     order = kept[np.argsort(labels[kept], kind="stable")]
     self.label_ids, starts = np.unique(labels[order], return_index=True)
     self._members: list[np.ndarray] = np.split(order.astype(np.int64), starts[1:])
-    self._member_cams: list[np.ndarray] = [cams[m] for m in self._members]
+    self._member_cameras: list[np.ndarray] = [cameras[m] for m in self._members]
 
   @property
   def num_labels(self) -> int:
@@ -69,12 +69,12 @@ class CameraAwarePKSampler:
     """The indices one identity contributes to a pass (K, or 1 for a singleton); anchor first."""
     k = self.num_instances
     members = self._members[label_index]
-    member_cams = self._member_cams[label_index]
+    member_cameras = self._member_cameras[label_index]
     a = int(self._rng.integers(members.size))
     anchor = members[a]
     if k == 1 or members.size == 1:
       return np.array([anchor], np.int64)
-    pool = members[member_cams != member_cams[a]]
+    pool = members[member_cameras != member_cameras[a]]
     if pool.size == 0:
       pool = np.delete(members, a)
     rest = self._rng.choice(pool, size=k - 1, replace=pool.size < k)

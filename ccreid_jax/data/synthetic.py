@@ -196,15 +196,16 @@ def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera
   )
 
 
-def _shift_camera(rng: np.random.Generator, cam: _Camera, index: int, num_cams: int,
+def _shift_camera(rng: np.random.Generator, camera: _Camera, index: int, num_cameras: int,
                   phase: float, strength: float) -> _Camera:
-  """``cam`` with the strong appearance of camera ``index`` of ``num_cams`` (``camera_shift``).
+  """``camera`` with the strong appearance of camera ``index`` of ``num_cameras``
+  (``camera_shift``).
 
   The draws do not depend on ``strength`` (it scales them), so one seed gives every strength
   the same shift directions. The hues of the casts and backgrounds are spread evenly over the
   colour circle (starting at ``phase``), so no two cameras get the same tint.
   """
-  hue = phase + 2.0 * np.pi * (index + rng.uniform(-0.2, 0.2)) / num_cams
+  hue = phase + 2.0 * np.pi * (index + rng.uniform(-0.2, 0.2)) / num_cameras
   channel_angles = 2.0 * np.pi * np.arange(3) / 3.0
 
   def tint(angle: float, depth: float) -> np.ndarray:  # unit brightness, hue ``angle``
@@ -221,11 +222,11 @@ def _shift_camera(rng: np.random.Generator, cam: _Camera, index: int, num_cams: 
   extra_blur = int(round(strength * rng.uniform(0.75, 1.5))) if blurs else 0
   extra_noise = 0.0 if blurs else strength * rng.uniform(4.5, 9.0)
   return dataclasses.replace(
-      cam,
-      background=cam.background * (1.0 - scene_weight) + scene_colour * scene_weight,
-      gain=(cam.gain * cast * level).astype(np.float32),
-      blur=cam.blur + extra_blur,
-      noise=cam.noise + extra_noise,
+      camera,
+      background=camera.background * (1.0 - scene_weight) + scene_colour * scene_weight,
+      gain=(camera.gain * cast * level).astype(np.float32),
+      blur=camera.blur + extra_blur,
+      noise=camera.noise + extra_noise,
       gamma=gamma,
       haze=haze,
       haze_colour=haze_colour,
@@ -252,27 +253,27 @@ def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
 def _render_person(
     rng: np.random.Generator,
     ident: _Identity,
-    cam: _Camera,
+    camera: _Camera,
     height: int,
     width: int,
     *,
     occlude_prob: float = 0.15,
     partial: bool = False,
 ) -> np.ndarray:
-  """Render one uint8 (height, width, 3) image of ``ident`` seen by ``cam``."""
+  """Render one uint8 (height, width, 3) image of ``ident`` seen by ``camera``."""
   dy = rng.integers(0, 2 * _BG_MARGIN + 1)
-  dx = rng.integers(0, cam.background.shape[1] - width + 1)
-  canvas = cam.background[dy:dy + height, dx:dx + width].copy()
+  dx = rng.integers(0, camera.background.shape[1] - width + 1)
+  canvas = camera.background[dy:dy + height, dx:dx + width].copy()
   yy = np.arange(height, dtype=np.float32)[:, None]
   xx = np.arange(width, dtype=np.float32)[None, :]
 
-  fh = cam.scale * height * rng.uniform(0.94, 1.04)
+  fh = camera.scale * height * rng.uniform(0.94, 1.04)
   top = (height - fh) / 2 + rng.uniform(-0.04, 0.04) * height
   cx = width / 2 + rng.uniform(-0.08, 0.08) * width
   bw = fh * 0.34 * ident.build  # body (torso) width
   stride = rng.uniform(-0.09, 0.09) * bw
   arm_swing = rng.uniform(-0.04, 0.04) * fh
-  back = rng.random() < cam.back_view
+  back = rng.random() < camera.back_view
   if partial:  # distractor-like bad detections: body cut by the frame
     top += rng.choice([-0.35, 0.35]) * fh
 
@@ -371,37 +372,37 @@ def _render_person(
       else:
         canvas[:, width - ow:] = colour
 
-  return _camera_response(rng, cam, canvas)
+  return _camera_response(rng, camera, canvas)
 
 
-def _camera_response(rng: np.random.Generator, cam: _Camera, canvas: np.ndarray, *,
+def _camera_response(rng: np.random.Generator, camera: _Camera, canvas: np.ndarray, *,
                      blur: bool = True) -> np.ndarray:
-  """The uint8 image ``cam`` records of the float32 scene ``canvas``.
+  """The uint8 image ``camera`` records of the float32 scene ``canvas``.
 
   Colour cast and brightness, illumination ramp, blur (unless ``blur`` is False), sensor
   noise, then (shifted cameras only) the tone curve and the veil.
   """
-  image = (canvas * cam.gain + cam.offset) * cam.ramp
+  image = (canvas * camera.gain + camera.offset) * camera.ramp
   if blur:
-    image = _box_blur(image, cam.blur)
-  image = image + rng.normal(0.0, cam.noise, size=image.shape).astype(np.float32)
-  if cam.gamma != 1.0 or cam.haze:
-    image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** np.float32(cam.gamma)
-    image = image * np.float32(1.0 - cam.haze) + cam.haze_colour * np.float32(cam.haze)
+    image = _box_blur(image, camera.blur)
+  image = image + rng.normal(0.0, camera.noise, size=image.shape).astype(np.float32)
+  if camera.gamma != 1.0 or camera.haze:
+    image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** np.float32(camera.gamma)
+    image = image * np.float32(1.0 - camera.haze) + camera.haze_colour * np.float32(camera.haze)
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _render_junk(rng: np.random.Generator, cam: _Camera, height: int, width: int) -> np.ndarray:
+def _render_junk(rng: np.random.Generator, camera: _Camera, height: int, width: int) -> np.ndarray:
   """A background-only crop (Market's "junk" detections)."""
   dy = rng.integers(0, 2 * _BG_MARGIN + 1)
-  dx = rng.integers(0, cam.background.shape[1] - width + 1)
-  canvas = cam.background[dy:dy + height, dx:dx + width]
-  return _camera_response(rng, cam, canvas, blur=False)
+  dx = rng.integers(0, camera.background.shape[1] - width + 1)
+  canvas = camera.background[dy:dy + height, dx:dx + width]
+  return _camera_response(rng, camera, canvas, blur=False)
 
 
-def _market_name(pid: int, cam: int, frame: int, idx: int) -> str:
-  pid_text = "-1" if pid == -1 else f"{pid:04d}"
-  return f"{pid_text}_c{cam}s1_{frame:06d}_{idx:02d}.jpg"
+def _market_name(identity: int, camera: int, frame: int, idx: int) -> str:
+  identity_text = "-1" if identity == -1 else f"{identity:04d}"
+  return f"{identity_text}_c{camera}s1_{frame:06d}_{idx:02d}.jpg"
 
 
 def _save_jpeg(array: np.ndarray, path: str) -> None:
@@ -409,21 +410,29 @@ def _save_jpeg(array: np.ndarray, path: str) -> None:
     f.write(_jpeg_bytes(array))
 
 
+# Marker keys of datasets written before the rename, read as today's so they still match.
+_OLD_MARKER_KEYS = {"num_train_ids": "num_train_identities", "num_test_ids": "num_test_identities",
+                    "num_cams": "num_cameras", "images_per_cam": "images_per_camera"}
+
+
 def _read_marker(folder: str) -> dict | None:
   try:
     with open(os.path.join(folder, _MARKER), encoding="utf-8") as f:
-      return json.load(f)
+      marker = json.load(f)
   except (OSError, ValueError):
     return None
+  if not isinstance(marker, dict):
+    return marker
+  return {_OLD_MARKER_KEYS.get(key, key): value for key, value in marker.items()}
 
 
 def generate_market_dataset(
     root: str,
     *,
-    num_train_ids: int = 100,
-    num_test_ids: int = 50,
-    num_cams: int = 6,
-    images_per_cam: tuple[int, int] = (2, 5),
+    num_train_identities: int = 100,
+    num_test_identities: int = 50,
+    num_cameras: int = 6,
+    images_per_camera: tuple[int, int] = (2, 5),
     height: int = 128,
     width: int = 64,
     seed: int = 0,
@@ -433,13 +442,14 @@ def generate_market_dataset(
   """Render a synthetic Market-1501-style dataset under ``root``.
 
   Writes ``root/Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}`` with
-  Market file names ``{pid:04d}_c{cam}s1_{frame:06d}_{idx:02d}.jpg`` (cam 1-based) and a
-  ``.synthetic.json`` marker holding the parameters. Train ids are ``1..num_train_ids``, test
-  ids ``num_train_ids+1 .. num_train_ids+num_test_ids``. Every identity appears in a random
-  subset of at least two cameras, with ``images_per_cam`` (inclusive range) images in each.
-  For each test id, one image from each of one or two of its cameras goes to ``query`` and the
-  rest to ``bounding_box_test``, which also receives ``max(1, num_test_ids // 5)`` distractors
-  (pid ``0000``) and ``max(1, num_test_ids // 10)`` junk images (pid ``-1``).
+  Market file names ``{identity:04d}_c{camera}s1_{frame:06d}_{idx:02d}.jpg`` (camera 1-based)
+  and a ``.synthetic.json`` marker holding the parameters. Train identities are
+  ``1..num_train_identities``, test identities ``num_train_identities+1 ..
+  num_train_identities+num_test_identities``. Every identity appears in a random subset of at
+  least two cameras, with ``images_per_camera`` (inclusive range) images in each. For each test
+  identity, one image from each of one or two of its cameras goes to ``query`` and the rest to
+  ``bounding_box_test``, which also receives ``max(1, num_test_identities // 5)`` distractors
+  (identity ``0000``) and ``max(1, num_test_identities // 10)`` junk images (identity ``-1``).
 
   ``camera_shift`` in [0, 2] gives each camera a strong, consistent appearance of its own on
   top of the mild default nuisance: a colour cast (hues spread evenly over the colour circle,
@@ -467,13 +477,16 @@ def generate_market_dataset(
     FileExistsError: the dataset folder exists but was not written by this function.
     ValueError: invalid arguments.
   """
-  if num_cams < 2 or num_cams > 6:
-    raise ValueError(f"num_cams must be in 2..6 (Market cameras), got {num_cams}")
-  lo, hi = images_per_cam
+  if num_cameras < 2 or num_cameras > 6:
+    raise ValueError(f"num_cameras must be in 2..6 (Market cameras), got {num_cameras}")
+  lo, hi = images_per_camera
   if lo < 2 or hi < lo:
-    raise ValueError(f"images_per_cam must be (lo, hi) with 2 <= lo <= hi, got {images_per_cam}")
-  if num_train_ids < 1 or num_test_ids < 1 or num_train_ids + num_test_ids > 9999:
-    raise ValueError("need 1 <= num_train_ids, num_test_ids and a total of at most 9999 ids")
+    raise ValueError(f"images_per_camera must be (lo, hi) with 2 <= lo <= hi, got "
+                     f"{images_per_camera}")
+  if (num_train_identities < 1 or num_test_identities < 1
+      or num_train_identities + num_test_identities > 9999):
+    raise ValueError("need 1 <= num_train_identities, num_test_identities and a total of at "
+                     "most 9999 identities")
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   if not 0.0 <= camera_shift <= _MAX_CAMERA_SHIFT:  # also refuses NaN
@@ -481,9 +494,9 @@ def generate_market_dataset(
                      f"shift, 1: the camera dominates the appearance), got {camera_shift}")
 
   params = {
-      "version": _GENERATOR_VERSION, "num_train_ids": num_train_ids,
-      "num_test_ids": num_test_ids, "num_cams": num_cams, "images_per_cam": [lo, hi],
-      "height": height, "width": width, "seed": seed,
+      "version": _GENERATOR_VERSION, "num_train_identities": num_train_identities,
+      "num_test_identities": num_test_identities, "num_cameras": num_cameras,
+      "images_per_camera": [lo, hi], "height": height, "width": width, "seed": seed,
   }
   if camera_shift > 0:  # absent at 0, so unshifted datasets keep their marker
     params["camera_shift"] = float(camera_shift)
@@ -517,16 +530,16 @@ def generate_market_dataset(
 
 
 def _cameras(params: dict) -> list[_Camera]:
-  cam_rng = np.random.default_rng([params["seed"], 0])
-  num_cams = params["num_cams"]
-  cameras = [_sample_camera(cam_rng, params["height"], params["width"])
-             for _ in range(num_cams)]
+  camera_rng = np.random.default_rng([params["seed"], 0])
+  num_cameras = params["num_cameras"]
+  cameras = [_sample_camera(camera_rng, params["height"], params["width"])
+             for _ in range(num_cameras)]
   strength = params.get("camera_shift", 0.0)
   if strength > 0:  # its own stream: the draws above are those of an unshifted dataset
     shift_rng = np.random.default_rng([params["seed"], 3])
     phase = float(shift_rng.uniform(0.0, 2.0 * np.pi))
-    cameras = [_shift_camera(shift_rng, cam, k, num_cams, phase, strength)
-               for k, cam in enumerate(cameras)]
+    cameras = [_shift_camera(shift_rng, camera, k, num_cameras, phase, strength)
+               for k, camera in enumerate(cameras)]
   return cameras
 
 
@@ -549,31 +562,31 @@ def _init_worker(params: dict) -> None:
   _WORKER_STATE.update(params=params, cameras=_cameras(params))
 
 
-def _render_identity(pid: int) -> list[tuple[int, int, int, int, bytes]]:
-  """Every image of identity ``pid``: ``(split, cam, frame step, idx, JPEG bytes)`` in order.
+def _render_identity(identity: int) -> list[tuple[int, int, int, int, bytes]]:
+  """Every image of ``identity``: ``(split, camera, frame step, idx, JPEG bytes)`` in order.
 
   Uses only the identity's own generator, so identities render independently (in any
   process); the caller turns the frame steps into the running frame numbers of the names.
   """
   params, cameras = _WORKER_STATE["params"], _WORKER_STATE["cameras"]
-  height, width, num_cams = params["height"], params["width"], params["num_cams"]
-  lo, hi = params["images_per_cam"]
-  rng = np.random.default_rng([params["seed"], 1, pid])
-  ident = _sample_identity(rng)
-  n_cams = int(rng.integers(2, num_cams + 1))
-  cams = np.sort(rng.choice(num_cams, size=n_cams, replace=False))
-  is_test = pid > params["num_train_ids"]
-  query_cams = set()
+  height, width, num_cameras = params["height"], params["width"], params["num_cameras"]
+  lo, hi = params["images_per_camera"]
+  rng = np.random.default_rng([params["seed"], 1, identity])
+  person = _sample_identity(rng)
+  n_cameras = int(rng.integers(2, num_cameras + 1))
+  own_cameras = np.sort(rng.choice(num_cameras, size=n_cameras, replace=False))
+  is_test = identity > params["num_train_identities"]
+  query_cameras = set()
   if is_test:
-    n_query = min(int(rng.integers(1, 3)), n_cams)
-    query_cams = set(rng.choice(cams, size=n_query, replace=False).tolist())
+    n_query = min(int(rng.integers(1, 3)), n_cameras)
+    query_cameras = set(rng.choice(own_cameras, size=n_query, replace=False).tolist())
   images = []
-  for cam in cams.tolist():
+  for camera in own_cameras.tolist():
     for idx in range(1, int(rng.integers(lo, hi + 1)) + 1):
-      image = _render_person(rng, ident, cameras[cam], height, width)
+      image = _render_person(rng, person, cameras[camera], height, width)
       frame_step = _frame_step(rng)
-      split = 0 if not is_test else (1 if idx == 1 and cam in query_cams else 2)
-      images.append((split, cam, frame_step, idx, _jpeg_bytes(image)))
+      split = 0 if not is_test else (1 if idx == 1 and camera in query_cameras else 2)
+      images.append((split, camera, frame_step, idx, _jpeg_bytes(image)))
   return images
 
 
@@ -584,8 +597,8 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
   byte-identical to a one-process run.
   """
   seed, height, width = params["seed"], params["height"], params["width"]
-  num_cams = params["num_cams"]
-  num_train, num_test = params["num_train_ids"], params["num_test_ids"]
+  num_cameras = params["num_cameras"]
+  num_train, num_test = params["num_train_identities"], params["num_test_identities"]
   split_paths = [os.path.join(folder, d) for d in _SPLIT_DIRS]
   for path in split_paths:
     os.makedirs(path)
@@ -599,36 +612,36 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
     frame += _frame_step(rng)
     return frame
 
-  pids = range(1, num_train + num_test + 1)
+  identities = range(1, num_train + num_test + 1)
   with contextlib.ExitStack() as stack:
     if workers > 1:
       # "spawn": the caller may hold JAX's threads, which a fork would copy half-way.
       pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=multiprocessing.get_context("spawn"),
           initializer=_init_worker, initargs=(params,)))
-      rendered = pool.map(_render_identity, pids, chunksize=8)
+      rendered = pool.map(_render_identity, identities, chunksize=8)
     else:
-      rendered = map(_render_identity, pids)
-    for pid, images in zip(pids, rendered):
-      for split, cam, frame_step, idx, data in images:
+      rendered = map(_render_identity, identities)
+    for identity, images in zip(identities, rendered):
+      for split, camera, frame_step, idx, data in images:
         frame += frame_step
-        with open(os.path.join(split_paths[split], _market_name(pid, cam + 1, frame, idx)),
+        with open(os.path.join(split_paths[split], _market_name(identity, camera + 1, frame, idx)),
                   "wb") as f:
           f.write(data)
   _WORKER_STATE.clear()
 
   extra_rng = np.random.default_rng([seed, 2])
   for idx in range(max(1, num_test // 5)):  # distractors: strangers, often cut by the frame
-    cam = int(extra_rng.integers(num_cams))
+    camera = int(extra_rng.integers(num_cameras))
     stranger = _sample_identity(extra_rng)
-    image = _render_person(extra_rng, stranger, cameras[cam], height, width,
+    image = _render_person(extra_rng, stranger, cameras[camera], height, width,
                            partial=bool(extra_rng.random() < 0.7))
-    name = _market_name(0, cam + 1, next_frame(extra_rng), idx % 100)
+    name = _market_name(0, camera + 1, next_frame(extra_rng), idx % 100)
     _save_jpeg(image, os.path.join(gallery_dir, name))
   for idx in range(max(1, num_test // 10)):  # junk: background only
-    cam = int(extra_rng.integers(num_cams))
-    image = _render_junk(extra_rng, cameras[cam], height, width)
-    name = _market_name(-1, cam + 1, next_frame(extra_rng), idx % 100)
+    camera = int(extra_rng.integers(num_cameras))
+    image = _render_junk(extra_rng, cameras[camera], height, width)
+    name = _market_name(-1, camera + 1, next_frame(extra_rng), idx % 100)
     _save_jpeg(image, os.path.join(gallery_dir, name))
 
   with open(os.path.join(folder, _MARKER), "w", encoding="utf-8") as f:
@@ -648,8 +661,8 @@ FAKE_TREE_CAMERAS: dict[str, tuple[int, ...]] = {
 }
 """Raw (1-based / PersonX) camera numbers used by ``make_fake_tree``, six per dataset."""
 
-_FAKE_TRAIN_PIDS = (1, 2, 3)
-_FAKE_TEST_PIDS = (4, 5)
+_FAKE_TRAIN_IDENTITIES = (1, 2, 3)
+_FAKE_TEST_IDENTITIES = (4, 5)
 
 
 def fake_tree_sizes(name: str) -> dict[str, int]:
@@ -660,23 +673,23 @@ def fake_tree_sizes(name: str) -> dict[str, int]:
   return sizes
 
 
-def _fake_file_name(name: str, pid: int, cam: int, n: int) -> str:
+def _fake_file_name(name: str, identity: int, camera: int, n: int) -> str:
   """A file name in ``name``'s format; ``n`` makes it unique."""
   if name == "market1501":
-    return _market_name(pid, cam, 100 * n + 7, n % 100)
+    return _market_name(identity, camera, 100 * n + 7, n % 100)
   if name == "dukemtmcreid":
-    return f"{pid:04d}_c{cam}_f{1000 * n + 3:07d}.jpg"
+    return f"{identity:04d}_c{camera}_f{1000 * n + 3:07d}.jpg"
   if name == "msmt17":
-    return f"{pid:04d}_c{cam}_{n:04d}.jpg"
+    return f"{identity:04d}_c{camera}_{n:04d}.jpg"
   if name == "veri776":
-    return f"{pid:04d}_c{cam:03d}_{1000 * n + 50:08d}_0.jpg"
+    return f"{identity:04d}_c{camera:03d}_{1000 * n + 50:08d}_0.jpg"
   if name == "personx":
-    return f"{pid:04d}_c{cam}_{n:04d}.jpg"
+    return f"{identity:04d}_c{camera}_{n:04d}.jpg"
   raise DatasetError(f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
 
 
-def _msmt_official_name(pid: int, cam: int, n: int) -> str:
-  return f"{pid:04d}_{n:03d}_{cam:02d}_0303morning_{n:04d}_0.jpg"
+def _msmt_official_name(identity: int, camera: int, n: int) -> str:
+  return f"{identity:04d}_{n:03d}_{camera:02d}_0303morning_{n:04d}_0.jpg"
 
 
 def make_fake_tree(
@@ -693,18 +706,19 @@ def make_fake_tree(
   Uses the six raw cameras ``C = FAKE_TREE_CAMERAS[name]`` and writes (images are
   ``height x width`` JPEGs of random flat colours with noise, deterministic from ``seed``):
 
-  * train: ids 1, 2, 3; id ``1+k`` has 2 images in camera ``C[2k]`` and 2 in ``C[2k+1]``
-    -> 12 images, 3 ids, all 6 cameras.
-  * query: id 4 once in ``C[0]``, id 5 once in ``C[1]`` -> 2 images.
-  * gallery: id 4 twice in ``C[2]``, id 5 twice in ``C[3]`` -> 4 images.
+  * train: identities 1, 2, 3; identity ``1+k`` has 2 images in camera ``C[2k]`` and 2 in
+    ``C[2k+1]`` -> 12 images, 3 identities, all 6 cameras.
+  * query: identity 4 once in ``C[0]``, identity 5 once in ``C[1]`` -> 2 images.
+  * gallery: identity 4 twice in ``C[2]``, identity 5 twice in ``C[3]`` -> 4 images.
   * market1501 only, extra files: train gets one junk (``-1``) and one distractor (``0000``)
     image, query one junk image, gallery one junk and two distractor images (cameras ``C[4]``,
     ``C[5]``). After parsing: train 12, query 2, gallery 6 (see ``fake_tree_sizes``).
   * every image folder also holds a ``notes.txt`` that parsers must ignore.
   * ``msmt_official=True`` (msmt17 only): the official layout instead, ``train/`` and
-    ``test/`` with one sub-folder per id, file names like
+    ``test/`` with one sub-folder per identity, file names like
     ``0001_000_01_0303morning_0000_0.jpg`` (camera = third field) and ``list_train.txt``
-    (ids 1, 2), ``list_val.txt`` (id 3), ``list_query.txt``, ``list_gallery.txt`` with lines
+    (identities 1, 2), ``list_val.txt`` (identity 3), ``list_query.txt``, ``list_gallery.txt``
+    with lines
     ``0001/0001_....jpg 1``; same parsed counts.
 
   Returns:
@@ -714,18 +728,19 @@ def make_fake_tree(
   if msmt_official and name != "msmt17":
     raise ValueError("msmt_official=True is only valid for msmt17")
   folder = os.path.join(os.path.abspath(root), dataset_folder_name(name))
-  cams = FAKE_TREE_CAMERAS[name]
+  cameras = FAKE_TREE_CAMERAS[name]
   rng = np.random.default_rng(seed)
 
-  # (split, pid, raw cam) for every image, in a fixed order.
+  # (split, identity, raw camera) for every image, in a fixed order.
   items: list[tuple[str, int, int]] = []
-  for k, pid in enumerate(_FAKE_TRAIN_PIDS):
-    items += [("train", pid, cams[2 * k])] * 2 + [("train", pid, cams[2 * k + 1])] * 2
-  items += [("query", 4, cams[0]), ("query", 5, cams[1])]
-  items += [("gallery", 4, cams[2])] * 2 + [("gallery", 5, cams[3])] * 2
+  for k, identity in enumerate(_FAKE_TRAIN_IDENTITIES):
+    items += ([("train", identity, cameras[2 * k])] * 2
+              + [("train", identity, cameras[2 * k + 1])] * 2)
+  items += [("query", 4, cameras[0]), ("query", 5, cameras[1])]
+  items += [("gallery", 4, cameras[2])] * 2 + [("gallery", 5, cameras[3])] * 2
   if name == "market1501":
-    items += [("train", -1, cams[0]), ("train", 0, cams[1]), ("query", -1, cams[2]),
-              ("gallery", -1, cams[3]), ("gallery", 0, cams[4]), ("gallery", 0, cams[5])]
+    items += [("train", -1, cameras[0]), ("train", 0, cameras[1]), ("query", -1, cameras[2]),
+              ("gallery", -1, cameras[3]), ("gallery", 0, cameras[4]), ("gallery", 0, cameras[5])]
 
   def write_image(path: str) -> None:
     colour = rng.integers(0, 256, size=3)
@@ -736,14 +751,14 @@ def make_fake_tree(
     list_lines: dict[str, list[str]] = {
         "list_train.txt": [], "list_val.txt": [], "list_query.txt": [],
         "list_gallery.txt": []}
-    for n, (split, pid, cam) in enumerate(items):
+    for n, (split, identity, camera) in enumerate(items):
       image_dir = "train" if split == "train" else "test"
-      rel = f"{pid:04d}/{_msmt_official_name(pid, cam, n)}"
-      os.makedirs(os.path.join(folder, image_dir, f"{pid:04d}"), exist_ok=True)
+      rel = f"{identity:04d}/{_msmt_official_name(identity, camera, n)}"
+      os.makedirs(os.path.join(folder, image_dir, f"{identity:04d}"), exist_ok=True)
       write_image(os.path.join(folder, image_dir, rel))
-      list_name = {"train": "list_val.txt" if pid == 3 else "list_train.txt",
+      list_name = {"train": "list_val.txt" if identity == 3 else "list_train.txt",
                    "query": "list_query.txt", "gallery": "list_gallery.txt"}[split]
-      list_lines[list_name].append(f"{rel} {pid}")
+      list_lines[list_name].append(f"{rel} {identity}")
     for list_name, lines in list_lines.items():
       with open(os.path.join(folder, list_name), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -759,8 +774,8 @@ def make_fake_tree(
     os.makedirs(os.path.join(folder, directory), exist_ok=True)
     with open(os.path.join(folder, directory, "notes.txt"), "w") as f:
       f.write("not an image\n")
-  for n, (split, pid, cam) in enumerate(items):
-    write_image(os.path.join(folder, split_dirs[split], _fake_file_name(name, pid, cam, n)))
+  for n, (split, identity, camera) in enumerate(items):
+    write_image(os.path.join(folder, split_dirs[split], _fake_file_name(name, identity, camera, n)))
   return folder
 
 
@@ -768,19 +783,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   """``python -m ccreid_jax.data.synthetic --root demo_data``: writes the demo dataset.
 
   The defaults write the demo's 100 + 50 identities at 128x64. A Market-1501-sized set
-  (751 train ids; ~13,000 train images with ``--images-per-cam 2 6``) is
-  ``--num-train-ids 751 --num-test-ids 750 --images-per-cam 2 6 --workers 16``. A set whose
-  cameras dominate the appearance adds ``--camera-shift 1``.
+  (751 train identities; ~13,000 train images with ``--images-per-camera 2 6``) is
+  ``--num-train-identities 751 --num-test-identities 750 --images-per-camera 2 6 --workers 16``.
+  A set whose cameras dominate the appearance adds ``--camera-shift 1``.
   """
   import argparse
 
   parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
   parser.add_argument("--root", required=True, help="folder that will hold Market-1501-v15.09.15/")
-  parser.add_argument("--num-train-ids", type=int, default=100)
-  parser.add_argument("--num-test-ids", type=int, default=50)
-  parser.add_argument("--num-cams", type=int, default=6, help="cameras, 2..6")
-  parser.add_argument("--images-per-cam", type=int, nargs=2, default=(2, 5), metavar=("LO", "HI"),
-                      help="images of an identity per camera, drawn from LO..HI")
+  parser.add_argument("--num-train-identities", type=int, default=100)
+  parser.add_argument("--num-test-identities", type=int, default=50)
+  parser.add_argument("--num-cameras", type=int, default=6, help="cameras, 2..6")
+  parser.add_argument("--images-per-camera", type=int, nargs=2, default=(2, 5),
+                      metavar=("LO", "HI"), help="images of an identity per camera, drawn from "
+                      "LO..HI")
   parser.add_argument("--camera-shift", type=float, default=0.0,
                       help="strength of each camera's own appearance, 0..2 (0: none, the "
                       "default; 1: the camera dominates the appearance)")
@@ -791,9 +807,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="processes rendering identities (the files do not depend on it)")
   args = parser.parse_args(argv)
   folder = generate_market_dataset(
-      args.root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
-      num_cams=args.num_cams, images_per_cam=tuple(args.images_per_cam), height=args.height,
-      width=args.width, seed=args.seed, workers=args.workers, camera_shift=args.camera_shift)
+      args.root, num_train_identities=args.num_train_identities,
+      num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
+      images_per_camera=tuple(args.images_per_camera), height=args.height, width=args.width,
+      seed=args.seed, workers=args.workers, camera_shift=args.camera_shift)
   print(f"dataset ready: {folder}")
 
 

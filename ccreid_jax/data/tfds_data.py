@@ -8,7 +8,8 @@ which writes ``tfds_data/ccreid_market1501/1.0.0/`` (``dataset_info.json``, ``fe
 and ArrayRecord shards of the splits ``train`` / ``query`` / ``gallery``). Each record holds
 
 * ``image``: the image file's bytes exactly as on disk (JPEG or PNG; not re-encoded),
-* ``pid`` / ``camid`` (int32): the id and 0-based camera ``load_dataset`` parses,
+* ``pid`` / ``camid`` (int32): the identity and 0-based camera ``load_dataset`` parses
+  (``Record.identity`` / ``Record.camera``, stored under the names existing builds use),
 * ``path`` (text): the file's path relative to the dataset folder, with ``/`` separators,
   e.g. ``bounding_box_train/0002_c1s1_000451_03.jpg``.
 
@@ -62,6 +63,11 @@ _NAME_PREFIX = "ccreid_"  # Keeps the builders' names apart from TFDS's own cata
 _CACHE_VERSION = 1
 
 _READ_CHUNK = 256  # Records deserialized per ``__getitems__`` call when reading a split.
+
+# The stored feature names of a record's identity and camera. They stay the words of the
+# builds already written (version 1.0.0): renaming them would change the on-disk format.
+_IDENTITY_FEATURE = "pid"
+_CAMERA_FEATURE = "camid"
 
 
 def tfds_name(name: str) -> str:
@@ -163,12 +169,12 @@ def _builder_classes() -> dict[str, type]:
           description=(
               f"{datasets_lib.dataset_folder_name(self.DATASET)} built by ccreid_jax from a "
               "manual download. image: the file's bytes as on disk (JPEG or PNG); pid, camid: "
-              "the id and 0-based camera parsed from the file name; path: relative to the "
+              "the identity and 0-based camera parsed from the file name; path: relative to the "
               "dataset folder. Splits in the folder loader's order."),
           features=tfds.features.FeaturesDict({
               "image": tfds.features.Image(shape=(None, None, 3)),
-              "pid": tfds.features.Scalar(np.int32),
-              "camid": tfds.features.Scalar(np.int32),
+              _IDENTITY_FEATURE: tfds.features.Scalar(np.int32),
+              _CAMERA_FEATURE: tfds.features.Scalar(np.int32),
               "path": tfds.features.Text(),
           }),
           disable_shuffling=True,  # Records keep the folder loader's order.
@@ -185,8 +191,8 @@ def _builder_classes() -> dict[str, type]:
     def _generate_examples(self, root: str, records: Sequence[Record]) -> Any:
       for index, record in enumerate(records):
         # A path makes the Image feature store the file's bytes unchanged.
-        yield index, {"image": record.path, "pid": record.pid, "camid": record.camid,
-                      "path": _relative(record.path, root)}
+        yield index, {"image": record.path, _IDENTITY_FEATURE: record.identity,
+                      _CAMERA_FEATURE: record.camera, "path": _relative(record.path, root)}
 
   classes = {}
   for name in DATASET_NAMES:
@@ -274,7 +280,8 @@ def _split_records(source: Sequence[dict[str, Any]]) -> list[Record]:
     for example in source.__getitems__(range(start, min(len(source), start + _READ_CHUNK))):
       path = example["path"]
       path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
-      records.append(Record(path, int(example["pid"]), int(example["camid"])))
+      records.append(Record(path, int(example[_IDENTITY_FEATURE]),
+                            int(example[_CAMERA_FEATURE])))
   return records
 
 

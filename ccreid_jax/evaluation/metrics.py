@@ -1,8 +1,8 @@
 """Re-ID ranking metrics: mAP, CMC (docs/algorithms.md section 7) and mINP (section 11), numpy only.
 
 Protocol: every query is ranked against the whole gallery by increasing distance; gallery
-entries with the query's id *and* camera are removed from its ranking; queries left without any
-correct match are skipped. AP is the non-interpolated average precision that
+entries with the query's identity *and* camera are removed from its ranking; queries left
+without any correct match are skipped. AP is the non-interpolated average precision that
 ``sklearn.metrics.average_precision_score(matches, -distance)`` returns, tied distances
 included (tied entries share one threshold: each correct entry scores the precision at the end
 of its tie group). CMC(k) is the fraction of queries whose first correct match is within the
@@ -54,16 +54,16 @@ def pairwise_distance(query_features: np.ndarray, gallery_features: np.ndarray, 
   return out
 
 
-def _rank_block(dist, q_ids, q_cams, gallery_ids, gallery_cams):
+def _rank_block(dist, q_identities, q_cameras, gallery_identities, gallery_cameras):
   """AP, first-match position (1-based, among kept entries) and INP for a block of queries.
 
   Returns ``(ap, first, inp, has_match)``; the first three are meaningful where ``has_match``.
   """
   order = np.argsort(dist, axis=1, kind="stable")
   sorted_dist = np.take_along_axis(dist, order, axis=1)
-  same_id = gallery_ids[order] == q_ids[:, None]
-  kept = ~(same_id & (gallery_cams[order] == q_cams[:, None]))
-  positive = same_id & kept
+  same_identity = gallery_identities[order] == q_identities[:, None]
+  kept = ~(same_identity & (gallery_cameras[order] == q_cameras[:, None]))
+  positive = same_identity & kept
   cum_pos = np.cumsum(positive, axis=1)
   cum_kept = np.cumsum(kept, axis=1)
   num_pos = cum_pos[:, -1]
@@ -91,16 +91,17 @@ def _rank_block(dist, q_ids, q_cams, gallery_ids, gallery_cams):
   return ap, first, inp, has_match
 
 
-def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np.ndarray,
-                     query_cams: np.ndarray, gallery_cams: np.ndarray,
+def evaluate_ranking(distmat: np.ndarray, query_identities: np.ndarray,
+                     gallery_identities: np.ndarray, query_cameras: np.ndarray,
+                     gallery_cameras: np.ndarray,
                      topk: Sequence[int] = (1, 5, 10), *,
                      block_elements: int = _BLOCK_ELEMENTS) -> dict[str, float]:
   """mAP, CMC and mINP of a (Q, G) distance matrix under the protocol in the module docstring.
 
   Args:
     distmat: (Q, G) distances, smaller = more similar (e.g. ``pairwise_distance``).
-    query_ids, gallery_ids: (Q,) and (G,) identities, compared for equality.
-    query_cams, gallery_cams: (Q,) and (G,) camera ids.
+    query_identities, gallery_identities: (Q,) and (G,) identities, compared for equality.
+    query_cameras, gallery_cameras: (Q,) and (G,) cameras, compared for equality.
     topk: the CMC ranks to report.
     block_elements: queries are processed in blocks of about this many distances, so memory
       stays bounded for large galleries.
@@ -114,13 +115,14 @@ def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np
     ValueError: on mismatched shapes, or when no query has any valid match.
   """
   dist = np.asarray(distmat)
-  q_ids, g_ids = np.asarray(query_ids).ravel(), np.asarray(gallery_ids).ravel()
-  q_cams, g_cams = np.asarray(query_cams).ravel(), np.asarray(gallery_cams).ravel()
-  if dist.ndim != 2 or dist.shape != (q_ids.size, g_ids.size):
-    raise ValueError(f"distmat shape {dist.shape} does not match {q_ids.size} queries and "
-                     f"{g_ids.size} gallery entries.")
-  if q_cams.size != q_ids.size or g_cams.size != g_ids.size:
-    raise ValueError("camera arrays must match the id arrays in length.")
+  q_identities = np.asarray(query_identities).ravel()
+  g_identities = np.asarray(gallery_identities).ravel()
+  q_cameras, g_cameras = np.asarray(query_cameras).ravel(), np.asarray(gallery_cameras).ravel()
+  if dist.ndim != 2 or dist.shape != (q_identities.size, g_identities.size):
+    raise ValueError(f"distmat shape {dist.shape} does not match {q_identities.size} queries "
+                     f"and {g_identities.size} gallery entries.")
+  if q_cameras.size != q_identities.size or g_cameras.size != g_identities.size:
+    raise ValueError("camera arrays must match the identity arrays in length.")
   topk = tuple(int(k) for k in topk)
   if any(k < 1 for k in topk):
     raise ValueError(f"topk values must be >= 1, got {topk}.")
@@ -132,7 +134,8 @@ def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np
   aps, firsts, inps = [], [], []
   for s in range(0, num_q, step):
     e = min(s + step, num_q)
-    ap, first, inp, ok = _rank_block(dist[s:e], q_ids[s:e], q_cams[s:e], g_ids, g_cams)
+    ap, first, inp, ok = _rank_block(dist[s:e], q_identities[s:e], q_cameras[s:e],
+                                     g_identities, g_cameras)
     aps.append(ap[ok])
     firsts.append(first[ok])
     inps.append(inp[ok])
@@ -141,7 +144,7 @@ def evaluate_ranking(distmat: np.ndarray, query_ids: np.ndarray, gallery_ids: np
   inp = np.concatenate(inps) if inps else np.zeros(0)
   if ap.size == 0:
     raise ValueError(
-        "no query has a valid match in the gallery (after removing same-id same-camera "
+        "no query has a valid match in the gallery (after removing same-identity same-camera "
         "entries); mAP, CMC and mINP are undefined.")
   out = {"mAP": float(ap.mean()), "mINP": float(inp.mean())}
   for k in topk:

@@ -19,7 +19,7 @@ def evaluate_features(features: np.ndarray, dataset: Any,
   Args:
     features: (Q + G, D) L2-normalised features: ``dataset.query``'s rows, then
       ``dataset.gallery``'s.
-    dataset: anything with ``query`` and ``gallery`` record lists (``pid``, ``camid``).
+    dataset: anything with ``query`` and ``gallery`` record lists (``identity``, ``camera``).
     eval_config: ``config.eval``: ``rerank`` (k-reciprocal re-ranking with ``rerank_k1``,
       ``rerank_k2``, ``rerank_lambda``).
 
@@ -40,6 +40,7 @@ def evaluate_features(features: np.ndarray, dataset: Any,
         lambda_value=eval_config.rerank_lambda)
   metrics = evaluate_ranking(
       distmat,
-      np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),
-      np.array([r.camid for r in dataset.query]), np.array([r.camid for r in dataset.gallery]))
+      np.array([r.identity for r in dataset.query]),
+      np.array([r.identity for r in dataset.gallery]),
+      np.array([r.camera for r in dataset.query]), np.array([r.camera for r in dataset.gallery]))
   return metrics, distmat

@@ -1,8 +1,9 @@
 """Pictures of a run for a researcher: rank lists and training curves (numpy + Pillow only).
 
 * ``rank_list_image`` draws, for a few queries, the query and its first ``topk`` gallery
-  matches under the evaluation protocol (gallery entries with the query's id *and* camera
-  removed), each framed green (same id) or red (other id), with rank and camera printed.
+  matches under the evaluation protocol (gallery entries with the query's identity *and* camera
+  removed), each framed green (same identity) or red (other identity), with rank and camera
+  printed.
 * ``search_rank_list_image`` draws a search without identities or cameras: each query and the
   gallery entries it was ranked against, in the given order, framed grey, with rank and
   distance printed.
@@ -61,9 +62,9 @@ GAP = 12
 
 BACKGROUND = (255, 255, 255)
 QUERY = (40, 90, 220)  # Frame of the query thumbnail.
-CORRECT = (0, 170, 0)  # Frame of a gallery match with the query's id.
-WRONG = (220, 0, 0)  # Frame of a gallery match with another id.
-NEUTRAL = (150, 150, 150)  # Frame of a gallery match whose id is not known (a search).
+CORRECT = (0, 170, 0)  # Frame of a gallery match with the query's identity.
+WRONG = (220, 0, 0)  # Frame of a gallery match with another identity.
+NEUTRAL = (150, 150, 150)  # Frame of a gallery match whose identity is not known (a search).
 _MISSING_IMAGE = (160, 160, 160)  # Thumbnail of a file that cannot be read.
 _TEXT = (0, 0, 0)
 
@@ -88,17 +89,18 @@ def choose_queries(num_queries: int, n: int, seed: int) -> np.ndarray:
   return np.sort(chosen).astype(np.int64)
 
 
-def ranked_gallery(distances: np.ndarray, query_id: int, query_cam: int,
-                   gallery_ids: np.ndarray, gallery_cams: np.ndarray, topk: int) -> np.ndarray:
+def ranked_gallery(distances: np.ndarray, query_identity: int, query_camera: int,
+                   gallery_identities: np.ndarray, gallery_cameras: np.ndarray,
+                   topk: int) -> np.ndarray:
   """Gallery indices of one query's first ``topk`` matches under the evaluation protocol.
 
   Sorted by increasing distance (a stable sort: ties keep gallery order, as in
-  ``evaluate_ranking``), after removing the entries with the query's id and camera.
+  ``evaluate_ranking``), after removing the entries with the query's identity and camera.
   """
   order = np.argsort(np.asarray(distances), kind="stable")
-  gallery_ids = np.asarray(gallery_ids)
-  gallery_cams = np.asarray(gallery_cams)
-  same = (gallery_ids[order] == query_id) & (gallery_cams[order] == query_cam)
+  gallery_identities = np.asarray(gallery_identities)
+  gallery_cameras = np.asarray(gallery_cameras)
+  same = (gallery_identities[order] == query_identity) & (gallery_cameras[order] == query_camera)
   return order[~same][:topk]
 
 
@@ -141,9 +143,9 @@ def _paste_cell(canvas: Image.Image, x: int, y: int, source: Any, frame: tuple[i
   canvas.paste(strip, (x, y + thumb_h + 2 * BORDER))
 
 
-def rank_list_image(query_paths: Sequence[Any], query_ids: Sequence[int],
-                    query_cams: Sequence[int], gallery_paths: Sequence[Any],
-                    gallery_ids: Sequence[int], gallery_cams: Sequence[int],
+def rank_list_image(query_paths: Sequence[Any], query_identities: Sequence[int],
+                    query_cameras: Sequence[int], gallery_paths: Sequence[Any],
+                    gallery_identities: Sequence[int], gallery_cameras: Sequence[int],
                     distmat: np.ndarray, *, query_indices: Sequence[int], topk: int = 10,
                     thumb: tuple[int, int] = (128, 64)) -> Image.Image:
   """One row per query of ``query_indices``: the query, then its first ``topk`` matches.
@@ -151,33 +153,34 @@ def rank_list_image(query_paths: Sequence[Any], query_ids: Sequence[int],
   Args:
     query_paths, gallery_paths: image files, or decoded (H, W, 3) uint8 images (an (N, H,
       W, 3) array works). Files that cannot be read are drawn grey.
-    query_ids, query_cams, gallery_ids, gallery_cams: identities and cameras.
+    query_identities, query_cameras, gallery_identities, gallery_cameras: identities and cameras.
     distmat: (num_query, num_gallery) distances, smaller is closer.
     query_indices: rows of ``distmat`` to draw, top to bottom.
     topk: matches per row. A query with fewer kept gallery entries leaves the rest blank.
     thumb: (height, width) of every thumbnail.
 
-  The query is framed blue and labelled ``q<id> c<cam>``; match ``r`` is framed green
-  (``CORRECT``) when its id is the query's and red (``WRONG``) otherwise, and labelled
-  ``<r> c<cam>`` (cameras as the dataset records hold them, 0-based). Gallery entries with the
-  query's id and camera are skipped, as the evaluation does. The size is
+  The query is framed blue and labelled ``q<identity> c<camera>``; match ``r`` is framed green
+  (``CORRECT``) when its identity is the query's and red (``WRONG``) otherwise, and labelled
+  ``<r> c<camera>`` (cameras as the dataset records hold them, 0-based). Gallery entries with
+  the query's identity and camera are skipped, as the evaluation does. The size is
   ``rank_list_size(len(query_indices), topk, thumb)``: column ``j`` (0 = query) starts at
   ``x = j * cell + MARGIN + (GAP if j > 0 else 0)`` and row ``i`` at ``y = i * row + MARGIN``
   with ``cell = thumb_w + 2 * BORDER + 2 * MARGIN`` and
   ``row = thumb_h + 2 * BORDER + LABEL_HEIGHT + 2 * MARGIN``.
   """
   distmat = np.asarray(distmat)
-  query_ids, query_cams = np.asarray(query_ids), np.asarray(query_cams)
-  gallery_ids, gallery_cams = np.asarray(gallery_ids), np.asarray(gallery_cams)
-  num_query, num_gallery = len(query_ids), len(gallery_ids)
+  query_identities, query_cameras = np.asarray(query_identities), np.asarray(query_cameras)
+  gallery_identities, gallery_cameras = np.asarray(gallery_identities), np.asarray(gallery_cameras)
+  num_query, num_gallery = len(query_identities), len(gallery_identities)
   if distmat.shape != (num_query, num_gallery):
     raise ValueError(f"distmat has shape {distmat.shape}; expected ({num_query}, {num_gallery}) "
                      "(queries x gallery).")
   if len(query_paths) != num_query or len(gallery_paths) != num_gallery:
     raise ValueError(f"got {len(query_paths)} query / {len(gallery_paths)} gallery images for "
-                     f"{num_query} / {num_gallery} ids.")
-  if len(query_cams) != num_query or len(gallery_cams) != num_gallery:
-    raise ValueError("query_cams / gallery_cams must have one entry per query / gallery image.")
+                     f"{num_query} / {num_gallery} identities.")
+  if len(query_cameras) != num_query or len(gallery_cameras) != num_gallery:
+    raise ValueError("query_cameras / gallery_cameras must have one entry per query / gallery "
+                     "image.")
   if topk < 1 or min(thumb) < 1:
     raise ValueError(f"topk and the thumbnail size must be positive, got {topk} and {thumb}.")
   for q in query_indices:
@@ -191,24 +194,24 @@ def rank_list_image(query_paths: Sequence[Any], query_ids: Sequence[int],
   for i, q in enumerate(int(q) for q in query_indices):
     y = i * row + MARGIN
     _paste_cell(canvas, MARGIN, y, query_paths[q], QUERY,
-                f"q{query_ids[q]} c{query_cams[q]}", thumb)
-    matches = ranked_gallery(distmat[q], query_ids[q], query_cams[q], gallery_ids, gallery_cams,
-                             topk)
+                f"q{query_identities[q]} c{query_cameras[q]}", thumb)
+    matches = ranked_gallery(distmat[q], query_identities[q], query_cameras[q],
+                             gallery_identities, gallery_cameras, topk)
     for rank, g in enumerate(matches, start=1):
-      frame = CORRECT if gallery_ids[g] == query_ids[q] else WRONG
+      frame = CORRECT if gallery_identities[g] == query_identities[q] else WRONG
       x = rank * cell + MARGIN + GAP
-      _paste_cell(canvas, x, y, gallery_paths[g], frame, f"{rank} c{gallery_cams[g]}", thumb)
+      _paste_cell(canvas, x, y, gallery_paths[g], frame, f"{rank} c{gallery_cameras[g]}", thumb)
   return canvas
 
 
 def rank_list_from_records(query_records: Sequence[Any], gallery_records: Sequence[Any],
                            distmat: np.ndarray, *, query_indices: Sequence[int],
                            topk: int = 10, thumb: tuple[int, int] = (128, 64)) -> Image.Image:
-  """``rank_list_image`` for dataset records (anything with ``path``, ``pid``, ``camid``)."""
+  """``rank_list_image`` for dataset records (anything with ``path``, ``identity``, ``camera``)."""
   return rank_list_image(
-      [r.path for r in query_records], [r.pid for r in query_records],
-      [r.camid for r in query_records], [r.path for r in gallery_records],
-      [r.pid for r in gallery_records], [r.camid for r in gallery_records], distmat,
+      [r.path for r in query_records], [r.identity for r in query_records],
+      [r.camera for r in query_records], [r.path for r in gallery_records],
+      [r.identity for r in gallery_records], [r.camera for r in gallery_records], distmat,
       query_indices=query_indices, topk=topk, thumb=thumb)
 
 

@@ -36,8 +36,8 @@ warns that distinct identities are merged into one pseudo label, which the contr
 then pulls together; a smaller eps is safer than a larger one. The published recipes keep eps
 fixed for the whole run (0.6 for ImageNet-initialised ResNet-50 on the person benchmarks):
 sweep the initial model (what the first epoch clusters) and, once a run has a few epochs, a
-middle checkpoint, and prefer an eps that sits on the plateau for both. Where ids are known,
-the ARI's peak is the best eps for these features; comparing it with the plateau on a
+middle checkpoint, and prefer an eps that sits on the plateau for both. Where identities are
+known, the ARI's peak is the best eps for these features; comparing it with the plateau on a
 benchmark shows how far the rule of thumb can be trusted.
 
 Not swept: the reliability criterion (``cluster.reliable``; the sweep is plain DBSCAN at each
@@ -100,8 +100,9 @@ def parse_eps(text: str) -> list[float]:
   return values
 
 
-def label_row(labels: np.ndarray, eps: float, true_ids: np.ndarray | None = None) -> dict:
-  """The figures of one clustering (see the module docstring); ``ari`` only with ids."""
+def label_row(labels: np.ndarray, eps: float,
+              true_identities: np.ndarray | None = None) -> dict:
+  """The figures of one clustering (see the module docstring); ``ari`` only with identities."""
   n = int(labels.size)
   clustered = labels[labels >= 0]
   sizes = np.bincount(clustered) if clustered.size else np.zeros(0, np.int64)
@@ -110,20 +111,20 @@ def label_row(labels: np.ndarray, eps: float, true_ids: np.ndarray | None = None
          "outlier_fraction": outliers / n if n else float("nan"),
          "largest_cluster": int(sizes.max()) if sizes.size else 0}
   row["largest_share"] = row["largest_cluster"] / n if n else float("nan")
-  if true_ids is not None:
-    row["ari"] = float(adjusted_rand_score(true_ids, labels))
+  if true_identities is not None:
+    row["ari"] = float(adjusted_rand_score(true_identities, labels))
   return row
 
 
 def sweep_rows(distance, eps_values: list[float], min_samples: int,
-               true_ids: np.ndarray | None = None) -> list[dict]:
+               true_identities: np.ndarray | None = None) -> list[dict]:
   """DBSCAN on one precomputed ``distance`` at every eps: one ``label_row`` each.
 
   ``distance`` must hold every pair up to ``max(eps_values)`` (``pseudo_labels.cluster_distance``
   with that ``max_distance``); DBSCAN at a smaller eps reads the same stored values.
   """
   return [label_row(clustering.dbscan_labels(distance, eps=eps, min_samples=min_samples), eps,
-                    true_ids)
+                    true_identities)
           for eps in eps_values]
 
 
@@ -154,7 +155,7 @@ def _integer_axis(values: list[float]) -> tuple[int, str]:
 
 def sweep_image(rows: list[dict], *, title: str = "") -> Any:
   """Four panels (``visualize.CURVES_SIZE``) against eps: clusters, outlier fraction, the
-  largest cluster's share, and the ARI (a "no data" panel without known ids)."""
+  largest cluster's share, and the ARI (a "no data" panel without known identities)."""
   scale, x_label = _integer_axis([r["eps"] for r in rows])
   xs = [int(round(r["eps"] * scale)) for r in rows]
 
@@ -170,7 +171,7 @@ def sweep_image(rows: list[dict], *, title: str = "") -> Any:
   panels = [("clusters", [("clusters", series("clusters"))]),
             ("outlier fraction", [("outliers", series("outlier_fraction"))]),
             ("largest cluster / N", [("largest", series("largest_share"))]),
-            ("adjusted Rand index vs the true ids", [("ARI", series("ari"))])]
+            ("adjusted Rand index vs the true identities", [("ARI", series("ari"))])]
   draw_panel = visualize.draw_panel
   for box, (panel_title, panel_series) in zip(boxes, panels):
     draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)),
