@@ -259,6 +259,12 @@ def _epoch_record(epoch: int, plan: PseudoLabels, losses: dict[str, list[float]]
     record["memory_bucket"] = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
   if "camera_loss" in losses:
     record["camera_loss"] = float(np.mean(losses["camera_loss"]))
+  if losses:
+    # The loss over the first and the last tenth of the epoch's steps: how it moves within an
+    # epoch (a memory kept hard, as BMW's push keeps it, makes it rise).
+    tenth = max(1, len(losses["loss"]) // 10)
+    record.update(loss_start=float(np.mean(losses["loss"][:tenth])),
+                  loss_end=float(np.mean(losses["loss"][-tenth:])))
   record.update(loss=float(np.mean(losses["loss"])) if losses else float("nan"),
                 steps=int(state.step),
                 lr=float(state_lib.make_lr_schedule(config.optim, config.train.iters)(

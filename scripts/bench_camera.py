@@ -1,6 +1,8 @@
-"""Camera-aware training on camera-shifted data: does it follow identities instead of cameras?
+"""Camera-aware training on camera-shifted data, and the memory's update rules.
 
   python scripts/bench_camera.py --seeds 1 2 3 [--epochs 8] [--iters 30] [--out camera.json]
+  python scripts/bench_camera.py --variants plain hard bmw --seeds 1 2 3 --epochs 10 --iters 30
+  python scripts/bench_camera.py --data demo --variants plain hard bmw --seeds 1 2 3
 
 Generates a Market-1501-layout dataset in which every camera has a strong appearance of its
 own (``synthetic.generate_market_dataset(camera_shift=1.0)``: colour cast, exposure, haze,
@@ -11,13 +13,21 @@ ways, each with every seed:
 * ``plain``: Cluster Contrast (Jaccard distance + DBSCAN);
 * ``ca_jaccard``: the CA-Jaccard distance (``cluster.distance="ca_jaccard"``);
 * ``proxy``: the camera-aware proxy loss (``camera.enabled=True``);
-* ``both``: the two together.
+* ``both``: the two together;
+* ``hard`` and ``bmw``: the memory's other update rules (``memory.update_rule``: the hardest
+  sample's momentum update, BMW's bidirectional rewrite; ``plain`` is the momentum rule).
+
+``--data demo`` trains on the demo's dataset instead (``python -m ccreid_jax.data.synthetic``
+defaults, no camera shift) with the demo's whole recipe (15 epochs of 40 steps, evaluated
+every 5) unless ``--epochs`` / ``--iters`` are given.
 
 For each run it reports, per epoch, the adjusted Rand index of the pseudo labels against the
 true identities (``cluster_ari``) and against the cameras (``camera_ari``), the share of
 clusters whose members all come from one camera (``one_camera_clusters``), and the final
 mAP / rank-1 on the generated query / gallery. Camera-aware training should give a higher
-identity ARI, a lower camera ARI and a higher mAP than ``plain``.
+identity ARI, a lower camera ARI and a higher mAP than ``plain``. Per epoch it also keeps the
+mean loss over the first and the last tenth of the steps (``loss_start``, ``loss_end``): a rule
+that keeps the memory hard makes the loss rise within an epoch.
 """
 
 from __future__ import annotations
@@ -39,15 +49,21 @@ VARIANTS = {
     "ca_jaccard": {"cluster.distance": "ca_jaccard"},
     "proxy": {"camera.enabled": True},
     "both": {"cluster.distance": "ca_jaccard", "camera.enabled": True},
+    "hard": {"memory.update_rule": "hard"},
+    "bmw": {"memory.update_rule": "bmw"},
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="config.seed values")
-  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  p.add_argument("--epochs", type=int, default=8)
-  p.add_argument("--iters", type=int, default=30, help="train steps per epoch")
+  p.add_argument("--variants", nargs="+", default=["plain", "ca_jaccard", "proxy", "both"],
+                 choices=list(VARIANTS))
+  p.add_argument("--data", choices=("camera", "demo"), default="camera",
+                 help="camera: the camera-shifted set; demo: the demo's dataset and recipe")
+  p.add_argument("--epochs", type=int, default=None, help="default 8 (camera), 15 (demo)")
+  p.add_argument("--iters", type=int, default=None,
+                 help="train steps per epoch; default 30 (camera), 40 (demo)")
   p.add_argument("--camera-shift", type=float, default=1.0)
   p.add_argument("--num-train-identities", type=int, default=60)
   p.add_argument("--num-test-identities", type=int, default=40)
@@ -65,11 +81,14 @@ def run_config(args, variant: str, seed: int, data_root: str):
   config = demo.get_config()
   config.data.root = data_root
   config.seed = seed
-  config.train.epochs = args.epochs
-  config.train.iters = args.iters
-  config.train.eval_every = args.epochs
-  config.train.eval_initial = False
-  config.optim.step_size = max(1, int(args.epochs * 0.8))
+  if args.data == "camera" or args.epochs is not None:
+    epochs = 8 if args.epochs is None else args.epochs
+    config.train.epochs = epochs
+    config.train.eval_every = epochs
+    config.train.eval_initial = False
+    config.optim.step_size = max(1, int(epochs * 0.8))
+  if args.data == "camera" or args.iters is not None:
+    config.train.iters = 30 if args.iters is None else args.iters
   config.log.progress = False
   config.log.ranklist_queries = 0
   config.log.tensorboard = False
@@ -85,25 +104,30 @@ def main(argv=None) -> dict:
   from ccreid_jax import train
   from ccreid_jax.data import synthetic
 
-  data_root = os.path.join(args.root, f"data_shift{args.camera_shift:g}")
-  synthetic.generate_market_dataset(
-      data_root, num_train_identities=args.num_train_identities,
-      num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
-      images_per_camera=tuple(args.images_per_camera), height=128, width=64, seed=0,
-      camera_shift=args.camera_shift)
+  if args.data == "demo":  # the demo's dataset: the generator's defaults.
+    data_root = os.path.join(args.root, "data_demo")
+    synthetic.generate_market_dataset(data_root)
+  else:
+    data_root = os.path.join(args.root, f"data_shift{args.camera_shift:g}")
+    synthetic.generate_market_dataset(
+        data_root, num_train_identities=args.num_train_identities,
+        num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
+        images_per_camera=tuple(args.images_per_camera), height=128, width=64, seed=0,
+        camera_shift=args.camera_shift)
   results = {"args": vars(args), "runs": []}
   for variant in args.variants:
     for seed in args.seeds:
-      workdir = os.path.join(args.root, f"{variant}_seed{seed}")
+      workdir = os.path.join(args.root, f"{args.data}_{variant}_seed{seed}")
       config = run_config(args, variant, seed, data_root)
-      config.data.cache_dir = os.path.join(args.root, "cache")
+      config.data.cache_dir = os.path.join(args.root, f"cache_{args.data}")
       start = time.time()
       final = train.train_and_evaluate(config, workdir)
       records = run_lib.Run(workdir).epoch_records()
       run = {"variant": variant, "seed": seed, "seconds": time.time() - start,
              "mAP": final["last"]["mAP"], "rank1": final["last"]["rank1"],
              "epochs": [{k: r.get(k) for k in ("epoch", "clusters", "outliers", "cluster_ari",
-                                               "camera_ari", "one_camera_clusters")}
+                                               "camera_ari", "one_camera_clusters", "loss",
+                                               "loss_start", "loss_end", "mAP")}
                         for r in records]}
       results["runs"].append(run)
       last = run["epochs"][-1]
@@ -128,8 +152,9 @@ def print_summary(results: dict) -> None:
   averaged over the epochs (the whole training's clusterings) and at the last epoch."""
   print(f"\n{'variant':>10} | {'mAP':>5} | {'rank1':>5} | {'cluster ARI':>11} | "
         f"{'camera ARI':>10} | {'1-camera':>8} | {'cluster ARI':>11} | {'camera ARI':>10} | "
-        f"{'1-camera':>8}")
-  print(f"{'':>10} | {'final':>13} | {'mean over epochs':>35} | {'last epoch':>35}")
+        f"{'1-camera':>8} | {'loss rise':>9}")
+  print(f"{'':>10} | {'final':>13} | {'mean over epochs':>35} | {'last epoch':>35} | "
+        f"{'in epoch':>9}")
   for variant in results["args"]["variants"]:
     runs = [r for r in results["runs"] if r["variant"] == variant]
     if not runs:
@@ -142,7 +167,14 @@ def print_summary(results: dict) -> None:
           f"{100 * _mean([r['rank1'] for r in runs]):5.1f} | {over['cluster_ari']:11.3f} | "
           f"{over['camera_ari']:10.3f} | {over['one_camera_clusters']:8.2f} | "
           f"{last['cluster_ari']:11.3f} | {last['camera_ari']:10.3f} | "
-          f"{last['one_camera_clusters']:8.2f}")
+          f"{last['one_camera_clusters']:8.2f} | {_loss_rise(runs):9.3f}")
+
+
+def _loss_rise(runs: list[dict]) -> float:
+  """The mean over runs and epochs of the loss over an epoch's last tenth of steps minus the
+  loss over its first tenth (positive: the loss rises within an epoch)."""
+  return _mean([_mean([e["loss_end"] - e["loss_start"] for e in r["epochs"]
+                       if e.get("loss_end") is not None]) for r in runs])
 
 
 if __name__ == "__main__":

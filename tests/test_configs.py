@@ -17,10 +17,11 @@ from ccreid_jax.validation import ConfigError, validate_config
 from conftest import ROOT
 
 RECIPE_NAMES = [
-    "custom", "demo", "dukemtmcreid", "dukemtmcreid_infomap", "market1501", "market1501_cam",
-    "market1501_ibn_hard", "market1501_infomap", "market1501_rlcc", "market1501_rlcc_official",
-    "msmt17", "msmt17_cam", "msmt17_infomap", "msmt17_rlcc", "msmt17_rlcc_official", "personx",
-    "veri776", "veri776_cam", "veri776_infomap", "veri776_rlcc"]
+    "custom", "demo", "dukemtmcreid", "dukemtmcreid_bmw", "dukemtmcreid_infomap", "market1501",
+    "market1501_bmw", "market1501_cam", "market1501_ibn_hard", "market1501_infomap",
+    "market1501_rlcc", "market1501_rlcc_official", "msmt17", "msmt17_bmw", "msmt17_cam",
+    "msmt17_infomap", "msmt17_rlcc", "msmt17_rlcc_official", "personx", "veri776",
+    "veri776_bmw", "veri776_cam", "veri776_infomap", "veri776_rlcc"]
 CONFIG_NAMES = ["default", *RECIPE_NAMES]
 
 # What each shipped recipe must set: (dataset, steps per epoch, eps, image size, clustering,
@@ -186,8 +187,10 @@ _OFFICIAL_RLCC = {
     "model.bn_group_size": 16}
 _MSMT17 = {"data.name": "msmt17", "train.iters": 400}
 _VERI776 = {"data.name": "veri776", "data.height": 224, "data.width": 224, "train.iters": 400}
-# Every field where a recipe differs from default.py, with its value (the recipes' values
-# before they became overrides of the defaults, commit fff8a0f).
+_BMW = {"memory.update_rule": "bmw", "train.epochs": 75, "optim.step_size": 25,
+        "model.bn_group_size": 256}
+# Every field where a recipe differs from default.py, with its value (for the older recipes,
+# the values they had before they became overrides of the defaults).
 DIFFERS_FROM_DEFAULT = {
     "custom": {"data.name": "folder", "data.root": "my_images"},
     "demo": {"data.root": "demo_data", "data.height": 128, "data.width": 64,
@@ -197,8 +200,10 @@ DIFFERS_FROM_DEFAULT = {
              "train.num_instances": 8, "train.log_every": 10, "train.eval_every": 5,
              "train.eval_initial": True, "optim.step_size": 12},
     "dukemtmcreid": {"data.name": "dukemtmcreid"},
+    "dukemtmcreid_bmw": {"data.name": "dukemtmcreid", **_BMW, "cluster.eps": 0.7},
     "dukemtmcreid_infomap": {"data.name": "dukemtmcreid", "cluster.method": "infomap"},
     "market1501": {},
+    "market1501_bmw": _BMW,
     "market1501_cam": {**_CAM, "cluster.eps": 0.4},
     "market1501_ibn_hard": {"model.arch": "resnet50_ibn_a", "memory.update_rule": "hard",
                             "cluster.eps": 0.4, "train.iters": 400},
@@ -206,12 +211,15 @@ DIFFERS_FROM_DEFAULT = {
     "market1501_rlcc": {"rlcc.enabled": True},
     "market1501_rlcc_official": _OFFICIAL_RLCC,
     "msmt17": _MSMT17,
+    "msmt17_bmw": {**_MSMT17, **_BMW},
     "msmt17_cam": {**_MSMT17, **_CAM},
     "msmt17_infomap": {**_MSMT17, "cluster.method": "infomap"},
     "msmt17_rlcc": {**_MSMT17, "rlcc.enabled": True},
     "msmt17_rlcc_official": {**_MSMT17, **_OFFICIAL_RLCC},
     "personx": {"data.name": "personx"},
     "veri776": _VERI776,
+    "veri776_bmw": {"data.name": "veri776", "data.width": 256, "train.iters": 400, **_BMW,
+                    "cluster.eps": 0.7, "model.bn_group_size": 128},  # 256 x 256 images
     "veri776_cam": {**_VERI776, **_CAM},
     "veri776_infomap": {**_VERI776, "cluster.method": "infomap"},
     "veri776_rlcc": {**_VERI776, "rlcc.enabled": True},
