@@ -36,6 +36,7 @@ from ccreid_jax.distributed import make_mesh
 from ccreid_jax.evaluation import pairwise_distance, visualize
 from ccreid_jax.extract import eval_features, extract_features, make_extract_fn, precision_scope
 from ccreid_jax.run import Run
+from ccreid_jax.utils import printable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -354,9 +355,13 @@ def search_and_draw(embedder: Embedder, query_paths: Sequence[str], gallery_path
 
 
 def format_search_results(records: Sequence[dict[str, Any]]) -> str:
-  """``search_and_draw``'s records as text: per query its path, then rank, distance, path."""
+  """``search_and_draw``'s records as text: per query its path, then rank, distance, path.
+
+  Paths that are not valid UTF-8 show their bytes as ``\\xNN`` (``utils.printable``).
+  """
   lines = []
   for record in records:
-    lines.append(f"query {record['query']}")
-    lines += [f"  {m['rank']:>3}  {m['distance']:.4f}  {m['path']}" for m in record["matches"]]
+    lines.append(f"query {printable(record['query'])}")
+    lines += [f"  {m['rank']:>3}  {m['distance']:.4f}  {printable(m['path'])}"
+              for m in record["matches"]]
   return "\n".join(lines)

@@ -38,7 +38,7 @@ from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models import weights
 from ccreid_jax.tools import eps_sweep
-from ccreid_jax.utils import format_history_table, format_results_table
+from ccreid_jax.utils import format_history_table, format_results_table, printable
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -308,7 +308,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
   records, png = commands.search(config, workdir, _QUERY.value, _GALLERY.value,
                                  topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
   print(inference.format_search_results(records))
-  print(f"rank list: {png}")
+  print(f"rank list: {printable(png)}")
 
 
 def _check_export() -> None:
