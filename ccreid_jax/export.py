@@ -14,7 +14,8 @@ range, mean / std, image size, feature dimension and the checkpoint:
 * ``export_onnx(embedder, out_path)``: an ONNX model (converted by ``jax2onnx``) whose input
   is a float32 NCHW batch that is already resized and normalised, ``(x / 255 - mean) / std``
   with the ImageNet mean / std, the layout TensorRT, OpenVINO and ONNX Runtime users feed;
-  ``onnx_input(images)`` makes it from uint8 NHWC images.
+  ``onnx_input(images)`` makes it from uint8 NHWC images. The model computes in float32, also
+  for a bfloat16 run (ONNX has no bfloat16 convolution); the file passes ONNX's full check.
 
 The embedder is an ``inference.Embedder`` (e.g. ``Embedder.from_workdir(run_folder)``).
 """
@@ -152,6 +153,7 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
       input_name="images", input_layout="NHWC",
       input_shape=["batch", embedder.height, embedder.width, 3], input_dtype=input_dtype,
       input_value_range=[0, 255], normalization_included=True,
+      compute_dtype=_compute_dtype(embedder.model) or "float32",
       platforms=list(exported.platforms),
       calling_convention_version=exported.calling_convention_version,
       load="jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"))
@@ -199,7 +201,8 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   Input ``images``: (batch, 3, height, width) float32, RGB, resized as the image cache does
   and normalised, ``(x / 255 - mean) / std`` with the ImageNet mean / std (``onnx_input``
   makes it from uint8 NHWC images); batch is dynamic. Output ``features``: (batch, D) float32
-  L2-normalised (with the flip test when the embedder has it). ``<out_path>.json`` describes
+  L2-normalised (with the flip test when the embedder has it). The model computes in float32
+  whatever its dtype (a bfloat16 run's sidecar notes it). ``<out_path>.json`` describes
   both. Needs the ``onnx`` packages (``pip install "ccreid_jax[export]"``) and the converter
   (``pip install --no-deps jax2onnx==0.17.1``: its own pins would downgrade orbax-checkpoint).
   """
@@ -214,19 +217,51 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
   spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)
+  # ONNX's Conv (and ONNX Runtime's kernels) take no bfloat16: the model computes in float32.
+  run_dtype = _compute_dtype(embedder.model)
   with _jax2onnx_fixes(), precision_scope(embedder.precision):
-    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS)
+    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS,
+                                         dtype=jnp.float32)
     proto = to_onnx(function, [spec], model_name="ccreid_jax_features", opset=int(opset),
                     input_names=["images"], output_names=["features"])
+  proto = _shapes_inferred_again(proto)
+  notes = {}
+  if run_dtype not in (None, "float32"):
+    notes["note"] = (f"exported in float32 from a {run_dtype} run (ONNX runtimes have no "
+                     "bfloat16 convolution); its features differ from the run's by the "
+                     f"{run_dtype} rounding")
   write_atomic(out_path, proto.SerializeToString())
   write_json(out_path + ".json", _sidecar(
       embedder, "onnx", os.path.basename(out_path),
       input_name="images", input_layout="NCHW",
       input_shape=["batch", 3, embedder.height, embedder.width], input_dtype="float32",
       input_value_range="normalised: (x / 255 - mean) / std",
-      normalization_included=False, opset=int(opset),
+      normalization_included=False, opset=int(opset), compute_dtype="float32", **notes,
       converter=f"jax2onnx {_version('jax2onnx')}", onnx_version=onnx.__version__))
   return out_path
+
+
+def _compute_dtype(model: Any) -> str | None:
+  """The name of ``model``'s compute dtype ("float32", "bfloat16"), or None if it has none."""
+  dtype = getattr(model, "dtype", None)
+  return None if dtype is None else jnp.dtype(dtype).name
+
+
+def _shapes_inferred_again(proto: Any) -> Any:
+  """``proto`` with its intermediate shapes (``value_info``) inferred by ONNX itself, checked.
+
+  jax2onnx 0.17.1 records some intermediate shapes that ONNX's inference contradicts (GeM's
+  ``1 / p``, a (1,) tensor, is written as a scalar), so ``onnx.checker.check_model(...,
+  full_check=True)`` fails and ONNX Runtime warns "Error merging shape info" at every load.
+  They are dropped and inferred again (strictly), and the model is checked before it is
+  written.
+  """
+  import onnx
+
+  del proto.graph.value_info[:]
+  proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+  onnx.checker.check_model(proto, full_check=True)
+  return proto
 
 
 def _version(package: str) -> str:
