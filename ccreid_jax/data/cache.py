@@ -46,12 +46,70 @@ class ImageDecodeError(OSError):
   """An image file could not be opened or decoded (missing, truncated, not an image)."""
 
 
+def _integer_depth(image: Image.Image) -> tuple[int, bool]:
+  """``(bits, signed)`` of the samples of a PIL "I" (32-bit integer) image.
+
+  PIL reads a PGM / PPM of maxval above 255 into "I" scaled to 16 bits, a 16-bit PNG as 16
+  bits, and a TIFF as its BitsPerSample / SampleFormat tags say; anything else as PIL's own
+  signed 32 bits.
+  """
+  if image.format in ("PPM", "PNG"):
+    return 16, False
+  if image.format == "TIFF":
+    bits = image.tag_v2.get(258, (32,))  # BitsPerSample
+    sample_format = image.tag_v2.get(339, (1,))  # 1: unsigned, 2: signed, 3: float
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return int(bits), int(sample_format) == 2
+  return 32, True
+
+
+def _high_depth_gray(image: Image.Image) -> np.ndarray | None:
+  """The uint8 gray levels of a 16-bit, 32-bit integer or floating-point grayscale image, or
+  None for the other modes (``convert("RGB")`` handles them).
+
+  Integers are scaled by the range of their bit depth (16 bits: the 8 high bits; 32 bits:
+  ``x * 255 / (2**32 - 1)``, or ``2**31 - 1`` when signed); floats must lie in [0, 1] and
+  are scaled by 255. PIL's own ``convert("RGB")`` would clip integers at 255 (a white
+  image) and floats to 0 or 1 (a black one).
+
+  Raises:
+    ValueError: negative integers, or floats outside [0, 1] (or not finite): no scale to read
+      them with.
+  """
+  if image.mode.startswith("I;16"):
+    # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
+    return (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+  if image.mode == "I":
+    bits, signed = _integer_depth(image)
+    values = np.asarray(image).astype(np.int64)
+    if not signed and bits == 32:
+      values &= 0xFFFFFFFF  # PIL holds unsigned 32-bit samples as int32
+    if values.size and values.min() < 0:
+      raise ValueError(f"a signed {bits}-bit integer image with negative values (minimum "
+                       f"{values.min()}): it has no range to read it as RGB with")
+    if bits <= 16 and not signed:
+      return (values >> (bits - 8) if bits > 8 else values).astype(np.uint8)
+    top = (1 << (bits - 1 if signed else bits)) - 1
+    return np.round(np.minimum(values, top) * (255.0 / top)).astype(np.uint8)
+  if image.mode == "F":
+    values = np.asarray(image).astype(np.float64)
+    if values.size and (not np.isfinite(values).all() or values.min() < 0
+                        or values.max() > 1):
+      raise ValueError(f"a floating-point image with values in [{np.nanmin(values):g}, "
+                       f"{np.nanmax(values):g}]: only values in [0, 1] are read (as 0-255)")
+    return np.round(values * 255.0).astype(np.uint8)
+  return None
+
+
 def decode_image(path: str, height: int, width: int, *, data: bytes | None = None) -> np.ndarray:
   """Open ``path`` with PIL, convert to RGB and resize to (width, height) with BICUBIC.
 
-  Any mode PIL reads becomes RGB: grayscale is replicated (16-bit grayscale keeps its 8 high
-  bits), palette images are expanded, an alpha channel is dropped (not composited), CMYK is
-  converted.
+  Any mode PIL reads becomes RGB: grayscale is replicated, palette images are expanded, an
+  alpha channel is dropped (not composited), CMYK is converted. High bit depths are scaled
+  by their range (16-bit grayscale, PGM of maxval above 255 included, keeps its 8 high bits;
+  32-bit integers ``x * 255 / max``; floats in [0, 1] times 255), never clipped into a white
+  or black image; negative integers and floats outside [0, 1] are refused.
 
   Args:
     path: the image file; with ``data``, only the name used in error messages.
@@ -69,12 +127,8 @@ def decode_image(path: str, height: int, width: int, *, data: bytes | None = Non
   try:
     with Image.open(path if data is None else io.BytesIO(data)) as image:
       image.load()
-      if image.mode.startswith("I;16"):
-        # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
-        high = np.asarray(image).astype(np.uint32) >> 8
-        rgb = Image.fromarray(high.astype(np.uint8)).convert("RGB")
-      else:
-        rgb = image.convert("RGB")
+      gray = _high_depth_gray(image)
+      rgb = image.convert("RGB") if gray is None else Image.fromarray(gray).convert("RGB")
     if rgb.size != (width, height):
       rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
@@ -129,19 +183,27 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
   With ``read``, image ``i`` is decoded from the bytes ``read(i)`` returns (called from the
   pool's threads) and ``paths[i]`` only names it in error messages.
 
+  Images that decode to a single colour (a blank frame, or a file whose values no scale
+  fits) are kept and logged as a warning naming them: they carry no appearance to learn.
+
   Returns:
     ``(index, message)`` of every image that could not be decoded (its row is left as is).
   """
   errors: list[tuple[int, str]] = []
+  constant: list[int] = []
 
   def work(index: int) -> None:
     try:
       if read is None:
-        out[index] = decode_image(paths[index], height, width)
+        image = decode_image(paths[index], height, width)
       else:
-        out[index] = decode_image(paths[index], height, width, data=read(index))
+        image = decode_image(paths[index], height, width, data=read(index))
     except ImageDecodeError as exc:
       errors.append((index, str(exc)))  # list.append is atomic under the GIL.
+      return
+    out[index] = image
+    if (image == image[0, 0]).all():
+      constant.append(index)
 
   bar = progress_bar(total=len(paths), desc=f"decode {height}x{width}", unit="img",
                      enabled=progress)
@@ -151,6 +213,13 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
         bar.update(1)
   finally:
     bar.close()
+  if constant:
+    constant.sort()
+    listed = ", ".join(repr(paths[i]) for i in constant[:MAX_LISTED])
+    more = f" and {len(constant) - MAX_LISTED} more" if len(constant) > MAX_LISTED else ""
+    logger.warning("%d image(s) decode to a single colour (the first: RGB %s everywhere): "
+                   "%s%s. They are used as they are; remove them if they are not pictures",
+                   len(constant), out[constant[0]][0, 0].tolist(), listed, more)
   return sorted(errors)
 
 
