@@ -34,7 +34,7 @@ from ccreid_jax import run as run_lib
 from ccreid_jax import train
 from ccreid_jax import validation
 from ccreid_jax import xla_cpu
-from ccreid_jax.data.cache import ImageDecodeError
+from ccreid_jax.data.cache import CacheSpaceError, ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models import weights
 from ccreid_jax.tools import eps_sweep
@@ -98,7 +98,7 @@ _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
                  train.TrainingSetChanged, inference.InferencePathError,
                  run_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
                  feature_files.OutputPathError, app.UsageError)
-_FILE_ERRORS = (DatasetError, ImageDecodeError, checkpoint_lib.CheckpointError,
+_FILE_ERRORS = (DatasetError, ImageDecodeError, CacheSpaceError, checkpoint_lib.CheckpointError,
                 run_lib.WorkdirLocked, export_lib.ExportUnavailableError,
                 weights.WeightsFormatError, weights.WeightsMismatchError)
 

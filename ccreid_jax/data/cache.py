@@ -14,7 +14,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from ccreid_jax.data.datasets import DatasetError, ReidDataset
 from ccreid_jax.utils import progress_bar, write_atomic
 
 __all__ = [
+    "CacheSpaceError",
     "ImageDecodeError",
     "ReadableImages",
     "cache_file_name",
@@ -44,6 +47,10 @@ _CACHE_VERSION = 1
 
 class ImageDecodeError(OSError):
   """An image file could not be opened or decoded (missing, truncated, not an image)."""
+
+
+class CacheSpaceError(OSError):
+  """The image cache does not fit on the disk of its folder (``data.cache_dir``)."""
 
 
 def _integer_depth(image: Image.Image) -> tuple[int, bool]:
@@ -273,17 +280,74 @@ def _open_cached(final: str, shape: tuple[int, ...]) -> np.ndarray | None:
   return None
 
 
+def _megabytes(size: int) -> str:
+  return f"{size / 2**20:.1f} MiB"
+
+
+def _space_error(folder: str, needed: int, free: int | None) -> CacheSpaceError:
+  have = "not enough" if free is None else f"only {_megabytes(free)}"
+  return CacheSpaceError(
+      f"The image cache needs {_megabytes(needed)} ({needed} bytes) in {folder} "
+      f"(config.data.cache_dir; by default <workdir>/cache), and {have} is free there. Free "
+      "some space, or point --config.data.cache_dir at a disk with room.")
+
+
+def _check_space(folder: str, needed: int) -> None:
+  """Refuses a cache of ``needed`` bytes that the disk of ``folder`` cannot hold."""
+  try:
+    free = shutil.disk_usage(folder).free
+  except OSError:
+    return  # no figure to check against: the allocation below still refuses cleanly.
+  if free < needed:
+    raise _space_error(folder, needed, free)
+
+
+def _allocate(path: str) -> None:
+  """Reserves the disk blocks of the (sparse) file ``path``, so that writing it through a
+  memory map cannot run out of space: a full disk is an ``OSError`` here instead of a
+  SIGBUS (a bus error that kills the process) in the middle of decoding.
+
+  Raises:
+    CacheSpaceError: the disk has no room for the file.
+  """
+  if not hasattr(os, "posix_fallocate"):
+    return
+  size = os.path.getsize(path)
+  fd = os.open(path, os.O_RDWR)
+  try:
+    os.posix_fallocate(fd, 0, size)
+  except OSError as exc:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise _space_error(os.path.dirname(os.path.abspath(path)), size, None) from exc
+    # EOPNOTSUPP, EINVAL: a file system without it; the space check above is all there is.
+  finally:
+    os.close(fd)
+
+
 def _write_atomically(final: str, shape: tuple[int, ...],
                       fill: Callable[[np.ndarray], None]) -> np.ndarray:
   """Fills a new ``.npy`` file through ``fill`` and renames it to ``final`` when complete.
 
   If ``fill`` raises (or the process dies), no partial ``final`` exists; the temporary
-  file is removed (or, after a crash, by the next call for the same ``final``).
+  file is removed (or, after a crash, by the next call for the same ``final``). The space
+  the file needs is checked before anything is decoded, and reserved before it is written.
+
+  Raises:
+    CacheSpaceError: the disk of ``final``'s folder has no room for the file.
   """
   _remove_stale_tmp(final)
+  folder = os.path.dirname(os.path.abspath(final))
+  needed = math.prod(shape) + 4096  # the array and its header (at most 4 KiB)
+  _check_space(folder, needed)
   tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
   try:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+      out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError as exc:
+      if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise _space_error(folder, needed, None) from exc
+      raise
+    _allocate(tmp)
     fill(out)
     out.flush()
     del out
@@ -323,6 +387,7 @@ def load_image_cache(
   Raises:
     ImageDecodeError: naming the files (the first ``MAX_LISTED``), for missing, unreadable or
       truncated images; every image is tried before raising.
+    CacheSpaceError: the cache file does not fit in ``cache_dir`` (checked before decoding).
     ValueError: ``read`` and ``cache_dir`` without ``file_name``.
   """
   paths = list(paths)
@@ -473,6 +538,7 @@ def load_dataset_images(
 
   Raises:
     ImageDecodeError: unreadable images (without ``skip_bad_images``).
+    CacheSpaceError: the cache does not fit in ``cache_dir``.
     DatasetError: a split left without any readable image.
   """
 
