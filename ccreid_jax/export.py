@@ -18,6 +18,8 @@ range, mean / std, image size, feature dimension and the checkpoint:
   for a bfloat16 run (ONNX has no bfloat16 convolution); the file passes ONNX's full check.
 
 The embedder is an ``inference.Embedder`` (e.g. ``Embedder.from_workdir(run_folder)``).
+An export never writes over an existing file unless asked to (``overwrite=True``), and never
+over a run's own files (``check_export_paths``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import numpy as np
 
 from ccreid_jax.data import augment
 from ccreid_jax.extract import precision_scope
-from ccreid_jax.inference import Embedder
+from ccreid_jax.inference import Embedder, InferencePathError
+from ccreid_jax.run import CHECKPOINTS_FOLDER, CONFIG_FILE, METRICS_FILE, Run
 from ccreid_jax.utils import write_atomic, write_json
 
 __all__ = [
@@ -43,7 +46,9 @@ __all__ = [
     "ONNX_OPSET",
     "STABLEHLO_FILE",
     "ExportUnavailableError",
+    "check_export_paths",
     "export_onnx",
+    "export_paths",
     "export_stablehlo",
     "onnx_input",
 ]
@@ -76,6 +81,66 @@ def onnx_input(images: np.ndarray) -> np.ndarray:
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}.")
   return np.ascontiguousarray(np.asarray(augment.normalize(images)).transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Where an export writes.
+# ---------------------------------------------------------------------------------------
+
+
+def export_paths(fmt: str, out: str) -> tuple[str, str]:
+  """``(model file, sidecar)`` an export in ``fmt`` to ``out`` writes: ``out/model.stablehlo``
+  for "stablehlo" (``out`` is a folder), ``out`` itself for "onnx"; the sidecar is the model
+  file's path plus ``.json``."""
+  path = os.path.join(out, STABLEHLO_FILE) if fmt == "stablehlo" else out
+  return path, path + ".json"
+
+
+def _runs_around(path: str, workdirs: Sequence[str]) -> list[Run]:
+  """The runs ``workdirs`` and every folder above ``path`` that holds a run's files."""
+  runs = [Run(w) for w in workdirs if w]
+  folder = os.path.dirname(os.path.abspath(path))
+  while True:
+    if any(os.path.exists(os.path.join(folder, name))
+           for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_FOLDER)):
+      runs.append(Run(folder))
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return runs
+    folder = parent
+
+
+def check_export_paths(fmt: str, out: str, *, overwrite: bool = False,
+                       workdirs: Sequence[str] = ()) -> None:
+  """Refuses an export whose files would replace a run's own files, or existing files.
+
+  Args:
+    fmt: "stablehlo" or "onnx".
+    out: the export's ``--out`` (``export_paths``).
+    overwrite: replace an existing model file and sidecar (never a run's own files).
+    workdirs: runs whose files are protected besides those of any run folder above ``out``.
+
+  Raises:
+    InferencePathError: naming the file and the run it belongs to (a run's ``config.json``,
+      ``metrics.jsonl``, ``checkpoints/``, ... : ``run.Run.owns``), or the files that exist
+      and ``--overwrite``.
+  """
+  written = export_paths(fmt, out)
+  for path in written:
+    for run in _runs_around(path, workdirs):
+      if run.owns(path):
+        example = (os.path.join(run.path, "export") if fmt == "stablehlo"
+                   else os.path.join(run.path, "model.onnx"))
+        raise InferencePathError(
+            f"--out {out}: the export would write {path}, one of the files of the run in "
+            f"{run.path}; an export never replaces a run's files (even with --overwrite). "
+            f"Choose another --out, e.g. {example}.")
+  existing = [path for path in written if os.path.lexists(path)]
+  if existing and not overwrite:
+    raise InferencePathError(
+        f"--out {out}: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}"
+        "; pass --overwrite to replace the export (overwrite=True from Python), or choose "
+        "another --out.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +187,8 @@ def _sidecar(embedder: Embedder, fmt: str, file_name: str, **fields: Any) -> dic
 
 
 def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "uint8",
-                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS) -> str:
+                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS,
+                     overwrite: bool = False) -> str:
   """Writes the feature function as serialised StableHLO; returns the file's path.
 
   The file, ``out_dir/model.stablehlo``, holds a ``jax.export.Exported`` of
@@ -137,9 +203,15 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
     out_dir: created if needed.
     input_dtype: "uint8" (values 0-255), or "float32" (values in [0, 255], not normalised).
     platforms: the platforms it is lowered for (default CPU and CUDA GPUs).
+    overwrite: replace an existing export there (never a run's own files).
+
+  Raises:
+    InferencePathError: the files exist (without ``overwrite``) or belong to a run
+      (``check_export_paths``).
   """
   if input_dtype not in ("uint8", "float32"):
     raise ValueError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}.")
+  check_export_paths("stablehlo", out_dir, overwrite=overwrite)
   os.makedirs(out_dir, exist_ok=True)
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, embedder.height, embedder.width, 3), jnp.dtype(input_dtype))
@@ -195,7 +267,8 @@ def _jax2onnx_fixes() -> Iterator[None]:
     plugin_logger.setLevel(level)
 
 
-def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -> str:
+def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET,
+                overwrite: bool = False) -> str:
   """Writes the feature function as an ONNX model at ``out_path``; returns the path.
 
   Input ``images``: (batch, 3, height, width) float32, RGB, resized as the image cache does
@@ -205,7 +278,10 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   whatever its dtype (a bfloat16 run's sidecar notes it). ``<out_path>.json`` describes
   both. Needs the ``onnx`` packages (``pip install "ccreid_jax[export]"``) and the converter
   (``pip install --no-deps jax2onnx==0.17.1``: its own pins would downgrade orbax-checkpoint).
+  An existing file and sidecar are replaced only with ``overwrite``, a run's own files never
+  (``check_export_paths`` raises ``InferencePathError``).
   """
+  check_export_paths("onnx", out_path, overwrite=overwrite)
   try:
     import onnx
     from jax2onnx import to_onnx

@@ -79,6 +79,10 @@ _EPS = flags.DEFINE_string(
     "eps", "0.3:0.8:0.05",
     "--mode sweep: DBSCAN radii to try: start:stop:step (stop included), a comma-separated "
     "list, or one value; each in (0, 1).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "--mode export: replace an existing export (model file and sidecar) at --out; a run's own "
+    "files (config.json, checkpoints/, ...) are never replaced.")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
@@ -99,7 +103,7 @@ _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
                  run_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
                  feature_files.OutputPathError, app.UsageError)
 _FILE_ERRORS = (DatasetError, ImageDecodeError, CacheSpaceError, checkpoint_lib.CheckpointError,
-                run_lib.WorkdirLocked, export_lib.ExportUnavailableError,
+                run_lib.WorkdirLocked, run_lib.RunConfigError, export_lib.ExportUnavailableError,
                 weights.WeightsFormatError, weights.WeightsMismatchError)
 
 
@@ -317,11 +321,14 @@ def _check_export() -> None:
                            ".onnx file for --format=onnx)")
   if _FORMAT.value == "onnx":
     feature_files.check_output_path(OUT.value)
+  export_lib.check_export_paths(_FORMAT.value, OUT.value, overwrite=_OVERWRITE.value,
+                                workdirs=(WORKDIR.value,))
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
   print(json.dumps(commands.export(config, workdir, _FORMAT.value, OUT.value,
-                                   checkpoint=CHECKPOINT.value), sort_keys=True))
+                                   checkpoint=CHECKPOINT.value, overwrite=_OVERWRITE.value),
+                   sort_keys=True))
 
 
 def _eps_values() -> list[float]:
