@@ -116,14 +116,17 @@ def search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, *,
-           checkpoint: Checkpoint = None) -> dict[str, Any]:
+           checkpoint: Checkpoint = None, overwrite: bool = False) -> dict[str, Any]:
   """Writes a checkpoint's model as ``fmt`` ("stablehlo" or "onnx") for serving.
 
   ``out`` is the folder of a StableHLO export, the ``.onnx`` file of an ONNX one. Returns
   the sidecar's contents with ``path`` (the file written) and ``sidecar`` (its JSON file).
+  An existing export there is replaced only with ``overwrite``; a run's own files
+  (``config.json``, ``checkpoints/``, ...: ``Run.owns``) never.
 
   Raises:
-    InferencePathError: ``out`` missing, a file for stablehlo or a folder for onnx.
+    InferencePathError: ``out`` missing, a file for stablehlo or a folder for onnx, files
+      that exist (without ``overwrite``) or belong to a run; checked before anything loads.
     ExportUnavailableError: onnx without the jax2onnx / onnx packages.
   """
   if fmt not in export_lib.FORMATS:
@@ -137,9 +140,10 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, 
   if fmt == "onnx" and os.path.isdir(out):
     raise InferencePathError(f"--out {out} is a folder; give the name of the file to write, "
                              f"e.g. {os.path.join(out, 'model.onnx')}.")
+  export_lib.check_export_paths(fmt, out, overwrite=overwrite, workdirs=(workdir,))
   embedder = Embedder.from_config(config, workdir, checkpoint)
-  path = (export_lib.export_stablehlo(embedder, out) if fmt == "stablehlo"
-          else export_lib.export_onnx(embedder, out))
+  path = (export_lib.export_stablehlo(embedder, out, overwrite=overwrite) if fmt == "stablehlo"
+          else export_lib.export_onnx(embedder, out, overwrite=overwrite))
   with open(path + ".json") as f:
     summary = json.load(f)
   return dict(summary, path=path, sidecar=path + ".json")

@@ -14,9 +14,12 @@ range, mean / std, image size, feature dimension and the checkpoint:
 * ``export_onnx(embedder, out_path)``: an ONNX model (converted by ``jax2onnx``) whose input
   is a float32 NCHW batch that is already resized and normalised, ``(x / 255 - mean) / std``
   with the ImageNet mean / std, the layout TensorRT, OpenVINO and ONNX Runtime users feed;
-  ``onnx_input(images)`` makes it from uint8 NHWC images.
+  ``onnx_input(images)`` makes it from uint8 NHWC images. The model computes in float32, also
+  for a bfloat16 run (ONNX has no bfloat16 convolution); the file passes ONNX's full check.
 
 The embedder is an ``inference.Embedder`` (e.g. ``Embedder.from_workdir(run_folder)``).
+An export never writes over an existing file unless asked to (``overwrite=True``), and never
+over a run's own files (``check_export_paths``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import numpy as np
 
 from ccreid_jax.data import augment
 from ccreid_jax.extract import precision_scope
-from ccreid_jax.inference import Embedder
+from ccreid_jax.inference import Embedder, InferencePathError
+from ccreid_jax.run import CHECKPOINTS_FOLDER, CONFIG_FILE, METRICS_FILE, Run
 from ccreid_jax.utils import write_atomic, write_json
 
 __all__ = [
@@ -42,7 +46,9 @@ __all__ = [
     "ONNX_OPSET",
     "STABLEHLO_FILE",
     "ExportUnavailableError",
+    "check_export_paths",
     "export_onnx",
+    "export_paths",
     "export_stablehlo",
     "onnx_input",
 ]
@@ -75,6 +81,66 @@ def onnx_input(images: np.ndarray) -> np.ndarray:
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}.")
   return np.ascontiguousarray(np.asarray(augment.normalize(images)).transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Where an export writes.
+# ---------------------------------------------------------------------------------------
+
+
+def export_paths(fmt: str, out: str) -> tuple[str, str]:
+  """``(model file, sidecar)`` an export in ``fmt`` to ``out`` writes: ``out/model.stablehlo``
+  for "stablehlo" (``out`` is a folder), ``out`` itself for "onnx"; the sidecar is the model
+  file's path plus ``.json``."""
+  path = os.path.join(out, STABLEHLO_FILE) if fmt == "stablehlo" else out
+  return path, path + ".json"
+
+
+def _runs_around(path: str, workdirs: Sequence[str]) -> list[Run]:
+  """The runs ``workdirs`` and every folder above ``path`` that holds a run's files."""
+  runs = [Run(w) for w in workdirs if w]
+  folder = os.path.dirname(os.path.abspath(path))
+  while True:
+    if any(os.path.exists(os.path.join(folder, name))
+           for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_FOLDER)):
+      runs.append(Run(folder))
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return runs
+    folder = parent
+
+
+def check_export_paths(fmt: str, out: str, *, overwrite: bool = False,
+                       workdirs: Sequence[str] = ()) -> None:
+  """Refuses an export whose files would replace a run's own files, or existing files.
+
+  Args:
+    fmt: "stablehlo" or "onnx".
+    out: the export's ``--out`` (``export_paths``).
+    overwrite: replace an existing model file and sidecar (never a run's own files).
+    workdirs: runs whose files are protected besides those of any run folder above ``out``.
+
+  Raises:
+    InferencePathError: naming the file and the run it belongs to (a run's ``config.json``,
+      ``metrics.jsonl``, ``checkpoints/``, ... : ``run.Run.owns``), or the files that exist
+      and ``--overwrite``.
+  """
+  written = export_paths(fmt, out)
+  for path in written:
+    for run in _runs_around(path, workdirs):
+      if run.owns(path):
+        example = (os.path.join(run.path, "export") if fmt == "stablehlo"
+                   else os.path.join(run.path, "model.onnx"))
+        raise InferencePathError(
+            f"--out {out}: the export would write {path}, one of the files of the run in "
+            f"{run.path}; an export never replaces a run's files (even with --overwrite). "
+            f"Choose another --out, e.g. {example}.")
+  existing = [path for path in written if os.path.lexists(path)]
+  if existing and not overwrite:
+    raise InferencePathError(
+        f"--out {out}: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}"
+        "; pass --overwrite to replace the export (overwrite=True from Python), or choose "
+        "another --out.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,7 +187,8 @@ def _sidecar(embedder: Embedder, fmt: str, file_name: str, **fields: Any) -> dic
 
 
 def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "uint8",
-                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS) -> str:
+                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS,
+                     overwrite: bool = False) -> str:
   """Writes the feature function as serialised StableHLO; returns the file's path.
 
   The file, ``out_dir/model.stablehlo``, holds a ``jax.export.Exported`` of
@@ -136,9 +203,15 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
     out_dir: created if needed.
     input_dtype: "uint8" (values 0-255), or "float32" (values in [0, 255], not normalised).
     platforms: the platforms it is lowered for (default CPU and CUDA GPUs).
+    overwrite: replace an existing export there (never a run's own files).
+
+  Raises:
+    InferencePathError: the files exist (without ``overwrite``) or belong to a run
+      (``check_export_paths``).
   """
   if input_dtype not in ("uint8", "float32"):
     raise ValueError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}.")
+  check_export_paths("stablehlo", out_dir, overwrite=overwrite)
   os.makedirs(out_dir, exist_ok=True)
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, embedder.height, embedder.width, 3), jnp.dtype(input_dtype))
@@ -152,6 +225,7 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
       input_name="images", input_layout="NHWC",
       input_shape=["batch", embedder.height, embedder.width, 3], input_dtype=input_dtype,
       input_value_range=[0, 255], normalization_included=True,
+      compute_dtype=_compute_dtype(embedder.model) or "float32",
       platforms=list(exported.platforms),
       calling_convention_version=exported.calling_convention_version,
       load="jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"))
@@ -193,16 +267,21 @@ def _jax2onnx_fixes() -> Iterator[None]:
     plugin_logger.setLevel(level)
 
 
-def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -> str:
+def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET,
+                overwrite: bool = False) -> str:
   """Writes the feature function as an ONNX model at ``out_path``; returns the path.
 
   Input ``images``: (batch, 3, height, width) float32, RGB, resized as the image cache does
   and normalised, ``(x / 255 - mean) / std`` with the ImageNet mean / std (``onnx_input``
   makes it from uint8 NHWC images); batch is dynamic. Output ``features``: (batch, D) float32
-  L2-normalised (with the flip test when the embedder has it). ``<out_path>.json`` describes
+  L2-normalised (with the flip test when the embedder has it). The model computes in float32
+  whatever its dtype (a bfloat16 run's sidecar notes it). ``<out_path>.json`` describes
   both. Needs the ``onnx`` packages (``pip install "ccreid_jax[export]"``) and the converter
   (``pip install --no-deps jax2onnx==0.17.1``: its own pins would downgrade orbax-checkpoint).
+  An existing file and sidecar are replaced only with ``overwrite``, a run's own files never
+  (``check_export_paths`` raises ``InferencePathError``).
   """
+  check_export_paths("onnx", out_path, overwrite=overwrite)
   try:
     import onnx
     from jax2onnx import to_onnx
@@ -214,19 +293,51 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET) -
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
   spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)
+  # ONNX's Conv (and ONNX Runtime's kernels) take no bfloat16: the model computes in float32.
+  run_dtype = _compute_dtype(embedder.model)
   with _jax2onnx_fixes(), precision_scope(embedder.precision):
-    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS)
+    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS,
+                                         dtype=jnp.float32)
     proto = to_onnx(function, [spec], model_name="ccreid_jax_features", opset=int(opset),
                     input_names=["images"], output_names=["features"])
+  proto = _shapes_inferred_again(proto)
+  notes = {}
+  if run_dtype not in (None, "float32"):
+    notes["note"] = (f"exported in float32 from a {run_dtype} run (ONNX runtimes have no "
+                     "bfloat16 convolution); its features differ from the run's by the "
+                     f"{run_dtype} rounding")
   write_atomic(out_path, proto.SerializeToString())
   write_json(out_path + ".json", _sidecar(
       embedder, "onnx", os.path.basename(out_path),
       input_name="images", input_layout="NCHW",
       input_shape=["batch", 3, embedder.height, embedder.width], input_dtype="float32",
       input_value_range="normalised: (x / 255 - mean) / std",
-      normalization_included=False, opset=int(opset),
+      normalization_included=False, opset=int(opset), compute_dtype="float32", **notes,
       converter=f"jax2onnx {_version('jax2onnx')}", onnx_version=onnx.__version__))
   return out_path
+
+
+def _compute_dtype(model: Any) -> str | None:
+  """The name of ``model``'s compute dtype ("float32", "bfloat16"), or None if it has none."""
+  dtype = getattr(model, "dtype", None)
+  return None if dtype is None else jnp.dtype(dtype).name
+
+
+def _shapes_inferred_again(proto: Any) -> Any:
+  """``proto`` with its intermediate shapes (``value_info``) inferred by ONNX itself, checked.
+
+  jax2onnx 0.17.1 records some intermediate shapes that ONNX's inference contradicts (GeM's
+  ``1 / p``, a (1,) tensor, is written as a scalar), so ``onnx.checker.check_model(...,
+  full_check=True)`` fails and ONNX Runtime warns "Error merging shape info" at every load.
+  They are dropped and inferred again (strictly), and the model is checked before it is
+  written.
+  """
+  import onnx
+
+  del proto.graph.value_info[:]
+  proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+  onnx.checker.check_model(proto, full_check=True)
+  return proto
 
 
 def _version(package: str) -> str:

@@ -36,6 +36,7 @@ from ccreid_jax.distributed import make_mesh
 from ccreid_jax.evaluation import pairwise_distance, visualize
 from ccreid_jax.extract import eval_features, extract_features, make_extract_fn, precision_scope
 from ccreid_jax.run import Run
+from ccreid_jax.utils import printable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -256,15 +257,19 @@ class Embedder:
                                         mesh=self._mesh, batch_size=batch, progress=False))
     return np.concatenate(outputs)
 
-  def feature_function(self, *, normalized_nchw: bool = False, kernels: str = "plain"):
+  def feature_function(self, *, normalized_nchw: bool = False, kernels: str = "plain",
+                       dtype: Any = None):
     """The unjitted feature function with the variables closed over (what exports trace).
 
     ``normalized_nchw=False``: (B, height, width, 3) uint8 (or [0, 255] float) -> (B, D),
     the test transform included. True: (B, 3, height, width) float32 already normalised.
     The model is rebuilt with the layer set ``kernels`` ("plain": flax's own layers) when it
-    has that option; the parameters are the same.
+    has that option, and with the compute dtype ``dtype`` when given (None: the model's own);
+    the parameters are the same.
     """
     model = _with_kernels(self.model, kernels)
+    if dtype is not None and _has_field(model, "dtype"):
+      model = model.clone(dtype=dtype)
     variables, flip = self.variables, self.flip
     if not normalized_nchw:
       return lambda images: eval_features(model, variables, images, flip=flip)
@@ -272,10 +277,13 @@ class Embedder:
                                    transform=None)
 
 
+def _has_field(model: Any, name: str) -> bool:
+  return dataclasses.is_dataclass(model) and name in {f.name for f in dataclasses.fields(model)}
+
+
 def _with_kernels(model: Any, kernels: str) -> Any:
   """``model`` with the layer set ``kernels`` when it has a ``kernels`` field, else ``model``."""
-  fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else set()
-  return model.clone(kernels=kernels) if "kernels" in fields else model
+  return model.clone(kernels=kernels) if _has_field(model, "kernels") else model
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,9 +362,13 @@ def search_and_draw(embedder: Embedder, query_paths: Sequence[str], gallery_path
 
 
 def format_search_results(records: Sequence[dict[str, Any]]) -> str:
-  """``search_and_draw``'s records as text: per query its path, then rank, distance, path."""
+  """``search_and_draw``'s records as text: per query its path, then rank, distance, path.
+
+  Paths that are not valid UTF-8 show their bytes as ``\\xNN`` (``utils.printable``).
+  """
   lines = []
   for record in records:
-    lines.append(f"query {record['query']}")
-    lines += [f"  {m['rank']:>3}  {m['distance']:.4f}  {m['path']}" for m in record["matches"]]
+    lines.append(f"query {printable(record['query'])}")
+    lines += [f"  {m['rank']:>3}  {m['distance']:.4f}  {printable(m['path'])}"
+              for m in record["matches"]]
   return "\n".join(lines)

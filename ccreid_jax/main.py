@@ -34,11 +34,11 @@ from ccreid_jax import run as run_lib
 from ccreid_jax import train
 from ccreid_jax import validation
 from ccreid_jax import xla_cpu
-from ccreid_jax.data.cache import ImageDecodeError
+from ccreid_jax.data.cache import CacheSpaceError, ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models import weights
 from ccreid_jax.tools import eps_sweep
-from ccreid_jax.utils import format_history_table, format_results_table
+from ccreid_jax.utils import format_history_table, format_results_table, printable
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,6 +79,10 @@ _EPS = flags.DEFINE_string(
     "eps", "0.3:0.8:0.05",
     "--mode sweep: DBSCAN radii to try: start:stop:step (stop included), a comma-separated "
     "list, or one value; each in (0, 1).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "--mode export: replace an existing export (model file and sidecar) at --out; a run's own "
+    "files (config.json, checkpoints/, ...) are never replaced.")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume although the config differs from <workdir>/config.json in fields that change results.")
@@ -98,8 +102,8 @@ _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
                  train.TrainingSetChanged, inference.InferencePathError,
                  run_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
                  feature_files.OutputPathError, app.UsageError)
-_FILE_ERRORS = (DatasetError, ImageDecodeError, checkpoint_lib.CheckpointError,
-                run_lib.WorkdirLocked, export_lib.ExportUnavailableError,
+_FILE_ERRORS = (DatasetError, ImageDecodeError, CacheSpaceError, checkpoint_lib.CheckpointError,
+                run_lib.WorkdirLocked, run_lib.RunConfigError, export_lib.ExportUnavailableError,
                 weights.WeightsFormatError, weights.WeightsMismatchError)
 
 
@@ -308,7 +312,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
   records, png = commands.search(config, workdir, _QUERY.value, _GALLERY.value,
                                  topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
   print(inference.format_search_results(records))
-  print(f"rank list: {png}")
+  print(f"rank list: {printable(png)}")
 
 
 def _check_export() -> None:
@@ -317,11 +321,14 @@ def _check_export() -> None:
                            ".onnx file for --format=onnx)")
   if _FORMAT.value == "onnx":
     feature_files.check_output_path(OUT.value)
+  export_lib.check_export_paths(_FORMAT.value, OUT.value, overwrite=_OVERWRITE.value,
+                                workdirs=(WORKDIR.value,))
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
   print(json.dumps(commands.export(config, workdir, _FORMAT.value, OUT.value,
-                                   checkpoint=CHECKPOINT.value), sort_keys=True))
+                                   checkpoint=CHECKPOINT.value, overwrite=_OVERWRITE.value),
+                   sort_keys=True))
 
 
 def _eps_values() -> list[float]:

@@ -11,7 +11,9 @@
 * ``checkpoints/``: the orbax manager (``checkpointer``), the names that point at a
   checkpoint (``reference``, ``resolve``: "best" | "latest" | "init" | a number | a checkpoint
   folder, into a ``Checkpoint`` with its number, epoch and run), and the model of a checkpoint
-  (``load_model``, ``restore``).
+  (``load_model``, ``restore``);
+* what else a run writes there (``tensorboard/``, ``cache/``, the pictures, ``eval_*.json``):
+  ``owns`` says whether a path is one of the run's own files, which nothing else may write.
 
 A checkpoint is named by its number, the epochs it finished (checkpoint ``N`` holds the state
 after epoch ``N - 1``; the initial model is checkpoint 0). A step is one optimizer update.
@@ -23,6 +25,7 @@ import contextlib
 import dataclasses
 import difflib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -45,8 +48,8 @@ from ccreid_jax.utils import write_atomic
 __all__ = [
     "ACCEPTED_NAMES", "CHECKPOINTS_FOLDER", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE",
     "MODEL_FIELDS", "RESULT_NEUTRAL_FIELDS", "Checkpoint", "CheckpointNameError",
-    "CheckpointRef", "LoadedModel", "MetricsWriter", "Run", "WorkdirConfigMismatch",
-    "WorkdirLocked", "config_differences", "upgrade_saved_config",
+    "CheckpointRef", "LoadedModel", "MetricsWriter", "Run", "RunConfigError",
+    "WorkdirConfigMismatch", "WorkdirLocked", "config_differences", "upgrade_saved_config",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -55,6 +58,14 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "train.lock"
 CHECKPOINTS_FOLDER = "checkpoints"
+# What a run writes into its folder besides the above (``Run.owns``): folders, then file
+# names (``fnmatch`` patterns) of the reports, evaluations and default outputs.
+_OWN_FOLDERS = (CHECKPOINTS_FOLDER, "tensorboard", "cache")
+_OWN_FILES = (CONFIG_FILE, METRICS_FILE, LOCK_FILE, "config.replaced-*.json", "curves.png",
+              "ranklist_*.png", "eval_*.json", "eps_sweep_*.json", "eps_sweep_*.png",
+              "search_ranklist.png")
+# The groups every saved run config has (a JSON file without them is something else).
+_RUN_CONFIG_GROUPS = ("data", "model", "train")
 
 # Fields that may change between a run and its resumption: they do not change what is
 # trained. A field ending in "." names a whole group. ``data.skip_bad_*`` are neutral because
@@ -103,6 +114,11 @@ class WorkdirConfigMismatch(ValueError):
 
 class WorkdirLocked(RuntimeError):
   """Another training run holds the workdir."""
+
+
+class RunConfigError(ValueError):
+  """A run's ``config.json`` that cannot be used: not JSON, or not a run's config (e.g. an
+  export's sidecar written over it)."""
 
 
 class CheckpointNameError(ValueError):
@@ -336,6 +352,26 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, bool]:
   return None, True
 
 
+def _not_a_run_config(path: str, saved: Any) -> str | None:
+  """Why ``saved``, the JSON value of ``path``, is not a run's config; None when it is one."""
+  if not isinstance(saved, dict):
+    return f"{path} does not hold a JSON object (a run's config)."
+  missing = [g for g in _RUN_CONFIG_GROUPS if not isinstance(saved.get(g), dict)]
+  if not missing:
+    return None
+  keys = sorted(map(str, saved))
+  shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+  sidecar = ""
+  if "format" in saved and "file" in saved:
+    sidecar = (f" It looks like the sidecar of a {saved['format']!r} export of "
+               f"{saved['file']!r}, written over the run's config.")
+  return (f"{path} is not the config of a ccreid_jax run: it has no "
+          f"{' / '.join(repr(g) for g in missing)} group (its keys: {shown}).{sidecar} The "
+          "run's model settings (depth, image size, dtype, ...) are not known from it: put "
+          "the run's config.json back (a config.replaced-<n>.json there is an older one), or "
+          "use another --workdir.")
+
+
 def _lock_holder(path: str) -> str:
   try:
     with open(path) as f:
@@ -380,6 +416,38 @@ class Run:
   def metrics_path(self) -> str:
     return self.file(METRICS_FILE)
 
+  def owns(self, path: str) -> bool:
+    """Whether ``path`` is one of the files this run writes (``config.json``,
+    ``metrics.jsonl``, ``train.lock``, ``checkpoints/``, ``tensorboard/``, ``cache/``,
+    ``eval_*.json``, the pictures, ...) or lies in one of its folders; links are followed.
+    Nothing but the run itself may write them (an export, for one, is refused)."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(self.path))
+    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+      return False
+    first, _, rest = rel.partition(os.sep)
+    if first in _OWN_FOLDERS:
+      return True
+    return not rest and any(fnmatch.fnmatchcase(first, p) for p in _OWN_FILES)
+
+  def _saved_config(self) -> dict[str, Any] | None:
+    """The JSON object of ``config.json``, or None when there is no such file.
+
+    Raises:
+      RunConfigError: the file is not JSON, or not a run's config.
+    """
+    path = self.config_path
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except FileNotFoundError:
+      return None
+    except ValueError as exc:
+      raise RunConfigError(f"{path} is not valid JSON: {exc}") from exc
+    problem = _not_a_run_config(path, saved)
+    if problem is not None:
+      raise RunConfigError(problem)
+    return saved
+
   # -- config.json ------------------------------------------------------------------------
   def read_config(self) -> ml_collections.ConfigDict:
     """The config the run saved in ``config.json``; fields it lacks (a run saved before they
@@ -387,19 +455,13 @@ class Run:
 
     Raises:
       FileNotFoundError: no ``config.json``.
-      ValueError: the file is not a JSON object.
+      RunConfigError: the file is not JSON, or not a run's config (an export's sidecar, say).
     """
     path = self.config_path
-    if not os.path.isfile(path):
+    saved = self._saved_config() if os.path.isfile(path) else None
+    if saved is None:
       raise FileNotFoundError(f"{path} does not exist: {self.path!r} is not the folder of a "
                               "ccreid_jax run (train one with --mode train --workdir ...).")
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except ValueError as exc:
-      raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(saved, dict):
-      raise ValueError(f"{path} does not hold a JSON object (a run's config).")
     defaults = validation.default_config()
     saved = _overlay(json.loads(defaults.to_json_best_effort()), upgrade_saved_config(saved))
     return ml_collections.ConfigDict(saved)
@@ -436,7 +498,9 @@ class Run:
       except (OSError, ValueError) as exc:
         differences = [("config.json", f"unreadable ({exc})", "this config")]
       else:
-        differences = config_differences(old, config, reference)
+        problem = _not_a_run_config(self.config_path, old)
+        differences = ([("config.json", f"not a run's config: {problem}", "this config")]
+                       if problem else config_differences(old, config, reference))
       if differences and not force:
         raise WorkdirConfigMismatch(self.path, differences)
     if write:
@@ -466,12 +530,15 @@ class Run:
     Evaluating a checkpoint with another depth, pooling, image size or dtype would score
     another model (or fail to restore): the run's own values are used, and each replaced
     value is logged. Without a saved config the given one is returned unchanged.
+
+    Raises:
+      RunConfigError: ``config.json`` is not JSON or not a run's config (an export's sidecar
+        written over it, say): its model settings are not known.
     """
-    try:
-      with open(self.config_path) as f:
-        saved = _flatten(json.load(f))
-    except (OSError, ValueError):
+    saved = self._saved_config()
+    if saved is None:
       return config
+    saved = _flatten(saved)
     config = config.copy_and_resolve_references()
     for field in MODEL_FIELDS:
       group, name = field.split(".")

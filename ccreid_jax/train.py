@@ -284,7 +284,7 @@ def _check_training_set(meta: dict[str, Any], data: loading.RunData, run: Run, *
   """Refuses to resume on other training images (a changed count always; other images of the
   same count unless ``force``)."""
   saved_count, saved = int(meta["num_train"]), meta.get("train_fingerprint")
-  current = loading.train_fingerprint(data.dataset.train)
+  current = data.train_fingerprint
   if saved_count == data.num_train and saved in (None, current):
     return
   what = (f"{run.path} was trained on {saved_count} images"
@@ -453,7 +453,7 @@ def _save_checkpoint(checkpointer: checkpoint_lib.Checkpointer, epoch: int, stat
   generation: Generation = plan.generation
   meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
           "num_clusters": generation.num_clusters, "num_train": data.num_train,
-          "train_fingerprint": loading.train_fingerprint(data.dataset.train),
+          "train_fingerprint": data.train_fingerprint,
           "seed": config.seed}
   if generation.indep_threshold is not None:
     meta["indep_threshold"] = generation.indep_threshold

@@ -60,6 +60,15 @@ def write_atomic(path: str, data: str | bytes) -> None:
     raise
 
 
+def printable(text: str) -> str:
+  """``text`` for display: the bytes of a path that is not valid UTF-8 (which Python holds as
+  lone surrogates, ``os.fsdecode``) shown as ``\\xNN`` instead of failing to print."""
+  try:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:  # a surrogate no file system gives: shown as \udXXXX.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_json(path: str, value: Any) -> None:
   """Writes ``value`` as indented JSON (keys sorted) to ``path``, atomically."""
   write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")

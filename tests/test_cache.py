@@ -131,3 +131,56 @@ def test_missing_and_non_image_files(tmp_path):
     load_image_cache([str(not_image)], 8, 4, None, progress=False)
   with pytest.raises(ImageDecodeError, match="missing.jpg"):
     load_image_cache([str(tmp_path / "missing.jpg")], 8, 4, str(tmp_path / "c"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# A full disk (issue 38, item 4): an error naming the space and the folder, not a SIGBUS.
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_cache_that_does_not_fit_is_refused_before_anything_is_decoded(images, tmp_path,
+                                                                        monkeypatch):
+  import collections
+  import shutil
+
+  from ccreid_jax import main
+
+  cache_dir = str(tmp_path / "cache")
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+  calls = _counting_decoder(monkeypatch)
+  with pytest.raises(cache.CacheSpaceError) as info:
+    load_image_cache(images, 24, 12, cache_dir, progress=False)
+  needed = 5 * 24 * 12 * 3 + 4096
+  message = str(info.value)
+  assert f"needs 0.0 MiB ({needed} bytes) in {cache_dir}" in message
+  assert "only 0.0 MiB is free" in message and "--config.data.cache_dir" in message
+  assert calls == [] and os.listdir(cache_dir) == []
+  assert main.exit_code_of(info.value) == 1  # "error: ..." on the command line, no traceback
+
+
+def test_running_out_of_space_is_an_error_while_the_file_is_reserved(images, tmp_path,
+                                                                    monkeypatch):
+  """The file is allocated (``posix_fallocate``) before it is written through its memory map:
+  a full disk raises ENOSPC there, where a write into the map would kill the process with a
+  bus error. The real case: a 700 KB tmpfs as the workdir."""
+  import errno
+
+  if not hasattr(os, "posix_fallocate"):
+    pytest.skip("no posix_fallocate on this platform")
+  allocated = []
+
+  def full(fd, offset, length):
+    allocated.append((offset, length))
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "posix_fallocate", full)
+  calls = _counting_decoder(monkeypatch)
+  cache_dir = str(tmp_path / "cache")
+  with pytest.raises(cache.CacheSpaceError, match=r"The image cache needs .* in .*cache"):
+    load_image_cache(images, 24, 12, cache_dir, progress=False)
+  header = 128  # the .npy header of a 4-d uint8 array
+  assert allocated == [(0, header + 5 * 24 * 12 * 3)]
+  assert calls == [] and os.listdir(cache_dir) == []  # nothing decoded, no temporary file
+  monkeypatch.undo()
+  assert load_image_cache(images, 24, 12, cache_dir, progress=False).shape == (5, 24, 12, 3)

@@ -36,6 +36,10 @@ def runs(tmp_path_factory):
                  {"CCREID_TRACEBACK": "1"}),
       "out": (base + ["--workdir", str(tmp / "w4"), "--mode=extract", f"--out={paths['out_dir']}",
                       f"--config.data.root={paths['missing_root']}"], {}),
+      # --out <workdir>/config: the sidecar would replace the run's config.json.
+      "export_into_run": (base + ["--workdir", str(tmp / "w6"), "--mode=export", "--format=onnx",
+                                  f"--out={tmp / 'w6' / 'config'}", "--overwrite",
+                                  f"--config.data.root={paths['missing_root']}"], {}),
       # From another working directory: the config file imports ccreid_jax.configs.default,
       # which this checkout's package provides (the typo is found only once the file has
       # loaded). tests/test_packaging.py runs an installed wheel the same way.
@@ -108,6 +112,12 @@ def test_extract_output_checked_before_anything_is_loaded(runs):
   # The dataset root does not exist either: the --out check came first.
   err = _clean(*runs[0]["out"])
   assert f"--out {runs[1]['out_dir']} is a folder" in err
+
+
+def test_export_over_a_runs_files_is_refused_before_anything_is_loaded(runs):
+  err = _clean(*runs[0]["export_into_run"])
+  assert "config.json, one of the files of the run in" in err
+  assert "even with --overwrite" in err
 
 
 def test_exit_codes_of_the_user_errors():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import commands
+from ccreid_jax import feature_files
 from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
 from ccreid_jax import inference
@@ -478,3 +479,87 @@ def test_training_without_cameras_or_evaluation(own, tmp_path):
   # What can be known without labels is logged instead.
   assert {"clusters", "outliers", "largest_cluster", "cluster_sizes",
           "intra_similarity"} <= set(record)
+
+
+# ---------------------------------------------------------------------------------------
+# File names that are not valid UTF-8 (issue 38, item 1).
+# ---------------------------------------------------------------------------------------
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: Python holds them as 'caf\udce9.jpg'
+
+
+def test_the_fingerprint_of_utf8_names_is_the_one_of_existing_workdirs():
+  """The value the fingerprint had before names that are not UTF-8 were handled: a workdir
+  saved then still resumes."""
+  records = [datasets.Record("/data/Market/bounding_box_train/0002_c1s1_000451_03.jpg", 2, 0),
+             datasets.Record("/d/gate10/café_1.jpg", -1, 1),
+             datasets.Record("rel/日本/x.png", -1, 2)]
+  assert loading.train_fingerprint(records) == "d3156c03a1578d75"
+  odd = [datasets.Record(os.path.join("/d/gate10", NOT_UTF8), -1, 1)]
+  same_bytes = [datasets.Record(os.path.join("/other/gate10", NOT_UTF8), -1, 1)]
+  assert loading.train_fingerprint(odd) == loading.train_fingerprint(same_bytes)
+  assert loading.train_fingerprint(odd) != loading.train_fingerprint(
+      [datasets.Record("/d/gate10/café.jpg", -1, 1)])
+
+
+def test_search_results_print_names_that_are_not_utf8():
+  records = [{"query": NOT_UTF8, "matches": [{"rank": 1, "path": "/g/" + NOT_UTF8,
+                                              "distance": 0.5}]}]
+  text = inference.format_search_results(records)
+  assert "caf\\xe9.jpg" in text
+  text.encode("utf-8")  # printable on a strict UTF-8 stdout
+
+
+def test_an_unreadable_image_not_named_in_utf8_is_listed_and_the_list_cached(tmp_path, own):
+  from ccreid_jax.data import cache
+
+  root = _tree(tmp_path, own, 4)
+  broken = os.path.join(root, NOT_UTF8)
+  with open(broken, "wb") as f:
+    f.write(b"not a jpeg")
+  paths = [r.path for r in datasets.load_folder_dataset(root).train]
+  first = cache.load_readable_images(paths, 16, 8, str(tmp_path / "cache"), progress=False)
+  again = cache.load_readable_images(paths, 16, 8, str(tmp_path / "cache"), progress=False)
+  assert len(first.kept) == len(again.kept) == 4 and first.bad == again.bad
+  assert len(first.bad) == 1 and repr(broken) in first.bad[0]
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_trains_resumes_and_is_written_back(own, tmp_path, caplog):
+  """A train image and a query image named with bytes that are not UTF-8 (as
+  ``printf 'caf\\xe9.jpg'`` makes them): found and logged at load time, trained on, resumed
+  with the same fingerprint, evaluated, and written back with their bytes."""
+  root, copied = own["folder"]
+  tree = str(tmp_path / "imgs")
+  shutil.copytree(root, tree)
+  first = os.path.join(tree, os.path.relpath(min(copied), root))
+  renamed = os.path.join(os.path.dirname(first), NOT_UTF8)
+  os.rename(first, renamed)
+  # The evaluation list names a query image in bytes that are not UTF-8 too.
+  evalset = tmp_path / "evalset"
+  lines = []
+  for i, (split, path, identity, camera) in enumerate(own["eval"][1]):
+    name = os.fsdecode(b"qu\xe9ry.jpg") if i == 0 else f"{i:03d}.jpg"
+    new = os.path.join(str(evalset), split, name)
+    os.makedirs(os.path.dirname(new), exist_ok=True)
+    shutil.copyfile(path, new)
+    written = os.path.relpath(new, evalset)
+    lines.append(os.fsencode(f"{split} {written} {identity} cam{camera}"))
+  (evalset / "list.txt").write_bytes(b"\n".join(lines) + b"\n")
+  config = _folder_config(tree, cameras="folder", camera_folder_level=2)
+  config.eval.list = str(evalset / "list.txt")
+  workdir = str(tmp_path / "run")
+  with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
+    data = loading.load_run_data(config, workdir, need_train=True)
+  assert "2 image path(s) are not valid UTF-8" in caplog.text
+  assert "caf\\xe9.jpg" in caplog.text and "qu\\xe9ry.jpg" in caplog.text
+  assert renamed in [r.path for r in data.dataset.train]
+  _short_run(config, workdir)
+  config.train.epochs = 2  # resumes from checkpoint 1: the fingerprint matches
+  train.train_and_evaluate(config, workdir)
+  assert [r["epoch"] for r in run_lib.Run(workdir).epoch_records()] == [0, 1]
+  for split, name in (("train", renamed), ("query", os.fsdecode(b"qu\xe9ry.jpg"))):
+    out = str(tmp_path / f"{split}.npz")
+    commands.extract(config, workdir, split=split, out=out, checkpoint="latest")
+    paths = [os.fsencode(str(p)) for p in feature_files.read_features(out).paths]
+    assert any(p.endswith(os.fsencode(os.path.basename(name))) for p in paths)

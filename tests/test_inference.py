@@ -229,3 +229,98 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
     commands.export(config, workdir, "stablehlo", summary["path"], checkpoint="init")
   with pytest.raises(inference.InferencePathError, match="is a folder"):
     commands.export(config, workdir, "onnx", str(tmp_path), checkpoint="init")
+
+
+# ---------------------------------------------------------------------------------------
+# Exports never replace a run's files or an existing export unasked (issue 38, item 5).
+# ---------------------------------------------------------------------------------------
+
+
+def _tree_state(folder):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(folder) for f in files}
+
+
+def test_export_never_replaces_a_runs_files_and_replaces_an_export_only_when_asked(
+    run_workdir, tmp_path):
+  from ccreid_jax.run import Run
+
+  workdir, config = run_workdir
+  before = _tree_state(workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = f.read()
+  # --out <workdir>/config: its sidecar would be <workdir>/config.json.
+  with pytest.raises(inference.InferencePathError) as info:
+    commands.export(config, workdir, "onnx", os.path.join(workdir, "config"), checkpoint="init")
+  config_json = os.path.join(workdir, "config.json")
+  assert f"would write {config_json}, one of the files of the run in {workdir}" in str(info.value)
+  assert "e.g. " + os.path.join(workdir, "model.onnx") in str(info.value)
+  for fmt, out in (("onnx", os.path.join(workdir, "config")),
+                   ("onnx", os.path.join(workdir, "metrics.jsonl")),
+                   ("stablehlo", os.path.join(workdir, "checkpoints")),
+                   ("stablehlo", os.path.join(workdir, "tensorboard", "x"))):
+    with pytest.raises(inference.InferencePathError, match="never replaces a run's files"):
+      commands.export(config, workdir, fmt, out, checkpoint="init", overwrite=True)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == saved
+  assert _tree_state(workdir) == before
+  # Another run's folder above --out is protected as well, also from the library functions.
+  other = tmp_path / "other_run"
+  Run(str(other)).save_config(config)
+  with pytest.raises(inference.InferencePathError, match="one of the files of the run in"):
+    export_lib.check_export_paths("onnx", str(other / "config"), overwrite=True)
+  run = Run(workdir)
+  assert run.owns(os.path.join(workdir, "checkpoints", "3", "state"))
+  assert run.owns(os.path.join(workdir, "eval_3.json")) and run.owns(run.metrics_path)
+  assert not run.owns(os.path.join(workdir, "model.onnx")) and not run.owns(workdir)
+  assert not run.owns(str(tmp_path / "config.json"))
+
+  # An existing export (or only its sidecar) is replaced only with overwrite.
+  out = str(tmp_path / "hlo")
+  first = commands.export(config, workdir, "stablehlo", out, checkpoint="init")
+  written = _tree_state(out)
+  with pytest.raises(inference.InferencePathError) as info:
+    commands.export(config, workdir, "stablehlo", out, checkpoint="init")
+  assert f"{first['path']} and {first['sidecar']} already exist" in str(info.value)
+  assert "--overwrite" in str(info.value) and _tree_state(out) == written
+  commands.export(config, workdir, "stablehlo", out, checkpoint="init", overwrite=True)
+  assert _tree_state(out) != written
+  (tmp_path / "m.onnx.json").write_text("{}")
+  with pytest.raises(inference.InferencePathError, match=r"m\.onnx\.json already exists"):
+    export_lib.check_export_paths("onnx", str(tmp_path / "m.onnx"))
+
+
+def test_evaluation_refuses_a_config_json_that_is_not_a_run_config(run_workdir, tmp_path):
+  """An export's sidecar written over config.json (as --out <workdir>/config did) is named,
+  instead of evaluating with the given config's image size."""
+  import shutil
+
+  from ccreid_jax import main
+  from ccreid_jax.run import Run, RunConfigError, WorkdirConfigMismatch
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run_workdir[0], workdir)
+  config = run_workdir[1]
+  sidecar = {"format": "onnx", "file": "config", "height": 32, "width": 16,
+             "input_layout": "NCHW", "feature_dim": 64}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(sidecar, f)
+  path = os.path.join(workdir, "config.json")
+  for call in (lambda: Run(workdir).read_config(),
+               lambda: Run(workdir).with_model_settings(config),
+               lambda: inference.Embedder.from_workdir(workdir),
+               lambda: commands.evaluate(config, workdir)):
+    with pytest.raises(RunConfigError) as info:
+      call()
+    message = str(info.value)
+    assert f"{path} is not the config of a ccreid_jax run" in message
+    assert "the sidecar of a 'onnx' export of 'config'" in message
+  assert main.exit_code_of(info.value) == 1
+  # Resuming training: a changed field; --force keeps the file and saves the new config.
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  with pytest.raises(WorkdirConfigMismatch, match="config.json: \"not a run's config"):
+    Run(workdir).check_config(config, force=False)
+  Run(workdir).check_config(config, force=True)
+  with open(os.path.join(workdir, "config.replaced-1.json")) as f:
+    assert json.load(f) == sidecar
+  assert Run(workdir).read_config().data.height == config.data.height

@@ -287,3 +287,60 @@ def test_every_image_mode_becomes_rgb(tmp_path):
   np.testing.assert_array_equal(out["palette.gif"], expanded)
   assert np.abs(out["cmyk.jpg"].astype(int) - rgb).mean() < 20  # lossy JPEG, same picture
   assert (out["gray.jpg"][..., 0] == out["gray.jpg"][..., 2]).all()
+
+
+def _pgm16(path, values):
+  """A binary PGM of maxval 65535 (``.pgm`` is an advertised extension)."""
+  height, width = values.shape
+  with open(path, "wb") as f:
+    f.write(f"P5\n{width} {height}\n65535\n".encode() + values.astype(">u2").tobytes())
+
+
+def test_high_bit_depths_are_scaled_never_clipped_to_a_blank_image(tmp_path, caplog):
+  """A 16-bit PGM, 32-bit integer TIFFs and a float TIFF decode to their picture (PIL's
+  convert("RGB") gave white, white and black); values no scale fits are refused, naming the
+  file; the inference path decodes them as the cache does."""
+  gray = np.random.default_rng(1).integers(0, 256, size=(20, 10)).astype(np.uint8)
+  want = np.repeat(gray[..., None], 3, -1)
+  _pgm16(tmp_path / "gray16.pgm", gray.astype(np.uint16) * 256 + 100)  # 8 high bits: gray
+  int32 = np.round(gray * ((2**31 - 1) / 255)).astype(np.int32)  # 255 -> 2**31 - 1
+  Image.fromarray(int32, "I").save(tmp_path / "int32.tif")
+  Image.fromarray(gray.astype(np.float32) / 255, "F").save(tmp_path / "float.tif")
+  for name in ("gray16.pgm", "int32.tif", "float.tif"):
+    np.testing.assert_array_equal(cache.decode_image(str(tmp_path / name), 20, 10), want,
+                                  err_msg=name)
+  # Unsigned 32-bit samples (PIL holds them as int32) use the whole 32-bit range. PIL writes
+  # "I" as signed: the SampleFormat tag (339, SHORT, 1 value) is changed from 2 to 1.
+  uint32 = (gray.astype(np.uint32) * 16843009).view(np.int32)  # 255 -> 2**32 - 1
+  Image.fromarray(uint32, "I").save(tmp_path / "uint32.tif")
+  signed = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00"
+  data = (tmp_path / "uint32.tif").read_bytes()
+  assert data.count(signed) == 1
+  (tmp_path / "uint32.tif").write_bytes(data.replace(signed, signed[:-2] + b"\x01\x00"))
+  np.testing.assert_array_equal(cache.decode_image(str(tmp_path / "uint32.tif"), 20, 10), want)
+  Image.fromarray(gray.astype(np.float32), "F").save(tmp_path / "float255.tif")
+  Image.fromarray(gray.astype(np.int32) - 128, "I").save(tmp_path / "negative.tif")
+  with pytest.raises(ImageDecodeError, match=r"float255\.tif.*values in \[1, 255\].*\[0, 1\]"):
+    cache.decode_image(str(tmp_path / "float255.tif"), 20, 10)
+  with pytest.raises(ImageDecodeError, match=r"negative\.tif.*negative values"):
+    cache.decode_image(str(tmp_path / "negative.tif"), 20, 10)
+  # What Embedder.load_images calls for files (no cache folder): the same pictures, no
+  # warning about single-colour images.
+  paths = [str(tmp_path / n) for n in ("gray16.pgm", "int32.tif", "float.tif")]
+  with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
+    images = cache.load_image_cache(paths, 20, 10, None, progress=False)
+  assert (images == want).all() and "single colour" not in caplog.text
+
+
+def test_single_colour_images_are_kept_and_named_in_a_warning(tmp_path, caplog):
+  _pgm16(tmp_path / "white16.pgm", np.full((20, 10), 65535, np.uint16))
+  _jpeg(str(tmp_path / "gray.jpg"), 128)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 8, 3), np.uint8)).save(
+      tmp_path / "picture.png")
+  paths = [str(tmp_path / n) for n in ("white16.pgm", "picture.png", "gray.jpg")]
+  with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
+    images = cache.load_image_cache(paths, 16, 8, str(tmp_path / "cache"), progress=False)
+  assert images.shape == (3, 16, 8, 3) and (images[0] == 255).all()
+  assert "2 image(s) decode to a single colour (the first: RGB [255, 255, 255]" in caplog.text
+  assert "white16.pgm" in caplog.text and "gray.jpg" in caplog.text
+  assert "picture.png" not in caplog.text

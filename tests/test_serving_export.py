@@ -235,3 +235,45 @@ def test_onnx_export_without_the_converter_says_how_to_install_it(tiny_model, tm
 def test_the_converter_version_is_the_one_the_scripts_install():
   with open(os.path.join(ROOT, "scripts", "test.sh")) as f:
     assert export_lib.JAX2ONNX in f.read()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_export_loads_and_matches_the_embedder(dtype, tmp_path, capfd):
+  """The exports of a float32 and of a bfloat16 run: the StableHLO file runs in JAX (in the
+  run's dtype); the ONNX file (float32 either way: ONNX has no bfloat16 convolution) passes
+  the checker's full check and loads in ONNX Runtime without a warning; both give
+  ``Embedder.embed``'s features, a bfloat16 run's within its rounding."""
+  pytest.importorskip("jax2onnx")
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  model, variables = tiny_model_and_variables(HEIGHT, WIDTH, dtype=dtype)
+  embedder = inference.Embedder(model, variables, height=HEIGHT, width=WIDTH)
+  images = _images(5, seed=3)
+  want = embedder.embed(images)
+
+  def close(got, atol):
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= atol
+    assert np.min(np.sum(got * want, axis=1)) >= 0.999  # cosine similarity, unit rows
+
+  path = export_lib.export_stablehlo(embedder, str(tmp_path / "stablehlo"), platforms=("cpu",))
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  close(np.asarray(exported.call(images)), 1e-4 if dtype == "float32" else 1e-2)
+
+  out = export_lib.export_onnx(embedder, str(tmp_path / "reid.onnx"))
+  onnx.checker.check_model(onnx.load(out), full_check=True)
+  capfd.readouterr()
+  options = ort.SessionOptions()
+  options.log_severity_level = 2  # warnings and errors, on stderr
+  runtime = ort.InferenceSession(out, options, providers=["CPUExecutionProvider"])
+  (got,) = runtime.run(None, {"images": export_lib.onnx_input(images)})
+  assert capfd.readouterr().err == ""
+  close(got, 1e-4 if dtype == "float32" else 2e-2)
+  with open(out + ".json") as f:
+    sidecar = json.load(f)
+  assert sidecar["compute_dtype"] == "float32" and sidecar["model"]["dtype"] == dtype
+  assert sidecar.get("note", "").startswith(
+      "exported in float32 from a bfloat16 run" if dtype == "bfloat16" else "")
+  with open(path + ".json") as f:
+    assert json.load(f)["compute_dtype"] == dtype

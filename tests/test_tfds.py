@@ -267,3 +267,21 @@ def test_tfds_data_source_by_name_reads_the_build(tiny_market, market_build):
   got = [(r["path"].decode(), int(r["pid"]), int(r["camid"])) for r in
          (source[i] for i in range(len(source)))]
   assert got == folder
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_and_read_back_as_its_bytes(tmp_path):
+  """The build stores a path's bytes; reading gives the folder loader's path, so the train
+  fingerprint (``data.source`` may change on resume) is the folder's."""
+  from ccreid_jax.data import loading
+
+  make_fake_tree(str(tmp_path / "manual"), "market1501", seed=2)
+  folder = load_dataset("market1501", str(tmp_path / "manual"))
+  first = folder.train[0].path
+  os.rename(first, first[:-len(".jpg")] + os.fsdecode(b"_caf\xe9.jpg"))
+  folder = load_dataset("market1501", str(tmp_path / "manual"))
+  _build(tmp_path / "manual", tmp_path / "tfds")
+  dataset, _, _ = tfds_data.load_tfds_dataset_images(
+      "market1501", str(tmp_path / "tfds"), 16, 8, None, need_train=True, progress=False)
+  assert _tfds_records(dataset) == _folder_records(folder)
+  assert any(os.fsencode(r.path).endswith(b"_caf\xe9.jpg") for r in dataset.train)
+  assert loading.train_fingerprint(dataset.train) == loading.train_fingerprint(folder.train)

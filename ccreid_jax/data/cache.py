@@ -14,7 +14,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from ccreid_jax.data.datasets import DatasetError, ReidDataset
 from ccreid_jax.utils import progress_bar, write_atomic
 
 __all__ = [
+    "CacheSpaceError",
     "ImageDecodeError",
     "ReadableImages",
     "cache_file_name",
@@ -46,12 +49,74 @@ class ImageDecodeError(OSError):
   """An image file could not be opened or decoded (missing, truncated, not an image)."""
 
 
+class CacheSpaceError(OSError):
+  """The image cache does not fit on the disk of its folder (``data.cache_dir``)."""
+
+
+def _integer_depth(image: Image.Image) -> tuple[int, bool]:
+  """``(bits, signed)`` of the samples of a PIL "I" (32-bit integer) image.
+
+  PIL reads a PGM / PPM of maxval above 255 into "I" scaled to 16 bits, a 16-bit PNG as 16
+  bits, and a TIFF as its BitsPerSample / SampleFormat tags say; anything else as PIL's own
+  signed 32 bits.
+  """
+  if image.format in ("PPM", "PNG"):
+    return 16, False
+  if image.format == "TIFF":
+    bits = image.tag_v2.get(258, (32,))  # BitsPerSample
+    sample_format = image.tag_v2.get(339, (1,))  # 1: unsigned, 2: signed, 3: float
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return int(bits), int(sample_format) == 2
+  return 32, True
+
+
+def _high_depth_gray(image: Image.Image) -> np.ndarray | None:
+  """The uint8 gray levels of a 16-bit, 32-bit integer or floating-point grayscale image, or
+  None for the other modes (``convert("RGB")`` handles them).
+
+  Integers are scaled by the range of their bit depth (16 bits: the 8 high bits; 32 bits:
+  ``x * 255 / (2**32 - 1)``, or ``2**31 - 1`` when signed); floats must lie in [0, 1] and
+  are scaled by 255. PIL's own ``convert("RGB")`` would clip integers at 255 (a white
+  image) and floats to 0 or 1 (a black one).
+
+  Raises:
+    ValueError: negative integers, or floats outside [0, 1] (or not finite): no scale to read
+      them with.
+  """
+  if image.mode.startswith("I;16"):
+    # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
+    return (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+  if image.mode == "I":
+    bits, signed = _integer_depth(image)
+    values = np.asarray(image).astype(np.int64)
+    if not signed and bits == 32:
+      values &= 0xFFFFFFFF  # PIL holds unsigned 32-bit samples as int32
+    if values.size and values.min() < 0:
+      raise ValueError(f"a signed {bits}-bit integer image with negative values (minimum "
+                       f"{values.min()}): it has no range to read it as RGB with")
+    if bits <= 16 and not signed:
+      return (values >> (bits - 8) if bits > 8 else values).astype(np.uint8)
+    top = (1 << (bits - 1 if signed else bits)) - 1
+    return np.round(np.minimum(values, top) * (255.0 / top)).astype(np.uint8)
+  if image.mode == "F":
+    values = np.asarray(image).astype(np.float64)
+    if values.size and (not np.isfinite(values).all() or values.min() < 0
+                        or values.max() > 1):
+      raise ValueError(f"a floating-point image with values in [{np.nanmin(values):g}, "
+                       f"{np.nanmax(values):g}]: only values in [0, 1] are read (as 0-255)")
+    return np.round(values * 255.0).astype(np.uint8)
+  return None
+
+
 def decode_image(path: str, height: int, width: int, *, data: bytes | None = None) -> np.ndarray:
   """Open ``path`` with PIL, convert to RGB and resize to (width, height) with BICUBIC.
 
-  Any mode PIL reads becomes RGB: grayscale is replicated (16-bit grayscale keeps its 8 high
-  bits), palette images are expanded, an alpha channel is dropped (not composited), CMYK is
-  converted.
+  Any mode PIL reads becomes RGB: grayscale is replicated, palette images are expanded, an
+  alpha channel is dropped (not composited), CMYK is converted. High bit depths are scaled
+  by their range (16-bit grayscale, PGM of maxval above 255 included, keeps its 8 high bits;
+  32-bit integers ``x * 255 / max``; floats in [0, 1] times 255), never clipped into a white
+  or black image; negative integers and floats outside [0, 1] are refused.
 
   Args:
     path: the image file; with ``data``, only the name used in error messages.
@@ -69,12 +134,8 @@ def decode_image(path: str, height: int, width: int, *, data: bytes | None = Non
   try:
     with Image.open(path if data is None else io.BytesIO(data)) as image:
       image.load()
-      if image.mode.startswith("I;16"):
-        # 16-bit grayscale: keep the 8 high bits (convert("RGB") would clip at 255).
-        high = np.asarray(image).astype(np.uint32) >> 8
-        rgb = Image.fromarray(high.astype(np.uint8)).convert("RGB")
-      else:
-        rgb = image.convert("RGB")
+      gray = _high_depth_gray(image)
+      rgb = image.convert("RGB") if gray is None else Image.fromarray(gray).convert("RGB")
     if rgb.size != (width, height):
       rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
@@ -129,19 +190,27 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
   With ``read``, image ``i`` is decoded from the bytes ``read(i)`` returns (called from the
   pool's threads) and ``paths[i]`` only names it in error messages.
 
+  Images that decode to a single colour (a blank frame, or a file whose values no scale
+  fits) are kept and logged as a warning naming them: they carry no appearance to learn.
+
   Returns:
     ``(index, message)`` of every image that could not be decoded (its row is left as is).
   """
   errors: list[tuple[int, str]] = []
+  constant: list[int] = []
 
   def work(index: int) -> None:
     try:
       if read is None:
-        out[index] = decode_image(paths[index], height, width)
+        image = decode_image(paths[index], height, width)
       else:
-        out[index] = decode_image(paths[index], height, width, data=read(index))
+        image = decode_image(paths[index], height, width, data=read(index))
     except ImageDecodeError as exc:
       errors.append((index, str(exc)))  # list.append is atomic under the GIL.
+      return
+    out[index] = image
+    if (image == image[0, 0]).all():
+      constant.append(index)
 
   bar = progress_bar(total=len(paths), desc=f"decode {height}x{width}", unit="img",
                      enabled=progress)
@@ -151,6 +220,13 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
         bar.update(1)
   finally:
     bar.close()
+  if constant:
+    constant.sort()
+    listed = ", ".join(repr(paths[i]) for i in constant[:MAX_LISTED])
+    more = f" and {len(constant) - MAX_LISTED} more" if len(constant) > MAX_LISTED else ""
+    logger.warning("%d image(s) decode to a single colour (the first: RGB %s everywhere): "
+                   "%s%s. They are used as they are; remove them if they are not pictures",
+                   len(constant), out[constant[0]][0, 0].tolist(), listed, more)
   return sorted(errors)
 
 
@@ -204,17 +280,74 @@ def _open_cached(final: str, shape: tuple[int, ...]) -> np.ndarray | None:
   return None
 
 
+def _megabytes(size: int) -> str:
+  return f"{size / 2**20:.1f} MiB"
+
+
+def _space_error(folder: str, needed: int, free: int | None) -> CacheSpaceError:
+  have = "not enough" if free is None else f"only {_megabytes(free)}"
+  return CacheSpaceError(
+      f"The image cache needs {_megabytes(needed)} ({needed} bytes) in {folder} "
+      f"(config.data.cache_dir; by default <workdir>/cache), and {have} is free there. Free "
+      "some space, or point --config.data.cache_dir at a disk with room.")
+
+
+def _check_space(folder: str, needed: int) -> None:
+  """Refuses a cache of ``needed`` bytes that the disk of ``folder`` cannot hold."""
+  try:
+    free = shutil.disk_usage(folder).free
+  except OSError:
+    return  # no figure to check against: the allocation below still refuses cleanly.
+  if free < needed:
+    raise _space_error(folder, needed, free)
+
+
+def _allocate(path: str) -> None:
+  """Reserves the disk blocks of the (sparse) file ``path``, so that writing it through a
+  memory map cannot run out of space: a full disk is an ``OSError`` here instead of a
+  SIGBUS (a bus error that kills the process) in the middle of decoding.
+
+  Raises:
+    CacheSpaceError: the disk has no room for the file.
+  """
+  if not hasattr(os, "posix_fallocate"):
+    return
+  size = os.path.getsize(path)
+  fd = os.open(path, os.O_RDWR)
+  try:
+    os.posix_fallocate(fd, 0, size)
+  except OSError as exc:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise _space_error(os.path.dirname(os.path.abspath(path)), size, None) from exc
+    # EOPNOTSUPP, EINVAL: a file system without it; the space check above is all there is.
+  finally:
+    os.close(fd)
+
+
 def _write_atomically(final: str, shape: tuple[int, ...],
                       fill: Callable[[np.ndarray], None]) -> np.ndarray:
   """Fills a new ``.npy`` file through ``fill`` and renames it to ``final`` when complete.
 
   If ``fill`` raises (or the process dies), no partial ``final`` exists; the temporary
-  file is removed (or, after a crash, by the next call for the same ``final``).
+  file is removed (or, after a crash, by the next call for the same ``final``). The space
+  the file needs is checked before anything is decoded, and reserved before it is written.
+
+  Raises:
+    CacheSpaceError: the disk of ``final``'s folder has no room for the file.
   """
   _remove_stale_tmp(final)
+  folder = os.path.dirname(os.path.abspath(final))
+  needed = math.prod(shape) + 4096  # the array and its header (at most 4 KiB)
+  _check_space(folder, needed)
   tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
   try:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+      out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError as exc:
+      if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise _space_error(folder, needed, None) from exc
+      raise
+    _allocate(tmp)
     fill(out)
     out.flush()
     del out
@@ -254,6 +387,7 @@ def load_image_cache(
   Raises:
     ImageDecodeError: naming the files (the first ``MAX_LISTED``), for missing, unreadable or
       truncated images; every image is tried before raising.
+    CacheSpaceError: the cache file does not fit in ``cache_dir`` (checked before decoding).
     ValueError: ``read`` and ``cache_dir`` without ``file_name``.
   """
   paths = list(paths)
@@ -404,6 +538,7 @@ def load_dataset_images(
 
   Raises:
     ImageDecodeError: unreadable images (without ``skip_bad_images``).
+    CacheSpaceError: the cache does not fit in ``cache_dir``.
     DatasetError: a split left without any readable image.
   """
 

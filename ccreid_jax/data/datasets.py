@@ -484,7 +484,7 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
         f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
         f"Expected tree:\n{_expected_tree(spec)}")
   records = []
-  with open(list_path, encoding="utf-8") as f:
+  with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
     for line_no, line in enumerate(f, start=1):
       line = line.strip()
       if not line:
@@ -839,7 +839,7 @@ def read_eval_list(list_path: str, *,
   folder = os.path.dirname(list_path)
   contain = _Containment(folder, allow_outside_links, allow_outside_paths=allow_outside_links)
   entries: list[tuple[str, str, int, str]] = []
-  with open(list_path, encoding="utf-8") as f:
+  with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
     for line_no, line in enumerate(f, start=1):
       text = re.sub(r"(^|\s)#.*$", "", line).strip()
       if not text:

@@ -22,6 +22,7 @@ from ccreid_jax.data import cache as cache_lib
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data import tfds_data
 from ccreid_jax.errors import ConfigError
+from ccreid_jax.utils import printable
 
 __all__ = ["RunData", "load_run_data", "train_fingerprint"]
 
@@ -42,6 +43,8 @@ class RunData:
     test_images: (Q + G, H, W, 3) uint8: ``eval_dataset``'s query images, then its gallery;
       None when there is nothing to evaluate (``has_eval`` is False).
     cross_domain: whether ``eval_dataset`` is another dataset than ``dataset``.
+    train_fingerprint: ``train_fingerprint(dataset.train)``, computed when the data is loaded
+      (None when the train split was not loaded).
   """
 
   dataset: datasets_lib.ReidDataset
@@ -49,6 +52,7 @@ class RunData:
   eval_dataset: datasets_lib.ReidDataset
   test_images: np.ndarray | None
   cross_domain: bool
+  train_fingerprint: str | None = None
 
   @property
   def num_train(self) -> int:
@@ -89,14 +93,42 @@ def train_fingerprint(records) -> str:
   order.
 
   The same images read from another root folder, or from a TFDS build of the folder, give the
-  same fingerprint; another image list gives another one.
+  same fingerprint; another image list gives another one. Paths are hashed as the bytes the
+  file system gave (UTF-8 with ``surrogateescape``, ``os.fsencode``'s bytes on a UTF-8 file
+  system): a name that is not valid UTF-8 hashes its own bytes, and UTF-8 names hash as they
+  always did, so existing workdirs keep their fingerprint.
   """
   digest = hashlib.sha256()
   for record in records:
     parts = str(record.path).replace(os.sep, "/").split("/")[-2:]
     digest.update(f"{'/'.join(parts)}\t{int(record.identity)}\t{int(record.camera)}\n"
-                  .encode())
+                  .encode("utf-8", "surrogateescape"))
   return digest.hexdigest()[:16]
+
+
+def _is_utf8(path: str) -> bool:
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def _report_names_not_utf8(dataset: datasets_lib.ReidDataset) -> None:
+  """Logs (at load time) the image paths whose bytes are not valid UTF-8.
+
+  Python gives such names with their bytes as lone surrogates (``os.fsdecode``); they are
+  read, hashed and written losslessly: JSON escapes them (``\\udcXX``), feature files keep them
+  (``os.fsencode(path)`` gives the bytes back) and printed text shows ``\\xNN``.
+  """
+  records = [*dataset.train, *dataset.query, *dataset.gallery]
+  odd = [str(r.path) for r in records if not _is_utf8(str(r.path))]
+  if odd:
+    listed = ", ".join(printable(p) for p in odd[:3]) + (", ..." if len(odd) > 3 else "")
+    logger.warning("dataset %s: %d image path(s) are not valid UTF-8 (%s); they are used as "
+                   "they are: caches and fingerprints hash their bytes, JSON files escape them, "
+                   "feature files keep them (os.fsencode(path) gives the bytes)",
+                   dataset.name, len(odd), listed)
 
 
 def _read_records(config: ml_collections.ConfigDict, name: str,
@@ -163,10 +195,17 @@ def load_run_data(config: ml_collections.ConfigDict, workdir: str, *,
   if not cross_domain:
     dataset, train_images, test_images = _load(
         config, config.data.name, config.data.root, cache_dir, need_train=need_train)
-    return RunData(dataset, train_images, dataset, test_images, cross_domain=False)
-  eval_dataset, _, test_images = _load(config, eval_name, eval_root, cache_dir, need_train=False)
-  dataset, train_images = eval_dataset, None
-  if need_train:
-    dataset, train_images, _ = _load(config, config.data.name, config.data.root, cache_dir,
-                                     need_train=True)
-  return RunData(dataset, train_images, eval_dataset, test_images, cross_domain=True)
+    eval_dataset = dataset
+  else:
+    eval_dataset, _, test_images = _load(config, eval_name, eval_root, cache_dir,
+                                         need_train=False)
+    dataset, train_images = eval_dataset, None
+    if need_train:
+      dataset, train_images, _ = _load(config, config.data.name, config.data.root, cache_dir,
+                                       need_train=True)
+  _report_names_not_utf8(dataset)
+  if eval_dataset is not dataset:
+    _report_names_not_utf8(eval_dataset)
+  fingerprint = train_fingerprint(dataset.train) if need_train else None
+  return RunData(dataset, train_images, eval_dataset, test_images, cross_domain=cross_domain,
+                 train_fingerprint=fingerprint)

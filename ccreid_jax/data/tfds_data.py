@@ -192,7 +192,8 @@ def _builder_classes() -> dict[str, type]:
       for index, record in enumerate(records):
         # A path makes the Image feature store the file's bytes unchanged.
         yield index, {"image": record.path, _IDENTITY_FEATURE: record.identity,
-                      _CAMERA_FEATURE: record.camera, "path": _relative(record.path, root)}
+                      _CAMERA_FEATURE: record.camera,
+                      "path": _relative(record.path, root).encode("utf-8", "surrogateescape")}
 
   classes = {}
   for name in DATASET_NAMES:
@@ -279,7 +280,9 @@ def _split_records(source: Sequence[dict[str, Any]]) -> list[Record]:
   for start in range(0, len(source), _READ_CHUNK):
     for example in source.__getitems__(range(start, min(len(source), start + _READ_CHUNK))):
       path = example["path"]
-      path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
+      # Stored as the file system's bytes: a name that is not UTF-8 comes back as it was read.
+      path = (path.decode("utf-8", "surrogateescape") if isinstance(path, bytes)
+              else str(path))
       records.append(Record(path, int(example[_IDENTITY_FEATURE]),
                             int(example[_CAMERA_FEATURE])))
   return records
