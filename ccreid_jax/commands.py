@@ -104,7 +104,8 @@ def search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery:
   ``query`` is an image file or a folder of them; ``gallery`` a folder (or one file). Returns
   ``(records, png)``: ``inference.search_and_draw``'s records
   (``inference.format_search_results`` prints them) and the rank-list picture written,
-  ``out_png`` (default ``<workdir>/search_ranklist.png``).
+  ``out_png`` (default ``<workdir>/search_ranklist.png``). With
+  ``config.data.skip_bad_images`` unreadable query and gallery files are left out (logged).
 
   Raises:
     InferencePathError: a query or gallery path that is missing or holds no image.
@@ -112,7 +113,8 @@ def search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery:
   query_paths, gallery_paths = images_of(query), images_of(gallery)
   embedder = Embedder.from_config(config, workdir, checkpoint)
   out_png = out_png or Run(workdir).file("search_ranklist.png")
-  return search_and_draw(embedder, query_paths, gallery_paths, topk, out_png), out_png
+  return search_and_draw(embedder, query_paths, gallery_paths, topk, out_png,
+                         skip_bad_images=bool(config.data.skip_bad_images)), out_png
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, *,

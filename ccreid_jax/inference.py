@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ccreid_jax.data import datasets as datasets_lib
-from ccreid_jax.data.cache import decode_image, load_image_cache
+from ccreid_jax.data.cache import decode_image, load_image_cache, load_readable_images
 from ccreid_jax.distributed import make_mesh
 from ccreid_jax.evaluation import pairwise_distance, visualize
 from ccreid_jax.extract import eval_features, extract_features, make_extract_fn, precision_scope
@@ -52,6 +53,11 @@ __all__ = [
 
 IMAGE_EXTENSIONS = datasets_lib.FOLDER_IMAGE_EXTENSIONS
 _CHUNK_BATCHES = 8  # Batches decoded at a time by ``embed``: bounds host memory.
+# Embedder.load_images: the ways to skip unreadable files (search honours the config's flag).
+_SKIP_HINT = ("skip unreadable images with --config.data.skip_bad_images=True (--mode search) "
+              "or Embedder.embed_readable (from Python)")
+
+logger = logging.getLogger("ccreid_jax")
 
 
 class InferencePathError(ValueError):
@@ -229,7 +235,7 @@ class Embedder:
     if paths:
       out[[i for i, _ in paths]] = load_image_cache(
           [p for _, p in paths], self.height, self.width, None, progress=False,
-          num_workers=self.num_workers)
+          num_workers=self.num_workers, skip_hint=_SKIP_HINT)
     for i, item in enumerate(items):
       if not _is_path(item):
         out[i] = _resize_array(item, self.height, self.width, i)
@@ -247,15 +253,42 @@ class Embedder:
     if not items:
       return np.zeros((0, self.feature_dim), np.float32)
     chunk = self.batch_size * _CHUNK_BATCHES
-    outputs = []
-    for start in range(0, len(items), chunk):
-      images = self.load_images(items[start:start + chunk])
-      # Powers of two up to batch_size: few compiled shapes, little padding for small inputs.
-      batch = min(self.batch_size, 1 << max(0, math.ceil(math.log2(len(images)))))
-      with precision_scope(self.precision):
-        outputs.append(extract_features(self._extract_fn, self.variables, images,
-                                        mesh=self._mesh, batch_size=batch, progress=False))
-    return np.concatenate(outputs)
+    return np.concatenate([self._features(self.load_images(items[start:start + chunk]))
+                           for start in range(0, len(items), chunk)])
+
+  def embed_readable(self, paths: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``embed`` of image files that leaves the unreadable ones out (``skip_bad_images``).
+
+    Returns:
+      ``(features, kept, bad)``: the (K, D) features of the readable files, their (K,) int64
+      indices into ``paths``, and one message per unreadable file.
+    """
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:
+      if os.path.isdir(path):
+        raise InferencePathError(f"{path!r} is a folder; pass image files "
+                                 "(inference.list_images(folder) lists its images).")
+    chunk = self.batch_size * _CHUNK_BATCHES
+    features = [np.zeros((0, self.feature_dim), np.float32)]
+    kept: list[np.ndarray] = [np.zeros(0, np.int64)]
+    bad: list[str] = []
+    for start in range(0, len(paths), chunk):
+      readable = load_readable_images(paths[start:start + chunk], self.height, self.width,
+                                      None, progress=False, num_workers=self.num_workers)
+      bad += readable.bad
+      if len(readable.kept):
+        features.append(self._features(readable.images))
+        kept.append(np.asarray(readable.kept, np.int64) + start)
+    return np.concatenate(features), np.concatenate(kept), tuple(bad)
+
+  def _features(self, images: np.ndarray) -> np.ndarray:
+    """(N, D) features of (N, height, width, 3) uint8 images."""
+    # Powers of two up to batch_size: few compiled shapes, little padding for small inputs.
+    batch = min(self.batch_size, 1 << max(0, math.ceil(math.log2(len(images)))))
+    with precision_scope(self.precision):
+      return extract_features(self._extract_fn, self.variables, images, mesh=self._mesh,
+                              batch_size=batch, progress=False)
 
   def feature_function(self, *, normalized_nchw: bool = False, kernels: str = "plain",
                        dtype: Any = None):
@@ -339,14 +372,34 @@ def search(embedder: Embedder, query: Any, gallery: Any, topk: int = 10) -> Sear
 
 
 def search_and_draw(embedder: Embedder, query_paths: Sequence[str], gallery_paths: Sequence[str],
-                    topk: int = 10, out_png: str | None = None,
-                    max_rows: int = 16) -> list[dict[str, Any]]:
+                    topk: int = 10, out_png: str | None = None, max_rows: int = 16, *,
+                    skip_bad_images: bool = False) -> list[dict[str, Any]]:
   """``search`` on image files, as records; with ``out_png``, a rank-list picture too.
 
   Returns one ``{"query": path, "matches": [{"rank", "path", "distance"}, ...]}`` per query.
   The picture (``visualize.search_rank_list_image``) shows the first ``max_rows`` queries.
+  With ``skip_bad_images`` unreadable files are left out of the query and the gallery (as
+  training leaves them out), and logged; otherwise they raise ``ImageDecodeError``.
   """
-  result = search(embedder, list(query_paths), list(gallery_paths), topk)
+  query_paths, gallery_paths = list(query_paths), list(gallery_paths)
+  if not skip_bad_images:
+    result = search(embedder, query_paths, gallery_paths, topk)
+  else:
+    if int(topk) < 1:
+      raise ValueError(f"topk must be >= 1, got {topk}.")
+    found = {}
+    for split, paths in (("gallery", gallery_paths), ("query", query_paths)):
+      features, kept, bad = embedder.embed_readable(paths)
+      if bad:
+        logger.warning("search: skipped %d unreadable %s image(s) of %d (first: %s)",
+                       len(bad), split, len(paths), bad[0])
+      if not len(kept):
+        raise InferencePathError(f"no readable {split} image: all {len(paths)} cannot be read "
+                                 f"(first: {bad[0]}).")
+      found[split] = features, [paths[i] for i in kept]
+    (gallery_features, gallery_paths), (query_features, query_paths) = (found["gallery"],
+                                                                        found["query"])
+    result = _top_k(query_features, gallery_features, topk)
   records = []
   for q, (row, dist) in enumerate(zip(result.indices, result.distances)):
     records.append({"query": str(query_paths[q]), "matches": [

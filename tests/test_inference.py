@@ -2,7 +2,9 @@
 ranks as a brute-force loop does, and the command-line entry points run on a workdir."""
 
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -229,6 +231,33 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
     commands.export(config, workdir, "stablehlo", summary["path"], checkpoint="init")
   with pytest.raises(inference.InferencePathError, match="is a folder"):
     commands.export(config, workdir, "onnx", str(tmp_path), checkpoint="init")
+
+
+def test_search_honours_skip_bad_images(run_workdir, image_files, tmp_path, caplog):
+  """The error's advice, --config.data.skip_bad_images=True, works (issue 38, item 6)."""
+  workdir, config = run_workdir
+  gallery = tmp_path / "gallery"
+  gallery.mkdir()
+  for path in image_files:
+    shutil.copy(path, gallery)
+  (gallery / "broken.jpg").write_bytes(b"not a jpeg")
+  with pytest.raises(ImageDecodeError, match="skip_bad_images=True"):
+    commands.search(config, workdir, image_files[3], str(gallery), topk=3, checkpoint="init",
+                    out_png=str(tmp_path / "a.png"))
+  config = config.copy_and_resolve_references()
+  config.data.skip_bad_images = True
+  with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
+    records, _ = commands.search(config, workdir, str(gallery), str(gallery), topk=50,
+                                 checkpoint="init", out_png=str(tmp_path / "b.png"))
+  assert sorted(r["query"] for r in records) == sorted(str(gallery / os.path.basename(p))
+                                                       for p in image_files)
+  assert all(len(r["matches"]) == len(image_files) for r in records)
+  assert all("broken.jpg" not in m["path"] for r in records for m in r["matches"])
+  assert "skipped 1 unreadable gallery image(s)" in caplog.text
+  assert "skipped 1 unreadable query image(s)" in caplog.text
+  # Without a config, the advice names the Python way out too.
+  with pytest.raises(ImageDecodeError, match="Embedder.embed_readable"):
+    inference.Embedder.from_workdir(workdir, "init").embed([str(gallery / "broken.jpg")])
 
 
 # ---------------------------------------------------------------------------------------

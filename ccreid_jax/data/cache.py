@@ -230,17 +230,20 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
   return sorted(errors)
 
 
-def _decode_error(errors: Sequence[tuple[int, str]]) -> ImageDecodeError:
-  """One error listing the first ``MAX_LISTED`` unreadable files."""
+SKIP_HINT = "skip unreadable images with --config.data.skip_bad_images=True"
+
+
+def _decode_error(errors: Sequence[tuple[int, str]],
+                  skip_hint: str = SKIP_HINT) -> ImageDecodeError:
+  """One error listing the first ``MAX_LISTED`` unreadable files, with ``skip_hint``."""
   if len(errors) == 1:
     return ImageDecodeError(
-        f"{errors[0][1]}\nReplace or remove the file, or skip unreadable images with "
-        "--config.data.skip_bad_images=True.")
+        f"{errors[0][1]}\nReplace or remove the file, or {skip_hint}.")
   listed = "\n".join(f"  {message}" for _, message in errors[:MAX_LISTED])
   more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
   return ImageDecodeError(
       f"{len(errors)} image files cannot be read:\n{listed}{more}\nReplace or remove them, "
-      "or skip unreadable images with --config.data.skip_bad_images=True.")
+      f"or {skip_hint}.")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -368,6 +371,7 @@ def load_image_cache(
     num_workers: int = 4,
     read: Callable[[int], bytes] | None = None,
     file_name: str | None = None,
+    skip_hint: str = SKIP_HINT,
 ) -> np.ndarray:
   """All images of ``paths`` as one uint8 array of shape (N, height, width, 3).
 
@@ -382,7 +386,8 @@ def load_image_cache(
   Images that are not files (e.g. records of a TFDS dataset) are decoded from ``read(i)``,
   the encoded bytes of image ``i``; ``paths`` then only name them in error messages, and
   ``file_name`` (required with ``cache_dir``) names the cache file in place of
-  ``cache_file_name``, which needs files to stat.
+  ``cache_file_name``, which needs files to stat. ``skip_hint`` ends the error: the way to
+  skip unreadable images that applies where the images are loaded.
 
   Raises:
     ImageDecodeError: naming the files (the first ``MAX_LISTED``), for missing, unreadable or
@@ -401,7 +406,7 @@ def load_image_cache(
     errors = _decode_into(out, paths, height, width, progress=progress,
                           num_workers=num_workers, read=read)
     if errors:
-      raise _decode_error(errors)
+      raise _decode_error(errors, skip_hint)
 
   if cache_dir is None:
     out = np.empty(shape, np.uint8)

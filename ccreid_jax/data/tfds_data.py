@@ -309,6 +309,13 @@ def _tfds_cache_file_name(folder: str, splits: Sequence[str], count: int, height
   return f"tfds_{name}_{'+'.join(splits)}_{count}x{height}x{width}_{digest}.npy"
 
 
+# config.data.skip_bad_images filters image folders; a TFDS build's images are filtered when
+# it is built.
+_TFDS_SKIP_HINT = ("rebuild the TFDS dataset without them (python -m ccreid_jax.data.tfds_data "
+                   "... --skip_bad_images); --config.data.skip_bad_images applies to image "
+                   "folders, not to a TFDS build")
+
+
 def load_tfds_dataset_images(
     name: str,
     data_dir: str,
@@ -363,7 +370,8 @@ def load_tfds_dataset_images(
     file_name = (_tfds_cache_file_name(folder, splits, len(rows), height, width)
                  if cache_dir is not None else None)
     return cache_lib.load_image_cache(labels, height, width, cache_dir, progress=progress,
-                                      num_workers=num_workers, read=read, file_name=file_name)
+                                      num_workers=num_workers, read=read, file_name=file_name,
+                                      skip_hint=_TFDS_SKIP_HINT)
 
   train_images = load(("train",)) if need_train else None
   return dataset, train_images, load(("query", "gallery"))
