@@ -187,6 +187,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   run = Run(workdir)
   config = run.model_config(config, checkpoint)
   data = loading.load_run_data(config, run.path, need_train=True)
+  validation.check_cluster_sizes(config.cluster, data.num_train)
   loaded = run.load_model(config, checkpoint)
   extractor = FeatureExtractor.create(loaded.model, config)
   features = np.asarray(extractor(loaded.variables, data.train_images, desc="train extract"))

@@ -235,6 +235,14 @@ def training_summary(config: ml_collections.ConfigDict, workdir: str,
   if not results:
     lines.append(f"\nnothing was trained: train.epochs is {config.train.epochs} and {workdir} "
                  "holds no checkpoint (set --config.train.epochs=N to train N epochs).")
+  epochs = {r["epoch"]: r for r in records if r.get("kind") == "epoch"}
+  for clusters, what in ((0, "found no cluster (nothing was trained)"),
+                         (1, "put every image in one cluster (loss 0: nothing was learnt)")):
+    degenerate = sorted(e for e, r in epochs.items() if r.get("clusters") == clusters)
+    if degenerate:
+      lines.append(f"\nWARNING: in {len(degenerate)} of {len(epochs)} epochs (epoch "
+                   f"{', '.join(map(str, degenerate))}) the clustering {what}. "
+                   f"{train.DEGENERATE_ADVICE}")
   return "\n".join(lines)
 
 

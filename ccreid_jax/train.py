@@ -251,6 +251,12 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
 # ---------------------------------------------------------------------------------------
 
 
+# What to do about an epoch with one cluster or none (logged, and in the final summary).
+DEGENERATE_ADVICE = ("Choose cluster.eps with the eps sweep (python -m ccreid_jax.main --mode "
+                     "sweep --checkpoint init --eps 0.3:0.8:0.05), and check cluster.min_samples "
+                     "and cluster.k1 against the number of train images.")
+
+
 def _epoch_record(epoch: int, plan: PseudoLabels, losses: dict[str, list[float]],
                   state: TrainState, metrics: dict[str, float] | None, timer: Timer,
                   config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -340,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
            differences: list[tuple[str, Any, Any]], primary: bool) -> dict[str, Any]:
   data = loading.load_run_data(config, run.path, need_train=True)
+  validation.check_cluster_sizes(config.cluster, data.num_train)
   model = models.create_model(config.model)
   mesh = distributed.make_mesh()
   extract = FeatureExtractor.create(model, config)
@@ -400,9 +407,14 @@ def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
         with timer.phase("train"):
           state, losses = train_on(plan, state, setup.steps, data, config, epoch=epoch,
                                    checkpoints_dir=checkpointer.directory)
+        if plan.num_clusters == 1:
+          logger.warning("WARNING epoch %d: the clustering put every clustered image in one "
+                         "cluster; the loss of one class is 0 and this epoch learns nothing. "
+                         "%s", epoch, DEGENERATE_ADVICE)
       else:
-        logger.warning("epoch %d: the clustering found no cluster (all %d samples are "
-                       "outliers); this epoch trains nothing", epoch, data.num_train)
+        logger.warning("WARNING epoch %d: the clustering found no cluster (all %d samples are "
+                       "outliers); this epoch trains nothing. %s", epoch, data.num_train,
+                       DEGENERATE_ADVICE)
       metrics, distmat = None, None
       if data.has_eval and ((epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1):
         with timer.phase("eval"):

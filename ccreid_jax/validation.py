@@ -24,7 +24,8 @@ from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.models import resnet as resnet_lib
 
-__all__ = ["ConfigError", "REPLACED_FIELDS", "default_config", "validate_config"]
+__all__ = ["ConfigError", "REPLACED_FIELDS", "check_cluster_sizes", "default_config",
+           "validate_config"]
 
 CLUSTER_METHODS: tuple[str, ...] = pseudo_labels.CLUSTER_METHODS
 CLUSTER_DISTANCES: tuple[str, ...] = pseudo_labels.CLUSTER_DISTANCES
@@ -382,6 +383,43 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
     except ValueError:
       c.fail("eval.checkpoint", which,
              "accepted: 'best', 'latest', 'init', a checkpoint number or a checkpoint folder")
+
+
+def check_cluster_sizes(cluster: ml_collections.ConfigDict, num_train: int) -> None:
+  """Raises ``ConfigError`` for clustering sizes that ``num_train`` images cannot hold.
+
+  A kNN neighbourhood of every image (Jaccard's ``k1``, CA-Jaccard's ``ca_k1_*``, InfoMap's
+  ``infomap_k``) puts all images in one cluster, whose one-class contrastive loss is 0;
+  DBSCAN's ``min_samples`` above half the images leaves room for one cluster at most (none
+  above the count). Checked once the train images are known, before anything trains.
+  """
+  n = int(num_train)
+  problems = []
+
+  def neighbours(field: str, value: int) -> None:
+    if value >= n:
+      problems.append(
+          f"config.cluster.{field} = {value}: must be below the {n} train images (a "
+          f"neighbourhood of all {n} images puts every image in one cluster: the loss is 0 "
+          f"and nothing is learnt); set --config.cluster.{field}=<at most {max(1, n - 1)}>"
+          " (the recipes use 20-30 for thousands of images)")
+
+  if cluster.method == "infomap":
+    neighbours("infomap_k", int(cluster.infomap_k))
+  else:
+    if cluster.distance == "ca_jaccard":
+      for field in ("ca_k1_intra", "ca_k1_inter"):
+        neighbours(field, int(cluster[field]))
+    else:
+      neighbours("k1", int(cluster.k1))
+    min_samples = int(cluster.min_samples)
+    if 2 * min_samples > n:
+      problems.append(
+          f"config.cluster.min_samples = {min_samples}: DBSCAN needs at most half of the {n} "
+          "train images for two clusters (above the count it finds no cluster in any epoch); "
+          f"set --config.cluster.min_samples=<at most {max(1, n // 2)}> (the recipes use 4)")
+  if problems:
+    raise ConfigError(problems)
 
 
 def validate_config(config: Any, *, num_devices: int | None, training: bool = False,

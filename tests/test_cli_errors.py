@@ -5,6 +5,7 @@ files that cannot be used; ``CCREID_TRACEBACK=1`` (or ``--verbose``) adds the tr
 The command lines run at once (each pays a JAX import) and stop before any data is read.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -130,6 +131,24 @@ def test_exit_codes_of_the_user_errors():
   assert [main.exit_code_of(e) for e in usage] == [2] * len(usage)
   assert [main.exit_code_of(e) for e in files] == [1] * len(files)
   assert main.exit_code_of(RuntimeError("a bug")) is None   # bugs keep their traceback
+
+
+def test_epochs_with_one_cluster_or_none_are_warned_about_in_the_summary(tmp_path):
+  """A run whose clustering degenerated printed its table and exited 0 without a word
+  (issue 38, item 10)."""
+  from conftest import tiny_config
+
+  from ccreid_jax import main
+
+  config = tiny_config(str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for epoch, clusters in enumerate([0, 1, 1, 5]):
+      f.write(json.dumps({"kind": "epoch", "epoch": epoch, "clusters": clusters,
+                          "loss": 0.0, "steps": 3 * epoch}) + "\n")
+  text = main.training_summary(config, str(tmp_path), {"epoch": 3, "checkpoints": [4]})
+  assert "WARNING: in 1 of 4 epochs (epoch 0) the clustering found no cluster" in text
+  assert "WARNING: in 2 of 4 epochs (epoch 1, 2) the clustering put every image in one" in text
+  assert "--mode sweep" in text
 
 
 def test_nothing_trained_is_said_instead_of_an_empty_table(tmp_path):

@@ -284,3 +284,40 @@ def test_processes_other_than_the_first_check_but_never_write(config, tmp_path):
   assert sorted(os.listdir(workdir)) == before
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["cluster"]["eps"] != 0.5
+
+
+# ---------------------------------------------------------------------------------------
+# Clustering sizes against the number of train images (issue 38, item 10).
+# ---------------------------------------------------------------------------------------
+
+
+def test_cluster_sizes_that_the_train_images_cannot_hold_are_refused_before_training(
+    tiny_market, tmp_path):
+  """k1 at or above N put everything in one cluster (loss 0 for the whole run, exit 0);
+  min_samples above N found no cluster in any epoch. Both are refused once N is known."""
+  from ccreid_jax import train
+  from ccreid_jax.data.datasets import load_dataset
+
+  n = len(load_dataset("market1501", tiny_market).train)
+  config = tiny_config(tiny_market)
+  config.cluster.k1 = n
+  config.cluster.min_samples = n + 1
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ConfigError) as info:
+    train.train_and_evaluate(config, workdir)
+  text = str(info.value)
+  assert f"config.cluster.k1 = {n}: must be below the {n} train images" in text
+  assert f"--config.cluster.k1=<at most {n - 1}>" in text
+  assert f"config.cluster.min_samples = {n + 1}" in text
+  assert f"--config.cluster.min_samples=<at most {n // 2}>" in text
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+  # The other neighbourhood sizes, where their method uses them; sizes below N pass.
+  cluster = tiny_config(tiny_market).cluster
+  validation.check_cluster_sizes(cluster, n)
+  cluster.distance, cluster.ca_k1_inter = "ca_jaccard", n
+  with pytest.raises(ConfigError, match="config.cluster.ca_k1_inter"):
+    validation.check_cluster_sizes(cluster, n)
+  cluster.method, cluster.infomap_k = "infomap", n + 5
+  with pytest.raises(ConfigError, match=f"config.cluster.infomap_k = {n + 5}"):
+    validation.check_cluster_sizes(cluster, n)

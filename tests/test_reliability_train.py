@@ -1,5 +1,6 @@
 """Training through faults, in process: degenerate clusterings, a NaN loss, damaged checkpoints."""
 
+import logging
 import math
 import os
 import shutil
@@ -40,7 +41,8 @@ def _one_cluster(n, epoch, real):
 
 
 @pytest.mark.parametrize("make_labels", [_no_cluster, _fewer_than_p, _one_cluster])
-def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels):
+def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels,
+                                        caplog):
   config = tiny_config(tiny_market)
   config.train.eval_initial = True
   real_dbscan = clustering.dbscan_labels
@@ -53,8 +55,16 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
 
   monkeypatch.setattr(clustering, "dbscan_labels", dbscan_labels)
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(config, workdir)
+  with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
+    results = train.train_and_evaluate(config, workdir)
   num_train = len(load_dataset(config.data.name, config.data.root).train)
+  # An epoch with one cluster or none is warned about, once per epoch (issue 38, item 10).
+  warned = {"no cluster": caplog.text.count("the clustering found no cluster"),
+            "one cluster": caplog.text.count("in one cluster; the loss of one class is 0")}
+  want = {_no_cluster: {"no cluster": 1, "one cluster": 0},
+          _fewer_than_p: {"no cluster": 0, "one cluster": 0},
+          _one_cluster: {"no cluster": 0, "one cluster": 2}}[make_labels]
+  assert warned == want
   records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1] and calls == [0, 1]
   steps = 0
