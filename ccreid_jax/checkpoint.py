@@ -19,13 +19,17 @@ naming the checkpoint and what to do instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from ccreid_jax.errors import storage_error
 
 PyTree = Any
 
@@ -146,12 +150,30 @@ class Checkpointer:
     """Saves checkpoint ``number`` asynchronously; ``meta['metrics']['mAP']`` (if present)
     ranks checkpoints."""
     mean_ap = _map_of(meta)
-    self._manager.save(
-        number,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=None if mean_ap is None else {"mAP": mean_ap},
-    )
+    with self._storage_errors(f"checkpoint {number}"):
+      self._manager.save(
+          number,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=None if mean_ap is None else {"mAP": mean_ap},
+      )
+
+  @contextlib.contextmanager
+  def _storage_errors(self, what: str) -> Iterator[None]:
+    """A save the storage refused (orbax's traceback around an ``OSError``) as one
+    ``StorageError`` line: the folder, the cause, and that the saved checkpoints are intact."""
+    try:
+      yield
+    except Exception as exc:  # orbax wraps the OSError of its writing threads.
+      kept = self.numbers()
+      advice = ((f"The checkpoints saved before it ({', '.join(map(str, kept))}) are intact: "
+                 if kept else "No checkpoint was saved before it: ") +
+                "free some space there (or make the folder writable) and run the same command "
+                "again to resume" + (f" from checkpoint {kept[-1]}." if kept else "."))
+      error = storage_error(exc, self.directory, f"{what} into", advice=advice)
+      if error is None:
+        raise
+      raise error from None
 
   def restore(self, number: int, abstract_state: PyTree) -> RestoredCheckpoint:
     """Restores checkpoint ``number`` into the structure / shapes of ``abstract_state`` (from
@@ -185,7 +207,8 @@ class Checkpointer:
         f"({type(exc).__name__}: {reason}).\nInstead: {instead}")
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_errors("a checkpoint"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()

@@ -30,6 +30,7 @@ from ccreid_jax import export as export_lib
 from ccreid_jax import pseudo_labels
 from ccreid_jax import validation
 from ccreid_jax.data import loading
+from ccreid_jax.errors import check_writable
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.extract import FeatureExtractor, evaluate_variables
 from ccreid_jax.feature_files import check_output_path, split_images, write_features
@@ -129,6 +130,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, 
   Raises:
     InferencePathError: ``out`` missing, a file for stablehlo or a folder for onnx, files
       that exist (without ``overwrite``) or belong to a run; checked before anything loads.
+    StorageError: the destination cannot be written (checked first too), or is full.
     ExportUnavailableError: onnx without the jax2onnx / onnx packages.
   """
   if fmt not in export_lib.FORMATS:
@@ -143,6 +145,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, 
     raise InferencePathError(f"--out {out} is a folder; give the name of the file to write, "
                              f"e.g. {os.path.join(out, 'model.onnx')}.")
   export_lib.check_export_paths(fmt, out, overwrite=overwrite, workdirs=(workdir,))
+  check_writable(out if fmt == "stablehlo" else os.path.dirname(os.path.abspath(out)),
+                 "the export folder")
   embedder = Embedder.from_config(config, workdir, checkpoint)
   path = (export_lib.export_stablehlo(embedder, out, overwrite=overwrite) if fmt == "stablehlo"
           else export_lib.export_onnx(embedder, out, overwrite=overwrite))
@@ -184,6 +188,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
     logger.info("cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
                 "reliability criterion's eps_tight / eps_loose are not swept)")
   eps_values = eps_sweep.parse_eps(",".join(str(v) for v in eps_values))
+  if out is not None and distributed.is_primary():
+    check_writable(out, "the sweep's --out folder")
   run = Run(workdir)
   config = run.model_config(config, checkpoint)
   data = loading.load_run_data(config, run.path, need_train=True)

@@ -1,12 +1,22 @@
-"""The error every layer may raise about a config, defined below all of them.
+"""The errors every layer may raise, defined below all of them.
 
-``validation`` raises it for the fields of a config, ``data.loading`` for a dataset a config
-names that cannot be read as configured; the command line prints its lines and exits 2.
+``ConfigError``: ``validation`` raises it for the fields of a config, ``data.loading`` for a
+dataset a config names that cannot be read as configured; the command line prints its lines
+and exits 2. ``StorageError``: a write that the storage refused (a full disk, a read-only or
+forbidden folder), raised by ``utils.write_atomic`` and the checkpoint saves; the command line
+prints its one line and exits 1.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+import errno
+import os
+
+__all__ = ["ConfigError", "STORAGE_ERRNOS", "StorageError", "check_writable", "storage_error"]
+
+# The errors of a write that the storage refuses, rather than of what is written.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+FREE_SPACE = "Free some space there (or make the folder writable), then run the command again."
 
 
 class ConfigError(ValueError):
@@ -17,3 +27,60 @@ class ConfigError(ValueError):
     count = len(self.problems)
     header = f"Invalid config ({count} problem{'s' if count != 1 else ''}):"
     super().__init__("\n".join([header] + [f"  - {p}" for p in self.problems]))
+
+
+class StorageError(OSError):
+  """A write that the storage refused; the message is one line: the path, the cause, the fix."""
+
+  def __init__(self, message: str, code: int | None = None, path: str | None = None):
+    super().__init__(message)
+    self.message = message
+    self.errno, self.filename = code, path
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def _storage_cause(exc: BaseException) -> OSError | None:
+  """``exc``, or an exception it was raised from, that is an ``OSError`` of ``STORAGE_ERRNOS``."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+      return exc
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def storage_error(exc: BaseException, path: str, what: str = "",
+                  advice: str = FREE_SPACE) -> StorageError | None:
+  """The ``StorageError`` for ``exc`` at a write of ``path`` (``what``: a description), or
+  None when ``exc`` is not a write the storage refused (then re-raise ``exc`` itself)."""
+  if isinstance(exc, StorageError):
+    return exc
+  cause = _storage_cause(exc)
+  if cause is None:
+    return None
+  name = f"{what} {path}" if what else str(path)
+  return StorageError(f"cannot write {name}: {os.strerror(cause.errno)}. {advice}",
+                      cause.errno, path)
+
+
+def check_writable(folder: str, what: str) -> None:
+  """Creates ``folder`` if needed and writes (then removes) a probe file in it.
+
+  Raises:
+    StorageError: ``folder`` cannot be created or written (read-only, forbidden, full).
+  """
+  probe = os.path.join(folder, f".ccreid-write-test-{os.getpid()}")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("x")
+    os.remove(probe)
+  except OSError as exc:
+    error = storage_error(exc, folder, what, advice="Make it writable (or free some space), or "
+                          "choose another folder.")
+    if error is None:
+      raise
+    raise error from None

@@ -39,6 +39,7 @@ from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models import weights
 from ccreid_jax.tools import eps_sweep
 from ccreid_jax.utils import format_history_table, format_results_table, printable
+from ccreid_jax.errors import StorageError, check_writable
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -104,7 +105,7 @@ _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
                  feature_files.OutputPathError, app.UsageError)
 _FILE_ERRORS = (DatasetError, ImageDecodeError, CacheSpaceError, checkpoint_lib.CheckpointError,
                 run_lib.WorkdirLocked, run_lib.RunConfigError, export_lib.ExportUnavailableError,
-                weights.WeightsFormatError, weights.WeightsMismatchError)
+                weights.WeightsFormatError, weights.WeightsMismatchError, StorageError)
 
 
 def exit_code_of(exc: BaseException) -> int | None:
@@ -351,6 +352,7 @@ def _check_sweep() -> None:
   out = OUT.value or WORKDIR.value
   if os.path.exists(out) and not os.path.isdir(out):
     raise CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
+  check_writable(out, "the sweep's --out folder")
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -391,6 +393,8 @@ def _run(argv: list[str]) -> None:
   check_flags, command = MODES[_MODE.value]
   check_flags()  # before anything is loaded.
   check_workdir(WORKDIR.value)
+  if _MODE.value in ("train", "eval"):  # they write into the run folder.
+    check_writable(WORKDIR.value, "the run folder --workdir")
   config = load_config()
   if _MODE.value != "train":
     run_lib.Run(WORKDIR.value).reference(

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from ccreid_jax import tensorboard as tensorboard_lib
+from ccreid_jax.errors import StorageError
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.run import Run
 
@@ -30,7 +31,8 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
   """Draws ``<workdir>/ranklist_<name>.png`` of an evaluation; returns the image (or None).
 
   ``data`` is a ``data.loading.RunData``: its ``eval_dataset`` records and, for TFDS runs
-  (whose record paths are not files), its decoded ``test_images``.
+  (whose record paths are not files), its decoded ``test_images``. A picture that cannot be
+  written (a full disk) is a warning.
   """
   log = config.log
   if log.ranklist_queries <= 0:
@@ -45,7 +47,10 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
       query_images, [r.identity for r in query], [r.camera for r in query], gallery_images,
       [r.identity for r in gallery], [r.camera for r in gallery], distmat, query_indices=queries,
       topk=log.ranklist_topk)
-  visualize.save_png(os.path.join(workdir, f"ranklist_{name}.png"), image)
+  try:
+    visualize.save_png(os.path.join(workdir, f"ranklist_{name}.png"), image)
+  except StorageError as exc:  # a picture is not worth the run: said, and the run goes on.
+    logger.warning("WARNING the rank-list picture was not written: %s", exc)
   return image
 
 

@@ -42,6 +42,7 @@ from ccreid_jax import distributed
 from ccreid_jax import models
 from ccreid_jax import state as state_lib
 from ccreid_jax import validation
+from ccreid_jax.errors import storage_error
 from ccreid_jax.pseudo_labels import Generation
 from ccreid_jax.utils import write_atomic
 
@@ -322,9 +323,15 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"kind": kind, "time": time.time(), **values}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-      f.flush()
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+    except OSError as exc:
+      error = storage_error(exc, self.path)
+      if error is None:
+        raise
+      raise error from exc
 
 
 def _parse_whole(line: str) -> Any:

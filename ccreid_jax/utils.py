@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import tqdm
 
+from ccreid_jax.errors import storage_error
+
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -45,18 +47,24 @@ def write_atomic(path: str, data: str | bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and a rename, creating its folder.
 
   A reader never sees half a file, and a failed write leaves no temporary file behind.
+
+  Raises:
+    StorageError: the storage refused the write (full, read-only, forbidden), naming ``path``.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as exc:
     if os.path.exists(tmp):
       os.remove(tmp)
+    error = storage_error(exc, path)
+    if error is not None and error is not exc:
+      raise error from exc
     raise
 
 
