@@ -25,10 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ccreid_jax import distributed
+from ccreid_jax import distributed, pseudo_labels, validation
 from ccreid_jax import export as export_lib
-from ccreid_jax import pseudo_labels
-from ccreid_jax import validation
 from ccreid_jax.data import loading
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.extract import FeatureExtractor, evaluate_variables

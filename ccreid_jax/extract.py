@@ -22,8 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ccreid_jax import distributed
-from ccreid_jax import evaluation
+from ccreid_jax import distributed, evaluation
 from ccreid_jax.data.augment import test_transform
 from ccreid_jax.ops import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar

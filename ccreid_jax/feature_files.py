@@ -26,9 +26,16 @@ import numpy as np
 
 from ccreid_jax.utils import write_atomic
 
-
-__all__ = ["SPLITS", "FeatureFile", "OutputPathError", "check_output_path",
-           "write_features", "extract_split", "read_features", "split_images"]
+__all__ = [
+  "SPLITS",
+  "FeatureFile",
+  "OutputPathError",
+  "check_output_path",
+  "extract_split",
+  "read_features",
+  "split_images",
+  "write_features",
+]
 
 SPLITS = ("train", "query", "gallery")
 

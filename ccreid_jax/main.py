@@ -19,21 +19,22 @@ import traceback
 from collections.abc import Callable
 
 import ml_collections
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import commands
-from ccreid_jax import configs
-from ccreid_jax import distributed
+from ccreid_jax import (
+  commands,
+  configs,
+  distributed,
+  feature_files,
+  inference,
+  train,
+  validation,
+  xla_cpu,
+)
 from ccreid_jax import export as export_lib
-from ccreid_jax import feature_files
-from ccreid_jax import inference
 from ccreid_jax import run as run_lib
-from ccreid_jax import train
-from ccreid_jax import validation
-from ccreid_jax import xla_cpu
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models import weights
@@ -211,7 +212,7 @@ def load_config() -> ml_collections.ConfigDict:
   try:
     config = _CONFIG.value
     config.keys()  # a file that failed to load gives an object that raises when used
-  except Exception as exc:  # noqa: BLE001 (absl re-raises whatever the config file raised)
+  except Exception as exc:  # absl re-raises whatever the config file raised
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     reason = str(exc).replace("Configuration is not available because of an earlier failure to "
                               "load: ", "")

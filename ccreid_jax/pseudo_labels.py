@@ -19,8 +19,7 @@ import ml_collections
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from ccreid_jax import camera_memory
-from ccreid_jax import clustering
+from ccreid_jax import camera_memory, clustering
 
 __all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_distance", "cluster_labels",
            "label_stats",

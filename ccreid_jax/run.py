@@ -35,10 +35,8 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import distributed
-from ccreid_jax import models
+from ccreid_jax import distributed, models, validation
 from ccreid_jax import state as state_lib
-from ccreid_jax import validation
 from ccreid_jax.pseudo_labels import Generation
 from ccreid_jax.utils import write_atomic
 

@@ -32,13 +32,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ccreid_jax import camera_memory
+from ccreid_jax import camera_memory, distributed, models, validation
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import distributed
 from ccreid_jax import memory as memory_lib
-from ccreid_jax import models
 from ccreid_jax import state as state_lib
-from ccreid_jax import validation
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import loading
 from ccreid_jax.data import sampler as sampler_lib

@@ -13,18 +13,19 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import pseudo_labels
 from ccreid_jax.configs import default as default_lib
-from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
+from ccreid_jax.errors import ConfigError
 from ccreid_jax.models import resnet as resnet_lib
 
-__all__ = ["ConfigError", "REPLACED_FIELDS", "default_config", "validate_config"]
+__all__ = ["REPLACED_FIELDS", "ConfigError", "default_config", "validate_config"]
 
 CLUSTER_METHODS: tuple[str, ...] = pseudo_labels.CLUSTER_METHODS
 CLUSTER_DISTANCES: tuple[str, ...] = pseudo_labels.CLUSTER_DISTANCES

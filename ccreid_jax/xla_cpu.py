@@ -51,8 +51,9 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Mapping, MutableMapping
 from importlib import metadata
-from typing import Any, Mapping, MutableMapping
+from typing import Any
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=reduce"
@@ -96,7 +97,7 @@ def _accelerator_plugin_installed() -> bool:
   try:
     if list(metadata.entry_points(group="jax_plugins")):
       return True
-  except Exception:  # noqa: BLE001 - a broken distribution must not break the import.
+  except Exception:  # a broken distribution must not break the import
     pass
   return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_MODULES)
 

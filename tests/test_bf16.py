@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ccreid_jax import distributed, models, train
+from ccreid_jax import memory as memory_lib
 from ccreid_jax import state as state_lib
-from ccreid_jax import distributed, memory as memory_lib, models, train
-from ccreid_jax.extract import make_extract_fn
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import make_extract_fn
+
 from conftest import tiny_config
 
 

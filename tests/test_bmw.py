@@ -18,22 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_train_step_reference as reference_step
-from ccreid_jax import state as state_lib
+
 from ccreid_jax import camera_memory, models, train, validation
 from ccreid_jax import memory as mem
 from ccreid_jax import run as run_lib
+from ccreid_jax import state as state_lib
 from ccreid_jax.distributed import make_mesh
+
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PULL, PUSH = 0.9, 0.2
 # The hand-built train step of test_train_step_reference and its helpers.
-# pylint: disable=protected-access
 _ReferenceStep, _step_config = reference_step._ReferenceStep, reference_step._step_config
 _leaves64, _assert_leaves_close = reference_step._leaves64, reference_step._assert_leaves_close
-# pylint: enable=protected-access
 
 
 def _unit(a):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import distributed
+
 from conftest import ROOT
 from multiprocess import run_processes
 

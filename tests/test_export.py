@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 
 from ccreid_jax import feature_files
-from ccreid_jax.extract import FeatureExtractor
 from ccreid_jax.data.datasets import Record
-from ccreid_jax.extract import extract_features
-
-
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import FeatureExtractor, extract_features
 
 
 def _records(n, offset=0):
@@ -162,10 +159,10 @@ def test_extract_split_errors():
 
 def test_extract_split_with_a_real_run(tiny_market, tmp_path):
   """extract_split works on a run's loaded data and extractor; rows follow the records."""
-  from conftest import tiny_config
-
   from ccreid_jax import models
   from ccreid_jax.data import loading
+
+  from conftest import tiny_config
 
   config = tiny_config(tiny_market)
   data = loading.load_run_data(config, str(tmp_path / "run"), need_train=False)

@@ -13,16 +13,15 @@ import shutil
 import numpy as np
 import pytest
 
-from ccreid_jax import commands
-from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import inference
-from ccreid_jax import train
+from ccreid_jax import commands, inference, train
+from ccreid_jax import run as run_lib
 from ccreid_jax.data import datasets, loading
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError, load_folder_dataset, read_eval_list
 from ccreid_jax.data.sampler import CameraAwarePKSampler
 from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import tiny_config
 
 # Market camera -> the camera folder / file-name camera of the copies. Sorted with numbers by

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from ccreid_jax.models import (
-    IBN, GhostBatchNorm, InstanceNorm, ReIDResNet, create_model, parse_arch)
+  IBN,
+  GhostBatchNorm,
+  InstanceNorm,
+  ReIDResNet,
+  create_model,
+  parse_arch,
+)
 
 KEY = jax.random.key(0)
 

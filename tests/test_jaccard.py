@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import reference_impls as ref
 from ccreid_jax.clustering import dbscan_labels, jaccard_distance, knn
+
+import reference_impls as ref
 
 
 def _quantise(x):
@@ -63,7 +64,7 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
   make, k1, k2, block = CASES[name]
   x = make()

@@ -13,6 +13,7 @@ import sysconfig
 import zipfile
 
 from ccreid_jax import configs
+
 from conftest import ROOT
 
 # What the wheel is built from (pyproject.toml's packages and readme).

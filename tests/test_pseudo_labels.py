@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import clustering, pseudo_labels
+
 from conftest import tiny_config
 
 

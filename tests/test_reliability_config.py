@@ -8,8 +8,9 @@ import pytest
 
 from ccreid_jax import run as run_lib
 from ccreid_jax import validation
-from ccreid_jax.validation import ConfigError, validate_config
 from ccreid_jax.run import Run, WorkdirConfigMismatch
+from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import tiny_config
 
 

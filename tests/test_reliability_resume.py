@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from ccreid_jax import commands
+from ccreid_jax import commands, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import train
 from ccreid_jax.checkpoint import CheckpointError
 from ccreid_jax.data import synthetic
+
 from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from ccreid_jax import commands
+from ccreid_jax import clustering, commands, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import clustering, train
-from ccreid_jax.checkpoint import CheckpointError, Checkpointer
+from ccreid_jax.checkpoint import Checkpointer, CheckpointError
 from ccreid_jax.data.datasets import load_dataset
+
 from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -16,15 +16,15 @@ import numpy as np
 import optax
 import pytest
 
-from ccreid_jax import commands
-from ccreid_jax import state as state_lib
-from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import clustering, models, train
+from ccreid_jax import clustering, commands, models, train
 from ccreid_jax import memory as memory_lib
+from ccreid_jax import run as run_lib
+from ccreid_jax import state as state_lib
 from ccreid_jax.data import augment as augment_lib
-from ccreid_jax.feature_files import read_features
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.feature_files import read_features
+
 from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------

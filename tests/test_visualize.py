@@ -185,7 +185,7 @@ def test_choose_queries_is_seeded_distinct_and_clipped():
   assert a.tolist() == vis.choose_queries(100, 8, seed=3).tolist()
   assert a.tolist() != vis.choose_queries(100, 8, seed=4).tolist()
   assert len(set(a.tolist())) == 8 and a.tolist() == sorted(a.tolist())
-  assert 0 <= a.min() and a.max() < 100
+  assert a.min() >= 0 and a.max() < 100
   assert vis.choose_queries(5, 8, seed=0).tolist() == [0, 1, 2, 3, 4]
 
 

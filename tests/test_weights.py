@@ -17,8 +17,13 @@ import pytest
 
 from ccreid_jax.models import ReIDResNet, weights
 from ccreid_jax.models.weights import (
-    UnsafeCheckpointError, WeightsFormatError, WeightsMismatchError, load_pretrained,
-    read_state_dict, torchvision_to_flax)
+  UnsafeCheckpointError,
+  WeightsFormatError,
+  WeightsMismatchError,
+  load_pretrained,
+  read_state_dict,
+  torchvision_to_flax,
+)
 from ccreid_jax.tools import convert_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

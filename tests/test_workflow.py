@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import commands
+from ccreid_jax import commands, feature_files, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import feature_files
-from ccreid_jax import train
 from ccreid_jax import tensorboard as tb
 from ccreid_jax.data import synthetic
+
 from conftest import tiny_config
 
 

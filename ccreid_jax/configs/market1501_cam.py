@@ -10,8 +10,7 @@ neighbours (3 + 3 in the first epoch), DBSCAN eps 0.4, average pooling; the rest
 combination.
 """
 
-from ccreid_jax.configs import market1501
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import market1501, variants
 
 
 def get_config():

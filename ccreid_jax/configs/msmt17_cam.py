@@ -5,8 +5,7 @@ sections 8 and 9): the settings of ``market1501_cam.py`` with DBSCAN eps 0.6, on
 ``msmt17.py``.
 """
 
-from ccreid_jax.configs import msmt17
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import msmt17, variants
 
 
 def get_config():

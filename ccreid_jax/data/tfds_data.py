@@ -133,7 +133,7 @@ def _relative(path: str, root: str) -> str:
 @functools.cache
 def _builder_classes() -> dict[str, type]:
   """One registered TFDS builder class per dataset, sharing ``ReidBuilder`` (defined once)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
   class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Builds a re-ID dataset from the folder in ``manual_dir`` (see the module docstring).
@@ -240,7 +240,7 @@ def build(name: str, manual_dir: str, data_dir: str, *, skip_bad_names: bool = F
     DatasetError: unknown name, missing or malformed dataset folder (see ``load_dataset``).
     ImageDecodeError: images that cannot be decoded (without ``skip_bad_images``).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
@@ -338,7 +338,7 @@ def load_tfds_dataset_images(
       the command that builds it).
   """
   folder = _find_build(name, data_dir)
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
   builder = tfds.builder_from_directory(folder)
   sources = {split: builder.as_data_source(split=split,

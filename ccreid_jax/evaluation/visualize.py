@@ -29,27 +29,27 @@ from PIL import Image, ImageDraw, ImageFont
 from ccreid_jax.utils import write_atomic
 
 __all__ = [
-    "BACKGROUND",
-    "BORDER",
-    "CORRECT",
-    "GAP",
-    "LABEL_HEIGHT",
-    "MARGIN",
-    "NEUTRAL",
-    "QUERY",
-    "WRONG",
-    "CURVES_SIZE",
-    "choose_queries",
-    "draw_panel",
-    "rank_list_from_records",
-    "rank_list_image",
-    "rank_list_size",
-    "ranked_gallery",
-    "save_png",
-    "save_rank_list",
-    "save_training_curves",
-    "search_rank_list_image",
-    "training_curves_image",
+  "BACKGROUND",
+  "BORDER",
+  "CORRECT",
+  "CURVES_SIZE",
+  "GAP",
+  "LABEL_HEIGHT",
+  "MARGIN",
+  "NEUTRAL",
+  "QUERY",
+  "WRONG",
+  "choose_queries",
+  "draw_panel",
+  "rank_list_from_records",
+  "rank_list_image",
+  "rank_list_size",
+  "ranked_gallery",
+  "save_png",
+  "save_rank_list",
+  "save_training_curves",
+  "search_rank_list_image",
+  "training_curves_image",
 ]
 
 # Rank-list geometry, in pixels. A cell is a thumbnail in a BORDER-wide frame with a
@@ -243,7 +243,7 @@ def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence
   num_rows, topk = indices.shape
   if num_rows > len(query_images):
     raise ValueError(f"{num_rows} rows of matches but {len(query_images)} query images.")
-  if indices.size and not (0 <= indices.min() and indices.max() < len(gallery_images)):
+  if indices.size and not (indices.min() >= 0 and indices.max() < len(gallery_images)):
     raise ValueError(f"gallery indices must lie in [0, {len(gallery_images)}).")
   if topk < 1 or min(thumb) < 1:
     raise ValueError(f"topk and the thumbnail size must be positive, got {topk} and {thumb}.")

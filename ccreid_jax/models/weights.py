@@ -23,7 +23,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
