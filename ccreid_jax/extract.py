@@ -159,8 +159,8 @@ def extract_and_allgather(extract_fn: Any, variables: Any, images: np.ndarray, *
   """Features of all ``images`` on every process: each extracts its share, then all-gather.
 
   ``extract_fn`` must be built over ``mesh = local_mesh()`` (``make_extract_fn(model,
-  distributed.local_mesh())``); ``variables`` may be the global replicated ones. Single process: plain
-  ``extract_features``.
+  distributed.local_mesh())``); ``variables`` may be the global replicated ones. Single process:
+  plain ``extract_features``.
   """
   if jax.process_count() == 1:
     return extract_features(extract_fn, variables, images, mesh=mesh, batch_size=batch_size,

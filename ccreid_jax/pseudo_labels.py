@@ -13,6 +13,7 @@ the first epoch). Checkpoints carry it, so a resumed run labels exactly as an un
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import ml_collections
@@ -149,7 +150,8 @@ def label_stats(features: np.ndarray, labels: np.ndarray,
   sizes = np.bincount(labels[kept]) if kept.any() else np.zeros(0, np.int64)
   sizes = sizes[sizes > 0]
   edges = (0,) + SIZE_BINS + (np.iinfo(np.int64).max,)
-  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi) for lo, hi in zip(edges, edges[1:-1])]
+  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi)
+           for lo, hi in itertools.pairwise(edges[:-1])]
   names.append(f"{SIZE_BINS[-1] + 1}+")
   counts = np.histogram(sizes, bins=np.array(edges, dtype=np.float64) + 0.5)[0]
   multi = kept.copy()

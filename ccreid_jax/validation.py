@@ -97,7 +97,7 @@ def _type_ok(expected: Any, value: Any) -> bool:
 
 def _walk(config: Any, reference: Any, prefix: str, problems: list[str]) -> None:
   known = list(reference.keys())
-  for key in config.keys():
+  for key in config:
     path = f"{prefix}.{key}"
     value = config[key]
     if key not in reference:
@@ -290,11 +290,11 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
   c.integer("train.iters", 1)
   c.integer("train.log_every", 1)
   c.integer("train.eval_every", 1)
-  if batch is not _MISSING and instances is not _MISSING and batch >= 1 and instances >= 1:
-    if batch % instances:
-      c.fail("train.batch_size", batch,
-             f"must be a multiple of config.train.num_instances={instances} "
-             "(a batch is P identities x K instances)")
+  if (batch is not _MISSING and instances is not _MISSING and batch >= 1 and instances >= 1
+      and batch % instances):
+    c.fail("train.batch_size", batch,
+           f"must be a multiple of config.train.num_instances={instances} "
+           "(a batch is P identities x K instances)")
   if batch is not _MISSING and batch >= 1 and num_devices is not None and batch % num_devices:
     c.fail("train.batch_size", batch,
            f"must be a multiple of the device count ({num_devices}); the batch is split "

@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
   else:
     res.update(k1=args.k1, k2=args.k2)
   cameras = synthetic_cameras(args.n, args.cameras, args.seed)
-  (x, truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
+  (x, _truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
                                         intrinsic=args.intrinsic, seed=args.seed,
                                         camera_shift=args.camera_shift, cameras=cameras)
   res["rss_after_features_gb"] = peak_rss_gb()

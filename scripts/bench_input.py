@@ -102,7 +102,9 @@ def main(argv=None) -> dict:
     chain_s = (time.perf_counter() - t) / count
     del images
 
-  per_s = lambda s: args.batch / s if s > 0 else float("nan")
+  def per_s(s):
+    return args.batch / s if s > 0 else float("nan")
+
   result = {
       "args": vars(args), "jax_version": jax.__version__,
       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),

@@ -238,7 +238,7 @@ def _batch(rng, config):
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_three_train_steps_equal_a_hand_built_bmw_step(dynamic):
-  config, model, tx, state, rng = _bmw_step_setup(dynamic)
+  config, model, _, state, rng = _bmw_step_setup(dynamic)
   reference = _BMWReferenceStep(model, config, state)
   step = train.make_train_step(config, make_mesh())
   for _ in range(3):
@@ -258,7 +258,7 @@ def test_three_train_steps_equal_a_hand_built_bmw_step(dynamic):
 def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
   """RLCC's soft targets and the camera term change the loss, not the rewrite: it uses the
   hard pseudo labels and the step's features, so the first step's memory is the same."""
-  config, model, tx, state, rng = _bmw_step_setup()
+  config, model, _, state, rng = _bmw_step_setup()
   images, labels = _batch(rng, config)
   reference = _BMWReferenceStep(model, config, state)
   reference.step(images, labels)

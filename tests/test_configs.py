@@ -244,7 +244,7 @@ def _restatements(build):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(ml_collections.ConfigDict, "__setitem__", recording)
     config = build()
-  groups = {id(config[group]): group for group in config.keys()
+  groups = {id(config[group]): group for group in config
             if isinstance(config[group], ml_collections.ConfigDict)}
   return [(f"{groups.get(id(node), '?')}.{key}", value) for node, key, value in found]
 

@@ -74,7 +74,8 @@ def test_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(feature_files.os, "replace", refuse)
   with pytest.raises(OSError, match="No space left"):
-    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query")
+    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2),
+                                 "query")
   assert list(tmp_path.iterdir()) == []
 
 
@@ -84,13 +85,15 @@ def test_output_path_is_checked_before_anything_is_written(tmp_path):
   assert created.parent.is_dir() and list(created.parent.iterdir()) == []
   folder = tmp_path / "features"
   folder.mkdir()
-  with pytest.raises(feature_files.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
+  with pytest.raises(feature_files.OutputPathError,
+                     match=f"{folder} is a folder.*{folder}/query.npz"):
     feature_files.check_output_path(str(folder))
   with pytest.raises(feature_files.OutputPathError):   # write_features checks too, names the path
     feature_files.write_features(str(folder), np.zeros((2, 3)), _records(2), "query")
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  with pytest.raises(feature_files.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"):
+  with pytest.raises(feature_files.OutputPathError,
+                     match=f"{blocker}/query.npz.*{blocker} is a file"):
     feature_files.check_output_path(str(blocker / "query.npz"))
   if os.path.isdir("/proc"):   # a place nobody can write to, not even root
     with pytest.raises(feature_files.OutputPathError, match="/proc/query.npz.*cannot be written"):

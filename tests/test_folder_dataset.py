@@ -329,7 +329,7 @@ def test_eval_list_paths_outside_its_folder_are_refused(tmp_path):
   message = str(info.value)
   assert f"{path} line 2" in message and "'../secret.jpg'" in message
   assert f"{path} line 3" in message and "--config.data.follow_symlinks_outside=True" in message
-  query, gallery = read_eval_list(str(path), allow_outside_links=True)
+  _, gallery = read_eval_list(str(path), allow_outside_links=True)
   assert [r.path for r in gallery] == [str(tmp_path / "secret.jpg"),
                                        str(tmp_path / "other" / "b.jpg")]
 

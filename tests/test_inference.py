@@ -211,7 +211,7 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   records, png = commands.search(config, workdir, query, gallery, topk=5,
                                       checkpoint="init")
   assert len(records) == 1 and records[0]["query"] == query
-  assert [m["path"] for m in records[0]["matches"]][0] == query  # itself, in the folder
+  assert records[0]["matches"][0]["path"] == query  # itself, in the folder
   assert len(records[0]["matches"]) == 5
   assert png == os.path.join(workdir, "search_ranklist.png") and os.path.isfile(png)
 

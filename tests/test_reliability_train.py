@@ -74,7 +74,7 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
   initial = [r for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "initial"]
   assert len(initial) == 1
   if make_labels is _no_cluster:
-    assert [r["clusters"] for r in records][0] == 0 and records[1]["clusters"] > 0
+    assert records[0]["clusters"] == 0 and records[1]["clusters"] > 0
     # Epoch 0 trained nothing: its model is the initial one, batch statistics included.
     assert records[0]["mAP"] == initial[0]["mAP"]
   if make_labels is _fewer_than_p:

@@ -143,7 +143,8 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   targets = np.eye(16, dtype=np.float32)[labels]  # one-hot over the padded bucket of 16
 
   def run(soft):
-    state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
+    state = state_lib.create_train_state(model, config, tx=tx,
+                                         memory=memory_lib.init_memory(centroids, 16))
     step = train.make_train_step(config, mesh, soft_targets=soft)
     args = (images, labels, targets) if soft else (images, labels)
     return step(state, *args)

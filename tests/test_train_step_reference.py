@@ -177,7 +177,8 @@ def test_train_step_equals_a_hand_built_step():
   rng = np.random.default_rng(7)
   centroids = rng.normal(size=(NUM_CLUSTERS, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, BUCKET))
+  state = state_lib.create_train_state(model, config, tx=tx,
+                                       memory=memory_lib.init_memory(centroids, BUCKET))
   reference = _ReferenceStep(model, config, state)
   step = train.make_train_step(config, make_mesh())
 

@@ -253,7 +253,9 @@ def test_training_curves_put_the_initial_evaluation_first():
   with_initial = _mask(vis.training_curves_image(_records()), vis.SERIES_COLOURS["mAP"], plot)
   without = _mask(vis.training_curves_image(_records(initial=False)), vis.SERIES_COLOURS["mAP"],
                   plot)
-  first_x = lambda mask: np.nonzero(mask.any(axis=0))[0].min()
+  def first_x(mask):
+    return np.nonzero(mask.any(axis=0))[0].min()
+
   # x = -1 ("init") is the left edge of the plot area: left of epoch 1's point.
   assert first_x(with_initial) < first_x(without)
   assert first_x(with_initial) <= 60

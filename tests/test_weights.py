@@ -648,7 +648,7 @@ def torch_r18(tmp_path_factory):
 
 
 def test_torch_saved_state_dicts_read_identically(torch_r18):
-  torch, net, zip_path, legacy_path = torch_r18
+  _, net, zip_path, legacy_path = torch_r18
   expected = {k: v.numpy() for k, v in net.state_dict().items()}
   _assert_same_dict(read_state_dict(zip_path), expected)
   _assert_same_dict(read_state_dict(legacy_path), expected)

@@ -1,4 +1,5 @@
-"""The researcher's workflow end to end: pictures, TensorBoard, direct transfer, export, cross-dataset."""
+"""The researcher's workflow end to end: pictures, TensorBoard, direct transfer, export,
+cross-dataset."""
 
 import os
 

@@ -120,8 +120,8 @@ def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter
   x_dev = jax.device_put(x)
   cameras_dev = jax.device_put(codes)
   same_key, same_idx, other_key, other_idx = jaccard_lib.map_row_blocks(
-      n, block, lambda first_row: _camera_knn_block(
-          x_dev, cameras_dev, first_row, block=block, k_same=k_same, k_other=k_other),
+      n, block, functools.partial(_camera_knn_block, x_dev, cameras_dev, block=block,
+                                  k_same=k_same, k_other=k_other),
       (np.float32, np.int64, np.float32, np.int64))
   del x_dev, cameras_dev
   same_dist = np.float32(0.0) - same_key  # 0 - key: +0.0, never -0.0, as in knn

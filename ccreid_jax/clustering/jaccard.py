@@ -160,8 +160,7 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   width = k if exact else min(2 * k, n)
   x_dev = jax.device_put(x)
   out_key, out_idx = map_row_blocks(
-      n, block, lambda first_row: _knn_block(x_dev, first_row, block=block, k=width,
-                                             dtype=knn_dtype),
+      n, block, functools.partial(_knn_block, x_dev, block=block, k=width, dtype=knn_dtype),
       (np.float32, np.int64))
   del x_dev
   if exact:
@@ -364,7 +363,7 @@ def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   Pairs in i's kNN list reuse the kNN distance (the value the list was sorted by); the few
   others (reached only through the expansion) get a float32 dot product.
   """
-  n, width = indices.shape
+  n = indices.shape[0]
   rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(support.indptr))
   code = rows * n + support.indices
   list_code = (np.arange(n, dtype=np.int64)[:, None] * n + indices).ravel()

@@ -1,12 +1,13 @@
 """Decode and resize every image once, optionally caching the result as a ``.npy`` file.
 
-Because the training and test transforms both start with a bicubic resize (docs/algorithms.md section
-3), the whole dataset can be held as one uint8 array of shape (N, height, width, 3); every later
-step (flip, pad, crop, normalise, erase) runs on the accelerator.
+Because the training and test transforms both start with a bicubic resize (docs/algorithms.md
+section 3), the whole dataset can be held as one uint8 array of shape (N, height, width, 3); every
+later step (flip, pad, crop, normalise, erase) runs on the accelerator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -185,10 +186,8 @@ def _remove_stale_tmp(final: str) -> None:
     except ValueError:
       continue
     if pid != os.getpid() and not _pid_alive(pid):
-      try:
+      with contextlib.suppress(OSError):
         os.remove(tmp)
-      except OSError:
-        pass
 
 
 def _open_cached(final: str, shape: tuple[int, ...]) -> np.ndarray | None:

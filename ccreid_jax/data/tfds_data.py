@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -143,7 +143,8 @@ def _builder_classes() -> dict[str, type]:
     """
 
     # The module's VERSION string (RELEASE_NOTES' key) becomes the class's Version object.
-    RELEASE_NOTES = {VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."}
     VERSION = tfds.core.Version(VERSION)
     DATASET = ""
 

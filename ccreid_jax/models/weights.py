@@ -735,7 +735,7 @@ def _to_torch_shape(flax_path: str, shape) -> tuple[int, ...]:
 def is_flax_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """True for flattened Flax variables (``params/...``, ``batch_stats/...`` keys)."""
   return bool(state_dict) and all(
-      k.startswith("params/") or k.startswith("batch_stats/") for k in state_dict)
+      k.startswith(("params/", "batch_stats/")) for k in state_dict)
 
 
 def _map_torchvision(state_dict, depth, ibn):

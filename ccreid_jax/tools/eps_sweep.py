@@ -13,7 +13,8 @@ epoch's clustering does), computes the configured sparse distance once (``cluste
 (``cluster.min_samples``) at every eps. At each eps the labels are the ones the training's
 clustering gives the same features with ``cluster.eps`` set to it
 (docs/algorithms.md section 5). It prints a table and writes ``eps_sweep_<checkpoint>.json``
-and ``eps_sweep_<checkpoint>.png`` (``init`` or the checkpoint number) into ``--out`` (default: the workdir).
+and ``eps_sweep_<checkpoint>.png`` (``init`` or the checkpoint number) into ``--out`` (default:
+the workdir).
 
 ``--eps`` is ``start:stop:step`` (stop included), a comma-separated list, or one value; every
 eps lies in (0, 1), the range of the Jaccard distance.
