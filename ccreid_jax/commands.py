@@ -179,6 +179,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   run = Run(workdir)
   config = run.model_config(config, checkpoint)
   data = loading.load_run_data(config, run.path, need_train=True)
+  assert data.train_images is not None  # need_train=True
   loaded = run.load_model(config, checkpoint)
   extractor = FeatureExtractor.create(loaded.model, config)
   features = np.asarray(extractor(loaded.variables, data.train_images, desc="train extract"))

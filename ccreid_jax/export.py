@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,9 +83,9 @@ def onnx_input(images: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def _describe_model(model: Any) -> dict[str, Any]:
+def _describe_model(model: nn.Module) -> dict[str, Any]:
   names = ("depth", "width", "last_stride", "pooling", "ibn", "dtype")
-  out = {"class": type(model).__name__}
+  out: dict[str, Any] = {"class": type(model).__name__}
   for name in names:
     if hasattr(model, name):
       value = getattr(model, name)
@@ -175,6 +176,7 @@ def _jax2onnx_fixes() -> Iterator[None]:
   original = getattr(pow_plugin, "_broadcast_shape", None)
 
   def broadcast_shape(x_shape, y_shape):
+    assert original is not None  # installed over an original only
     try:
       return original(x_shape, y_shape)
     except TypeError:

@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from absl import app, flags
@@ -93,6 +94,13 @@ class CommandLineError(ValueError):
   """A flag value that cannot work (a --workdir that is a file, a missing --out, ...)."""
 
 
+def _given(holder: flags.FlagHolder[str | None]) -> str:
+  """The value of a string flag that absl requires or the mode's check has seen given."""
+  if holder.value is None:
+    raise CommandLineError(f"--{holder.name} is needed")
+  return holder.value
+
+
 # Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
 # other exception is a bug and keeps its traceback.
 _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
@@ -132,7 +140,7 @@ def fail(message: str, code: int, *, show_traceback: bool) -> None:
 
 def _unknown_config_field(argv: list[str]) -> str | None:
   """Explains the first ``--config.<path>`` override that names no field of the config."""
-  config = flags.FLAGS["config"].value
+  config: Any = flags.FLAGS["config"].value  # a ConfigDict, unless reading the file failed
   if not hasattr(config, "keys"):  # the error came while the file was read: its tree is
     config = validation.default_config()  # configs/default.py's, as validation checks it.
   for arg in argv[1:]:
@@ -292,7 +300,7 @@ def _check_extract() -> None:
 
 
 def _extract(config: ml_collections.ConfigDict, workdir: str) -> None:
-  summary = commands.extract(config, workdir, split=_SPLIT.value, out=OUT.value,
+  summary = commands.extract(config, workdir, split=_SPLIT.value, out=_given(OUT),
                              checkpoint=CHECKPOINT.value)
   print(json.dumps(summary))
 
@@ -306,7 +314,7 @@ def _check_search() -> None:
 
 
 def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
-  records, png = commands.search(config, workdir, _QUERY.value, _GALLERY.value,
+  records, png = commands.search(config, workdir, _given(_QUERY), _given(_GALLERY),
                                  topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
   print(inference.format_search_results(records))
   print(f"rank list: {png}")
@@ -321,7 +329,7 @@ def _check_export() -> None:
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
-  print(json.dumps(commands.export(config, workdir, _FORMAT.value, OUT.value,
+  print(json.dumps(commands.export(config, workdir, _FORMAT.value, _given(OUT),
                                    checkpoint=CHECKPOINT.value), sort_keys=True))
 
 
@@ -334,7 +342,7 @@ def _eps_values() -> list[float]:
 
 def _check_sweep() -> None:
   _eps_values()
-  out = OUT.value or WORKDIR.value
+  out = OUT.value or _given(WORKDIR)
   if os.path.exists(out) and not os.path.isdir(out):
     raise CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
 
@@ -376,14 +384,15 @@ def _run(argv: list[str]) -> None:
                            "--name=value)")
   check_flags, command = MODES[_MODE.value]
   check_flags()  # before anything is loaded.
-  check_workdir(WORKDIR.value)
+  workdir = _given(WORKDIR)
+  check_workdir(workdir)
   config = load_config()
   if _MODE.value != "train":
-    run_lib.Run(WORKDIR.value).reference(
+    run_lib.Run(workdir).reference(
         config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value)
   log_to_stderr()
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
-  command(config, WORKDIR.value)
+  command(config, workdir)
 
 
 def run() -> None:

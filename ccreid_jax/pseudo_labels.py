@@ -90,6 +90,8 @@ def cluster_distance(features: np.ndarray, cameras: np.ndarray | None,
   """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
   first-epoch query expansion in epoch 0), storing the pairs up to ``max_distance``."""
   if cluster.distance == "ca_jaccard":
+    if cameras is None:  # validation refuses it: data.cameras="none"
+      raise ValueError("cluster.distance='ca_jaccard' needs the cameras.")
     first = epoch == 0
     return clustering.ca_jaccard_distance(
         features, cameras, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
@@ -219,6 +221,8 @@ def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
     stats.update({f"rlcc_{k}": v for k, v in rlcc_stats.items()})
   camera = None
   if config.camera.enabled and epoch >= config.camera.start_epoch and num_clusters:
+    if cameras is None:  # validation refuses it: data.cameras="none"
+      raise ValueError("camera.enabled needs the cameras.")
     camera, _ = camera_memory.build_camera_proxies(features, labels, cameras,
                                                    min_bucket=config.camera.min_bucket)
     stats["camera_proxies"] = int(camera.num_proxies)

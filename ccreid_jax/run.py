@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -441,7 +441,7 @@ class Run:
       self.save_config(config, differences)
     return differences
 
-  def save_config(self, config: Any, differences: list[tuple[str, Any, Any]] = ()) -> None:
+  def save_config(self, config: Any, differences: Sequence[tuple[str, Any, Any]] = ()) -> None:
     """Writes ``config.json``; with ``differences`` (``--force``) the old file is first kept
     as ``config.replaced-<n>.json``."""
     os.makedirs(self.path, exist_ok=True)

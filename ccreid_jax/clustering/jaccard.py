@@ -30,10 +30,12 @@ and InfoMap: ``check_features``, ``map_row_blocks`` (the blocked kNN driver), ``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 __all__ = [
@@ -94,7 +96,8 @@ def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
   return jax.lax.top_k(2.0 * sims - 2.0, k)
 
 
-def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray]:
+def map_row_blocks(n: int, block: int, launch: Callable[[jax.Array], tuple[jax.Array, ...]],
+                   dtypes: tuple[npt.DTypeLike, ...]) -> list[np.ndarray]:
   """Runs a jitted per-block function over all N rows and gathers its outputs on the host.
 
   ``launch(first_row)`` (``first_row`` a device int32 scalar) must return a tuple of device
@@ -103,7 +106,7 @@ def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray
   tail is kept. Block ``b + 1`` is dispatched before block ``b`` is fetched, so the host copy
   overlaps the device work. Returns one (N, ...) array per output, cast to ``dtypes``.
   """
-  outs = None
+  outs: list[np.ndarray] | None = None
   pending = None
   for start in range(0, n + block, block):
     if start < n:
@@ -119,6 +122,7 @@ def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray
       for out, a in zip(outs, arrays):
         out[first:stop] = a[skip:]
     pending = launched if start < n else None
+  assert outs is not None  # n >= 1: at least one block
   return outs
 
 
@@ -283,8 +287,8 @@ def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -
   cum_terms = cum_entry[v.indptr[1:]]  # terms of rows 0..i
   row_terms = np.diff(cum_terms, prepend=0)
   max_rows = max(_HALF_MIN_ROWS, _HALF_BUFFER // n) if half else max(1, _PAIR_BUDGET // n)
-  buf = np.zeros(max_rows * n) if half else None  # float64 zeros, reset after every block
-  index_dtype = np.int32 if n < 2**31 else np.int64
+  buf = np.zeros(max_rows * n if half else 0)  # float64 zeros, reset after every block
+  index_dtype: type[np.signedinteger] = np.int32 if n < 2**31 else np.int64
 
   out_rows, out_cols, out_data = [], [], []
   start = 0

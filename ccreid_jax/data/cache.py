@@ -354,7 +354,7 @@ def load_readable_images(
   if cached is not None:
     return ReadableImages(cached, everything, ())
 
-  errors: list[tuple[int, str]] = []
+  errors = []
 
   def fill(out: np.ndarray) -> None:
     errors.extend(_decode_into(out, paths, height, width, progress=progress,

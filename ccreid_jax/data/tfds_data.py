@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -68,6 +68,14 @@ _READ_CHUNK = 256  # Records deserialized per ``__getitems__`` call when reading
 # builds already written (version 1.0.0): renaming them would change the on-disk format.
 _IDENTITY_FEATURE = "pid"
 _CAMERA_FEATURE = "camid"
+
+
+class _DataSource(Protocol):
+  """What is read of a TFDS data source (``builder.as_data_source()[split]``)."""
+
+  def __len__(self) -> int: ...
+
+  def __getitems__(self, keys: Sequence[int]) -> Sequence[dict[str, Any]]: ...
 
 
 def tfds_name(name: str) -> str:
@@ -135,7 +143,8 @@ def _builder_classes() -> dict[str, type]:
   """One registered TFDS builder class per dataset, sharing ``ReidBuilder`` (defined once)."""
   import tensorflow_datasets as tfds
 
-  class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  class ReidBuilder(  # type: ignore[call-arg]  # an untyped base: mypy checks object's kwargs
+      tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Builds a re-ID dataset from the folder in ``manual_dir`` (see the module docstring).
 
     Subclasses set ``name``, ``DATASET`` (one of ``DATASET_NAMES``) and
@@ -150,9 +159,9 @@ def _builder_classes() -> dict[str, type]:
 
     def __init__(self, *, skip_bad_names: bool = False, skip_bad_images: bool = False,
                  progress: bool = True, num_workers: int = 4, **kwargs: Any):
-      self._check_options = dict(skip_bad_names=skip_bad_names,
-                                 skip_bad_images=skip_bad_images, progress=progress,
-                                 num_workers=num_workers)
+      self._check_options: dict[str, Any] = dict(
+          skip_bad_names=skip_bad_names, skip_bad_images=skip_bad_images, progress=progress,
+          num_workers=num_workers)
       kwargs.setdefault("file_format", "array_record")
       super().__init__(**kwargs)
 
@@ -274,7 +283,7 @@ def _find_build(name: str, data_dir: str) -> str:
   return folder
 
 
-def _split_records(source: Sequence[dict[str, Any]]) -> list[Record]:
+def _split_records(source: _DataSource) -> list[Record]:
   """The ``Record`` of every example of a data source, in order (``path`` relative)."""
   records = []
   for start in range(0, len(source), _READ_CHUNK):

@@ -332,6 +332,7 @@ def _materialise(obj, memo: dict[int, Any] | None = None):
   memo = {} if memo is None else memo
   if id(obj) in memo:
     return memo[id(obj)]
+  out: Any
   if isinstance(obj, _PendingTensor):
     out = obj.materialise()
   elif isinstance(obj, dict):
@@ -419,8 +420,8 @@ def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   prefix = pickles[0][: -len("data.pkl")]
   order = "<"
   if prefix + "byteorder" in archive.namelist():
-    text = _read_member(archive, prefix + "byteorder", 16, source)
-    text = text.decode("ascii", "replace").strip()
+    text = _read_member(archive, prefix + "byteorder", 16, source).decode("ascii", "replace")
+    text = text.strip()
     if text not in ("little", "big"):
       raise WeightsFormatError(f"{source}: unknown byteorder {text!r}")
     order = "<" if text == "little" else ">"
@@ -449,6 +450,7 @@ def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   _check_sizes(named, source, max_bytes)
   for storage in {id(t.storage): t.storage for _, t in named}.values():
     if storage.data is None:
+      assert storage.member is not None  # every storage of a zip archive has its member
       with archive.open(storage.member) as f:   # at most the declared size is decompressed
         raw = f.read(storage.nbytes)
       if len(raw) < storage.nbytes:

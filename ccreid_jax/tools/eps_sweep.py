@@ -48,7 +48,6 @@ eps) and ``rlcc.outliers_as_singletons`` (the outliers are counted as DBSCAN lea
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -154,7 +153,7 @@ def _integer_axis(values: list[float]) -> tuple[int, str]:
   return 10 ** 6, "eps x 1000000"
 
 
-def sweep_image(rows: list[dict], *, title: str = "") -> Any:
+def sweep_image(rows: list[dict], *, title: str = "") -> Image.Image:
   """Four panels (``visualize.CURVES_SIZE``) against eps: clusters, outlier fraction, the
   largest cluster's share, and the ARI (a "no data" panel without known identities)."""
   scale, x_label = _integer_axis([r["eps"] for r in rows])
