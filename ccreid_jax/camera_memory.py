@@ -25,6 +25,8 @@ that work under ``jax.jit``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -196,4 +198,4 @@ def camera_proxy_update(state: CameraProxyState, features: jax.Array, labels: ja
     return state
   rows = own_proxy_index(state, labels, cameras)
   proxies = memory_lib.momentum_update(state.proxies, features, rows, momentum)
-  return state.replace(proxies=proxies)
+  return dataclasses.replace(state, proxies=proxies)

@@ -123,7 +123,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(
           number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as exc:  # noqa: BLE001 (orbax / tensorstore / json raise many types)
+    except Exception as exc:  # orbax / tensorstore / json raise many types
       raise self._unreadable(number, exc) from exc
     return dict(restored["meta"])
 
@@ -185,7 +185,7 @@ class Checkpointer:
           args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
       )
-    except Exception as exc:  # noqa: BLE001 (orbax / tensorstore / json raise many types)
+    except Exception as exc:  # orbax / tensorstore / json raise many types
       raise self._unreadable(number, exc) from exc
     return RestoredCheckpoint(number=number, state=restored["state"],
                               meta=dict(restored["meta"]))

@@ -25,10 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ccreid_jax import distributed
+from ccreid_jax import distributed, pseudo_labels, validation
 from ccreid_jax import export as export_lib
-from ccreid_jax import pseudo_labels
-from ccreid_jax import validation
 from ccreid_jax.data import loading
 from ccreid_jax.errors import check_writable
 from ccreid_jax.evaluation import visualize
@@ -193,6 +191,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   run = Run(workdir)
   config = run.model_config(config, checkpoint)
   data = loading.load_run_data(config, run.path, need_train=True)
+  assert data.train_images is not None  # need_train=True
   validation.check_cluster_sizes(config.cluster, data.num_train)
   loaded = run.load_model(config, checkpoint)
   extractor = FeatureExtractor.create(loaded.model, config)

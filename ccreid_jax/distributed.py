@@ -92,11 +92,12 @@ def maybe_initialize(environ: dict[str, str] | None = None, **kwargs: Any) -> bo
     return True
   ours = [environ.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)]
   if any(v is not None for v in ours):
-    if not all(v is not None for v in ours):
+    address, num_text, pid_text = ours
+    if address is None or num_text is None or pid_text is None:
       raise ValueError(
           f"set all of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} or none; "
           f"got {dict(zip((ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), ours))}")
-    address, num, pid = ours[0], int(ours[1]), int(ours[2])
+    num, pid = int(num_text), int(pid_text)
     if not 0 <= pid < num:
       raise ValueError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num})")
     logger.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%d)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["ConfigError", "STORAGE_ERRNOS", "StorageError", "check_writable", "storage_error"]
+__all__ = ["STORAGE_ERRNOS", "ConfigError", "StorageError", "check_writable", "storage_error"]
 
 # The errors of a write that the storage refuses, rather than of what is written.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -43,12 +43,13 @@ class StorageError(OSError):
 
 def _storage_cause(exc: BaseException) -> OSError | None:
   """``exc``, or an exception it was raised from, that is an ``OSError`` of ``STORAGE_ERRNOS``."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-      return exc
-    exc = exc.__cause__ or exc.__context__
+  seen: set[int] = set()
+  current: BaseException | None = exc
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
+      return current
+    current = current.__cause__ or current.__context__
   return None
 
 
@@ -62,8 +63,9 @@ def storage_error(exc: BaseException, path: str, what: str = "",
   if cause is None:
     return None
   name = f"{what} {path}" if what else str(path)
-  return StorageError(f"cannot write {name}: {os.strerror(cause.errno)}. {advice}",
-                      cause.errno, path)
+  errno_value = int(cause.errno or 0)  # _storage_cause returns only errors with an errno
+  return StorageError(f"cannot write {name}: {os.strerror(errno_value)}. {advice}",
+                      errno_value, path)
 
 
 def check_writable(folder: str, what: str) -> None:

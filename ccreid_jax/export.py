@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,9 +149,9 @@ def check_export_paths(fmt: str, out: str, *, overwrite: bool = False,
 # ---------------------------------------------------------------------------------------
 
 
-def _describe_model(model: Any) -> dict[str, Any]:
+def _describe_model(model: nn.Module) -> dict[str, Any]:
   names = ("depth", "width", "last_stride", "pooling", "ibn", "dtype")
-  out = {"class": type(model).__name__}
+  out: dict[str, Any] = {"class": type(model).__name__}
   for name in names:
     if hasattr(model, name):
       value = getattr(model, name)
@@ -249,6 +250,7 @@ def _jax2onnx_fixes() -> Iterator[None]:
   original = getattr(pow_plugin, "_broadcast_shape", None)
 
   def broadcast_shape(x_shape, y_shape):
+    assert original is not None  # installed over an original only
     try:
       return original(x_shape, y_shape)
     except TypeError:

@@ -14,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ccreid_jax import distributed
-from ccreid_jax import evaluation
+from ccreid_jax import distributed, evaluation
+from ccreid_jax.data import loading
 from ccreid_jax.data.augment import test_transform
 from ccreid_jax.ops import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
@@ -72,7 +73,12 @@ def with_precision(fn: Any, precision: str) -> Any:
   return _WithPrecision(fn, precision)
 
 
-def eval_features(model: Any, variables: Any, images: jax.Array, *, flip: bool = False,
+def _apply_eval(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+  # Module.apply is typed for mutable collections too; without them it returns the output.
+  return cast(jax.Array, model.apply(variables, images, train=False))
+
+
+def eval_features(model: nn.Module, variables: Any, images: jax.Array, *, flip: bool = False,
                   transform: Callable[[jax.Array], jax.Array] | None = test_transform
                   ) -> jax.Array:
   """``(B, D)`` float32 eval-mode features of NHWC ``images``.
@@ -84,14 +90,14 @@ def eval_features(model: Any, variables: Any, images: jax.Array, *, flip: bool =
   exported feature functions.
   """
   transform = transform or (lambda x: x)
-  features = model.apply(variables, transform(images), train=False).astype(jnp.float32)
+  features = _apply_eval(model, variables, transform(images)).astype(jnp.float32)
   if not flip:
     return features
-  mirrored = model.apply(variables, transform(images[:, :, ::-1, :]), train=False)
+  mirrored = _apply_eval(model, variables, transform(images[:, :, ::-1, :]))
   return l2_normalize(0.5 * (features + mirrored.astype(jnp.float32)))
 
 
-def make_extract_fn(model: Any, mesh: Mesh, flip: bool = False) -> ExtractFn:
+def make_extract_fn(model: nn.Module, mesh: Mesh, flip: bool = False) -> ExtractFn:
   """Jitted ``(variables, uint8 images) -> (B, D) float32 features`` in eval mode.
 
   ``flip``: the flip test (see ``eval_features``); it costs a second forward pass.
@@ -154,14 +160,14 @@ def extract_features(
   return result
 
 
-def extract_and_allgather(extract_fn: Any, variables: Any, images: np.ndarray, *,
+def extract_and_allgather(extract_fn: ExtractFn, variables: Any, images: np.ndarray, *,
                           mesh: Mesh, batch_size: int, progress: bool = False,
                           desc: str = "extract") -> np.ndarray:
   """Features of all ``images`` on every process: each extracts its share, then all-gather.
 
   ``extract_fn`` must be built over ``mesh = local_mesh()`` (``make_extract_fn(model,
-  distributed.local_mesh())``); ``variables`` may be the global replicated ones. Single process: plain
-  ``extract_features``.
+  distributed.local_mesh())``); ``variables`` may be the global replicated ones. Single process:
+  plain ``extract_features``.
   """
   if jax.process_count() == 1:
     return extract_features(extract_fn, variables, images, mesh=mesh, batch_size=batch_size,
@@ -186,13 +192,13 @@ class FeatureExtractor:
   image and its mirror, normalised again), for evaluation only; clustering never flips.
   """
 
-  extract_fn: Any  # the jitted (variables, images) -> features over ``mesh``.
+  extract_fn: ExtractFn  # the jitted (variables, images) -> features over ``mesh``.
   mesh: Mesh
   batch_size: int
   progress: bool = False
 
   @classmethod
-  def create(cls, model: Any, config: ml_collections.ConfigDict, *,
+  def create(cls, model: nn.Module, config: ml_collections.ConfigDict, *,
              flip: bool = False) -> FeatureExtractor:
     """The extractor of ``model`` set up by ``config`` (``model.precision``,
     ``eval.batch_size``, ``log.progress``)."""
@@ -206,12 +212,14 @@ class FeatureExtractor:
                                  batch_size=self.batch_size, progress=self.progress, desc=desc)
 
 
-def evaluate_variables(extract: FeatureExtractor, variables: Any, data: Any,
+def evaluate_variables(extract: FeatureExtractor, variables: Any, data: loading.RunData,
                        config: ml_collections.ConfigDict) -> tuple[dict[str, float], np.ndarray]:
   """``(mAP / CMC / mINP metrics, query x gallery distances)`` of ``data.eval_dataset``.
 
-  ``data`` is a ``data.loading.RunData``; ``extract`` the evaluation's extractor
+  ``extract`` is the evaluation's extractor
   (``FeatureExtractor.create(model, config, flip=config.eval.flip)``).
   """
+  if data.test_images is None:
+    raise ValueError("this run loaded no query / gallery images to evaluate.")
   features = extract(variables, data.test_images, desc="eval extract")
   return evaluation.evaluate_features(features, data.eval_dataset, config.eval)

@@ -19,16 +19,25 @@ import dataclasses
 import io
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from ccreid_jax.data import loading
+from ccreid_jax.data.datasets import Record
 from ccreid_jax.utils import write_atomic
 
-
-__all__ = ["SPLITS", "FeatureFile", "OutputPathError", "check_output_path",
-           "write_features", "extract_split", "read_features", "split_images"]
+__all__ = [
+  "SPLITS",
+  "FeatureFile",
+  "OutputPathError",
+  "check_output_path",
+  "extract_split",
+  "read_features",
+  "split_images",
+  "write_features",
+]
 
 SPLITS = ("train", "query", "gallery")
 
@@ -81,7 +90,8 @@ class FeatureFile:
   split: str  # "train", "query" or "gallery".
 
 
-def write_features(path: str, features: np.ndarray, records: Sequence[Any], split: str) -> None:
+def write_features(path: str, features: np.ndarray, records: Sequence[Record],
+                   split: str) -> None:
   """Writes ``features`` and the ``records``' identities, cameras and paths to ``path`` (.npz).
 
   ``records`` are dataset records (anything with ``path``, ``identity`` and ``camera``), one per
@@ -108,7 +118,7 @@ def write_features(path: str, features: np.ndarray, records: Sequence[Any], spli
       "split": np.array(split, dtype=np.str_),
   }
   buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
+  np.savez(buffer, **arrays)  # type: ignore[arg-type]  # stub: **arrays could fill allow_pickle
   write_atomic(path, buffer.getvalue())
 
 
@@ -125,7 +135,7 @@ def read_features(path: str) -> FeatureFile:
         paths=arrays["paths"], split=str(arrays["split"]))
 
 
-def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
+def split_images(run: loading.RunData, split: str) -> tuple[np.ndarray, list[Record]]:
   """``(uint8 images, records)`` of a split of a ``data.loading.RunData``, rows aligned with
   records.
 
@@ -140,14 +150,16 @@ def split_images(run: Any, split: str) -> tuple[np.ndarray, list[Any]]:
                        "extract the train split.")
     return run.train_images, list(run.dataset.train)
   test = getattr(run, "eval_dataset", None) or run.dataset
+  if run.test_images is None:
+    raise ValueError(f"this run loaded no query / gallery images to extract the {split} split.")
   num_query = len(test.query)
   if split == "query":
     return run.test_images[:num_query], list(test.query)
   return run.test_images[num_query:], list(test.gallery)
 
 
-def extract_split(data: Any, extract: Any, variables: Any,
-                  split: str) -> tuple[np.ndarray, list[Any]]:
+def extract_split(data: loading.RunData, extract: Callable[..., np.ndarray], variables: Any,
+                  split: str) -> tuple[np.ndarray, list[Record]]:
   """``(features (N, D) float32, records)`` of ``split`` ("train", "query" or "gallery").
 
   ``data``: a ``data.loading.RunData``; ``extract``: ``extract(variables, images, desc=...)``

@@ -24,6 +24,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -151,9 +152,9 @@ class Embedder:
       chosen by, ``number``, ``epoch``), or None; copied into export sidecars.
   """
 
-  def __init__(self, model: Any, variables: Any, *, height: int, width: int, flip: bool = False,
-               batch_size: int = 64, precision: str = "default", num_workers: int = 4,
-               source: dict[str, Any] | None = None):
+  def __init__(self, model: nn.Module, variables: Any, *, height: int, width: int,
+               flip: bool = False, batch_size: int = 64, precision: str = "default",
+               num_workers: int = 4, source: dict[str, Any] | None = None):
     if int(height) < 1 or int(width) < 1:
       raise ValueError(f"height and width must be positive, got {height} and {width}.")
     if int(batch_size) < 1:
@@ -314,7 +315,7 @@ def _has_field(model: Any, name: str) -> bool:
   return dataclasses.is_dataclass(model) and name in {f.name for f in dataclasses.fields(model)}
 
 
-def _with_kernels(model: Any, kernels: str) -> Any:
+def _with_kernels(model: nn.Module, kernels: str) -> nn.Module:
   """``model`` with the layer set ``kernels`` when it has a ``kernels`` field, else ``model``."""
   return model.clone(kernels=kernels) if _has_field(model, "kernels") else model
 

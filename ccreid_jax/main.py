@@ -17,29 +17,31 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import commands
-from ccreid_jax import configs
-from ccreid_jax import distributed
+from ccreid_jax import (
+  commands,
+  configs,
+  distributed,
+  feature_files,
+  inference,
+  train,
+  validation,
+  xla_cpu,
+)
 from ccreid_jax import export as export_lib
-from ccreid_jax import feature_files
-from ccreid_jax import inference
 from ccreid_jax import run as run_lib
-from ccreid_jax import train
-from ccreid_jax import validation
-from ccreid_jax import xla_cpu
 from ccreid_jax.data.cache import CacheSpaceError, ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
+from ccreid_jax.errors import StorageError, check_writable
 from ccreid_jax.models import weights
 from ccreid_jax.tools import eps_sweep
 from ccreid_jax.utils import format_history_table, format_results_table, printable
-from ccreid_jax.errors import StorageError, check_writable
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -97,6 +99,13 @@ class CommandLineError(ValueError):
   """A flag value that cannot work (a --workdir that is a file, a missing --out, ...)."""
 
 
+def _given(holder: flags.FlagHolder[str | None]) -> str:
+  """The value of a string flag that absl requires or the mode's check has seen given."""
+  if holder.value is None:
+    raise CommandLineError(f"--{holder.name} is needed")
+  return holder.value
+
+
 # Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
 # other exception is a bug and keeps its traceback.
 _USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
@@ -136,7 +145,7 @@ def fail(message: str, code: int, *, show_traceback: bool) -> None:
 
 def _unknown_config_field(argv: list[str]) -> str | None:
   """Explains the first ``--config.<path>`` override that names no field of the config."""
-  config = flags.FLAGS["config"].value
+  config: Any = flags.FLAGS["config"].value  # a ConfigDict, unless reading the file failed
   if not hasattr(config, "keys"):  # the error came while the file was read: its tree is
     config = validation.default_config()  # configs/default.py's, as validation checks it.
   for arg in argv[1:]:
@@ -216,7 +225,7 @@ def load_config() -> ml_collections.ConfigDict:
   try:
     config = _CONFIG.value
     config.keys()  # a file that failed to load gives an object that raises when used
-  except Exception as exc:  # noqa: BLE001 (absl re-raises whatever the config file raised)
+  except Exception as exc:  # absl re-raises whatever the config file raised
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     reason = str(exc).replace("Configuration is not available because of an earlier failure to "
                               "load: ", "")
@@ -304,7 +313,7 @@ def _check_extract() -> None:
 
 
 def _extract(config: ml_collections.ConfigDict, workdir: str) -> None:
-  summary = commands.extract(config, workdir, split=_SPLIT.value, out=OUT.value,
+  summary = commands.extract(config, workdir, split=_SPLIT.value, out=_given(OUT),
                              checkpoint=CHECKPOINT.value)
   print(json.dumps(summary))
 
@@ -318,7 +327,7 @@ def _check_search() -> None:
 
 
 def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
-  records, png = commands.search(config, workdir, _QUERY.value, _GALLERY.value,
+  records, png = commands.search(config, workdir, _given(_QUERY), _given(_GALLERY),
                                  topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
   print(inference.format_search_results(records))
   print(f"rank list: {printable(png)}")
@@ -331,11 +340,11 @@ def _check_export() -> None:
   if _FORMAT.value == "onnx":
     feature_files.check_output_path(OUT.value)
   export_lib.check_export_paths(_FORMAT.value, OUT.value, overwrite=_OVERWRITE.value,
-                                workdirs=(WORKDIR.value,))
+                                workdirs=(_given(WORKDIR),))
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
-  print(json.dumps(commands.export(config, workdir, _FORMAT.value, OUT.value,
+  print(json.dumps(commands.export(config, workdir, _FORMAT.value, _given(OUT),
                                    checkpoint=CHECKPOINT.value, overwrite=_OVERWRITE.value),
                    sort_keys=True))
 
@@ -349,7 +358,7 @@ def _eps_values() -> list[float]:
 
 def _check_sweep() -> None:
   _eps_values()
-  out = OUT.value or WORKDIR.value
+  out = OUT.value or _given(WORKDIR)
   if os.path.exists(out) and not os.path.isdir(out):
     raise CommandLineError(f"--out {out} is a file; name a folder (created when missing)")
   check_writable(out, "the sweep's --out folder")
@@ -392,16 +401,17 @@ def _run(argv: list[str]) -> None:
                            "--name=value)")
   check_flags, command = MODES[_MODE.value]
   check_flags()  # before anything is loaded.
-  check_workdir(WORKDIR.value)
+  workdir = _given(WORKDIR)
+  check_workdir(workdir)
   if _MODE.value in ("train", "eval"):  # they write into the run folder.
-    check_writable(WORKDIR.value, "the run folder --workdir")
+    check_writable(workdir, "the run folder --workdir")
   config = load_config()
   if _MODE.value != "train":
-    run_lib.Run(WORKDIR.value).reference(
+    run_lib.Run(workdir).reference(
         config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value)
   log_to_stderr()
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
-  command(config, WORKDIR.value)
+  command(config, workdir)
 
 
 def run() -> None:

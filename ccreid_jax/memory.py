@@ -14,7 +14,8 @@ Everything here is a pure function of arrays and works under ``jax.jit``.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, overload
 
 import flax.struct
 import jax
@@ -230,6 +231,12 @@ def bmw_update(centroids: jax.Array, features: jax.Array, labels: jax.Array, *,
   return memory
 
 
+@overload
+def update_centroids(memory: MemoryState, features: jax.Array, labels: jax.Array,
+                     settings: Any) -> MemoryState: ...
+@overload
+def update_centroids(memory: jax.Array, features: jax.Array, labels: jax.Array,
+                     settings: Any) -> jax.Array: ...
 def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, labels: jax.Array,
                      settings: Any) -> MemoryState | jax.Array:
   """The memory after this step's rewrite, as ``settings.update_rule`` (``config.memory``) says.
@@ -244,7 +251,7 @@ def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, label
     ValueError: an unknown ``settings.update_rule``.
   """
   state = memory if isinstance(memory, MemoryState) else None
-  centroids = memory.centroids if state is not None else memory
+  centroids = memory.centroids if isinstance(memory, MemoryState) else memory
   kind = settings.update_rule
   if kind in ("momentum", "hard"):
     new = momentum_update(centroids, features, labels, settings.momentum, hard=kind == "hard")
@@ -255,4 +262,4 @@ def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, label
   else:
     raise ValueError(f"config.memory.update_rule = {kind!r}: accepted: "
                      f"{', '.join(repr(u) for u in UPDATE_RULES)}")
-  return new if state is None else state.replace(centroids=new)
+  return new if state is None else dataclasses.replace(state, centroids=new)

@@ -13,14 +13,14 @@ the first epoch). Checkpoints carry it, so a resumed run labels exactly as an un
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import ml_collections
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from ccreid_jax import camera_memory
-from ccreid_jax import clustering
+from ccreid_jax import camera_memory, clustering
 
 __all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_distance", "cluster_labels",
            "label_stats",
@@ -90,6 +90,8 @@ def cluster_distance(features: np.ndarray, cameras: np.ndarray | None,
   """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
   first-epoch query expansion in epoch 0), storing the pairs up to ``max_distance``."""
   if cluster.distance == "ca_jaccard":
+    if cameras is None:  # validation refuses it: data.cameras="none"
+      raise ValueError("cluster.distance='ca_jaccard' needs the cameras.")
     first = epoch == 0
     return clustering.ca_jaccard_distance(
         features, cameras, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
@@ -150,7 +152,8 @@ def label_stats(features: np.ndarray, labels: np.ndarray,
   sizes = np.bincount(labels[kept]) if kept.any() else np.zeros(0, np.int64)
   sizes = sizes[sizes > 0]
   edges = (0,) + SIZE_BINS + (np.iinfo(np.int64).max,)
-  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi) for lo, hi in zip(edges, edges[1:-1])]
+  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi)
+           for lo, hi in itertools.pairwise(edges[:-1])]
   names.append(f"{SIZE_BINS[-1] + 1}+")
   counts = np.histogram(sizes, bins=np.array(edges, dtype=np.float64) + 0.5)[0]
   multi = kept.copy()
@@ -218,6 +221,8 @@ def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
     stats.update({f"rlcc_{k}": v for k, v in rlcc_stats.items()})
   camera = None
   if config.camera.enabled and epoch >= config.camera.start_epoch and num_clusters:
+    if cameras is None:  # validation refuses it: data.cameras="none"
+      raise ValueError("camera.enabled needs the cameras.")
     camera, _ = camera_memory.build_camera_proxies(features, labels, cameras,
                                                    min_bucket=config.camera.min_bucket)
     stats["camera_proxies"] = int(camera.num_proxies)

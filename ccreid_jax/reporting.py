@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from ccreid_jax import tensorboard as tensorboard_lib
+from ccreid_jax.data import loading
 from ccreid_jax.errors import StorageError
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.run import Run
@@ -26,8 +29,8 @@ __all__ = ["Reporter", "epoch_line", "save_rank_list"]
 logger = logging.getLogger("ccreid_jax")
 
 
-def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
-                   distmat: np.ndarray, *, name: str) -> Any:
+def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: loading.RunData,
+                   distmat: np.ndarray, *, name: str) -> Image.Image | None:
   """Draws ``<workdir>/ranklist_<name>.png`` of an evaluation; returns the image (or None).
 
   ``data`` is a ``data.loading.RunData``: its ``eval_dataset`` records and, for TFDS runs
@@ -39,7 +42,10 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: Any,
     return None
   query, gallery = data.eval_dataset.query, data.eval_dataset.gallery
   queries = visualize.choose_queries(len(query), log.ranklist_queries, config.seed)
+  query_images: Sequence[Any] | np.ndarray
+  gallery_images: Sequence[Any] | np.ndarray
   if config.data.source == "tfds":
+    assert data.test_images is not None  # drawn after an evaluation of them
     query_images, gallery_images = data.test_images[:len(query)], data.test_images[len(query):]
   else:
     query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
@@ -87,7 +93,7 @@ class Reporter:
     enabled: False on every process but the primary one: nothing is written.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, run: Run, data: Any, *,
+  def __init__(self, config: ml_collections.ConfigDict, run: Run, data: loading.RunData, *,
                start_epoch: int, num_train: int, enabled: bool = True):
     self.config = config
     self.workdir = run.path

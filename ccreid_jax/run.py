@@ -31,17 +31,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import distributed
-from ccreid_jax import models
+from ccreid_jax import distributed, models, validation
 from ccreid_jax import state as state_lib
-from ccreid_jax import validation
 from ccreid_jax.errors import storage_error
 from ccreid_jax.pseudo_labels import Generation
 from ccreid_jax.utils import write_atomic
@@ -514,7 +512,7 @@ class Run:
       self.save_config(config, differences)
     return differences
 
-  def save_config(self, config: Any, differences: list[tuple[str, Any, Any]] = ()) -> None:
+  def save_config(self, config: Any, differences: Sequence[tuple[str, Any, Any]] = ()) -> None:
     """Writes ``config.json``; with ``differences`` (``--force``) the old file is first kept
     as ``config.replaced-<n>.json``."""
     os.makedirs(self.path, exist_ok=True)

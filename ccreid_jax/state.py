@@ -13,7 +13,8 @@ the ``pseudo_labels.Generation`` the next epoch continues from.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -23,10 +24,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from ccreid_jax import camera_memory
+from ccreid_jax import camera_memory, models, validation
 from ccreid_jax import memory as memory_lib
-from ccreid_jax import models
-from ccreid_jax import validation
 from ccreid_jax.pseudo_labels import Generation
 
 __all__ = [

@@ -93,7 +93,7 @@ class TensorBoardWriter:
     if not enabled:
       return
     try:
-      import tensorboardX  # pylint: disable=import-outside-toplevel
+      import tensorboardX
     except ImportError:
       if not _warned_missing:
         _warned_missing = True
@@ -136,7 +136,7 @@ class TensorBoardWriter:
       self._writer.close()
       self._writer = None
 
-  def __enter__(self) -> "TensorBoardWriter":
+  def __enter__(self) -> TensorBoardWriter:
     return self
 
   def __exit__(self, *exc: Any) -> None:
@@ -149,7 +149,7 @@ class TensorBoardWriter:
 
 
 def _masked_crc(data: bytes) -> int:
-  from tensorboardX.crc32c import crc32c  # pylint: disable=import-outside-toplevel
+  from tensorboardX.crc32c import crc32c
 
   crc = crc32c(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
@@ -178,7 +178,7 @@ def _read_records(path: str):
 
 
 def _events(logdir: str):
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2
 
   for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
     for data in _read_records(path):

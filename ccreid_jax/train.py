@@ -32,13 +32,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ccreid_jax import camera_memory
+from ccreid_jax import camera_memory, distributed, models, validation
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import distributed
 from ccreid_jax import memory as memory_lib
-from ccreid_jax import models
 from ccreid_jax import state as state_lib
-from ccreid_jax import validation
 from ccreid_jax.data import augment as augment_lib
 from ccreid_jax.data import loading
 from ccreid_jax.data import sampler as sampler_lib
@@ -100,6 +97,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
             features, state.memory.centroids, targets, mem.temperature, valid=state.memory.valid)
       metrics = {"loss": loss}
       if camera:
+        assert state.camera is not None and cameras is not None  # camera=True: both given
         camera_loss = camera_memory.camera_proxy_loss(
             features, state.camera, labels, cameras, temperature=cam.temperature,
             num_hard_negatives=cam.num_hard_negatives)
@@ -113,11 +111,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
     params = optax.apply_updates(state.params, updates)
     # The memory is updated after, and outside, the gradient, with this step's features.
     features = jax.lax.stop_gradient(features)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+    new_state = dataclasses.replace(
+        state, step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         memory=memory_lib.update_centroids(state.memory, features, labels, mem))
     if camera:
-      new_state = new_state.replace(camera=camera_memory.camera_proxy_update(
+      assert state.camera is not None and cameras is not None  # camera=True: both given
+      new_state = dataclasses.replace(new_state, camera=camera_memory.camera_proxy_update(
           state.camera, features, labels, cameras, cam.momentum))
     return new_state, metrics
 
@@ -143,7 +142,7 @@ class TrainSteps:
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self.mesh = mesh
     self._make = functools.partial(make_train_step, config, mesh)
-    self._steps: dict[tuple[bool, bool], Any] = {}
+    self._steps: dict[tuple[bool, bool], Callable[..., tuple[TrainState, dict[str, Any]]]] = {}
     self._seen: set[tuple[bool, int, int]] = set()
 
   def get(self, *, soft: bool, bucket: int, camera_bucket: int, epoch: int,
@@ -175,12 +174,14 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
   """
 
   mesh = sharding.mesh
+  assert isinstance(mesh, Mesh)  # a concrete device mesh, not an abstract one
 
   def load(indices):
     # Every process draws the same indices (seeded sampler) and feeds its own rows.
     rows = indices[distributed.process_slice(len(indices))]
-    batch = (distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
-             distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
+    batch: tuple[jax.Array, ...] = (
+        distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
+        distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
     if cameras is not None:
       batch += (distributed.global_batch_from_local(cameras[rows].astype(np.int32), mesh),)
     if targets is None:
@@ -210,10 +211,12 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
   bucket = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
   memory = memory_lib.init_memory(plan.centroids, bucket)
   camera = None if plan.camera is None else distributed.replicate(plan.camera, steps.mesh)
-  state = state.replace(memory=distributed.replicate(memory, steps.mesh), camera=camera)
+  state = dataclasses.replace(state, memory=distributed.replicate(memory, steps.mesh),
+                              camera=camera)
   sampler = sampler_lib.CameraAwarePKSampler(
       plan.labels, data.train_cameras, t.num_instances,
       seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+  assert data.train_images is not None  # training loads the train split
   batches = prefetch_batches(
       sampler.batches(t.iters, t.batch_size), data.train_images, plan.labels,
       NamedSharding(steps.mesh, PartitionSpec("data")),
@@ -346,6 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
            differences: list[tuple[str, Any, Any]], primary: bool) -> dict[str, Any]:
   data = loading.load_run_data(config, run.path, need_train=True)
+  assert data.train_images is not None  # need_train=True
   validation.check_cluster_sizes(config.cluster, data.num_train)
   model = models.create_model(config.model)
   mesh = distributed.make_mesh()

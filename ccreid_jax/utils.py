@@ -9,7 +9,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import tqdm
 

@@ -13,18 +13,19 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from ccreid_jax import memory as memory_lib
 from ccreid_jax import pseudo_labels
 from ccreid_jax.configs import default as default_lib
-from ccreid_jax.errors import ConfigError
 from ccreid_jax.data import datasets as datasets_lib
+from ccreid_jax.errors import ConfigError
 from ccreid_jax.models import resnet as resnet_lib
 
-__all__ = ["ConfigError", "REPLACED_FIELDS", "check_cluster_sizes", "default_config",
+__all__ = ["REPLACED_FIELDS", "ConfigError", "check_cluster_sizes", "default_config",
            "validate_config"]
 
 CLUSTER_METHODS: tuple[str, ...] = pseudo_labels.CLUSTER_METHODS
@@ -97,7 +98,7 @@ def _type_ok(expected: Any, value: Any) -> bool:
 
 def _walk(config: Any, reference: Any, prefix: str, problems: list[str]) -> None:
   known = list(reference.keys())
-  for key in config.keys():
+  for key in config:
     path = f"{prefix}.{key}"
     value = config[key]
     if key not in reference:
@@ -290,11 +291,11 @@ def _check_values(config: Any, num_devices: int | None, problems: list[str], *,
   c.integer("train.iters", 1)
   c.integer("train.log_every", 1)
   c.integer("train.eval_every", 1)
-  if batch is not _MISSING and instances is not _MISSING and batch >= 1 and instances >= 1:
-    if batch % instances:
-      c.fail("train.batch_size", batch,
-             f"must be a multiple of config.train.num_instances={instances} "
-             "(a batch is P identities x K instances)")
+  if (batch is not _MISSING and instances is not _MISSING and batch >= 1 and instances >= 1
+      and batch % instances):
+    c.fail("train.batch_size", batch,
+           f"must be a multiple of config.train.num_instances={instances} "
+           "(a batch is P identities x K instances)")
   if batch is not _MISSING and batch >= 1 and num_devices is not None and batch % num_devices:
     c.fail("train.batch_size", batch,
            f"must be a multiple of the device count ({num_devices}); the batch is split "

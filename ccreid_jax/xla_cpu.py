@@ -51,8 +51,8 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Callable, Mapping, MutableMapping
 from importlib import metadata
-from typing import Any, Mapping, MutableMapping
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=reduce"
@@ -96,7 +96,7 @@ def _accelerator_plugin_installed() -> bool:
   try:
     if list(metadata.entry_points(group="jax_plugins")):
       return True
-  except Exception:  # noqa: BLE001 - a broken distribution must not break the import.
+  except Exception:  # a broken distribution must not break the import
     pass
   return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_MODULES)
 
@@ -113,7 +113,7 @@ def runs_on_cpu(environ: Mapping[str, str] | None = None,
   return not accelerator_installed
 
 
-def _glibc_mallopt() -> Any | None:
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return None
   try:
@@ -122,7 +122,8 @@ def _glibc_mallopt() -> Any | None:
     return None
 
 
-def keep_freed_memory(environ: Mapping[str, str] | None = None, mallopt: Any | None = None,
+def keep_freed_memory(environ: Mapping[str, str] | None = None,
+                      mallopt: Callable[[int, int], int] | None = None,
                       accelerator_installed: bool | None = None) -> bool:
   """Sets ``MALLOPT_SETTINGS`` (see the module doc) when JAX runs on the CPU; True if set.
 

@@ -42,7 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ccreid_jax import run as run_lib
-from ccreid_jax import xla_cpu  # noqa: E402
+from ccreid_jax import xla_cpu
 
 VARIANTS = {
     "plain": {},

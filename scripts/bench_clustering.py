@@ -42,9 +42,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ccreid_jax.clustering import dbscan_labels, infomap_labels  # noqa: E402
-from ccreid_jax.clustering import ca_jaccard, jaccard  # noqa: E402
-from ccreid_jax.utils import write_json  # noqa: E402
+from ccreid_jax.clustering import ca_jaccard, dbscan_labels, infomap_labels, jaccard
+from ccreid_jax.utils import write_json
 
 
 def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
@@ -203,7 +202,7 @@ def main(argv=None) -> dict:
   else:
     res.update(k1=args.k1, k2=args.k2)
   cameras = synthetic_cameras(args.n, args.cameras, args.seed)
-  (x, truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
+  (x, _truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
                                         intrinsic=args.intrinsic, seed=args.seed,
                                         camera_shift=args.camera_shift, cameras=cameras)
   res["rss_after_features_gb"] = peak_rss_gb()
@@ -278,7 +277,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
   # The CPU settings of ccreid_jax/xla_cpu.py, before JAX's backend starts (main() starts
   # it); CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
-  from ccreid_jax import xla_cpu  # noqa: E402
+  from ccreid_jax import xla_cpu
 
   xla_cpu.apply_cpu_tuning()
   main()

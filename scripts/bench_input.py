@@ -28,13 +28,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ccreid_jax import train  # noqa: E402
-from ccreid_jax.data.sampler import CameraAwarePKSampler  # noqa: E402
-from ccreid_jax.distributed import make_mesh  # noqa: E402
-from ccreid_jax.utils import write_json  # noqa: E402
+from ccreid_jax import train
+from ccreid_jax.data.sampler import CameraAwarePKSampler
+from ccreid_jax.distributed import make_mesh
+from ccreid_jax.utils import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,7 +102,9 @@ def main(argv=None) -> dict:
     chain_s = (time.perf_counter() - t) / count
     del images
 
-  per_s = lambda s: args.batch / s if s > 0 else float("nan")
+  def per_s(s):
+    return args.batch / s if s > 0 else float("nan")
+
   result = {
       "args": vars(args), "jax_version": jax.__version__,
       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
@@ -135,7 +137,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
   # The CPU settings of ccreid_jax/xla_cpu.py, before JAX's backend starts (main() starts
   # it); CCREID_XLA_CPU_DEFAULTS=0 in the environment turns them off.
-  from ccreid_jax import xla_cpu  # noqa: E402
+  from ccreid_jax import xla_cpu
 
   xla_cpu.apply_cpu_tuning()
   main()

@@ -50,14 +50,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-from ccreid_jax import configs  # noqa: E402
-from ccreid_jax import train  # noqa: E402
-from ccreid_jax.data import cache as cache_lib  # noqa: E402
-from ccreid_jax.data import datasets as datasets_lib  # noqa: E402
-from ccreid_jax.data import synthetic  # noqa: E402
-from ccreid_jax.utils import write_json  # noqa: E402
+from ccreid_jax import configs, train
+from ccreid_jax.data import cache as cache_lib
+from ccreid_jax.data import datasets as datasets_lib
+from ccreid_jax.data import synthetic
+from ccreid_jax.utils import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -236,7 +235,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   # The CPU settings of ccreid_jax/xla_cpu.py before JAX starts (CCREID_XLA_CPU_DEFAULTS=0: off).
-  from ccreid_jax import xla_cpu  # pylint: disable=ungrouped-imports
+  from ccreid_jax import xla_cpu
 
   xla_cpu.apply_cpu_tuning()
   main()

@@ -66,16 +66,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ccreid_jax import memory as memory_lib
+from ccreid_jax import models, train, xla_cpu
 from ccreid_jax import state as state_lib
-from ccreid_jax import memory as memory_lib  # noqa: E402
-from ccreid_jax import xla_cpu  # noqa: E402
-from ccreid_jax import models, train  # noqa: E402
-from ccreid_jax.extract import extract_features, make_extract_fn  # noqa: E402
-from ccreid_jax.distributed import make_mesh  # noqa: E402
-from ccreid_jax.utils import write_json  # noqa: E402
+from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import extract_features, make_extract_fn
+from ccreid_jax.utils import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -256,7 +255,7 @@ def bench_torch(args: argparse.Namespace, images: np.ndarray, steppers: dict | N
   # The same PyTorch model the parity tests compare with (tests/torch_reid.py).
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "tests"))
-  import torch_reid  # pylint: disable=import-outside-toplevel
+  import torch_reid
 
   torch.manual_seed(0)
   model = torch_reid.TorchReIDResNet(args.depth, args.model_width).train()

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, ROOT)  # This checkout's ccreid_jax (and its configs/) is the one tested.
@@ -10,12 +12,11 @@ sys.path.insert(0, ROOT)  # This checkout's ccreid_jax (and its configs/) is the
 # The CPU settings the command line applies (ccreid_jax/xla_cpu.py: an XLA flag, glibc malloc
 # reuse), before JAX starts: the tests run the program's configuration, at its speed. The
 # processes the tests start inherit the flag through XLA_FLAGS.
-from ccreid_jax import xla_cpu  # noqa: E402
+from ccreid_jax import xla_cpu  # noqa: E402 (after sys.path: this checkout's package)
 
 xla_cpu.apply_cpu_tuning()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax  # noqa: E402 (after the CPU tuning: JAX reads XLA_FLAGS when it starts)
 
 # Every compiled program is cached, however quick to compile: the tests start many
 # processes (multi-process and crash tests), and each would otherwise compile again the

@@ -2,15 +2,19 @@
 while parameters, optimizer state, batch statistics, features, memory logits and the loss
 stay float32."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ccreid_jax import distributed, models, train
+from ccreid_jax import memory as memory_lib
 from ccreid_jax import state as state_lib
-from ccreid_jax import distributed, memory as memory_lib, models, train
-from ccreid_jax.extract import make_extract_fn
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import make_extract_fn
+
 from conftest import tiny_config
 
 
@@ -29,7 +33,8 @@ def _setup(dtype: str):
   rng = np.random.default_rng(0)
   centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
+  state = state_lib.create_train_state(model, config, tx=tx,
+                                       memory=memory_lib.init_memory(centroids, 16))
   images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
   labels = np.repeat(np.arange(8) % 6, 4).astype(np.int32)
   return config, model, tx, state, images, labels
@@ -46,7 +51,7 @@ def runs():
   mesh = make_mesh()
   out = {}
   for dtype in ("float32", "bfloat16"):
-    config, model, tx, state, images, labels = _setup(dtype)
+    config, model, _, state, images, labels = _setup(dtype)
     # Replicated over the mesh up front, as train_and_evaluate does, so that the step's
     # input shardings are those of its outputs and it compiles once, not twice.
     state = distributed.replicate(state, mesh)
@@ -61,7 +66,7 @@ def runs():
 
 
 def test_bf16_model_computes_in_bf16():
-  config, model, _, state, images, _ = _setup("bfloat16")
+  _, model, _, state, images, _ = _setup("bfloat16")
   assert model.dtype == jnp.bfloat16
   fmap = model.apply(state.variables, jnp.asarray(images, jnp.float32), train=False,
                      return_feature_map=True)
@@ -100,7 +105,7 @@ def test_bf16_loss_is_close_to_float32_loss(runs):
 def test_bf16_steps_decrease_the_loss_on_a_fixed_batch(runs):
   losses = [float(x) for x in runs["bfloat16"]["losses"]]
   assert all(np.isfinite(losses))
-  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert all(b < a for a, b in itertools.pairwise(losses)), losses
   assert losses[-1] < 0.5 * losses[0], losses
   # bf16 follows the float32 trajectory to within a few percent.
   f32 = [float(x) for x in runs["float32"]["losses"]]

@@ -18,22 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_train_step_reference as reference_step
-from ccreid_jax import state as state_lib
+
 from ccreid_jax import camera_memory, models, train, validation
 from ccreid_jax import memory as mem
 from ccreid_jax import run as run_lib
+from ccreid_jax import state as state_lib
 from ccreid_jax.distributed import make_mesh
+
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PULL, PUSH = 0.9, 0.2
 # The hand-built train step of test_train_step_reference and its helpers.
-# pylint: disable=protected-access
 _ReferenceStep, _step_config = reference_step._ReferenceStep, reference_step._step_config
 _leaves64, _assert_leaves_close = reference_step._leaves64, reference_step._assert_leaves_close
-# pylint: enable=protected-access
 
 
 def _unit(a):
@@ -239,7 +238,7 @@ def _batch(rng, config):
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_three_train_steps_equal_a_hand_built_bmw_step(dynamic):
-  config, model, tx, state, rng = _bmw_step_setup(dynamic)
+  config, model, _, state, rng = _bmw_step_setup(dynamic)
   reference = _BMWReferenceStep(model, config, state)
   step = train.make_train_step(config, make_mesh())
   for _ in range(3):
@@ -259,7 +258,7 @@ def test_three_train_steps_equal_a_hand_built_bmw_step(dynamic):
 def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
   """RLCC's soft targets and the camera term change the loss, not the rewrite: it uses the
   hard pseudo labels and the step's features, so the first step's memory is the same."""
-  config, model, tx, state, rng = _bmw_step_setup()
+  config, model, _, state, rng = _bmw_step_setup()
   images, labels = _batch(rng, config)
   reference = _BMWReferenceStep(model, config, state)
   reference.step(images, labels)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import reference_impls as ref
 from ccreid_jax.clustering import ca_jaccard_distance, dbscan_labels
+
+import reference_impls as ref
 
 
 def _quantise(x):
@@ -126,7 +127,7 @@ def _ca_jaccard_dense(x, cameras, k1_intra, k1_inter, k2_intra, k2_inter):
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
   make, ks, block = CASES[name]
   x, cameras = make()

@@ -210,7 +210,7 @@ def test_update_sequential_matches_numpy():
 
 
 def test_own_proxy_index():
-  x, labels, cameras, _, y, c = _problem(7)
+  x, labels, cameras, *_ = _problem(7)
   state, sample_proxy = cm.build_camera_proxies(x, labels, cameras, bucket=64)
   kept = np.flatnonzero(labels >= 0)
   got = np.asarray(cm.own_proxy_index(state, jnp.asarray(labels[kept]), jnp.asarray(cameras[kept])))

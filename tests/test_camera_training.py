@@ -5,6 +5,7 @@ import pytest
 
 from ccreid_jax import run as run_lib
 from ccreid_jax import train
+
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow

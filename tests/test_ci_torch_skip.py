@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-
 from conftest import ROOT, on_ci
 
 _MODULE_SKIP = """

@@ -12,13 +12,13 @@ import sys
 
 import pytest
 
-from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
+from ccreid_jax import run as run_lib
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError
 from ccreid_jax.models.weights import WeightsTooLargeError
-from ccreid_jax.validation import ConfigError
 from ccreid_jax.run import WorkdirConfigMismatch
+from ccreid_jax.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,9 +136,9 @@ def test_exit_codes_of_the_user_errors():
 def test_epochs_with_one_cluster_or_none_are_warned_about_in_the_summary(tmp_path):
   """A run whose clustering degenerated printed its table and exited 0 without a word
   (issue 38, item 10)."""
-  from conftest import tiny_config
-
   from ccreid_jax import main
+
+  from conftest import tiny_config
 
   config = tiny_config(str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "w") as f:
@@ -152,9 +152,9 @@ def test_epochs_with_one_cluster_or_none_are_warned_about_in_the_summary(tmp_pat
 
 
 def test_nothing_trained_is_said_instead_of_an_empty_table(tmp_path):
-  from conftest import tiny_config
-
   from ccreid_jax import main
+
+  from conftest import tiny_config
 
   config = tiny_config(str(tmp_path))
   config.train.epochs = 0

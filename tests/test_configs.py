@@ -11,9 +11,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from ccreid_jax import configs
-from ccreid_jax.configs import default
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import default, variants
 from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import ROOT
 
 RECIPE_NAMES = [
@@ -252,13 +252,13 @@ def _restatements(build):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(ml_collections.ConfigDict, "__setitem__", recording)
     config = build()
-  groups = {id(config[group]): group for group in config.keys()
+  groups = {id(config[group]): group for group in config
             if isinstance(config[group], ml_collections.ConfigDict)}
   return [(f"{groups.get(id(node), '?')}.{key}", value) for node, key, value in found]
 
 
 def test_the_package_is_this_checkouts_configs_folder():
-  assert configs.FOLDER == os.path.join(ROOT, "ccreid_jax", "configs")
+  assert os.path.join(ROOT, "ccreid_jax", "configs") == configs.FOLDER
   # The top-level configs/ of the repository is that folder (a link), for configs/<name>.py.
   assert os.path.samefile(os.path.join(ROOT, "configs"), configs.FOLDER)
   assert configs.recipe_names() == RECIPE_NAMES == sorted(DIFFERS_FROM_DEFAULT)

@@ -154,8 +154,8 @@ def test_residual_relu_equals_relu_bit_for_bit_values_and_gradients():
       for f in (jax.jit(residual_relu), residual_relu):
         np.testing.assert_array_equal(np.asarray(f(xs), np.float32),
                                       np.asarray(nn.relu(xs), np.float32))
-        g = jax.grad(lambda v: jnp.sum((f(v) * cot).astype(jnp.float32)))(xs)
-        g_ref = jax.grad(lambda v: jnp.sum((nn.relu(v) * cot).astype(jnp.float32)))(xs)
+        g = jax.grad(lambda v, f=f, cot=cot: jnp.sum((f(v) * cot).astype(jnp.float32)))(xs)
+        g_ref = jax.grad(lambda v, cot=cot: jnp.sum((nn.relu(v) * cot).astype(jnp.float32)))(xs)
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
 
 
@@ -205,7 +205,9 @@ def test_max_pool_gradient_with_ties_goes_to_the_first_maximum_as_in_torch(shape
   g_flax = jax.grad(lambda v: jnp.sum(_flax_pool(v) * cot))(jnp.asarray(x))
   np.testing.assert_allclose(g_flax, g_t, rtol=1e-6, atol=1e-6)
   # The ties matter: differentiating the chain of maxima (ties split in halves) differs.
-  chain = lambda v: functools.reduce(jnp.maximum, cpu_kernels._pool_windows(v))
+  def chain(v):
+    return functools.reduce(jnp.maximum, cpu_kernels._pool_windows(v))
+
   g_split = jax.grad(lambda v: jnp.sum(chain(v) * cot))(jnp.asarray(x))
   assert not np.allclose(g_split, g_t, atol=1e-3)
 

@@ -48,7 +48,7 @@ def test_parses_every_layout(tmp_path, name):
   for split in (ds.train, ds.query, ds.gallery):
     assert [r.path for r in split] == sorted(r.path for r in split)
     assert all(os.path.isfile(r.path) for r in split)
-    assert all(0 <= r.camera for r in split)
+    assert all(r.camera >= 0 for r in split)
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES)

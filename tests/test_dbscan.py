@@ -5,8 +5,12 @@ import pytest
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
-from ccreid_jax.clustering import (cluster_centroids, cluster_stats, dbscan_labels,
-                                   relabel_consecutive)
+from ccreid_jax.clustering import (
+  cluster_centroids,
+  cluster_stats,
+  dbscan_labels,
+  relabel_consecutive,
+)
 
 
 def _graph():

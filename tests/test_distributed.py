@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import distributed
+
 from conftest import ROOT
 from multiprocess import run_processes
 
@@ -40,7 +41,8 @@ rng = np.random.default_rng(0)
 centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
 centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
 mesh = make_mesh()
-state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
+state = state_lib.create_train_state(model, config, tx=tx,
+                                     memory=memory_lib.init_memory(centroids, 16))
 state = distributed.replicate(state, mesh)
 step = train.make_train_step(config, mesh)
 rows = distributed.process_slice(32)

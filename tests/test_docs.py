@@ -6,6 +6,7 @@ import re
 import pytest
 
 from ccreid_jax.run import RESULT_NEUTRAL_FIELDS
+
 from conftest import ROOT
 
 # Absolute paths of a development machine, the names of its tools and references to files

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import commands
+from ccreid_jax import commands, pseudo_labels
 from ccreid_jax import run as run_lib
-from ccreid_jax.extract import FeatureExtractor
-from ccreid_jax import pseudo_labels
 from ccreid_jax.data import loading
 from ccreid_jax.evaluation import visualize
+from ccreid_jax.extract import FeatureExtractor
 from ccreid_jax.tools import eps_sweep
+
 from conftest import ROOT, tiny_config
 
 # Radii that span the clusterings of the tiny data's random-init features (from mostly

@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 
 from ccreid_jax import feature_files
-from ccreid_jax.extract import FeatureExtractor
 from ccreid_jax.data.datasets import Record
-from ccreid_jax.extract import extract_features
-
-
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import FeatureExtractor, extract_features
 
 
 def _records(n, offset=0):
@@ -77,7 +74,8 @@ def test_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(feature_files.os, "replace", refuse)
   with pytest.raises(OSError, match="No space left"):
-    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query")
+    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2),
+                                 "query")
   assert list(tmp_path.iterdir()) == []
 
 
@@ -87,13 +85,15 @@ def test_output_path_is_checked_before_anything_is_written(tmp_path):
   assert created.parent.is_dir() and list(created.parent.iterdir()) == []
   folder = tmp_path / "features"
   folder.mkdir()
-  with pytest.raises(feature_files.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"):
+  with pytest.raises(feature_files.OutputPathError,
+                     match=f"{folder} is a folder.*{folder}/query.npz"):
     feature_files.check_output_path(str(folder))
   with pytest.raises(feature_files.OutputPathError):   # write_features checks too, names the path
     feature_files.write_features(str(folder), np.zeros((2, 3)), _records(2), "query")
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  with pytest.raises(feature_files.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"):
+  with pytest.raises(feature_files.OutputPathError,
+                     match=f"{blocker}/query.npz.*{blocker} is a file"):
     feature_files.check_output_path(str(blocker / "query.npz"))
   if os.path.isdir("/proc"):   # a place nobody can write to, not even root
     with pytest.raises(feature_files.OutputPathError, match="/proc/query.npz.*cannot be written"):
@@ -162,10 +162,10 @@ def test_extract_split_errors():
 
 def test_extract_split_with_a_real_run(tiny_market, tmp_path):
   """extract_split works on a run's loaded data and extractor; rows follow the records."""
-  from conftest import tiny_config
-
   from ccreid_jax import models
   from ccreid_jax.data import loading
+
+  from conftest import tiny_config
 
   config = tiny_config(tiny_market)
   data = loading.load_run_data(config, str(tmp_path / "run"), need_train=False)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from ccreid_jax import models
-from ccreid_jax.extract import extract_features, make_extract_fn
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.extract import extract_features, make_extract_fn
+
 from tiny_model import tiny_model_and_variables
 
 HEIGHT, WIDTH = 32, 16

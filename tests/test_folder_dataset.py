@@ -13,17 +13,15 @@ import shutil
 import numpy as np
 import pytest
 
-from ccreid_jax import commands
-from ccreid_jax import feature_files
-from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import inference
-from ccreid_jax import train
+from ccreid_jax import commands, feature_files, inference, train
+from ccreid_jax import run as run_lib
 from ccreid_jax.data import datasets, loading
 from ccreid_jax.data.cache import ImageDecodeError
 from ccreid_jax.data.datasets import DatasetError, load_folder_dataset, read_eval_list
 from ccreid_jax.data.sampler import CameraAwarePKSampler
 from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import tiny_config
 
 # Market camera -> the camera folder / file-name camera of the copies. Sorted with numbers by
@@ -331,7 +329,7 @@ def test_eval_list_paths_outside_its_folder_are_refused(tmp_path):
   message = str(info.value)
   assert f"{path} line 2" in message and "'../secret.jpg'" in message
   assert f"{path} line 3" in message and "--config.data.follow_symlinks_outside=True" in message
-  query, gallery = read_eval_list(str(path), allow_outside_links=True)
+  _, gallery = read_eval_list(str(path), allow_outside_links=True)
   assert [r.path for r in gallery] == [str(tmp_path / "secret.jpg"),
                                        str(tmp_path / "other" / "b.jpg")]
 

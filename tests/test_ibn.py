@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from ccreid_jax.models import (
-    IBN, GhostBatchNorm, InstanceNorm, ReIDResNet, create_model, parse_arch)
+  IBN,
+  GhostBatchNorm,
+  InstanceNorm,
+  ReIDResNet,
+  create_model,
+  parse_arch,
+)
 
 KEY = jax.random.key(0)
 
@@ -27,7 +33,10 @@ def _np_ibn(x, half, in_scale, in_bias, bn_scale, bn_bias, bn_mean, bn_var, eps=
 
 def _ibn_variables(c, half, seed=0):
   rng = np.random.default_rng(seed)
-  r = lambda n, lo=0.5, hi=1.5: rng.uniform(lo, hi, n).astype(np.float32)  # noqa: E731
+
+  def r(n, lo=0.5, hi=1.5):
+    return rng.uniform(lo, hi, n).astype(np.float32)
+
   values = dict(in_scale=r(half), in_bias=r(half, -1, 1), bn_scale=r(c - half),
                 bn_bias=r(c - half, -1, 1), bn_mean=r(c - half, -1, 1), bn_var=r(c - half))
   variables = {
@@ -124,7 +133,10 @@ def test_resnet50_ibn_a_parameter_count():
       bn_group_size=64, dtype="float32")))
   assert model.ibn and model.depth == 50
   params = _abstract_variables(model)["params"]
-  count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
+
+  def count(tree):
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
   trunk = {k: v for k, v in params.items() if k not in ("gem", "feat_bn")}
   # IBN-Net resnet50_ibn_a: 25,557,032 parameters, of which fc holds 2048 * 1000 + 1000.
   assert count(trunk) == 25_557_032 - 2_049_000

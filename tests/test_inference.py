@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import commands
+from ccreid_jax import commands, inference, models
 from ccreid_jax import export as export_lib
-from ccreid_jax import inference, models
 from ccreid_jax.data.cache import ImageDecodeError, load_image_cache
+from ccreid_jax.distributed import make_mesh
 from ccreid_jax.evaluation import visualize
 from ccreid_jax.extract import extract_features, make_extract_fn
-from ccreid_jax.distributed import make_mesh
+
 from tiny_model import tiny_model_and_variables
 
 HEIGHT, WIDTH = 32, 16
@@ -168,8 +168,9 @@ def test_list_images_is_recursive_sorted_and_filtered(tmp_path):
 @pytest.fixture(scope="module")
 def run_workdir(tmp_path_factory):
   """A workdir holding only the saved config of a tiny run (its model is the initial one)."""
-  from conftest import tiny_config
   from ccreid_jax import run as run_lib
+
+  from conftest import tiny_config
 
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config(str(tmp_path_factory.mktemp("no_data")))
@@ -212,7 +213,7 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   records, png = commands.search(config, workdir, query, gallery, topk=5,
                                       checkpoint="init")
   assert len(records) == 1 and records[0]["query"] == query
-  assert [m["path"] for m in records[0]["matches"]][0] == query  # itself, in the folder
+  assert records[0]["matches"][0]["path"] == query  # itself, in the folder
   assert len(records[0]["matches"]) == 5
   assert png == os.path.join(workdir, "search_ranklist.png") and os.path.isfile(png)
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import reference_impls as ref
 from ccreid_jax.clustering import dbscan_labels, jaccard_distance, knn
+
+import reference_impls as ref
 
 
 def _quantise(x):
@@ -63,7 +64,7 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
   make, k1, k2, block = CASES[name]
   x = make()
@@ -206,7 +207,7 @@ def _threshold(mat, limit):
 @pytest.mark.parametrize("eps", [0.4, 0.6])
 def test_max_distance_equals_thresholded_full(name, eps):
   x, sparse, dense_ref = _case(name)
-  make, k1, k2, block = CASES[name]
+  _, k1, k2, block = CASES[name]
   cut = jaccard_distance(x, k1, k2, max_distance=eps, block_size=block)
   n = x.shape[0]
   assert isinstance(cut, sp.csr_matrix) and cut.dtype == np.float32
@@ -275,7 +276,7 @@ def test_jax_knn_equals_stable_argsort_with_heavy_ties(n, block):
 def test_low_precision_knn_is_reranked_in_float32(dtype):
   x = _case("spread0.5_k30_6")[0]
   idx, dist = knn(x, 10, block_size=64, knn_dtype=dtype)
-  exact_idx, exact_dist = knn(x, 10, block_size=64)
+  exact_idx, _ = knn(x, 10, block_size=64)
   _, dense = ref.knn_lists(x, 10)
   # Distances are the float32 ones of the returned pairs, sorted by (distance, index).
   np.testing.assert_array_equal(dist, np.take_along_axis(dense, idx, axis=1))

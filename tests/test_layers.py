@@ -29,7 +29,8 @@ MODEL_FREE = (
 _CHECK = """
 import importlib, sys
 importlib.import_module(sys.argv[1])
-print(sorted(m for m in sys.modules if m == "ccreid_jax.models" or m.startswith("ccreid_jax.models.")))
+print(sorted(m for m in sys.modules
+             if m == "ccreid_jax.models" or m.startswith("ccreid_jax.models.")))
 """
 
 
@@ -62,7 +63,8 @@ def _private(name: str) -> bool:
 
 def _foreign_privates(path: str) -> list[str]:
   """``file:line name`` for every private of another ccreid_jax module this file uses."""
-  tree = ast.parse(open(path, encoding="utf-8").read(), path)
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
   modules = {}  # local name -> ccreid_jax module it is bound to
   found = []
   where = os.path.relpath(path, ROOT)

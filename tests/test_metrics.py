@@ -4,8 +4,9 @@ brute-force transcription of mINP's definition."""
 import numpy as np
 import pytest
 
-import reference_impls as ref
 from ccreid_jax.evaluation import evaluate_ranking, pairwise_distance
+
+import reference_impls as ref
 
 
 def minp_by_definition(distmat, query_identities, gallery_identities, query_cameras,

@@ -3,9 +3,9 @@
 The CPU kernel set (models/cpu_kernels.py) is compared with these layers in
 tests/test_cpu_kernels.py."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import ml_collections
 import numpy as np
 import pytest

@@ -13,6 +13,7 @@ import sysconfig
 import zipfile
 
 from ccreid_jax import configs
+
 from conftest import ROOT
 
 # What the wheel is built from (pyproject.toml's packages and readme).
@@ -79,8 +80,8 @@ def test_an_installed_wheel_trains_a_recipe_by_name_from_another_folder(tmp_path
       cwd=elsewhere, env=env))
   assert all(path.startswith(purelib) for path in where), where
   _run([python, "-m", "ccreid_jax.data.synthetic", "--root", "data", "--num-train-identities", "16",
-        "--num-test-identities", "8", "--num-cameras", "3", "--images-per-camera", "2", "3", "--height", "64",
-        "--width", "32"], cwd=elsewhere, env=env)
+        "--num-test-identities", "8", "--num-cameras", "3", "--images-per-camera", "2", "3",
+        "--height", "64", "--width", "32"], cwd=elsewhere, env=env)
 
   # The demo recipe by name, shrunk to a few seconds of training; and a misspelt field.
   command = [python, "-m", "ccreid_jax.main", "--config", "demo"]

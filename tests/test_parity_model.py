@@ -19,7 +19,7 @@ from ccreid_jax.models import GeM, GhostBatchNorm, ReIDResNet
 torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
-import torch_reid  # noqa: E402  (needs torch)
+import torch_reid  # noqa: E402 (it imports torch: after the importorskip)
 
 pytestmark = pytest.mark.parity
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from ccreid_jax import clustering, pseudo_labels
+
 from conftest import tiny_config
 
 
 def _loop_stats(features, labels):
   """The statistics by hand: Python counts and per-sample loops."""
-  sizes = collections.Counter(int(l) for l in labels if l >= 0)
+  sizes = collections.Counter(int(label) for label in labels if label >= 0)
   bins = {"1": 0, "2-3": 0, "4-7": 0, "8-15": 0, "16-31": 0, "32-63": 0, "64+": 0}
   for size in sizes.values():
     for name, (lo, hi) in {"1": (1, 1), "2-3": (2, 3), "4-7": (4, 7), "8-15": (8, 15),
@@ -24,7 +25,7 @@ def _loop_stats(features, labels):
       members = features[labels == label].astype(np.float64)
       centre = members.mean(axis=0)
       cosines.append(features[i] @ (centre / np.linalg.norm(centre)))
-  outliers = sum(1 for l in labels if l < 0 or sizes[int(l)] == 1)
+  outliers = sum(1 for label in labels if label < 0 or sizes[int(label)] == 1)
   return outliers, max(sizes.values()), bins, float(np.mean(cosines))
 
 

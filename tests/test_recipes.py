@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 
-from ccreid_jax import state as state_lib
+from ccreid_jax import memory as memory_lib
+from ccreid_jax import models, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import memory as memory_lib, models, train
+from ccreid_jax import state as state_lib
 from ccreid_jax.distributed import make_mesh
 from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import tiny_config
 
 

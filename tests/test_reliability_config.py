@@ -8,8 +8,9 @@ import pytest
 
 from ccreid_jax import run as run_lib
 from ccreid_jax import validation
-from ccreid_jax.validation import ConfigError, validate_config
 from ccreid_jax.run import Run, WorkdirConfigMismatch
+from ccreid_jax.validation import ConfigError, validate_config
+
 from conftest import tiny_config
 
 
@@ -240,7 +241,9 @@ def _write_lines(workdir, lines):
 
 def test_epoch_records_keep_the_last_per_epoch_and_skip_torn_lines(tmp_path):
   workdir = str(tmp_path)
-  rec = lambda **kw: json.dumps(kw) + "\n"
+  def rec(**kw):
+    return json.dumps(kw) + "\n"
+
   _write_lines(workdir, [
       rec(kind="initial", mAP=0.1),
       rec(kind="epoch", epoch=0, loss=1.0),
@@ -258,7 +261,9 @@ def test_epoch_records_keep_the_last_per_epoch_and_skip_torn_lines(tmp_path):
 
 def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
   workdir = str(tmp_path)
-  rec = lambda **kw: json.dumps(kw) + "\n"
+  def rec(**kw):
+    return json.dumps(kw) + "\n"
+
   _write_lines(workdir, [rec(kind="initial", mAP=0.1), rec(kind="epoch", epoch=0),
                          rec(kind="epoch", epoch=1), rec(kind="other"), '{"torn'])
   assert run_lib.Run(workdir).prune_metrics(start_epoch=1) == 2

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ccreid_jax import run as run_lib
+
 from conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -149,7 +149,7 @@ def _damage(ds):
 def test_unreadable_images_are_named_with_the_way_out(tmp_path):
   _market(tmp_path)
   ds = load_dataset("market1501", str(tmp_path))
-  truncated, not_image = _damage(ds)
+  truncated, _ = _damage(ds)
   cache_dir = str(tmp_path / "cache")
   with pytest.raises(ImageDecodeError) as info:
     load_dataset_images(ds, 16, 8, cache_dir, progress=False, num_workers=2)

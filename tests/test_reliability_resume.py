@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from ccreid_jax import commands
+from ccreid_jax import commands, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import train
 from ccreid_jax.checkpoint import CheckpointError
 from ccreid_jax.data import synthetic
+
 from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def _snapshot(workdir):
   for folder, _, files in os.walk(workdir):
     for name in files:
       path = os.path.join(folder, name)
-      out[os.path.relpath(path, workdir)] = open(path, "rb").read()
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
   return out
 
 
@@ -98,12 +99,14 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
     holder.wait()
   # The holder died without cleaning up: its lock file is no obstacle.
   lock = os.path.join(workdir, run_lib.LOCK_FILE)
-  assert json.load(open(lock))["pid"] == holder.pid
+  with open(lock) as f:
+    assert json.load(f)["pid"] == holder.pid
   with run_lib.Run(workdir).lock():
-    assert json.load(open(lock))["pid"] == os.getpid()
-    with pytest.raises(run_lib.WorkdirLocked, match=f"process {os.getpid()}"):
-      with run_lib.Run(workdir).lock():
-        pass
+    with open(lock) as f:
+      assert json.load(f)["pid"] == os.getpid()
+    with (pytest.raises(run_lib.WorkdirLocked, match=f"process {os.getpid()}"),
+          run_lib.Run(workdir).lock()):
+      pass
 
 
 def test_evaluation_uses_the_runs_model_settings(one_epoch_run, tiny_market, caplog):

@@ -21,6 +21,7 @@ from ccreid_jax import run as run_lib
 from ccreid_jax.checkpoint import Checkpointer
 from ccreid_jax.data.datasets import load_dataset
 from ccreid_jax.errors import StorageError
+
 from conftest import tiny_config
 
 
@@ -106,10 +107,10 @@ def test_unwritable_export_and_sweep_destinations_are_refused_before_loading(
 
 
 def test_a_full_disk_at_an_export_is_one_line(tmp_path, monkeypatch):
-  from tiny_model import tiny_model_and_variables
-
   from ccreid_jax import export as export_lib
   from ccreid_jax import inference
+
+  from tiny_model import tiny_model_and_variables
 
   model, variables = tiny_model_and_variables(32, 16)
   embedder = inference.Embedder(model, variables, height=32, width=16)

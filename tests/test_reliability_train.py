@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from ccreid_jax import commands
+from ccreid_jax import clustering, commands, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import clustering, train
-from ccreid_jax.checkpoint import CheckpointError, Checkpointer
+from ccreid_jax.checkpoint import Checkpointer, CheckpointError
 from ccreid_jax.data.datasets import load_dataset
+
 from conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -84,7 +84,7 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
   initial = [r for r in run_lib.Run(workdir).metrics_lines()[0] if r["kind"] == "initial"]
   assert len(initial) == 1
   if make_labels is _no_cluster:
-    assert [r["clusters"] for r in records][0] == 0 and records[1]["clusters"] > 0
+    assert records[0]["clusters"] == 0 and records[1]["clusters"] > 0
     # Epoch 0 trained nothing: its model is the initial one, batch statistics included.
     assert records[0]["mAP"] == initial[0]["mAP"]
   if make_labels is _fewer_than_p:

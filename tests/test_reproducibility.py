@@ -4,6 +4,7 @@ import numpy as np
 
 from ccreid_jax import run as run_lib
 from ccreid_jax import train
+
 from conftest import tiny_config
 
 _FIELDS = ("epoch", "clusters", "outliers", "cluster_ari", "loss", "steps", "mAP", "rank1")

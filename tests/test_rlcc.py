@@ -9,10 +9,13 @@ import pytest
 import scipy.sparse as sp
 
 from ccreid_jax.clustering import relabel_consecutive, rlcc
-from ccreid_jax.clustering.rlcc import (consensus_matrix, consensus_stats,
-                                        keep_outliers_as_singletons, previous_predictions,
-                                        soft_labels)
-
+from ccreid_jax.clustering.rlcc import (
+  consensus_matrix,
+  consensus_stats,
+  keep_outliers_as_singletons,
+  previous_predictions,
+  soft_labels,
+)
 
 # ---------------------------------------------------------------------------------------------
 # References (slow, obvious)

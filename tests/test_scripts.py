@@ -35,4 +35,8 @@ def test_test_script_installs_the_test_extras_and_passes_its_arguments_to_pytest
                  cwd=tmp_path, capture_output=True)
   calls = (root / "calls.txt").read_text().splitlines()
   assert "-m pip install --quiet -e .[test]" in calls
+  # The style and type checks come before the tests.
+  checks = ["-m ruff check ccreid_jax tests scripts",
+            "-m ruff format --check ccreid_jax tests scripts", "-m mypy"]
+  assert calls[-4:-1] == checks
   assert calls[-1] == "-m pytest -q -n 2 --dist loadfile -k memory"

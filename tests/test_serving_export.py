@@ -19,6 +19,7 @@ import pytest
 from ccreid_jax import export as export_lib
 from ccreid_jax import inference, models
 from ccreid_jax.data import augment
+
 from tiny_model import tiny_model_and_variables
 
 HEIGHT, WIDTH = 32, 16

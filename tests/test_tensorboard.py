@@ -86,9 +86,11 @@ def test_reader_detects_a_corrupt_file(tmp_path):
     writer.scalars(1, {"a": 1.0})
   [name] = os.listdir(logdir)
   path = os.path.join(logdir, name)
-  data = bytearray(open(path, "rb").read())
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
   data[-6] ^= 0xFF  # Inside the last record's payload.
-  open(path, "wb").write(bytes(data))
+  with open(path, "wb") as f:
+    f.write(bytes(data))
   with pytest.raises(ValueError, match="corrupt"):
     tb.read_scalars(logdir)
 

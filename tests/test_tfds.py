@@ -234,9 +234,9 @@ def test_reading_never_imports_tensorflow(market_build):
 def test_training_from_a_tfds_build_equals_training_from_the_folder(tiny_market, market_build,
                                                                    tmp_path):
   """``config.data.source="tfds"``: the same run, epoch for epoch, as from the image files."""
-  from conftest import tiny_config
-
   from ccreid_jax import train
+
+  from conftest import tiny_config
 
   results = {}
   for source, root in (("folder", tiny_market), ("tfds", market_build)):

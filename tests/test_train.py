@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from ccreid_jax import commands
-from ccreid_jax import state as state_lib
-from ccreid_jax import run as run_lib
+from ccreid_jax import commands, train
 from ccreid_jax import memory as memory_lib
-from ccreid_jax import train
+from ccreid_jax import run as run_lib
+from ccreid_jax import state as state_lib
+
 from conftest import tiny_config
 
 
@@ -126,7 +126,8 @@ def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
 
 def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   """RLCC with alpha = 1 is plain Cluster Contrast: same loss, same updated parameters."""
-  from ccreid_jax import memory as memory_lib, models
+  from ccreid_jax import memory as memory_lib
+  from ccreid_jax import models
   from ccreid_jax.distributed import make_mesh
 
   config = tiny_config("unused")
@@ -142,7 +143,8 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   targets = np.eye(16, dtype=np.float32)[labels]  # one-hot over the padded bucket of 16
 
   def run(soft):
-    state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16))
+    state = state_lib.create_train_state(model, config, tx=tx,
+                                         memory=memory_lib.init_memory(centroids, 16))
     step = train.make_train_step(config, mesh, soft_targets=soft)
     args = (images, labels, targets) if soft else (images, labels)
     return step(state, *args)
@@ -157,7 +159,8 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
 
 
 def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
-  from ccreid_jax import memory as memory_lib, models
+  from ccreid_jax import memory as memory_lib
+  from ccreid_jax import models
   from ccreid_jax.models import weights
 
   config = tiny_config("unused")

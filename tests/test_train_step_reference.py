@@ -16,15 +16,15 @@ import numpy as np
 import optax
 import pytest
 
-from ccreid_jax import commands
-from ccreid_jax import state as state_lib
-from ccreid_jax import run as run_lib
 from ccreid_jax import checkpoint as checkpoint_lib
-from ccreid_jax import clustering, models, train
+from ccreid_jax import clustering, commands, models, train
 from ccreid_jax import memory as memory_lib
+from ccreid_jax import run as run_lib
+from ccreid_jax import state as state_lib
 from ccreid_jax.data import augment as augment_lib
-from ccreid_jax.feature_files import read_features
 from ccreid_jax.distributed import make_mesh
+from ccreid_jax.feature_files import read_features
+
 from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------
@@ -177,7 +177,8 @@ def test_train_step_equals_a_hand_built_step():
   rng = np.random.default_rng(7)
   centroids = rng.normal(size=(NUM_CLUSTERS, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = state_lib.create_train_state(model, config, tx=tx, memory=memory_lib.init_memory(centroids, BUCKET))
+  state = state_lib.create_train_state(model, config, tx=tx,
+                                       memory=memory_lib.init_memory(centroids, BUCKET))
   reference = _ReferenceStep(model, config, state)
   step = train.make_train_step(config, make_mesh())
 

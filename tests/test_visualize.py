@@ -185,7 +185,7 @@ def test_choose_queries_is_seeded_distinct_and_clipped():
   assert a.tolist() == vis.choose_queries(100, 8, seed=3).tolist()
   assert a.tolist() != vis.choose_queries(100, 8, seed=4).tolist()
   assert len(set(a.tolist())) == 8 and a.tolist() == sorted(a.tolist())
-  assert 0 <= a.min() and a.max() < 100
+  assert a.min() >= 0 and a.max() < 100
   assert vis.choose_queries(5, 8, seed=0).tolist() == [0, 1, 2, 3, 4]
 
 
@@ -253,7 +253,9 @@ def test_training_curves_put_the_initial_evaluation_first():
   with_initial = _mask(vis.training_curves_image(_records()), vis.SERIES_COLOURS["mAP"], plot)
   without = _mask(vis.training_curves_image(_records(initial=False)), vis.SERIES_COLOURS["mAP"],
                   plot)
-  first_x = lambda mask: np.nonzero(mask.any(axis=0))[0].min()
+  def first_x(mask):
+    return np.nonzero(mask.any(axis=0))[0].min()
+
   # x = -1 ("init") is the left edge of the plot area: left of epoch 1's point.
   assert first_x(with_initial) < first_x(without)
   assert first_x(with_initial) <= 60

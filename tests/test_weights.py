@@ -17,8 +17,13 @@ import pytest
 
 from ccreid_jax.models import ReIDResNet, weights
 from ccreid_jax.models.weights import (
-    UnsafeCheckpointError, WeightsFormatError, WeightsMismatchError, load_pretrained,
-    read_state_dict, torchvision_to_flax)
+  UnsafeCheckpointError,
+  WeightsFormatError,
+  WeightsMismatchError,
+  load_pretrained,
+  read_state_dict,
+  torchvision_to_flax,
+)
 from ccreid_jax.tools import convert_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -643,7 +648,7 @@ def torch_r18(tmp_path_factory):
 
 
 def test_torch_saved_state_dicts_read_identically(torch_r18):
-  torch, net, zip_path, legacy_path = torch_r18
+  _, net, zip_path, legacy_path = torch_r18
   expected = {k: v.numpy() for k, v in net.state_dict().items()}
   _assert_same_dict(read_state_dict(zip_path), expected)
   _assert_same_dict(read_state_dict(legacy_path), expected)

@@ -1,4 +1,5 @@
-"""The researcher's workflow end to end: pictures, TensorBoard, direct transfer, export, cross-dataset."""
+"""The researcher's workflow end to end: pictures, TensorBoard, direct transfer, export,
+cross-dataset."""
 
 import os
 
@@ -6,12 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccreid_jax import commands
+from ccreid_jax import commands, feature_files, train
 from ccreid_jax import run as run_lib
-from ccreid_jax import feature_files
-from ccreid_jax import train
 from ccreid_jax import tensorboard as tb
 from ccreid_jax.data import synthetic
+
 from conftest import tiny_config
 
 

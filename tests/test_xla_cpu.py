@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from ccreid_jax import xla_cpu
+
 from conftest import ROOT
 
 

@@ -10,8 +10,12 @@ from ccreid_jax.clustering.infomap import infomap_edges, infomap_labels
 from ccreid_jax.clustering.jaccard import jaccard_distance, knn
 from ccreid_jax.clustering.reliable import reliable_dbscan_labels
 from ccreid_jax.clustering.rlcc import (
-    consensus_matrix, consensus_stats, keep_outliers_as_singletons, previous_predictions,
-    soft_labels)
+    consensus_matrix,
+    consensus_stats,
+    keep_outliers_as_singletons,
+    previous_predictions,
+    soft_labels,
+)
 
 __all__ = [
     "ca_jaccard_distance",

@@ -101,8 +101,9 @@ def check_cameras(cameras, n: int) -> np.ndarray:
   return np.unique(cameras, return_inverse=True)[1].reshape(n).astype(np.int32)
 
 
-def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int,
-                         block_size: int) -> tuple[np.ndarray, ...]:
+def camera_ranking_lists(
+    x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The first ``intra_len`` / ``inter_len`` entries of every intra / inter list (step 1).
 
   Returns ``(intra_idx, intra_dist, inter_idx, inter_dist)``: int64 and float32 arrays of shape
@@ -120,8 +121,8 @@ def camera_ranking_lists(x: np.ndarray, codes: np.ndarray, intra_len: int, inter
   x_dev = jax.device_put(x)
   cameras_dev = jax.device_put(codes)
   same_key, same_idx, other_key, other_idx = jaccard_lib.map_row_blocks(
-      n, block, lambda first_row: _camera_knn_block(
-          x_dev, cameras_dev, first_row, block=block, k_same=k_same, k_other=k_other),
+      n, block, functools.partial(_camera_knn_block, x_dev, cameras_dev, block=block,
+                                  k_same=k_same, k_other=k_other),
       (np.float32, np.int64, np.float32, np.int64))
   del x_dev, cameras_dev
   same_dist = np.float32(0.0) - same_key  # 0 - key: +0.0, never -0.0, as in knn
@@ -218,4 +219,6 @@ def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: 
   intra_len = min(max(ks["k1_intra"] + 1, ks["k2_intra"]), n)
   inter_len = min(max(ks["k1_inter"] + 1, ks["k2_inter"]), n)
   lists = camera_ranking_lists(x, codes, intra_len, inter_len, block_size)
-  return ca_jaccard_from_lists(x, *lists, max_distance=max_distance, **ks)
+  return ca_jaccard_from_lists(x, *lists, k1_intra=ks["k1_intra"], k1_inter=ks["k1_inter"],
+                               k2_intra=ks["k2_intra"], k2_inter=ks["k2_inter"],
+                               max_distance=max_distance)

@@ -17,6 +17,8 @@ Labels are consecutive 0..K-1, clusters numbered by their smallest member index.
 
 from __future__ import annotations
 
+from typing import Any
+
 import infomap
 import numpy as np
 
@@ -88,7 +90,7 @@ def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.
   src, dst, weight = infomap_edges(x, k, min_similarity, block_size=block_size)
   module = np.arange(n, dtype=np.int64) + n  # edgeless points: their own singleton modules
   if src.size:
-    options = {} if seed is None else {"seed": int(seed)}
+    options: dict[str, Any] = {} if seed is None else {"seed": int(seed)}  # Infomap's kwargs
     solver = infomap.Infomap("--two-level --directed --silent", **options)
     solver.add_links(zip(src.tolist(), dst.tolist(), weight.astype(np.float64).tolist()))
     found = solver.run().modules()

@@ -30,10 +30,12 @@ and InfoMap: ``check_features``, ``map_row_blocks`` (the blocked kNN driver), ``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 __all__ = [
@@ -94,7 +96,8 @@ def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
   return jax.lax.top_k(2.0 * sims - 2.0, k)
 
 
-def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray]:
+def map_row_blocks(n: int, block: int, launch: Callable[[jax.Array], tuple[jax.Array, ...]],
+                   dtypes: tuple[npt.DTypeLike, ...]) -> list[np.ndarray]:
   """Runs a jitted per-block function over all N rows and gathers its outputs on the host.
 
   ``launch(first_row)`` (``first_row`` a device int32 scalar) must return a tuple of device
@@ -103,7 +106,7 @@ def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray
   tail is kept. Block ``b + 1`` is dispatched before block ``b`` is fetched, so the host copy
   overlaps the device work. Returns one (N, ...) array per output, cast to ``dtypes``.
   """
-  outs = None
+  outs: list[np.ndarray] | None = None
   pending = None
   for start in range(0, n + block, block):
     if start < n:
@@ -119,6 +122,7 @@ def map_row_blocks(n: int, block: int, launch, dtypes: tuple) -> list[np.ndarray
       for out, a in zip(outs, arrays):
         out[first:stop] = a[skip:]
     pending = launched if start < n else None
+  assert outs is not None  # n >= 1: at least one block
   return outs
 
 
@@ -160,8 +164,7 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   width = k if exact else min(2 * k, n)
   x_dev = jax.device_put(x)
   out_key, out_idx = map_row_blocks(
-      n, block, lambda first_row: _knn_block(x_dev, first_row, block=block, k=width,
-                                             dtype=knn_dtype),
+      n, block, functools.partial(_knn_block, x_dev, block=block, k=width, dtype=knn_dtype),
       (np.float32, np.int64))
   del x_dev
   if exact:
@@ -284,8 +287,8 @@ def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -
   cum_terms = cum_entry[v.indptr[1:]]  # terms of rows 0..i
   row_terms = np.diff(cum_terms, prepend=0)
   max_rows = max(_HALF_MIN_ROWS, _HALF_BUFFER // n) if half else max(1, _PAIR_BUDGET // n)
-  buf = np.zeros(max_rows * n) if half else None  # float64 zeros, reset after every block
-  index_dtype = np.int32 if n < 2**31 else np.int64
+  buf = np.zeros(max_rows * n if half else 0)  # float64 zeros, reset after every block
+  index_dtype: type[np.signedinteger] = np.int32 if n < 2**31 else np.int64
 
   out_rows, out_cols, out_data = [], [], []
   start = 0
@@ -364,7 +367,7 @@ def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   Pairs in i's kNN list reuse the kNN distance (the value the list was sorted by); the few
   others (reached only through the expansion) get a float32 dot product.
   """
-  n, width = indices.shape
+  n = indices.shape[0]
   rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(support.indptr))
   code = rows * n + support.indices
   list_code = (np.arange(n, dtype=np.int64)[:, None] * n + indices).ravel()

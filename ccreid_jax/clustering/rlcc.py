@@ -40,9 +40,9 @@ def _as_labels(labels, name: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"{name} must be 1-D, got shape {labels.shape}.")
-  if labels.size and not np.issubdtype(labels.dtype, np.integer):
-    if not np.all(labels == np.round(labels)):
-      raise ValueError(f"{name} must hold integers.")
+  if (labels.size and not np.issubdtype(labels.dtype, np.integer)
+      and not np.all(labels == np.round(labels))):
+    raise ValueError(f"{name} must hold integers.")
   labels = labels.astype(np.int64, copy=False)
   if labels.size and labels.min() < -1:
     raise ValueError(f"{name} may only use -1 (outlier) and 0..K-1.")

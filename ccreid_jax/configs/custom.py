@@ -12,7 +12,8 @@ the clustering. Other files and names starting with "." are ignored. Cameras are
 * ``data.cameras = "regex"``: group 1 of the first match of ``data.camera_regex`` in the file
   name (default ``c(\\d+)``: ``0001_c3_17.jpg`` is camera "3").
 
-Camera names become camera numbers 0, 1, ... in sorted order (numbers by value), logged at the start.
+Camera names become camera numbers 0, 1, ... in sorted order (numbers by value), logged at the
+start.
 
 Evaluation is optional: ``eval.list`` names a list file of labelled images, one per line
 ``query|gallery <path> <identity> <camera>`` (paths relative to the list file's folder; ``#``

@@ -6,8 +6,7 @@ Reproduces: 75.2 mAP / 86.0 rank-1, BMW with an ImageNet ResNet-50 (``liu-xb/BMW
 The settings of ``market1501_bmw.py`` with DBSCAN eps 0.7, on ``dukemtmcreid.py``.
 """
 
-from ccreid_jax.configs import dukemtmcreid
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import dukemtmcreid, variants
 
 
 def get_config():

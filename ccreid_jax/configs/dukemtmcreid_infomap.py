@@ -5,8 +5,7 @@ Reproduces: 73.6 mAP / 85.5 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``dukemtmcreid.py`` (ImageNet weights required).
 """
 
-from ccreid_jax.configs import dukemtmcreid
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import dukemtmcreid, variants
 
 
 def get_config():

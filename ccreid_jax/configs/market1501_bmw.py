@@ -12,8 +12,7 @@ epochs 25 and 50, batch norm over the whole batch of 256, DBSCAN eps 0.6; the re
 comparable with 82.1, Cluster Contrast's figure. Differences from their code: docs/fidelity.md.
 """
 
-from ccreid_jax.configs import market1501
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import market1501, variants
 
 
 def get_config():

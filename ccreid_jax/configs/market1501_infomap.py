@@ -5,8 +5,7 @@ Reproduces: 83.0 mAP / 92.9 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``market1501.py`` (ImageNet weights required).
 """
 
-from ccreid_jax.configs import market1501
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import market1501, variants
 
 
 def get_config():

@@ -22,8 +22,7 @@ Weights: torchvision's ImageNet ResNet-50 (IMAGENET1K_V1, ``resnet50-19c8e357.pt
 ``--config.model.pretrained=weights/resnet50-19c8e357.pth``.
 """
 
-from ccreid_jax.configs import market1501
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import market1501, variants
 
 
 def get_config():

@@ -7,8 +7,7 @@ batch norm over 256 images) on ``msmt17.py`` (400 steps per epoch, DBSCAN eps 0.
 run with Cluster Contrast's 27.6 mAP of ``msmt17.py``.
 """
 
-from ccreid_jax.configs import msmt17
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import msmt17, variants
 
 
 def get_config():

@@ -5,8 +5,7 @@ Reproduces: 31.2 mAP / 61.5 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``msmt17.py`` (ImageNet weights required).
 """
 
-from ccreid_jax.configs import msmt17
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import msmt17, variants
 
 
 def get_config():

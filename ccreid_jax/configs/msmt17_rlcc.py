@@ -7,8 +7,7 @@ so there is no published figure to reproduce; the RLCC paper's own recipe, on an
 base, is ``msmt17_rlcc_official.py``.
 """
 
-from ccreid_jax.configs import msmt17
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import msmt17, variants
 
 
 def get_config():

@@ -6,8 +6,7 @@ docs/algorithms.md sections 6, 8 and 10); the recipe of ``market1501_rlcc_offici
 (its docstring lists it and what still differs from the reference) on MSMT17.
 """
 
-from ccreid_jax.configs import msmt17
-from ccreid_jax.configs import variants
+from ccreid_jax.configs import msmt17, variants
 
 
 def get_config():

@@ -1,8 +1,8 @@
 """Cluster Contrast on PersonX, the published recipe (DBSCAN on the Jaccard distance).
 
 Reproduces: 84.7 mAP / 94.4 rank-1, the ResNet-50 DBSCAN figure of the Cluster Contrast README
-(``alibaba/cluster-contrast-reid``; docs/algorithms.md section 8). Batch 256 = 16 pseudo identities x
-16 images, 200 steps per epoch, 50 epochs, eps 0.6.
+(``alibaba/cluster-contrast-reid``; docs/algorithms.md section 8). Batch 256 = 16 pseudo
+identities x 16 images, 200 steps per epoch, 50 epochs, eps 0.6.
 
 Weights (``resnet50-19c8e357.pth``, required) and precision: see configs/default.py.
 """

@@ -9,8 +9,7 @@ the memory after each of them; this recipe takes batches of 256 = 16 x 16 for th
 optimizer steps and rewrites the memory once per step (docs/fidelity.md).
 """
 
-from ccreid_jax.configs import variants
-from ccreid_jax.configs import veri776
+from ccreid_jax.configs import variants, veri776
 
 
 def get_config():

@@ -5,8 +5,7 @@ sections 8 and 9): the settings of ``market1501_cam.py`` with DBSCAN eps 0.6, on
 ``veri776.py``.
 """
 
-from ccreid_jax.configs import variants
-from ccreid_jax.configs import veri776
+from ccreid_jax.configs import variants, veri776
 
 
 def get_config():

@@ -5,8 +5,7 @@ Reproduces: 40.8 mAP / 86.2 rank-1, the ResNet-50 InfoMap figure of the Cluster 
 (docs/algorithms.md section 8). Everything else as ``veri776.py`` (ImageNet weights required).
 """
 
-from ccreid_jax.configs import variants
-from ccreid_jax.configs import veri776
+from ccreid_jax.configs import variants, veri776
 
 
 def get_config():

@@ -7,8 +7,7 @@ so there is no published figure to reproduce; the RLCC paper's own recipe, on an
 base, is ``market1501_rlcc_official.py`` and ``msmt17_rlcc_official.py`` (none for VeRi-776).
 """
 
-from ccreid_jax.configs import variants
-from ccreid_jax.configs import veri776
+from ccreid_jax.configs import variants, veri776
 
 
 def get_config():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "ERASE_VALUES",
@@ -46,10 +47,11 @@ class AugmentParams:
   erase_box: jax.Array  # (B, 4) int32: top, left, height, width (zeros when not erasing).
 
 
-def normalize(images: jax.Array) -> jax.Array:
+def normalize(images: jax.Array | np.ndarray) -> jax.Array:
   """uint8 (or [0, 255] float) (..., 3) -> float32 ``(x / 255 - mean) / std``."""
   x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+  mean, std = jnp.asarray(IMAGENET_MEAN, jnp.float32), jnp.asarray(IMAGENET_STD, jnp.float32)
+  return jnp.subtract(x, mean) / std  # x - mean, a jax.Array for numpy images too
 
 
 def test_transform(images: jax.Array) -> jax.Array:

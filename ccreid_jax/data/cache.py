@@ -1,12 +1,13 @@
 """Decode and resize every image once, optionally caching the result as a ``.npy`` file.
 
-Because the training and test transforms both start with a bicubic resize (docs/algorithms.md section
-3), the whole dataset can be held as one uint8 array of shape (N, height, width, 3); every later
-step (flip, pad, crop, normalise, erase) runs on the accelerator.
+Because the training and test transforms both start with a bicubic resize (docs/algorithms.md
+section 3), the whole dataset can be held as one uint8 array of shape (N, height, width, 3); every
+later step (flip, pad, crop, normalise, erase) runs on the accelerator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -63,8 +64,9 @@ def _integer_depth(image: Image.Image) -> tuple[int, bool]:
   if image.format in ("PPM", "PNG"):
     return 16, False
   if image.format == "TIFF":
-    bits = image.tag_v2.get(258, (32,))  # BitsPerSample
-    sample_format = image.tag_v2.get(339, (1,))  # 1: unsigned, 2: signed, 3: float
+    tags = getattr(image, "tag_v2", {})  # a TiffImageFile's tags (mypy sees a plain Image)
+    bits = tags.get(258, (32,))  # BitsPerSample
+    sample_format = tags.get(339, (1,))  # 1: unsigned, 2: signed, 3: float
     bits = bits[0] if isinstance(bits, tuple) else bits
     sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
     return int(bits), int(sample_format) == 2
@@ -264,10 +266,8 @@ def _remove_stale_tmp(final: str) -> None:
     except ValueError:
       continue
     if pid != os.getpid() and not _pid_alive(pid):
-      try:
+      with contextlib.suppress(OSError):
         os.remove(tmp)
-      except OSError:
-        pass
 
 
 def _open_cached(final: str, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -494,7 +494,7 @@ def load_readable_images(
   if cached is not None:
     return ReadableImages(cached, everything, ())
 
-  errors: list[tuple[int, str]] = []
+  errors = []
 
   def fill(out: np.ndarray) -> None:
     errors.extend(_decode_into(out, paths, height, width, progress=progress,

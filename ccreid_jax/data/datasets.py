@@ -667,6 +667,7 @@ class _CameraReader:
     """How the camera is read, for messages."""
     if self.source == "folder":
       return f"the sub-folder at level {self.level} under data.root (data.camera_folder_level)"
+    assert self.pattern is not None  # source == "regex"
     which = "group 1 of its first match" if self.pattern.groups else "its first match"
     return f"data.camera_regex '{self.pattern.pattern}' ({which} in the file name)"
 
@@ -678,6 +679,7 @@ class _CameraReader:
         raise DatasetError(f"file {path!r} lies in {len(folders)} sub-folder(s) of data.root; "
                            f"data.camera_folder_level={self.level} needs at least {self.level}")
       return folders[self.level - 1]
+    assert self.pattern is not None  # source == "regex"
     match = self.pattern.search(os.path.basename(path))
     name = None if match is None else match.group(1 if self.pattern.groups else 0)
     if not name:
@@ -787,6 +789,7 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
   if bad:
     logger.warning("dataset folder: skipped %d image(s) without a camera (first: %s)", len(bad),
                    bad[0])
+  camera_names: tuple[str, ...]
   if cameras == "none":
     indices, camera_names = [0] * len(kept), ()
   else:
@@ -851,10 +854,10 @@ def read_eval_list(list_path: str, *,
         raise DatasetError(
             f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the identity an "
             "integer >= 0, e.g. 'query images/0001_a.jpg 1 cam2').")
-      split, written, identity, camera_name = parts
+      split, written, identity_text, camera_name = parts
       path = os.path.normpath(os.path.join(folder, os.path.expanduser(written)))
       if contain.keep(path, where, written):
-        entries.append((split, path, int(identity), camera_name))
+        entries.append((split, path, int(identity_text), camera_name))
   outside = contain.error(
       f"eval.list {list_path!r}", "list entries must name images inside the list file's folder "
       "(paths relative to it), or allow paths outside it with "
@@ -862,7 +865,7 @@ def read_eval_list(list_path: str, *,
   if outside is not None:
     raise outside
   cameras, names = _camera_indices([camera_name for _, _, _, camera_name in entries])
-  records = {"query": [], "gallery": []}
+  records: dict[str, list[Record]] = {"query": [], "gallery": []}
   for (split, path, identity, _), camera in zip(entries, cameras):
     records[split].append(Record(path, identity, camera))
   for split, found in records.items():

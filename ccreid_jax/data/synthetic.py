@@ -387,6 +387,7 @@ def _camera_response(rng: np.random.Generator, camera: _Camera, canvas: np.ndarr
     image = _box_blur(image, camera.blur)
   image = image + rng.normal(0.0, camera.noise, size=image.shape).astype(np.float32)
   if camera.gamma != 1.0 or camera.haze:
+    assert camera.haze_colour is not None  # _shift_camera sets it with gamma and haze
     image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** np.float32(camera.gamma)
     image = image * np.float32(1.0 - camera.haze) + camera.haze_colour * np.float32(camera.haze)
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -644,8 +645,8 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
     name = _market_name(-1, camera + 1, next_frame(extra_rng), idx % 100)
     _save_jpeg(image, os.path.join(gallery_dir, name))
 
-  with open(os.path.join(folder, _MARKER), "w", encoding="utf-8") as f:
-    json.dump(params, f, indent=1, sort_keys=True)
+  with open(os.path.join(folder, _MARKER), "w", encoding="utf-8") as marker:
+    json.dump(params, marker, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   """
   import argparse
 
-  parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=(main.__doc__ or "").split("\n")[0])
   parser.add_argument("--root", required=True, help="folder that will hold Market-1501-v15.09.15/")
   parser.add_argument("--num-train-identities", type=int, default=100)
   parser.add_argument("--num-test-identities", type=int, default=50)

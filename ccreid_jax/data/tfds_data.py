@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -68,6 +68,14 @@ _READ_CHUNK = 256  # Records deserialized per ``__getitems__`` call when reading
 # builds already written (version 1.0.0): renaming them would change the on-disk format.
 _IDENTITY_FEATURE = "pid"
 _CAMERA_FEATURE = "camid"
+
+
+class _DataSource(Protocol):
+  """What is read of a TFDS data source (``builder.as_data_source()[split]``)."""
+
+  def __len__(self) -> int: ...
+
+  def __getitems__(self, keys: Sequence[int]) -> Sequence[dict[str, Any]]: ...
 
 
 def tfds_name(name: str) -> str:
@@ -133,9 +141,10 @@ def _relative(path: str, root: str) -> str:
 @functools.cache
 def _builder_classes() -> dict[str, type]:
   """One registered TFDS builder class per dataset, sharing ``ReidBuilder`` (defined once)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
-  class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  class ReidBuilder(  # type: ignore[call-arg]  # an untyped base: mypy checks object's kwargs
+      tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Builds a re-ID dataset from the folder in ``manual_dir`` (see the module docstring).
 
     Subclasses set ``name``, ``DATASET`` (one of ``DATASET_NAMES``) and
@@ -143,15 +152,16 @@ def _builder_classes() -> dict[str, type]:
     """
 
     # The module's VERSION string (RELEASE_NOTES' key) becomes the class's Version object.
-    RELEASE_NOTES = {VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."}
     VERSION = tfds.core.Version(VERSION)
     DATASET = ""
 
     def __init__(self, *, skip_bad_names: bool = False, skip_bad_images: bool = False,
                  progress: bool = True, num_workers: int = 4, **kwargs: Any):
-      self._check_options = dict(skip_bad_names=skip_bad_names,
-                                 skip_bad_images=skip_bad_images, progress=progress,
-                                 num_workers=num_workers)
+      self._check_options: dict[str, Any] = dict(
+          skip_bad_names=skip_bad_names, skip_bad_images=skip_bad_images, progress=progress,
+          num_workers=num_workers)
       kwargs.setdefault("file_format", "array_record")
       super().__init__(**kwargs)
 
@@ -241,7 +251,7 @@ def build(name: str, manual_dir: str, data_dir: str, *, skip_bad_names: bool = F
     DatasetError: unknown name, missing or malformed dataset folder (see ``load_dataset``).
     ImageDecodeError: images that cannot be decoded (without ``skip_bad_images``).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
@@ -274,7 +284,7 @@ def _find_build(name: str, data_dir: str) -> str:
   return folder
 
 
-def _split_records(source: Sequence[dict[str, Any]]) -> list[Record]:
+def _split_records(source: _DataSource) -> list[Record]:
   """The ``Record`` of every example of a data source, in order (``path`` relative)."""
   records = []
   for start in range(0, len(source), _READ_CHUNK):
@@ -348,7 +358,7 @@ def load_tfds_dataset_images(
       the command that builds it).
   """
   folder = _find_build(name, data_dir)
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
   builder = tfds.builder_from_directory(folder)
   sources = {split: builder.as_data_source(split=split,

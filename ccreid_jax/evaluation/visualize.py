@@ -21,35 +21,36 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from ccreid_jax.utils import write_atomic
 
 __all__ = [
-    "BACKGROUND",
-    "BORDER",
-    "CORRECT",
-    "GAP",
-    "LABEL_HEIGHT",
-    "MARGIN",
-    "NEUTRAL",
-    "QUERY",
-    "WRONG",
-    "CURVES_SIZE",
-    "choose_queries",
-    "draw_panel",
-    "rank_list_from_records",
-    "rank_list_image",
-    "rank_list_size",
-    "ranked_gallery",
-    "save_png",
-    "save_rank_list",
-    "save_training_curves",
-    "search_rank_list_image",
-    "training_curves_image",
+  "BACKGROUND",
+  "BORDER",
+  "CORRECT",
+  "CURVES_SIZE",
+  "GAP",
+  "LABEL_HEIGHT",
+  "MARGIN",
+  "NEUTRAL",
+  "QUERY",
+  "WRONG",
+  "choose_queries",
+  "draw_panel",
+  "rank_list_from_records",
+  "rank_list_image",
+  "rank_list_size",
+  "ranked_gallery",
+  "save_png",
+  "save_rank_list",
+  "save_training_curves",
+  "search_rank_list_image",
+  "training_curves_image",
 ]
 
 # Rank-list geometry, in pixels. A cell is a thumbnail in a BORDER-wide frame with a
@@ -121,13 +122,13 @@ def _thumbnail(source: Any, thumb: tuple[int, int]) -> Image.Image:
   thumb_h, thumb_w = thumb
   if isinstance(source, (str, os.PathLike)):
     try:
-      with Image.open(source) as image:
-        image = image.convert("RGB")
+      with Image.open(source) as opened:
+        image = opened.convert("RGB")
     except OSError:
       return Image.new("RGB", (thumb_w, thumb_h), _MISSING_IMAGE)
   else:
     image = Image.fromarray(np.asarray(source, dtype=np.uint8)).convert("RGB")
-  return image.resize((thumb_w, thumb_h), Image.BILINEAR)
+  return image.resize((thumb_w, thumb_h), Image.Resampling.BILINEAR)
 
 
 def _paste_cell(canvas: Image.Image, x: int, y: int, source: Any, frame: tuple[int, int, int],
@@ -143,11 +144,11 @@ def _paste_cell(canvas: Image.Image, x: int, y: int, source: Any, frame: tuple[i
   canvas.paste(strip, (x, y + thumb_h + 2 * BORDER))
 
 
-def rank_list_image(query_paths: Sequence[Any], query_identities: Sequence[int],
-                    query_cameras: Sequence[int], gallery_paths: Sequence[Any],
-                    gallery_identities: Sequence[int], gallery_cameras: Sequence[int],
-                    distmat: np.ndarray, *, query_indices: Sequence[int], topk: int = 10,
-                    thumb: tuple[int, int] = (128, 64)) -> Image.Image:
+def rank_list_image(query_paths: Sequence[Any] | np.ndarray, query_identities: npt.ArrayLike,
+                    query_cameras: npt.ArrayLike, gallery_paths: Sequence[Any] | np.ndarray,
+                    gallery_identities: npt.ArrayLike, gallery_cameras: npt.ArrayLike,
+                    distmat: np.ndarray, *, query_indices: Sequence[int] | np.ndarray,
+                    topk: int = 10, thumb: tuple[int, int] = (128, 64)) -> Image.Image:
   """One row per query of ``query_indices``: the query, then its first ``topk`` matches.
 
   Args:
@@ -243,7 +244,7 @@ def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence
   num_rows, topk = indices.shape
   if num_rows > len(query_images):
     raise ValueError(f"{num_rows} rows of matches but {len(query_images)} query images.")
-  if indices.size and not (0 <= indices.min() and indices.max() < len(gallery_images)):
+  if indices.size and not (indices.min() >= 0 and indices.max() < len(gallery_images)):
     raise ValueError(f"gallery indices must lie in [0, {len(gallery_images)}).")
   if topk < 1 or min(thumb) < 1:
     raise ValueError(f"topk and the thumbnail size must be positive, got {topk} and {thumb}.")
@@ -314,7 +315,7 @@ def _history(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any] | Non
   return initial, [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -7,14 +7,39 @@ variants of ``cpu_kernels`` ("cpu"); ``create_model`` resolves ``model.kernels =
 
 from ccreid_jax.models.layers import GeM, GhostBatchNorm
 from ccreid_jax.models.resnet import (
-    IBN, InstanceNorm, ReIDResNet, create_model, feature_dim, l2_normalize, parse_arch,
-    resolve_kernels)
+    IBN,
+    InstanceNorm,
+    ReIDResNet,
+    create_model,
+    feature_dim,
+    l2_normalize,
+    parse_arch,
+    resolve_kernels,
+)
 from ccreid_jax.models.weights import (
-    UnsafeCheckpointError, WeightsFormatError, WeightsMismatchError, load_pretrained,
-    read_state_dict, torchvision_to_flax)
+    UnsafeCheckpointError,
+    WeightsFormatError,
+    WeightsMismatchError,
+    load_pretrained,
+    read_state_dict,
+    torchvision_to_flax,
+)
 
 __all__ = [
-    "GeM", "GhostBatchNorm", "IBN", "InstanceNorm", "ReIDResNet", "UnsafeCheckpointError",
-    "WeightsFormatError", "WeightsMismatchError", "create_model", "feature_dim", "l2_normalize",
-    "load_pretrained", "parse_arch", "read_state_dict", "resolve_kernels", "torchvision_to_flax",
+    "IBN",
+    "GeM",
+    "GhostBatchNorm",
+    "InstanceNorm",
+    "ReIDResNet",
+    "UnsafeCheckpointError",
+    "WeightsFormatError",
+    "WeightsMismatchError",
+    "create_model",
+    "feature_dim",
+    "l2_normalize",
+    "load_pretrained",
+    "parse_arch",
+    "read_state_dict",
+    "resolve_kernels",
+    "torchvision_to_flax",
 ]

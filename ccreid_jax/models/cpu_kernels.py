@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,16 +73,17 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    padding = tuple(tuple(p) for p in self.padding)
+    sh, sw = self.strides
+    (top, bottom), (left, right) = self.padding
+    padding = ((top, bottom), (left, right))
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-      sh, sw = self.strides
       if (sh, sw) != (1, 1):
         x = x[:, ::sh, ::sw, :]
       return _pointwise(x, kernel[0, 0])
     if x.shape[1] * x.shape[2] <= self.SMALL_MAP:
-      return _im2col_conv(x, kernel, tuple(self.strides), padding)
+      return _im2col_conv(x, kernel, (sh, sw), padding)
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=padding,
+        x, kernel, window_strides=(sh, sw), padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -182,9 +184,9 @@ def _pool_axis_grad(g0: jax.Array, g1: jax.Array, g2: jax.Array, n: int, axis: i
 def _max_pool_bwd(residuals, dy):
   index, (h, w) = residuals
   g = [jnp.where(index == k, dy, jnp.zeros_like(dy)) for k in range(9)]
-  by_row_offset = [_pool_axis_grad(g[3 * i], g[3 * i + 1], g[3 * i + 2], w, axis=2)
-                   for i in range(3)]
-  return (_pool_axis_grad(*by_row_offset, h, axis=1),)
+  row0, row1, row2 = (_pool_axis_grad(g[3 * i], g[3 * i + 1], g[3 * i + 2], w, axis=2)
+                      for i in range(3))  # by row offset
+  return (_pool_axis_grad(row0, row1, row2, h, axis=1),)
 
 
 max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -49,9 +50,9 @@ def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) 
   bit for bit, as ``nn.initializers.variance_scaling(2.0, "fan_out", "normal")`` (JAX draws
   an array's normals in flat order whatever its shape; tested). The normals are drawn as a
   flat vector because XLA:CPU compiles the sampler for a small 4-D shape several times
-  slower, and the model's initialisation compiles it once per kernel shape. The barrier keeps XLA from folding the
-  scale into the sampler's own constants when the initialisation is jitted (which rounds
-  1 ulp differently); eager and jitted initialisation then draw the same values.
+  slower, and the model's initialisation compiles it once per kernel shape. The barrier keeps XLA
+  from folding the scale into the sampler's own constants when the initialisation is jitted (which
+  rounds 1 ulp differently); eager and jitted initialisation then draw the same values.
   """
   kh, kw, _, c_out = shape
   variance = jnp.array(2.0 / (kh * kw * c_out), dtype=dtype)

@@ -23,7 +23,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -331,6 +332,7 @@ def _materialise(obj, memo: dict[int, Any] | None = None):
   memo = {} if memo is None else memo
   if id(obj) in memo:
     return memo[id(obj)]
+  out: Any
   if isinstance(obj, _PendingTensor):
     out = obj.materialise()
   elif isinstance(obj, dict):
@@ -418,8 +420,8 @@ def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   prefix = pickles[0][: -len("data.pkl")]
   order = "<"
   if prefix + "byteorder" in archive.namelist():
-    text = _read_member(archive, prefix + "byteorder", 16, source)
-    text = text.decode("ascii", "replace").strip()
+    text = _read_member(archive, prefix + "byteorder", 16, source).decode("ascii", "replace")
+    text = text.strip()
     if text not in ("little", "big"):
       raise WeightsFormatError(f"{source}: unknown byteorder {text!r}")
     order = "<" if text == "little" else ">"
@@ -448,6 +450,7 @@ def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   _check_sizes(named, source, max_bytes)
   for storage in {id(t.storage): t.storage for _, t in named}.values():
     if storage.data is None:
+      assert storage.member is not None  # every storage of a zip archive has its member
       with archive.open(storage.member) as f:   # at most the declared size is decompressed
         raw = f.read(storage.nbytes)
       if len(raw) < storage.nbytes:
@@ -734,7 +737,7 @@ def _to_torch_shape(flax_path: str, shape) -> tuple[int, ...]:
 def is_flax_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """True for flattened Flax variables (``params/...``, ``batch_stats/...`` keys)."""
   return bool(state_dict) and all(
-      k.startswith("params/") or k.startswith("batch_stats/") for k in state_dict)
+      k.startswith(("params/", "batch_stats/")) for k in state_dict)
 
 
 def _map_torchvision(state_dict, depth, ibn):

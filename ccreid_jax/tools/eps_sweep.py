@@ -13,7 +13,8 @@ epoch's clustering does), computes the configured sparse distance once (``cluste
 (``cluster.min_samples``) at every eps. At each eps the labels are the ones the training's
 clustering gives the same features with ``cluster.eps`` set to it
 (docs/algorithms.md section 5). It prints a table and writes ``eps_sweep_<checkpoint>.json``
-and ``eps_sweep_<checkpoint>.png`` (``init`` or the checkpoint number) into ``--out`` (default: the workdir).
+and ``eps_sweep_<checkpoint>.png`` (``init`` or the checkpoint number) into ``--out`` (default:
+the workdir).
 
 ``--eps`` is ``start:stop:step`` (stop included), a comma-separated list, or one value; every
 eps lies in (0, 1), the range of the Jaccard distance.
@@ -47,7 +48,6 @@ eps) and ``rlcc.outliers_as_singletons`` (the outliers are counted as DBSCAN lea
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -153,7 +153,7 @@ def _integer_axis(values: list[float]) -> tuple[int, str]:
   return 10 ** 6, "eps x 1000000"
 
 
-def sweep_image(rows: list[dict], *, title: str = "") -> Any:
+def sweep_image(rows: list[dict], *, title: str = "") -> Image.Image:
   """Four panels (``visualize.CURVES_SIZE``) against eps: clusters, outlier fraction, the
   largest cluster's share, and the ARI (a "no data" panel without known identities)."""
   scale, x_label = _integer_axis([r["eps"] for r in rows])
