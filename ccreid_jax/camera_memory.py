@@ -67,9 +67,13 @@ class CameraProxyState:
     return self.proxies.shape[0]
 
 
-def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cameras: np.ndarray,
-                         bucket: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET
-                         ) -> tuple[CameraProxyState, np.ndarray]:
+def build_camera_proxies(
+  features: np.ndarray,
+  labels: np.ndarray,
+  cameras: np.ndarray,
+  bucket: int | None = None,
+  min_bucket: int = DEFAULT_MIN_BUCKET,
+) -> tuple[CameraProxyState, np.ndarray]:
   """The epoch's proxies: L2-normalised mean feature of every (cluster, camera) pair present.
 
   Args:
@@ -93,8 +97,10 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cameras: np.n
   if x.ndim != 2:
     raise ValueError(f"features must be (N, D), got shape {x.shape}")
   if labels.shape != (x.shape[0],) or cameras.shape != (x.shape[0],):
-    raise ValueError(f"labels {labels.shape} and cameras {cameras.shape} must both be "
-                     f"({x.shape[0]},), one per row of features {x.shape}")
+    raise ValueError(
+      f"labels {labels.shape} and cameras {cameras.shape} must both be "
+      f"({x.shape[0]},), one per row of features {x.shape}"
+    )
   for name, values in (("labels", labels), ("cameras", cameras)):
     if values.size and not np.issubdtype(values.dtype, np.integer):
       raise ValueError(f"{name} must be integers, got dtype {values.dtype}")
@@ -102,8 +108,9 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cameras: np.n
   pairs = np.zeros((0, 2), np.int64)
   sample_proxy_index = np.full(x.shape[0], -1, np.int64)
   if kept.any():
-    pairs, inverse = np.unique(np.stack([labels[kept], cameras[kept]], axis=1).astype(np.int64),
-                               axis=0, return_inverse=True)
+    pairs, inverse = np.unique(
+      np.stack([labels[kept], cameras[kept]], axis=1).astype(np.int64), axis=0, return_inverse=True
+    )
     sample_proxy_index[kept] = inverse.reshape(-1)
   # Proxy p's members are the samples whose index is p: the cluster-centroid computation.
   proxies = cluster_centroids(x, sample_proxy_index)
@@ -119,8 +126,11 @@ def build_camera_proxies(features: np.ndarray, labels: np.ndarray, cameras: np.n
   cluster_ids[:num] = pairs[:, 0]
   row_cameras[:num] = pairs[:, 1]
   state = CameraProxyState(
-      proxies=jnp.asarray(padded), cluster_ids=jnp.asarray(cluster_ids),
-      cameras=jnp.asarray(row_cameras), valid=jnp.asarray(np.arange(bucket) < num))
+    proxies=jnp.asarray(padded),
+    cluster_ids=jnp.asarray(cluster_ids),
+    cameras=jnp.asarray(row_cameras),
+    valid=jnp.asarray(np.arange(bucket) < num),
+  )
   return state, sample_proxy_index
 
 
@@ -130,16 +140,22 @@ def _hard_negative_mask(logits: jax.Array, negative: jax.Array, k: int) -> jax.A
   if k <= 0:
     return jnp.zeros_like(negative)
   scores = jnp.where(negative, jax.lax.stop_gradient(logits), -jnp.inf)
-  _, hardest = jax.lax.top_k(scores, k)                                      # (B, k)
+  _, hardest = jax.lax.top_k(scores, k)  # (B, k)
   rows = jnp.arange(logits.shape[0])[:, None]
   picked = jnp.zeros_like(negative).at[rows, hardest].set(True)
   # Rows with fewer than k negatives also got -inf entries: they are not negatives.
   return picked & negative
 
 
-def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.Array,
-                      cameras: jax.Array, *, temperature: float,
-                      num_hard_negatives: int) -> jax.Array:
+def camera_proxy_loss(
+  features: jax.Array,
+  state: CameraProxyState,
+  labels: jax.Array,
+  cameras: jax.Array,
+  *,
+  temperature: float,
+  num_hard_negatives: int,
+) -> jax.Array:
   """PPLR's inter-camera contrastive loss of a batch, a float32 scalar.
 
   Positives of sample i: the valid proxies of cluster ``labels[i]`` in a camera other than
@@ -169,23 +185,32 @@ def camera_proxy_loss(features: jax.Array, state: CameraProxyState, labels: jax.
   selected = positive | _hard_negative_mask(logits, negative, num_hard_negatives)
   log_norm = jax.nn.logsumexp(jnp.where(selected, logits, _UNSELECTED), axis=-1)
   num_positive = jnp.sum(positive, axis=-1)
-  mean_positive = (jnp.sum(jnp.where(positive, logits, 0.0), axis=-1)
-                   / jnp.maximum(num_positive, 1).astype(jnp.float32))
+  mean_positive = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / jnp.maximum(
+    num_positive, 1
+  ).astype(jnp.float32)
   per_sample = jnp.where(num_positive > 0, log_norm - mean_positive, 0.0)
   return jnp.mean(per_sample)
 
 
 def own_proxy_index(state: CameraProxyState, labels: jax.Array, cameras: jax.Array) -> jax.Array:
   """(B,) int32 row of each sample's (cluster, camera) proxy; ``state.bucket`` when it has none."""
-  match = (state.valid[None, :]
-           & (state.cluster_ids[None, :] == labels.astype(jnp.int32)[:, None])
-           & (state.cameras[None, :] == cameras.astype(jnp.int32)[:, None]))
-  return jnp.where(jnp.any(match, axis=-1), jnp.argmax(match, axis=-1),
-                   state.bucket).astype(jnp.int32)
+  match = (
+    state.valid[None, :]
+    & (state.cluster_ids[None, :] == labels.astype(jnp.int32)[:, None])
+    & (state.cameras[None, :] == cameras.astype(jnp.int32)[:, None])
+  )
+  return jnp.where(jnp.any(match, axis=-1), jnp.argmax(match, axis=-1), state.bucket).astype(
+    jnp.int32
+  )
 
 
-def camera_proxy_update(state: CameraProxyState, features: jax.Array, labels: jax.Array,
-                        cameras: jax.Array, momentum: float) -> CameraProxyState:
+def camera_proxy_update(
+  state: CameraProxyState,
+  features: jax.Array,
+  labels: jax.Array,
+  cameras: jax.Array,
+  momentum: float,
+) -> CameraProxyState:
   """The bank after this batch's momentum update (a new state; features get no gradient).
 
   ``momentum >= 1`` returns ``state`` itself: PPLR keeps the proxies fixed for the epoch.

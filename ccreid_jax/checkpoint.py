@@ -78,26 +78,33 @@ class Checkpointer:
       evaluation, which has no best checkpoint).
   """
 
-  def __init__(self, directory: str, *, keep_best: bool = True, read_only: bool = False,
-               keep_every: int | None = None):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep_best: bool = True,
+    read_only: bool = False,
+    keep_every: int | None = None,
+  ):
     self.directory = os.path.abspath(directory)
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
     if keep_every:
       policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
     if keep_best:
       policies.append(
-          ocp.checkpoint_managers.BestN(
-              get_metric_fn=lambda metrics: metrics["mAP"],
-              n=1,
-              keep_checkpoints_without_metrics=False,
-          ))
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics["mAP"],
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=True,
-        # A read-only manager saves nothing; saying so up front keeps orbax from warning.
-        save_interval_steps=0 if read_only else 1,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=True,
+      # A read-only manager saves nothing; saying so up front keeps orbax from warning.
+      save_interval_steps=0 if read_only else 1,
     )
     absl_logger = logging.getLogger("absl")
     notice_filter = _DropReadOnlyNotice()
@@ -105,7 +112,8 @@ class Checkpointer:
       absl_logger.addFilter(notice_filter)
     try:
       self._manager = ocp.CheckpointManager(
-          self.directory, options=options, item_names=("state", "meta"))
+        self.directory, options=options, item_names=("state", "meta")
+      )
     finally:
       absl_logger.removeFilter(notice_filter)
 
@@ -121,8 +129,7 @@ class Checkpointer:
   def read_meta(self, number: int) -> dict[str, Any]:
     """The metadata saved with checkpoint ``number``."""
     try:
-      restored = self._manager.restore(
-          number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      restored = self._manager.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as exc:  # orbax / tensorstore / json raise many types
       raise self._unreadable(number, exc) from exc
     return dict(restored["meta"])
@@ -152,10 +159,9 @@ class Checkpointer:
     mean_ap = _map_of(meta)
     with self._storage_errors(f"checkpoint {number}"):
       self._manager.save(
-          number,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          metrics=None if mean_ap is None else {"mAP": mean_ap},
+        number,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=None if mean_ap is None else {"mAP": mean_ap},
       )
 
   @contextlib.contextmanager
@@ -166,10 +172,15 @@ class Checkpointer:
       yield
     except Exception as exc:  # orbax wraps the OSError of its writing threads.
       kept = self.numbers()
-      advice = ((f"The checkpoints saved before it ({', '.join(map(str, kept))}) are intact: "
-                 if kept else "No checkpoint was saved before it: ") +
-                "free some space there (or make the folder writable) and run the same command "
-                "again to resume" + (f" from checkpoint {kept[-1]}." if kept else "."))
+      advice = (
+        (
+          f"The checkpoints saved before it ({', '.join(map(str, kept))}) are intact: "
+          if kept
+          else "No checkpoint was saved before it: "
+        )
+        + "free some space there (or make the folder writable) and run the same command "
+        "again to resume" + (f" from checkpoint {kept[-1]}." if kept else ".")
+      )
       error = storage_error(exc, self.directory, f"{what} into", advice=advice)
       if error is None:
         raise
@@ -181,30 +192,35 @@ class Checkpointer:
     abstract_state = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       restored = self._manager.restore(
-          number,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        number,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
       )
     except Exception as exc:  # orbax / tensorstore / json raise many types
       raise self._unreadable(number, exc) from exc
-    return RestoredCheckpoint(number=number, state=restored["state"],
-                              meta=dict(restored["meta"]))
+    return RestoredCheckpoint(number=number, state=restored["state"], meta=dict(restored["meta"]))
 
   def _unreadable(self, number: int, exc: BaseException) -> CheckpointError:
     path = os.path.join(self.directory, str(number))
     others = [n for n in self.numbers() if n != number]
     reason = (str(exc).strip().splitlines() or [""])[0][:300]
     if others:
-      instead = (f"evaluate another kept checkpoint with --checkpoint={others[-1]} (kept: "
-                 f"{others}); to resume training from checkpoint {others[-1]}, move {path} out "
-                 "of the way; or train into a new --workdir.")
+      instead = (
+        f"evaluate another kept checkpoint with --checkpoint={others[-1]} (kept: "
+        f"{others}); to resume training from checkpoint {others[-1]}, move {path} out "
+        "of the way; or train into a new --workdir."
+      )
     else:
-      instead = (f"no other checkpoint is kept; move {path} out of the way to train from "
-                 "scratch, or train into a new --workdir.")
+      instead = (
+        f"no other checkpoint is kept; move {path} out of the way to train from "
+        "scratch, or train into a new --workdir."
+      )
     return CheckpointError(
-        f"Checkpoint {number} in {self.directory} cannot be read: its files are damaged "
-        "(truncated or partly deleted) or were written for another model config "
-        f"({type(exc).__name__}: {reason}).\nInstead: {instead}")
+      f"Checkpoint {number} in {self.directory} cannot be read: its files are damaged "
+      "(truncated or partly deleted) or were written for another model config "
+      f"({type(exc).__name__}: {reason}).\nInstead: {instead}"
+    )
 
   def wait_until_finished(self) -> None:
     with self._storage_errors("a checkpoint"):

@@ -45,8 +45,9 @@ logger = logging.getLogger("ccreid_jax")
 Checkpoint = str | int | None
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             checkpoint: Checkpoint = None) -> dict[str, Any]:
+def evaluate(
+  config: ml_collections.ConfigDict, workdir: str, checkpoint: Checkpoint = None
+) -> dict[str, Any]:
   """Evaluates a checkpoint of the run in ``workdir``.
 
   Prints nothing; returns mAP / CMC / mINP with the ``checkpoint`` (its number: the epochs
@@ -71,8 +72,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out: str,
-            checkpoint: Checkpoint = None) -> dict[str, Any]:
+def extract(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  split: str,
+  out: str,
+  checkpoint: Checkpoint = None,
+) -> dict[str, Any]:
   """Writes the features of ``split`` ("train", "query", "gallery") to ``out`` (.npz).
 
   Query and gallery come from ``config.eval.dataset`` when set. Returns a summary of what was
@@ -85,19 +92,32 @@ def extract(config: ml_collections.ConfigDict, workdir: str, *, split: str, out:
   data = loading.load_run_data(config, run.path, need_train=split == "train")
   loaded = run.load_model(config, checkpoint)
   images, records = split_images(data, split)
-  extractor = FeatureExtractor.create(loaded.model, config,
-                                      flip=config.eval.flip and split != "train")
+  extractor = FeatureExtractor.create(
+    loaded.model, config, flip=config.eval.flip and split != "train"
+  )
   features = extractor(loaded.variables, images, desc=f"{split} extract")
   if distributed.is_primary():
     write_features(out, features, records, split)
-  return {"out": out, "split": split, "num_images": len(records),
-          "feature_dim": int(features.shape[1]), "checkpoint": loaded.checkpoint.number,
-          "epoch": loaded.checkpoint.epoch}
+  return {
+    "out": out,
+    "split": split,
+    "num_images": len(records),
+    "feature_dim": int(features.shape[1]),
+    "checkpoint": loaded.checkpoint.number,
+    "epoch": loaded.checkpoint.epoch,
+  }
 
 
-def search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery: str, *,
-           topk: int = 10, out_png: str | None = None,
-           checkpoint: Checkpoint = None) -> tuple[list[dict[str, Any]], str]:
+def search(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  query: str,
+  gallery: str,
+  *,
+  topk: int = 10,
+  out_png: str | None = None,
+  checkpoint: Checkpoint = None,
+) -> tuple[list[dict[str, Any]], str]:
   """Ranks the images of folder ``gallery`` for each query image.
 
   ``query`` is an image file or a folder of them; ``gallery`` a folder (or one file). Returns
@@ -112,12 +132,25 @@ def search(config: ml_collections.ConfigDict, workdir: str, query: str, gallery:
   query_paths, gallery_paths = images_of(query), images_of(gallery)
   embedder = Embedder.from_config(config, workdir, checkpoint)
   out_png = out_png or Run(workdir).file("search_ranklist.png")
-  return search_and_draw(embedder, query_paths, gallery_paths, topk, out_png,
-                         skip_bad_images=bool(config.data.skip_bad_images)), out_png
+  return search_and_draw(
+    embedder,
+    query_paths,
+    gallery_paths,
+    topk,
+    out_png,
+    skip_bad_images=bool(config.data.skip_bad_images),
+  ), out_png
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, *,
-           checkpoint: Checkpoint = None, overwrite: bool = False) -> dict[str, Any]:
+def export(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  fmt: str,
+  out: str,
+  *,
+  checkpoint: Checkpoint = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes a checkpoint's model as ``fmt`` ("stablehlo" or "onnx") for serving.
 
   ``out`` is the folder of a StableHLO export, the ``.onnx`` file of an ONNX one. Returns
@@ -134,20 +167,29 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, 
   if fmt not in export_lib.FORMATS:
     raise ValueError(f"export format must be 'stablehlo' or 'onnx', got {fmt!r}.")
   if not out:
-    raise InferencePathError("the export needs an output path (--out): a folder for "
-                             "stablehlo, a .onnx file for onnx.")
+    raise InferencePathError(
+      "the export needs an output path (--out): a folder for stablehlo, a .onnx file for onnx."
+    )
   if fmt == "stablehlo" and os.path.isfile(out):
-    raise InferencePathError(f"--out {out} is a file; a StableHLO export is written into a "
-                             f"folder (it holds {export_lib.STABLEHLO_FILE} and its .json).")
+    raise InferencePathError(
+      f"--out {out} is a file; a StableHLO export is written into a "
+      f"folder (it holds {export_lib.STABLEHLO_FILE} and its .json)."
+    )
   if fmt == "onnx" and os.path.isdir(out):
-    raise InferencePathError(f"--out {out} is a folder; give the name of the file to write, "
-                             f"e.g. {os.path.join(out, 'model.onnx')}.")
+    raise InferencePathError(
+      f"--out {out} is a folder; give the name of the file to write, "
+      f"e.g. {os.path.join(out, 'model.onnx')}."
+    )
   export_lib.check_export_paths(fmt, out, overwrite=overwrite, workdirs=(workdir,))
-  check_writable(out if fmt == "stablehlo" else os.path.dirname(os.path.abspath(out)),
-                 "the export folder")
+  check_writable(
+    out if fmt == "stablehlo" else os.path.dirname(os.path.abspath(out)), "the export folder"
+  )
   embedder = Embedder.from_config(config, workdir, checkpoint)
-  path = (export_lib.export_stablehlo(embedder, out, overwrite=overwrite) if fmt == "stablehlo"
-          else export_lib.export_onnx(embedder, out, overwrite=overwrite))
+  path = (
+    export_lib.export_stablehlo(embedder, out, overwrite=overwrite)
+    if fmt == "stablehlo"
+    else export_lib.export_onnx(embedder, out, overwrite=overwrite)
+  )
   with open(path + ".json") as f:
     summary = json.load(f)
   return dict(summary, path=path, sidecar=path + ".json")
@@ -155,13 +197,22 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, out: str, 
 
 def _check_sweepable(config: ml_collections.ConfigDict) -> None:
   if config.cluster.method != "dbscan":
-    raise validation.ConfigError([
+    raise validation.ConfigError(
+      [
         f"config.cluster.method = {config.cluster.method!r}: the eps sweep runs DBSCAN, "
-        "which has the radius eps; pass --config.cluster.method=dbscan"])
+        "which has the radius eps; pass --config.cluster.method=dbscan"
+      ]
+    )
 
 
-def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[float], *,
-          checkpoint: Checkpoint = None, out: str | None = None) -> dict[str, Any]:
+def sweep(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  eps_values: list[float],
+  *,
+  checkpoint: Checkpoint = None,
+  out: str | None = None,
+) -> dict[str, Any]:
   """Sweeps DBSCAN's eps on the train features of a checkpoint of the run in ``workdir``.
 
   Args:
@@ -183,8 +234,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   validation.validate_config(config, num_devices=None, training=sweeps_init)
   _check_sweepable(config)
   if config.cluster.reliable:
-    logger.info("cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
-                "reliability criterion's eps_tight / eps_loose are not swept)")
+    logger.info(
+      "cluster.reliable is set: the sweep shows plain DBSCAN at each eps (the "
+      "reliability criterion's eps_tight / eps_loose are not swept)"
+    )
   eps_values = eps_sweep.parse_eps(",".join(str(v) for v in eps_values))
   if out is not None and distributed.is_primary():
     check_writable(out, "the sweep's --out folder")
@@ -198,22 +251,34 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, eps_values: list[floa
   features = np.asarray(extractor(loaded.variables, data.train_images, desc="train extract"))
   # The features of a model that finished epoch e are clustered by epoch e + 1.
   distance = pseudo_labels.cluster_distance(
-      features, data.train_cameras, config.cluster, epoch=loaded.checkpoint.epoch + 1,
-      max_distance=max(eps_values))
-  rows = eps_sweep.sweep_rows(distance, eps_values, config.cluster.min_samples,
-                              data.train_identities)
+    features,
+    data.train_cameras,
+    config.cluster,
+    epoch=loaded.checkpoint.epoch + 1,
+    max_distance=max(eps_values),
+  )
+  rows = eps_sweep.sweep_rows(
+    distance, eps_values, config.cluster.min_samples, data.train_identities
+  )
   name = loaded.checkpoint.label
   result: dict[str, Any] = {
-      "checkpoint": name, "epoch": loaded.checkpoint.epoch, "num_train": data.num_train,
-      "distance": config.cluster.distance, "min_samples": int(config.cluster.min_samples),
-      "configured_eps": float(config.cluster.eps),
-      "has_train_identities": data.has_train_identities, "rows": rows}
+    "checkpoint": name,
+    "epoch": loaded.checkpoint.epoch,
+    "num_train": data.num_train,
+    "distance": config.cluster.distance,
+    "min_samples": int(config.cluster.min_samples),
+    "configured_eps": float(config.cluster.eps),
+    "has_train_identities": data.has_train_identities,
+    "rows": rows,
+  }
   if out is not None and distributed.is_primary():
     os.makedirs(out, exist_ok=True)
     result["json"] = os.path.join(out, f"eps_sweep_{name}.json")
     result["png"] = os.path.join(out, f"eps_sweep_{name}.png")
     write_json(result["json"], {k: v for k, v in result.items() if k not in ("json", "png")})
-    title = (f"{config.data.name} {data.dataset.root}: checkpoint {name}, {data.num_train} "
-             f"images, {config.cluster.distance}, min_samples {config.cluster.min_samples}")
+    title = (
+      f"{config.data.name} {data.dataset.root}: checkpoint {name}, {data.num_train} "
+      f"images, {config.cluster.distance}, min_samples {config.cluster.min_samples}"
+    )
     visualize.save_png(result["png"], eps_sweep.sweep_image(rows, title=title))
   return result

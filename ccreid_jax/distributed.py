@@ -54,8 +54,13 @@ ENV_PROCESS_ID = "CCREID_PROCESS_ID"
 # Variables whose presence means a launcher JAX knows how to read set up the job
 # (JAX's own, SLURM, Open MPI, Kubernetes / Cloud TPU multi-host).
 _JAX_ENV = ("JAX_COORDINATOR_ADDRESS",)
-_SLURM_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-              "SLURM_LOCALID")
+_SLURM_ENV = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)
 _OMPI_ENV = ("OMPI_MCA_orte_hnp_uri",)
 _TPU_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -95,15 +100,18 @@ def maybe_initialize(environ: dict[str, str] | None = None, **kwargs: Any) -> bo
     address, num_text, pid_text = ours
     if address is None or num_text is None or pid_text is None:
       raise ValueError(
-          f"set all of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} or none; "
-          f"got {dict(zip((ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), ours))}")
+        f"set all of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} or none; "
+        f"got {dict(zip((ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), ours))}"
+      )
     num, pid = int(num_text), int(pid_text)
     if not 0 <= pid < num:
       raise ValueError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num})")
-    logger.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%d)",
-                address, num, pid)
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
-                               **kwargs)
+    logger.info(
+      "jax.distributed.initialize(%s, num_processes=%d, process_id=%d)", address, num, pid
+    )
+    jax.distributed.initialize(
+      coordinator_address=address, num_processes=num, process_id=pid, **kwargs
+    )
     return True
   launcher = _cluster_env_present(environ)
   if launcher is None:
@@ -113,8 +121,9 @@ def maybe_initialize(environ: dict[str, str] | None = None, **kwargs: Any) -> bo
   return True
 
 
-def process_slice(global_batch_size: int, *, process_index: int | None = None,
-                  process_count: int | None = None) -> slice:
+def process_slice(
+  global_batch_size: int, *, process_index: int | None = None, process_count: int | None = None
+) -> slice:
   """The rows ``[start, stop)`` of a global batch that this process feeds.
 
   Contiguous, equal shares in process order, which is the order of a 1-axis mesh built
@@ -124,8 +133,9 @@ def process_slice(global_batch_size: int, *, process_index: int | None = None,
   index = jax.process_index() if process_index is None else int(process_index)
   count = jax.process_count() if process_count is None else int(process_count)
   if global_batch_size % count:
-    raise ValueError(f"global batch size {global_batch_size} is not a multiple of the "
-                     f"process count {count}")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not a multiple of the process count {count}"
+    )
   share = global_batch_size // count
   return slice(index * share, (index + 1) * share)
 
@@ -136,12 +146,14 @@ def _check_mesh_order(mesh: Mesh) -> None:
   runs = [p for i, p in enumerate(owners) if i == 0 or owners[i - 1] != p]
   if len(runs) != len(set(runs)) or runs != sorted(runs):
     raise ValueError(
-        f"the mesh's devices must be grouped by process in process order, got owners "
-        f"{owners}; build it with make_mesh() (jax.devices() order)")
+      f"the mesh's devices must be grouped by process in process order, got owners "
+      f"{owners}; build it with make_mesh() (jax.devices() order)"
+    )
 
 
-def global_batch_from_local(local_array: np.ndarray | jax.Array, mesh: Mesh,
-                            spec: PartitionSpec = PartitionSpec("data")) -> jax.Array:
+def global_batch_from_local(
+  local_array: np.ndarray | jax.Array, mesh: Mesh, spec: PartitionSpec = PartitionSpec("data")
+) -> jax.Array:
   """One global array from each process's rows (``process_slice``) of a batch.
 
   ``local_array`` holds this process's rows only; the global array has
@@ -194,8 +206,9 @@ def allgather_features(local_features: np.ndarray | jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def process_share(num_items: int, *, process_index: int | None = None,
-                  process_count: int | None = None) -> tuple[slice, int]:
+def process_share(
+  num_items: int, *, process_index: int | None = None, process_count: int | None = None
+) -> tuple[slice, int]:
   """(this process's contiguous share of ``range(num_items)``, rows per share).
 
   For feature extraction before clustering: every share has ``ceil(num_items / count)``
@@ -221,8 +234,10 @@ def local_mesh() -> Mesh:
 
 def local_copy(tree: Any) -> Any:
   """This process's copy of a replicated pytree, as arrays on its first local device."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return x.addressable_data(0)
     return x
+
   return jax.tree_util.tree_map(one, tree)

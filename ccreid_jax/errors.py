@@ -53,8 +53,9 @@ def _storage_cause(exc: BaseException) -> OSError | None:
   return None
 
 
-def storage_error(exc: BaseException, path: str, what: str = "",
-                  advice: str = FREE_SPACE) -> StorageError | None:
+def storage_error(
+  exc: BaseException, path: str, what: str = "", advice: str = FREE_SPACE
+) -> StorageError | None:
   """The ``StorageError`` for ``exc`` at a write of ``path`` (``what``: a description), or
   None when ``exc`` is not a write the storage refused (then re-raise ``exc`` itself)."""
   if isinstance(exc, StorageError):
@@ -64,8 +65,9 @@ def storage_error(exc: BaseException, path: str, what: str = "",
     return None
   name = f"{what} {path}" if what else str(path)
   errno_value = int(cause.errno or 0)  # _storage_cause returns only errors with an errno
-  return StorageError(f"cannot write {name}: {os.strerror(errno_value)}. {advice}",
-                      errno_value, path)
+  return StorageError(
+    f"cannot write {name}: {os.strerror(errno_value)}. {advice}", errno_value, path
+  )
 
 
 def check_writable(folder: str, what: str) -> None:
@@ -81,8 +83,9 @@ def check_writable(folder: str, what: str) -> None:
       f.write("x")
     os.remove(probe)
   except OSError as exc:
-    error = storage_error(exc, folder, what, advice="Make it writable (or free some space), or "
-                          "choose another folder.")
+    error = storage_error(
+      exc, folder, what, advice="Make it writable (or free some space), or choose another folder."
+    )
     if error is None:
       raise
     raise error from None

@@ -42,16 +42,16 @@ from ccreid_jax.run import CHECKPOINTS_FOLDER, CONFIG_FILE, METRICS_FILE, Run
 from ccreid_jax.utils import write_atomic, write_json
 
 __all__ = [
-    "FORMATS",
-    "ONNX_KERNELS",
-    "ONNX_OPSET",
-    "STABLEHLO_FILE",
-    "ExportUnavailableError",
-    "check_export_paths",
-    "export_onnx",
-    "export_paths",
-    "export_stablehlo",
-    "onnx_input",
+  "FORMATS",
+  "ONNX_KERNELS",
+  "ONNX_OPSET",
+  "STABLEHLO_FILE",
+  "ExportUnavailableError",
+  "check_export_paths",
+  "export_onnx",
+  "export_paths",
+  "export_stablehlo",
+  "onnx_input",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -102,8 +102,10 @@ def _runs_around(path: str, workdirs: Sequence[str]) -> list[Run]:
   runs = [Run(w) for w in workdirs if w]
   folder = os.path.dirname(os.path.abspath(path))
   while True:
-    if any(os.path.exists(os.path.join(folder, name))
-           for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_FOLDER)):
+    if any(
+      os.path.exists(os.path.join(folder, name))
+      for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_FOLDER)
+    ):
       runs.append(Run(folder))
     parent = os.path.dirname(folder)
     if parent == folder:
@@ -111,8 +113,9 @@ def _runs_around(path: str, workdirs: Sequence[str]) -> list[Run]:
     folder = parent
 
 
-def check_export_paths(fmt: str, out: str, *, overwrite: bool = False,
-                       workdirs: Sequence[str] = ()) -> None:
+def check_export_paths(
+  fmt: str, out: str, *, overwrite: bool = False, workdirs: Sequence[str] = ()
+) -> None:
   """Refuses an export whose files would replace a run's own files, or existing files.
 
   Args:
@@ -130,18 +133,23 @@ def check_export_paths(fmt: str, out: str, *, overwrite: bool = False,
   for path in written:
     for run in _runs_around(path, workdirs):
       if run.owns(path):
-        example = (os.path.join(run.path, "export") if fmt == "stablehlo"
-                   else os.path.join(run.path, "model.onnx"))
+        example = (
+          os.path.join(run.path, "export")
+          if fmt == "stablehlo"
+          else os.path.join(run.path, "model.onnx")
+        )
         raise InferencePathError(
-            f"--out {out}: the export would write {path}, one of the files of the run in "
-            f"{run.path}; an export never replaces a run's files (even with --overwrite). "
-            f"Choose another --out, e.g. {example}.")
+          f"--out {out}: the export would write {path}, one of the files of the run in "
+          f"{run.path}; an export never replaces a run's files (even with --overwrite). "
+          f"Choose another --out, e.g. {example}."
+        )
   existing = [path for path in written if os.path.lexists(path)]
   if existing and not overwrite:
     raise InferencePathError(
-        f"--out {out}: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}"
-        "; pass --overwrite to replace the export (overwrite=True from Python), or choose "
-        "another --out.")
+      f"--out {out}: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}"
+      "; pass --overwrite to replace the export (overwrite=True from Python), or choose "
+      "another --out."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,34 +170,41 @@ def _describe_model(model: nn.Module) -> dict[str, Any]:
 def _sidecar(embedder: Embedder, fmt: str, file_name: str, **fields: Any) -> dict[str, Any]:
   """What a serving stack needs to feed an export and read its output."""
   return {
-      "format": fmt,
-      "file": file_name,
-      **fields,
-      "height": embedder.height,
-      "width": embedder.width,
-      "channels": "RGB",
-      "resize": ("PIL bicubic resize of the whole RGB image to height x width (no crop, no "
-                 "padding), as ccreid_jax.data.cache.decode_image"),
-      "mean": list(augment.IMAGENET_MEAN),
-      "std": list(augment.IMAGENET_STD),
-      "normalization": "(x / 255 - mean) / std per channel, x the RGB value in [0, 255]",
-      "output_name": "features",
-      "output_shape": ["batch", embedder.feature_dim],
-      "output_dtype": "float32",
-      "feature_dim": embedder.feature_dim,
-      "l2_normalized": True,
-      "distance": "squared Euclidean distance of the features: 2 - 2 cos",
-      "flip": embedder.flip,
-      "precision": embedder.precision,
-      "checkpoint": embedder.source,
-      "model": _describe_model(embedder.model),
-      "jax_version": jax.__version__,
+    "format": fmt,
+    "file": file_name,
+    **fields,
+    "height": embedder.height,
+    "width": embedder.width,
+    "channels": "RGB",
+    "resize": (
+      "PIL bicubic resize of the whole RGB image to height x width (no crop, no "
+      "padding), as ccreid_jax.data.cache.decode_image"
+    ),
+    "mean": list(augment.IMAGENET_MEAN),
+    "std": list(augment.IMAGENET_STD),
+    "normalization": "(x / 255 - mean) / std per channel, x the RGB value in [0, 255]",
+    "output_name": "features",
+    "output_shape": ["batch", embedder.feature_dim],
+    "output_dtype": "float32",
+    "feature_dim": embedder.feature_dim,
+    "l2_normalized": True,
+    "distance": "squared Euclidean distance of the features: 2 - 2 cos",
+    "flip": embedder.flip,
+    "precision": embedder.precision,
+    "checkpoint": embedder.source,
+    "model": _describe_model(embedder.model),
+    "jax_version": jax.__version__,
   }
 
 
-def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "uint8",
-                     platforms: Sequence[str] = _STABLEHLO_PLATFORMS,
-                     overwrite: bool = False) -> str:
+def export_stablehlo(
+  embedder: Embedder,
+  out_dir: str,
+  *,
+  input_dtype: str = "uint8",
+  platforms: Sequence[str] = _STABLEHLO_PLATFORMS,
+  overwrite: bool = False,
+) -> str:
   """Writes the feature function as serialised StableHLO; returns the file's path.
 
   The file, ``out_dir/model.stablehlo``, holds a ``jax.export.Exported`` of
@@ -214,22 +229,32 @@ def export_stablehlo(embedder: Embedder, out_dir: str, *, input_dtype: str = "ui
     raise ValueError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}.")
   check_export_paths("stablehlo", out_dir, overwrite=overwrite)
   os.makedirs(out_dir, exist_ok=True)
-  batch, = jax.export.symbolic_shape("batch")
+  (batch,) = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, embedder.height, embedder.width, 3), jnp.dtype(input_dtype))
   with precision_scope(embedder.precision):
-    exported = jax.export.export(jax.jit(embedder.feature_function()),
-                                 platforms=tuple(platforms))(spec)
+    exported = jax.export.export(jax.jit(embedder.feature_function()), platforms=tuple(platforms))(
+      spec
+    )
   path = os.path.join(out_dir, STABLEHLO_FILE)
   write_atomic(path, bytes(exported.serialize()))
-  write_json(path + ".json", _sidecar(
-      embedder, "stablehlo", STABLEHLO_FILE,
-      input_name="images", input_layout="NHWC",
-      input_shape=["batch", embedder.height, embedder.width, 3], input_dtype=input_dtype,
-      input_value_range=[0, 255], normalization_included=True,
+  write_json(
+    path + ".json",
+    _sidecar(
+      embedder,
+      "stablehlo",
+      STABLEHLO_FILE,
+      input_name="images",
+      input_layout="NHWC",
+      input_shape=["batch", embedder.height, embedder.width, 3],
+      input_dtype=input_dtype,
+      input_value_range=[0, 255],
+      normalization_included=True,
       compute_dtype=_compute_dtype(embedder.model) or "float32",
       platforms=list(exported.platforms),
       calling_convention_version=exported.calling_convention_version,
-      load="jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"))
+      load="jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)",
+    ),
+  )
   return path
 
 
@@ -269,8 +294,9 @@ def _jax2onnx_fixes() -> Iterator[None]:
     plugin_logger.setLevel(level)
 
 
-def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET,
-                overwrite: bool = False) -> str:
+def export_onnx(
+  embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET, overwrite: bool = False
+) -> str:
   """Writes the feature function as an ONNX model at ``out_path``; returns the path.
 
   Input ``images``: (batch, 3, height, width) float32, RGB, resized as the image cache does
@@ -289,33 +315,55 @@ def export_onnx(embedder: Embedder, out_path: str, *, opset: int = ONNX_OPSET,
     from jax2onnx import to_onnx
   except ImportError as exc:
     raise ExportUnavailableError(
-        f"ONNX export needs the jax2onnx and onnx packages ({exc}); install them with "
-        f'`pip install "ccreid_jax[export]"` and `pip install --no-deps {JAX2ONNX}` (the '
-        "converter's own pins would downgrade orbax-checkpoint).") from exc
+      f"ONNX export needs the jax2onnx and onnx packages ({exc}); install them with "
+      f'`pip install "ccreid_jax[export]"` and `pip install --no-deps {JAX2ONNX}` (the '
+      "converter's own pins would downgrade orbax-checkpoint)."
+    ) from exc
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
   spec = jax.ShapeDtypeStruct(("batch", 3, embedder.height, embedder.width), jnp.float32)
   # ONNX's Conv (and ONNX Runtime's kernels) take no bfloat16: the model computes in float32.
   run_dtype = _compute_dtype(embedder.model)
   with _jax2onnx_fixes(), precision_scope(embedder.precision):
-    function = embedder.feature_function(normalized_nchw=True, kernels=ONNX_KERNELS,
-                                         dtype=jnp.float32)
-    proto = to_onnx(function, [spec], model_name="ccreid_jax_features", opset=int(opset),
-                    input_names=["images"], output_names=["features"])
+    function = embedder.feature_function(
+      normalized_nchw=True, kernels=ONNX_KERNELS, dtype=jnp.float32
+    )
+    proto = to_onnx(
+      function,
+      [spec],
+      model_name="ccreid_jax_features",
+      opset=int(opset),
+      input_names=["images"],
+      output_names=["features"],
+    )
   proto = _shapes_inferred_again(proto)
   notes = {}
   if run_dtype not in (None, "float32"):
-    notes["note"] = (f"exported in float32 from a {run_dtype} run (ONNX runtimes have no "
-                     "bfloat16 convolution); its features differ from the run's by the "
-                     f"{run_dtype} rounding")
+    notes["note"] = (
+      f"exported in float32 from a {run_dtype} run (ONNX runtimes have no "
+      "bfloat16 convolution); its features differ from the run's by the "
+      f"{run_dtype} rounding"
+    )
   write_atomic(out_path, proto.SerializeToString())
-  write_json(out_path + ".json", _sidecar(
-      embedder, "onnx", os.path.basename(out_path),
-      input_name="images", input_layout="NCHW",
-      input_shape=["batch", 3, embedder.height, embedder.width], input_dtype="float32",
+  write_json(
+    out_path + ".json",
+    _sidecar(
+      embedder,
+      "onnx",
+      os.path.basename(out_path),
+      input_name="images",
+      input_layout="NCHW",
+      input_shape=["batch", 3, embedder.height, embedder.width],
+      input_dtype="float32",
       input_value_range="normalised: (x / 255 - mean) / std",
-      normalization_included=False, opset=int(opset), compute_dtype="float32", **notes,
-      converter=f"jax2onnx {_version('jax2onnx')}", onnx_version=onnx.__version__))
+      normalization_included=False,
+      opset=int(opset),
+      compute_dtype="float32",
+      **notes,
+      converter=f"jax2onnx {_version('jax2onnx')}",
+      onnx_version=onnx.__version__,
+    ),
+  )
   return out_path
 
 

@@ -30,9 +30,15 @@ from ccreid_jax.ops import l2_normalize
 from ccreid_jax.utils import prefetch, progress_bar
 
 __all__ = [
-    "ExtractFn", "FeatureExtractor", "eval_features", "evaluate_variables",
-    "extract_and_allgather", "extract_features", "make_extract_fn", "precision_scope",
-    "with_precision",
+  "ExtractFn",
+  "FeatureExtractor",
+  "eval_features",
+  "evaluate_variables",
+  "extract_and_allgather",
+  "extract_features",
+  "make_extract_fn",
+  "precision_scope",
+  "with_precision",
 ]
 
 ExtractFn = Callable[[Any, jax.Array], jax.Array]
@@ -78,9 +84,14 @@ def _apply_eval(model: nn.Module, variables: Any, images: jax.Array) -> jax.Arra
   return cast(jax.Array, model.apply(variables, images, train=False))
 
 
-def eval_features(model: nn.Module, variables: Any, images: jax.Array, *, flip: bool = False,
-                  transform: Callable[[jax.Array], jax.Array] | None = test_transform
-                  ) -> jax.Array:
+def eval_features(
+  model: nn.Module,
+  variables: Any,
+  images: jax.Array,
+  *,
+  flip: bool = False,
+  transform: Callable[[jax.Array], jax.Array] | None = test_transform,
+) -> jax.Array:
   """``(B, D)`` float32 eval-mode features of NHWC ``images``.
 
   ``transform`` (default: the test transform, for uint8 or [0, 255] float images; None for
@@ -108,19 +119,18 @@ def make_extract_fn(model: nn.Module, mesh: Mesh, flip: bool = False) -> Extract
   def extract(variables, images):
     return eval_features(model, variables, images, flip=flip)
 
-  return jax.jit(
-      extract, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
+  return jax.jit(extract, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
 
 
 def extract_features(
-    extract_fn: ExtractFn,
-    variables: Any,
-    images: np.ndarray,
-    *,
-    mesh: Mesh,
-    batch_size: int,
-    progress: bool = True,
-    desc: str = "extract",
+  extract_fn: ExtractFn,
+  variables: Any,
+  images: np.ndarray,
+  *,
+  mesh: Mesh,
+  batch_size: int,
+  progress: bool = True,
+  desc: str = "extract",
 ) -> np.ndarray:
   """Features of every image in ``images`` (N, H, W, 3) uint8 -> (N, D) float32 numpy.
 
@@ -133,7 +143,7 @@ def extract_features(
   n = images.shape[0]
 
   def load(start: int) -> tuple[jax.Array, int]:
-    batch = np.asarray(images[start:start + batch_size])
+    batch = np.asarray(images[start : start + batch_size])
     valid = batch.shape[0]
     if valid < batch_size:  # zero-pad the last batch: one compiled shape
       pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
@@ -146,11 +156,11 @@ def extract_features(
   for device_batch, valid in prefetch(range(0, n, batch_size), load):
     features = extract_fn(variables, device_batch)  # dispatched before fetching the previous
     if pending is not None:
-      outputs.append(np.asarray(pending[0])[:pending[1]])
+      outputs.append(np.asarray(pending[0])[: pending[1]])
       bar.update(pending[1])
     pending = (features, valid)
   if pending is not None:
-    outputs.append(np.asarray(pending[0])[:pending[1]])
+    outputs.append(np.asarray(pending[0])[: pending[1]])
     bar.update(pending[1])
   bar.close()
   if not outputs:
@@ -160,9 +170,16 @@ def extract_features(
   return result
 
 
-def extract_and_allgather(extract_fn: ExtractFn, variables: Any, images: np.ndarray, *,
-                          mesh: Mesh, batch_size: int, progress: bool = False,
-                          desc: str = "extract") -> np.ndarray:
+def extract_and_allgather(
+  extract_fn: ExtractFn,
+  variables: Any,
+  images: np.ndarray,
+  *,
+  mesh: Mesh,
+  batch_size: int,
+  progress: bool = False,
+  desc: str = "extract",
+) -> np.ndarray:
   """Features of all ``images`` on every process: each extracts its share, then all-gather.
 
   ``extract_fn`` must be built over ``mesh = local_mesh()`` (``make_extract_fn(model,
@@ -170,16 +187,24 @@ def extract_and_allgather(extract_fn: ExtractFn, variables: Any, images: np.ndar
   plain ``extract_features``.
   """
   if jax.process_count() == 1:
-    return extract_features(extract_fn, variables, images, mesh=mesh, batch_size=batch_size,
-                            progress=progress, desc=desc)
+    return extract_features(
+      extract_fn, variables, images, mesh=mesh, batch_size=batch_size, progress=progress, desc=desc
+    )
   n = images.shape[0]
   share, per = distributed.process_share(n)
   mine = np.asarray(images[share])
   if mine.shape[0] < per:  # the last share: pad to the common length.
     pad = np.zeros((per - mine.shape[0],) + images.shape[1:], images.dtype)
     mine = np.concatenate([mine, pad])
-  local = extract_features(extract_fn, distributed.local_copy(variables), mine, mesh=mesh,
-                           batch_size=batch_size, progress=progress, desc=desc)
+  local = extract_features(
+    extract_fn,
+    distributed.local_copy(variables),
+    mine,
+    mesh=mesh,
+    batch_size=batch_size,
+    progress=progress,
+    desc=desc,
+  )
   return distributed.allgather_features(local)[:n]
 
 
@@ -198,22 +223,38 @@ class FeatureExtractor:
   progress: bool = False
 
   @classmethod
-  def create(cls, model: nn.Module, config: ml_collections.ConfigDict, *,
-             flip: bool = False) -> FeatureExtractor:
+  def create(
+    cls, model: nn.Module, config: ml_collections.ConfigDict, *, flip: bool = False
+  ) -> FeatureExtractor:
     """The extractor of ``model`` set up by ``config`` (``model.precision``,
     ``eval.batch_size``, ``log.progress``)."""
     mesh = distributed.local_mesh()
     extract_fn = with_precision(make_extract_fn(model, mesh, flip=flip), config.model.precision)
-    return cls(extract_fn=extract_fn, mesh=mesh, batch_size=int(config.eval.batch_size),
-               progress=bool(config.log.progress))
+    return cls(
+      extract_fn=extract_fn,
+      mesh=mesh,
+      batch_size=int(config.eval.batch_size),
+      progress=bool(config.log.progress),
+    )
 
   def __call__(self, variables: Any, images: np.ndarray, *, desc: str = "extract") -> np.ndarray:
-    return extract_and_allgather(self.extract_fn, variables, images, mesh=self.mesh,
-                                 batch_size=self.batch_size, progress=self.progress, desc=desc)
+    return extract_and_allgather(
+      self.extract_fn,
+      variables,
+      images,
+      mesh=self.mesh,
+      batch_size=self.batch_size,
+      progress=self.progress,
+      desc=desc,
+    )
 
 
-def evaluate_variables(extract: FeatureExtractor, variables: Any, data: loading.RunData,
-                       config: ml_collections.ConfigDict) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_variables(
+  extract: FeatureExtractor,
+  variables: Any,
+  data: loading.RunData,
+  config: ml_collections.ConfigDict,
+) -> tuple[dict[str, float], np.ndarray]:
   """``(mAP / CMC / mINP metrics, query x gallery distances)`` of ``data.eval_dataset``.
 
   ``extract`` is the evaluation's extractor

@@ -61,8 +61,9 @@ def check_output_path(path: str) -> None:
   """
   if os.path.isdir(path):
     raise OutputPathError(
-        f"--out {path} is a folder; give the name of the file to write, e.g. "
-        f"{os.path.join(path, 'query.npz')}.")
+      f"--out {path} is a folder; give the name of the file to write, e.g. "
+      f"{os.path.join(path, 'query.npz')}."
+    )
   folder = os.path.dirname(os.path.abspath(path))
   existing = folder
   while not os.path.exists(existing):
@@ -76,7 +77,8 @@ def check_output_path(path: str) -> None:
     os.remove(probe_path)
   except OSError as exc:
     raise OutputPathError(
-        f"--out {path} cannot be written: {exc.strerror or exc} ({folder}).") from None
+      f"--out {path} cannot be written: {exc.strerror or exc} ({folder})."
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,7 @@ class FeatureFile:
   split: str  # "train", "query" or "gallery".
 
 
-def write_features(path: str, features: np.ndarray, records: Sequence[Record],
-                   split: str) -> None:
+def write_features(path: str, features: np.ndarray, records: Sequence[Record], split: str) -> None:
   """Writes ``features`` and the ``records``' identities, cameras and paths to ``path`` (.npz).
 
   ``records`` are dataset records (anything with ``path``, ``identity`` and ``camera``), one per
@@ -111,11 +112,11 @@ def write_features(path: str, features: np.ndarray, records: Sequence[Record],
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   check_output_path(path)
   arrays = {
-      "features": features,
-      "identities": np.array([int(r.identity) for r in records], dtype=np.int64),
-      "cameras": np.array([int(r.camera) for r in records], dtype=np.int64),
-      "paths": np.array([str(r.path) for r in records], dtype=np.str_),
-      "split": np.array(split, dtype=np.str_),
+    "features": features,
+    "identities": np.array([int(r.identity) for r in records], dtype=np.int64),
+    "cameras": np.array([int(r.camera) for r in records], dtype=np.int64),
+    "paths": np.array([str(r.path) for r in records], dtype=np.str_),
+    "split": np.array(split, dtype=np.str_),
   }
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)  # type: ignore[arg-type]  # stub: **arrays could fill allow_pickle
@@ -128,11 +129,16 @@ def read_features(path: str) -> FeatureFile:
     arrays = {_OLD_KEYS.get(name, name): data[name] for name in data.files}
     missing = set(_KEYS) - set(arrays)
     if missing:
-      raise ValueError(f"{path} is not a feature file (written by write_features): missing "
-                       f"{sorted(missing)}.")
+      raise ValueError(
+        f"{path} is not a feature file (written by write_features): missing {sorted(missing)}."
+      )
     return FeatureFile(
-        features=arrays["features"], identities=arrays["identities"], cameras=arrays["cameras"],
-        paths=arrays["paths"], split=str(arrays["split"]))
+      features=arrays["features"],
+      identities=arrays["identities"],
+      cameras=arrays["cameras"],
+      paths=arrays["paths"],
+      split=str(arrays["split"]),
+    )
 
 
 def split_images(run: loading.RunData, split: str) -> tuple[np.ndarray, list[Record]]:
@@ -146,8 +152,9 @@ def split_images(run: loading.RunData, split: str) -> tuple[np.ndarray, list[Rec
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   if split == "train":
     if run.train_images is None:
-      raise ValueError("this run loaded no train images: build it with need_train=True to "
-                       "extract the train split.")
+      raise ValueError(
+        "this run loaded no train images: build it with need_train=True to extract the train split."
+      )
     return run.train_images, list(run.dataset.train)
   test = getattr(run, "eval_dataset", None) or run.dataset
   if run.test_images is None:
@@ -158,8 +165,9 @@ def split_images(run: loading.RunData, split: str) -> tuple[np.ndarray, list[Rec
   return run.test_images[num_query:], list(test.gallery)
 
 
-def extract_split(data: loading.RunData, extract: Callable[..., np.ndarray], variables: Any,
-                  split: str) -> tuple[np.ndarray, list[Record]]:
+def extract_split(
+  data: loading.RunData, extract: Callable[..., np.ndarray], variables: Any, split: str
+) -> tuple[np.ndarray, list[Record]]:
   """``(features (N, D) float32, records)`` of ``split`` ("train", "query" or "gallery").
 
   ``data``: a ``data.loading.RunData``; ``extract``: ``extract(variables, images, desc=...)``
@@ -167,7 +175,6 @@ def extract_split(data: loading.RunData, extract: Callable[..., np.ndarray], var
   """
   images, records = split_images(data, split)
   if images.shape[0] != len(records):
-    raise ValueError(f"the {split} split has {len(records)} records but {images.shape[0]} "
-                     "images.")
+    raise ValueError(f"the {split} split has {len(records)} records but {images.shape[0]} images.")
   features = extract(variables, images, desc=f"{split} extract")
   return features, records

@@ -41,22 +41,24 @@ from ccreid_jax.run import Run
 from ccreid_jax.utils import printable
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "Embedder",
-    "InferencePathError",
-    "SearchResult",
-    "format_search_results",
-    "images_of",
-    "list_images",
-    "search",
-    "search_and_draw",
+  "IMAGE_EXTENSIONS",
+  "Embedder",
+  "InferencePathError",
+  "SearchResult",
+  "format_search_results",
+  "images_of",
+  "list_images",
+  "search",
+  "search_and_draw",
 ]
 
 IMAGE_EXTENSIONS = datasets_lib.FOLDER_IMAGE_EXTENSIONS
 _CHUNK_BATCHES = 8  # Batches decoded at a time by ``embed``: bounds host memory.
 # Embedder.load_images: the ways to skip unreadable files (search honours the config's flag).
-_SKIP_HINT = ("skip unreadable images with --config.data.skip_bad_images=True (--mode search) "
-              "or Embedder.embed_readable (from Python)")
+_SKIP_HINT = (
+  "skip unreadable images with --config.data.skip_bad_images=True (--mode search) "
+  "or Embedder.embed_readable (from Python)"
+)
 
 logger = logging.getLogger("ccreid_jax")
 
@@ -111,8 +113,10 @@ def _as_items(images_or_paths: Any) -> list[Any]:
       return [images_or_paths]
     if images_or_paths.ndim == 4:
       return list(images_or_paths)
-    raise ValueError(f"expected an (H, W, 3) image or an (N, H, W, 3) batch, got an array of "
-                     f"shape {images_or_paths.shape}.")
+    raise ValueError(
+      f"expected an (H, W, 3) image or an (N, H, W, 3) batch, got an array of "
+      f"shape {images_or_paths.shape}."
+    )
   return list(images_or_paths)
 
 
@@ -124,8 +128,10 @@ def _resize_array(image: Any, height: int, width: int, index: int) -> np.ndarray
   """
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"image {index}: expected an (H, W, 3) uint8 RGB array or a file path, "
-                     f"got an array of shape {image.shape} and dtype {image.dtype}.")
+    raise ValueError(
+      f"image {index}: expected an (H, W, 3) uint8 RGB array or a file path, "
+      f"got an array of shape {image.shape} and dtype {image.dtype}."
+    )
   if image.shape[:2] == (height, width):
     return image
   encoded = io.BytesIO()
@@ -152,9 +158,19 @@ class Embedder:
       chosen by, ``number``, ``epoch``), or None; copied into export sidecars.
   """
 
-  def __init__(self, model: nn.Module, variables: Any, *, height: int, width: int,
-               flip: bool = False, batch_size: int = 64, precision: str = "default",
-               num_workers: int = 4, source: dict[str, Any] | None = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    variables: Any,
+    *,
+    height: int,
+    width: int,
+    flip: bool = False,
+    batch_size: int = 64,
+    precision: str = "default",
+    num_workers: int = 4,
+    source: dict[str, Any] | None = None,
+  ):
     if int(height) < 1 or int(width) < 1:
       raise ValueError(f"height and width must be positive, got {height} and {width}.")
     if int(batch_size) < 1:
@@ -172,9 +188,15 @@ class Embedder:
     self._feature_dim: int | None = None
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, workdir: str,
-                  checkpoint: str | int | None = None, *, flip: bool | None = None,
-                  batch_size: int | None = None) -> Embedder:
+  def from_config(
+    cls,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint: str | int | None = None,
+    *,
+    flip: bool | None = None,
+    batch_size: int | None = None,
+  ) -> Embedder:
     """The model of a checkpoint of the run in ``workdir``, set up by ``config``.
 
     The model fields and image size come from the run's saved config where it has one
@@ -187,25 +209,40 @@ class Embedder:
     config = run.model_config(config, checkpoint)
     loaded = run.load_model(config, checkpoint)
     return cls(
-        loaded.model, loaded.variables, height=config.data.height, width=config.data.width,
-        flip=config.eval.flip if flip is None else flip,
-        batch_size=config.eval.batch_size if batch_size is None else batch_size,
-        precision=config.model.get("precision", "default"),
-        num_workers=config.data.num_workers,
-        source={"workdir": os.path.abspath(workdir), "checkpoint": loaded.checkpoint.name,
-                "number": loaded.checkpoint.number, "epoch": loaded.checkpoint.epoch})
+      loaded.model,
+      loaded.variables,
+      height=config.data.height,
+      width=config.data.width,
+      flip=config.eval.flip if flip is None else flip,
+      batch_size=config.eval.batch_size if batch_size is None else batch_size,
+      precision=config.model.get("precision", "default"),
+      num_workers=config.data.num_workers,
+      source={
+        "workdir": os.path.abspath(workdir),
+        "checkpoint": loaded.checkpoint.name,
+        "number": loaded.checkpoint.number,
+        "epoch": loaded.checkpoint.epoch,
+      },
+    )
 
   @classmethod
-  def from_workdir(cls, workdir: str, checkpoint: str | int | None = None, *,
-                   flip: bool | None = None, batch_size: int | None = None) -> Embedder:
+  def from_workdir(
+    cls,
+    workdir: str,
+    checkpoint: str | int | None = None,
+    *,
+    flip: bool | None = None,
+    batch_size: int | None = None,
+  ) -> Embedder:
     """The model of a checkpoint of a run, set up by the run's own ``config.json``.
 
     ``checkpoint``: "best", "latest", a checkpoint number, the path of a checkpoint folder, or
     "init"; by default the run's ``eval.checkpoint`` ("best", or the latest checkpoint of a
     run that evaluated none).
     """
-    return cls.from_config(Run(workdir).read_config(), workdir, checkpoint, flip=flip,
-                           batch_size=batch_size)
+    return cls.from_config(
+      Run(workdir).read_config(), workdir, checkpoint, flip=flip, batch_size=batch_size
+    )
 
   @property
   def feature_dim(self) -> int:
@@ -231,12 +268,20 @@ class Embedder:
     paths = [(i, os.fspath(item)) for i, item in enumerate(items) if _is_path(item)]
     for _, path in paths:
       if os.path.isdir(path):
-        raise InferencePathError(f"{path!r} is a folder; pass image files "
-                                 "(inference.list_images(folder) lists its images) or arrays.")
+        raise InferencePathError(
+          f"{path!r} is a folder; pass image files "
+          "(inference.list_images(folder) lists its images) or arrays."
+        )
     if paths:
       out[[i for i, _ in paths]] = load_image_cache(
-          [p for _, p in paths], self.height, self.width, None, progress=False,
-          num_workers=self.num_workers, skip_hint=_SKIP_HINT)
+        [p for _, p in paths],
+        self.height,
+        self.width,
+        None,
+        progress=False,
+        num_workers=self.num_workers,
+        skip_hint=_SKIP_HINT,
+      )
     for i, item in enumerate(items):
       if not _is_path(item):
         out[i] = _resize_array(item, self.height, self.width, i)
@@ -254,11 +299,14 @@ class Embedder:
     if not items:
       return np.zeros((0, self.feature_dim), np.float32)
     chunk = self.batch_size * _CHUNK_BATCHES
-    return np.concatenate([self._features(self.load_images(items[start:start + chunk]))
-                           for start in range(0, len(items), chunk)])
+    return np.concatenate(
+      [
+        self._features(self.load_images(items[start : start + chunk]))
+        for start in range(0, len(items), chunk)
+      ]
+    )
 
-  def embed_readable(self, paths: Sequence[str]
-                     ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  def embed_readable(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """``embed`` of image files that leaves the unreadable ones out (``skip_bad_images``).
 
     Returns:
@@ -268,15 +316,23 @@ class Embedder:
     paths = [os.fspath(p) for p in paths]
     for path in paths:
       if os.path.isdir(path):
-        raise InferencePathError(f"{path!r} is a folder; pass image files "
-                                 "(inference.list_images(folder) lists its images).")
+        raise InferencePathError(
+          f"{path!r} is a folder; pass image files "
+          "(inference.list_images(folder) lists its images)."
+        )
     chunk = self.batch_size * _CHUNK_BATCHES
     features = [np.zeros((0, self.feature_dim), np.float32)]
     kept: list[np.ndarray] = [np.zeros(0, np.int64)]
     bad: list[str] = []
     for start in range(0, len(paths), chunk):
-      readable = load_readable_images(paths[start:start + chunk], self.height, self.width,
-                                      None, progress=False, num_workers=self.num_workers)
+      readable = load_readable_images(
+        paths[start : start + chunk],
+        self.height,
+        self.width,
+        None,
+        progress=False,
+        num_workers=self.num_workers,
+      )
       bad += readable.bad
       if len(readable.kept):
         features.append(self._features(readable.images))
@@ -288,11 +344,13 @@ class Embedder:
     # Powers of two up to batch_size: few compiled shapes, little padding for small inputs.
     batch = min(self.batch_size, 1 << max(0, math.ceil(math.log2(len(images)))))
     with precision_scope(self.precision):
-      return extract_features(self._extract_fn, self.variables, images, mesh=self._mesh,
-                              batch_size=batch, progress=False)
+      return extract_features(
+        self._extract_fn, self.variables, images, mesh=self._mesh, batch_size=batch, progress=False
+      )
 
-  def feature_function(self, *, normalized_nchw: bool = False, kernels: str = "plain",
-                       dtype: Any = None):
+  def feature_function(
+    self, *, normalized_nchw: bool = False, kernels: str = "plain", dtype: Any = None
+  ):
     """The unjitted feature function with the variables closed over (what exports trace).
 
     ``normalized_nchw=False``: (B, height, width, 3) uint8 (or [0, 255] float) -> (B, D),
@@ -307,8 +365,9 @@ class Embedder:
     variables, flip = self.variables, self.flip
     if not normalized_nchw:
       return lambda images: eval_features(model, variables, images, flip=flip)
-    return lambda x: eval_features(model, variables, jnp.transpose(x, (0, 2, 3, 1)), flip=flip,
-                                   transform=None)
+    return lambda x: eval_features(
+      model, variables, jnp.transpose(x, (0, 2, 3, 1)), flip=flip, transform=None
+    )
 
 
 def _has_field(model: Any, name: str) -> bool:
@@ -340,16 +399,17 @@ class SearchResult:
   distances: np.ndarray
 
 
-def _top_k(query_features: np.ndarray, gallery_features: np.ndarray, topk: int,
-           block: int = 1024) -> SearchResult:
+def _top_k(
+  query_features: np.ndarray, gallery_features: np.ndarray, topk: int, block: int = 1024
+) -> SearchResult:
   k = min(int(topk), gallery_features.shape[0])
   indices = np.empty((query_features.shape[0], k), np.int64)
   distances = np.empty((query_features.shape[0], k), np.float32)
   for start in range(0, query_features.shape[0], block):
-    dist = pairwise_distance(query_features[start:start + block], gallery_features)
+    dist = pairwise_distance(query_features[start : start + block], gallery_features)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    indices[start:start + block] = order
-    distances[start:start + block] = np.take_along_axis(dist, order, axis=1)
+    indices[start : start + block] = order
+    distances[start : start + block] = np.take_along_axis(dist, order, axis=1)
   return SearchResult(indices=indices, distances=distances)
 
 
@@ -372,9 +432,16 @@ def search(embedder: Embedder, query: Any, gallery: Any, topk: int = 10) -> Sear
   return _top_k(embedder.embed(query), gallery_features, topk)
 
 
-def search_and_draw(embedder: Embedder, query_paths: Sequence[str], gallery_paths: Sequence[str],
-                    topk: int = 10, out_png: str | None = None, max_rows: int = 16, *,
-                    skip_bad_images: bool = False) -> list[dict[str, Any]]:
+def search_and_draw(
+  embedder: Embedder,
+  query_paths: Sequence[str],
+  gallery_paths: Sequence[str],
+  topk: int = 10,
+  out_png: str | None = None,
+  max_rows: int = 16,
+  *,
+  skip_bad_images: bool = False,
+) -> list[dict[str, Any]]:
   """``search`` on image files, as records; with ``out_png``, a rank-list picture too.
 
   Returns one ``{"query": path, "matches": [{"rank", "path", "distance"}, ...]}`` per query.
@@ -392,25 +459,39 @@ def search_and_draw(embedder: Embedder, query_paths: Sequence[str], gallery_path
     for split, paths in (("gallery", gallery_paths), ("query", query_paths)):
       features, kept, bad = embedder.embed_readable(paths)
       if bad:
-        logger.warning("search: skipped %d unreadable %s image(s) of %d (first: %s)",
-                       len(bad), split, len(paths), bad[0])
+        logger.warning(
+          "search: skipped %d unreadable %s image(s) of %d (first: %s)",
+          len(bad),
+          split,
+          len(paths),
+          bad[0],
+        )
       if not len(kept):
-        raise InferencePathError(f"no readable {split} image: all {len(paths)} cannot be read "
-                                 f"(first: {bad[0]}).")
+        raise InferencePathError(
+          f"no readable {split} image: all {len(paths)} cannot be read (first: {bad[0]})."
+        )
       found[split] = features, [paths[i] for i in kept]
-    (gallery_features, gallery_paths), (query_features, query_paths) = (found["gallery"],
-                                                                        found["query"])
+    (gallery_features, gallery_paths), (query_features, query_paths) = (
+      found["gallery"],
+      found["query"],
+    )
     result = _top_k(query_features, gallery_features, topk)
   records = []
   for q, (row, dist) in enumerate(zip(result.indices, result.distances)):
-    records.append({"query": str(query_paths[q]), "matches": [
-        {"rank": r, "path": str(gallery_paths[g]), "distance": float(d)}
-        for r, (g, d) in enumerate(zip(row, dist), start=1)]})
+    records.append(
+      {
+        "query": str(query_paths[q]),
+        "matches": [
+          {"rank": r, "path": str(gallery_paths[g]), "distance": float(d)}
+          for r, (g, d) in enumerate(zip(row, dist), start=1)
+        ],
+      }
+    )
   if out_png:
     rows = min(len(query_paths), max_rows)
     image = visualize.search_rank_list_image(
-        list(query_paths[:rows]), list(gallery_paths), result.indices[:rows],
-        result.distances[:rows])
+      list(query_paths[:rows]), list(gallery_paths), result.indices[:rows], result.distances[:rows]
+    )
     visualize.save_png(out_png, image)
   return records
 
@@ -423,6 +504,7 @@ def format_search_results(records: Sequence[dict[str, Any]]) -> str:
   lines = []
   for record in records:
     lines.append(f"query {printable(record['query'])}")
-    lines += [f"  {m['rank']:>3}  {m['distance']:.4f}  {printable(m['path'])}"
-              for m in record["matches"]]
+    lines += [
+      f"  {m['rank']:>3}  {m['distance']:.4f}  {printable(m['path'])}" for m in record["matches"]
+    ]
   return "\n".join(lines)

@@ -45,53 +45,80 @@ from ccreid_jax.utils import format_history_table, format_results_table, printab
 from ccreid_jax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "A recipe name (market1501, msmt17_cam, demo, ...; ccreid_jax.configs.recipe_names()) or "
-    "the path of a config file.", lock_config=True)
+  "config",
+  None,
+  "A recipe name (market1501, msmt17_cam, demo, ...; ccreid_jax.configs.recipe_names()) or "
+  "the path of a config file.",
+  lock_config=True,
+)
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, caches and logs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "extract", "search", "export", "sweep"],
-    "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
-    "features of --split to --out (.npz); search: rank the images of --gallery for each "
-    "--query image (prints the ranked paths with distances, writes a rank-list PNG); export: "
-    "write the model for serving in --format to --out; sweep: cluster the train features of "
-    "a checkpoint at every DBSCAN radius of --eps (a table, and a JSON and PNG in --out).")
+  "mode",
+  "train",
+  ["train", "eval", "extract", "search", "export", "sweep"],
+  "train: train (or resume) and evaluate; eval: evaluate a checkpoint; extract: write the "
+  "features of --split to --out (.npz); search: rank the images of --gallery for each "
+  "--query image (prints the ranked paths with distances, writes a rank-list PNG); export: "
+  "write the model for serving in --format to --out; sweep: cluster the train features of "
+  "a checkpoint at every DBSCAN radius of --eps (a table, and a JSON and PNG in --out).",
+)
 CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None,
-    "--mode eval/extract/search/export/sweep: 'best', 'latest', a checkpoint number (the epochs "
-    "it finished), the path of a checkpoint folder, or 'init' for the initial (pretrained) "
-    "model (default config.eval.checkpoint; with no checkpoint and config.model.pretrained "
-    "set: init).")
-_SPLIT = flags.DEFINE_enum("split", "query", ["train", "query", "gallery"],
-                           "--mode extract: the split whose features are written.")
+  "checkpoint",
+  None,
+  "--mode eval/extract/search/export/sweep: 'best', 'latest', a checkpoint number (the epochs "
+  "it finished), the path of a checkpoint folder, or 'init' for the initial (pretrained) "
+  "model (default config.eval.checkpoint; with no checkpoint and config.model.pretrained "
+  "set: init).",
+)
+_SPLIT = flags.DEFINE_enum(
+  "split",
+  "query",
+  ["train", "query", "gallery"],
+  "--mode extract: the split whose features are written.",
+)
 OUT = flags.DEFINE_string(
-    "out", None,
-    "--mode extract: the .npz file to write; --mode search: the rank-list PNG (default "
-    "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file; "
-    "--mode sweep: the folder of eps_sweep_<checkpoint>.json and .png (default --workdir).")
+  "out",
+  None,
+  "--mode extract: the .npz file to write; --mode search: the rank-list PNG (default "
+  "<workdir>/search_ranklist.png); --mode export: a folder (stablehlo) or a .onnx file; "
+  "--mode sweep: the folder of eps_sweep_<checkpoint>.json and .png (default --workdir).",
+)
 _QUERY = flags.DEFINE_string("query", None, "--mode search: a query image, or a folder of them.")
 _GALLERY = flags.DEFINE_string(
-    "gallery", None, "--mode search: the folder of gallery images (searched recursively).")
-_TOPK = flags.DEFINE_integer("topk", 10, "--mode search: matches listed and drawn per query.",
-                             lower_bound=1)
+  "gallery", None, "--mode search: the folder of gallery images (searched recursively)."
+)
+_TOPK = flags.DEFINE_integer(
+  "topk", 10, "--mode search: matches listed and drawn per query.", lower_bound=1
+)
 _FORMAT = flags.DEFINE_enum(
-    "format", "stablehlo", ["stablehlo", "onnx"],
-    "--mode export: stablehlo (--out is a folder: model.stablehlo + model.stablehlo.json) or "
-    "onnx (--out is a .onnx file, with <file>.json beside it).")
+  "format",
+  "stablehlo",
+  ["stablehlo", "onnx"],
+  "--mode export: stablehlo (--out is a folder: model.stablehlo + model.stablehlo.json) or "
+  "onnx (--out is a .onnx file, with <file>.json beside it).",
+)
 _EPS = flags.DEFINE_string(
-    "eps", "0.3:0.8:0.05",
-    "--mode sweep: DBSCAN radii to try: start:stop:step (stop included), a comma-separated "
-    "list, or one value; each in (0, 1).")
+  "eps",
+  "0.3:0.8:0.05",
+  "--mode sweep: DBSCAN radii to try: start:stop:step (stop included), a comma-separated "
+  "list, or one value; each in (0, 1).",
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False,
-    "--mode export: replace an existing export (model file and sidecar) at --out; a run's own "
-    "files (config.json, checkpoints/, ...) are never replaced.")
+  "overwrite",
+  False,
+  "--mode export: replace an existing export (model file and sidecar) at --out; a run's own "
+  "files (config.json, checkpoints/, ...) are never replaced.",
+)
 _FORCE = flags.DEFINE_bool(
-    "force", False,
-    "Resume although the config differs from <workdir>/config.json in fields that change results.")
+  "force",
+  False,
+  "Resume although the config differs from <workdir>/config.json in fields that change results.",
+)
 _VERBOSE = flags.DEFINE_bool(
-    "verbose", False,
-    "On an error, print the traceback too (as does CCREID_TRACEBACK=1 in the environment).")
+  "verbose",
+  False,
+  "On an error, print the traceback too (as does CCREID_TRACEBACK=1 in the environment).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -108,13 +135,29 @@ def _given(holder: flags.FlagHolder[str | None]) -> str:
 
 # Errors of what was typed (exit code 2) and of files that cannot be used (exit code 1). Any
 # other exception is a bug and keeps its traceback.
-_USAGE_ERRORS = (CommandLineError, ConfigError, run_lib.WorkdirConfigMismatch,
-                 train.TrainingSetChanged, inference.InferencePathError,
-                 run_lib.CheckpointNameError, checkpoint_lib.CheckpointNotFoundError,
-                 feature_files.OutputPathError, app.UsageError)
-_FILE_ERRORS = (DatasetError, ImageDecodeError, CacheSpaceError, checkpoint_lib.CheckpointError,
-                run_lib.WorkdirLocked, run_lib.RunConfigError, export_lib.ExportUnavailableError,
-                weights.WeightsFormatError, weights.WeightsMismatchError, StorageError)
+_USAGE_ERRORS = (
+  CommandLineError,
+  ConfigError,
+  run_lib.WorkdirConfigMismatch,
+  train.TrainingSetChanged,
+  inference.InferencePathError,
+  run_lib.CheckpointNameError,
+  checkpoint_lib.CheckpointNotFoundError,
+  feature_files.OutputPathError,
+  app.UsageError,
+)
+_FILE_ERRORS = (
+  DatasetError,
+  ImageDecodeError,
+  CacheSpaceError,
+  checkpoint_lib.CheckpointError,
+  run_lib.WorkdirLocked,
+  run_lib.RunConfigError,
+  export_lib.ExportUnavailableError,
+  weights.WeightsFormatError,
+  weights.WeightsMismatchError,
+  StorageError,
+)
 
 
 def exit_code_of(exc: BaseException) -> int | None:
@@ -181,8 +224,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as exc:  # ml_collections raises KeyError / AttributeError for overrides.
     problem = _unknown_config_field(argv) if isinstance(exc, (KeyError, AttributeError)) else None
     if problem is None:  # the config file runs while the flags are parsed
-      problem = (f"--config {_config_argument(argv)}: the config file cannot be loaded: "
-                 f"{type(exc).__name__}: {exc}")
+      problem = (
+        f"--config {_config_argument(argv)}: the config file cannot be loaded: "
+        f"{type(exc).__name__}: {exc}"
+      )
     fail(problem, 2, show_traceback=traceback_asked(argv))
   raise AssertionError("unreachable")
 
@@ -195,7 +240,7 @@ def _resolve_config_argument(argv: list[str]) -> list[str]:
     if arg == "--":
       break
     if arg.startswith("--config="):
-      argv[i] = "--config=" + configs.resolve(arg[len("--config="):])
+      argv[i] = "--config=" + configs.resolve(arg[len("--config=") :])
     elif arg == "--config" and i + 1 < len(argv):
       argv[i + 1] = configs.resolve(argv[i + 1])
   return argv
@@ -204,7 +249,7 @@ def _resolve_config_argument(argv: list[str]) -> list[str]:
 def _config_argument(argv: list[str]) -> str:
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
-      return arg[len("--config="):]
+      return arg[len("--config=") :]
     if arg == "--config" and i + 1 < len(argv):
       return argv[i + 1]
   return "?"
@@ -213,8 +258,10 @@ def _config_argument(argv: list[str]) -> str:
 def check_workdir(path: str) -> None:
   """Refuses a --workdir that is a file or cannot be created, before anything is loaded."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise CommandLineError(f"--workdir {path} is a file, not a folder: name the folder of the "
-                           "run (it is created when missing).")
+    raise CommandLineError(
+      f"--workdir {path} is a file, not a folder: name the folder of the "
+      "run (it is created when missing)."
+    )
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as exc:
@@ -227,32 +274,42 @@ def load_config() -> ml_collections.ConfigDict:
     config.keys()  # a file that failed to load gives an object that raises when used
   except Exception as exc:  # absl re-raises whatever the config file raised
     name = config_flags.get_config_filename(flags.FLAGS["config"])
-    reason = str(exc).replace("Configuration is not available because of an earlier failure to "
-                              "load: ", "")
+    reason = str(exc).replace(
+      "Configuration is not available because of an earlier failure to load: ", ""
+    )
     raise CommandLineError(f"--config {name}: the config file cannot be loaded: {reason}") from exc
   return config
 
 
-def training_summary(config: ml_collections.ConfigDict, workdir: str,
-                     results: dict[str, object]) -> str:
+def training_summary(
+  config: ml_collections.ConfigDict, workdir: str, results: dict[str, object]
+) -> str:
   """What the command line prints after training: the evaluations, or that nothing was
   trained (no epoch to train and no checkpoint)."""
   records = run_lib.Run(workdir).metrics_lines()[0]
   lines = []
   if any("mAP" in r for r in records):
-    lines += [f"\nevaluations of {workdir} ({config.data.name}; values in %):",
-              format_history_table(records)]
+    lines += [
+      f"\nevaluations of {workdir} ({config.data.name}; values in %):",
+      format_history_table(records),
+    ]
   if not results:
-    lines.append(f"\nnothing was trained: train.epochs is {config.train.epochs} and {workdir} "
-                 "holds no checkpoint (set --config.train.epochs=N to train N epochs).")
+    lines.append(
+      f"\nnothing was trained: train.epochs is {config.train.epochs} and {workdir} "
+      "holds no checkpoint (set --config.train.epochs=N to train N epochs)."
+    )
   epochs = {r["epoch"]: r for r in records if r.get("kind") == "epoch"}
-  for clusters, what in ((0, "found no cluster (nothing was trained)"),
-                         (1, "put every image in one cluster (loss 0: nothing was learnt)")):
+  for clusters, what in (
+    (0, "found no cluster (nothing was trained)"),
+    (1, "put every image in one cluster (loss 0: nothing was learnt)"),
+  ):
     degenerate = sorted(e for e, r in epochs.items() if r.get("clusters") == clusters)
     if degenerate:
-      lines.append(f"\nWARNING: in {len(degenerate)} of {len(epochs)} epochs (epoch "
-                   f"{', '.join(map(str, degenerate))}) the clustering {what}. "
-                   f"{train.DEGENERATE_ADVICE}")
+      lines.append(
+        f"\nWARNING: in {len(degenerate)} of {len(epochs)} epochs (epoch "
+        f"{', '.join(map(str, degenerate))}) the clustering {what}. "
+        f"{train.DEGENERATE_ADVICE}"
+      )
   return "\n".join(lines)
 
 
@@ -285,9 +342,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not results:
     return
   if "best" not in results:  # nothing to evaluate on: the checkpoints kept.
-    print(f"\nno query / gallery to evaluate on; checkpoints kept in {workdir}/"
-          f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
-          "--mode eval --config.eval.list=..., or sweep eps on it with --mode sweep)")
+    print(
+      f"\nno query / gallery to evaluate on; checkpoints kept in {workdir}/"
+      f"checkpoints: {', '.join(map(str, results['checkpoints']))} (evaluate one with "
+      "--mode eval --config.eval.list=..., or sweep eps on it with --mode sweep)"
+    )
     return
   print(format_results_table(results["best"], title=f"\nbest (epoch {results['best']['epoch']})"))
   print(format_results_table(results["last"], title=f"\nlast (epoch {results['last']['epoch']})"))
@@ -299,9 +358,11 @@ def _eval(config: ml_collections.ConfigDict, workdir: str) -> None:
   evaluated_on = config.eval.dataset or config.data.name
   if not config.eval.dataset and config.eval.get("list"):
     evaluated_on = f"eval list {config.eval.list}"
-  title = (f"initial model ({evaluated_on})" if results["checkpoint"] == 0
-           else f"checkpoint {results['checkpoint']}: after epoch {results['epoch']} "
-                f"({evaluated_on})")
+  title = (
+    f"initial model ({evaluated_on})"
+    if results["checkpoint"] == 0
+    else f"checkpoint {results['checkpoint']}: after epoch {results['epoch']} ({evaluated_on})"
+  )
   print(format_results_table(results, title=title))
   print(json.dumps({k: results[k] for k in sorted(results)}))
 
@@ -313,40 +374,59 @@ def _check_extract() -> None:
 
 
 def _extract(config: ml_collections.ConfigDict, workdir: str) -> None:
-  summary = commands.extract(config, workdir, split=_SPLIT.value, out=_given(OUT),
-                             checkpoint=CHECKPOINT.value)
+  summary = commands.extract(
+    config, workdir, split=_SPLIT.value, out=_given(OUT), checkpoint=CHECKPOINT.value
+  )
   print(json.dumps(summary))
 
 
 def _check_search() -> None:
   if not (_QUERY.value and _GALLERY.value):
-    raise CommandLineError("--mode search needs --query <image or folder> and --gallery "
-                           "<folder>")
+    raise CommandLineError("--mode search needs --query <image or folder> and --gallery <folder>")
   if OUT.value:
     feature_files.check_output_path(OUT.value)
 
 
 def _search(config: ml_collections.ConfigDict, workdir: str) -> None:
-  records, png = commands.search(config, workdir, _given(_QUERY), _given(_GALLERY),
-                                 topk=_TOPK.value, out_png=OUT.value, checkpoint=CHECKPOINT.value)
+  records, png = commands.search(
+    config,
+    workdir,
+    _given(_QUERY),
+    _given(_GALLERY),
+    topk=_TOPK.value,
+    out_png=OUT.value,
+    checkpoint=CHECKPOINT.value,
+  )
   print(inference.format_search_results(records))
   print(f"rank list: {printable(png)}")
 
 
 def _check_export() -> None:
   if not OUT.value:
-    raise CommandLineError("--mode export needs --out (a folder for --format=stablehlo, a "
-                           ".onnx file for --format=onnx)")
+    raise CommandLineError(
+      "--mode export needs --out (a folder for --format=stablehlo, a .onnx file for --format=onnx)"
+    )
   if _FORMAT.value == "onnx":
     feature_files.check_output_path(OUT.value)
-  export_lib.check_export_paths(_FORMAT.value, OUT.value, overwrite=_OVERWRITE.value,
-                                workdirs=(_given(WORKDIR),))
+  export_lib.check_export_paths(
+    _FORMAT.value, OUT.value, overwrite=_OVERWRITE.value, workdirs=(_given(WORKDIR),)
+  )
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> None:
-  print(json.dumps(commands.export(config, workdir, _FORMAT.value, _given(OUT),
-                                   checkpoint=CHECKPOINT.value, overwrite=_OVERWRITE.value),
-                   sort_keys=True))
+  print(
+    json.dumps(
+      commands.export(
+        config,
+        workdir,
+        _FORMAT.value,
+        _given(OUT),
+        checkpoint=CHECKPOINT.value,
+        overwrite=_OVERWRITE.value,
+      ),
+      sort_keys=True,
+    )
+  )
 
 
 def _eps_values() -> list[float]:
@@ -365,10 +445,13 @@ def _check_sweep() -> None:
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
-  result = commands.sweep(config, workdir, _eps_values(), checkpoint=CHECKPOINT.value,
-                          out=OUT.value or workdir)
-  print(f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
-        f"({result['distance']} distance, min_samples {result['min_samples']}):")
+  result = commands.sweep(
+    config, workdir, _eps_values(), checkpoint=CHECKPOINT.value, out=OUT.value or workdir
+  )
+  print(
+    f"eps sweep of {result['num_train']} train images, checkpoint {result['checkpoint']} "
+    f"({result['distance']} distance, min_samples {result['min_samples']}):"
+  )
   print(eps_sweep.format_table(result["rows"], result["configured_eps"]))
   if "json" in result:
     print(f"wrote {result['json']} and {result['png']}")
@@ -376,12 +459,12 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 # --mode -> (the check of its flags, the command).
 MODES: dict[str, tuple[Callable[[], None], Callable[[ml_collections.ConfigDict, str], None]]] = {
-    "train": (_nothing_to_check, _train),
-    "eval": (_nothing_to_check, _eval),
-    "extract": (_check_extract, _extract),
-    "search": (_check_search, _search),
-    "export": (_check_export, _export),
-    "sweep": (_check_sweep, _sweep),
+  "train": (_nothing_to_check, _train),
+  "eval": (_nothing_to_check, _eval),
+  "extract": (_check_extract, _extract),
+  "search": (_check_search, _search),
+  "export": (_check_export, _export),
+  "sweep": (_check_sweep, _sweep),
 }
 
 
@@ -397,8 +480,9 @@ def main(argv: list[str]) -> None:
 
 def _run(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise CommandLineError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written "
-                           "--name=value)")
+    raise CommandLineError(
+      f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)"
+    )
   check_flags, command = MODES[_MODE.value]
   check_flags()  # before anything is loaded.
   workdir = _given(WORKDIR)
@@ -408,7 +492,8 @@ def _run(argv: list[str]) -> None:
   config = load_config()
   if _MODE.value != "train":
     run_lib.Run(workdir).reference(
-        config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value)
+      config.eval.checkpoint if CHECKPOINT.value is None else CHECKPOINT.value
+    )
   log_to_stderr()
   distributed.maybe_initialize()  # Multi-host runs: before anything touches a device.
   command(config, workdir)

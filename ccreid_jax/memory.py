@@ -79,8 +79,9 @@ def init_memory(centroids: np.ndarray, bucket: int | None = None) -> MemoryState
   return MemoryState(centroids=jnp.asarray(padded), valid=jnp.asarray(valid))
 
 
-def memory_logits(features: jax.Array, centroids: jax.Array, temperature: float,
-                  valid: jax.Array | None = None) -> jax.Array:
+def memory_logits(
+  features: jax.Array, centroids: jax.Array, temperature: float, valid: jax.Array | None = None
+) -> jax.Array:
   """(B, C) float32 logits ``l2norm(features) @ centroids.T / temperature``.
 
   The centroids get no gradient; padded rows (``valid == False``) get a large negative
@@ -94,8 +95,13 @@ def memory_logits(features: jax.Array, centroids: jax.Array, temperature: float,
   return logits
 
 
-def contrastive_loss(features: jax.Array, centroids: jax.Array, labels: jax.Array,
-                     temperature: float, valid: jax.Array | None = None) -> jax.Array:
+def contrastive_loss(
+  features: jax.Array,
+  centroids: jax.Array,
+  labels: jax.Array,
+  temperature: float,
+  valid: jax.Array | None = None,
+) -> jax.Array:
   """Mean cross-entropy of the memory logits against integer cluster labels (B,)."""
   logits = memory_logits(features, centroids, temperature, valid)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -103,8 +109,13 @@ def contrastive_loss(features: jax.Array, centroids: jax.Array, labels: jax.Arra
   return -jnp.mean(picked)
 
 
-def soft_contrastive_loss(features: jax.Array, centroids: jax.Array, targets: jax.Array,
-                          temperature: float, valid: jax.Array | None = None) -> jax.Array:
+def soft_contrastive_loss(
+  features: jax.Array,
+  centroids: jax.Array,
+  targets: jax.Array,
+  temperature: float,
+  valid: jax.Array | None = None,
+) -> jax.Array:
   """Mean over the batch of ``-sum_c targets[b, c] * log_softmax(logits)[b, c]``.
 
   ``targets`` (B, C) are distributions over the (padded) memory rows; with one-hot
@@ -117,8 +128,9 @@ def soft_contrastive_loss(features: jax.Array, centroids: jax.Array, targets: ja
   return jnp.mean(per_sample)
 
 
-def momentum_update(centroids: jax.Array, features: jax.Array, labels: jax.Array,
-                    momentum: float, hard: bool = False) -> jax.Array:
+def momentum_update(
+  centroids: jax.Array, features: jax.Array, labels: jax.Array, momentum: float, hard: bool = False
+) -> jax.Array:
   """Returns the memory after this batch's update (features are L2-normalised first).
 
   ``hard=False``: sequential in batch order, ``M[y] <- l2norm(mu * M[y] + (1 - mu) * x)``
@@ -145,25 +157,31 @@ def momentum_update(centroids: jax.Array, features: jax.Array, labels: jax.Array
   return memory
 
 
-def _hard_update(memory: jax.Array, x: jax.Array, labels: jax.Array,
-                 momentum: float) -> jax.Array:
+def _hard_update(memory: jax.Array, x: jax.Array, labels: jax.Array, momentum: float) -> jax.Array:
   num_rows = memory.shape[0]
   batch = x.shape[0]
   # Elementwise products, so the cosines are exact float32 (no matmul precision mode).
-  cosine = jnp.sum(x * memory[labels], axis=-1)                               # (B,)
-  lowest = jax.ops.segment_min(cosine, labels, num_segments=num_rows)          # (C,)
+  cosine = jnp.sum(x * memory[labels], axis=-1)  # (B,)
+  lowest = jax.ops.segment_min(cosine, labels, num_segments=num_rows)  # (C,)
   is_lowest = cosine == lowest[labels]
   candidate = jnp.where(is_lowest, jnp.arange(batch, dtype=jnp.int32), batch)
-  hardest = jax.ops.segment_min(candidate, labels, num_segments=num_rows)     # (C,)
+  hardest = jax.ops.segment_min(candidate, labels, num_segments=num_rows)  # (C,)
   present = hardest < batch
-  chosen = x[jnp.clip(hardest, 0, batch - 1)]                                  # (C, D)
+  chosen = x[jnp.clip(hardest, 0, batch - 1)]  # (C, D)
   updated = l2_normalize(momentum * memory + (1.0 - momentum) * chosen)
   return jnp.where(present[:, None], updated, memory)
 
 
-def bmw_update(centroids: jax.Array, features: jax.Array, labels: jax.Array, *,
-               pull: float = 0.9, push: float = 0.2, dynamic_weights: bool = True,
-               valid: jax.Array | None = None) -> jax.Array:
+def bmw_update(
+  centroids: jax.Array,
+  features: jax.Array,
+  labels: jax.Array,
+  *,
+  pull: float = 0.9,
+  push: float = 0.2,
+  dynamic_weights: bool = True,
+  valid: jax.Array | None = None,
+) -> jax.Array:
   """BMW's rewrite of the memory after a step: pull each row in, push it from its neighbour.
 
   Liu et al., "Bidirectionally Memory bank reWriting for Unsupervised Person
@@ -200,26 +218,26 @@ def bmw_update(centroids: jax.Array, features: jax.Array, labels: jax.Array, *,
   x = l2_normalize(jax.lax.stop_gradient(features))
   labels = labels.astype(jnp.int32)
   batch = labels.shape[0]
-  candidate = (jnp.ones(memory.shape[0], bool) if valid is None
-               else jnp.asarray(valid, bool))
+  candidate = jnp.ones(memory.shape[0], bool) if valid is None else jnp.asarray(valid, bool)
   # One scan slot per sample: first the first sample of each cluster in batch order (its
   # cluster is rewritten there), then the repeated samples, whose slots change nothing.
   position = jnp.arange(batch)
-  seen_before = jnp.any((labels[:, None] == labels[None, :])
-                        & (position[None, :] < position[:, None]), axis=1)
+  seen_before = jnp.any(
+    (labels[:, None] == labels[None, :]) & (position[None, :] < position[:, None]), axis=1
+  )
   order = jnp.argsort(seen_before.astype(jnp.int32), stable=True)
 
   def rewrite(mem: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
     label, active = slot
     m = mem[label]
     # Elementwise products, so the cosines are exact float32 (no matmul precision mode).
-    to_members = jnp.where(labels == label, jnp.sum(x * m, axis=-1), jnp.inf)   # (B,)
-    hardest = jnp.argmin(to_members)                    # ties: the first in batch order
+    to_members = jnp.where(labels == label, jnp.sum(x * m, axis=-1), jnp.inf)  # (B,)
+    hardest = jnp.argmin(to_members)  # ties: the first in batch order
     f, mf = x[hardest], to_members[hardest]
-    to_rows = jnp.sum(mem * m, axis=-1)                                       # (K,)
+    to_rows = jnp.sum(mem * m, axis=-1)  # (K,)
     scores = jnp.where(candidate, to_rows, -jnp.inf).at[label].set(0.0)
-    nearest = jnp.argmax(scores)                        # ties: the lowest row index
-    c, mc = mem[nearest], to_rows[nearest]              # mc = <m, m> when c is m itself
+    nearest = jnp.argmax(scores)  # ties: the lowest row index
+    c, mc = mem[nearest], to_rows[nearest]  # mc = <m, m> when c is m itself
     g1, g2 = m - f, m + c
     if dynamic_weights:
       g1, g2 = (1.0 - mf) * g1, (1.0 + mc) * g2
@@ -232,13 +250,16 @@ def bmw_update(centroids: jax.Array, features: jax.Array, labels: jax.Array, *,
 
 
 @overload
-def update_centroids(memory: MemoryState, features: jax.Array, labels: jax.Array,
-                     settings: Any) -> MemoryState: ...
+def update_centroids(
+  memory: MemoryState, features: jax.Array, labels: jax.Array, settings: Any
+) -> MemoryState: ...
 @overload
-def update_centroids(memory: jax.Array, features: jax.Array, labels: jax.Array,
-                     settings: Any) -> jax.Array: ...
-def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, labels: jax.Array,
-                     settings: Any) -> MemoryState | jax.Array:
+def update_centroids(
+  memory: jax.Array, features: jax.Array, labels: jax.Array, settings: Any
+) -> jax.Array: ...
+def update_centroids(
+  memory: MemoryState | jax.Array, features: jax.Array, labels: jax.Array, settings: Any
+) -> MemoryState | jax.Array:
   """The memory after this step's rewrite, as ``settings.update_rule`` (``config.memory``) says.
 
   "momentum": :func:`momentum_update` in batch order with ``settings.momentum``; "hard": its
@@ -256,10 +277,17 @@ def update_centroids(memory: MemoryState | jax.Array, features: jax.Array, label
   if kind in ("momentum", "hard"):
     new = momentum_update(centroids, features, labels, settings.momentum, hard=kind == "hard")
   elif kind == "bmw":
-    new = bmw_update(centroids, features, labels, pull=settings.bmw_pull,
-                     push=settings.bmw_push, dynamic_weights=settings.bmw_dynamic_weights,
-                     valid=None if state is None else state.valid)
+    new = bmw_update(
+      centroids,
+      features,
+      labels,
+      pull=settings.bmw_pull,
+      push=settings.bmw_push,
+      dynamic_weights=settings.bmw_dynamic_weights,
+      valid=None if state is None else state.valid,
+    )
   else:
-    raise ValueError(f"config.memory.update_rule = {kind!r}: accepted: "
-                     f"{', '.join(repr(u) for u in UPDATE_RULES)}")
+    raise ValueError(
+      f"config.memory.update_rule = {kind!r}: accepted: {', '.join(repr(u) for u in UPDATE_RULES)}"
+    )
   return new if state is None else dataclasses.replace(state, centroids=new)

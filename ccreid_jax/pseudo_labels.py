@@ -22,9 +22,16 @@ from sklearn.metrics import adjusted_rand_score
 
 from ccreid_jax import camera_memory, clustering
 
-__all__ = ["Generation", "PseudoLabels", "camera_stats", "cluster_distance", "cluster_labels",
-           "label_stats",
-           "pseudo_label", "rlcc_targets"]
+__all__ = [
+  "Generation",
+  "PseudoLabels",
+  "camera_stats",
+  "cluster_distance",
+  "cluster_labels",
+  "label_stats",
+  "pseudo_label",
+  "rlcc_targets",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +92,14 @@ CLUSTER_METHODS = ("dbscan", "infomap")
 CLUSTER_DISTANCES = ("jaccard", "ca_jaccard")
 
 
-def cluster_distance(features: np.ndarray, cameras: np.ndarray | None,
-                     cluster: ml_collections.ConfigDict, *, epoch: int, max_distance: float):
+def cluster_distance(
+  features: np.ndarray,
+  cameras: np.ndarray | None,
+  cluster: ml_collections.ConfigDict,
+  *,
+  epoch: int,
+  max_distance: float,
+):
   """The sparse distance DBSCAN clusters at ``epoch``: Jaccard, or CA-Jaccard (with its
   first-epoch query expansion in epoch 0), storing the pairs up to ``max_distance``."""
   if cluster.distance == "ca_jaccard":
@@ -94,18 +107,28 @@ def cluster_distance(features: np.ndarray, cameras: np.ndarray | None,
       raise ValueError("cluster.distance='ca_jaccard' needs the cameras.")
     first = epoch == 0
     return clustering.ca_jaccard_distance(
-        features, cameras, k1_intra=cluster.ca_k1_intra, k1_inter=cluster.ca_k1_inter,
-        k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
-        k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
-        max_distance=max_distance)
-  return clustering.jaccard_distance(features, k1=cluster.k1, k2=cluster.k2,
-                                     max_distance=max_distance)
+      features,
+      cameras,
+      k1_intra=cluster.ca_k1_intra,
+      k1_inter=cluster.ca_k1_inter,
+      k2_intra=cluster.ca_k2_intra_first if first else cluster.ca_k2_intra,
+      k2_inter=cluster.ca_k2_inter_first if first else cluster.ca_k2_inter,
+      max_distance=max_distance,
+    )
+  return clustering.jaccard_distance(
+    features, k1=cluster.k1, k2=cluster.k2, max_distance=max_distance
+  )
 
 
-def cluster_labels(features: np.ndarray, cameras: np.ndarray | None,
-                   cluster: ml_collections.ConfigDict, *, epoch: int,
-                   outliers_as_singletons: bool = False,
-                   indep_threshold: float | None = None) -> tuple[np.ndarray, float | None]:
+def cluster_labels(
+  features: np.ndarray,
+  cameras: np.ndarray | None,
+  cluster: ml_collections.ConfigDict,
+  *,
+  epoch: int,
+  outliers_as_singletons: bool = False,
+  indep_threshold: float | None = None,
+) -> tuple[np.ndarray, float | None]:
   """``(labels, indep_threshold)`` of the configured clustering; -1 marks outliers.
 
   DBSCAN on the Jaccard or CA-Jaccard distance (with SpCL's reliability criterion when
@@ -115,21 +138,29 @@ def cluster_labels(features: np.ndarray, cameras: np.ndarray | None,
   if cluster.method == "infomap":
     seed = int(cluster.infomap_seed) or None  # 0: the infomap package's own default.
     labels = clustering.infomap_labels(
-        features, k=cluster.infomap_k, min_similarity=cluster.infomap_min_similarity,
-        min_cluster_size=cluster.infomap_min_cluster_size, seed=seed)
+      features,
+      k=cluster.infomap_k,
+      min_similarity=cluster.infomap_min_similarity,
+      min_cluster_size=cluster.infomap_min_cluster_size,
+      seed=seed,
+    )
   elif cluster.method == "dbscan":
     radius = cluster.eps_loose if cluster.reliable else cluster.eps
     distance = cluster_distance(features, cameras, cluster, epoch=epoch, max_distance=radius)
     if cluster.reliable:
       return clustering.reliable_dbscan_labels(
-          distance, eps=(cluster.eps_tight, cluster.eps, cluster.eps_loose),
-          min_samples=cluster.min_samples, outliers_as_singletons=outliers_as_singletons,
-          indep_threshold=indep_threshold)
-    labels = clustering.dbscan_labels(distance, eps=cluster.eps,
-                                      min_samples=cluster.min_samples)
+        distance,
+        eps=(cluster.eps_tight, cluster.eps, cluster.eps_loose),
+        min_samples=cluster.min_samples,
+        outliers_as_singletons=outliers_as_singletons,
+        indep_threshold=indep_threshold,
+      )
+    labels = clustering.dbscan_labels(distance, eps=cluster.eps, min_samples=cluster.min_samples)
   else:
-    raise ValueError(f"config.cluster.method: unknown method {cluster.method!r}; accepted: "
-                     f"{', '.join(map(repr, CLUSTER_METHODS))}")
+    raise ValueError(
+      f"config.cluster.method: unknown method {cluster.method!r}; accepted: "
+      f"{', '.join(map(repr, CLUSTER_METHODS))}"
+    )
   if outliers_as_singletons:
     labels = clustering.keep_outliers_as_singletons(labels)
   return labels, indep_threshold
@@ -139,8 +170,7 @@ def cluster_labels(features: np.ndarray, cameras: np.ndarray | None,
 SIZE_BINS = (1, 3, 7, 15, 31, 63)
 
 
-def label_stats(features: np.ndarray, labels: np.ndarray,
-                centroids: np.ndarray) -> dict[str, Any]:
+def label_stats(features: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> dict[str, Any]:
   """What can be known about a clustering without ground truth.
 
   ``outliers``: samples in no class of two or more (-1, and singleton classes);
@@ -152,18 +182,24 @@ def label_stats(features: np.ndarray, labels: np.ndarray,
   sizes = np.bincount(labels[kept]) if kept.any() else np.zeros(0, np.int64)
   sizes = sizes[sizes > 0]
   edges = (0,) + SIZE_BINS + (np.iinfo(np.int64).max,)
-  names = [f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi)
-           for lo, hi in itertools.pairwise(edges[:-1])]
+  names = [
+    f"{lo + 1}-{hi}" if hi > lo + 1 else str(hi) for lo, hi in itertools.pairwise(edges[:-1])
+  ]
   names.append(f"{SIZE_BINS[-1] + 1}+")
   counts = np.histogram(sizes, bins=np.array(edges, dtype=np.float64) + 0.5)[0]
   multi = kept.copy()
   multi[kept] = sizes[np.searchsorted(np.unique(labels[kept]), labels[kept])] > 1
-  similarity = (float(np.mean(np.sum(features[multi] * centroids[labels[multi]], axis=1)))
-                if multi.any() else float("nan"))
-  return {"outliers": int(labels.size - multi.sum()),
-          "largest_cluster": int(sizes.max()) if sizes.size else 0,
-          "cluster_sizes": dict(zip(names, counts.tolist())),
-          "intra_similarity": similarity}
+  similarity = (
+    float(np.mean(np.sum(features[multi] * centroids[labels[multi]], axis=1)))
+    if multi.any()
+    else float("nan")
+  )
+  return {
+    "outliers": int(labels.size - multi.sum()),
+    "largest_cluster": int(sizes.max()) if sizes.size else 0,
+    "cluster_sizes": dict(zip(names, counts.tolist())),
+    "intra_similarity": similarity,
+  }
 
 
 def camera_stats(labels: np.ndarray, cameras: np.ndarray) -> dict[str, float]:
@@ -178,14 +214,23 @@ def camera_stats(labels: np.ndarray, cameras: np.ndarray) -> dict[str, float]:
   classes, cameras_per_class = np.unique(pairs[:, 0], return_counts=True)
   sizes = np.bincount(labels[kept], minlength=int(labels.max()) + 1 if kept.any() else 0)
   multi = sizes[classes] > 1
-  return {"camera_ari": float(adjusted_rand_score(cameras, labels)),
-          "one_camera_clusters": (float(np.mean(cameras_per_class[multi] == 1)) if multi.any()
-                                  else float("nan"))}
+  return {
+    "camera_ari": float(adjusted_rand_score(cameras, labels)),
+    "one_camera_clusters": (
+      float(np.mean(cameras_per_class[multi] == 1)) if multi.any() else float("nan")
+    ),
+  }
 
 
-def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
-                 config: ml_collections.ConfigDict, *, epoch: int, previous: Generation | None,
-                 true_identities: np.ndarray | None = None) -> PseudoLabels:
+def pseudo_label(
+  features: np.ndarray,
+  cameras: np.ndarray | None,
+  config: ml_collections.ConfigDict,
+  *,
+  epoch: int,
+  previous: Generation | None,
+  true_identities: np.ndarray | None = None,
+) -> PseudoLabels:
   """Clusters ``features`` (N, D) and builds what the epoch trains on.
 
   Args:
@@ -200,17 +245,28 @@ def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
   """
   rlcc = config.rlcc
   labels, indep_threshold = cluster_labels(
-      features, cameras, config.cluster, epoch=epoch,
-      outliers_as_singletons=bool(rlcc.outliers_as_singletons),
-      indep_threshold=None if previous is None else previous.indep_threshold)
+    features,
+    cameras,
+    config.cluster,
+    epoch=epoch,
+    outliers_as_singletons=bool(rlcc.outliers_as_singletons),
+    indep_threshold=None if previous is None else previous.indep_threshold,
+  )
   num_clusters = int(labels.max()) + 1 if labels.size else 0
-  centroids = (clustering.cluster_centroids(features, labels) if num_clusters
-               else np.zeros((0, features.shape[1]), np.float32))
-  generation = Generation(labels=labels, centroids=centroids,
-                          indep_threshold=None if indep_threshold is None
-                          else float(indep_threshold))
-  stats: dict[str, Any] = {"clusters": num_clusters,
-                           **label_stats(features, labels, generation.centroids)}
+  centroids = (
+    clustering.cluster_centroids(features, labels)
+    if num_clusters
+    else np.zeros((0, features.shape[1]), np.float32)
+  )
+  generation = Generation(
+    labels=labels,
+    centroids=centroids,
+    indep_threshold=None if indep_threshold is None else float(indep_threshold),
+  )
+  stats: dict[str, Any] = {
+    "clusters": num_clusters,
+    **label_stats(features, labels, generation.centroids),
+  }
   if true_identities is not None:
     stats["cluster_ari"] = float(adjusted_rand_score(true_identities, labels))
   if cameras is not None:
@@ -223,27 +279,47 @@ def pseudo_label(features: np.ndarray, cameras: np.ndarray | None,
   if config.camera.enabled and epoch >= config.camera.start_epoch and num_clusters:
     if cameras is None:  # validation refuses it: data.cameras="none"
       raise ValueError("camera.enabled needs the cameras.")
-    camera, _ = camera_memory.build_camera_proxies(features, labels, cameras,
-                                                   min_bucket=config.camera.min_bucket)
+    camera, _ = camera_memory.build_camera_proxies(
+      features, labels, cameras, min_bucket=config.camera.min_bucket
+    )
     stats["camera_proxies"] = int(camera.num_proxies)
   return PseudoLabels(generation=generation, targets=targets, stats=stats, camera=camera)
 
 
-def rlcc_targets(features: np.ndarray, current: Generation, previous: Generation,
-                 rlcc: ml_collections.ConfigDict, epoch: int) -> tuple[np.ndarray, dict]:
+def rlcc_targets(
+  features: np.ndarray,
+  current: Generation,
+  previous: Generation,
+  rlcc: ml_collections.ConfigDict,
+  epoch: int,
+) -> tuple[np.ndarray, dict]:
   """RLCC soft targets (N, K) for this epoch and the consensus statistics to log.
 
   ``P = q`` on the first RLCC epoch (epoch 1), alpha-mixed with the previous one-hot from
   epoch 2 on (docs/algorithms.md section 6).
   """
   consensus = clustering.consensus_matrix(
-      previous.labels, current.labels, num_prev_clusters=previous.num_clusters,
-      num_clusters=current.num_clusters)
+    previous.labels,
+    current.labels,
+    num_prev_clusters=previous.num_clusters,
+    num_clusters=current.num_clusters,
+  )
   targets = clustering.soft_labels(
-      features, current.labels, previous.labels, previous.centroids,
-      use_prev_onehot=epoch >= 2, alpha=rlcc.alpha, beta=rlcc.beta, pred_temp=rlcc.pred_temp,
-      consensus=consensus)
+    features,
+    current.labels,
+    previous.labels,
+    previous.centroids,
+    use_prev_onehot=epoch >= 2,
+    alpha=rlcc.alpha,
+    beta=rlcc.beta,
+    pred_temp=rlcc.pred_temp,
+    consensus=consensus,
+  )
   stats = clustering.consensus_stats(
-      previous.labels, current.labels, targets, num_prev_clusters=previous.num_clusters,
-      consensus=consensus)
+    previous.labels,
+    current.labels,
+    targets,
+    num_prev_clusters=previous.num_clusters,
+    consensus=consensus,
+  )
   return targets, stats

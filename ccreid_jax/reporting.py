@@ -29,8 +29,14 @@ __all__ = ["Reporter", "epoch_line", "save_rank_list"]
 logger = logging.getLogger("ccreid_jax")
 
 
-def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: loading.RunData,
-                   distmat: np.ndarray, *, name: str) -> Image.Image | None:
+def save_rank_list(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: loading.RunData,
+  distmat: np.ndarray,
+  *,
+  name: str,
+) -> Image.Image | None:
   """Draws ``<workdir>/ranklist_<name>.png`` of an evaluation; returns the image (or None).
 
   ``data`` is a ``data.loading.RunData``: its ``eval_dataset`` records and, for TFDS runs
@@ -46,13 +52,20 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: loadin
   gallery_images: Sequence[Any] | np.ndarray
   if config.data.source == "tfds":
     assert data.test_images is not None  # drawn after an evaluation of them
-    query_images, gallery_images = data.test_images[:len(query)], data.test_images[len(query):]
+    query_images, gallery_images = data.test_images[: len(query)], data.test_images[len(query) :]
   else:
     query_images, gallery_images = [r.path for r in query], [r.path for r in gallery]
   image = visualize.rank_list_image(
-      query_images, [r.identity for r in query], [r.camera for r in query], gallery_images,
-      [r.identity for r in gallery], [r.camera for r in gallery], distmat, query_indices=queries,
-      topk=log.ranklist_topk)
+    query_images,
+    [r.identity for r in query],
+    [r.camera for r in query],
+    gallery_images,
+    [r.identity for r in gallery],
+    [r.camera for r in gallery],
+    distmat,
+    query_indices=queries,
+    topk=log.ranklist_topk,
+  )
   try:
     visualize.save_png(os.path.join(workdir, f"ranklist_{name}.png"), image)
   except StorageError as exc:  # a picture is not worth the run: said, and the run goes on.
@@ -62,19 +75,24 @@ def save_rank_list(config: ml_collections.ConfigDict, workdir: str, data: loadin
 
 def epoch_line(record: dict[str, Any]) -> str:
   """The one log line of an epoch record."""
-  times = " ".join(f"{k[len('time_'):]} {v:.1f}s" for k, v in record.items()
-                   if k.startswith("time_"))
-  line = (f"epoch {record['epoch']:3d} | clusters {record['clusters']:5d} | "
-          f"outliers {record['outliers']:6d} | ")
+  times = " ".join(
+    f"{k[len('time_') :]} {v:.1f}s" for k, v in record.items() if k.startswith("time_")
+  )
+  line = (
+    f"epoch {record['epoch']:3d} | clusters {record['clusters']:5d} | "
+    f"outliers {record['outliers']:6d} | "
+  )
   if "cluster_ari" in record:
     line += f"ARI {record['cluster_ari']:.3f} | "
   if "intra_similarity" in record and np.isfinite(record["intra_similarity"]):
     line += f"intra-sim {record['intra_similarity']:.3f} | "
   line += f"loss {record['loss']:.4f} | {times}"
   if "rlcc_num_dissolved" in record:
-    line += (f" | rlcc dissolved {record['rlcc_num_dissolved']} new {record['rlcc_num_new']} "
-             f"max(y~) {record['rlcc_mean_max_target']:.3f} "
-             f"argmax!=y {record['rlcc_frac_argmax_changed']:.3f}")
+    line += (
+      f" | rlcc dissolved {record['rlcc_num_dissolved']} new {record['rlcc_num_new']} "
+      f"max(y~) {record['rlcc_mean_max_target']:.3f} "
+      f"argmax!=y {record['rlcc_frac_argmax_changed']:.3f}"
+    )
   if "mAP" in record:
     line += f" | mAP {100 * record['mAP']:.1f} rank1 {100 * record['rank1']:.1f}"
   return line
@@ -93,8 +111,16 @@ class Reporter:
     enabled: False on every process but the primary one: nothing is written.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, run: Run, data: loading.RunData, *,
-               start_epoch: int, num_train: int, enabled: bool = True):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    run: Run,
+    data: loading.RunData,
+    *,
+    start_epoch: int,
+    num_train: int,
+    enabled: bool = True,
+  ):
     self.config = config
     self.workdir = run.path
     self.data = data
@@ -106,9 +132,10 @@ class Reporter:
     # The history the curves are drawn from: read once, then kept up to date in memory.
     self._history = run.metrics_lines()[0] if enabled else []
     self._tensorboard = tensorboard_lib.TensorBoardWriter(
-        run.file("tensorboard"),
-        purge_step=start_epoch + 1 if start_epoch else 0,
-        enabled=bool(config.log.tensorboard) and enabled)
+      run.file("tensorboard"),
+      purge_step=start_epoch + 1 if start_epoch else 0,
+      enabled=bool(config.log.tensorboard) and enabled,
+    )
 
   def _write(self, kind: str, record: dict[str, Any]) -> None:
     self._metrics.write(kind, **record)
@@ -129,8 +156,11 @@ class Reporter:
     self._write("initial", dict(metrics))
     self._rank_list(distmat, epochs_done=0, name="init")
     self._tensorboard.flush()
-    logger.info("initial features (before training): mAP %.1f rank1 %.1f",
-                100 * metrics["mAP"], 100 * metrics["rank1"])
+    logger.info(
+      "initial features (before training): mAP %.1f rank1 %.1f",
+      100 * metrics["mAP"],
+      100 * metrics["rank1"],
+    )
 
   def epoch(self, record: dict[str, Any], distmat: np.ndarray | None = None) -> None:
     """One epoch's record (``record["epoch"]``; ``distmat`` when it was evaluated)."""
@@ -139,8 +169,9 @@ class Reporter:
     epoch = int(record["epoch"])
     self._write("epoch", record)
     self._rank_list(distmat, epochs_done=epoch + 1, name=f"epoch{epoch}")
-    visualize.save_training_curves(os.path.join(self.workdir, "curves.png"), self._history,
-                                   num_train=self.num_train)
+    visualize.save_training_curves(
+      os.path.join(self.workdir, "curves.png"), self._history, num_train=self.num_train
+    )
     self._tensorboard.flush()
     logger.info(epoch_line(record))
 

@@ -45,10 +45,24 @@ from ccreid_jax.pseudo_labels import Generation
 from ccreid_jax.utils import write_atomic
 
 __all__ = [
-    "ACCEPTED_NAMES", "CHECKPOINTS_FOLDER", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE",
-    "MODEL_FIELDS", "RESULT_NEUTRAL_FIELDS", "Checkpoint", "CheckpointNameError",
-    "CheckpointRef", "LoadedModel", "MetricsWriter", "Run", "RunConfigError",
-    "WorkdirConfigMismatch", "WorkdirLocked", "config_differences", "upgrade_saved_config",
+  "ACCEPTED_NAMES",
+  "CHECKPOINTS_FOLDER",
+  "CONFIG_FILE",
+  "LOCK_FILE",
+  "METRICS_FILE",
+  "MODEL_FIELDS",
+  "RESULT_NEUTRAL_FIELDS",
+  "Checkpoint",
+  "CheckpointNameError",
+  "CheckpointRef",
+  "LoadedModel",
+  "MetricsWriter",
+  "Run",
+  "RunConfigError",
+  "WorkdirConfigMismatch",
+  "WorkdirLocked",
+  "config_differences",
+  "upgrade_saved_config",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -60,9 +74,18 @@ CHECKPOINTS_FOLDER = "checkpoints"
 # What a run writes into its folder besides the above (``Run.owns``): folders, then file
 # names (``fnmatch`` patterns) of the reports, evaluations and default outputs.
 _OWN_FOLDERS = (CHECKPOINTS_FOLDER, "tensorboard", "cache")
-_OWN_FILES = (CONFIG_FILE, METRICS_FILE, LOCK_FILE, "config.replaced-*.json", "curves.png",
-              "ranklist_*.png", "eval_*.json", "eps_sweep_*.json", "eps_sweep_*.png",
-              "search_ranklist.png")
+_OWN_FILES = (
+  CONFIG_FILE,
+  METRICS_FILE,
+  LOCK_FILE,
+  "config.replaced-*.json",
+  "curves.png",
+  "ranklist_*.png",
+  "eval_*.json",
+  "eps_sweep_*.json",
+  "eps_sweep_*.png",
+  "search_ranklist.png",
+)
 # The groups every saved run config has (a JSON file without them is something else).
 _RUN_CONFIG_GROUPS = ("data", "model", "train")
 
@@ -70,30 +93,39 @@ _RUN_CONFIG_GROUPS = ("data", "model", "train")
 # trained. A field ending in "." names a whole group. ``data.skip_bad_*`` are neutral because
 # with them off any bad file stops the run, so toggling them cannot silently change the data.
 RESULT_NEUTRAL_FIELDS: tuple[str, ...] = (
-    "log.",
-    "eval.",
-    "train.epochs",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_initial",
-    "data.source",  # the same images from a TFDS build or the folder it was built from.
-    "data.root",
-    "data.cache_dir",
-    "data.num_workers",
-    "data.skip_bad_names",
-    "data.skip_bad_images",
-    "data.follow_symlinks_outside",  # with it off, any outside link stops the run.
+  "log.",
+  "eval.",
+  "train.epochs",
+  "train.log_every",
+  "train.eval_every",
+  "train.eval_initial",
+  "data.source",  # the same images from a TFDS build or the folder it was built from.
+  "data.root",
+  "data.cache_dir",
+  "data.num_workers",
+  "data.skip_bad_names",
+  "data.skip_bad_images",
+  "data.follow_symlinks_outside",  # with it off, any outside link stops the run.
 )
 
 # Fields that change the model a checkpoint holds, or the input it expects: evaluation and
 # extraction take them from the run's saved config.
 MODEL_FIELDS: tuple[str, ...] = (
-    "model.arch", "model.depth", "model.width", "model.last_stride", "model.pooling",
-    "model.dtype", "data.height", "data.width")
+  "model.arch",
+  "model.depth",
+  "model.width",
+  "model.last_stride",
+  "model.pooling",
+  "model.dtype",
+  "data.height",
+  "data.width",
+)
 
 # Every form --checkpoint / config.eval.checkpoint accepts.
-ACCEPTED_NAMES = ("'latest', 'best', 'init' (the initial model), a checkpoint number (the "
-                  "epochs it finished), or the path of a checkpoint folder")
+ACCEPTED_NAMES = (
+  "'latest', 'best', 'init' (the initial model), a checkpoint number (the "
+  "epochs it finished), or the path of a checkpoint folder"
+)
 _WORDS = ("latest", "best", "init")
 _ABSENT = "<absent>"
 
@@ -105,10 +137,12 @@ class WorkdirConfigMismatch(ValueError):
     self.differences = list(differences)
     lines = [f"  {path}: {old!r} -> {new!r}" for path, old, new in self.differences]
     super().__init__(
-        f"The config differs from the one saved in {os.path.join(workdir, CONFIG_FILE)} in "
-        f"{len(lines)} field(s) that change the results:\n" + "\n".join(lines) +
-        "\nResuming would mix two different runs. Pass --force to resume with the new config "
-        "anyway, or start a new run with another --workdir.")
+      f"The config differs from the one saved in {os.path.join(workdir, CONFIG_FILE)} in "
+      f"{len(lines)} field(s) that change the results:\n"
+      + "\n".join(lines)
+      + "\nResuming would mix two different runs. Pass --force to resume with the new config "
+      "anyway, or start a new run with another --workdir."
+    )
 
 
 class WorkdirLocked(RuntimeError):
@@ -145,8 +179,9 @@ class CheckpointRef:
   folder: str | None = None
 
   @classmethod
-  def parse(cls, value: str | int | CheckpointRef,
-            checkpoints_dir: str | None = None) -> CheckpointRef:
+  def parse(
+    cls, value: str | int | CheckpointRef, checkpoints_dir: str | None = None
+  ) -> CheckpointRef:
     """The reference ``value`` names: a word, an existing folder, or a number.
 
     Raises:
@@ -175,8 +210,11 @@ class CheckpointRef:
 def _kept_numbers(checkpoints_dir: str | None) -> list[int]:
   if not checkpoints_dir or not os.path.isdir(checkpoints_dir):
     return []
-  return sorted(int(n) for n in os.listdir(checkpoints_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, n)))
+  return sorted(
+    int(n)
+    for n in os.listdir(checkpoints_dir)
+    if n.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, n))
+  )
 
 
 def _name_message(value: Any, checkpoints_dir: str | None) -> str:
@@ -188,8 +226,10 @@ def _name_message(value: Any, checkpoints_dir: str | None) -> str:
   hint = f" (did you mean {close[0]!r}?)" if close else ""
   looks_like_path = isinstance(value, str) and (os.sep in value or value.startswith("."))
   what = "no such checkpoint folder" if looks_like_path else "not a checkpoint"
-  return (f"checkpoint {value!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; "
-          f"checkpoints in {directory} ({kept}); a checkpoint folder such as {example}.")
+  return (
+    f"checkpoint {value!r}: {what}{hint}. Accepted: {ACCEPTED_NAMES}; "
+    f"checkpoints in {directory} ({kept}); a checkpoint folder such as {example}."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +254,7 @@ class Checkpoint:
 
   @property
   def label(self) -> str:
-    """"init" or the number: how file names (``eval_<label>.json``) name it."""
+    """ "init" or the number: how file names (``eval_<label>.json``) name it."""
     return "init" if self.is_initial else str(self.number)
 
 
@@ -252,8 +292,7 @@ def _as_plain(config: Any) -> dict[str, Any]:
 
 
 def _neutral(path: str) -> bool:
-  return any(path.startswith(f) if f.endswith(".") else path == f
-             for f in RESULT_NEUTRAL_FIELDS)
+  return any(path.startswith(f) if f.endswith(".") else path == f for f in RESULT_NEUTRAL_FIELDS)
 
 
 def _overlay(base: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +321,9 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
   return {**saved, "memory": memory}
 
 
-def config_differences(old: dict[str, Any], new: Any,
-                       reference: Any = None) -> list[tuple[str, Any, Any]]:
+def config_differences(
+  old: dict[str, Any], new: Any, reference: Any = None
+) -> list[tuple[str, Any, Any]]:
   """``(field, old, new)`` for every result-changing field that differs, sorted by field.
 
   A field missing from ``old`` (a run saved before the field existed) counts as its default
@@ -368,21 +408,27 @@ def _not_a_run_config(path: str, saved: Any) -> str | None:
   shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
   sidecar = ""
   if "format" in saved and "file" in saved:
-    sidecar = (f" It looks like the sidecar of a {saved['format']!r} export of "
-               f"{saved['file']!r}, written over the run's config.")
-  return (f"{path} is not the config of a ccreid_jax run: it has no "
-          f"{' / '.join(repr(g) for g in missing)} group (its keys: {shown}).{sidecar} The "
-          "run's model settings (depth, image size, dtype, ...) are not known from it: put "
-          "the run's config.json back (a config.replaced-<n>.json there is an older one), or "
-          "use another --workdir.")
+    sidecar = (
+      f" It looks like the sidecar of a {saved['format']!r} export of "
+      f"{saved['file']!r}, written over the run's config."
+    )
+  return (
+    f"{path} is not the config of a ccreid_jax run: it has no "
+    f"{' / '.join(repr(g) for g in missing)} group (its keys: {shown}).{sidecar} The "
+    "run's model settings (depth, image size, dtype, ...) are not known from it: put "
+    "the run's config.json back (a config.replaced-<n>.json there is an older one), or "
+    "use another --workdir."
+  )
 
 
 def _lock_holder(path: str) -> str:
   try:
     with open(path) as f:
       holder = json.load(f)
-    return (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
-            f"{holder.get('started', '?')}")
+    return (
+      f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
+      f"{holder.get('started', '?')}"
+    )
   except (OSError, ValueError):
     return "another process"
 
@@ -403,7 +449,8 @@ class Run:
   def __init__(self, path: str, *, checkpoints_dir: str | None = None):
     self.path = str(path)
     self.checkpoints_dir = os.path.abspath(
-        checkpoints_dir or os.path.join(self.path, CHECKPOINTS_FOLDER))
+      checkpoints_dir or os.path.join(self.path, CHECKPOINTS_FOLDER)
+    )
     self._reader: checkpoint_lib.Checkpointer | None = None
 
   def __repr__(self) -> str:
@@ -465,14 +512,17 @@ class Run:
     path = self.config_path
     saved = self._saved_config() if os.path.isfile(path) else None
     if saved is None:
-      raise FileNotFoundError(f"{path} does not exist: {self.path!r} is not the folder of a "
-                              "ccreid_jax run (train one with --mode train --workdir ...).")
+      raise FileNotFoundError(
+        f"{path} does not exist: {self.path!r} is not the folder of a "
+        "ccreid_jax run (train one with --mode train --workdir ...)."
+      )
     defaults = validation.default_config()
     saved = _overlay(json.loads(defaults.to_json_best_effort()), upgrade_saved_config(saved))
     return ml_collections.ConfigDict(saved)
 
-  def check_config(self, config: Any, *, force: bool, reference: Any = None,
-                   write: bool = True) -> list[tuple[str, Any, Any]]:
+  def check_config(
+    self, config: Any, *, force: bool, reference: Any = None, write: bool = True
+  ) -> list[tuple[str, Any, Any]]:
     """Checks ``config`` against ``config.json``; saves it unless ``write=False``.
 
     The comparison happens only when the run already holds a checkpoint (a run to resume);
@@ -493,8 +543,9 @@ class Run:
     """
     if os.path.exists(self.path) and not os.path.isdir(self.path):
       raise NotADirectoryError(
-          f"--workdir {self.path!r} is a file, not a folder: pass a folder (it is created when "
-          "missing)")
+        f"--workdir {self.path!r} is a file, not a folder: pass a folder (it is created when "
+        "missing)"
+      )
     differences: list[tuple[str, Any, Any]] = []
     if os.path.exists(self.config_path) and self.has_checkpoints():
       try:
@@ -504,8 +555,11 @@ class Run:
         differences = [("config.json", f"unreadable ({exc})", "this config")]
       else:
         problem = _not_a_run_config(self.config_path, old)
-        differences = ([("config.json", f"not a run's config: {problem}", "this config")]
-                       if problem else config_differences(old, config, reference))
+        differences = (
+          [("config.json", f"not a run's config: {problem}", "this config")]
+          if problem
+          else config_differences(old, config, reference)
+        )
       if differences and not force:
         raise WorkdirConfigMismatch(self.path, differences)
     if write:
@@ -521,12 +575,18 @@ class Run:
       while os.path.exists(self.file(f"config.replaced-{n}.json")):
         n += 1
       os.replace(self.config_path, self.file(f"config.replaced-{n}.json"))
-      logger.warning("--force: resuming %s with a different config (%s); the old config is "
-                     "kept as config.replaced-%d.json", self.path,
-                     ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences), n)
-    text = (config.to_json_best_effort(indent=2)
-            if isinstance(config, ml_collections.ConfigDict)
-            else json.dumps(config, indent=2, default=repr))
+      logger.warning(
+        "--force: resuming %s with a different config (%s); the old config is "
+        "kept as config.replaced-%d.json",
+        self.path,
+        ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences),
+        n,
+      )
+    text = (
+      config.to_json_best_effort(indent=2)
+      if isinstance(config, ml_collections.ConfigDict)
+      else json.dumps(config, indent=2, default=repr)
+    )
     write_atomic(self.config_path, text)
 
   def with_model_settings(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -549,8 +609,14 @@ class Run:
       group, name = field.split(".")
       if field not in saved or saved[field] == config[group][name]:
         continue
-      logger.warning("%s: using the run's %s=%r from %s (the given config says %r)", self.path,
-                     field, saved[field], self.config_path, config[group][name])
+      logger.warning(
+        "%s: using the run's %s=%r from %s (the given config says %r)",
+        self.path,
+        field,
+        saved[field],
+        self.config_path,
+        config[group][name],
+      )
       config[group][name] = saved[field]
     return config
 
@@ -578,15 +644,24 @@ class Run:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         raise WorkdirLocked(
-            f"{self.path} is in use by another training run ({_lock_holder(path)}). Wait for "
-            "it to finish or stop it, or train into another --workdir.") from None
+          f"{self.path} is in use by another training run ({_lock_holder(path)}). Wait for "
+          "it to finish or stop it, or train into another --workdir."
+        ) from None
       except OSError as exc:  # a file system without locks: run unprotected, but say so.
-        logger.warning("could not lock %s (%s): make sure no other run uses this workdir",
-                       path, exc)
+        logger.warning(
+          "could not lock %s (%s): make sure no other run uses this workdir", path, exc
+        )
       handle.seek(0)
       handle.truncate()
-      handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+      handle.write(
+        json.dumps(
+          {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          }
+        )
+      )
       handle.flush()
       yield
     finally:
@@ -644,10 +719,12 @@ class Run:
     kept = [r for r in records if not stale(r)]
     dropped = len(records) - len(kept) + bad
     if dropped:
-      write_atomic(self.metrics_path,
-                   "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-      logger.info("metrics.jsonl: dropped %d record(s) of the interrupted attempt "
-                  "(epochs >= %d are redone)", dropped, start_epoch)
+      write_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+      logger.info(
+        "metrics.jsonl: dropped %d record(s) of the interrupted attempt (epochs >= %d are redone)",
+        dropped,
+        start_epoch,
+      )
     return dropped
 
   # -- checkpoints ------------------------------------------------------------------------
@@ -671,8 +748,9 @@ class Run:
     """``value`` parsed as a checkpoint name (``CheckpointNameError`` lists this run's)."""
     return CheckpointRef.parse(value, self.checkpoints_dir)
 
-  def default_reference(self, config: ml_collections.ConfigDict, *,
-                        log: bool = True) -> CheckpointRef:
+  def default_reference(
+    self, config: ml_collections.ConfigDict, *, log: bool = True
+  ) -> CheckpointRef:
     """The checkpoint read when none is named: ``config.eval.checkpoint``, except that
 
     * a run without checkpoints and a config with ``model.pretrained`` give the initial model
@@ -684,13 +762,19 @@ class Run:
     numbers = self.reader.numbers()
     if not numbers and state_lib.has_pretrained(config):
       if log:
-        logger.info("no checkpoint in %s: evaluating the initial model (%s)",
-                    self.checkpoints_dir, config.model.pretrained)
+        logger.info(
+          "no checkpoint in %s: evaluating the initial model (%s)",
+          self.checkpoints_dir,
+          config.model.pretrained,
+        )
       return CheckpointRef(kind="init")
     if ref.kind == "best" and numbers and self.reader.best() is None:
       if log:
-        logger.info("no checkpoint in %s was evaluated (no query / gallery): using the "
-                    "latest, checkpoint %d", self.checkpoints_dir, numbers[-1])
+        logger.info(
+          "no checkpoint in %s was evaluated (no query / gallery): using the latest, checkpoint %d",
+          self.checkpoints_dir,
+          numbers[-1],
+        )
       return CheckpointRef(kind="latest")
     return ref
 
@@ -701,8 +785,13 @@ class Run:
     checkpoints_dir = os.path.dirname(str(ref.folder))
     return Run(os.path.dirname(checkpoints_dir), checkpoints_dir=checkpoints_dir)
 
-  def resolve(self, value: str | int | CheckpointRef | None,
-              config: ml_collections.ConfigDict, *, log: bool = True) -> Checkpoint:
+  def resolve(
+    self,
+    value: str | int | CheckpointRef | None,
+    config: ml_collections.ConfigDict,
+    *,
+    log: bool = True,
+  ) -> Checkpoint:
     """The checkpoint ``value`` names (None: ``default_reference``).
 
     Raises:
@@ -726,24 +815,28 @@ class Run:
     numbers = self.reader.numbers()
     if not numbers:
       raise checkpoint_lib.CheckpointNotFoundError(
-          f"No checkpoint in {self.checkpoints_dir}: train first with "
-          "`python -m ccreid_jax.main --config ... --workdir <this workdir>`.")
+        f"No checkpoint in {self.checkpoints_dir}: train first with "
+        "`python -m ccreid_jax.main --config ... --workdir <this workdir>`."
+      )
     if ref.kind == "latest":
       return numbers[-1]
     if ref.kind == "best":
       best = self.reader.best()
       if best is None:
         raise checkpoint_lib.CheckpointNotFoundError(
-            f"No evaluated checkpoint in {self.checkpoints_dir} (kept: {numbers}); "
-            "use --checkpoint=latest.")
+          f"No evaluated checkpoint in {self.checkpoints_dir} (kept: {numbers}); "
+          "use --checkpoint=latest."
+        )
       return best
     if ref.number not in numbers:
       raise checkpoint_lib.CheckpointNotFoundError(
-          f"Checkpoint {ref.number} is not kept in {self.checkpoints_dir}; kept: {numbers}.")
+        f"Checkpoint {ref.number} is not kept in {self.checkpoints_dir}; kept: {numbers}."
+      )
     return int(ref.number)
 
-  def model_config(self, config: ml_collections.ConfigDict,
-                   value: str | int | CheckpointRef | None) -> ml_collections.ConfigDict:
+  def model_config(
+    self, config: ml_collections.ConfigDict, value: str | int | CheckpointRef | None
+  ) -> ml_collections.ConfigDict:
     """The config with the model settings of the run that holds the checkpoint ``value``
     names (this run, or the run of a checkpoint folder); unchanged for "init"."""
     ref = self.reference(config.eval.checkpoint if value is None else value)
@@ -751,22 +844,34 @@ class Run:
       return config
     return self.holder(ref).with_model_settings(config)
 
-  def restore(self, number: int, model: models.ReIDResNet, config: ml_collections.ConfigDict,
-              mesh: Mesh, *, checkpointer: checkpoint_lib.Checkpointer | None = None
-              ) -> tuple[state_lib.TrainState, Generation, dict[str, Any]]:
+  def restore(
+    self,
+    number: int,
+    model: models.ReIDResNet,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    checkpointer: checkpoint_lib.Checkpointer | None = None,
+  ) -> tuple[state_lib.TrainState, Generation, dict[str, Any]]:
     """Checkpoint ``number`` restored replicated over ``mesh``: ``(state, the clustering it
     ended with, its metadata)``."""
     checkpointer = checkpointer or self.reader
     meta = checkpointer.read_meta(number)
-    abstract = state_lib.abstract_checkpoint(model, config, meta,
-                                             NamedSharding(mesh, PartitionSpec()))
+    abstract = state_lib.abstract_checkpoint(
+      model, config, meta, NamedSharding(mesh, PartitionSpec())
+    )
     restored = checkpointer.restore(number, abstract)
     state, generation = state_lib.from_checkpoint(restored.state, restored.meta, model, config)
     return state, generation, restored.meta
 
-  def load_model(self, config: ml_collections.ConfigDict,
-                 value: str | int | CheckpointRef | None = None, *,
-                 mesh: Mesh | None = None, log: bool = True) -> LoadedModel:
+  def load_model(
+    self,
+    config: ml_collections.ConfigDict,
+    value: str | int | CheckpointRef | None = None,
+    *,
+    mesh: Mesh | None = None,
+    log: bool = True,
+  ) -> LoadedModel:
     """The model of the checkpoint ``value`` names (see ``resolve``), or the initial model.
 
     The initial model ("init") is the random or ``config.model.pretrained`` one. Needs no
@@ -782,4 +887,3 @@ class Run:
       state, _, _ = checkpoint.run.restore(checkpoint.number, model, config, mesh)
     variables = distributed.replicate(state.variables, mesh)
     return LoadedModel(model=model, variables=variables, checkpoint=checkpoint)
-

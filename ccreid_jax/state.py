@@ -29,8 +29,16 @@ from ccreid_jax import memory as memory_lib
 from ccreid_jax.pseudo_labels import Generation
 
 __all__ = [
-    "SAVED_FIELDS", "TrainState", "abstract_checkpoint", "checkpoint_tree", "create_train_state",
-    "empty_memory", "from_checkpoint", "has_pretrained", "make_lr_schedule", "make_optimizer",
+  "SAVED_FIELDS",
+  "TrainState",
+  "abstract_checkpoint",
+  "checkpoint_tree",
+  "create_train_state",
+  "empty_memory",
+  "from_checkpoint",
+  "has_pretrained",
+  "make_lr_schedule",
+  "make_optimizer",
 ]
 
 PyTree = Any
@@ -74,17 +82,18 @@ def make_lr_schedule(optim: ml_collections.ConfigDict, iters_per_epoch: int) -> 
   return schedule
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   iters_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, iters_per_epoch: int
+) -> optax.GradientTransformation:
   """Adam with coupled L2: weight decay is added to the gradient before Adam.
 
   This is ``torch.optim.Adam(weight_decay=...)`` (not AdamW), applied to every
   trainable tensor (the neck's BN bias is not a parameter at all).
   """
   return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay),
-      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.scale_by_learning_rate(make_lr_schedule(optim, iters_per_epoch)),
+    optax.add_decayed_weights(optim.weight_decay),
+    optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+    optax.scale_by_learning_rate(make_lr_schedule(optim, iters_per_epoch)),
   )
 
 
@@ -93,18 +102,22 @@ def has_pretrained(config: ml_collections.ConfigDict) -> bool:
   return config.model.get("pretrained", "") not in ("", validation.NO_PRETRAINED)
 
 
-def empty_memory(model: models.ReIDResNet, config: ml_collections.ConfigDict
-                 ) -> memory_lib.MemoryState:
+def empty_memory(
+  model: models.ReIDResNet, config: ml_collections.ConfigDict
+) -> memory_lib.MemoryState:
   """A memory of no cluster (every row padding): the state before the first clustering."""
   feature_dim = models.feature_dim(model.depth, model.width)
-  return memory_lib.init_memory(np.zeros((0, feature_dim), np.float32),
-                                config.memory.min_bucket)
+  return memory_lib.init_memory(np.zeros((0, feature_dim), np.float32), config.memory.min_bucket)
 
 
-def create_train_state(model: models.ReIDResNet, config: ml_collections.ConfigDict,
-                       memory: memory_lib.MemoryState | None = None, *,
-                       tx: optax.GradientTransformation | None = None,
-                       load_weights: bool = True) -> TrainState:
+def create_train_state(
+  model: models.ReIDResNet,
+  config: ml_collections.ConfigDict,
+  memory: memory_lib.MemoryState | None = None,
+  *,
+  tx: optax.GradientTransformation | None = None,
+  load_weights: bool = True,
+) -> TrainState:
   """Random or pretrained init of ``model``, the optimizer of ``config`` and ``memory``.
 
   Args:
@@ -127,17 +140,18 @@ def create_train_state(model: models.ReIDResNet, config: ml_collections.ConfigDi
     # The trunk from a torchvision / IBN-Net file (or a converted .npz); GeM and the neck
     # start fresh, as in the reference.
     variables = models.load_pretrained(
-        config.model.pretrained, variables, depth=model.depth, ibn=model.ibn)
+      config.model.pretrained, variables, depth=model.depth, ibn=model.ibn
+    )
   params = variables["params"]
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=jax.jit(tx.init)(params),
-      memory=memory,
-      rng=aug_key,
-      apply_fn=model.apply,
-      tx=tx,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=jax.jit(tx.init)(params),
+    memory=memory,
+    rng=aug_key,
+    apply_fn=model.apply,
+    tx=tx,
   )
 
 
@@ -148,38 +162,54 @@ def checkpoint_tree(state: TrainState, generation: Generation) -> dict[str, Any]
   centroids = generation.centroids
   if not centroids.shape[0]:
     centroids = np.zeros((1, centroids.shape[1]), np.float32)
-  return {"train_state": {name: getattr(state, name) for name in SAVED_FIELDS},
-          "pseudo_labels": generation.labels.astype(np.int32),
-          "cluster_centroids": centroids.astype(np.float32)}
+  return {
+    "train_state": {name: getattr(state, name) for name in SAVED_FIELDS},
+    "pseudo_labels": generation.labels.astype(np.int32),
+    "cluster_centroids": centroids.astype(np.float32),
+  }
 
 
-def abstract_checkpoint(model: models.ReIDResNet, config: ml_collections.ConfigDict,
-                        meta: dict[str, Any], sharding: NamedSharding) -> PyTree:
+def abstract_checkpoint(
+  model: models.ReIDResNet,
+  config: ml_collections.ConfigDict,
+  meta: dict[str, Any],
+  sharding: NamedSharding,
+) -> PyTree:
   """The array tree a checkpoint with this ``meta`` holds, as shapes placed by ``sharding``."""
   feature_dim = models.feature_dim(model.depth, model.width)
   bucket = int(meta["memory_bucket"])
   memory = memory_lib.MemoryState(
-      centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool))
+    centroids=jnp.zeros((bucket, feature_dim), jnp.float32), valid=jnp.zeros((bucket,), bool)
+  )
   state = jax.eval_shape(lambda: create_train_state(model, config, memory, load_weights=False))
-  tree = {"train_state": {name: getattr(state, name) for name in SAVED_FIELDS},
-          "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
-          "cluster_centroids": jax.ShapeDtypeStruct(
-              (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32)}
+  tree = {
+    "train_state": {name: getattr(state, name) for name in SAVED_FIELDS},
+    "pseudo_labels": jax.ShapeDtypeStruct((int(meta["num_train"]),), jnp.int32),
+    "cluster_centroids": jax.ShapeDtypeStruct(
+      (max(int(meta["num_clusters"]), 1), feature_dim), jnp.float32
+    ),
+  }
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+  )
 
 
-def from_checkpoint(tree: dict[str, Any], meta: dict[str, Any], model: models.ReIDResNet,
-                    config: ml_collections.ConfigDict) -> tuple[TrainState, Generation]:
+def from_checkpoint(
+  tree: dict[str, Any],
+  meta: dict[str, Any],
+  model: models.ReIDResNet,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, Generation]:
   """The ``TrainState`` and the clustering (``Generation``) of a restored checkpoint tree."""
   fields = dict(tree["train_state"])
-  state = TrainState(**fields, apply_fn=model.apply,
-                     tx=make_optimizer(config.optim, config.train.iters))
+  state = TrainState(
+    **fields, apply_fn=model.apply, tx=make_optimizer(config.optim, config.train.iters)
+  )
   num_clusters = int(meta["num_clusters"])
   threshold = meta.get("indep_threshold")
   generation = Generation(
-      labels=np.asarray(tree["pseudo_labels"]).astype(np.int64),
-      centroids=np.asarray(tree["cluster_centroids"])[:num_clusters],
-      indep_threshold=None if threshold is None else float(threshold))
+    labels=np.asarray(tree["pseudo_labels"]).astype(np.int64),
+    centroids=np.asarray(tree["cluster_centroids"])[:num_clusters],
+    indep_threshold=None if threshold is None else float(threshold),
+  )
   return state, generation
-

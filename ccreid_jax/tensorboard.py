@@ -29,11 +29,11 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "TensorBoardWriter",
-    "read_images",
-    "read_scalars",
-    "record_scalars",
-    "record_step",
+  "TensorBoardWriter",
+  "read_images",
+  "read_scalars",
+  "record_scalars",
+  "record_step",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -57,9 +57,17 @@ def _tag(key: str) -> str:
   if key in _EVAL_KEYS:
     return f"eval/{key}"
   if key.startswith("time_"):
-    return f"time/{key[len('time_'):]}"
-  if key in ("clusters", "outliers", "cluster_ari", "camera_ari", "one_camera_clusters",
-             "largest_cluster", "intra_similarity", "camera_proxies") or key.startswith("rlcc_"):
+    return f"time/{key[len('time_') :]}"
+  if key in (
+    "clusters",
+    "outliers",
+    "cluster_ari",
+    "camera_ari",
+    "one_camera_clusters",
+    "largest_cluster",
+    "intra_similarity",
+    "camera_proxies",
+  ) or key.startswith("rlcc_"):
     return f"cluster/{key}"
   if key in ("loss", "lr", "camera_loss"):
     return f"train/{key}"
@@ -72,8 +80,9 @@ def _is_number(value: Any) -> bool:
 
 def record_scalars(values: Mapping[str, Any]) -> dict[str, float]:
   """The TensorBoard tags and values of a metrics record (numbers only; NaN kept)."""
-  return {_tag(k): float(v) for k, v in sorted(values.items())
-          if k not in _SKIPPED_KEYS and _is_number(v)}
+  return {
+    _tag(k): float(v) for k, v in sorted(values.items()) if k not in _SKIPPED_KEYS and _is_number(v)
+  }
 
 
 class TensorBoardWriter:
@@ -97,12 +106,13 @@ class TensorBoardWriter:
     except ImportError:
       if not _warned_missing:
         _warned_missing = True
-        logger.warning("tensorboardX is not installed: no TensorBoard event files are written "
-                       "(pip install tensorboardX); metrics.jsonl has every value.")
+        logger.warning(
+          "tensorboardX is not installed: no TensorBoard event files are written "
+          "(pip install tensorboardX); metrics.jsonl has every value."
+        )
       return
     os.makedirs(logdir, exist_ok=True)
-    self._writer = tensorboardX.SummaryWriter(logdir=logdir, purge_step=purge_step,
-                                              flush_secs=30)
+    self._writer = tensorboardX.SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=30)
 
   @property
   def enabled(self) -> bool:

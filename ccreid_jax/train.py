@@ -47,8 +47,12 @@ from ccreid_jax.state import TrainState
 from ccreid_jax.utils import Timer, prefetch, progress_bar
 
 __all__ = [
-    "TrainSteps", "TrainingSetChanged", "make_train_step", "prefetch_batches",
-    "train_and_evaluate", "train_on",
+  "TrainSteps",
+  "TrainingSetChanged",
+  "make_train_step",
+  "prefetch_batches",
+  "train_and_evaluate",
+  "train_on",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -59,8 +63,9 @@ logger = logging.getLogger("ccreid_jax")
 # ---------------------------------------------------------------------------------------
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targets: bool = False,
-                    camera: bool = False) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+def make_train_step(
+  config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targets: bool = False, camera: bool = False
+) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
   """The jitted train step: augment, forward, memory loss, Adam, memory update.
 
   The model and the optimizer are the state's (``state.apply_fn``, ``state.tx``).
@@ -83,51 +88,69 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *, soft_targe
     targets = rest[-1] if soft_targets else None
     key = jax.random.fold_in(state.rng, state.step)
     x = augment_lib.train_augment(
-        key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob)
+      key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob
+    )
 
     def loss_fn(params):
       features, updates = state.apply_fn(
-          {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-          mutable=["batch_stats"])
+        {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       if targets is None:
         loss = memory_lib.contrastive_loss(
-            features, state.memory.centroids, labels, mem.temperature, valid=state.memory.valid)
+          features, state.memory.centroids, labels, mem.temperature, valid=state.memory.valid
+        )
       else:
         loss = memory_lib.soft_contrastive_loss(
-            features, state.memory.centroids, targets, mem.temperature, valid=state.memory.valid)
+          features, state.memory.centroids, targets, mem.temperature, valid=state.memory.valid
+        )
       metrics = {"loss": loss}
       if camera:
         assert state.camera is not None and cameras is not None  # camera=True: both given
         camera_loss = camera_memory.camera_proxy_loss(
-            features, state.camera, labels, cameras, temperature=cam.temperature,
-            num_hard_negatives=cam.num_hard_negatives)
+          features,
+          state.camera,
+          labels,
+          cameras,
+          temperature=cam.temperature,
+          num_hard_negatives=cam.num_hard_negatives,
+        )
         loss = loss + cam.weight * camera_loss
         metrics = {"loss": loss, "camera_loss": camera_loss}
       return loss, (features, updates["batch_stats"], metrics)
 
-    (_, (features, batch_stats, metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (_, (features, batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The memory is updated after, and outside, the gradient, with this step's features.
     features = jax.lax.stop_gradient(features)
     new_state = dataclasses.replace(
-        state, step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-        memory=memory_lib.update_centroids(state.memory, features, labels, mem))
+      state,
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      memory=memory_lib.update_centroids(state.memory, features, labels, mem),
+    )
     if camera:
       assert state.camera is not None and cameras is not None  # camera=True: both given
-      new_state = dataclasses.replace(new_state, camera=camera_memory.camera_proxy_update(
-          state.camera, features, labels, cameras, cam.momentum))
+      new_state = dataclasses.replace(
+        new_state,
+        camera=camera_memory.camera_proxy_update(
+          state.camera, features, labels, cameras, cam.momentum
+        ),
+      )
     return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
   batch_args = (batch_sharded,) * (2 + int(soft_targets) + int(camera))
   step = jax.jit(
-      train_step,
-      in_shardings=(replicated,) + batch_args,
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
+    train_step,
+    in_shardings=(replicated,) + batch_args,
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
   )
   return with_precision(step, config.model.precision)
 
@@ -145,16 +168,22 @@ class TrainSteps:
     self._steps: dict[tuple[bool, bool], Callable[..., tuple[TrainState, dict[str, Any]]]] = {}
     self._seen: set[tuple[bool, int, int]] = set()
 
-  def get(self, *, soft: bool, bucket: int, camera_bucket: int, epoch: int,
-          num_clusters: int) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+  def get(
+    self, *, soft: bool, bucket: int, camera_bucket: int, epoch: int, num_clusters: int
+  ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
     """The step for soft / hard targets, a memory of ``bucket`` rows and ``camera_bucket``
     proxy rows (0: no camera term)."""
     variant = (soft, bucket, camera_bucket)
     if self._seen and variant not in self._seen:
-      logger.info("epoch %d: %d clusters, a %d-row memory%s%s: the train step compiles for "
-                  "it (once per size)", epoch, num_clusters, bucket,
-                  " with soft targets" if soft else "",
-                  f" and {camera_bucket} camera proxy rows" if camera_bucket else "")
+      logger.info(
+        "epoch %d: %d clusters, a %d-row memory%s%s: the train step compiles for "
+        "it (once per size)",
+        epoch,
+        num_clusters,
+        bucket,
+        " with soft targets" if soft else "",
+        f" and {camera_bucket} camera proxy rows" if camera_bucket else "",
+      )
     self._seen.add(variant)
     kind = (soft, bool(camera_bucket))
     if kind not in self._steps:
@@ -162,10 +191,17 @@ class TrainSteps:
     return self._steps[kind]
 
 
-def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: np.ndarray,
-                     sharding: NamedSharding, *, cameras: np.ndarray | None = None,
-                     targets: np.ndarray | None = None, num_columns: int = 0,
-                     depth: int = 2) -> Iterator[tuple[jax.Array, ...]]:
+def prefetch_batches(
+  batches: Iterator[np.ndarray],
+  images: np.ndarray,
+  labels: np.ndarray,
+  sharding: NamedSharding,
+  *,
+  cameras: np.ndarray | None = None,
+  targets: np.ndarray | None = None,
+  num_columns: int = 0,
+  depth: int = 2,
+) -> Iterator[tuple[jax.Array, ...]]:
   """Gathers the next batches on a host thread and sends them to the devices early.
 
   Yields ``(images, labels)``, followed by the cameras when ``cameras`` (N,) is given and by
@@ -180,23 +216,30 @@ def prefetch_batches(batches: Iterator[np.ndarray], images: np.ndarray, labels: 
     # Every process draws the same indices (seeded sampler) and feeds its own rows.
     rows = indices[distributed.process_slice(len(indices))]
     batch: tuple[jax.Array, ...] = (
-        distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
-        distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh))
+      distributed.global_batch_from_local(np.asarray(images[rows]), mesh),
+      distributed.global_batch_from_local(labels[rows].astype(np.int32), mesh),
+    )
     if cameras is not None:
       batch += (distributed.global_batch_from_local(cameras[rows].astype(np.int32), mesh),)
     if targets is None:
       return batch
     padded = np.zeros((len(rows), num_columns), np.float32)
-    padded[:, :targets.shape[1]] = targets[rows]
+    padded[:, : targets.shape[1]] = targets[rows]
     return batch + (distributed.global_batch_from_local(padded, mesh),)
 
   return prefetch(batches, load, depth)
 
 
-def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loading.RunData,
-             config: ml_collections.ConfigDict, *, epoch: int,
-             checkpoints_dir: str = "the run's checkpoints folder"
-             ) -> tuple[TrainState, dict[str, list[float]]]:
+def train_on(
+  plan: PseudoLabels,
+  state: TrainState,
+  steps: TrainSteps,
+  data: loading.RunData,
+  config: ml_collections.ConfigDict,
+  *,
+  epoch: int,
+  checkpoints_dir: str = "the run's checkpoints folder",
+) -> tuple[TrainState, dict[str, list[float]]]:
   """One epoch's training on ``plan``'s labels: ``(state, the losses of every step)``.
 
   The losses are ``{"loss": [...]}`` (the total), plus ``"camera_loss"`` with the camera
@@ -211,24 +254,37 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
   bucket = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
   memory = memory_lib.init_memory(plan.centroids, bucket)
   camera = None if plan.camera is None else distributed.replicate(plan.camera, steps.mesh)
-  state = dataclasses.replace(state, memory=distributed.replicate(memory, steps.mesh),
-                              camera=camera)
+  state = dataclasses.replace(
+    state, memory=distributed.replicate(memory, steps.mesh), camera=camera
+  )
   sampler = sampler_lib.CameraAwarePKSampler(
-      plan.labels, data.train_cameras, t.num_instances,
-      seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+    plan.labels,
+    data.train_cameras,
+    t.num_instances,
+    seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]),
+  )
   assert data.train_images is not None  # training loads the train split
   batches = prefetch_batches(
-      sampler.batches(t.iters, t.batch_size), data.train_images, plan.labels,
-      NamedSharding(steps.mesh, PartitionSpec("data")),
-      cameras=None if camera is None else data.train_cameras, targets=plan.targets,
-      num_columns=bucket)
-  step_fn = steps.get(soft=plan.targets is not None, bucket=bucket,
-                      camera_bucket=0 if camera is None else camera.bucket, epoch=epoch,
-                      num_clusters=plan.num_clusters)
+    sampler.batches(t.iters, t.batch_size),
+    data.train_images,
+    plan.labels,
+    NamedSharding(steps.mesh, PartitionSpec("data")),
+    cameras=None if camera is None else data.train_cameras,
+    targets=plan.targets,
+    num_columns=bucket,
+  )
+  step_fn = steps.get(
+    soft=plan.targets is not None,
+    bucket=bucket,
+    camera_bucket=0 if camera is None else camera.bucket,
+    epoch=epoch,
+    num_clusters=plan.num_clusters,
+  )
   losses: dict[str, list[float]] = {}
   pending: list[dict[str, jax.Array]] = []
-  bar = progress_bar(total=t.iters, desc=f"epoch {epoch} train", unit="step",
-                     enabled=bool(config.log.progress))
+  bar = progress_bar(
+    total=t.iters, desc=f"epoch {epoch} train", unit="step", enabled=bool(config.log.progress)
+  )
   for it, batch in enumerate(batches):
     state, metrics = step_fn(state, *batch)
     pending.append(metrics)
@@ -238,8 +294,9 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
       values = [float(m["loss"]) for m in fetched]
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(
-            f"non-finite loss at epoch {epoch} step {it}: {values}; the checkpoints of the "
-            f"earlier epochs are kept in {checkpoints_dir}")
+          f"non-finite loss at epoch {epoch} step {it}: {values}; the checkpoints of the "
+          f"earlier epochs are kept in {checkpoints_dir}"
+        )
       for m in fetched:
         for name, value in m.items():
           losses.setdefault(name, []).append(float(value))
@@ -255,14 +312,22 @@ def train_on(plan: PseudoLabels, state: TrainState, steps: TrainSteps, data: loa
 
 
 # What to do about an epoch with one cluster or none (logged, and in the final summary).
-DEGENERATE_ADVICE = ("Choose cluster.eps with the eps sweep (python -m ccreid_jax.main --mode "
-                     "sweep --checkpoint init --eps 0.3:0.8:0.05), and check cluster.min_samples "
-                     "and cluster.k1 against the number of train images.")
+DEGENERATE_ADVICE = (
+  "Choose cluster.eps with the eps sweep (python -m ccreid_jax.main --mode "
+  "sweep --checkpoint init --eps 0.3:0.8:0.05), and check cluster.min_samples "
+  "and cluster.k1 against the number of train images."
+)
 
 
-def _epoch_record(epoch: int, plan: PseudoLabels, losses: dict[str, list[float]],
-                  state: TrainState, metrics: dict[str, float] | None, timer: Timer,
-                  config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _epoch_record(
+  epoch: int,
+  plan: PseudoLabels,
+  losses: dict[str, list[float]],
+  state: TrainState,
+  metrics: dict[str, float] | None,
+  timer: Timer,
+  config: ml_collections.ConfigDict,
+) -> dict[str, Any]:
   record: dict[str, Any] = {"epoch": epoch, **plan.stats}
   if plan.num_clusters:
     record["memory_bucket"] = memory_lib.bucket_size(plan.num_clusters, config.memory.min_bucket)
@@ -272,13 +337,20 @@ def _epoch_record(epoch: int, plan: PseudoLabels, losses: dict[str, list[float]]
     # The loss over the first and the last tenth of the epoch's steps: how it moves within an
     # epoch (a memory kept hard, as BMW's push keeps it, makes it rise).
     tenth = max(1, len(losses["loss"]) // 10)
-    record.update(loss_start=float(np.mean(losses["loss"][:tenth])),
-                  loss_end=float(np.mean(losses["loss"][-tenth:])))
-  record.update(loss=float(np.mean(losses["loss"])) if losses else float("nan"),
-                steps=int(state.step),
-                lr=float(state_lib.make_lr_schedule(config.optim, config.train.iters)(
-                    jnp.int32(epoch * config.train.iters))),
-                **{f"time_{k}": v for k, v in timer.seconds.items()})
+    record.update(
+      loss_start=float(np.mean(losses["loss"][:tenth])),
+      loss_end=float(np.mean(losses["loss"][-tenth:])),
+    )
+  record.update(
+    loss=float(np.mean(losses["loss"])) if losses else float("nan"),
+    steps=int(state.step),
+    lr=float(
+      state_lib.make_lr_schedule(config.optim, config.train.iters)(
+        jnp.int32(epoch * config.train.iters)
+      )
+    ),
+    **{f"time_{k}": v for k, v in timer.seconds.items()},
+  )
   if metrics is not None:
     record.update(metrics)
   return record
@@ -288,24 +360,32 @@ class TrainingSetChanged(ValueError):
   """A resumed run's training images are not the ones its checkpoints were trained on."""
 
 
-def _check_training_set(meta: dict[str, Any], data: loading.RunData, run: Run, *,
-                        force: bool) -> None:
+def _check_training_set(
+  meta: dict[str, Any], data: loading.RunData, run: Run, *, force: bool
+) -> None:
   """Refuses to resume on other training images (a changed count always; other images of the
   same count unless ``force``)."""
   saved_count, saved = int(meta["num_train"]), meta.get("train_fingerprint")
   current = data.train_fingerprint
   if saved_count == data.num_train and saved in (None, current):
     return
-  what = (f"{run.path} was trained on {saved_count} images"
-          + (f" (fingerprint {saved})" if saved else "") + f"; {data.dataset.root} now gives "
-          f"{data.num_train} (fingerprint {current})")
+  what = (
+    f"{run.path} was trained on {saved_count} images"
+    + (f" (fingerprint {saved})" if saved else "")
+    + f"; {data.dataset.root} now gives "
+    f"{data.num_train} (fingerprint {current})"
+  )
   if saved_count != data.num_train or not force:
     raise TrainingSetChanged(
-        f"The training set differs from the one this run was trained on: {what}. Resuming "
-        "would continue on other images and mix evaluations of two datasets in one history. "
-        "Point config.data.root at the original images, or train into a new --workdir"
-        + ("." if saved_count != data.num_train else
-           " (--force resumes anyway: the image count is the same)."))
+      f"The training set differs from the one this run was trained on: {what}. Resuming "
+      "would continue on other images and mix evaluations of two datasets in one history. "
+      "Point config.data.root at the original images, or train into a new --workdir"
+      + (
+        "."
+        if saved_count != data.num_train
+        else " (--force resumes anyway: the image count is the same)."
+      )
+    )
   logger.warning("--force: resuming on a changed training set: %s", what)
 
 
@@ -320,8 +400,9 @@ class _Setup:
   steps: TrainSteps
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       force: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, force: bool = False
+) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns its best and last evaluations.
 
   A killed run restarts from its latest checkpoint when called again with the same
@@ -346,23 +427,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train(config, run, force=force, differences=differences, primary=primary)
 
 
-def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
-           differences: list[tuple[str, Any, Any]], primary: bool) -> dict[str, Any]:
+def _train(
+  config: ml_collections.ConfigDict,
+  run: Run,
+  *,
+  force: bool,
+  differences: list[tuple[str, Any, Any]],
+  primary: bool,
+) -> dict[str, Any]:
   data = loading.load_run_data(config, run.path, need_train=True)
   assert data.train_images is not None  # need_train=True
   validation.check_cluster_sizes(config.cluster, data.num_train)
   model = models.create_model(config.model)
   mesh = distributed.make_mesh()
   extract = FeatureExtractor.create(model, config)
-  setup = _Setup(model=model, mesh=mesh, extract=extract,
-                 extract_eval=(FeatureExtractor.create(model, config, flip=True)
-                               if config.eval.flip else extract),
-                 steps=TrainSteps(config, mesh))
+  setup = _Setup(
+    model=model,
+    mesh=mesh,
+    extract=extract,
+    extract_eval=(
+      FeatureExtractor.create(model, config, flip=True) if config.eval.flip else extract
+    ),
+    steps=TrainSteps(config, mesh),
+  )
   # Without an evaluation there is no best checkpoint: every eval_every-th epoch's is kept.
   checkpointer = run.checkpointer(keep_every=None if data.has_eval else config.train.eval_every)
-  logger.info("dataset %s: %d train / %d query / %d gallery images; %d device(s)",
-              config.data.name, data.num_train, len(data.eval_dataset.query),
-              len(data.eval_dataset.gallery), jax.device_count())
+  logger.info(
+    "dataset %s: %d train / %d query / %d gallery images; %d device(s)",
+    config.data.name,
+    data.num_train,
+    len(data.eval_dataset.query),
+    len(data.eval_dataset.gallery),
+    jax.device_count(),
+  )
 
   # The state to start from: the latest checkpoint, or a fresh initialisation. The config
   # is saved only once it is known to resume the checkpoint.
@@ -376,21 +473,28 @@ def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
       if not differences:
         raise
       raise checkpoint_lib.CheckpointError(
-          f"The new config cannot resume {run.path}: its checkpoint {latest} holds arrays "
-          "of other shapes than this config's model (" + ", ".join(
-              f"{p}: {a!r} -> {b!r}" for p, a, b in differences) + "). Nothing was written; "
-          "resume with the saved config (without --force), or train into a new "
-          "--workdir.") from exc
+        f"The new config cannot resume {run.path}: its checkpoint {latest} holds arrays "
+        "of other shapes than this config's model ("
+        + ", ".join(f"{p}: {a!r} -> {b!r}" for p, a, b in differences)
+        + "). Nothing was written; "
+        "resume with the saved config (without --force), or train into a new "
+        "--workdir."
+      ) from exc
     start_epoch = int(meta["epoch"]) + 1
-    logger.info("resuming from %s: epochs 0-%d done, training epoch %d next",
-                checkpointer.directory, start_epoch - 1, start_epoch)
+    logger.info(
+      "resuming from %s: epochs 0-%d done, training epoch %d next",
+      checkpointer.directory,
+      start_epoch - 1,
+      start_epoch,
+    )
   else:
     state = state_lib.create_train_state(model, config)
   if primary:
     run.save_config(config, differences)
   state = distributed.replicate(state, mesh)
-  reporter = Reporter(config, run, data, start_epoch=start_epoch, num_train=data.num_train,
-                      enabled=primary)
+  reporter = Reporter(
+    config, run, data, start_epoch=start_epoch, num_train=data.num_train, enabled=primary
+  )
   if start_epoch == 0 and config.train.eval_initial and data.has_eval:
     reporter.initial(*evaluate_variables(setup.extract_eval, state.variables, data, config))
 
@@ -400,30 +504,48 @@ def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
     for epoch in range(start_epoch, t.epochs):
       timer = Timer()
       with timer.phase("extract"):
-        features = setup.extract(state.variables, data.train_images,
-                                 desc=f"epoch {epoch} extract")
+        features = setup.extract(state.variables, data.train_images, desc=f"epoch {epoch} extract")
       with timer.phase("cluster"):
-        plan = pseudo_label(features, data.train_cameras if data.has_train_cameras else None,
-                            config, epoch=epoch, previous=previous,
-                            true_identities=data.train_identities)
+        plan = pseudo_label(
+          features,
+          data.train_cameras if data.has_train_cameras else None,
+          config,
+          epoch=epoch,
+          previous=previous,
+          true_identities=data.train_identities,
+        )
       losses: dict[str, list[float]] = {}
       if plan.num_clusters:
         with timer.phase("train"):
-          state, losses = train_on(plan, state, setup.steps, data, config, epoch=epoch,
-                                   checkpoints_dir=checkpointer.directory)
+          state, losses = train_on(
+            plan,
+            state,
+            setup.steps,
+            data,
+            config,
+            epoch=epoch,
+            checkpoints_dir=checkpointer.directory,
+          )
         if plan.num_clusters == 1:
-          logger.warning("WARNING epoch %d: the clustering put every clustered image in one "
-                         "cluster; the loss of one class is 0 and this epoch learns nothing. "
-                         "%s", epoch, DEGENERATE_ADVICE)
+          logger.warning(
+            "WARNING epoch %d: the clustering put every clustered image in one "
+            "cluster; the loss of one class is 0 and this epoch learns nothing. "
+            "%s",
+            epoch,
+            DEGENERATE_ADVICE,
+          )
       else:
-        logger.warning("WARNING epoch %d: the clustering found no cluster (all %d samples are "
-                       "outliers); this epoch trains nothing. %s", epoch, data.num_train,
-                       DEGENERATE_ADVICE)
+        logger.warning(
+          "WARNING epoch %d: the clustering found no cluster (all %d samples are "
+          "outliers); this epoch trains nothing. %s",
+          epoch,
+          data.num_train,
+          DEGENERATE_ADVICE,
+        )
       metrics, distmat = None, None
       if data.has_eval and ((epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1):
         with timer.phase("eval"):
-          metrics, distmat = evaluate_variables(setup.extract_eval, state.variables, data,
-                                                config)
+          metrics, distmat = evaluate_variables(setup.extract_eval, state.variables, data, config)
         last = dict(metrics, epoch=epoch)
       reporter.epoch(_epoch_record(epoch, plan, losses, state, metrics, timer, config), distmat)
       _save_checkpoint(checkpointer, epoch, state, plan, metrics, config, data)
@@ -435,9 +557,14 @@ def _train(config: ml_collections.ConfigDict, run: Run, *, force: bool,
   return _final_results(run, checkpointer, last, setup, data, config)
 
 
-def _final_results(run: Run, checkpointer: checkpoint_lib.Checkpointer,
-                   last: dict[str, Any] | None, setup: _Setup, data: loading.RunData,
-                   config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _final_results(
+  run: Run,
+  checkpointer: checkpoint_lib.Checkpointer,
+  last: dict[str, Any] | None,
+  setup: _Setup,
+  data: loading.RunData,
+  config: ml_collections.ConfigDict,
+) -> dict[str, Any]:
   """The best checkpoint's metrics (evaluated again), with ``best`` and ``last`` (see
   ``train_and_evaluate``); without an evaluation, the last epoch and the kept checkpoints."""
   numbers = checkpointer.numbers()
@@ -447,8 +574,7 @@ def _final_results(run: Run, checkpointer: checkpoint_lib.Checkpointer,
     return {"epoch": numbers[-1] - 1, "checkpoints": numbers}
 
   def evaluated(number: int) -> dict[str, Any]:
-    state, _, meta = run.restore(number, setup.model, config, setup.mesh,
-                                 checkpointer=checkpointer)
+    state, _, meta = run.restore(number, setup.model, config, setup.mesh, checkpointer=checkpointer)
     variables = distributed.replicate(state.variables, setup.mesh)
     metrics, _ = evaluate_variables(setup.extract_eval, variables, data, config)
     return dict(metrics, epoch=int(meta["epoch"]))
@@ -457,20 +583,35 @@ def _final_results(run: Run, checkpointer: checkpoint_lib.Checkpointer,
     last = evaluated(numbers[-1])
   best_number = checkpointer.best()
   best = last if best_number in (None, last["epoch"] + 1) else evaluated(best_number)
-  logger.info("best evaluation: epoch %d, mAP %.1f; last: epoch %d, mAP %.1f", best["epoch"],
-              100 * best["mAP"], last["epoch"], 100 * last["mAP"])
+  logger.info(
+    "best evaluation: epoch %d, mAP %.1f; last: epoch %d, mAP %.1f",
+    best["epoch"],
+    100 * best["mAP"],
+    last["epoch"],
+    100 * last["mAP"],
+  )
   return dict(best, best=best, last=last)
 
 
-def _save_checkpoint(checkpointer: checkpoint_lib.Checkpointer, epoch: int, state: TrainState,
-                     plan: PseudoLabels, metrics: dict[str, float] | None,
-                     config: ml_collections.ConfigDict, data: loading.RunData) -> None:
+def _save_checkpoint(
+  checkpointer: checkpoint_lib.Checkpointer,
+  epoch: int,
+  state: TrainState,
+  plan: PseudoLabels,
+  metrics: dict[str, float] | None,
+  config: ml_collections.ConfigDict,
+  data: loading.RunData,
+) -> None:
   """Checkpoint ``epoch + 1``: the state, the epoch's clustering and what a resume checks."""
   generation: Generation = plan.generation
-  meta = {"epoch": epoch, "memory_bucket": int(state.memory.centroids.shape[0]),
-          "num_clusters": generation.num_clusters, "num_train": data.num_train,
-          "train_fingerprint": data.train_fingerprint,
-          "seed": config.seed}
+  meta = {
+    "epoch": epoch,
+    "memory_bucket": int(state.memory.centroids.shape[0]),
+    "num_clusters": generation.num_clusters,
+    "num_train": data.num_train,
+    "train_fingerprint": data.train_fingerprint,
+    "seed": config.seed,
+  }
   if generation.indep_threshold is not None:
     meta["indep_threshold"] = generation.indep_threshold
   if metrics is not None:

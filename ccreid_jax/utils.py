@@ -23,8 +23,9 @@ _R = TypeVar("_R")
 def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True):
   """A tqdm bar that stays quiet when disabled or when stderr is not a terminal."""
   disable = (not enabled) or not sys.stderr.isatty()
-  return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False,
-                   dynamic_ncols=True)
+  return tqdm.tqdm(
+    total=total, desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True
+  )
 
 
 def prefetch(items: Iterable[_T], load: Callable[[_T], _R], depth: int = 2) -> Iterator[_R]:
@@ -124,6 +125,8 @@ def format_history_table(records: list[dict[str, Any]]) -> str:
   header = f"{'evaluated':>10} | {'mAP':>6} | {'rank1':>6} | {'rank5':>6} | {'rank10':>6}"
   lines = [header, "-" * len(header)]
   for when, r in rows:
-    lines.append(f"{when:>10} | " + " | ".join(
-        f"{100 * r[k]:6.2f}" for k in ("mAP", "rank1", "rank5", "rank10")))
+    lines.append(
+      f"{when:>10} | "
+      + " | ".join(f"{100 * r[k]:6.2f}" for k in ("mAP", "rank1", "rank5", "rank10"))
+    )
   return "\n".join(lines)

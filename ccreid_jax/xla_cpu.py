@@ -66,8 +66,13 @@ M_ARENA_MAX = -8
 MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # What ``apply_cpu_tuning`` applied in this process (empty until it runs; benchmarks record it).
 APPLIED: dict[str, bool] = {}
-ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                       "jax_rocm7_plugin", "libtpu")
+ACCELERATOR_MODULES = (
+  "jax_cuda12_plugin",
+  "jax_cuda13_plugin",
+  "jax_rocm60_plugin",
+  "jax_rocm7_plugin",
+  "libtpu",
+)
 
 
 def _jaxlib_version() -> str | None:
@@ -77,8 +82,9 @@ def _jaxlib_version() -> str | None:
     return None
 
 
-def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None,
-                       jaxlib_version: str | None = None) -> bool:
+def apply_cpu_defaults(
+  environ: MutableMapping[str, str] | None = None, jaxlib_version: str | None = None
+) -> bool:
   """Adds ``FLAG`` to ``environ["XLA_FLAGS"]`` under the conditions above; True if added."""
   environ = os.environ if environ is None else environ
   version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
@@ -101,8 +107,9 @@ def _accelerator_plugin_installed() -> bool:
   return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_MODULES)
 
 
-def runs_on_cpu(environ: Mapping[str, str] | None = None,
-                accelerator_installed: bool | None = None) -> bool:
+def runs_on_cpu(
+  environ: Mapping[str, str] | None = None, accelerator_installed: bool | None = None
+) -> bool:
   """Whether JAX will pick the CPU, judged without starting a backend."""
   environ = os.environ if environ is None else environ
   platforms = environ.get("JAX_PLATFORMS", "").strip()
@@ -122,9 +129,11 @@ def _glibc_mallopt() -> Callable[[int, int], int] | None:
     return None
 
 
-def keep_freed_memory(environ: Mapping[str, str] | None = None,
-                      mallopt: Callable[[int, int], int] | None = None,
-                      accelerator_installed: bool | None = None) -> bool:
+def keep_freed_memory(
+  environ: Mapping[str, str] | None = None,
+  mallopt: Callable[[int, int], int] | None = None,
+  accelerator_installed: bool | None = None,
+) -> bool:
   """Sets ``MALLOPT_SETTINGS`` (see the module doc) when JAX runs on the CPU; True if set.
 
   ``mallopt`` (glibc's, found when None) and ``accelerator_installed`` are for tests.
@@ -147,6 +156,5 @@ def apply_cpu_tuning(environ: MutableMapping[str, str] | None = None) -> dict[st
 
   For entry points, before JAX's backend starts; ``CCREID_XLA_CPU_DEFAULTS=0`` turns both off.
   """
-  APPLIED.update(xla_flag=apply_cpu_defaults(environ),
-                 keep_freed_memory=keep_freed_memory(environ))
+  APPLIED.update(xla_flag=apply_cpu_defaults(environ), keep_freed_memory=keep_freed_memory(environ))
   return dict(APPLIED)

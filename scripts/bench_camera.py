@@ -45,25 +45,34 @@ from ccreid_jax import run as run_lib
 from ccreid_jax import xla_cpu
 
 VARIANTS = {
-    "plain": {},
-    "ca_jaccard": {"cluster.distance": "ca_jaccard"},
-    "proxy": {"camera.enabled": True},
-    "both": {"cluster.distance": "ca_jaccard", "camera.enabled": True},
-    "hard": {"memory.update_rule": "hard"},
-    "bmw": {"memory.update_rule": "bmw"},
+  "plain": {},
+  "ca_jaccard": {"cluster.distance": "ca_jaccard"},
+  "proxy": {"camera.enabled": True},
+  "both": {"cluster.distance": "ca_jaccard", "camera.enabled": True},
+  "hard": {"memory.update_rule": "hard"},
+  "bmw": {"memory.update_rule": "bmw"},
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="config.seed values")
-  p.add_argument("--variants", nargs="+", default=["plain", "ca_jaccard", "proxy", "both"],
-                 choices=list(VARIANTS))
-  p.add_argument("--data", choices=("camera", "demo"), default="camera",
-                 help="camera: the camera-shifted set; demo: the demo's dataset and recipe")
+  p.add_argument(
+    "--variants",
+    nargs="+",
+    default=["plain", "ca_jaccard", "proxy", "both"],
+    choices=list(VARIANTS),
+  )
+  p.add_argument(
+    "--data",
+    choices=("camera", "demo"),
+    default="camera",
+    help="camera: the camera-shifted set; demo: the demo's dataset and recipe",
+  )
   p.add_argument("--epochs", type=int, default=None, help="default 8 (camera), 15 (demo)")
-  p.add_argument("--iters", type=int, default=None,
-                 help="train steps per epoch; default 30 (camera), 40 (demo)")
+  p.add_argument(
+    "--iters", type=int, default=None, help="train steps per epoch; default 30 (camera), 40 (demo)"
+  )
   p.add_argument("--camera-shift", type=float, default=1.0)
   p.add_argument("--num-train-identities", type=int, default=60)
   p.add_argument("--num-test-identities", type=int, default=40)
@@ -110,10 +119,16 @@ def main(argv=None) -> dict:
   else:
     data_root = os.path.join(args.root, f"data_shift{args.camera_shift:g}")
     synthetic.generate_market_dataset(
-        data_root, num_train_identities=args.num_train_identities,
-        num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
-        images_per_camera=tuple(args.images_per_camera), height=128, width=64, seed=0,
-        camera_shift=args.camera_shift)
+      data_root,
+      num_train_identities=args.num_train_identities,
+      num_test_identities=args.num_test_identities,
+      num_cameras=args.num_cameras,
+      images_per_camera=tuple(args.images_per_camera),
+      height=128,
+      width=64,
+      seed=0,
+      camera_shift=args.camera_shift,
+    )
   results = {"args": vars(args), "runs": []}
   for variant in args.variants:
     for seed in args.seeds:
@@ -123,18 +138,40 @@ def main(argv=None) -> dict:
       start = time.time()
       final = train.train_and_evaluate(config, workdir)
       records = run_lib.Run(workdir).epoch_records()
-      run = {"variant": variant, "seed": seed, "seconds": time.time() - start,
-             "mAP": final["last"]["mAP"], "rank1": final["last"]["rank1"],
-             "epochs": [{k: r.get(k) for k in ("epoch", "clusters", "outliers", "cluster_ari",
-                                               "camera_ari", "one_camera_clusters", "loss",
-                                               "loss_start", "loss_end", "mAP")}
-                        for r in records]}
+      run = {
+        "variant": variant,
+        "seed": seed,
+        "seconds": time.time() - start,
+        "mAP": final["last"]["mAP"],
+        "rank1": final["last"]["rank1"],
+        "epochs": [
+          {
+            k: r.get(k)
+            for k in (
+              "epoch",
+              "clusters",
+              "outliers",
+              "cluster_ari",
+              "camera_ari",
+              "one_camera_clusters",
+              "loss",
+              "loss_start",
+              "loss_end",
+              "mAP",
+            )
+          }
+          for r in records
+        ],
+      }
       results["runs"].append(run)
       last = run["epochs"][-1]
-      print(f"{variant:>10} seed {seed}: mAP {100 * run['mAP']:5.1f} rank1 "
-            f"{100 * run['rank1']:5.1f} | last epoch: cluster ARI {last['cluster_ari']:.3f} "
-            f"camera ARI {last['camera_ari']:.3f} one-camera clusters "
-            f"{last['one_camera_clusters']:.2f} ({run['seconds']:.0f} s)", flush=True)
+      print(
+        f"{variant:>10} seed {seed}: mAP {100 * run['mAP']:5.1f} rank1 "
+        f"{100 * run['rank1']:5.1f} | last epoch: cluster ARI {last['cluster_ari']:.3f} "
+        f"camera ARI {last['camera_ari']:.3f} one-camera clusters "
+        f"{last['one_camera_clusters']:.2f} ({run['seconds']:.0f} s)",
+        flush=True,
+      )
   print_summary(results)
   if args.out:
     with open(args.out, "w") as f:
@@ -150,31 +187,44 @@ def _mean(values):
 def print_summary(results: dict) -> None:
   """Per variant, means over seeds: final mAP / rank-1, and the ARIs and one-camera share
   averaged over the epochs (the whole training's clusterings) and at the last epoch."""
-  print(f"\n{'variant':>10} | {'mAP':>5} | {'rank1':>5} | {'cluster ARI':>11} | "
-        f"{'camera ARI':>10} | {'1-camera':>8} | {'cluster ARI':>11} | {'camera ARI':>10} | "
-        f"{'1-camera':>8} | {'loss rise':>9}")
-  print(f"{'':>10} | {'final':>13} | {'mean over epochs':>35} | {'last epoch':>35} | "
-        f"{'in epoch':>9}")
+  print(
+    f"\n{'variant':>10} | {'mAP':>5} | {'rank1':>5} | {'cluster ARI':>11} | "
+    f"{'camera ARI':>10} | {'1-camera':>8} | {'cluster ARI':>11} | {'camera ARI':>10} | "
+    f"{'1-camera':>8} | {'loss rise':>9}"
+  )
+  print(
+    f"{'':>10} | {'final':>13} | {'mean over epochs':>35} | {'last epoch':>35} | {'in epoch':>9}"
+  )
   for variant in results["args"]["variants"]:
     runs = [r for r in results["runs"] if r["variant"] == variant]
     if not runs:
       continue
-    over = {k: _mean([_mean([e[k] for e in r["epochs"]]) for r in runs])
-            for k in ("cluster_ari", "camera_ari", "one_camera_clusters")}
-    last = {k: _mean([r["epochs"][-1][k] for r in runs])
-            for k in ("cluster_ari", "camera_ari", "one_camera_clusters")}
-    print(f"{variant:>10} | {100 * _mean([r['mAP'] for r in runs]):5.1f} | "
-          f"{100 * _mean([r['rank1'] for r in runs]):5.1f} | {over['cluster_ari']:11.3f} | "
-          f"{over['camera_ari']:10.3f} | {over['one_camera_clusters']:8.2f} | "
-          f"{last['cluster_ari']:11.3f} | {last['camera_ari']:10.3f} | "
-          f"{last['one_camera_clusters']:8.2f} | {_loss_rise(runs):9.3f}")
+    over = {
+      k: _mean([_mean([e[k] for e in r["epochs"]]) for r in runs])
+      for k in ("cluster_ari", "camera_ari", "one_camera_clusters")
+    }
+    last = {
+      k: _mean([r["epochs"][-1][k] for r in runs])
+      for k in ("cluster_ari", "camera_ari", "one_camera_clusters")
+    }
+    print(
+      f"{variant:>10} | {100 * _mean([r['mAP'] for r in runs]):5.1f} | "
+      f"{100 * _mean([r['rank1'] for r in runs]):5.1f} | {over['cluster_ari']:11.3f} | "
+      f"{over['camera_ari']:10.3f} | {over['one_camera_clusters']:8.2f} | "
+      f"{last['cluster_ari']:11.3f} | {last['camera_ari']:10.3f} | "
+      f"{last['one_camera_clusters']:8.2f} | {_loss_rise(runs):9.3f}"
+    )
 
 
 def _loss_rise(runs: list[dict]) -> float:
   """The mean over runs and epochs of the loss over an epoch's last tenth of steps minus the
   loss over its first tenth (positive: the loss rises within an epoch)."""
-  return _mean([_mean([e["loss_end"] - e["loss_start"] for e in r["epochs"]
-                       if e.get("loss_end") is not None]) for r in runs])
+  return _mean(
+    [
+      _mean([e["loss_end"] - e["loss_start"] for e in r["epochs"] if e.get("loss_end") is not None])
+      for r in runs
+    ]
+  )
 
 
 if __name__ == "__main__":

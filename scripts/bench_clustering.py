@@ -46,10 +46,17 @@ from ccreid_jax.clustering import ca_jaccard, dbscan_labels, infomap_labels, jac
 from ccreid_jax.utils import write_json
 
 
-def synthetic_features(n: int, dim: int, clusters: int, *, intrinsic: int = 32,
-                       outlier_fraction: float = 0.1, seed: int = 0,
-                       camera_shift: float = 0.0,
-                       cameras: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_features(
+  n: int,
+  dim: int,
+  clusters: int,
+  *,
+  intrinsic: int = 32,
+  outlier_fraction: float = 0.1,
+  seed: int = 0,
+  camera_shift: float = 0.0,
+  cameras: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(n, dim) float32 unit features and their generating cluster (-1 for the outliers).
 
   ``cameras`` (n,) ints (after the permutation, i.e. per output row) and ``camera_shift > 0``
@@ -105,7 +112,7 @@ def timed(fn, *args, **kwargs):
 def matmul_only(x: np.ndarray, block: int = 1024) -> None:
   """The exact kNN matrix product alone (numpy float32, blockwise, results discarded)."""
   for s in range(0, x.shape[0], block):
-    x[s:s + block] @ x.T
+    x[s : s + block] @ x.T
 
 
 def dense_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:
@@ -116,8 +123,8 @@ def dense_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:
   k_half = int(np.round(k1 / 2))
 
   def reciprocal(i, k):
-    fwd = rank[i, :k + 1]
-    return fwd[np.any(rank[fwd, :k + 1] == i, axis=1)]
+    fwd = rank[i, : k + 1]
+    return fwd[np.any(rank[fwd, : k + 1] == i, axis=1)]
 
   v = np.zeros((n, n), dtype=np.float32)
   for i in range(n):
@@ -147,8 +154,9 @@ def machine() -> dict:
   info = {"nproc": os.cpu_count(), "python": platform.python_version()}
   try:
     with open("/proc/cpuinfo") as f:
-      info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
+      info["cpu"] = next(
+        line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+      )
   except (OSError, StopIteration):
     info["cpu"] = platform.processor()
   info["loadavg_start"] = list(os.getloadavg())
@@ -165,10 +173,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--clusters", type=int, default=None, help="default: n // 17")
   parser.add_argument("--intrinsic", type=int, default=32)
   parser.add_argument("--method", choices=["dbscan", "infomap", "both"], default="dbscan")
-  parser.add_argument("--distance", choices=["jaccard", "ca_jaccard"], default="jaccard",
-                      help="distance DBSCAN clusters with (ca_jaccard: camera-aware)")
-  parser.add_argument("--cameras", type=int, default=6,
-                      help="number of cameras (ca_jaccard, shift)")
+  parser.add_argument(
+    "--distance",
+    choices=["jaccard", "ca_jaccard"],
+    default="jaccard",
+    help="distance DBSCAN clusters with (ca_jaccard: camera-aware)",
+  )
+  parser.add_argument(
+    "--cameras", type=int, default=6, help="number of cameras (ca_jaccard, shift)"
+  )
   parser.add_argument("--camera-shift", type=float, default=0.0)
   parser.add_argument("--k1-intra", type=int, default=5)
   parser.add_argument("--k1-inter", type=int, default=20)
@@ -178,10 +191,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--k2", type=int, default=6)
   parser.add_argument("--eps", type=float, default=0.6)
   parser.add_argument("--min-samples", type=int, default=4)
-  parser.add_argument("--full", action="store_true",
-                      help="also time the full output (max_distance=None) and its DBSCAN")
-  parser.add_argument("--skip-matmul", action="store_true",
-                      help="do not time the bare matmul reference")
+  parser.add_argument(
+    "--full",
+    action="store_true",
+    help="also time the full output (max_distance=None) and its DBSCAN",
+  )
+  parser.add_argument(
+    "--skip-matmul", action="store_true", help="do not time the bare matmul reference"
+  )
   parser.add_argument("--dense-compare", action="store_true")
   parser.add_argument("--dense-max-n", type=int, default=16000)
   parser.add_argument("--block-size", type=int, default=1024)
@@ -191,20 +208,38 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   clusters = args.clusters or max(1, args.n // 17)
 
-  res = {"n": args.n, "dim": args.dim, "clusters": clusters, "intrinsic": args.intrinsic,
-         "distance": args.distance, "eps": args.eps, "min_samples": args.min_samples,
-         "machine": machine()}
+  res = {
+    "n": args.n,
+    "dim": args.dim,
+    "clusters": clusters,
+    "intrinsic": args.intrinsic,
+    "distance": args.distance,
+    "eps": args.eps,
+    "min_samples": args.min_samples,
+    "machine": machine(),
+  }
   ca = args.distance == "ca_jaccard"
   if ca:
-    ks = {"k1_intra": args.k1_intra, "k1_inter": args.k1_inter, "k2_intra": args.k2_intra,
-          "k2_inter": args.k2_inter}
+    ks = {
+      "k1_intra": args.k1_intra,
+      "k1_inter": args.k1_inter,
+      "k2_intra": args.k2_intra,
+      "k2_inter": args.k2_inter,
+    }
     res.update(ks, cameras=args.cameras, camera_shift=args.camera_shift)
   else:
     res.update(k1=args.k1, k2=args.k2)
   cameras = synthetic_cameras(args.n, args.cameras, args.seed)
-  (x, _truth), res["generate_s"] = timed(synthetic_features, args.n, args.dim, clusters,
-                                        intrinsic=args.intrinsic, seed=args.seed,
-                                        camera_shift=args.camera_shift, cameras=cameras)
+  (x, _truth), res["generate_s"] = timed(
+    synthetic_features,
+    args.n,
+    args.dim,
+    clusters,
+    intrinsic=args.intrinsic,
+    seed=args.seed,
+    camera_shift=args.camera_shift,
+    cameras=cameras,
+  )
   res["rss_after_features_gb"] = peak_rss_gb()
 
   def neighbour_lists():
@@ -250,8 +285,9 @@ def main(argv=None) -> dict:
         res["dense"] = f"skipped: n > --dense-max-n={args.dense_max_n}"
       else:
         dense, res["dense_jaccard_s"] = timed(dense_jaccard, x, args.k1, args.k2)
-        dense_labels, res["dense_dbscan_s"] = timed(dbscan_labels, dense, args.eps,
-                                                    args.min_samples)
+        dense_labels, res["dense_dbscan_s"] = timed(
+          dbscan_labels, dense, args.eps, args.min_samples
+        )
         res["dense_labels_agree"] = bool(np.array_equal(dense_labels, labels))
         del dense
   if args.method in ("infomap", "both"):
@@ -261,9 +297,11 @@ def main(argv=None) -> dict:
   res["peak_rss_gb"] = peak_rss_gb()
   res["machine"]["loadavg_end"] = list(os.getloadavg())
 
-  print(f"N={args.n} D={args.dim} clusters={clusters} intrinsic={args.intrinsic} "
-        f"({res['machine']['nproc']} CPUs, {res['machine']['jax_device']}, load "
-        f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f})")
+  print(
+    f"N={args.n} D={args.dim} clusters={clusters} intrinsic={args.intrinsic} "
+    f"({res['machine']['nproc']} CPUs, {res['machine']['jax_device']}, load "
+    f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f})"
+  )
   for key, value in res.items():
     if key == "machine":
       continue

@@ -95,8 +95,9 @@ def main(argv=None) -> dict:
     # The whole chain as training runs it: sampler -> prefetch thread -> devices.
     t = time.perf_counter()
     count = 0
-    for batch in train.prefetch_batches(sampler(1).batches(args.batches, args.batch), images,
-                                        labels, sharding):
+    for batch in train.prefetch_batches(
+      sampler(1).batches(args.batches, args.batch), images, labels, sharding
+    ):
       jax.block_until_ready(batch)
       count += 1
     chain_s = (time.perf_counter() - t) / count
@@ -106,29 +107,41 @@ def main(argv=None) -> dict:
     return args.batch / s if s > 0 else float("nan")
 
   result = {
-      "args": vars(args), "jax_version": jax.__version__,
-      "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-      "memmap_bytes": int(np.prod(shape)), "memmap_write_s": write_s,
-      "sampler_s_per_batch": sample_s,
-      "gather_s_per_batch": float(np.median(gather_s)),
-      "device_put_s_per_batch": float(np.median(put_s)),
-      "chain_s_per_batch": chain_s,
-      "sampler_images_per_s": per_s(sample_s),
-      "gather_images_per_s": per_s(float(np.median(gather_s))),
-      "device_put_images_per_s": per_s(float(np.median(put_s))),
-      "chain_images_per_s": per_s(chain_s),
-      "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+    "args": vars(args),
+    "jax_version": jax.__version__,
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "memmap_bytes": int(np.prod(shape)),
+    "memmap_write_s": write_s,
+    "sampler_s_per_batch": sample_s,
+    "gather_s_per_batch": float(np.median(gather_s)),
+    "device_put_s_per_batch": float(np.median(put_s)),
+    "chain_s_per_batch": chain_s,
+    "sampler_images_per_s": per_s(sample_s),
+    "gather_images_per_s": per_s(float(np.median(gather_s))),
+    "device_put_images_per_s": per_s(float(np.median(put_s))),
+    "chain_images_per_s": per_s(chain_s),
+    "loadavg_start": load_start,
+    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
   }
   mb = args.batch * args.height * args.width * 3 / 2**20
-  print(f"\ninput pipeline {args.height}x{args.width} uint8, batch {args.batch} ({mb:.1f} MiB), "
-        f"{args.num_images} images on {result['device_kind']} x{result['device_count']}; "
-        f"load {result['loadavg_start']} -> {result['loadavg_end']}")
+  print(
+    f"\ninput pipeline {args.height}x{args.width} uint8, batch {args.batch} ({mb:.1f} MiB), "
+    f"{args.num_images} images on {result['device_kind']} x{result['device_count']}; "
+    f"load {result['loadavg_start']} -> {result['loadavg_end']}"
+  )
   print(f"{'stage':26s} | {'ms/batch':>9s} | {'images/s':>10s}")
   print("-" * 51)
-  for name, key in (("PK sampler", "sampler"), ("gather from memmap", "gather"),
-                    ("device_put + wait", "device_put"), ("whole chain (prefetch)", "chain")):
-    print(f"{name:26s} | {1000 * result[key + '_s_per_batch']:9.2f} | "
-          f"{result[key + '_images_per_s']:10.0f}")
+  for name, key in (
+    ("PK sampler", "sampler"),
+    ("gather from memmap", "gather"),
+    ("device_put + wait", "device_put"),
+    ("whole chain (prefetch)", "chain"),
+  ):
+    print(
+      f"{name:26s} | {1000 * result[key + '_s_per_batch']:9.2f} | "
+      f"{result[key + '_images_per_s']:10.0f}"
+    )
   if args.out:
     write_json(args.out, result)
   return result

@@ -61,21 +61,34 @@ from ccreid_jax.utils import write_json
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="market1501",
-                 help="a recipe name or the path of a config file, as ccreid_jax.main's")
+  p.add_argument(
+    "--config",
+    default="market1501",
+    help="a recipe name or the path of a config file, as ccreid_jax.main's",
+  )
   p.add_argument("--epochs", type=int, default=3, help="epochs actually run (>= 2)")
-  p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
-                 help="model.dtype (default: the config's)")
-  p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                 help="config overrides, e.g. train.iters=20 model.depth=18")
+  p.add_argument(
+    "--dtype",
+    default="",
+    choices=["", "float32", "bfloat16"],
+    help="model.dtype (default: the config's)",
+  )
+  p.add_argument(
+    "--set",
+    nargs="*",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="config overrides, e.g. train.iters=20 model.depth=18",
+  )
   p.add_argument("--root", default="", help="dataset root (default: a folder in the workdir)")
   p.add_argument("--workdir", default="", help="run folder (default: a temporary folder)")
   p.add_argument("--num-train-identities", type=int, default=751)
   p.add_argument("--num-test-identities", type=int, default=750)
   p.add_argument("--images-per-camera", type=int, nargs=2, default=(2, 6), metavar=("LO", "HI"))
   p.add_argument("--seed", type=int, default=0, help="dataset seed")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="processes rendering the dataset")
+  p.add_argument(
+    "--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the dataset"
+  )
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
   if args.epochs < 2:
@@ -113,8 +126,9 @@ def num_evaluations(epochs: int, eval_every: int) -> int:
   return sum(1 for e in range(epochs) if (e + 1) % eval_every == 0 or e == epochs - 1)
 
 
-def project(records: list[dict], *, start: float, end: float, full_epochs: int,
-            eval_every: int) -> dict:
+def project(
+  records: list[dict], *, start: float, end: float, full_epochs: int, eval_every: int
+) -> dict:
   """Per-epoch times of a measured run and the projected wall time of the full recipe.
 
   ``records`` are the run's ``epoch`` records (metrics.jsonl) in order, ``start`` / ``end``
@@ -125,9 +139,13 @@ def project(records: list[dict], *, start: float, end: float, full_epochs: int,
   epochs = []
   previous = start
   for record in records:
-    epochs.append({
-        "epoch": record["epoch"], "wall": record["time"] - previous,
-        **{k: record.get(f"time_{k}", 0.0) for k in ("extract", "cluster", "train", "eval")}})
+    epochs.append(
+      {
+        "epoch": record["epoch"],
+        "wall": record["time"] - previous,
+        **{k: record.get(f"time_{k}", 0.0) for k in ("extract", "cluster", "train", "eval")},
+      }
+    )
     previous = record["time"]
   startup = epochs[0]["wall"]
   steady = statistics.median(e["wall"] - e["eval"] for e in epochs[1:])
@@ -136,39 +154,58 @@ def project(records: list[dict], *, start: float, end: float, full_epochs: int,
   tail = end - records[-1]["time"]
   evaluations = num_evaluations(full_epochs, eval_every)
   total = startup + (full_epochs - 1) * steady + evaluations * eval_s + tail
-  return {"epochs": epochs, "startup": startup, "steady_epoch": steady, "eval": eval_s,
-          "tail": tail, "full_epochs": full_epochs, "evaluations": evaluations,
-          "projected_total": total, "measured_total": end - start}
+  return {
+    "epochs": epochs,
+    "startup": startup,
+    "steady_epoch": steady,
+    "eval": eval_s,
+    "tail": tail,
+    "full_epochs": full_epochs,
+    "evaluations": evaluations,
+    "projected_total": total,
+    "measured_total": end - start,
+  }
 
 
 def print_table(result: dict) -> None:
   p = result["projection"]
-  print(f"\n{result['config']} on {result['device_count']} x {result['device_kind']} "
-        f"({result['platform']}, JAX {result['jax_version']}); dataset: "
-        f"{result['num_train']} train / {result['num_query']} query / "
-        f"{result['num_gallery']} gallery images; batch {result['batch_size']} x "
-        f"{result['iters']} steps per epoch, {result['dtype']}")
-  print(f"generate {result['generate_s']:.1f} s, cache {result['cache_s']:.1f} s (both once per "
-        f"dataset)")
-  print(f"{'epoch':>5} | {'wall s':>8} | {'extract':>8} | {'cluster':>8} | {'train':>8} | "
-        f"{'eval':>7} | {'train img/s':>11} | clusters | memory")
+  print(
+    f"\n{result['config']} on {result['device_count']} x {result['device_kind']} "
+    f"({result['platform']}, JAX {result['jax_version']}); dataset: "
+    f"{result['num_train']} train / {result['num_query']} query / "
+    f"{result['num_gallery']} gallery images; batch {result['batch_size']} x "
+    f"{result['iters']} steps per epoch, {result['dtype']}"
+  )
+  print(
+    f"generate {result['generate_s']:.1f} s, cache {result['cache_s']:.1f} s (both once per "
+    f"dataset)"
+  )
+  print(
+    f"{'epoch':>5} | {'wall s':>8} | {'extract':>8} | {'cluster':>8} | {'train':>8} | "
+    f"{'eval':>7} | {'train img/s':>11} | clusters | memory"
+  )
   for e, record in zip(p["epochs"], result["records"]):
     rate = result["batch_size"] * result["iters"] / e["train"] if e["train"] else 0.0
-    print(f"{e['epoch']:>5} | {e['wall']:8.1f} | {e['extract']:8.1f} | {e['cluster']:8.1f} | "
-          f"{e['train']:8.1f} | {e['eval']:7.1f} | {rate:11.0f} | {record.get('clusters', 0):8} | "
-          f"{record.get('memory_bucket', '-')}")
+    print(
+      f"{e['epoch']:>5} | {e['wall']:8.1f} | {e['extract']:8.1f} | {e['cluster']:8.1f} | "
+      f"{e['train']:8.1f} | {e['eval']:7.1f} | {rate:11.0f} | {record.get('clusters', 0):8} | "
+      f"{record.get('memory_bucket', '-')}"
+    )
   minutes = p["projected_total"] / 60
-  print(f"projected {p['full_epochs']} epochs ({p['evaluations']} evaluations): startup "
-        f"{p['startup']:.1f} s + {p['full_epochs'] - 1} x {p['steady_epoch']:.1f} s + "
-        f"{p['evaluations']} x {p['eval']:.1f} s + tail {p['tail']:.1f} s = "
-        f"{p['projected_total']:.0f} s ({minutes:.1f} min), the dataset cache excluded")
+  print(
+    f"projected {p['full_epochs']} epochs ({p['evaluations']} evaluations): startup "
+    f"{p['startup']:.1f} s + {p['full_epochs'] - 1} x {p['steady_epoch']:.1f} s + "
+    f"{p['evaluations']} x {p['eval']:.1f} s + tail {p['tail']:.1f} s = "
+    f"{p['projected_total']:.0f} s ({minutes:.1f} min), the dataset cache excluded"
+  )
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   # force: an import has already given the root logger a WARNING-level handler.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                      force=True)
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
+  )
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = load_config(args.config, args.set)
   if args.dtype:
@@ -176,22 +213,30 @@ def main(argv=None) -> dict:
   full_epochs, eval_every = int(config.train.epochs), int(config.train.eval_every)
   config_name = os.path.basename(configs.resolve(args.config))
   if config.data.name != "market1501":
-    print(f"note: {config_name} trains on {config.data.name}; the generated dataset has the "
-          "Market-1501 layout, so data.name is set to market1501")
+    print(
+      f"note: {config_name} trains on {config.data.name}; the generated dataset has the "
+      "Market-1501 layout, so data.name is set to market1501"
+    )
     config.data.name = "market1501"
 
   if args.workdir and os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
-    raise SystemExit(f"--workdir {args.workdir} already holds a run, which would be resumed; "
-                     "the timing needs a new run folder (the dataset and its cache can be "
-                     "reused with --root and --set data.cache_dir=...)")
+    raise SystemExit(
+      f"--workdir {args.workdir} already holds a run, which would be resumed; "
+      "the timing needs a new run folder (the dataset and its cache can be "
+      "reused with --root and --set data.cache_dir=...)"
+    )
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or os.path.join(tmp, "run")
     root = args.root or os.path.join(workdir, "data")
     t = time.perf_counter()
     synthetic.generate_market_dataset(
-        root, num_train_identities=args.num_train_identities,
-        num_test_identities=args.num_test_identities,
-        images_per_camera=tuple(args.images_per_camera), seed=args.seed, workers=args.workers)
+      root,
+      num_train_identities=args.num_train_identities,
+      num_test_identities=args.num_test_identities,
+      images_per_camera=tuple(args.images_per_camera),
+      seed=args.seed,
+      workers=args.workers,
+    )
     generate_s = time.perf_counter() - t
 
     config.data.root = root
@@ -204,8 +249,14 @@ def main(argv=None) -> dict:
     cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
     t = time.perf_counter()
     dataset = datasets_lib.load_dataset(config.data.name, root)
-    cache_lib.load_dataset_images(dataset, config.data.height, config.data.width, cache_dir,
-                                  progress=False, num_workers=config.data.num_workers)
+    cache_lib.load_dataset_images(
+      dataset,
+      config.data.height,
+      config.data.width,
+      cache_dir,
+      progress=False,
+      num_workers=config.data.num_workers,
+    )
     cache_s = time.perf_counter() - t
 
     start = time.time()
@@ -216,16 +267,27 @@ def main(argv=None) -> dict:
     records = [r for r in lines if r["kind"] == "epoch"]
 
   result = {
-      "args": vars(args), "config": config_name, "jax_version": jax.__version__,
-      "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-      "machine": platform.processor() or platform.machine(), "dtype": config.model.dtype,
-      "batch_size": int(config.train.batch_size), "iters": int(config.train.iters),
-      "num_train": len(dataset.train), "num_query": len(dataset.query),
-      "num_gallery": len(dataset.gallery), "generate_s": generate_s, "cache_s": cache_s,
-      "records": records, "final": {k: float(v) for k, v in final.items()},
-      "projection": project(records, start=start, end=end, full_epochs=full_epochs,
-                            eval_every=eval_every),
+    "args": vars(args),
+    "config": config_name,
+    "jax_version": jax.__version__,
+    "platform": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "dtype": config.model.dtype,
+    "batch_size": int(config.train.batch_size),
+    "iters": int(config.train.iters),
+    "num_train": len(dataset.train),
+    "num_query": len(dataset.query),
+    "num_gallery": len(dataset.gallery),
+    "generate_s": generate_s,
+    "cache_s": cache_s,
+    "records": records,
+    "final": {k: float(v) for k, v in final.items()},
+    "projection": project(
+      records, start=start, end=end, full_epochs=full_epochs, eval_every=eval_every
+    ),
   }
   print_table(result)
   if args.out:

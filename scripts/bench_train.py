@@ -88,18 +88,33 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation) first")
   p.add_argument("--clusters", type=int, default=500, help="memory rows in use")
-  p.add_argument("--num-images", type=int, default=0,
-                 help="images in the synthetic memmap (default: 8 batches)")
-  p.add_argument("--extract-images", type=int, default=0,
-                 help="images to extract features of (default: 4 batches)")
-  p.add_argument("--kernels", default="auto", choices=["auto", "plain", "cpu", "both"],
-                 help="model.kernels; both: time the plain and the CPU layer sets side by side")
+  p.add_argument(
+    "--num-images", type=int, default=0, help="images in the synthetic memmap (default: 8 batches)"
+  )
+  p.add_argument(
+    "--extract-images",
+    type=int,
+    default=0,
+    help="images to extract features of (default: 4 batches)",
+  )
+  p.add_argument(
+    "--kernels",
+    default="auto",
+    choices=["auto", "plain", "cpu", "both"],
+    help="model.kernels; both: time the plain and the CPU layer sets side by side",
+  )
   p.add_argument("--torch", action="store_true", help="also time a PyTorch CPU train step")
-  p.add_argument("--rounds", type=int, default=0,
-                 help="with --torch or --kernels both: alternate the compute steps for this "
-                      "many rounds")
-  p.add_argument("--xla-figures", action="store_true",
-                 help="also report XLA's bytes accessed and fusion sizes (XLA-version dependent)")
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=0,
+    help="with --torch or --kernels both: alternate the compute steps for this many rounds",
+  )
+  p.add_argument(
+    "--xla-figures",
+    action="store_true",
+    help="also report XLA's bytes accessed and fusion sizes (XLA-version dependent)",
+  )
   p.add_argument("--skip-extract", action="store_true")
   p.add_argument("--out", default="", help="write the results as JSON here")
   return p.parse_args(argv)
@@ -146,8 +161,14 @@ def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | None = None, *,
-              kernels: str = "auto", name: str = "jax") -> dict:
+def bench_jax(
+  args: argparse.Namespace,
+  images: np.ndarray,
+  steppers: dict | None = None,
+  *,
+  kernels: str = "auto",
+  name: str = "jax",
+) -> dict:
   """Times the JAX step with ``model.kernels = kernels``; registers it as ``steppers[name]``."""
   config = make_config(args, kernels)
   mesh = make_mesh()
@@ -159,8 +180,10 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
   centroids = rng.normal(size=(args.clusters, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
   memory = memory_lib.init_memory(centroids, memory_lib.bucket_size(args.clusters))
-  state = jax.device_put(state_lib.create_train_state(model, config, tx=tx, memory=memory),
-                         NamedSharding(mesh, PartitionSpec()))
+  state = jax.device_put(
+    state_lib.create_train_state(model, config, tx=tx, memory=memory),
+    NamedSharding(mesh, PartitionSpec()),
+  )
   labels_all = rng.integers(0, args.clusters, size=images.shape[0]).astype(np.int32)
   step = train.make_train_step(config, mesh)
 
@@ -169,8 +192,10 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
       yield np.sort(rng.choice(images.shape[0], size=args.batch, replace=False))
 
   def put(idx):
-    batch = (jax.device_put(np.asarray(images[idx]), batch_sharding),
-             jax.device_put(labels_all[idx], batch_sharding))
+    batch = (
+      jax.device_put(np.asarray(images[idx]), batch_sharding),
+      jax.device_put(labels_all[idx], batch_sharding),
+    )
     return jax.block_until_ready(batch)
 
   t0 = time.perf_counter()
@@ -195,8 +220,9 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
     compute_s.append(time.perf_counter() - t)
     faults.append(_minor_faults() - f)
   t = time.perf_counter()
-  for batch in train.prefetch_batches(index_batches(args.steps), images, labels_all,
-                                       batch_sharding):
+  for batch in train.prefetch_batches(
+    index_batches(args.steps), images, labels_all, batch_sharding
+  ):
     state, metrics = step(state, *batch)
   jax.block_until_ready((state, metrics))
   pipelined_s = time.perf_counter() - t
@@ -211,13 +237,13 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
     steppers[name] = one_step
 
   out = {
-      "kernels": model.kernels,
-      "compile_and_warmup_s": compile_s,
-      "input_s_per_batch": float(np.median(input_s)),
-      "compute_s_per_step": float(np.median(compute_s)),
-      "pipelined_s_per_step": pipelined_s / args.steps,
-      "final_loss": loss,
-      "minor_faults_per_step": int(np.median(faults)),
+    "kernels": model.kernels,
+    "compile_and_warmup_s": compile_s,
+    "input_s_per_batch": float(np.median(input_s)),
+    "compute_s_per_step": float(np.median(compute_s)),
+    "pipelined_s_per_step": pipelined_s / args.steps,
+    "final_loss": loss,
+    "minor_faults_per_step": int(np.median(faults)),
   }
   if args.xla_figures:
     compiled = step.lower(state, *resident).compile()
@@ -231,15 +257,21 @@ def bench_jax(args: argparse.Namespace, images: np.ndarray, steppers: dict | Non
     extract_fn = make_extract_fn(model, mesh)
     n = args.extract_images or 4 * args.batch
     subset = images[:n]
-    extract_features(extract_fn, state.variables, subset[:args.batch], mesh=mesh,
-                     batch_size=args.batch, progress=False)  # compile
+    extract_features(
+      extract_fn,
+      state.variables,
+      subset[: args.batch],
+      mesh=mesh,
+      batch_size=args.batch,
+      progress=False,
+    )  # compile
     t = time.perf_counter()
-    features = extract_features(extract_fn, state.variables, subset, mesh=mesh,
-                                batch_size=args.batch, progress=False)
+    features = extract_features(
+      extract_fn, state.variables, subset, mesh=mesh, batch_size=args.batch, progress=False
+    )
     seconds = time.perf_counter() - t
     assert features.shape == (n, dim)
-    out.update(extract_images=n, extract_s=seconds,
-               extract_images_per_s=_per_second(n, seconds))
+    out.update(extract_images=n, extract_s=seconds, extract_images_per_s=_per_second(n, seconds))
   return out
 
 
@@ -253,8 +285,9 @@ def bench_torch(args: argparse.Namespace, images: np.ndarray, steppers: dict | N
   import torch.nn.functional as F
 
   # The same PyTorch model the parity tests compare with (tests/torch_reid.py).
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "tests"))
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+  )
   import torch_reid
 
   torch.manual_seed(0)
@@ -301,14 +334,15 @@ def bench_torch(args: argparse.Namespace, images: np.ndarray, steppers: dict | N
     resident = gather()
     steppers["torch"] = lambda: step(*resident)
   return {
-      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-      "input_s_per_batch": float(np.median(input_s)),
-      "compute_s_per_step": float(np.median(compute_s)),
-      "pipelined_s_per_step": total,  # serial: gather then step
-      "input_images_per_s": _per_second(args.batch, float(np.median(input_s))),
-      "compute_images_per_s": _per_second(args.batch, float(np.median(compute_s))),
-      "pipelined_images_per_s": _per_second(args.batch, total),
-      "final_loss": loss,
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "input_s_per_batch": float(np.median(input_s)),
+    "compute_s_per_step": float(np.median(compute_s)),
+    "pipelined_s_per_step": total,  # serial: gather then step
+    "input_images_per_s": _per_second(args.batch, float(np.median(input_s))),
+    "compute_images_per_s": _per_second(args.batch, float(np.median(compute_s))),
+    "pipelined_images_per_s": _per_second(args.batch, total),
+    "final_loss": loss,
   }
 
 
@@ -317,7 +351,7 @@ def alternating_rounds(steppers: dict, rounds: int, steps: int) -> dict[str, lis
   names = list(steppers)
   per_round = {name: [] for name in names}
   for r in range(rounds):
-    for name in (names if r % 2 == 0 else names[::-1]):
+    for name in names if r % 2 == 0 else names[::-1]:
       seconds = []
       for _ in range(steps):
         t = time.perf_counter()
@@ -327,19 +361,21 @@ def alternating_rounds(steppers: dict, rounds: int, steps: int) -> dict[str, lis
   return per_round
 
 
-def _paired(steppers: dict, first: str, second: str, a: str, b: str, rounds: int,
-            steps: int) -> dict:
+def _paired(
+  steppers: dict, first: str, second: str, a: str, b: str, rounds: int, steps: int
+) -> dict:
   """``steppers[first]`` (called ``a`` in the keys) against ``steppers[second]`` (``b``) in
   alternating rounds: each one's median s/step per round and the ratio a / b per round."""
-  per_round = alternating_rounds({first: steppers[first], second: steppers[second]}, rounds,
-                                 steps)
+  per_round = alternating_rounds({first: steppers[first], second: steppers[second]}, rounds, steps)
   ratios = [x / y for x, y in zip(per_round[first], per_round[second])]
   return {
-      f"{a}_s_per_step": per_round[first], f"{b}_s_per_step": per_round[second],
-      f"{a}_over_{b}": ratios, f"median_{a}_over_{b}": float(np.median(ratios)),
-      f"{a}_median_s_per_step": float(np.median(per_round[first])),
-      f"{b}_median_s_per_step": float(np.median(per_round[second])),
-      f"rounds_{a}_faster": int(sum(r < 1.0 for r in ratios)),
+    f"{a}_s_per_step": per_round[first],
+    f"{b}_s_per_step": per_round[second],
+    f"{a}_over_{b}": ratios,
+    f"median_{a}_over_{b}": float(np.median(ratios)),
+    f"{a}_median_s_per_step": float(np.median(per_round[first])),
+    f"{b}_median_s_per_step": float(np.median(per_round[second])),
+    f"rounds_{a}_faster": int(sum(r < 1.0 for r in ratios)),
   }
 
 
@@ -368,8 +404,9 @@ def largest_fusion_operands(hlo: str, shape: str = "") -> int:
   """Most operands of one fusion in compiled HLO text (of fusions whose result type starts
   with ``shape``, e.g. ``f32[64,32]``, when given)."""
   pattern = r"= " + re.escape(shape) + r"\S* fusion\((.*)" if shape else r" fusion\((.*)"
-  counts = [len(re.findall(r"%[\w.\-]+", m.group(1).split("), kind")[0]))
-            for m in re.finditer(pattern, hlo)]
+  counts = [
+    len(re.findall(r"%[\w.\-]+", m.group(1).split("), kind")[0])) for m in re.finditer(pattern, hlo)
+  ]
   return max(counts, default=0)
 
 
@@ -386,8 +423,7 @@ def kernel_figures() -> dict:
   scale, bias = jnp.ones(shape[-1:]), jnp.zeros(shape[-1:])
 
   def bn_bytes(bn):
-    f = jax.value_and_grad(lambda x, s, b, w: jnp.sum(bn(x, s, b, 1e-5)[0] * w),
-                           argnums=(0, 1, 2))
+    f = jax.value_and_grad(lambda x, s, b, w: jnp.sum(bn(x, s, b, 1e-5)[0] * w), argnums=(0, 1, 2))
     return _bytes_accessed(jax.jit(f).lower(xg, scale, bias, w).compile())
 
   blocks = 12
@@ -401,28 +437,39 @@ def kernel_figures() -> dict:
       for k, wk in enumerate(ws):
         y = relu(jnp.dot(y, wk) * s[k] + y)
       return jnp.sum(y)
+
     compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(ws, s, x).compile()
-    return {"largest_full_size_fusion_operands":
-                largest_fusion_operands(compiled.as_text(), "f32[64,32]"),
-            "bytes_accessed": _bytes_accessed(compiled)}
+    return {
+      "largest_full_size_fusion_operands": largest_fusion_operands(
+        compiled.as_text(), "f32[64,32]"
+      ),
+      "bytes_accessed": _bytes_accessed(compiled),
+    }
 
   return {
-      "batch_norm_value_and_grad_bytes": {
-          "closed_form": bn_bytes(cpu_kernels.batch_norm_train),
-          "autodiff": bn_bytes(layers.batch_norm_groups)},
-      "residual_chain_grad": {"residual_relu": chain(cpu_kernels.residual_relu),
-                              "nn.relu": chain(nn.relu)},
+    "batch_norm_value_and_grad_bytes": {
+      "closed_form": bn_bytes(cpu_kernels.batch_norm_train),
+      "autodiff": bn_bytes(layers.batch_norm_groups),
+    },
+    "residual_chain_grad": {
+      "residual_relu": chain(cpu_kernels.residual_relu),
+      "nn.relu": chain(nn.relu),
+    },
   }
 
 
 def print_table(result: dict) -> None:
   a = result["args"]
-  print(f"\nResNet-{a['depth']} {a['height']}x{a['width']} batch {a['batch']} {a['dtype']} on "
-        f"{result['device_kind']} x{result['device_count']} (jax {result['jax_version']}); "
-        f"load {result['loadavg_start']} -> {result['loadavg_end']}; "
-        f"CPU defaults {result['cpu_defaults']}")
-  header = (f"{'':9s} | {'input img/s':>11s} | {'compute img/s':>13s} | "
-            f"{'pipelined img/s':>15s} | {'s/step':>7s} | {'extract img/s':>13s}")
+  print(
+    f"\nResNet-{a['depth']} {a['height']}x{a['width']} batch {a['batch']} {a['dtype']} on "
+    f"{result['device_kind']} x{result['device_count']} (jax {result['jax_version']}); "
+    f"load {result['loadavg_start']} -> {result['loadavg_end']}; "
+    f"CPU defaults {result['cpu_defaults']}"
+  )
+  header = (
+    f"{'':9s} | {'input img/s':>11s} | {'compute img/s':>13s} | "
+    f"{'pipelined img/s':>15s} | {'s/step':>7s} | {'extract img/s':>13s}"
+  )
   print(header)
   print("-" * len(header))
   for name in ("jax", "jax_plain", "jax_cpu", "torch"):
@@ -430,28 +477,40 @@ def print_table(result: dict) -> None:
     if not r:
       continue
     extract = r.get("extract_images_per_s", float("nan"))
-    print(f"{name:9s} | {r['input_images_per_s']:11.1f} | {r['compute_images_per_s']:13.2f} | "
-          f"{r['pipelined_images_per_s']:15.2f} | {r['compute_s_per_step']:7.2f} | "
-          f"{extract:13.2f}")
+    print(
+      f"{name:9s} | {r['input_images_per_s']:11.1f} | {r['compute_images_per_s']:13.2f} | "
+      f"{r['pipelined_images_per_s']:15.2f} | {r['compute_s_per_step']:7.2f} | "
+      f"{extract:13.2f}"
+    )
   for name in ("jax", "jax_plain", "jax_cpu"):
     r = result.get(name)
     if r:
-      xla = (f"; XLA: {r['xla_bytes_accessed'] / 1e9:.2f} GB accessed, largest fusion "
-             f"{r['xla_largest_fusion_operands']} operands" if "xla_bytes_accessed" in r else "")
-      print(f"{name}: kernels {r['kernels']}, {r['minor_faults_per_step']} minor page faults "
-            f"per step{xla}")
+      xla = (
+        f"; XLA: {r['xla_bytes_accessed'] / 1e9:.2f} GB accessed, largest fusion "
+        f"{r['xla_largest_fusion_operands']} operands"
+        if "xla_bytes_accessed" in r
+        else ""
+      )
+      print(
+        f"{name}: kernels {r['kernels']}, {r['minor_faults_per_step']} minor page faults "
+        f"per step{xla}"
+      )
   if "kernel_figures" in result:
     print(f"XLA figures of the CPU kernels' small programs: {result['kernel_figures']}")
-  for key, a, b, a_name, b_name in (("kernel_rounds", "cpu", "plain", "cpu", "plain"),
-                                    ("paired", "jax", "torch", "JAX", "PyTorch")):
+  for key, a, b, a_name, b_name in (
+    ("kernel_rounds", "cpu", "plain", "cpu", "plain"),
+    ("paired", "jax", "torch", "JAX", "PyTorch"),
+  ):
     paired = result.get(key)
     if paired:
       ratios = paired[f"{a}_over_{b}"]
-      print(f"{key}: {a_name} {paired[f'{a}_median_s_per_step']:.3f} s/step, {b_name} "
-            f"{paired[f'{b}_median_s_per_step']:.3f} s/step (medians over {len(ratios)} "
-            f"rounds); {a_name} / {b_name} per round: median "
-            f"{paired[f'median_{a}_over_{b}']:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}, "
-            f"{a_name} faster in {paired[f'rounds_{a}_faster']} of {len(ratios)}")
+      print(
+        f"{key}: {a_name} {paired[f'{a}_median_s_per_step']:.3f} s/step, {b_name} "
+        f"{paired[f'{b}_median_s_per_step']:.3f} s/step (medians over {len(ratios)} "
+        f"rounds); {a_name} / {b_name} per round: median "
+        f"{paired[f'median_{a}_over_{b}']:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}, "
+        f"{a_name} faster in {paired[f'rounds_{a}_faster']} of {len(ratios)}"
+      )
 
 
 def main(argv=None) -> dict:
@@ -461,25 +520,31 @@ def main(argv=None) -> dict:
     raise SystemExit(f"--batch {args.batch} must be a multiple of the device count {num_devices}")
   both = args.kernels == "both"
   if args.rounds and not (args.torch or both):
-    raise SystemExit("--rounds alternates JAX and PyTorch steps, or the two kernel sets: it "
-                     "needs --torch or --kernels both")
+    raise SystemExit(
+      "--rounds alternates JAX and PyTorch steps, or the two kernel sets: it "
+      "needs --torch or --kernels both"
+    )
   result = {
-      "args": vars(args), "jax_version": jax.__version__, "platform": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind, "device_count": num_devices,
-      "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-      "loadavg_start": _loadavg(),
-      # The CPU settings applied in this process (the PyTorch step shares the malloc one).
-      "cpu_defaults": dict(xla_cpu.APPLIED),
+    "args": vars(args),
+    "jax_version": jax.__version__,
+    "platform": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": num_devices,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "loadavg_start": _loadavg(),
+    # The CPU settings applied in this process (the PyTorch step shares the malloc one).
+    "cpu_defaults": dict(xla_cpu.APPLIED),
   }
   with tempfile.TemporaryDirectory() as tmp:
     n = args.num_images or 8 * args.batch
-    images = synthetic_memmap(max(n, args.extract_images, args.batch), args.height, args.width,
-                              tmp)
+    images = synthetic_memmap(max(n, args.extract_images, args.batch), args.height, args.width, tmp)
     steppers = {} if args.rounds > 0 else None
     if both:
       for kernels in ("plain", "cpu"):
-        result[f"jax_{kernels}"] = bench_jax(args, images, steppers, kernels=kernels,
-                                             name=f"jax_{kernels}")
+        result[f"jax_{kernels}"] = bench_jax(
+          args, images, steppers, kernels=kernels, name=f"jax_{kernels}"
+        )
     else:
       result["jax"] = bench_jax(args, images, steppers, kernels=args.kernels)
     if args.torch:

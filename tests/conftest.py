@@ -76,8 +76,15 @@ def tiny_market(tmp_path_factory) -> str:
 
   root = str(tmp_path_factory.mktemp("data"))
   synthetic.generate_market_dataset(
-      root, num_train_identities=16, num_test_identities=8, num_cameras=3, images_per_camera=(2, 3),
-      height=64, width=32, seed=0)
+    root,
+    num_train_identities=16,
+    num_test_identities=8,
+    num_cameras=3,
+    images_per_camera=(2, 3),
+    height=64,
+    width=32,
+    seed=0,
+  )
   return root
 
 
@@ -106,8 +113,14 @@ def copy_run(workdir: str, tmp_path) -> str:
 # whole runs), slowest first. They are collected first, so pytest-xdist's two workers start
 # on them and the short files fill in at the end, instead of one worker finishing a long
 # file alone while the other idles.
-_SLOW_FILES = ("test_distributed.py", "test_distributed_run.py", "test_reliability_crash.py",
-               "test_tfds.py", "test_train.py", "test_bf16.py")
+_SLOW_FILES = (
+  "test_distributed.py",
+  "test_distributed_run.py",
+  "test_reliability_crash.py",
+  "test_tfds.py",
+  "test_train.py",
+  "test_bf16.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -131,9 +144,11 @@ def _torch_missing(reason: str) -> str | None:
   if "could not import 'torch'" not in reason:
     return None
   reason = reason.strip().removeprefix("Skipped: ")
-  return (f"torch is needed here and CI is set (CI={os.environ.get('CI')!r}), so this skip "
-          f"fails the run: {reason}. Install it with `pip install torch==2.13.0` "
-          "(scripts/test.sh does).")
+  return (
+    f"torch is needed here and CI is set (CI={os.environ.get('CI')!r}), so this skip "
+    f"fails the run: {reason}. Install it with `pip install torch==2.13.0` "
+    "(scripts/test.sh does)."
+  )
 
 
 class _TorchMissing(pytest.Item):

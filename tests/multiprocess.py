@@ -22,8 +22,11 @@ def free_port() -> int:
 def process_env(local_devices: int, **extra: str) -> dict:
   """The test's environment on ``local_devices`` CPU devices, without any cluster variables."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("CCREID_", "JAX_COORD"))}
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", **extra)
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+    **extra,
+  )
   xla_cpu.apply_cpu_defaults(env)  # the CPU flag the test process runs with (xla_cpu.py)
   return env
 
@@ -46,10 +49,20 @@ def run_processes(num_processes: int, local_devices: int, script: list[str]) -> 
     for pid in range(num_processes):
       extra = {}
       if num_processes > 1:
-        extra = dict(CCREID_COORDINATOR=f"127.0.0.1:{port}",
-                     CCREID_NUM_PROCESSES=str(num_processes), CCREID_PROCESS_ID=str(pid))
-      procs.append(subprocess.Popen(script, env=process_env(local_devices, **extra),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        extra = dict(
+          CCREID_COORDINATOR=f"127.0.0.1:{port}",
+          CCREID_NUM_PROCESSES=str(num_processes),
+          CCREID_PROCESS_ID=str(pid),
+        )
+      procs.append(
+        subprocess.Popen(
+          script,
+          env=process_env(local_devices, **extra),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+        )
+      )
     deadline = time.monotonic() + TIMEOUT_S
     outputs = []
     for proc in procs:

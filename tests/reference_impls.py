@@ -18,8 +18,8 @@ def knn_lists(features, k):
 
 def k_reciprocal(rank, i, k):
   """j among the first k+1 entries of i's list whose own first k+1 entries contain i."""
-  forward = rank[i, :k + 1]
-  return [int(j) for j in forward if i in set(rank[j, :k + 1].tolist())]
+  forward = rank[i, : k + 1]
+  return [int(j) for j in forward if i in set(rank[j, : k + 1].tolist())]
 
 
 def jaccard_dense(features, k1, k2):
@@ -67,8 +67,9 @@ def squared_euclidean(q, g):
   return out
 
 
-def evaluate_loop(distmat, query_identities, gallery_identities, query_cameras, gallery_cameras,
-                  topk=(1, 5, 10)):
+def evaluate_loop(
+  distmat, query_identities, gallery_identities, query_cameras, gallery_cameras, topk=(1, 5, 10)
+):
   """Per-query loop: same-identity-and-same-camera entries dropped, sklearn AP, first-match CMC."""
   aps = []
   first_ranks = []

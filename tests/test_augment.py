@@ -37,9 +37,12 @@ def _brute_force(images: np.ndarray, flip, crop_y, crop_x, erase, boxes, pad: in
 
 def _params(flip, crop_y, crop_x, erase, boxes) -> augment.AugmentParams:
   return augment.AugmentParams(
-      flip=jnp.asarray(flip, bool), crop_y=jnp.asarray(crop_y, jnp.int32),
-      crop_x=jnp.asarray(crop_x, jnp.int32), erase=jnp.asarray(erase, bool),
-      erase_box=jnp.asarray(boxes, jnp.int32))
+    flip=jnp.asarray(flip, bool),
+    crop_y=jnp.asarray(crop_y, jnp.int32),
+    crop_x=jnp.asarray(crop_x, jnp.int32),
+    erase=jnp.asarray(erase, bool),
+    erase_box=jnp.asarray(boxes, jnp.int32),
+  )
 
 
 def test_apply_matches_brute_force_at_extreme_offsets():
@@ -49,8 +52,14 @@ def test_apply_matches_brute_force_at_extreme_offsets():
   crop_y = [0, 0, 2 * PAD, 2 * PAD, PAD, 1]
   crop_x = [0, 2 * PAD, 0, 2 * PAD, PAD, 4]
   erase = [False, True, True, False, True, True]
-  boxes = [[0, 0, 0, 0], [2, 1, 5, 3], [0, 0, H - 1, W - 1], [1, 1, 2, 2], [H - 3, W - 2, 3, 2],
-           [4, 0, 1, W - 1]]
+  boxes = [
+    [0, 0, 0, 0],
+    [2, 1, 5, 3],
+    [0, 0, H - 1, W - 1],
+    [1, 1, 2, 2],
+    [H - 3, W - 2, 3, 2],
+    [4, 0, 1, W - 1],
+  ]
   params = _params(flip, crop_y, crop_x, erase, boxes)
   want = _brute_force(images, flip, crop_y, crop_x, erase, boxes, PAD)
   got = np.asarray(augment.apply_augment(jnp.asarray(images), params, pad=PAD))
@@ -64,12 +73,12 @@ def test_identity_parameters_equal_test_transform():
   images = np.random.default_rng(1).integers(0, 256, size=(3, H, W, 3), dtype=np.uint8)
   params = _params([False] * 3, [PAD] * 3, [PAD] * 3, [False] * 3, [[0, 0, 0, 0]] * 3)
   got = augment.apply_augment(jnp.asarray(images), params, pad=PAD)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(augment.test_transform(images)),
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(augment.test_transform(images)), atol=1e-6)
   flipped = _params([True] * 3, [PAD] * 3, [PAD] * 3, [False] * 3, [[0, 0, 0, 0]] * 3)
   got = augment.apply_augment(jnp.asarray(images), flipped, pad=PAD)
-  np.testing.assert_allclose(np.asarray(got),
-                             np.asarray(augment.test_transform(images[:, :, ::-1])), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(augment.test_transform(images[:, :, ::-1])), atol=1e-6
+  )
 
 
 def test_erased_pixels_are_exactly_the_constants():
@@ -81,8 +90,9 @@ def test_erased_pixels_are_exactly_the_constants():
     assert np.all(box[..., c] == np.float32(value))
   mask = np.zeros((H, W), bool)
   mask[3:7, 2:7] = True
-  np.testing.assert_allclose(out[0][~mask], np.broadcast_to((200 / 255 - _MEAN) / _STD, (
-      (~mask).sum(), 3)), atol=1e-6)
+  np.testing.assert_allclose(
+    out[0][~mask], np.broadcast_to((200 / 255 - _MEAN) / _STD, ((~mask).sum(), 3)), atol=1e-6
+  )
 
 
 def test_test_transform_values():
@@ -137,16 +147,16 @@ def test_erasing_distribution(many_params):
 
 
 def test_no_erasing_when_no_attempt_fits():
-  p = augment.sample_augment_params(jax.random.key(0), 64, 4, 4, erasing_prob=1.0,
-                                    erase_area=(0.9, 0.99), erase_tries=5)
+  p = augment.sample_augment_params(
+    jax.random.key(0), 64, 4, 4, erasing_prob=1.0, erase_area=(0.9, 0.99), erase_tries=5
+  )
   assert not np.any(np.asarray(p.erase))
   p = augment.sample_augment_params(jax.random.key(0), 64, 64, 32, erasing_prob=1.0)
   assert np.all(np.asarray(p.erase))
 
 
 def test_train_augment_is_the_composition():
-  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, size=(5, H, W, 3),
-                                                         dtype=np.uint8))
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, size=(5, H, W, 3), dtype=np.uint8))
   key = jax.random.key(7)
   got = jax.jit(functools.partial(augment.train_augment, pad=PAD))(key, images)
   params = augment.sample_augment_params(key, 5, H, W, pad=PAD)

@@ -20,13 +20,16 @@ def test_paired_rounds_alternate_the_order_and_pair_each_round(bench_train, monk
     def step():
       calls.append(name)
       clock[0] += durations[name].pop(0)
+
     return step
 
   monkeypatch.setattr(bench_train.time, "perf_counter", lambda: clock[0])
-  paired = bench_train.paired_rounds({"jax": stepper("jax"), "torch": stepper("torch")},
-                                     rounds=3, steps=2)
-  assert calls == ["jax"] * 2 + ["torch"] * 2 + ["torch"] * 2 + ["jax"] * 2 + ["jax"] * 2 + [
-      "torch"] * 2
+  paired = bench_train.paired_rounds(
+    {"jax": stepper("jax"), "torch": stepper("torch")}, rounds=3, steps=2
+  )
+  assert (
+    calls == ["jax"] * 2 + ["torch"] * 2 + ["torch"] * 2 + ["jax"] * 2 + ["jax"] * 2 + ["torch"] * 2
+  )
   assert paired["jax_s_per_step"] == [2.0, 3.0, 3.0]
   assert paired["torch_s_per_step"] == [1.0, 4.0, 4.0]
   assert paired["jax_over_torch"] == [2.0, 0.75, 0.75]

@@ -33,16 +33,20 @@ def _setup(dtype: str):
   rng = np.random.default_rng(0)
   centroids = rng.normal(size=(6, models.feature_dim(10, 8))).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = state_lib.create_train_state(model, config, tx=tx,
-                                       memory=memory_lib.init_memory(centroids, 16))
+  state = state_lib.create_train_state(
+    model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16)
+  )
   images = rng.integers(0, 256, size=(32, 32, 16, 3), dtype=np.uint8)
   labels = np.repeat(np.arange(8) % 6, 4).astype(np.int32)
   return config, model, tx, state, images, labels
 
 
 def _float_dtypes(tree) -> set:
-  return {np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(tree)
-          if jnp.issubdtype(x.dtype, jnp.floating)}
+  return {
+    np.dtype(x.dtype)
+    for x in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,9 @@ def runs():
 def test_bf16_model_computes_in_bf16():
   _, model, _, state, images, _ = _setup("bfloat16")
   assert model.dtype == jnp.bfloat16
-  fmap = model.apply(state.variables, jnp.asarray(images, jnp.float32), train=False,
-                     return_feature_map=True)
+  fmap = model.apply(
+    state.variables, jnp.asarray(images, jnp.float32), train=False, return_feature_map=True
+  )
   assert fmap.dtype == jnp.bfloat16
 
 
@@ -82,12 +87,12 @@ def test_params_and_optimizer_state_stay_float32(runs):
 def test_features_and_loss_are_float32(runs):
   bf16 = runs["bfloat16"]
   assert bf16["features"].dtype == jnp.float32
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(bf16["features"]), axis=1), 1.0,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(bf16["features"]), axis=1), 1.0, atol=1e-5)
   assert all(loss.dtype == jnp.float32 for loss in bf16["losses"])
   # The memory logits are float32 even for bf16 features.
-  logits = memory_lib.memory_logits(bf16["features"].astype(jnp.bfloat16),
-                                    bf16["state"].memory.centroids, 0.05)
+  logits = memory_lib.memory_logits(
+    bf16["features"].astype(jnp.bfloat16), bf16["state"].memory.centroids, 0.05
+  )
   assert logits.dtype == jnp.float32
 
 
@@ -97,8 +102,9 @@ def test_bf16_loss_is_close_to_float32_loss(runs):
   assert np.isfinite(bf16)
   assert bf16 == pytest.approx(f32, rel=0.03)
   # ... and the features agree closely too (cosine of unit vectors).
-  cos = np.sum(np.asarray(runs["float32"]["features"]) * np.asarray(runs["bfloat16"]["features"]),
-               axis=1)
+  cos = np.sum(
+    np.asarray(runs["float32"]["features"]) * np.asarray(runs["bfloat16"]["features"]), axis=1
+  )
   assert cos.min() > 0.98
 
 

@@ -45,15 +45,15 @@ def _np_bmw(m, x, y, pull=PULL, push=PUSH, dynamic=True, valid=None, sequential=
   m = np.asarray(m, np.float64)
   before, out = m.copy(), m.copy()
   x = _unit(np.asarray(x, np.float64))
-  for c in dict.fromkeys(np.asarray(y).tolist()):          # order of first appearance
+  for c in dict.fromkeys(np.asarray(y).tolist()):  # order of first appearance
     bank = out if sequential else before
     row = bank[c]
     members = np.flatnonzero(y == c)
-    f = x[members[np.argmin(x[members] @ row)]]             # first in batch order on ties
+    f = x[members[np.argmin(x[members] @ row)]]  # first in batch order on ties
     scores = bank @ row
     if valid is not None:
       scores[~np.asarray(valid)] = -np.inf
-    scores[c] = 0.0                                          # the own row counts as 0
+    scores[c] = 0.0  # the own row counts as 0
     near = bank[np.argmax(scores)]
     g1, g2 = row - f, row + near
     if dynamic:
@@ -67,10 +67,17 @@ _bmw_jit = jax.jit(mem.bmw_update, static_argnames=("pull", "push", "dynamic_wei
 
 
 def _jax_bmw(m, x, y, dynamic=True, valid=None):
-  return np.asarray(_bmw_jit(jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32),
-                             jnp.asarray(y, jnp.int32), pull=PULL, push=PUSH,
-                             dynamic_weights=dynamic,
-                             valid=None if valid is None else jnp.asarray(valid)))
+  return np.asarray(
+    _bmw_jit(
+      jnp.asarray(m, jnp.float32),
+      jnp.asarray(x, jnp.float32),
+      jnp.asarray(y, jnp.int32),
+      pull=PULL,
+      push=PUSH,
+      dynamic_weights=dynamic,
+      valid=None if valid is None else jnp.asarray(valid),
+    )
+  )
 
 
 def _case(name):
@@ -80,13 +87,13 @@ def _case(name):
   x = rng.normal(size=(12, dim)) * rng.uniform(0.5, 2.0, size=(12, 1))
   if name == "one_sample_cluster":
     m = _unit(rng.normal(size=(6, dim)))
-    y = np.array([2, 0, 0, 5, 2, 0, 2, 1, 0, 2, 0, 1])       # cluster 5 has one sample
+    y = np.array([2, 0, 0, 5, 2, 0, 2, 1, 0, 2, 0, 1])  # cluster 5 has one sample
   elif name == "absent_clusters":
     m = _unit(rng.normal(size=(9, dim)))
-    y = np.array([4, 4, 1, 7, 1, 4, 7, 7, 1, 4, 1, 7])       # 0, 2, 3, 5, 6, 8 absent
+    y = np.array([4, 4, 1, 7, 1, 4, 7, 7, 1, 4, 1, 7])  # 0, 2, 3, 5, 6, 8 absent
   elif name == "near_duplicates":
     m = _unit(rng.normal(size=(6, dim)))
-    m[3] = _unit(m[1] + 0.05 * rng.normal(size=dim))        # rows 1 and 3 nearly equal
+    m[3] = _unit(m[1] + 0.05 * rng.normal(size=dim))  # rows 1 and 3 nearly equal
     y = np.array([1, 4, 3, 1, 3, 4, 1, 3, 0, 1, 3, 4])
   elif name == "all_other_cosines_negative":
     m0 = _unit(rng.normal(size=dim))
@@ -105,8 +112,13 @@ def _case(name):
   return m, x, y, None
 
 
-CASES = ["one_sample_cluster", "absent_clusters", "near_duplicates",
-         "all_other_cosines_negative", "padded"]
+CASES = [
+  "one_sample_cluster",
+  "absent_clusters",
+  "near_duplicates",
+  "all_other_cosines_negative",
+  "padded",
+]
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -114,8 +126,7 @@ CASES = ["one_sample_cluster", "absent_clusters", "near_duplicates",
 def test_bmw_update_matches_the_loop_transcription(name, dynamic):
   m, x, y, valid = _case(name)
   got = _jax_bmw(m, x, y, dynamic, valid)
-  np.testing.assert_allclose(got, _np_bmw(m, x, y, dynamic=dynamic, valid=valid), rtol=0,
-                             atol=1e-5)
+  np.testing.assert_allclose(got, _np_bmw(m, x, y, dynamic=dynamic, valid=valid), rtol=0, atol=1e-5)
   present = np.isin(np.arange(len(m)), y)
   np.testing.assert_array_equal(got[~present], m[~present].astype(np.float32))  # untouched
   np.testing.assert_allclose(np.linalg.norm(got[present], axis=1), 1.0, rtol=1e-6)
@@ -142,7 +153,7 @@ def test_rewrite_is_sequential_not_simultaneous():
   m, x, y, _ = _case("near_duplicates")
   got = _jax_bmw(m, x, y)
   simultaneous = _np_bmw(m, x, y, sequential=False)
-  np.testing.assert_allclose(got[1], simultaneous[1], atol=1e-5)   # the first one agrees
+  np.testing.assert_allclose(got[1], simultaneous[1], atol=1e-5)  # the first one agrees
   assert np.abs(got[3] - simultaneous[3]).max() > 1e-3
   np.testing.assert_allclose(got, _np_bmw(m, x, y), atol=1e-5)
 
@@ -156,17 +167,17 @@ def test_ties_pick_the_first_sample_and_the_lowest_row():
   y = np.array([0, 0, 3])
   got = _jax_bmw(m, x, y)
   np.testing.assert_allclose(got, _np_bmw(m, x, y), atol=1e-6)
-  row = e[0] - PULL * (e[0] - e[3]) - PUSH * (1 + 2 ** -0.5) * (e[0] + m[1])
+  row = e[0] - PULL * (e[0] - e[3]) - PUSH * (1 + 2**-0.5) * (e[0] + m[1])
   np.testing.assert_allclose(got[0], row / np.linalg.norm(row), atol=1e-6)
 
 
 def test_padded_rows_are_never_the_nearest_row():
   m, x, y, valid = _case("padded")
-  m[valid.sum():] = np.tile(m[0], (len(m) - valid.sum(), 1))   # padding that copies row 0
+  m[valid.sum() :] = np.tile(m[0], (len(m) - valid.sum(), 1))  # padding that copies row 0
   got = _jax_bmw(m, x, y, valid=valid)
   np.testing.assert_allclose(got, _np_bmw(m, x, y, valid=valid), atol=1e-5)
   np.testing.assert_array_equal(got[~valid], m[~valid].astype(np.float32))
-  unmasked = _jax_bmw(m, x, y)      # without the mask a padded copy of row 0 is its nearest
+  unmasked = _jax_bmw(m, x, y)  # without the mask a padded copy of row 0 is its nearest
   assert np.abs(unmasked[0] - got[0]).max() > 1e-3
 
 
@@ -183,16 +194,16 @@ def test_update_centroids_dispatches_on_config_memory_update():
   state = mem.MemoryState(centroids=jnp.asarray(m, jnp.float32), valid=jnp.asarray(valid))
   xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y)
   for update, expected in [
-      ("momentum", mem.momentum_update(state.centroids, xj, yj, 0.1)),
-      ("hard", mem.momentum_update(state.centroids, xj, yj, 0.1, hard=True)),
-      ("bmw", _np_bmw(m, x, y, valid=valid))]:
+    ("momentum", mem.momentum_update(state.centroids, xj, yj, 0.1)),
+    ("hard", mem.momentum_update(state.centroids, xj, yj, 0.1, hard=True)),
+    ("bmw", _np_bmw(m, x, y, valid=valid)),
+  ]:
     new = mem.update_centroids(state, xj, yj, _memory_settings(update))
     assert isinstance(new, mem.MemoryState) and new.valid is state.valid
     np.testing.assert_allclose(np.asarray(new.centroids), expected, atol=1e-5)
   settings = _memory_settings("bmw", bmw_pull=0.7, bmw_push=0.1, bmw_dynamic_weights=False)
-  bare = mem.update_centroids(state.centroids, xj, yj, settings)     # an array in, an array out
-  np.testing.assert_allclose(np.asarray(bare), _np_bmw(m, x, y, 0.7, 0.1, dynamic=False),
-                             atol=1e-5)
+  bare = mem.update_centroids(state.centroids, xj, yj, settings)  # an array in, an array out
+  np.testing.assert_allclose(np.asarray(bare), _np_bmw(m, x, y, 0.7, 0.1, dynamic=False), atol=1e-5)
   with pytest.raises(ValueError, match="'momentum', 'hard', 'bmw'"):
     mem.update_centroids(state, xj, yj, _memory_settings("ema"))
 
@@ -208,8 +219,15 @@ class _BMWReferenceStep(_ReferenceStep):
   def update_memory(self, features, labels):
     settings = self.config.memory
     valid = np.arange(len(self.memory)) < self.num_clusters
-    self.memory = _np_bmw(self.memory, features, labels, settings.bmw_pull, settings.bmw_push,
-                          settings.bmw_dynamic_weights, valid)
+    self.memory = _np_bmw(
+      self.memory,
+      features,
+      labels,
+      settings.bmw_pull,
+      settings.bmw_push,
+      settings.bmw_dynamic_weights,
+      valid,
+    )
 
 
 def _bmw_step_setup(dynamic=True):
@@ -229,8 +247,9 @@ def _bmw_step_setup(dynamic=True):
 
 def _batch(rng, config):
   batch = reference_step.BATCH
-  images = rng.integers(0, 256, size=(batch, config.data.height, config.data.width, 3),
-                        dtype=np.uint8)
+  images = rng.integers(
+    0, 256, size=(batch, config.data.height, config.data.width, 3), dtype=np.uint8
+  )
   # Clusters 0, 1, 3 several times, 4 once (a one-sample cluster), 2 absent; shuffled.
   labels = rng.permutation(np.repeat(np.array([0, 1, 3, 4]), [5, 4, 6, 1])).astype(np.int32)
   return images, labels
@@ -251,8 +270,8 @@ def test_three_train_steps_equal_a_hand_built_bmw_step(dynamic):
     memory = np.asarray(state.memory.centroids, np.float64)
     np.testing.assert_allclose(memory, reference.memory, rtol=0, atol=1e-5)
     assert not np.allclose(memory, before, atol=1e-3)
-    np.testing.assert_array_equal(memory[2], before[2])                      # absent
-    np.testing.assert_array_equal(memory[reference_step.NUM_CLUSTERS:], 0.0)  # padding
+    np.testing.assert_array_equal(memory[2], before[2])  # absent
+    np.testing.assert_array_equal(memory[reference_step.NUM_CLUSTERS :], 0.0)  # padding
 
 
 def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
@@ -265,8 +284,11 @@ def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
   dim = models.feature_dim(config.model.depth, config.model.width)
   cameras = rng.integers(0, 3, size=len(labels)).astype(np.int32)
   proxies, _ = camera_memory.build_camera_proxies(
-      _unit(rng.normal(size=(60, dim))).astype(np.float32), np.arange(60) % 5,
-      rng.integers(0, 3, size=60), bucket=32)
+    _unit(rng.normal(size=(60, dim))).astype(np.float32),
+    np.arange(60) % 5,
+    rng.integers(0, 3, size=60),
+    bucket=32,
+  )
   targets = np.zeros((len(labels), reference_step.BUCKET), np.float32)
   targets[np.arange(len(labels)), labels] = 0.6
   targets[:, 2] += 0.4
@@ -279,8 +301,13 @@ def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
     args = (images, labels) + ((cameras,) if camera else ()) + ((targets,) if soft else ())
     new, metrics = step(start, *args)
     assert ("camera_loss" in metrics) is camera
-    np.testing.assert_allclose(np.asarray(new.memory.centroids, np.float64), reference.memory,
-                               rtol=0, atol=1e-5, err_msg=f"soft={soft} camera={camera}")
+    np.testing.assert_allclose(
+      np.asarray(new.memory.centroids, np.float64),
+      reference.memory,
+      rtol=0,
+      atol=1e-5,
+      err_msg=f"soft={soft} camera={camera}",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,35 +318,52 @@ def test_bmw_rewrite_is_the_same_with_soft_targets_and_camera_proxies():
 def test_memory_hard_is_refused_with_what_it_became(tmp_path):
   config = tiny_config(str(tmp_path))
   validation.validate_config(config, num_devices=1)
-  config.memory.hard = True                      # an old config file's spelling
+  config.memory.hard = True  # an old config file's spelling
   with pytest.raises(validation.ConfigError) as info:
     validation.validate_config(config, num_devices=1)
   (problem,) = info.value.problems
   assert problem.startswith(
-      "config.memory.hard: this field was replaced by config.memory.update_rule")
+    "config.memory.hard: this field was replaced by config.memory.update_rule"
+  )
   assert "--config.memory.update_rule=hard" in problem and '"momentum"' in problem
   config = tiny_config(str(tmp_path))
   config.memory.update_rule = "ema"
   config.memory.bmw_push = -0.1
   with pytest.raises(validation.ConfigError) as info:
     validation.validate_config(config, num_devices=1)
-  assert ("config.memory.update_rule = 'ema': unknown value; accepted: 'momentum', 'hard', "
-          "'bmw'") in info.value.problems
-  assert any(p.startswith("config.memory.bmw_push = -0.1: must be >= 0")
-             for p in info.value.problems)
+  assert (
+    "config.memory.update_rule = 'ema': unknown value; accepted: 'momentum', 'hard', 'bmw'"
+  ) in info.value.problems
+  assert any(
+    p.startswith("config.memory.bmw_push = -0.1: must be >= 0") for p in info.value.problems
+  )
 
 
 def test_memory_hard_on_the_command_line_says_what_it_became(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("CCREID_TRACEBACK", None)
   proc = subprocess.run(
-      [sys.executable, "-m", "ccreid_jax.main", "--config", "configs/demo.py", "--workdir",
-       str(tmp_path / "w"), "--config.memory.hard=True"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "ccreid_jax.main",
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.memory.hard=True",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
   assert "--config.memory.hard=True: this field was replaced by config.memory.update_rule" in (
-      proc.stderr)
+    proc.stderr
+  )
   assert "--config.memory.update_rule=hard" in proc.stderr
 
 
@@ -328,16 +372,15 @@ def test_a_run_saved_with_memory_hard_resumes_as_memory_update(tmp_path, hard, u
   config = tiny_config(str(tmp_path))
   saved = json.loads(config.to_json_best_effort())
   for key in ("update_rule", "bmw_pull", "bmw_push", "bmw_dynamic_weights"):
-    del saved["memory"][key]             # the config.json of a run saved before BMW
+    del saved["memory"][key]  # the config.json of a run saved before BMW
   saved["memory"]["hard"] = hard
   assert run_lib.upgrade_saved_config(saved)["memory"]["update_rule"] == update
   assert "hard" not in run_lib.upgrade_saved_config(saved)["memory"]
-  assert saved["memory"]["hard"] is hard                      # the input is not changed
+  assert saved["memory"]["hard"] is hard  # the input is not changed
   config.memory.update_rule = update
   assert run_lib.config_differences(saved, config) == []
   config.memory.update_rule = "bmw"
-  assert run_lib.config_differences(saved, config) == [
-      ("memory.update_rule", update, "bmw")]
+  assert run_lib.config_differences(saved, config) == [("memory.update_rule", update, "bmw")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +403,7 @@ def test_matches_the_authors_torch_loop(name, dynamic):
   bank = torch.tensor(m, dtype=torch.float32)
   feats = functional.normalize(torch.tensor(x, dtype=torch.float32))
   groups = {}
-  for feature, label in zip(feats, y.tolist()):     # a dict keeps the first-appearance order
+  for feature, label in zip(feats, y.tolist()):  # a dict keeps the first-appearance order
     groups.setdefault(label, []).append(feature)
   for index, members in groups.items():
     members = torch.stack(members)

@@ -35,8 +35,11 @@ def _camera_shifted(cameras, dim, clusters, shift, spread, dup_fraction, seed):
   camera_dirs = rng.normal(size=(cameras.max() + 1, dim))
   camera_dirs /= np.linalg.norm(camera_dirs, axis=1, keepdims=True)
   labels = rng.integers(0, clusters, n)
-  x = (centres[labels] + shift * camera_dirs[cameras]
-       + spread * rng.normal(size=(n, dim)) / np.sqrt(dim))
+  x = (
+    centres[labels]
+    + shift * camera_dirs[cameras]
+    + spread * rng.normal(size=(n, dim)) / np.sqrt(dim)
+  )
   num_dup = int(dup_fraction * n)
   x[rng.choice(n, num_dup, replace=False)] = x[rng.integers(0, n, num_dup)]
   return _quantise(x)
@@ -88,13 +91,13 @@ DEFAULT = {"k1_intra": 5, "k1_inter": 20, "k2_intra": 2, "k2_inter": 4}
 WARMUP = dict(DEFAULT, k2_intra=3, k2_inter=3)
 # name: (features and cameras factory, k's, knn block size)
 CASES = {
-    "shift6": (_shift6, DEFAULT, 64),
-    "shift6_warmup": (_shift6, WARMUP, 4096),
-    "ties": (_ties, {"k1_intra": 5, "k1_inter": 10, "k2_intra": 2, "k2_inter": 4}, 33),
-    "small_cameras": (_small_cameras, DEFAULT, 50),
-    "one_camera": (_one_camera, DEFAULT, 7),
-    "tiny_n": (_tiny, DEFAULT, 5),
-    "long_k2": (_long_k2, {"k1_intra": 2, "k1_inter": 3, "k2_intra": 5, "k2_inter": 6}, 4096),
+  "shift6": (_shift6, DEFAULT, 64),
+  "shift6_warmup": (_shift6, WARMUP, 4096),
+  "ties": (_ties, {"k1_intra": 5, "k1_inter": 10, "k2_intra": 2, "k2_inter": 4}, 33),
+  "small_cameras": (_small_cameras, DEFAULT, 50),
+  "one_camera": (_one_camera, DEFAULT, 7),
+  "tiny_n": (_tiny, DEFAULT, 5),
+  "long_k2": (_long_k2, {"k1_intra": 2, "k1_inter": 3, "k2_intra": 5, "k2_inter": 6}, 4096),
 }
 
 
@@ -107,8 +110,9 @@ def _ca_jaccard_dense(x, cameras, k1_intra, k1_inter, k2_intra, k2_inter):
   inter_rank = np.argsort(dist + 999.0 * same, axis=1, kind="stable")
   v = np.zeros((n, n), dtype=np.float64)
   for i in range(n):
-    cols = np.union1d(ref.k_reciprocal(intra_rank, i, k1_intra),
-                      ref.k_reciprocal(inter_rank, i, k1_inter)).astype(np.int64)
+    cols = np.union1d(
+      ref.k_reciprocal(intra_rank, i, k1_intra), ref.k_reciprocal(inter_rank, i, k1_inter)
+    ).astype(np.int64)
     logits = -dist[i, cols].astype(np.float64)
     w = np.exp(logits - logits.max())
     v[i, cols] = w / w.sum()
@@ -210,8 +214,10 @@ def test_dbscan_finds_clusters_across_cameras():
 def test_camera_values_and_block_size_do_not_matter():
   x, cameras, full, _ = _case("small_cameras")
   relabelled = np.array([40, -3, 7, 1000])[cameras]  # any integers, only equality matters
-  for other in (ca_jaccard_distance(x, relabelled, block_size=1),
-                ca_jaccard_distance(x, cameras.astype(np.uint8), block_size=4096)):
+  for other in (
+    ca_jaccard_distance(x, relabelled, block_size=1),
+    ca_jaccard_distance(x, cameras.astype(np.uint8), block_size=4096),
+  ):
     np.testing.assert_array_equal(other.indptr, full.indptr)
     np.testing.assert_array_equal(other.indices, full.indices)
     np.testing.assert_array_equal(other.data, full.data)

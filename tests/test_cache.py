@@ -20,8 +20,9 @@ def images(tmp_path) -> list[str]:
   """Five files: JPEGs of different sizes, a grayscale JPEG, an RGBA PNG, one already 24x12."""
   rng = np.random.default_rng(0)
   paths = []
-  for i, (h, w, mode) in enumerate([(40, 20, "RGB"), (33, 17, "RGB"), (50, 30, "L"),
-                                    (24, 12, "RGBA"), (24, 12, "RGB")]):
+  for i, (h, w, mode) in enumerate(
+    [(40, 20, "RGB"), (33, 17, "RGB"), (50, 30, "L"), (24, 12, "RGBA"), (24, 12, "RGB")]
+  ):
     channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
     array = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
     image = Image.fromarray(array[..., 0] if mode == "L" else array, mode)
@@ -138,8 +139,9 @@ def test_missing_and_non_image_files(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_a_cache_that_does_not_fit_is_refused_before_anything_is_decoded(images, tmp_path,
-                                                                        monkeypatch):
+def test_a_cache_that_does_not_fit_is_refused_before_anything_is_decoded(
+  images, tmp_path, monkeypatch
+):
   import collections
   import shutil
 
@@ -159,8 +161,7 @@ def test_a_cache_that_does_not_fit_is_refused_before_anything_is_decoded(images,
   assert main.exit_code_of(info.value) == 1  # "error: ..." on the command line, no traceback
 
 
-def test_running_out_of_space_is_an_error_while_the_file_is_reserved(images, tmp_path,
-                                                                    monkeypatch):
+def test_running_out_of_space_is_an_error_while_the_file_is_reserved(images, tmp_path, monkeypatch):
   """The file is allocated (``posix_fallocate``) before it is written through its memory map:
   a full disk raises ENOSPC there, where a write into the map would kill the process with a
   bus error. The real case: a 700 KB tmpfs as the workdir."""

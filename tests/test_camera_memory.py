@@ -44,7 +44,7 @@ def _np_loss_and_grad(x, proxies, proxy_clusters, proxy_cameras, labels, cameras
     z = s[i, chosen] - s[i, chosen].max()
     q = np.exp(z) / np.exp(z).sum()
     t = np.zeros(chosen.size)
-    t[:pos.size] = 1.0 / pos.size
+    t[: pos.size] = 1.0 / pos.size
     total -= np.sum(t * np.log(q))
     g_s[i, chosen] = (q - t) / batch
   g_f = g_s @ proxies / tau
@@ -64,12 +64,19 @@ def _problem(seed, num=60, dim=16, clusters=7, camera_values=(0, 2, 5), batch=12
 
 
 _loss_and_grad = jax.jit(
-    jax.value_and_grad(cm.camera_proxy_loss), static_argnames=("temperature", "num_hard_negatives"))
+  jax.value_and_grad(cm.camera_proxy_loss), static_argnames=("temperature", "num_hard_negatives")
+)
 
 
 def _jax_loss_and_grad(feats, state, labels, cameras, k, tau=TAU):
-  loss, grad = _loss_and_grad(jnp.asarray(feats), state, jnp.asarray(labels), jnp.asarray(cameras),
-                              temperature=tau, num_hard_negatives=k)
+  loss, grad = _loss_and_grad(
+    jnp.asarray(feats),
+    state,
+    jnp.asarray(labels),
+    jnp.asarray(cameras),
+    temperature=tau,
+    num_hard_negatives=k,
+  )
   return float(loss), np.asarray(grad)
 
 
@@ -97,7 +104,8 @@ def test_build_buckets_empty_bank_and_errors():
   x, labels, cameras, *_ = _problem(1)
   num = int(cm.build_camera_proxies(x, labels, cameras)[0].num_proxies)
   assert cm.build_camera_proxies(x, labels, cameras, min_bucket=4)[0].bucket == (
-      memory_lib.bucket_size(num, 4))
+    memory_lib.bucket_size(num, 4)
+  )
   assert cm.build_camera_proxies(x, labels, cameras, bucket=num)[0].bucket == num
   with pytest.raises(ValueError, match="bucket 3 is smaller than the number of camera proxies"):
     cm.build_camera_proxies(x, labels, cameras, bucket=3)
@@ -109,11 +117,18 @@ def test_build_buckets_empty_bank_and_errors():
   assert empty.proxies.shape == (8, x.shape[1]) and not np.asarray(empty.valid).any()
   assert (sample_proxy == -1).all()
   # No sample at all: the placeholder bank of a train state before its first clustering.
-  none, _ = cm.build_camera_proxies(np.zeros((0, 4), np.float32), np.zeros(0, int),
-                                    np.zeros(0, int), bucket=1)
+  none, _ = cm.build_camera_proxies(
+    np.zeros((0, 4), np.float32), np.zeros(0, int), np.zeros(0, int), bucket=1
+  )
   assert none.proxies.shape == (1, 4) and not np.asarray(none.valid).any()
-  loss = cm.camera_proxy_loss(jnp.ones((2, 4)), none, jnp.zeros(2, int), jnp.zeros(2, int),
-                              temperature=TAU, num_hard_negatives=50)
+  loss = cm.camera_proxy_loss(
+    jnp.ones((2, 4)),
+    none,
+    jnp.zeros(2, int),
+    jnp.zeros(2, int),
+    temperature=TAU,
+    num_hard_negatives=50,
+  )
   assert float(loss) == 0.0
 
 
@@ -122,8 +137,9 @@ def test_loss_and_grad_match_numpy(k):
   x, labels, cameras, feats, y, c = _problem(2)
   state, _ = cm.build_camera_proxies(x, labels, cameras)
   proxies, proxy_clusters, proxy_cameras = _np_proxies(x, labels, cameras)
-  ref_loss, ref_grad = _np_loss_and_grad(feats, proxies, proxy_clusters, proxy_cameras, y, c, TAU,
-                                         k)
+  ref_loss, ref_grad = _np_loss_and_grad(
+    feats, proxies, proxy_clusters, proxy_cameras, y, c, TAU, k
+  )
   loss, grad = _jax_loss_and_grad(feats, state, y, c, k)
   assert loss == pytest.approx(ref_loss, rel=1e-5)
   np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-5 * np.abs(ref_grad).max())
@@ -133,7 +149,7 @@ def test_hard_negatives_are_the_k_most_similar_other_cluster_proxies():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(6, 40)).astype(np.float32)
   negative = rng.random((6, 40)) < 0.5
-  for k in (1, 4, 30):   # 30: more than any row's number of negatives
+  for k in (1, 4, 30):  # 30: more than any row's number of negatives
     mask = np.asarray(cm._hard_negative_mask(jnp.asarray(logits), jnp.asarray(negative), k))
     for i in range(6):
       neg = np.flatnonzero(negative[i])
@@ -147,7 +163,7 @@ def test_own_camera_and_single_camera_clusters():
   rng = np.random.default_rng(4)
   x = rng.normal(size=(9, dim)).astype(np.float32)
   labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
-  cameras = np.array([0, 0, 1, 3, 3, 0, 1, 2, 2])       # cluster 1 only in camera 3
+  cameras = np.array([0, 0, 1, 3, 3, 0, 1, 2, 2])  # cluster 1 only in camera 3
   state, _ = cm.build_camera_proxies(x, labels, cameras, bucket=8)
   lonely = rng.normal(size=(3, dim)).astype(np.float32)
   loss, grad = _jax_loss_and_grad(lonely, state, np.ones(3, int), np.full(3, 3), 5)
@@ -203,10 +219,13 @@ def test_update_sequential_matches_numpy():
   np.testing.assert_allclose(got[:num], want, rtol=0, atol=1e-6)
   assert not got[num:].any(), "padding rows must stay untouched"
   for field in ("cluster_ids", "cameras", "valid"):
-    np.testing.assert_array_equal(np.asarray(getattr(new, field)),
-                                  np.asarray(getattr(state, field)))
-  assert cm.camera_proxy_update(state, jnp.asarray(feats), jnp.asarray(y), jnp.asarray(c),
-                                momentum=1.0) is state
+    np.testing.assert_array_equal(
+      np.asarray(getattr(new, field)), np.asarray(getattr(state, field))
+    )
+  assert (
+    cm.camera_proxy_update(state, jnp.asarray(feats), jnp.asarray(y), jnp.asarray(c), momentum=1.0)
+    is state
+  )
 
 
 def test_own_proxy_index():

@@ -20,14 +20,19 @@ def _run_of(ckpt: Checkpointer) -> Run:
 
 def _state(seed: int):
   rng = np.random.default_rng(seed)
-  params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
-            "gem": {"p": jnp.asarray([3.0 + seed], jnp.float32)}}
+  params = {
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "gem": {"p": jnp.asarray([3.0 + seed], jnp.float32)},
+  }
   tx = optax.adam(1e-3)
   opt_state = tx.init(params)
   _, opt_state = tx.update(params, opt_state, params)  # non-trivial moments
-  return {"params": params, "opt_state": opt_state,
-          "labels": jnp.asarray(rng.integers(-1, 5, size=11), jnp.int32),
-          "step": jnp.int32(7 * seed)}
+  return {
+    "params": params,
+    "opt_state": opt_state,
+    "labels": jnp.asarray(rng.integers(-1, 5, size=11), jnp.int32),
+    "step": jnp.int32(7 * seed),
+  }
 
 
 def test_round_trip_restores_every_leaf_exactly(tmp_path):
@@ -89,8 +94,17 @@ def test_unknown_checkpoint_name_lists_every_accepted_form(tmp_path):
   with pytest.raises(CheckpointNameError) as info:
     _run_of(ckpt).reference("bset")
   message = str(info.value)
-  for text in ("'bset'", "'latest'", "'best'", "'init'", "a checkpoint number", "checkpoint folder",
-               "kept: 2", str(tmp_path / "ckpt" / "2"), "did you mean 'best'"):
+  for text in (
+    "'bset'",
+    "'latest'",
+    "'best'",
+    "'init'",
+    "a checkpoint number",
+    "checkpoint folder",
+    "kept: 2",
+    str(tmp_path / "ckpt" / "2"),
+    "did you mean 'best'",
+  ):
     assert text in message, text
 
 
@@ -102,7 +116,7 @@ def test_read_only_checkpointer_does_not_warn(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     reader = Checkpointer(str(tmp_path / "ckpt"), read_only=True)
     assert reader.numbers() == [1]
-    absl_logging.warning("another warning")   # only orbax's read-only notice is silenced
+    absl_logging.warning("another warning")  # only orbax's read-only notice is silenced
   assert "read only" not in caplog.text
   assert "another warning" in caplog.text
 

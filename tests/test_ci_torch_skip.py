@@ -38,8 +38,10 @@ def test_plain():
 
 
 def test_on_ci_reads_the_ci_variable():
-  assert not any(on_ci(env) for env in ({}, {"CI": ""}, {"CI": "0"}, {"CI": "false"},
-                                        {"CI": "False"}, {"CI": " FALSE "}))
+  assert not any(
+    on_ci(env)
+    for env in ({}, {"CI": ""}, {"CI": "0"}, {"CI": "false"}, {"CI": "False"}, {"CI": " FALSE "})
+  )
   assert all(on_ci({"CI": value}) for value in ("true", "1", "yes", "True"))
 
 
@@ -48,11 +50,33 @@ def test_a_torch_skip_fails_on_ci_and_stays_a_skip_elsewhere(tmp_path):
   (tmp_path / "test_other.py").write_text(_FUNCTION_SKIPS)
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
   env.update(PYTHONPATH=os.path.join(ROOT, "tests"), JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider",
-             "-p", "no:xdist", "-rA", "-q", "--rootdir", str(tmp_path), str(tmp_path)]
-  procs = {ci: subprocess.Popen(command, cwd=tmp_path, env=dict(env, CI=ci),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for ci in ("true", "0")}
+  command = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-p",
+    "conftest",
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "no:xdist",
+    "-rA",
+    "-q",
+    "--rootdir",
+    str(tmp_path),
+    str(tmp_path),
+  ]
+  procs = {
+    ci: subprocess.Popen(
+      command,
+      cwd=tmp_path,
+      env=dict(env, CI=ci),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for ci in ("true", "0")
+  }
   outputs = {ci: proc.communicate(timeout=120)[0] for ci, proc in procs.items()}
 
   on, off = outputs["true"], outputs["0"]

@@ -31,30 +31,69 @@ def runs(tmp_path_factory):
   os.mkdir(paths["out_dir"])
   base = ["--config", "configs/demo.py"]
   cases = {
-      "typo": (base + ["--workdir", str(tmp / "w1"), "--config.train.epoch=3"], {}),
-      "values": (base + ["--workdir", str(tmp / "w2"), "--mode=eval", "--config.cluster.eps=2",
-                         f"--config.data.root={paths['missing_root']}"],
-                 {"CCREID_TRACEBACK": "1"}),
-      "out": (base + ["--workdir", str(tmp / "w4"), "--mode=extract", f"--out={paths['out_dir']}",
-                      f"--config.data.root={paths['missing_root']}"], {}),
-      # --out <workdir>/config: the sidecar would replace the run's config.json.
-      "export_into_run": (base + ["--workdir", str(tmp / "w6"), "--mode=export", "--format=onnx",
-                                  f"--out={tmp / 'w6' / 'config'}", "--overwrite",
-                                  f"--config.data.root={paths['missing_root']}"], {}),
-      # From another working directory: the config file imports ccreid_jax.configs.default,
-      # which this checkout's package provides (the typo is found only once the file has
-      # loaded). tests/test_packaging.py runs an installed wheel the same way.
-      "elsewhere": (["--config", os.path.join(ROOT, "configs", "custom.py"), "--workdir",
-                     str(tmp / "w5"), "--config.train.epoch=3"], {"PYTHONPATH": ROOT}),
+    "typo": (base + ["--workdir", str(tmp / "w1"), "--config.train.epoch=3"], {}),
+    "values": (
+      base
+      + [
+        "--workdir",
+        str(tmp / "w2"),
+        "--mode=eval",
+        "--config.cluster.eps=2",
+        f"--config.data.root={paths['missing_root']}",
+      ],
+      {"CCREID_TRACEBACK": "1"},
+    ),
+    "out": (
+      base
+      + [
+        "--workdir",
+        str(tmp / "w4"),
+        "--mode=extract",
+        f"--out={paths['out_dir']}",
+        f"--config.data.root={paths['missing_root']}",
+      ],
+      {},
+    ),
+    # --out <workdir>/config: the sidecar would replace the run's config.json.
+    "export_into_run": (
+      base
+      + [
+        "--workdir",
+        str(tmp / "w6"),
+        "--mode=export",
+        "--format=onnx",
+        f"--out={tmp / 'w6' / 'config'}",
+        "--overwrite",
+        f"--config.data.root={paths['missing_root']}",
+      ],
+      {},
+    ),
+    # From another working directory: the config file imports ccreid_jax.configs.default,
+    # which this checkout's package provides (the typo is found only once the file has
+    # loaded). tests/test_packaging.py runs an installed wheel the same way.
+    "elsewhere": (
+      [
+        "--config",
+        os.path.join(ROOT, "configs", "custom.py"),
+        "--workdir",
+        str(tmp / "w5"),
+        "--config.train.epoch=3",
+      ],
+      {"PYTHONPATH": ROOT},
+    ),
   }
   procs = {}
   for name, (args, extra_env) in cases.items():
     env = {k: v for k, v in os.environ.items() if k != "CCREID_TRACEBACK"}
     env.update(JAX_PLATFORMS="cpu", **extra_env)
     procs[name] = subprocess.Popen(
-        [sys.executable, "-m", "ccreid_jax.main", *args],
-        cwd=str(tmp) if name == "elsewhere" else ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, "-m", "ccreid_jax.main", *args],
+      cwd=str(tmp) if name == "elsewhere" else ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
   results = {}
   for name, proc in procs.items():
     _, err = proc.communicate(timeout=300)
@@ -84,8 +123,8 @@ def test_a_config_file_loads_from_any_working_directory(runs):
 
 def test_bad_values_with_the_traceback_asked_for(runs):
   code, err = runs[0]["values"]
-  assert code == 2 and "Traceback" in err   # CCREID_TRACEBACK=1
-  tail = err[err.rindex("error: "):]
+  assert code == 2 and "Traceback" in err  # CCREID_TRACEBACK=1
+  tail = err[err.rindex("error: ") :]
   assert "config.cluster.eps = 2" in tail and runs[1]["missing_root"] in tail
 
 
@@ -97,13 +136,20 @@ def test_workdir_that_is_a_file_and_a_misspelt_checkpoint_are_refused_up_front(t
   with pytest.raises(main.CommandLineError) as info:
     main.check_workdir(str(path))
   assert f"--workdir {path} is a file" in str(info.value)
-  main.check_workdir(str(tmp_path / "new" / "run"))   # created
+  main.check_workdir(str(tmp_path / "new" / "run"))  # created
   assert (tmp_path / "new" / "run").is_dir()
   (tmp_path / "new" / "run" / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(run_lib.CheckpointNameError) as info:
     run_lib.CheckpointRef.parse("bset", str(tmp_path / "new" / "run" / "checkpoints"))
-  for text in ("'bset'", "did you mean 'best'", "'latest'", "'init'", "a checkpoint number",
-               "checkpoint folder", "kept: 4"):
+  for text in (
+    "'bset'",
+    "did you mean 'best'",
+    "'latest'",
+    "'init'",
+    "a checkpoint number",
+    "checkpoint folder",
+    "kept: 4",
+  ):
     assert text in str(info.value), text
   for accepted in ("latest", "best", "init", "12", 3, str(tmp_path)):
     run_lib.CheckpointRef.parse(accepted, str(tmp_path))
@@ -124,13 +170,21 @@ def test_export_over_a_runs_files_is_refused_before_anything_is_loaded(runs):
 def test_exit_codes_of_the_user_errors():
   from ccreid_jax import main
 
-  usage = [ConfigError(["x"]), WorkdirConfigMismatch("w", [("a", 1, 2)]),
-           run_lib.CheckpointNameError("x"), checkpoint_lib.CheckpointNotFoundError("x")]
-  files = [DatasetError("x"), ImageDecodeError("x"), checkpoint_lib.CheckpointError("x"),
-           WeightsTooLargeError("x")]
+  usage = [
+    ConfigError(["x"]),
+    WorkdirConfigMismatch("w", [("a", 1, 2)]),
+    run_lib.CheckpointNameError("x"),
+    checkpoint_lib.CheckpointNotFoundError("x"),
+  ]
+  files = [
+    DatasetError("x"),
+    ImageDecodeError("x"),
+    checkpoint_lib.CheckpointError("x"),
+    WeightsTooLargeError("x"),
+  ]
   assert [main.exit_code_of(e) for e in usage] == [2] * len(usage)
   assert [main.exit_code_of(e) for e in files] == [1] * len(files)
-  assert main.exit_code_of(RuntimeError("a bug")) is None   # bugs keep their traceback
+  assert main.exit_code_of(RuntimeError("a bug")) is None  # bugs keep their traceback
 
 
 def test_epochs_with_one_cluster_or_none_are_warned_about_in_the_summary(tmp_path):
@@ -143,8 +197,12 @@ def test_epochs_with_one_cluster_or_none_are_warned_about_in_the_summary(tmp_pat
   config = tiny_config(str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for epoch, clusters in enumerate([0, 1, 1, 5]):
-      f.write(json.dumps({"kind": "epoch", "epoch": epoch, "clusters": clusters,
-                          "loss": 0.0, "steps": 3 * epoch}) + "\n")
+      f.write(
+        json.dumps(
+          {"kind": "epoch", "epoch": epoch, "clusters": clusters, "loss": 0.0, "steps": 3 * epoch}
+        )
+        + "\n"
+      )
   text = main.training_summary(config, str(tmp_path), {"epoch": 3, "checkpoints": [4]})
   assert "WARNING: in 1 of 4 epochs (epoch 0) the clustering found no cluster" in text
   assert "WARNING: in 2 of 4 epochs (epoch 1, 2) the clustering put every image in one" in text

@@ -20,18 +20,21 @@ KEY = jax.random.key(0)
 # --------------------------------------------------------------------------------- Conv
 
 
-@pytest.mark.parametrize("kernel,strides,padding,dtype,hw,c_in", [
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),   # the matrix-product path
-    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),   # strided 1x1, odd size
+@pytest.mark.parametrize(
+  "kernel,strides,padding,dtype,hw,c_in",
+  [
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),  # the matrix-product path
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.float32, (11, 7), 16),  # strided 1x1, odd size
     ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7), 16),
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 40),   # reducing 1x1 (40 -> 24)
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), jnp.float32, (11, 7), 40),  # reducing 1x1 (40 -> 24)
     ((1, 1), (2, 2), ((0, 0), (0, 0)), jnp.bfloat16, (11, 7), 40),
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (11, 7), 16),   # the convolution path
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (11, 7), 16),  # the convolution path
     ((7, 7), (2, 2), ((3, 3), (3, 3)), jnp.float32, (11, 7), 16),
-    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32, (4, 2), 16),    # im2col (small maps)
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32, (4, 2), 16),  # im2col (small maps)
     ((3, 3), (2, 2), ((1, 1), (1, 1)), jnp.float32, (5, 3), 16),
     ((3, 3), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, (4, 4), 16),
-])
+  ],
+)
 def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
   """cpu_kernels.Conv: nn.Conv(use_bias=False)'s parameter tree and numbers on every path.
 
@@ -40,8 +43,7 @@ def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
   """
   x = jax.random.normal(jax.random.PRNGKey(0), (3,) + hw + (c_in,), jnp.float32)
   ours = cpu_kernels.Conv(24, kernel, strides, padding, dtype=dtype, kernel_init=conv_init)
-  ref = nn.Conv(24, kernel, strides, padding, use_bias=False, dtype=dtype,
-                kernel_init=conv_init)
+  ref = nn.Conv(24, kernel, strides, padding, use_bias=False, dtype=dtype, kernel_init=conv_init)
   params = ours.init(jax.random.PRNGKey(1), x)
   ref_params = ref.init(jax.random.PRNGKey(1), x)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(ref_params)
@@ -49,16 +51,20 @@ def test_conv_equals_flax_conv(kernel, strides, padding, dtype, hw, c_in):
   y, y_ref = ours.apply(params, x), ref.apply(params, x)
   assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
-                             atol=tol, rtol=tol)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=tol, rtol=tol
+  )
+
   # Gradients with respect to input and kernel agree too.
   def loss(module, p, x):
     return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+
   g = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
   g_ref = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               atol=10 * tol, rtol=10 * tol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), atol=10 * tol, rtol=10 * tol
+    )
 
 
 @pytest.mark.parametrize("c_in", [16, 24, 40])
@@ -93,6 +99,7 @@ def test_batch_norm_closed_form_gradient_equals_autodiff(shape):
     def f(xg, scale, bias):
       y, mean, var = bn(xg, scale, bias, 1e-5)
       return jnp.sum(jnp.sin(y) * w_y) + jnp.sum(mean * w_mean) + jnp.sum(var * w_var)
+
     return f
 
   closed_form, autodiff = cpu_kernels.batch_norm_train, layers.batch_norm_groups
@@ -112,17 +119,20 @@ def test_ghost_batch_norm_equals_the_plain_layer(shape, use_bias):
   plain = layers.GhostBatchNorm(group_size=4, use_bias=use_bias)
   cpu = cpu_kernels.GhostBatchNorm(group_size=4, use_bias=use_bias)
   variables = plain.init(KEY, x, use_running_average=False)
-  assert (jax.tree_util.tree_structure(cpu.init(KEY, x, use_running_average=False))
-          == jax.tree_util.tree_structure(variables))
+  assert jax.tree_util.tree_structure(
+    cpu.init(KEY, x, use_running_average=False)
+  ) == jax.tree_util.tree_structure(variables)
   params = jax.tree.map(lambda p: p + jnp.linspace(0.5, 1.5, p.shape[-1]), variables["params"])
   variables = {"params": params, "batch_stats": variables["batch_stats"]}
   w = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
 
   def train(module):
     def loss(params, x):
-      y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
-                                mutable=["batch_stats"])
+      y, updates = module.apply(
+        {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+      )
       return jnp.sum(jnp.sin(y) * w), (y, updates)
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
   (_, (y_cpu, upd_cpu)), g_cpu = train(cpu)
@@ -132,8 +142,10 @@ def test_ghost_batch_norm_equals_the_plain_layer(shape, use_bias):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-  np.testing.assert_array_equal(cpu.apply(variables, x, use_running_average=True),
-                                plain.apply(variables, x, use_running_average=True))
+  np.testing.assert_array_equal(
+    cpu.apply(variables, x, use_running_average=True),
+    plain.apply(variables, x, use_running_average=True),
+  )
 
 
 # ------------------------------------------------------------------------ residual ReLU
@@ -152,8 +164,9 @@ def test_residual_relu_equals_relu_bit_for_bit_values_and_gradients():
       xs = jnp.asarray(x, dtype)
       cot = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), dtype)
       for f in (jax.jit(residual_relu), residual_relu):
-        np.testing.assert_array_equal(np.asarray(f(xs), np.float32),
-                                      np.asarray(nn.relu(xs), np.float32))
+        np.testing.assert_array_equal(
+          np.asarray(f(xs), np.float32), np.asarray(nn.relu(xs), np.float32)
+        )
         g = jax.grad(lambda v, f=f, cot=cot: jnp.sum((f(v) * cot).astype(jnp.float32)))(xs)
         g_ref = jax.grad(lambda v, cot=cot: jnp.sum((nn.relu(v) * cot).astype(jnp.float32)))(xs)
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
@@ -166,8 +179,9 @@ def _flax_pool(v):
   return nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8), (1, 1, 2, 2),
-                                   (1, 2, 1, 3), (1, 3, 3, 1)])
+@pytest.mark.parametrize(
+  "shape", [(2, 8, 6, 3), (1, 7, 5, 4), (2, 64, 32, 8), (1, 1, 2, 2), (1, 2, 1, 3), (1, 3, 3, 1)]
+)
 def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
   """The stem pool (9 strided slices) equals nn.max_pool; gradients equal, also through a ReLU
   (ties at 0: both send a window's gradient to its first maximum)."""
@@ -204,6 +218,7 @@ def test_max_pool_gradient_with_ties_goes_to_the_first_maximum_as_in_torch(shape
   np.testing.assert_allclose(g, g_t, rtol=1e-6, atol=1e-6)
   g_flax = jax.grad(lambda v: jnp.sum(_flax_pool(v) * cot))(jnp.asarray(x))
   np.testing.assert_allclose(g_flax, g_t, rtol=1e-6, atol=1e-6)
+
   # The ties matter: differentiating the chain of maxima (ties split in halves) differs.
   def chain(v):
     return functools.reduce(jnp.maximum, cpu_kernels._pool_windows(v))
@@ -245,8 +260,10 @@ def test_both_kernel_sets_compute_the_same_model():
   float rounding, in train and eval mode."""
   models = {k: ReIDResNet(depth=10, width=8, bn_group_size=4, kernels=k) for k in ("plain", "cpu")}
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 32, 3)), jnp.float32)
-  init = {k: jax.jit(lambda key, im, m=m: m.init(key, im, train=False))(KEY, x[:1])
-          for k, m in models.items()}
+  init = {
+    k: jax.jit(lambda key, im, m=m: m.init(key, im, train=False))(KEY, x[:1])
+    for k, m in models.items()
+  }
   for a, b in zip(jax.tree.leaves(init["plain"]), jax.tree.leaves(init["cpu"])):
     np.testing.assert_array_equal(a, b)
   variables = init["plain"]
@@ -254,9 +271,11 @@ def test_both_kernel_sets_compute_the_same_model():
 
   def run(model):
     def loss(params):
-      feats, updates = model.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
+      feats, updates = model.apply(
+        {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+      )
       return jnp.sum(feats * w), (feats, updates["batch_stats"])
+
     (_, (feats, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     evaluated = model.apply({"params": variables["params"], "batch_stats": stats}, x, train=False)
     return feats, stats, grads, evaluated
@@ -278,8 +297,7 @@ def test_resolve_kernels_and_create_model():
   with pytest.raises(ValueError, match="model.kernels 'fast'"):
     resolve_kernels("fast")
 
-  fields = dict(depth=10, width=8, last_stride=1, pooling="gem", bn_group_size=4,
-                dtype="float32")
+  fields = dict(depth=10, width=8, last_stride=1, pooling="gem", bn_group_size=4, dtype="float32")
   for kernels in ("plain", "cpu"):
     model = create_model(ml_collections.ConfigDict(dict(fields, kernels=kernels)))
     assert model.kernels == kernels

@@ -13,11 +13,11 @@ from ccreid_jax.data.synthetic import FAKE_TREE_CAMERAS, fake_tree_sizes, make_f
 
 # 0-based camera of each raw camera, per dataset.
 _ZERO_BASED = {
-    "market1501": lambda c: c - 1,
-    "dukemtmcreid": lambda c: c - 1,
-    "msmt17": lambda c: c - 1,
-    "veri776": lambda c: c - 1,
-    "personx": {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}.__getitem__,
+  "market1501": lambda c: c - 1,
+  "dukemtmcreid": lambda c: c - 1,
+  "msmt17": lambda c: c - 1,
+  "veri776": lambda c: c - 1,
+  "personx": {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}.__getitem__,
 }
 
 
@@ -33,7 +33,10 @@ def test_parses_every_layout(tmp_path, name):
   assert ds.name == name and ds.root == folder
   sizes = fake_tree_sizes(name)
   assert (len(ds.train), len(ds.query), len(ds.gallery)) == (
-      sizes["train"], sizes["query"], sizes["gallery"])
+    sizes["train"],
+    sizes["query"],
+    sizes["gallery"],
+  )
 
   cameras = [_ZERO_BASED[name](c) for c in FAKE_TREE_CAMERAS[name]]
   # Train: identity 1+k has two images in each of cameras[2k], cameras[2k+1].
@@ -139,8 +142,13 @@ def test_missing_dataset_folder_shows_paths_and_expected_tree(tmp_path):
   assert isinstance(info.value, DatasetError)
   assert "market1501" in message
   assert os.path.join(str(tmp_path), "Market-1501-v15.09.15") in message
-  for part in ("Market-1501-v15.09.15/", "bounding_box_train/", "query/", "bounding_box_test/",
-               "0002_c1s1_000451_03.jpg"):
+  for part in (
+    "Market-1501-v15.09.15/",
+    "bounding_box_train/",
+    "query/",
+    "bounding_box_test/",
+    "0002_c1s1_000451_03.jpg",
+  ):
     assert part in message
 
 
@@ -175,13 +183,16 @@ def test_split_with_only_junk_is_empty(tmp_path):
     load_dataset("market1501", str(tmp_path))
 
 
-@pytest.mark.parametrize("name,bad_file", [
+@pytest.mark.parametrize(
+  "name,bad_file",
+  [
     ("market1501", "0001_c7s1_000001_01.jpg"),
     ("dukemtmcreid", "0001_c9_f0000001.jpg"),
     ("msmt17", "0001_c16_0001.jpg"),
     ("veri776", "0001_c021_00000001_0.jpg"),
     ("personx", "0001_c5_0001.jpg"),
-])
+  ],
+)
 def test_camera_out_of_range_names_the_file(tmp_path, name, bad_file):
   folder = make_fake_tree(str(tmp_path), name)
   gallery = "image_test" if name == "veri776" else "bounding_box_test"

@@ -31,21 +31,21 @@ def _graph():
 
 
 @pytest.mark.parametrize(
-    "eps, min_samples, expected",
-    [
-        # 0-3 each see 4 points (self included): core. 4 sees {3, 4}: border of cluster 0.
-        (0.5, 4, [0, 0, 0, 0, 0, -1, -1, -1]),
-        # eps is inclusive: just below 0.5, point 4 loses its only neighbour.
-        (0.4999, 4, [0, 0, 0, 0, -1, -1, -1, -1]),
-        # Only 3 sees 5 points (4 others + itself); 0, 1, 2 are borders reached from it.
-        (0.5, 5, [0, 0, 0, 0, 0, -1, -1, -1]),
-        (0.5, 6, [-1] * 8),
-        # The point itself counts: a pair is a cluster at min_samples 2, a lone point at 1.
-        (0.5, 2, [0, 0, 0, 0, 0, 1, 1, -1]),
-        (0.5, 1, [0, 0, 0, 0, 0, 1, 1, 2]),
-        # 0.125 <= eps < 0.25: only the pair {5, 6} is linked.
-        (0.2, 2, [-1, -1, -1, -1, -1, 0, 0, -1]),
-    ],
+  "eps, min_samples, expected",
+  [
+    # 0-3 each see 4 points (self included): core. 4 sees {3, 4}: border of cluster 0.
+    (0.5, 4, [0, 0, 0, 0, 0, -1, -1, -1]),
+    # eps is inclusive: just below 0.5, point 4 loses its only neighbour.
+    (0.4999, 4, [0, 0, 0, 0, -1, -1, -1, -1]),
+    # Only 3 sees 5 points (4 others + itself); 0, 1, 2 are borders reached from it.
+    (0.5, 5, [0, 0, 0, 0, 0, -1, -1, -1]),
+    (0.5, 6, [-1] * 8),
+    # The point itself counts: a pair is a cluster at min_samples 2, a lone point at 1.
+    (0.5, 2, [0, 0, 0, 0, 0, 1, 1, -1]),
+    (0.5, 1, [0, 0, 0, 0, 0, 1, 1, 2]),
+    # 0.125 <= eps < 0.25: only the pair {5, 6} is linked.
+    (0.2, 2, [-1, -1, -1, -1, -1, 0, 0, -1]),
+  ],
 )
 def test_hand_built_graph(eps, min_samples, expected):
   sparse, dense = _graph()
@@ -69,8 +69,7 @@ def test_stored_diagonal_one_is_not_a_neighbour():
   sparse = sparse.tolil()
   sparse[7, 7] = 1.0
   dense[7, 7] = 1.0
-  np.testing.assert_array_equal(dbscan_labels(sparse.tocsr(), 0.5, 1),
-                                dbscan_labels(dense, 0.5, 1))
+  np.testing.assert_array_equal(dbscan_labels(sparse.tocsr(), 0.5, 1), dbscan_labels(dense, 0.5, 1))
   np.testing.assert_array_equal(dbscan_labels(dense, 0.5, 1), [0, 0, 0, 0, 0, 1, 1, -1])
 
 
@@ -114,13 +113,12 @@ def test_relabel_consecutive_and_stats():
   assert stats["outlier_fraction"] == pytest.approx(0.25)
 
 
-
 def _pair(value) -> tuple[np.ndarray, sp.csr_matrix]:
   """Two points at distance ``value``: dense float32 and sparse (explicit zero diagonal)."""
   dense = np.array([[0.0, value], [value, 0.0]], dtype=np.float32)
   sparse = sp.csr_matrix(
-      (np.array([0.0, value, value, 0.0], np.float32), ([0, 0, 1, 1], [0, 1, 0, 1])),
-      shape=(2, 2))
+    (np.array([0.0, value, value, 0.0], np.float32), ([0, 0, 1, 1], [0, 1, 0, 1])), shape=(2, 2)
+  )
   return dense, sparse
 
 

@@ -127,5 +127,3 @@ def test_one_device_four_devices_and_two_processes_give_the_same_losses():
   # Per-process extraction + all-gather gives every process all features, in order.
   np.testing.assert_array_equal(two[0]["features"], two[1]["features"])
   np.testing.assert_allclose(two[0]["features"], one["features"], atol=1e-5)
-
-

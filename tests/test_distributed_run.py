@@ -37,8 +37,13 @@ print(json.dumps({{"process": jax.process_index(), "processes": jax.process_coun
 
 
 def _train_script(data_root: str, workdir: str, epochs: int) -> list[str]:
-  code = _TRAIN_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
-                              data_root=data_root, workdir=workdir, epochs=epochs)
+  code = _TRAIN_SCRIPT.format(
+    root=ROOT,
+    tests=os.path.join(ROOT, "tests"),
+    data_root=data_root,
+    workdir=workdir,
+    epochs=epochs,
+  )
   return [sys.executable, "-c", code]
 
 

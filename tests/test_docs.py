@@ -13,11 +13,11 @@ from conftest import ROOT
 # outside the repository: none belongs in what ships. A path counts only where it starts (after
 # a space, a quote, `=`, `(` ...), so that `data/root/x` or `runs/work/` do not match.
 FORBIDDEN = {
-    "development machine path": re.compile(r"(?<![\w.~/-])/(?:work|root)/"),
-    "pytest temporary folder": re.compile(r"/tmp/pytest"),
-    "workplace tool": re.compile(r"farm-(?:bench|studio)", re.IGNORECASE),
-    "session wording": re.compile(r"\bthis session\b", re.IGNORECASE),
-    "file outside the repository": re.compile(r"\.\./shared/|\bALGORITHMS\.md\b"),
+  "development machine path": re.compile(r"(?<![\w.~/-])/(?:work|root)/"),
+  "pytest temporary folder": re.compile(r"/tmp/pytest"),
+  "workplace tool": re.compile(r"farm-(?:bench|studio)", re.IGNORECASE),
+  "session wording": re.compile(r"\bthis session\b", re.IGNORECASE),
+  "file outside the repository": re.compile(r"\.\./shared/|\bALGORITHMS\.md\b"),
 }
 SHIPPED = ("README.md", "docs", "scripts", "configs")
 
@@ -53,12 +53,17 @@ def _shipped_text_files():
 
 def _forbidden_in(text):
   """``(line number, what, line)`` for every line of ``text`` that matches a pattern."""
-  return [(number, what, line.strip())
-          for number, line in enumerate(text.splitlines(), 1)
-          for what, pattern in FORBIDDEN.items() if pattern.search(line)]
+  return [
+    (number, what, line.strip())
+    for number, line in enumerate(text.splitlines(), 1)
+    for what, pattern in FORBIDDEN.items()
+    if pattern.search(line)
+  ]
 
 
-@pytest.mark.parametrize("line, expected", [
+@pytest.mark.parametrize(
+  "line, expected",
+  [
     ('    "out": "/root/out/train_bf16.json"', "development machine path"),
     ("cd /work/main && python -m pytest", "development machine path"),
     ("--root=/tmp/pytest-of-root/pytest-0/data", "pytest temporary folder"),
@@ -67,18 +72,23 @@ def _forbidden_in(text):
     ("the figures of this session", "session wording"),
     ("see ../shared/notes.md", "file outside the repository"),
     ("as ALGORITHMS.md says", "file outside the repository"),
-])
+  ],
+)
 def test_forbidden_patterns_catch_what_they_are_for(line, expected):
   assert [what for _, what, _ in _forbidden_in(line)] == [expected]
 
 
-@pytest.mark.parametrize("line", [
+@pytest.mark.parametrize(
+  "line",
+  [
     "--root runs/recipe/data --workdir runs/recipe/run20",
     "config.data.root/Market-1501-v15.09.15 and data/root/x",
     "--root /tmp/ccreid_recipe/data",
     "docs/algorithms.md section 5; ../../../secret/x.jpg",
-    "a session of training", "the farm benchmark",
-])
+    "a session of training",
+    "the farm benchmark",
+  ],
+)
 def test_forbidden_patterns_leave_ordinary_text_alone(line):
   assert _forbidden_in(line) == []
 
@@ -91,6 +101,8 @@ def test_shipped_files_speak_of_the_software_alone():
         text = f.read()
     except UnicodeDecodeError:  # images
       continue
-    found += [f"{os.path.relpath(path, ROOT)}:{number}: {what}: {line}"
-              for number, what, line in _forbidden_in(text)]
+    found += [
+      f"{os.path.relpath(path, ROOT)}:{number}: {what}: {line}"
+      for number, what, line in _forbidden_in(text)
+    ]
   assert not found, "\n".join(found)

@@ -22,20 +22,38 @@ from conftest import ROOT, tiny_config
 
 # Radii that span the clusterings of the tiny data's random-init features (from mostly
 # outliers to one or two clusters); the camera-aware distance is smaller.
-EPS = {"jaccard": [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75],
-       "ca_jaccard": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]}
+EPS = {
+  "jaccard": [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75],
+  "ca_jaccard": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5],
+}
 
 
 def test_parse_eps():
-  assert eps_sweep.parse_eps("0.3:0.8:0.05") == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65,
-                                                 0.7, 0.75, 0.8]
+  assert eps_sweep.parse_eps("0.3:0.8:0.05") == [
+    0.3,
+    0.35,
+    0.4,
+    0.45,
+    0.5,
+    0.55,
+    0.6,
+    0.65,
+    0.7,
+    0.75,
+    0.8,
+  ]
   assert eps_sweep.parse_eps("0.6,0.5, 0.5") == [0.5, 0.6]
   assert eps_sweep.parse_eps("0.55") == [0.55]
   assert eps_sweep.parse_eps("0.5:0.6:0.3") == [0.5]
-  for bad, why in (("0.5:1.0:0.1", "1.0 is outside"), ("0:0.5:0.1", "0.0 is outside"),
-                   ("0.5:0.4:0.1", "stop >= start"), ("0.1:0.9:0", "step > 0"),
-                   ("a", "expected start:stop:step"), ("0.1:0.2", "expected start:stop:step"),
-                   ("0.1:0.9:0.0001", "at most 1000")):
+  for bad, why in (
+    ("0.5:1.0:0.1", "1.0 is outside"),
+    ("0:0.5:0.1", "0.0 is outside"),
+    ("0.5:0.4:0.1", "stop >= start"),
+    ("0.1:0.9:0", "step > 0"),
+    ("a", "expected start:stop:step"),
+    ("0.1:0.2", "expected start:stop:step"),
+    ("0.1:0.9:0.0001", "at most 1000"),
+  ):
     with pytest.raises(ValueError, match=why):
       eps_sweep.parse_eps(bad)
 
@@ -70,8 +88,9 @@ def test_sweep_equals_the_clustering_at_each_eps(tiny_market, tmp_path):
   # The features, extracted independently of the sweep.
   data = loading.load_run_data(config, workdir, need_train=True)
   loaded = run_lib.Run(workdir).load_model(config, "init")
-  features = np.asarray(FeatureExtractor.create(loaded.model, config)(loaded.variables,
-                                                                      data.train_images))
+  features = np.asarray(
+    FeatureExtractor.create(loaded.model, config)(loaded.variables, data.train_images)
+  )
 
   for distance, eps_values in EPS.items():
     config.cluster.distance = distance
@@ -90,31 +109,45 @@ def test_sweep_equals_the_clustering_at_each_eps(tiny_market, tmp_path):
     table = eps_sweep.format_table(result["rows"], eps_values[3]).splitlines()
     assert len(table) == 2 + len(eps_values) and "ARI" in table[0]
     assert [line.endswith("config.cluster.eps") for line in table[2:]] == [
-        i == 3 for i in range(len(eps_values))]
+      i == 3 for i in range(len(eps_values))
+    ]
 
 
 def test_the_command_line(tiny_market, tmp_path):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-      "from conftest import tiny_config\n\n\n"
-      "def get_config():\n"
-      f"  return tiny_config({tiny_market!r})\n")
-  base = [sys.executable, "-m", "ccreid_jax.main", "--mode", "sweep", "--config", str(config_file),
-          "--workdir", str(tmp_path / "run")]
+    "import sys\n"
+    f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+    "from conftest import tiny_config\n\n\n"
+    "def get_config():\n"
+    f"  return tiny_config({tiny_market!r})\n"
+  )
+  base = [
+    sys.executable,
+    "-m",
+    "ccreid_jax.main",
+    "--mode",
+    "sweep",
+    "--config",
+    str(config_file),
+    "--workdir",
+    str(tmp_path / "run"),
+  ]
   env = {k: v for k, v in os.environ.items() if k != "CCREID_TRACEBACK"}
   env["JAX_PLATFORMS"] = "cpu"
   cases = {
-      "ok": base + ["--checkpoint", "init", "--eps", "0.5:0.7:0.1", "--out", str(tmp_path / "o")],
-      "eps": base + ["--eps", "0.5:1.5:0.1"],
-      # The initial model without weights would be a random network: refused as training is.
-      "weights": base[:-1] + [str(tmp_path / "run_w"), "--checkpoint", "init",
-                              "--config.model.pretrained="],
+    "ok": base + ["--checkpoint", "init", "--eps", "0.5:0.7:0.1", "--out", str(tmp_path / "o")],
+    "eps": base + ["--eps", "0.5:1.5:0.1"],
+    # The initial model without weights would be a random network: refused as training is.
+    "weights": base[:-1]
+    + [str(tmp_path / "run_w"), "--checkpoint", "init", "--config.model.pretrained="],
   }
-  procs = {name: subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-           for name, args in cases.items()}
+  procs = {
+    name: subprocess.Popen(
+      args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for name, args in cases.items()
+  }
   results = {}
   for name, proc in procs.items():
     out, err = proc.communicate(timeout=300)
@@ -126,8 +159,9 @@ def test_the_command_line(tiny_market, tmp_path):
   code, _, err = results["eps"]
   assert code == 2 and "Traceback" not in err, err
   assert err.strip().splitlines() == [
-      "error: --eps 0.5:1.5:0.1: 1.0 is outside (0, 1); Jaccard distances lie in [0, 1] and "
-      "absent pairs are 1.0, so eps >= 1 links every pair"], err
+    "error: --eps 0.5:1.5:0.1: 1.0 is outside (0, 1); Jaccard distances lie in [0, 1] and "
+    "absent pairs are 1.0, so eps >= 1 links every pair"
+  ], err
   code, _, err = results["weights"]
   assert code == 2 and "Traceback" not in err, err
   assert "model.pretrained = '': no backbone weights" in err and "pretrained=none" in err, err

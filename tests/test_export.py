@@ -16,8 +16,10 @@ from ccreid_jax.extract import FeatureExtractor, extract_features
 
 
 def _records(n, offset=0):
-  return [Record(f"/data/\u00e9t\u00e9/{offset + i:04d}_c{i % 3}.jpg", offset + i // 2, i % 3)
-          for i in range(n)]
+  return [
+    Record(f"/data/\u00e9t\u00e9/{offset + i:04d}_c{i % 3}.jpg", offset + i // 2, i % 3)
+    for i in range(n)
+  ]
 
 
 def test_export_round_trip(tmp_path):
@@ -42,10 +44,14 @@ def test_export_round_trip(tmp_path):
 def test_a_file_with_the_old_keys_ids_and_cams_still_reads(tmp_path):
   records = _records(3)
   path = str(tmp_path / "old.npz")
-  np.savez(path, features=np.ones((3, 2), np.float32),
-           ids=np.array([r.identity for r in records], np.int64),
-           cams=np.array([r.camera for r in records], np.int64),
-           paths=np.array([r.path for r in records], np.str_), split=np.array("gallery", np.str_))
+  np.savez(
+    path,
+    features=np.ones((3, 2), np.float32),
+    ids=np.array([r.identity for r in records], np.int64),
+    cams=np.array([r.camera for r in records], np.int64),
+    paths=np.array([r.path for r in records], np.str_),
+    split=np.array("gallery", np.str_),
+  )
   loaded = feature_files.read_features(path)
   np.testing.assert_array_equal(loaded.identities, [r.identity for r in records])
   np.testing.assert_array_equal(loaded.cameras, [r.camera for r in records])
@@ -74,28 +80,31 @@ def test_failed_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(feature_files.os, "replace", refuse)
   with pytest.raises(OSError, match="No space left"):
-    feature_files.write_features(str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2),
-                                 "query")
+    feature_files.write_features(
+      str(tmp_path / "query.npz"), np.zeros((2, 3)), _records(2), "query"
+    )
   assert list(tmp_path.iterdir()) == []
 
 
 def test_output_path_is_checked_before_anything_is_written(tmp_path):
   created = tmp_path / "new" / "sub" / "query.npz"
-  feature_files.check_output_path(str(created))   # a missing parent folder is created
+  feature_files.check_output_path(str(created))  # a missing parent folder is created
   assert created.parent.is_dir() and list(created.parent.iterdir()) == []
   folder = tmp_path / "features"
   folder.mkdir()
-  with pytest.raises(feature_files.OutputPathError,
-                     match=f"{folder} is a folder.*{folder}/query.npz"):
+  with pytest.raises(
+    feature_files.OutputPathError, match=f"{folder} is a folder.*{folder}/query.npz"
+  ):
     feature_files.check_output_path(str(folder))
-  with pytest.raises(feature_files.OutputPathError):   # write_features checks too, names the path
+  with pytest.raises(feature_files.OutputPathError):  # write_features checks too, names the path
     feature_files.write_features(str(folder), np.zeros((2, 3)), _records(2), "query")
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  with pytest.raises(feature_files.OutputPathError,
-                     match=f"{blocker}/query.npz.*{blocker} is a file"):
+  with pytest.raises(
+    feature_files.OutputPathError, match=f"{blocker}/query.npz.*{blocker} is a file"
+  ):
     feature_files.check_output_path(str(blocker / "query.npz"))
-  if os.path.isdir("/proc"):   # a place nobody can write to, not even root
+  if os.path.isdir("/proc"):  # a place nobody can write to, not even root
     with pytest.raises(feature_files.OutputPathError, match="/proc/query.npz.*cannot be written"):
       feature_files.check_output_path("/proc/query.npz")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "features", "new"]
@@ -107,8 +116,9 @@ def _fake_run(num_train=5, num_query=3, num_gallery=6, with_train=True):
   filled with value i."""
 
   def images(start, n):
-    return (np.arange(start, start + n, dtype=np.uint8)[:, None, None, None]
-            * np.ones((1, 4, 2, 3), np.uint8))
+    return np.arange(start, start + n, dtype=np.uint8)[:, None, None, None] * np.ones(
+      (1, 4, 2, 3), np.uint8
+    )
 
   def extract_fn(variables, batch):
     # Feature = (mean pixel value * scale, 1): identifies the image each row came from.
@@ -116,29 +126,44 @@ def _fake_run(num_train=5, num_query=3, num_gallery=6, with_train=True):
     return jnp.stack([mean * variables["scale"], jnp.ones_like(mean)], axis=1)
 
   config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
-  dataset = types.SimpleNamespace(train=_records(num_train, 100), query=_records(num_query, 200),
-                                  gallery=_records(num_gallery, 300))
+  dataset = types.SimpleNamespace(
+    train=_records(num_train, 100),
+    query=_records(num_query, 200),
+    gallery=_records(num_gallery, 300),
+  )
   mesh = make_mesh()
   jitted = jax.jit(extract_fn)
 
   def extract(variables, images_, *, desc):
-    return extract_features(jitted, variables, images_, mesh=mesh,
-                            batch_size=config.eval.batch_size, progress=False, desc=desc)
+    return extract_features(
+      jitted,
+      variables,
+      images_,
+      mesh=mesh,
+      batch_size=config.eval.batch_size,
+      progress=False,
+      desc=desc,
+    )
 
   return types.SimpleNamespace(
-      config=config, dataset=dataset, mesh=mesh, progress=False, extract_fn=jitted,
-      extract=extract,
-      train_images=images(100, num_train) if with_train else None,
-      test_images=images(0, num_query + num_gallery))
+    config=config,
+    dataset=dataset,
+    mesh=mesh,
+    progress=False,
+    extract_fn=jitted,
+    extract=extract,
+    train_images=images(100, num_train) if with_train else None,
+    test_images=images(0, num_query + num_gallery),
+  )
 
 
 def test_extract_split_slices_query_and_gallery_from_test_images(tmp_path):
   run = _fake_run()
   variables = {"scale": jnp.float32(2.0)}
   for split, expected_values, expected_records in (
-      ("query", [0, 1, 2], run.dataset.query),
-      ("gallery", [3, 4, 5, 6, 7, 8], run.dataset.gallery),
-      ("train", [100, 101, 102, 103, 104], run.dataset.train),
+    ("query", [0, 1, 2], run.dataset.query),
+    ("gallery", [3, 4, 5, 6, 7, 8], run.dataset.gallery),
+    ("train", [100, 101, 102, 103, 104], run.dataset.train),
   ):
     features, records = feature_files.extract_split(run, run.extract, variables, split)
     assert features.dtype == np.float32

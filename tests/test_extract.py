@@ -48,11 +48,17 @@ def test_flip_features_do_not_change_when_the_image_is_mirrored(tiny_model):
   images = _images(4, seed=1)
   mirrored = np.ascontiguousarray(images[:, :, ::-1])
   flipped = make_extract_fn(model, mesh, flip=True)
-  np.testing.assert_allclose(np.asarray(flipped(variables, mirrored)),
-                             np.asarray(flipped(variables, images)), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(flipped(variables, mirrored)),
+    np.asarray(flipped(variables, images)),
+    atol=1e-6,
+    rtol=0,
+  )
   plain = make_extract_fn(model, mesh)
-  assert np.abs(np.asarray(plain(variables, mirrored))
-                - np.asarray(plain(variables, images))).max() > 1e-3
+  assert (
+    np.abs(np.asarray(plain(variables, mirrored)) - np.asarray(plain(variables, images))).max()
+    > 1e-3
+  )
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -61,8 +67,7 @@ def test_extract_features_in_padded_batches_equals_one_call(tiny_model, flip):
   mesh = make_mesh()
   extract_fn = make_extract_fn(model, mesh, flip=flip)
   images = _images(7, seed=2)
-  got = extract_features(extract_fn, variables, images, mesh=mesh, batch_size=3,
-                         progress=False)
+  got = extract_features(extract_fn, variables, images, mesh=mesh, batch_size=3, progress=False)
   want = np.asarray(extract_fn(variables, images))
   assert got.shape == (7, models.feature_dim(10, 8))
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

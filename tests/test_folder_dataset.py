@@ -56,8 +56,11 @@ def _copy_train(tiny_market: str, dest: str, layout: str) -> dict[str, tuple[int
     elif layout == "regex":
       new = os.path.join(dest, f"IMG_{i:04d}_cam{REGEX_NAMES[camera]}.jpeg")
     else:
-      new = os.path.join(dest, "a" if i % 3 else os.path.join("a", "b"),
-                         f"{(i * 7919) % 1000:03d}_{i}.{'JPG' if i % 5 == 0 else 'jpg'}")
+      new = os.path.join(
+        dest,
+        "a" if i % 3 else os.path.join("a", "b"),
+        f"{(i * 7919) % 1000:03d}_{i}.{'JPG' if i % 5 == 0 else 'jpg'}",
+      )
     os.makedirs(os.path.dirname(new), exist_ok=True)
     shutil.copyfile(path, new)
     copied[new] = (identity, camera)
@@ -69,8 +72,10 @@ def own(tiny_market, tmp_path_factory):
   """``{layout: (root, copied)}`` for the three layouts, plus an evaluation set with its list
   file (``"eval"``: (list path, [(split, path, identity, market camera)]))."""
   base = tmp_path_factory.mktemp("own")
-  trees = {layout: (str(base / layout), _copy_train(tiny_market, str(base / layout), layout))
-           for layout in ("folder", "regex", "none")}
+  trees = {
+    layout: (str(base / layout), _copy_train(tiny_market, str(base / layout), layout))
+    for layout in ("folder", "regex", "none")
+  }
   evalset = base / "evalset"
   entries = []
   lines = ["# labelled images of my own", ""]
@@ -119,8 +124,9 @@ def test_cameras_from_a_file_name_regex(own):
   root, copied = own["regex"]
   ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam(\d+)\.")
   assert ds.camera_names == ("2", "7", "10")
-  assert [r.camera for r in ds.train] == [REGEX_CAMERAS[REGEX_NAMES[copied[r.path][1]]]
-                                         for r in ds.train]
+  assert [r.camera for r in ds.train] == [
+    REGEX_CAMERAS[REGEX_NAMES[copied[r.path][1]]] for r in ds.train
+  ]
   # Without a group the whole match names the camera.
   ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam\d+")
   assert ds.camera_names == ("cam2", "cam7", "cam10")
@@ -157,7 +163,7 @@ def test_without_cameras_the_camera_aware_sampler_draws_plain_pk_batches():
         if members.size > 1:
           others = np.delete(members, anchor)
           stream += list(draw.choice(others, size=k - 1, replace=others.size < k))
-    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+    return [stream[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
   zeros = CameraAwarePKSampler(labels, np.zeros_like(labels), k, seed=seed)
   batches = [list(b) for b in zeros.batches(num_batches, batch_size)]
@@ -228,8 +234,7 @@ def test_files_without_a_camera_are_listed_or_skipped(tmp_path, own, caplog):
   assert "12 image(s) get no camera" in message and "holiday_00.jpg" in message
   assert "... and 2 more" in message and "--config.data.skip_bad_names=True" in message
   with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
-    ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam(\d+)",
-                             skip_bad_names=True)
+    ds = load_folder_dataset(root, cameras="regex", camera_regex=r"cam(\d+)", skip_bad_names=True)
   assert len(ds.train) == 20 and len(ds.skipped) == 12
   assert "skipped 12 image(s) without a camera" in caplog.text
   # An image lying above the camera level.
@@ -295,17 +300,25 @@ def test_eval_list_gives_query_and_gallery(own):
   list_path, entries = own["eval"]
   query, gallery = read_eval_list(list_path)
   cameras = sorted({camera for *_, camera in entries})
-  expected = {s: [(p, identity, cameras.index(camera))
-                  for split, p, identity, camera in entries if split == s]
-              for s in ("query", "gallery")}
+  expected = {
+    s: [
+      (p, identity, cameras.index(camera)) for split, p, identity, camera in entries if split == s
+    ]
+    for s in ("query", "gallery")
+  }
   assert [tuple(r) for r in query] == expected["query"]
   assert [tuple(r) for r in gallery] == expected["gallery"]
 
 
 def test_eval_list_malformed_lines_name_the_file_and_line(tmp_path):
   good = "query a.jpg 1 c1\ngallery b.jpg 1 c2\n"
-  for bad in ("probe a.jpg 1 c1", "query a.jpg c1", "query a.jpg x c1", "query a.jpg -1 c1",
-              "query a b.jpg 1 c1"):
+  for bad in (
+    "probe a.jpg 1 c1",
+    "query a.jpg c1",
+    "query a.jpg x c1",
+    "query a.jpg -1 c1",
+    "query a b.jpg 1 c1",
+  ):
     path = tmp_path / "list.txt"
     path.write_text(good + "\n" + bad + "\n")
     with pytest.raises(DatasetError) as info:
@@ -322,16 +335,19 @@ def test_eval_list_malformed_lines_name_the_file_and_line(tmp_path):
 def test_eval_list_paths_outside_its_folder_are_refused(tmp_path):
   (tmp_path / "lists").mkdir()
   path = tmp_path / "lists" / "list.txt"
-  path.write_text(f"query a.jpg 1 c1\ngallery ../secret.jpg 1 c2\n"
-                  f"gallery {tmp_path}/other/b.jpg 2 c2\n")
+  path.write_text(
+    f"query a.jpg 1 c1\ngallery ../secret.jpg 1 c2\ngallery {tmp_path}/other/b.jpg 2 c2\n"
+  )
   with pytest.raises(DatasetError) as info:
     read_eval_list(str(path))
   message = str(info.value)
   assert f"{path} line 2" in message and "'../secret.jpg'" in message
   assert f"{path} line 3" in message and "--config.data.follow_symlinks_outside=True" in message
   _, gallery = read_eval_list(str(path), allow_outside_links=True)
-  assert [r.path for r in gallery] == [str(tmp_path / "secret.jpg"),
-                                       str(tmp_path / "other" / "b.jpg")]
+  assert [r.path for r in gallery] == [
+    str(tmp_path / "secret.jpg"),
+    str(tmp_path / "other" / "b.jpg"),
+  ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,14 +373,18 @@ def test_run_data_without_and_with_evaluation(own, tmp_path, tiny_market):
   shutil.copytree(root, inside / "train")
   shutil.copytree(os.path.dirname(list_path), inside / "evalset")
   copied_list = inside / "evalset" / "list.txt"  # its absolute paths name the copies
-  copied_list.write_text(copied_list.read_text().replace(os.path.dirname(list_path),
-                                                         str(inside / "evalset")))
+  copied_list.write_text(
+    copied_list.read_text().replace(os.path.dirname(list_path), str(inside / "evalset"))
+  )
   config = _folder_config(str(inside))
   config.eval.list = str(inside / "evalset" / "list.txt")
   data = loading.load_run_data(config, str(tmp_path / "w"), need_train=True)
   assert data.has_eval and not data.cross_domain and data.num_train == len(copied)
-  assert data.test_images.shape[0] == len(entries) == len(data.eval_dataset.query) + len(
-      data.eval_dataset.gallery)
+  assert (
+    data.test_images.shape[0]
+    == len(entries)
+    == len(data.eval_dataset.query) + len(data.eval_dataset.gallery)
+  )
   evaluation_only = loading.load_run_data(config, str(tmp_path / "w"), need_train=False)
   np.testing.assert_array_equal(evaluation_only.test_images, data.test_images)
 
@@ -386,8 +406,12 @@ def test_config_checks_of_the_folder_fields(own, tmp_path):
     validate_config(config, num_devices=1)
   message = str(info.value)
   assert "2 problems" in message
-  for field in ("config.cluster.distance", "config.camera.enabled", "config.data.cameras='none'",
-                "config.data.name='folder'"):
+  for field in (
+    "config.cluster.distance",
+    "config.camera.enabled",
+    "config.data.cameras='none'",
+    "config.data.name='folder'",
+  ):
     assert field in message
   config.data.cameras = "folder"
   validate_config(config, num_devices=1)  # with cameras, camera-aware training may run
@@ -475,8 +499,9 @@ def test_training_without_cameras_or_evaluation(own, tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match="No evaluated checkpoint"):
     run_lib.Run(workdir).load_model(config, "best")
   # What can be known without labels is logged instead.
-  assert {"clusters", "outliers", "largest_cluster", "cluster_sizes",
-          "intra_similarity"} <= set(record)
+  assert {"clusters", "outliers", "largest_cluster", "cluster_sizes", "intra_similarity"} <= set(
+    record
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,20 +514,24 @@ NOT_UTF8 = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: Python holds them as 'c
 def test_the_fingerprint_of_utf8_names_is_the_one_of_existing_workdirs():
   """The value the fingerprint had before names that are not UTF-8 were handled: a workdir
   saved then still resumes."""
-  records = [datasets.Record("/data/Market/bounding_box_train/0002_c1s1_000451_03.jpg", 2, 0),
-             datasets.Record("/d/gate10/café_1.jpg", -1, 1),
-             datasets.Record("rel/日本/x.png", -1, 2)]
+  records = [
+    datasets.Record("/data/Market/bounding_box_train/0002_c1s1_000451_03.jpg", 2, 0),
+    datasets.Record("/d/gate10/café_1.jpg", -1, 1),
+    datasets.Record("rel/日本/x.png", -1, 2),
+  ]
   assert loading.train_fingerprint(records) == "d3156c03a1578d75"
   odd = [datasets.Record(os.path.join("/d/gate10", NOT_UTF8), -1, 1)]
   same_bytes = [datasets.Record(os.path.join("/other/gate10", NOT_UTF8), -1, 1)]
   assert loading.train_fingerprint(odd) == loading.train_fingerprint(same_bytes)
   assert loading.train_fingerprint(odd) != loading.train_fingerprint(
-      [datasets.Record("/d/gate10/café.jpg", -1, 1)])
+    [datasets.Record("/d/gate10/café.jpg", -1, 1)]
+  )
 
 
 def test_search_results_print_names_that_are_not_utf8():
-  records = [{"query": NOT_UTF8, "matches": [{"rank": 1, "path": "/g/" + NOT_UTF8,
-                                              "distance": 0.5}]}]
+  records = [
+    {"query": NOT_UTF8, "matches": [{"rank": 1, "path": "/g/" + NOT_UTF8, "distance": 0.5}]}
+  ]
   text = inference.format_search_results(records)
   assert "caf\\xe9.jpg" in text
   text.encode("utf-8")  # printable on a strict UTF-8 stdout

@@ -37,12 +37,20 @@ def _ibn_variables(c, half, seed=0):
   def r(n, lo=0.5, hi=1.5):
     return rng.uniform(lo, hi, n).astype(np.float32)
 
-  values = dict(in_scale=r(half), in_bias=r(half, -1, 1), bn_scale=r(c - half),
-                bn_bias=r(c - half, -1, 1), bn_mean=r(c - half, -1, 1), bn_var=r(c - half))
+  values = dict(
+    in_scale=r(half),
+    in_bias=r(half, -1, 1),
+    bn_scale=r(c - half),
+    bn_bias=r(c - half, -1, 1),
+    bn_mean=r(c - half, -1, 1),
+    bn_var=r(c - half),
+  )
   variables = {
-      "params": {"IN": {"scale": values["in_scale"], "bias": values["in_bias"]},
-                 "BN": {"scale": values["bn_scale"], "bias": values["bn_bias"]}},
-      "batch_stats": {"BN": {"mean": values["bn_mean"], "var": values["bn_var"]}},
+    "params": {
+      "IN": {"scale": values["in_scale"], "bias": values["in_bias"]},
+      "BN": {"scale": values["bn_scale"], "bias": values["bn_bias"]},
+    },
+    "batch_stats": {"BN": {"mean": values["bn_mean"], "var": values["bn_var"]}},
   }
   return jax.tree.map(jnp.asarray, variables), values
 
@@ -59,7 +67,7 @@ def test_ibn_layer_eval_matches_numpy(channels):
   shapes = jax.eval_shape(lambda: layer.init(KEY, jnp.asarray(x), use_running_average=True))
   assert shapes["params"]["IN"]["scale"].shape == (half,)
   assert shapes["params"]["BN"]["scale"].shape == (channels - half,)
-  assert "IN" not in shapes["batch_stats"]   # instance norm keeps no running statistics
+  assert "IN" not in shapes["batch_stats"]  # instance norm keeps no running statistics
   variables, v = _ibn_variables(channels, half)
   out = layer.apply(variables, jnp.asarray(x), use_running_average=True)
   np.testing.assert_allclose(np.asarray(out), _np_ibn(x, half, **v), rtol=1e-5, atol=1e-5)
@@ -67,10 +75,12 @@ def test_ibn_layer_eval_matches_numpy(channels):
   # is the same in train mode.
   alone = layer.apply(variables, jnp.asarray(x[:1]), use_running_average=True)
   np.testing.assert_allclose(np.asarray(alone), np.asarray(out[:1]), rtol=1e-6, atol=1e-6)
-  train, _ = layer.apply(variables, jnp.asarray(x), use_running_average=False,
-                         mutable=["batch_stats"])
-  np.testing.assert_allclose(np.asarray(train[..., :half]), np.asarray(out[..., :half]),
-                             rtol=1e-6, atol=1e-6)
+  train, _ = layer.apply(
+    variables, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"]
+  )
+  np.testing.assert_allclose(
+    np.asarray(train[..., :half]), np.asarray(out[..., :half]), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_instance_norm_output_dtype():
@@ -98,8 +108,9 @@ def test_ibn_layer_matches_torch():
     first, rest = torch.split(xt, half, 1)
     ref = torch.cat((inorm(first.contiguous()), bnorm(rest.contiguous())), 1)
   out = _ibn_layer().apply(variables, jnp.asarray(x), use_running_average=True)
-  np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5
+  )
 
 
 def _abstract_variables(model, h=64, w=32):
@@ -109,7 +120,7 @@ def _abstract_variables(model, h=64, w=32):
 def test_resnet_ibn_a_parameter_tree():
   variables = _abstract_variables(ReIDResNet(depth=50, width=64, ibn=True))
   params, stats = variables["params"], variables["batch_stats"]
-  assert set(params["bn1"]) == {"scale", "bias"}   # the stem is unchanged (IBN-a)
+  assert set(params["bn1"]) == {"scale", "bias"}  # the stem is unchanged (IBN-a)
   for stage, blocks in enumerate((3, 4, 6, 3), start=1):
     planes = 64 * 2 ** (stage - 1)
     for index in range(blocks):
@@ -128,9 +139,19 @@ def test_resnet_ibn_a_parameter_tree():
 
 
 def test_resnet50_ibn_a_parameter_count():
-  model = create_model(ml_collections.ConfigDict(dict(
-      arch="resnet50_ibn_a", depth=50, width=64, last_stride=1, pooling="gem",
-      bn_group_size=64, dtype="float32")))
+  model = create_model(
+    ml_collections.ConfigDict(
+      dict(
+        arch="resnet50_ibn_a",
+        depth=50,
+        width=64,
+        last_stride=1,
+        pooling="gem",
+        bn_group_size=64,
+        dtype="float32",
+      )
+    )
+  )
   assert model.ibn and model.depth == 50
   params = _abstract_variables(model)["params"]
 
@@ -140,13 +161,14 @@ def test_resnet50_ibn_a_parameter_count():
   trunk = {k: v for k, v in params.items() if k not in ("gem", "feat_bn")}
   # IBN-Net resnet50_ibn_a: 25,557,032 parameters, of which fc holds 2048 * 1000 + 1000.
   assert count(trunk) == 25_557_032 - 2_049_000
-  assert count(params) == count(trunk) + 1 + 2048   # GeM p, neck BN scale (no bias)
+  assert count(params) == count(trunk) + 1 + 2048  # GeM p, neck BN scale (no bias)
   plain = _abstract_variables(ReIDResNet(depth=50, width=64))
   # Same parameters as ResNet-50; IN layers drop half of layer1-3's bn1 running stats.
   assert count(plain["params"]) == count(params)
-  dropped = sum(n * 64 * 2 ** s // 2 for s, n in enumerate((3, 4, 6)))
+  dropped = sum(n * 64 * 2**s // 2 for s, n in enumerate((3, 4, 6)))
   assert count(plain["batch_stats"]) - count(_abstract_variables(model)["batch_stats"]) == (
-      2 * dropped)
+    2 * dropped
+  )
 
 
 def test_ibn_model_train_mode_and_bfloat16():
@@ -154,43 +176,51 @@ def test_ibn_model_train_mode_and_bfloat16():
   model = ReIDResNet(depth=10, width=8, ibn=True, bn_group_size=2)
   variables = _abstract_variables(model, 32, 16)
   out, updates = jax.eval_shape(
-      lambda v, im: model.apply(v, im, train=True, mutable=["batch_stats"]), variables, x)
+    lambda v, im: model.apply(v, im, train=True, mutable=["batch_stats"]), variables, x
+  )
   assert out.shape == (4, 64) and out.dtype == jnp.float32
-  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
-      variables["batch_stats"])
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
   assert set(updates["batch_stats"]["layer1_0"]["bn1"]) == {"BN"}
   bf16 = ReIDResNet(depth=10, width=8, ibn=True, dtype=jnp.bfloat16)
-  fmap = jax.eval_shape(lambda v, im: bf16.apply(v, im, train=False, return_feature_map=True),
-                        variables, x)
+  fmap = jax.eval_shape(
+    lambda v, im: bf16.apply(v, im, train=False, return_feature_map=True), variables, x
+  )
   assert fmap.dtype == jnp.bfloat16 and fmap.shape == (4, 2, 1, 64)
 
 
-@pytest.mark.parametrize("arch,depth,expected", [
+@pytest.mark.parametrize(
+  "arch,depth,expected",
+  [
     ("resnet", 18, (18, False)),
     ("resnet_ibn_a", 10, (10, True)),
     ("resnet50_ibn_a", 50, (50, True)),
     ("resnet101_ibn_a", 101, (101, True)),
     ("resnet50", 50, (50, False)),
     ("ResNet50_IBN_a", None, (50, True)),
-])
+  ],
+)
 def test_parse_arch(arch, depth, expected):
   assert parse_arch(arch, depth) == expected
 
 
-@pytest.mark.parametrize("arch,depth,match", [
+@pytest.mark.parametrize(
+  "arch,depth,match",
+  [
     ("resnet101_ibn_a", 50, "model.depth=101"),
     ("resnet50_ibn_b", 50, "unknown model arch"),
     ("vgg16", 50, "unknown model arch"),
     ("resnet42", None, "unsupported ResNet depth"),
-])
+  ],
+)
 def test_parse_arch_errors(arch, depth, match):
   with pytest.raises(ValueError, match=match):
     parse_arch(arch, depth)
 
 
 def test_create_model_without_arch_is_plain_resnet():
-  config = ml_collections.ConfigDict(dict(depth=18, width=8, last_stride=1, pooling="avg",
-                                          bn_group_size=64, dtype="float32"))
+  config = ml_collections.ConfigDict(
+    dict(depth=18, width=8, last_stride=1, pooling="avg", bn_group_size=64, dtype="float32")
+  )
   model = create_model(config)
   assert model.depth == 18 and not model.ibn
   config.arch = "resnet_ibn_a"

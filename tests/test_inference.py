@@ -54,17 +54,22 @@ def _decoded(paths):
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_embed_equals_evaluation_features_of_cached_images(tiny_model, image_files, tmp_path,
-                                                           flip):
+def test_embed_equals_evaluation_features_of_cached_images(tiny_model, image_files, tmp_path, flip):
   model, variables = tiny_model
   # The evaluation: the uint8 cache file, then make_extract_fn in batches.
-  cached = load_image_cache(image_files, HEIGHT, WIDTH, str(tmp_path / "cache"),
-                            progress=False)
+  cached = load_image_cache(image_files, HEIGHT, WIDTH, str(tmp_path / "cache"), progress=False)
   mesh = make_mesh()
-  want = extract_features(make_extract_fn(model, mesh, flip=flip), variables, cached,
-                          mesh=mesh, batch_size=64, progress=False)
-  embedder = inference.Embedder(model, variables, height=HEIGHT, width=WIDTH, flip=flip,
-                                batch_size=4)
+  want = extract_features(
+    make_extract_fn(model, mesh, flip=flip),
+    variables,
+    cached,
+    mesh=mesh,
+    batch_size=64,
+    progress=False,
+  )
+  embedder = inference.Embedder(
+    model, variables, height=HEIGHT, width=WIDTH, flip=flip, batch_size=4
+  )
   got = embedder.embed(image_files)
   assert got.shape == (len(image_files), embedder.feature_dim) and got.dtype == np.float32
   assert np.abs(got - want).max() <= 1e-6
@@ -87,8 +92,7 @@ def test_arrays_of_any_size_are_resized_as_the_cache_resizes_files(tiny_model, i
   # One path, one image, and a 4-D batch.
   np.testing.assert_array_equal(embedder.embed(image_files[2]), by_path[2:3])
   np.testing.assert_array_equal(embedder.embed(arrays[2]), by_path[2:3])
-  np.testing.assert_array_equal(embedder.embed(np.stack([arrays[0], arrays[6]])),
-                                by_path[[0, 6]])
+  np.testing.assert_array_equal(embedder.embed(np.stack([arrays[0], arrays[6]])), by_path[[0, 6]])
   assert embedder.embed([]).shape == (0, embedder.feature_dim)
 
 
@@ -131,8 +135,9 @@ def test_search_and_draw_records_and_picture(tiny_model, image_files, tmp_path):
   model, variables = tiny_model
   embedder = inference.Embedder(model, variables, height=HEIGHT, width=WIDTH, batch_size=4)
   out = tmp_path / "pics" / "search.png"
-  records = inference.search_and_draw(embedder, image_files[:2], image_files, topk=3,
-                                      out_png=str(out))
+  records = inference.search_and_draw(
+    embedder, image_files[:2], image_files, topk=3, out_png=str(out)
+  )
   result = inference.search(embedder, image_files[:2], image_files, topk=3)
   assert [r["query"] for r in records] == image_files[:2]
   for record, row, dist in zip(records, result.indices, result.distances):
@@ -152,7 +157,10 @@ def test_list_images_is_recursive_sorted_and_filtered(tmp_path):
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"")
   assert inference.list_images(str(tmp_path)) == [
-      str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "c.jpeg")]
+    str(tmp_path / "a.PNG"),
+    str(tmp_path / "b.jpg"),
+    str(tmp_path / "sub" / "c.jpeg"),
+  ]
   (tmp_path / "empty").mkdir()
   with pytest.raises(inference.InferencePathError, match="no image file"):
     inference.list_images(str(tmp_path / "empty"))
@@ -187,8 +195,12 @@ def test_from_workdir_reads_the_saved_config_and_the_checkpoint(run_workdir, ima
   embedder = inference.Embedder.from_workdir(workdir, checkpoint="init")
   assert (embedder.height, embedder.width) == (32, 16)
   assert embedder.flip and embedder.batch_size == 8
-  assert embedder.source == {"workdir": os.path.abspath(workdir), "checkpoint": "init",
-                             "number": 0, "epoch": -1}
+  assert embedder.source == {
+    "workdir": os.path.abspath(workdir),
+    "checkpoint": "init",
+    "number": 0,
+    "epoch": -1,
+  }
   # The variables are the run folder's (features from variables: the tests above).
   loaded = run_lib.Run(workdir).load_model(config, "init")
   assert embedder.model == loaded.model
@@ -210,15 +222,13 @@ def test_run_search_and_run_export(run_workdir, image_files, tmp_path):
   workdir, config = run_workdir
   query = image_files[3]
   gallery = os.path.dirname(image_files[0])
-  records, png = commands.search(config, workdir, query, gallery, topk=5,
-                                      checkpoint="init")
+  records, png = commands.search(config, workdir, query, gallery, topk=5, checkpoint="init")
   assert len(records) == 1 and records[0]["query"] == query
   assert records[0]["matches"][0]["path"] == query  # itself, in the folder
   assert len(records[0]["matches"]) == 5
   assert png == os.path.join(workdir, "search_ranklist.png") and os.path.isfile(png)
 
-  summary = commands.export(config, workdir, "stablehlo", str(tmp_path / "hlo"),
-                                 checkpoint="init")
+  summary = commands.export(config, workdir, "stablehlo", str(tmp_path / "hlo"), checkpoint="init")
   assert summary["path"] == str(tmp_path / "hlo" / export_lib.STABLEHLO_FILE)
   with open(summary["sidecar"]) as f:
     sidecar = json.load(f)
@@ -243,15 +253,30 @@ def test_search_honours_skip_bad_images(run_workdir, image_files, tmp_path, capl
     shutil.copy(path, gallery)
   (gallery / "broken.jpg").write_bytes(b"not a jpeg")
   with pytest.raises(ImageDecodeError, match="skip_bad_images=True"):
-    commands.search(config, workdir, image_files[3], str(gallery), topk=3, checkpoint="init",
-                    out_png=str(tmp_path / "a.png"))
+    commands.search(
+      config,
+      workdir,
+      image_files[3],
+      str(gallery),
+      topk=3,
+      checkpoint="init",
+      out_png=str(tmp_path / "a.png"),
+    )
   config = config.copy_and_resolve_references()
   config.data.skip_bad_images = True
   with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
-    records, _ = commands.search(config, workdir, str(gallery), str(gallery), topk=50,
-                                 checkpoint="init", out_png=str(tmp_path / "b.png"))
-  assert sorted(r["query"] for r in records) == sorted(str(gallery / os.path.basename(p))
-                                                       for p in image_files)
+    records, _ = commands.search(
+      config,
+      workdir,
+      str(gallery),
+      str(gallery),
+      topk=50,
+      checkpoint="init",
+      out_png=str(tmp_path / "b.png"),
+    )
+  assert sorted(r["query"] for r in records) == sorted(
+    str(gallery / os.path.basename(p)) for p in image_files
+  )
   assert all(len(r["matches"]) == len(image_files) for r in records)
   assert all("broken.jpg" not in m["path"] for r in records for m in r["matches"])
   assert "skipped 1 unreadable gallery image(s)" in caplog.text
@@ -267,12 +292,16 @@ def test_search_honours_skip_bad_images(run_workdir, image_files, tmp_path, capl
 
 
 def _tree_state(folder):
-  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-          for d, _, files in os.walk(folder) for f in files}
+  return {
+    os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+    for d, _, files in os.walk(folder)
+    for f in files
+  }
 
 
 def test_export_never_replaces_a_runs_files_and_replaces_an_export_only_when_asked(
-    run_workdir, tmp_path):
+  run_workdir, tmp_path
+):
   from ccreid_jax.run import Run
 
   workdir, config = run_workdir
@@ -285,10 +314,12 @@ def test_export_never_replaces_a_runs_files_and_replaces_an_export_only_when_ask
   config_json = os.path.join(workdir, "config.json")
   assert f"would write {config_json}, one of the files of the run in {workdir}" in str(info.value)
   assert "e.g. " + os.path.join(workdir, "model.onnx") in str(info.value)
-  for fmt, out in (("onnx", os.path.join(workdir, "config")),
-                   ("onnx", os.path.join(workdir, "metrics.jsonl")),
-                   ("stablehlo", os.path.join(workdir, "checkpoints")),
-                   ("stablehlo", os.path.join(workdir, "tensorboard", "x"))):
+  for fmt, out in (
+    ("onnx", os.path.join(workdir, "config")),
+    ("onnx", os.path.join(workdir, "metrics.jsonl")),
+    ("stablehlo", os.path.join(workdir, "checkpoints")),
+    ("stablehlo", os.path.join(workdir, "tensorboard", "x")),
+  ):
     with pytest.raises(inference.InferencePathError, match="never replaces a run's files"):
       commands.export(config, workdir, fmt, out, checkpoint="init", overwrite=True)
   with open(os.path.join(workdir, "config.json")) as f:
@@ -331,15 +362,23 @@ def test_evaluation_refuses_a_config_json_that_is_not_a_run_config(run_workdir, 
   workdir = str(tmp_path / "run")
   shutil.copytree(run_workdir[0], workdir)
   config = run_workdir[1]
-  sidecar = {"format": "onnx", "file": "config", "height": 32, "width": 16,
-             "input_layout": "NCHW", "feature_dim": 64}
+  sidecar = {
+    "format": "onnx",
+    "file": "config",
+    "height": 32,
+    "width": 16,
+    "input_layout": "NCHW",
+    "feature_dim": 64,
+  }
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(sidecar, f)
   path = os.path.join(workdir, "config.json")
-  for call in (lambda: Run(workdir).read_config(),
-               lambda: Run(workdir).with_model_settings(config),
-               lambda: inference.Embedder.from_workdir(workdir),
-               lambda: commands.evaluate(config, workdir)):
+  for call in (
+    lambda: Run(workdir).read_config(),
+    lambda: Run(workdir).with_model_settings(config),
+    lambda: inference.Embedder.from_workdir(workdir),
+    lambda: commands.evaluate(config, workdir),
+  ):
     with pytest.raises(RunConfigError) as info:
       call()
     message = str(info.value)

@@ -51,16 +51,16 @@ def _duplicate_groups(seed):
 
 # name: (features factory, k1, k2, knn block size)
 CASES = {
-    "spread0.5_k30_6": (lambda: _clustered(300, 32, 15, 0.5, 0.1, 0), 30, 6, 64),
-    "tight_k20_1": (lambda: _clustered(200, 16, 10, 0.25, 0.1, 1), 20, 1, 4096),
-    "loose_k10_3": (lambda: _clustered(160, 64, 8, 0.9, 0.1, 2), 10, 3, 7),
-    "signs16_k10_3": (lambda: _signs(150, 16, 3), 10, 3, 33),
-    "signs64_k30_6": (lambda: _signs(120, 64, 4), 30, 6, 4096),
-    "dupgroups_k30_1": (lambda: _duplicate_groups(5), 30, 1, 50),
-    "dupgroups_k30_6": (lambda: _duplicate_groups(5), 30, 6, 4096),
-    "odd_k5_2": (lambda: _clustered(90, 16, 6, 0.5, 0.1, 6), 5, 2, 4096),
-    "odd_k7_6": (lambda: _clustered(90, 16, 6, 0.5, 0.1, 7), 7, 6, 4096),
-    "n_below_k1": (lambda: _clustered(12, 8, 2, 0.5, 0.2, 8), 30, 6, 5),
+  "spread0.5_k30_6": (lambda: _clustered(300, 32, 15, 0.5, 0.1, 0), 30, 6, 64),
+  "tight_k20_1": (lambda: _clustered(200, 16, 10, 0.25, 0.1, 1), 20, 1, 4096),
+  "loose_k10_3": (lambda: _clustered(160, 64, 8, 0.9, 0.1, 2), 10, 3, 7),
+  "signs16_k10_3": (lambda: _signs(150, 16, 3), 10, 3, 33),
+  "signs64_k30_6": (lambda: _signs(120, 64, 4), 30, 6, 4096),
+  "dupgroups_k30_1": (lambda: _duplicate_groups(5), 30, 1, 50),
+  "dupgroups_k30_6": (lambda: _duplicate_groups(5), 30, 6, 4096),
+  "odd_k5_2": (lambda: _clustered(90, 16, 6, 0.5, 0.1, 6), 5, 2, 4096),
+  "odd_k7_6": (lambda: _clustered(90, 16, 6, 0.5, 0.1, 7), 7, 6, 4096),
+  "n_below_k1": (lambda: _clustered(12, 8, 2, 0.5, 0.2, 8), 30, 6, 5),
 }
 
 
@@ -168,18 +168,22 @@ def test_two_isolated_pairs_by_hand():
   # Exactly unit vectors: {0, 1} at distance 1, {2, 3} at distance 1, the pairs 3 or 4 apart.
   # With k1 = 2 every list is [self, partner], all reciprocal; V[i] = softmax([-0, -1]) over
   # {self, partner}, so the partner gets w = e^-1 / (1 + e^-1) and m = 2 min(w, 1 - w) = 2w.
-  x = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5],
-                [-1.0, 0.0, 0.0, 0.0], [-0.5, -0.5, -0.5, -0.5]], dtype=np.float32)
+  x = np.array(
+    [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [-1.0, 0.0, 0.0, 0.0], [-0.5, -0.5, -0.5, -0.5]],
+    dtype=np.float32,
+  )
   w = np.exp(-1.0) / (1.0 + np.exp(-1.0))
   expected = 1.0 - 2 * w / (2.0 - 2 * w)
   got = jaccard_distance(x, k1=2, k2=1)
-  want = np.array([[0, expected, 1, 1], [expected, 0, 1, 1],
-                   [1, 1, 0, expected], [1, 1, expected, 0]])
+  want = np.array(
+    [[0, expected, 1, 1], [expected, 0, 1, 1], [1, 1, 0, expected], [1, 1, expected, 0]]
+  )
   np.testing.assert_allclose(ref.densify(got), want, atol=1e-6)
   assert got.nnz == 8  # 4 diagonal zeros + 2 symmetric pairs; the rest is absent (= 1)
   # k2 = 2 averages V over [self, partner]: both rows become (1/2, 1/2) -> distance 0.
-  np.testing.assert_allclose(jaccard_distance(x, k1=2, k2=2).toarray()[[0, 2], [1, 3]], 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    jaccard_distance(x, k1=2, k2=2).toarray()[[0, 2], [1, 3]], 0.0, atol=1e-6
+  )
 
 
 def test_invalid_arguments():
@@ -280,8 +284,9 @@ def test_low_precision_knn_is_reranked_in_float32(dtype):
   _, dense = ref.knn_lists(x, 10)
   # Distances are the float32 ones of the returned pairs, sorted by (distance, index).
   np.testing.assert_array_equal(dist, np.take_along_axis(dense, idx, axis=1))
-  assert np.all((dist[:, 1:] > dist[:, :-1])
-                | ((dist[:, 1:] == dist[:, :-1]) & (idx[:, 1:] > idx[:, :-1])))
+  assert np.all(
+    (dist[:, 1:] > dist[:, :-1]) | ((dist[:, 1:] == dist[:, :-1]) & (idx[:, 1:] > idx[:, :-1]))
+  )
   assert np.mean(np.all(idx == exact_idx, axis=1)) > 0.9  # nearly always the exact list
   with pytest.raises(ValueError):
     knn(x, 10, knn_dtype="int8")

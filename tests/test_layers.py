@@ -13,17 +13,17 @@ from conftest import ROOT
 # Host side (pseudo labels, clustering, evaluation, data) and the cluster memories: numpy, scipy
 # and jax arrays in and out, never the Flax model.
 MODEL_FREE = (
-    "ccreid_jax.ops",
-    "ccreid_jax.memory",
-    "ccreid_jax.camera_memory",
-    "ccreid_jax.pseudo_labels",
-    "ccreid_jax.clustering",
-    "ccreid_jax.evaluation",
-    "ccreid_jax.data.datasets",
-    "ccreid_jax.data.cache",
-    "ccreid_jax.data.sampler",
-    "ccreid_jax.data.augment",
-    "ccreid_jax.data.loading",
+  "ccreid_jax.ops",
+  "ccreid_jax.memory",
+  "ccreid_jax.camera_memory",
+  "ccreid_jax.pseudo_labels",
+  "ccreid_jax.clustering",
+  "ccreid_jax.evaluation",
+  "ccreid_jax.data.datasets",
+  "ccreid_jax.data.cache",
+  "ccreid_jax.data.sampler",
+  "ccreid_jax.data.augment",
+  "ccreid_jax.data.loading",
 )
 
 _CHECK = """
@@ -38,8 +38,14 @@ print(sorted(m for m in sys.modules
 def test_host_side_module_does_not_load_the_model(module):
   """In a fresh interpreter: importing ``module`` leaves ``ccreid_jax.models`` unloaded."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _CHECK, module], env=env, cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", _CHECK, module],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "[]", f"{module} loads {result.stdout.strip()}"
 

@@ -57,7 +57,7 @@ def _np_hard_update(m, x, y, mu):
   for c in np.unique(y):
     idx = np.flatnonzero(y == c)
     cos = x[idx] @ old[c]
-    hardest = idx[np.argmin(cos)]            # argmin: first in batch order on ties
+    hardest = idx[np.argmin(cos)]  # argmin: first in batch order on ties
     row = mu * old[c] + (1 - mu) * x[hardest]
     new[c] = row / np.linalg.norm(row)
   return new
@@ -66,7 +66,8 @@ def _np_hard_update(m, x, y, mu):
 def test_loss_and_gradient_match_numpy():
   x, m, y = _problem(0)
   loss, grad = jax.value_and_grad(mem.contrastive_loss)(
-      jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(y), TAU)
+    jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(y), TAU
+  )
   ref_loss, ref_grad = _np_loss_and_grad(x, m, y, TAU)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-6)
@@ -77,7 +78,8 @@ def test_loss_and_gradient_match_numpy():
 def test_centroids_receive_no_gradient():
   x, m, y = _problem(1)
   g = jax.grad(mem.contrastive_loss, argnums=1)(
-      jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(y), TAU)
+    jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(y), TAU
+  )
   assert np.all(np.asarray(g) == 0.0)
 
 
@@ -124,13 +126,14 @@ def test_soft_loss_matches_numpy():
   logp = z - z.max(1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
   ref = np.mean(-np.sum(t * logp, axis=1))
-  got = mem.soft_contrastive_loss(jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32),
-                                  jnp.asarray(t, jnp.float32), TAU)
+  got = mem.soft_contrastive_loss(
+    jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(t, jnp.float32), TAU
+  )
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
 
 
 def _label_orders():
-  pk = np.repeat(np.arange(4), 3)                       # PxK: 4 identities x 3 instances
+  pk = np.repeat(np.arange(4), 3)  # PxK: 4 identities x 3 instances
   shuffled = np.random.default_rng(7).permutation(pk)
   repeated = np.array([2, 2, 0, 2, 1, 1, 2, 0, 0, 2, 3, 2])
   return {"pk": pk, "shuffled": shuffled, "repeated": repeated}
@@ -142,15 +145,16 @@ def test_momentum_update_matches_python_loop(order, hard):
   y = _label_orders()[order]
   rng = np.random.default_rng(11)
   x = rng.normal(size=(len(y), 8)) * 2.0
-  m = _unit(rng.normal(size=(6, 8)))                   # cluster 4, 5 absent from the batch
+  m = _unit(rng.normal(size=(6, 8)))  # cluster 4, 5 absent from the batch
   state = mem.init_memory(m, bucket=8)
   update = jax.jit(mem.momentum_update, static_argnames="hard")
-  new = np.asarray(update(state.centroids, jnp.asarray(x, jnp.float32), jnp.asarray(y),
-                          0.1, hard=hard))
+  new = np.asarray(
+    update(state.centroids, jnp.asarray(x, jnp.float32), jnp.asarray(y), 0.1, hard=hard)
+  )
   ref = (_np_hard_update if hard else _np_sequential_update)(m, x, y, 0.1)
   np.testing.assert_allclose(new[:6], ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(new[4:6], m[4:6].astype(np.float32))   # absent: unchanged
-  np.testing.assert_array_equal(new[6:], 0.0)                          # padding: unchanged
+  np.testing.assert_array_equal(new[4:6], m[4:6].astype(np.float32))  # absent: unchanged
+  np.testing.assert_array_equal(new[6:], 0.0)  # padding: unchanged
   np.testing.assert_allclose(np.linalg.norm(new[:4], axis=1), 1.0, rtol=1e-6)
 
 
@@ -159,15 +163,20 @@ def test_sequential_update_is_not_a_single_average():
   m = np.array([[1.0, 0.0, 0.0]])
   x = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
   y = np.array([0, 0])
-  new = np.asarray(mem.momentum_update(jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32),
-                                       jnp.asarray(y), 0.1))[0]
+  new = np.asarray(
+    mem.momentum_update(
+      jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(y), 0.1
+    )
+  )[0]
   ref = _np_sequential_update(m, x, y, 0.1)[0]
   np.testing.assert_allclose(new, ref, atol=1e-6)
   # The last sample dominates; order matters.
   assert new[2] > new[1] > new[0] > 0
-  swapped = np.asarray(mem.momentum_update(jnp.asarray(m, jnp.float32),
-                                           jnp.asarray(x[::-1], jnp.float32),
-                                           jnp.asarray(y), 0.1))[0]
+  swapped = np.asarray(
+    mem.momentum_update(
+      jnp.asarray(m, jnp.float32), jnp.asarray(x[::-1], jnp.float32), jnp.asarray(y), 0.1
+    )
+  )[0]
   assert swapped[1] > swapped[2]
 
 
@@ -179,8 +188,11 @@ def test_hard_update_uses_lowest_cosine_sample():
   x0 = np.stack([np.cos(angles), np.sin(angles)], axis=1)
   x = np.concatenate([x0, [[0.1, 0.99]], [[1.2, 1.6]], [[0.3, 0.95]]], axis=0)
   y = np.array([0, 0, 0, 1, 1, 1])
-  new = np.asarray(mem.momentum_update(jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32),
-                                       jnp.asarray(y), 0.1, hard=True))
+  new = np.asarray(
+    mem.momentum_update(
+      jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(y), 0.1, hard=True
+    )
+  )
   exp0 = 0.1 * m[0] + 0.9 * x0[1]
   np.testing.assert_allclose(new[0], exp0 / np.linalg.norm(exp0), atol=1e-6)
   exp1 = 0.1 * m[1] + 0.9 * np.array([0.6, 0.8])
@@ -191,8 +203,11 @@ def test_hard_update_tie_picks_first_in_batch_order():
   m = np.array([[1.0, 0.0, 0.0]])
   # Both samples have cosine 0 to the memory row but point in different directions.
   x = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-  new = np.asarray(mem.momentum_update(jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32),
-                                       jnp.asarray([0, 0]), 0.1, hard=True))[0]
+  new = np.asarray(
+    mem.momentum_update(
+      jnp.asarray(m, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray([0, 0]), 0.1, hard=True
+    )
+  )[0]
   exp = 0.1 * m[0] + 0.9 * x[0]
   np.testing.assert_allclose(new, exp / np.linalg.norm(exp), atol=1e-6)
 
@@ -212,7 +227,7 @@ def test_changing_cluster_count_within_bucket_does_not_retrace():
 
   @jax.jit
   def step(state, feats, labels):
-    traces.append(1)                                  # runs only while tracing
+    traces.append(1)  # runs only while tracing
     loss = mem.contrastive_loss(feats, state.centroids, labels, TAU, state.valid)
     new = mem.momentum_update(state.centroids, feats, labels, 0.1)
     return loss, state.replace(centroids=new)

@@ -46,13 +46,27 @@ def test_an_installed_wheel_trains_a_recipe_by_name_from_another_folder(tmp_path
     else:
       shutil.copy(os.path.join(ROOT, name), src / name)
   isolation = ["--no-build-isolation"] if _has_the_build_backend() else []
-  _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation,
-        "-w", str(tmp_path / "dist"), str(src)])
+  _run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "-q",
+      *isolation,
+      "-w",
+      str(tmp_path / "dist"),
+      str(src),
+    ]
+  )
   (wheel,) = (tmp_path / "dist").iterdir()
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
-  shipped = {f"ccreid_jax/configs/{n}.py"
-             for n in ["__init__", "default", "variants", *configs.recipe_names()]}
+  shipped = {
+    f"ccreid_jax/configs/{n}.py"
+    for n in ["__init__", "default", "variants", *configs.recipe_names()]
+  }
   assert shipped <= names and not any(n.startswith("configs/") for n in names)
 
   # A new environment holding only the wheel; the dependencies are this interpreter's,
@@ -61,41 +75,91 @@ def test_an_installed_wheel_trains_a_recipe_by_name_from_another_folder(tmp_path
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
   python = str(venv / "bin" / "python")
-  _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q",
-        str(wheel)])
+  _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", str(wheel)])
   purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
-  mine = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE
-                                     else [])]
+  mine = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
   with open(os.path.join(purelib, "zz_test_dependencies.pth"), "w") as f:
     f.write("\n".join(p for p in mine if os.path.isdir(p)) + "\n")
 
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CCREID_TRACEBACK")}
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  where = json.loads(_run([python, "-c", (
-      "import json, ccreid_jax, ccreid_jax.configs as c\n"
-      "print(json.dumps([ccreid_jax.__file__, c.__file__, c.resolve('demo')]))")],
-      cwd=elsewhere, env=env))
+  env.update(
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  where = json.loads(
+    _run(
+      [
+        python,
+        "-c",
+        (
+          "import json, ccreid_jax, ccreid_jax.configs as c\n"
+          "print(json.dumps([ccreid_jax.__file__, c.__file__, c.resolve('demo')]))"
+        ),
+      ],
+      cwd=elsewhere,
+      env=env,
+    )
+  )
   assert all(path.startswith(purelib) for path in where), where
-  _run([python, "-m", "ccreid_jax.data.synthetic", "--root", "data", "--num-train-identities", "16",
-        "--num-test-identities", "8", "--num-cameras", "3", "--images-per-camera", "2", "3",
-        "--height", "64", "--width", "32"], cwd=elsewhere, env=env)
+  _run(
+    [
+      python,
+      "-m",
+      "ccreid_jax.data.synthetic",
+      "--root",
+      "data",
+      "--num-train-identities",
+      "16",
+      "--num-test-identities",
+      "8",
+      "--num-cameras",
+      "3",
+      "--images-per-camera",
+      "2",
+      "3",
+      "--height",
+      "64",
+      "--width",
+      "32",
+    ],
+    cwd=elsewhere,
+    env=env,
+  )
 
   # The demo recipe by name, shrunk to a few seconds of training; and a misspelt field.
   command = [python, "-m", "ccreid_jax.main", "--config", "demo"]
-  tiny = ["--config.data.root=data", "--config.train.epochs=1", "--config.train.iters=2",
-          "--config.model.depth=10", "--config.model.width=16", "--config.model.bn_group_size=16",
-          "--config.data.height=64", "--config.data.width=32", "--config.train.batch_size=16",
-          "--config.train.num_instances=4", "--config.train.eval_initial=False",
-          "--config.cluster.eps=0.7", "--config.cluster.k1=10", "--config.cluster.k2=3",
-          "--config.memory.min_bucket=16", "--config.data.num_workers=2",
-          "--config.log.ranklist_queries=0", "--config.log.tensorboard=False"]
-  runs = {name: subprocess.Popen(args, cwd=elsewhere, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-          for name, args in (("train", command + ["--workdir", "w", *tiny]),
-                             ("typo", command + ["--workdir", "w2", "--config.train.epoch=3"]))}
+  tiny = [
+    "--config.data.root=data",
+    "--config.train.epochs=1",
+    "--config.train.iters=2",
+    "--config.model.depth=10",
+    "--config.model.width=16",
+    "--config.model.bn_group_size=16",
+    "--config.data.height=64",
+    "--config.data.width=32",
+    "--config.train.batch_size=16",
+    "--config.train.num_instances=4",
+    "--config.train.eval_initial=False",
+    "--config.cluster.eps=0.7",
+    "--config.cluster.k1=10",
+    "--config.cluster.k2=3",
+    "--config.memory.min_bucket=16",
+    "--config.data.num_workers=2",
+    "--config.log.ranklist_queries=0",
+    "--config.log.tensorboard=False",
+  ]
+  runs = {
+    name: subprocess.Popen(
+      args, cwd=elsewhere, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    for name, args in (
+      ("train", command + ["--workdir", "w", *tiny]),
+      ("typo", command + ["--workdir", "w2", "--config.train.epoch=3"]),
+    )
+  }
   results = {}
   for name, proc in runs.items():
     out, err = proc.communicate(timeout=300)

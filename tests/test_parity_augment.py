@@ -40,12 +40,12 @@ def torch_train_transform(image, flip, crop_y, crop_x, erase_box):
   if flip:
     image = image.flip(1)
   padded = torch.nn.functional.pad(image.permute(2, 0, 1), (PAD, PAD, PAD, PAD))  # zeros
-  cropped = padded[:, crop_y:crop_y + height, crop_x:crop_x + width].permute(1, 2, 0)
+  cropped = padded[:, crop_y : crop_y + height, crop_x : crop_x + width].permute(1, 2, 0)
   x = torch_to_normalised(cropped)
   if erase_box is not None:
     top, left, h, w = erase_box
     for c in range(3):
-      x[c, top:top + h, left:left + w] = MEAN[c]
+      x[c, top : top + h, left : left + w] = MEAN[c]
   return x.permute(1, 2, 0).numpy()
 
 
@@ -57,18 +57,28 @@ def test_apply_augment_matches_torch_pixel_for_pixel():
   crop_y = np.array([0, 20, 7, 10, 3], np.int32)
   crop_x = np.array([20, 0, 13, 10, 19], np.int32)
   erase = np.array([True, True, False, True, True])
-  boxes = np.array([[0, 0, 5, 3],        # top-left corner
-                    [19, 9, 5, 3],       # bottom-right corner
-                    [0, 0, 0, 0],        # not erased
-                    [4, 2, 14, 8],
-                    [10, 0, 1, 11]], np.int32)
-  params = augment.AugmentParams(flip=jnp.asarray(flip), crop_y=jnp.asarray(crop_y),
-                                 crop_x=jnp.asarray(crop_x), erase=jnp.asarray(erase),
-                                 erase_box=jnp.asarray(boxes))
+  boxes = np.array(
+    [
+      [0, 0, 5, 3],  # top-left corner
+      [19, 9, 5, 3],  # bottom-right corner
+      [0, 0, 0, 0],  # not erased
+      [4, 2, 14, 8],
+      [10, 0, 1, 11],
+    ],
+    np.int32,
+  )
+  params = augment.AugmentParams(
+    flip=jnp.asarray(flip),
+    crop_y=jnp.asarray(crop_y),
+    crop_x=jnp.asarray(crop_x),
+    erase=jnp.asarray(erase),
+    erase_box=jnp.asarray(boxes),
+  )
   got = np.asarray(augment.apply_augment(jnp.asarray(images), params, pad=PAD))
   for b in range(len(images)):
-    want = torch_train_transform(torch.tensor(images[b]), flip[b], crop_y[b], crop_x[b],
-                                 tuple(boxes[b]) if erase[b] else None)
+    want = torch_train_transform(
+      torch.tensor(images[b]), flip[b], crop_y[b], crop_x[b], tuple(boxes[b]) if erase[b] else None
+    )
     np.testing.assert_allclose(got[b], want, rtol=0, atol=1e-5, err_msg=f"image {b}")
 
 
@@ -84,8 +94,9 @@ def test_test_transform_matches_torch():
 # ------------------------------------------------------------------------------ distributions
 
 
-def reference_params(n, height, width, seed, *, area=(0.02, 0.4), aspect=0.3, crop_max=2 * PAD,
-                     erasing_prob=0.5):
+def reference_params(
+  n, height, width, seed, *, area=(0.02, 0.4), aspect=0.3, crop_max=2 * PAD, erasing_prob=0.5
+):
   """The reference's samplers, one image at a time (torchvision RandomHorizontalFlip,
   RandomCrop after Pad(10), and the reference's RandomErasing loop)."""
   torch.manual_seed(seed)
@@ -108,8 +119,13 @@ def reference_params(n, height, width, seed, *, area=(0.02, 0.4), aspect=0.3, cr
     erased.append(box is not None)
     if box is not None:
       boxes.append(box)
-  return (np.array(flips), np.array(ys), np.array(xs), np.array(erased),
-          np.array(boxes).reshape(-1, 4))
+  return (
+    np.array(flips),
+    np.array(ys),
+    np.array(xs),
+    np.array(erased),
+    np.array(boxes).reshape(-1, 4),
+  )
 
 
 def chi2_same_distribution(a, b, bins):
@@ -137,15 +153,21 @@ def distributions_agree(ours, ref, height, width, min_p=1e-3):
       bad.append(name)
   h, w, r_h, r_w = boxes[:, 2], boxes[:, 3], r_boxes[:, 2], r_boxes[:, 3]
   derived = {
-      "area": (h * w / (height * width), r_h * r_w / (height * width), np.linspace(0, 0.45, 19)),
-      "aspect": (np.log(h / w), np.log(r_h / r_w), np.linspace(-1.3, 1.3, 21)),
-      "height": (h, r_h, np.linspace(0, height, 17)),
-      "width": (w, r_w, np.linspace(0, width, 17)),
-      # Box position as a fraction of its free range [0, H - h] / [0, W - w].
-      "top": (boxes[:, 0] / np.maximum(height - h, 1), r_boxes[:, 0] / np.maximum(height - r_h, 1),
-              np.linspace(0, 1.0001, 11)),
-      "left": (boxes[:, 1] / np.maximum(width - w, 1), r_boxes[:, 1] / np.maximum(width - r_w, 1),
-               np.linspace(0, 1.0001, 11)),
+    "area": (h * w / (height * width), r_h * r_w / (height * width), np.linspace(0, 0.45, 19)),
+    "aspect": (np.log(h / w), np.log(r_h / r_w), np.linspace(-1.3, 1.3, 21)),
+    "height": (h, r_h, np.linspace(0, height, 17)),
+    "width": (w, r_w, np.linspace(0, width, 17)),
+    # Box position as a fraction of its free range [0, H - h] / [0, W - w].
+    "top": (
+      boxes[:, 0] / np.maximum(height - h, 1),
+      r_boxes[:, 0] / np.maximum(height - r_h, 1),
+      np.linspace(0, 1.0001, 11),
+    ),
+    "left": (
+      boxes[:, 1] / np.maximum(width - w, 1),
+      r_boxes[:, 1] / np.maximum(width - r_w, 1),
+      np.linspace(0, 1.0001, 11),
+    ),
   }
   for name, (a, b, bins) in derived.items():
     if chi2_same_distribution(a, b, bins) < min_p:
@@ -156,8 +178,13 @@ def distributions_agree(ours, ref, height, width, min_p=1e-3):
 def our_params(n, height, width, seed):
   p = augment.sample_augment_params(jax.random.PRNGKey(seed), n, height, width)
   erased = np.asarray(p.erase)
-  return (np.asarray(p.flip), np.asarray(p.crop_y), np.asarray(p.crop_x), erased,
-          np.asarray(p.erase_box)[erased])
+  return (
+    np.asarray(p.flip),
+    np.asarray(p.crop_y),
+    np.asarray(p.crop_x),
+    erased,
+    np.asarray(p.erase_box)[erased],
+  )
 
 
 def test_sampled_parameters_follow_the_reference_distributions():

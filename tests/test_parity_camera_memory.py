@@ -49,7 +49,7 @@ def torch_loss(bank, proxy_clusters, proxy_cameras, inputs, targets, cameras, nu
     order = torch.sort(detached[i] - 9999999.0 * (1.0 - negative), descending=True).indices
     chosen = sims[i, torch.cat([pos_idx, order[:num_hards]])]
     target = torch.zeros(len(chosen))
-    target[:len(pos_idx)] = 1.0 / len(pos_idx)
+    target[: len(pos_idx)] = 1.0 / len(pos_idx)
     loss = loss - (target * torch.log_softmax(chosen, dim=0)).sum()
   return loss / batch
 
@@ -93,28 +93,36 @@ def test_bank_loss_grad_and_update_match_torch(num_hards):
   np.testing.assert_array_equal(np.asarray(state.cluster_ids)[:num], proxy_clusters.numpy())
   np.testing.assert_array_equal(np.asarray(state.cameras)[:num], proxy_cameras.numpy())
 
-  loss_and_grad = jax.jit(jax.value_and_grad(
-      lambda f, s, y, c: cm.camera_proxy_loss(f, s, y, c, temperature=TEMPERATURE,
-                                              num_hard_negatives=num_hards)))
+  loss_and_grad = jax.jit(
+    jax.value_and_grad(
+      lambda f, s, y, c: cm.camera_proxy_loss(
+        f, s, y, c, temperature=TEMPERATURE, num_hard_negatives=num_hards
+      )
+    )
+  )
   clustered = np.flatnonzero(labels >= 0)
   for step in range(3):
     idx = rng.choice(clustered, 16, replace=False)
     idx[0] = clustered[0]  # a sample of cluster 0, seen in camera 1 only: no positive
-    batch = ((features[idx] + 0.3 * rng.normal(size=(16, 32)))
-             * rng.uniform(0.5, 3.0, size=(16, 1))).astype(np.float32)
+    batch = (
+      (features[idx] + 0.3 * rng.normal(size=(16, 32))) * rng.uniform(0.5, 3.0, size=(16, 1))
+    ).astype(np.float32)
     inputs = torch.tensor(batch, requires_grad=True)
     targets, batch_cameras = torch.tensor(labels[idx]), torch.tensor(cameras[idx])
     ref = torch_loss(bank, proxy_clusters, proxy_cameras, inputs, targets, batch_cameras, num_hards)
     ref.backward()
-    loss, grad = loss_and_grad(jnp.asarray(batch), state, jnp.asarray(labels[idx]),
-                               jnp.asarray(cameras[idx]))
+    loss, grad = loss_and_grad(
+      jnp.asarray(batch), state, jnp.asarray(labels[idx]), jnp.asarray(cameras[idx])
+    )
     assert float(loss) == pytest.approx(ref.item(), rel=1e-5)
     ref_grad = inputs.grad.numpy()
-    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5,
-                               atol=1e-5 * np.abs(ref_grad).max())
+    np.testing.assert_allclose(
+      np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-5 * np.abs(ref_grad).max()
+    )
     # The optional CAP/O2CAP update, on both sides, so the next step's bank differs.
-    torch_update(bank, proxy_clusters, proxy_cameras, inputs.detach(), targets, batch_cameras,
-                 MOMENTUM)
+    torch_update(
+      bank, proxy_clusters, proxy_cameras, inputs.detach(), targets, batch_cameras, MOMENTUM
+    )
     state = _update(state, jnp.asarray(batch), jnp.asarray(labels[idx]), jnp.asarray(cameras[idx]))
     got = np.asarray(state.proxies)
     np.testing.assert_allclose(got[:num], bank.numpy(), rtol=0, atol=1e-6, err_msg=f"step {step}")

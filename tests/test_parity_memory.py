@@ -65,14 +65,17 @@ def torch_step(memory, features, labels, momentum, hard):
 @jax.jit
 def _loss_and_grad(features, centroids, labels, valid):
   return jax.value_and_grad(memory_lib.contrastive_loss)(
-      features, centroids, labels, TEMPERATURE, valid)
+    features, centroids, labels, TEMPERATURE, valid
+  )
 
 
 def jax_step(state, features, labels, momentum, hard):
-  loss, grad = _loss_and_grad(jnp.asarray(features), state.centroids, jnp.asarray(labels),
-                              state.valid)
-  centroids = memory_lib.momentum_update(state.centroids, jnp.asarray(features),
-                                         jnp.asarray(labels), momentum, hard=hard)
+  loss, grad = _loss_and_grad(
+    jnp.asarray(features), state.centroids, jnp.asarray(labels), state.valid
+  )
+  centroids = memory_lib.momentum_update(
+    state.centroids, jnp.asarray(features), jnp.asarray(labels), momentum, hard=hard
+  )
   return float(loss), np.asarray(grad), state.replace(centroids=centroids)
 
 
@@ -96,7 +99,8 @@ def test_loss_grad_and_memory_match_torch(hard, shuffle):
     labels = pk_labels(rng, num_clusters, p, k, shuffle)
     # Un-normalised features near their cluster's centroid, various norms.
     features = (centroids[labels] + 0.6 * rng.normal(size=(p * k, dim))) * rng.uniform(
-        0.5, 3.0, size=(p * k, 1))
+      0.5, 3.0, size=(p * k, 1)
+    )
     features = features.astype(np.float32)
     ref_loss, ref_grad = torch_step(ref_memory, features, labels, MOMENTUM, hard)
     loss, grad, state = jax_step(state, features, labels, MOMENTUM, hard)

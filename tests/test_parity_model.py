@@ -56,17 +56,18 @@ def test_gem_forward_and_gradients(p):
   out = module.apply(params, jnp.asarray(x))
   grads, grad_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(out), out_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(grads["params"]["p"]), ref.p.grad.numpy(), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(grads["params"]["p"]), ref.p.grad.numpy(), rtol=1e-4, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(grad_x), nhwc(xt.grad), rtol=1e-4, atol=1e-6)
 
 
 def _random_bn_state(rng, channels):
   return {
-      "weight": rng.uniform(0.5, 1.5, channels).astype(np.float32),
-      "bias": rng.normal(scale=0.2, size=channels).astype(np.float32),
-      "running_mean": rng.normal(scale=0.3, size=channels).astype(np.float32),
-      "running_var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
+    "weight": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+    "bias": rng.normal(scale=0.2, size=channels).astype(np.float32),
+    "running_mean": rng.normal(scale=0.3, size=channels).astype(np.float32),
+    "running_var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
   }
 
 
@@ -80,9 +81,13 @@ def _flax_bn_variables(state, use_bias=True):
   params = {"scale": jnp.asarray(state["weight"])}
   if use_bias:
     params["bias"] = jnp.asarray(state["bias"])
-  return {"params": params,
-          "batch_stats": {"mean": jnp.asarray(state["running_mean"]),
-                          "var": jnp.asarray(state["running_var"])}}
+  return {
+    "params": params,
+    "batch_stats": {
+      "mean": jnp.asarray(state["running_mean"]),
+      "var": jnp.asarray(state["running_var"]),
+    },
+  }
 
 
 def test_ghost_batch_norm_equals_per_chunk_batchnorm2d():
@@ -111,12 +116,17 @@ def test_ghost_batch_norm_equals_per_chunk_batchnorm2d():
   variables = _flax_bn_variables(state)
 
   def loss(params, x):
-    y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                              use_running_average=False, mutable=["batch_stats"])
+    y, updates = module.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+    )
     return jnp.sum(y * coef), (y, updates["batch_stats"])
 
   (_, (out, stats)), (grads, grad_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      variables["params"], jnp.asarray(x))
+    variables["params"], jnp.asarray(x)
+  )
   np.testing.assert_allclose(np.asarray(out), nhwc(out_t), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(grad_x), nhwc(xt.grad), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(grads["scale"]), weight_grad, rtol=1e-4, atol=1e-4)
@@ -156,26 +166,36 @@ def test_neck_batchnorm1d_with_frozen_zero_bias():
   variables = _flax_bn_variables(state, use_bias=False)
 
   def loss(params, x):
-    y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                              use_running_average=False, mutable=["batch_stats"])
+    y, updates = module.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+    )
     return jnp.sum(y * coef), (y, updates["batch_stats"])
 
   (_, (out, stats)), (grads, grad_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      variables["params"], jnp.asarray(x))
+    variables["params"], jnp.asarray(x)
+  )
   assert set(grads) == {"scale"}, "the neck's bias must not be a trained parameter"
   np.testing.assert_allclose(np.asarray(out), out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(grad_x), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(grads["scale"]), neck.weight.grad.numpy(), rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(np.asarray(stats["mean"]), neck.running_mean.numpy(), rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats["var"]), neck.running_var.numpy(), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(grads["scale"]), neck.weight.grad.numpy(), rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(stats["mean"]), neck.running_mean.numpy(), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(stats["var"]), neck.running_var.numpy(), rtol=1e-5, atol=1e-6
+  )
   neck.eval()  # both now hold the statistics updated by the train-mode pass
-  out_eval = module.apply({"params": variables["params"], "batch_stats": stats}, jnp.asarray(x),
-                          use_running_average=True)
-  np.testing.assert_allclose(np.asarray(out_eval), neck(torch.tensor(x)).detach().numpy(),
-                             rtol=1e-5, atol=1e-5)
+  out_eval = module.apply(
+    {"params": variables["params"], "batch_stats": stats}, jnp.asarray(x), use_running_average=True
+  )
+  np.testing.assert_allclose(
+    np.asarray(out_eval), neck(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-5
+  )
 
 
 # ------------------------------------------------------------------------------------ ResNet
@@ -188,8 +208,9 @@ def _randomise(model, seed):
     for name, module in model.named_modules():
       if isinstance(module, nn.Conv2d):
         fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
-        module.weight.copy_(torch.randn(module.weight.shape, generator=gen)
-                            * (2.0 / fan_out) ** 0.5)
+        module.weight.copy_(
+          torch.randn(module.weight.shape, generator=gen) * (2.0 / fan_out) ** 0.5
+        )
       elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         c = module.num_features
         module.weight.copy_(0.5 + torch.rand(c, generator=gen))
@@ -209,8 +230,10 @@ def _to_flax(model, depth):
   variables = weights.torchvision_to_flax(trunk, depth=depth)
   variables["params"]["gem"] = {"p": state["gem.p"]}
   variables["params"]["feat_bn"] = {"scale": state["feat_bn.weight"]}
-  variables["batch_stats"]["feat_bn"] = {"mean": state["feat_bn.running_mean"],
-                                         "var": state["feat_bn.running_var"]}
+  variables["batch_stats"]["feat_bn"] = {
+    "mean": state["feat_bn.running_mean"],
+    "var": state["feat_bn.running_var"],
+  }
   return jax.tree.map(jnp.asarray, variables)
 
 
@@ -234,10 +257,10 @@ def test_resnet_features_and_train_mode_stats_match_torch(depth):
   model = ReIDResNet(depth=depth, width=64, last_stride=1, pooling="gem", bn_group_size=64)
 
   # Every parameter and statistic of the Flax model is provided, with the right shape.
-  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                            jnp.asarray(images))
-  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape,
-                                                                   variables)
+  abstract = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.PRNGKey(0), jnp.asarray(images)
+  )
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, variables)
 
   ref.eval()
   with torch.no_grad():
@@ -258,14 +281,16 @@ def test_resnet_features_and_train_mode_stats_match_torch(depth):
   # differences (eps-dominated): compare the directions, not every coordinate.
   cosine = np.sum(np.asarray(got_train) * want_train, axis=1)
   np.testing.assert_allclose(cosine, 1.0, atol=1e-5)
-  torch_stats = {k: v.numpy() for k, v in ref.state_dict().items()
-                 if k.endswith(("running_mean", "running_var"))}
+  torch_stats = {
+    k: v.numpy() for k, v in ref.state_dict().items() if k.endswith(("running_mean", "running_var"))
+  }
   flat = _flatten(updates["batch_stats"])
   assert len(flat) == len(torch_stats)
   for key, value in torch_stats.items():
     # Float32 rounding after up to 50 layers: within 1e-4 of each statistic's scale.
-    np.testing.assert_allclose(flat[_flax_path(key)], value, rtol=1e-4,
-                               atol=1e-4 * np.abs(value).max(), err_msg=key)
+    np.testing.assert_allclose(
+      flat[_flax_path(key)], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=key
+    )
 
 
 def _flax_path(torch_key):

@@ -22,11 +22,11 @@ def _initial_params(seed):
   """A few tensors shaped like the model's: conv kernel, BN scale/bias, GeM p, neck scale."""
   rng = np.random.default_rng(seed)
   return {
-      "conv": rng.normal(scale=0.1, size=(3, 3, 4, 8)).astype(np.float32),
-      "bn_scale": rng.uniform(0.5, 1.5, size=(8,)).astype(np.float32),
-      "bn_bias": rng.normal(scale=0.1, size=(8,)).astype(np.float32),
-      "gem_p": np.full((1,), 3.0, np.float32),
-      "neck_scale": np.ones((8,), np.float32),
+    "conv": rng.normal(scale=0.1, size=(3, 3, 4, 8)).astype(np.float32),
+    "bn_scale": rng.uniform(0.5, 1.5, size=(8,)).astype(np.float32),
+    "bn_bias": rng.normal(scale=0.1, size=(8,)).astype(np.float32),
+    "gem_p": np.full((1,), 3.0, np.float32),
+    "neck_scale": np.ones((8,), np.float32),
   }
 
 

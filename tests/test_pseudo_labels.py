@@ -15,8 +15,15 @@ def _loop_stats(features, labels):
   sizes = collections.Counter(int(label) for label in labels if label >= 0)
   bins = {"1": 0, "2-3": 0, "4-7": 0, "8-15": 0, "16-31": 0, "32-63": 0, "64+": 0}
   for size in sizes.values():
-    for name, (lo, hi) in {"1": (1, 1), "2-3": (2, 3), "4-7": (4, 7), "8-15": (8, 15),
-                           "16-31": (16, 31), "32-63": (32, 63), "64+": (64, 10**9)}.items():
+    for name, (lo, hi) in {
+      "1": (1, 1),
+      "2-3": (2, 3),
+      "4-7": (4, 7),
+      "8-15": (8, 15),
+      "16-31": (16, 31),
+      "32-63": (32, 63),
+      "64+": (64, 10**9),
+    }.items():
       if lo <= size <= hi:
         bins[name] += 1
   cosines = []
@@ -33,11 +40,21 @@ def test_label_stats_by_hand():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(150, 8)).astype(np.float32)
   features /= np.linalg.norm(features, axis=1, keepdims=True)
-  labels = np.concatenate([np.full(70, 0), np.full(33, 1), np.full(9, 2), np.full(5, 3),
-                           np.full(2, 4), [5, 6], np.full(29, -1)])
+  labels = np.concatenate(
+    [
+      np.full(70, 0),
+      np.full(33, 1),
+      np.full(9, 2),
+      np.full(5, 3),
+      np.full(2, 4),
+      [5, 6],
+      np.full(29, -1),
+    ]
+  )
   labels = labels[rng.permutation(labels.size)]
-  stats = pseudo_labels.label_stats(features, labels,
-                                    clustering.cluster_centroids(features, labels))
+  stats = pseudo_labels.label_stats(
+    features, labels, clustering.cluster_centroids(features, labels)
+  )
   outliers, largest, bins, similarity = _loop_stats(features, labels)
   assert stats["outliers"] == outliers == 31
   assert stats["largest_cluster"] == largest == 70
@@ -61,8 +78,9 @@ def test_pseudo_label_plan_and_reliability_threshold_handed_on():
   config.cluster.reliable = True
   config.cluster.eps_tight, config.cluster.eps, config.cluster.eps_loose = 0.5, 0.55, 0.6
   config.rlcc.outliers_as_singletons = True
-  first = pseudo_labels.pseudo_label(features, np.zeros(60, int), config, epoch=0,
-                                     previous=None, true_identities=identities)
+  first = pseudo_labels.pseudo_label(
+    features, np.zeros(60, int), config, epoch=0, previous=None, true_identities=identities
+  )
   distance = clustering.jaccard_distance(features, k1=10, k2=3, max_distance=0.6)
   labels, threshold = clustering.reliable_dbscan_labels(distance, eps=(0.5, 0.55, 0.6))
   np.testing.assert_array_equal(first.labels, labels)
@@ -70,11 +88,13 @@ def test_pseudo_label_plan_and_reliability_threshold_handed_on():
   assert first.num_clusters == labels.max() + 1 and first.stats["clusters"] == first.num_clusters
   assert 0.0 <= first.stats["cluster_ari"] <= 1.0
   sentinel = pseudo_labels.Generation(first.labels, first.centroids, indep_threshold=-1.0)
-  second = pseudo_labels.pseudo_label(features, np.zeros(60, int), config, epoch=1,
-                                      previous=sentinel)
+  second = pseudo_labels.pseudo_label(
+    features, np.zeros(60, int), config, epoch=1, previous=sentinel
+  )
   assert second.generation.indep_threshold == -1.0  # reused, not recomputed
-  every_split, _ = clustering.reliable_dbscan_labels(distance, eps=(0.5, 0.55, 0.6),
-                                                     indep_threshold=-1.0)
+  every_split, _ = clustering.reliable_dbscan_labels(
+    distance, eps=(0.5, 0.55, 0.6), indep_threshold=-1.0
+  )
   np.testing.assert_array_equal(second.labels, every_split)
 
 
@@ -85,6 +105,8 @@ def test_camera_stats_by_hand():
   # Classes of two or more: 0 (one camera), 1 (two cameras), 2 (one camera); 3 is a singleton.
   assert stats["one_camera_clusters"] == pytest.approx(2 / 3)
   from sklearn.metrics import adjusted_rand_score
+
   assert stats["camera_ari"] == pytest.approx(adjusted_rand_score(cameras, labels))
-  assert np.isnan(pseudo_labels.camera_stats(np.array([-1, 0]), np.array([0, 1]))[
-      "one_camera_clusters"])
+  assert np.isnan(
+    pseudo_labels.camera_stats(np.array([-1, 0]), np.array([0, 1]))["one_camera_clusters"]
+  )

@@ -24,8 +24,7 @@ def _matmul_precisions(lowered) -> list[str]:
           inner = op.operation
           if inner.name in ("stablehlo.convolution", "stablehlo.dot_general"):
             attrs = inner.attributes
-            found.append(str(attrs["precision_config"]) if "precision_config" in attrs
-                         else "")
+            found.append(str(attrs["precision_config"]) if "precision_config" in attrs else "")
           walk(inner)
 
   walk(lowered.compiler_ir("stablehlo").operation)

@@ -53,8 +53,7 @@ def test_wrong_types_name_field_and_expected_type(config):
   problems = _problems(raw)
   assert any(p.startswith("config.train.iters = '200': expected int") for p in problems)
   assert any(p.startswith("config.model.pooling = 3: expected str") for p in problems)
-  assert any(p.startswith("config.memory.bmw_dynamic_weights = 1: expected bool")
-             for p in problems)
+  assert any(p.startswith("config.memory.bmw_dynamic_weights = 1: expected bool") for p in problems)
   assert any(p.startswith("config.optim.lr = True: expected int or float") for p in problems)
   assert len(problems) == 4
 
@@ -66,7 +65,9 @@ def test_ints_accepted_where_floats_expected(config):
   validate_config(raw, num_devices=1)
 
 
-@pytest.mark.parametrize("field,value,needle", [
+@pytest.mark.parametrize(
+  "field,value,needle",
+  [
     ("cluster.eps", 0.0, "in (0, 1)"),
     ("cluster.eps", 1.0, "absent pairs are 1.0"),
     ("cluster.k1", 0, ">= 1"),
@@ -82,7 +83,8 @@ def test_ints_accepted_where_floats_expected(config):
     ("data.width", 15, ">= 16"),
     ("rlcc.alpha", 1.5, "in [0, 1]"),
     ("rlcc.beta", -0.5, "in [0, 1]"),
-])
+  ],
+)
 def test_impossible_values(config, field, value, needle):
   group, name = field.split(".")
   setattr(config[group], name, value)
@@ -90,14 +92,20 @@ def test_impossible_values(config, field, value, needle):
   assert needle in problem
 
 
-@pytest.mark.parametrize("field,value,accepted", [
+@pytest.mark.parametrize(
+  "field,value,accepted",
+  [
     ("model.depth", 44, ["10", "18", "34", "50", "101"]),
     ("model.pooling", "max", ["'gem'", "'avg'"]),
     ("model.dtype", "float64", ["'float32'", "'bfloat16'"]),
     ("cluster.method", "kmeans", ["'dbscan'", "'infomap'"]),
-    ("data.name", "cuhk03", ["'market1501'", "'dukemtmcreid'", "'msmt17'", "'veri776'",
-                             "'personx'"]),
-])
+    (
+      "data.name",
+      "cuhk03",
+      ["'market1501'", "'dukemtmcreid'", "'msmt17'", "'veri776'", "'personx'"],
+    ),
+  ],
+)
 def test_unknown_names_list_accepted_values(config, field, value, accepted):
   group, name = field.split(".")
   setattr(config[group], name, value)
@@ -148,8 +156,14 @@ def test_all_problems_reported_together(config, tmp_path):
   problems = _problems(config)
   assert len(problems) == 6
   fields = sorted(p.split(" ")[0].rstrip(":") for p in problems)
-  assert fields == ["config.cluster.eps", "config.cluster.k2", "config.data.root",
-                    "config.extra", "config.memory.temperature", "config.model.depth"]
+  assert fields == [
+    "config.cluster.eps",
+    "config.cluster.k2",
+    "config.data.root",
+    "config.extra",
+    "config.memory.temperature",
+    "config.model.depth",
+  ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,17 +255,21 @@ def _write_lines(workdir, lines):
 
 def test_epoch_records_keep_the_last_per_epoch_and_skip_torn_lines(tmp_path):
   workdir = str(tmp_path)
+
   def rec(**kw):
     return json.dumps(kw) + "\n"
 
-  _write_lines(workdir, [
+  _write_lines(
+    workdir,
+    [
       rec(kind="initial", mAP=0.1),
       rec(kind="epoch", epoch=0, loss=1.0),
-      rec(kind="epoch", epoch=1, loss=2.0),   # killed before checkpoint 2 was saved
-      rec(kind="epoch", epoch=1, loss=2.5),   # redone after the restart
-      '{"kind": "epoch", "epo',                # torn by a kill, then appended to
+      rec(kind="epoch", epoch=1, loss=2.0),  # killed before checkpoint 2 was saved
+      rec(kind="epoch", epoch=1, loss=2.5),  # redone after the restart
+      '{"kind": "epoch", "epo',  # torn by a kill, then appended to
       rec(kind="epoch", epoch=2, loss=float("nan")),
-  ])
+    ],
+  )
   records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1, 2]
   assert records[1]["loss"] == 2.5 and math.isnan(records[2]["loss"])
@@ -261,11 +279,20 @@ def test_epoch_records_keep_the_last_per_epoch_and_skip_torn_lines(tmp_path):
 
 def test_prune_metrics_drops_what_a_resumed_run_redoes(tmp_path):
   workdir = str(tmp_path)
+
   def rec(**kw):
     return json.dumps(kw) + "\n"
 
-  _write_lines(workdir, [rec(kind="initial", mAP=0.1), rec(kind="epoch", epoch=0),
-                         rec(kind="epoch", epoch=1), rec(kind="other"), '{"torn'])
+  _write_lines(
+    workdir,
+    [
+      rec(kind="initial", mAP=0.1),
+      rec(kind="epoch", epoch=0),
+      rec(kind="epoch", epoch=1),
+      rec(kind="other"),
+      '{"torn',
+    ],
+  )
   assert run_lib.Run(workdir).prune_metrics(start_epoch=1) == 2
   kinds = [(r["kind"], r.get("epoch")) for r in run_lib.Run(workdir).metrics_lines()[0]]
   assert kinds == [("initial", None), ("epoch", 0), ("other", None)]
@@ -297,7 +324,8 @@ def test_processes_other_than_the_first_check_but_never_write(config, tmp_path):
 
 
 def test_cluster_sizes_that_the_train_images_cannot_hold_are_refused_before_training(
-    tiny_market, tmp_path):
+  tiny_market, tmp_path
+):
   """k1 at or above N put everything in one cluster (loss 0 for the whole run, exit 0);
   min_samples above N found no cluster in any epoch. Both are refused once N is known."""
   from ccreid_jax import train

@@ -46,12 +46,18 @@ def _sandbox(base) -> dict[str, str]:
 
 def _start(config, workdir: str, sandbox: dict[str, str]) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
-  env.update(JAX_PLATFORMS="cpu", HOME=sandbox["home"], TMPDIR=sandbox["tmp"],
-             PYTHONDONTWRITEBYTECODE="1")
+  env.update(
+    JAX_PLATFORMS="cpu", HOME=sandbox["home"], TMPDIR=sandbox["tmp"], PYTHONDONTWRITEBYTECODE="1"
+  )
   script = _SCRIPT.format(root=ROOT, jax_cache=os.path.join(ROOT, ".cache", "jax"))
-  return subprocess.Popen([sys.executable, "-c", script, config.to_json(), workdir],
-                          cwd=sandbox["cwd"], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", script, config.to_json(), workdir],
+    cwd=sandbox["cwd"],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -82,8 +88,12 @@ def straight_run(tiny_market, tmp_path_factory):
   workdir = str(base / "run")
   data_before = _snapshot(tiny_market)
   _finish(_start(_config(tiny_market), workdir, sandbox))
-  return {"workdir": workdir, "sandbox": sandbox, "base": str(base),
-          "data_changed": _snapshot(tiny_market) != data_before}
+  return {
+    "workdir": workdir,
+    "sandbox": sandbox,
+    "base": str(base),
+    "data_changed": _snapshot(tiny_market) != data_before,
+  }
 
 
 def test_nothing_is_written_outside_the_workdir(straight_run):
@@ -126,8 +136,7 @@ def _run_until(config, workdir, sandbox, trigger, delay: float) -> bool:
   return False
 
 
-def test_killed_and_restarted_run_equals_the_uninterrupted_one(straight_run, tiny_market,
-                                                              tmp_path):
+def test_killed_and_restarted_run_equals_the_uninterrupted_one(straight_run, tiny_market, tmp_path):
   config = _config(tiny_market)
   sandbox = _sandbox(tmp_path)
   workdir = str(tmp_path / "run")
@@ -136,9 +145,11 @@ def test_killed_and_restarted_run_equals_the_uninterrupted_one(straight_run, tin
   # seeded moment after it starts. Kill 2: a seeded moment after the restarted run has
   # logged epoch 1 (extraction, clustering, training or the save of epoch 1 or 2).
   schedule = [
-      (lambda: _saving(workdir) or "1" in _checkpoint_entries(workdir),
-       float(rng.choice([0.0, rng.uniform(0.0, 0.05)]))),
-      (lambda: _epochs_logged(workdir) >= 2, float(rng.uniform(0.0, 0.15))),
+    (
+      lambda: _saving(workdir) or "1" in _checkpoint_entries(workdir),
+      float(rng.choice([0.0, rng.uniform(0.0, 0.05)])),
+    ),
+    (lambda: _epochs_logged(workdir) >= 2, float(rng.uniform(0.0, 0.15))),
   ]
   kills, leftovers = 0, []
   for trigger, delay in schedule:

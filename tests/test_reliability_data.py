@@ -51,7 +51,10 @@ def test_skip_bad_names_keeps_the_rest(tmp_path, caplog):
     ds = load_dataset("market1501", str(tmp_path), skip_bad_names=True)
   sizes = fake_tree_sizes("market1501")
   assert (len(ds.train), len(ds.query), len(ds.gallery)) == (
-      sizes["train"], sizes["query"], sizes["gallery"])
+    sizes["train"],
+    sizes["query"],
+    sizes["gallery"],
+  )
   assert len(ds.skipped) == 2
   assert "no_camera_here.jpg" in ds.skipped[0] and "camera 8" in ds.skipped[1]
   assert "skipped 2 file(s)" in caplog.text
@@ -113,8 +116,12 @@ def test_image_links_leading_outside_the_dataset_folder_are_refused(tmp_path):
   link = os.path.join(folder, "query", "0004_c1s1_009999_00.jpg")
   os.symlink(outside, link)
   inside = os.path.join(folder, "query", "0005_c2s1_009999_00.jpg")
-  os.symlink(os.path.join(folder, "bounding_box_test", sorted(os.listdir(
-      os.path.join(folder, "bounding_box_test")))[0]), inside)
+  os.symlink(
+    os.path.join(
+      folder, "bounding_box_test", sorted(os.listdir(os.path.join(folder, "bounding_box_test")))[0]
+    ),
+    inside,
+  )
   with pytest.raises(DatasetError) as info:
     load_dataset("market1501", str(tmp_path / "data"))
   message = str(info.value)
@@ -140,7 +147,7 @@ def _damage(ds):
   with open(truncated, "rb") as f:
     data = f.read()
   with open(truncated, "wb") as f:
-    f.write(data[:len(data) // 3])
+    f.write(data[: len(data) // 3])
   with open(not_image, "w") as f:
     f.write("not a jpeg")
   return truncated, not_image
@@ -157,8 +164,7 @@ def test_unreadable_images_are_named_with_the_way_out(tmp_path):
   assert truncated in message
   assert "--config.data.skip_bad_images=True" in message
   with pytest.raises(ImageDecodeError, match="2 image files cannot be read"):
-    cache.load_image_cache([r.path for r in ds.train + ds.gallery], 16, 8, None,
-                           progress=False)
+    cache.load_image_cache([r.path for r in ds.train + ds.gallery], 16, 8, None, progress=False)
   assert os.listdir(cache_dir) == []  # nothing half-written
 
 
@@ -168,7 +174,8 @@ def test_skip_bad_images_drops_their_records_and_caches_the_rest(tmp_path, monke
   truncated, not_image = _damage(ds)
   cache_dir = str(tmp_path / "cache")
   out, train_images, test_images = load_dataset_images(
-      ds, 16, 8, cache_dir, skip_bad_images=True, progress=False, num_workers=2)
+    ds, 16, 8, cache_dir, skip_bad_images=True, progress=False, num_workers=2
+  )
   assert [r.path for r in out.train] == [r.path for r in ds.train if r.path != truncated]
   assert out.query == ds.query
   assert [r.path for r in out.gallery] == [r.path for r in ds.gallery[1:]]
@@ -187,7 +194,8 @@ def test_skip_bad_images_drops_their_records_and_caches_the_rest(tmp_path, monke
 
   monkeypatch.setattr(cache, "decode_image", fail)
   again, train_again, _ = load_dataset_images(
-      ds, 16, 8, cache_dir, skip_bad_images=True, progress=False)
+    ds, 16, 8, cache_dir, skip_bad_images=True, progress=False
+  )
   assert again == out
   np.testing.assert_array_equal(train_again, train_images)
 
@@ -208,8 +216,9 @@ def test_dangling_and_looping_image_links_are_listed_as_unreadable(tmp_path):
   assert "2 image files cannot be read" in message
   assert dangling in message and "deleted.jpg" in message and loop in message
   assert "--config.data.skip_bad_images=True" in message
-  out, train_images, _ = load_dataset_images(ds, 16, 8, cache_dir, skip_bad_images=True,
-                                             progress=False, num_workers=2)
+  out, train_images, _ = load_dataset_images(
+    ds, 16, 8, cache_dir, skip_bad_images=True, progress=False, num_workers=2
+  )
   assert len(out.train) == len(ds.train) - 2 and train_images.shape[0] == len(out.train)
   assert sorted(m.split("'")[1] for m in out.skipped) == [dangling, loop]
 
@@ -307,8 +316,9 @@ def test_high_bit_depths_are_scaled_never_clipped_to_a_blank_image(tmp_path, cap
   Image.fromarray(int32, "I").save(tmp_path / "int32.tif")
   Image.fromarray(gray.astype(np.float32) / 255, "F").save(tmp_path / "float.tif")
   for name in ("gray16.pgm", "int32.tif", "float.tif"):
-    np.testing.assert_array_equal(cache.decode_image(str(tmp_path / name), 20, 10), want,
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+      cache.decode_image(str(tmp_path / name), 20, 10), want, err_msg=name
+    )
   # Unsigned 32-bit samples (PIL holds them as int32) use the whole 32-bit range. PIL writes
   # "I" as signed: the SampleFormat tag (339, SHORT, 1 value) is changed from 2 to 1.
   uint32 = (gray.astype(np.uint32) * 16843009).view(np.int32)  # 255 -> 2**32 - 1
@@ -336,7 +346,8 @@ def test_single_colour_images_are_kept_and_named_in_a_warning(tmp_path, caplog):
   _pgm16(tmp_path / "white16.pgm", np.full((20, 10), 65535, np.uint16))
   _jpeg(str(tmp_path / "gray.jpg"), 128)
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 8, 3), np.uint8)).save(
-      tmp_path / "picture.png")
+    tmp_path / "picture.png"
+  )
   paths = [str(tmp_path / n) for n in ("white16.pgm", "picture.png", "gray.jpg")]
   with caplog.at_level(logging.WARNING, logger="ccreid_jax"):
     images = cache.load_image_cache(paths, 16, 8, str(tmp_path / "cache"), progress=False)

@@ -30,8 +30,9 @@ def _snapshot(workdir):
   return out
 
 
-def test_force_with_another_model_fails_before_writing_anything(one_epoch_run, tiny_market,
-                                                                 tmp_path):
+def test_force_with_another_model_fails_before_writing_anything(
+  one_epoch_run, tiny_market, tmp_path
+):
   workdir = copy_run(one_epoch_run, tmp_path)
   before = _snapshot(workdir)
   config = tiny_config(tiny_market)
@@ -44,7 +45,8 @@ def test_force_with_another_model_fails_before_writing_anything(one_epoch_run, t
   assert "damaged" not in message
   after = _snapshot(workdir)
   assert {k: v for k, v in after.items() if k != run_lib.LOCK_FILE} == {
-      k: v for k, v in before.items() if k != run_lib.LOCK_FILE}
+    k: v for k, v in before.items() if k != run_lib.LOCK_FILE
+  }
   # The run's own config still resumes it.
   run_lib.Run(workdir).check_config(tiny_config(tiny_market), force=False, write=False)
 
@@ -55,9 +57,16 @@ def test_resume_on_another_training_set_is_refused(one_epoch_run, tiny_market, t
   config.train.epochs = 2
   # Fewer images: refused, even with --force (the saved labels have one entry per image).
   smaller = str(tmp_path / "smaller")
-  synthetic.generate_market_dataset(smaller, num_train_identities=12, num_test_identities=8,
-                                    num_cameras=3, images_per_camera=(2, 3), height=64, width=32,
-                                    seed=0)
+  synthetic.generate_market_dataset(
+    smaller,
+    num_train_identities=12,
+    num_test_identities=8,
+    num_cameras=3,
+    images_per_camera=(2, 3),
+    height=64,
+    width=32,
+    seed=0,
+  )
   config.data.root = smaller
   for force in (False, True):
     with pytest.raises(train.TrainingSetChanged, match="differs from the one this run"):
@@ -86,8 +95,9 @@ with run_lib.Run(sys.argv[1]).lock():
 
 def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
   workdir = str(tmp_path / "run")
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], stdout=subprocess.PIPE,
-                            text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD, workdir], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(run_lib.WorkdirLocked) as info:
@@ -104,8 +114,10 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path, tiny_market):
   with run_lib.Run(workdir).lock():
     with open(lock) as f:
       assert json.load(f)["pid"] == os.getpid()
-    with (pytest.raises(run_lib.WorkdirLocked, match=f"process {os.getpid()}"),
-          run_lib.Run(workdir).lock()):
+    with (
+      pytest.raises(run_lib.WorkdirLocked, match=f"process {os.getpid()}"),
+      run_lib.Run(workdir).lock(),
+    ):
       pass
 
 

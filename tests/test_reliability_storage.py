@@ -38,13 +38,16 @@ def _refuse(monkeypatch, module, code=errno.ENOSPC, where=""):
 
 
 def test_a_refused_write_is_one_line_naming_the_path_and_leaves_no_temporary_file(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   _refuse(monkeypatch, utils)
   path = str(tmp_path / "out" / "a.json")
   with pytest.raises(StorageError) as info:
     utils.write_json(path, {"a": 1})
-  assert str(info.value) == (f"cannot write {path}: No space left on device. Free some space "
-                             "there (or make the folder writable), then run the command again.")
+  assert str(info.value) == (
+    f"cannot write {path}: No space left on device. Free some space "
+    "there (or make the folder writable), then run the command again."
+  )
   assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
   assert os.listdir(tmp_path / "out") == []
   assert main.exit_code_of(info.value) == 1
@@ -78,8 +81,7 @@ def test_a_checkpoint_save_on_a_full_disk_keeps_the_previous_one(tmp_path, monke
   np.testing.assert_array_equal(restored.state["w"], np.arange(4.0))
 
 
-def test_an_unwritable_rank_list_picture_is_a_warning(tiny_market, tmp_path, monkeypatch,
-                                                      caplog):
+def test_an_unwritable_rank_list_picture_is_a_warning(tiny_market, tmp_path, monkeypatch, caplog):
   config = tiny_config(tiny_market)
   dataset = load_dataset("market1501", tiny_market)
   data = types.SimpleNamespace(eval_dataset=dataset)
@@ -92,17 +94,21 @@ def test_an_unwritable_rank_list_picture_is_a_warning(tiny_market, tmp_path, mon
 
 
 def test_unwritable_export_and_sweep_destinations_are_refused_before_loading(
-    tiny_market, tmp_path, monkeypatch):
+  tiny_market, tmp_path, monkeypatch
+):
   """Nothing is loaded (the workdir holds no run): the destination is refused first."""
   config = tiny_config(tiny_market)
   _refuse(monkeypatch, errors_lib, errno.EROFS, where=".ccreid-write-test")
   out = str(tmp_path / "hlo")
-  with pytest.raises(StorageError, match=f"cannot write the export folder {out}: Read-only "
-                     "file system. Make it writable"):
+  with pytest.raises(
+    StorageError,
+    match=f"cannot write the export folder {out}: Read-only file system. Make it writable",
+  ):
     commands.export(config, str(tmp_path / "run"), "stablehlo", out, checkpoint="init")
   out = str(tmp_path / "sweep")
-  with pytest.raises(StorageError, match=f"cannot write the sweep's --out folder {out}: "
-                     "Read-only file system"):
+  with pytest.raises(
+    StorageError, match=f"cannot write the sweep's --out folder {out}: Read-only file system"
+  ):
     commands.sweep(config, str(tmp_path / "run"), [0.5], checkpoint="latest", out=out)
 
 
@@ -122,8 +128,7 @@ def test_a_full_disk_at_an_export_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_a_full_disk_at_a_checkpoint_resumes(tiny_market, tmp_path,
-                                                              monkeypatch):
+def test_a_run_stopped_by_a_full_disk_at_a_checkpoint_resumes(tiny_market, tmp_path, monkeypatch):
   """The save of checkpoint 2 fails: one StorageError; checkpoint 1 is intact and the same
   command resumes from it, giving the uninterrupted run's records."""
   config = tiny_config(tiny_market)

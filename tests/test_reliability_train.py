@@ -19,8 +19,6 @@ from conftest import copy_run, tiny_config
 pytestmark = pytest.mark.slow
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # Degenerate clusterings.
 # ---------------------------------------------------------------------------------------
@@ -41,8 +39,7 @@ def _one_cluster(n, epoch, real):
 
 
 @pytest.mark.parametrize("make_labels", [_no_cluster, _fewer_than_p, _one_cluster])
-def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels,
-                                        caplog):
+def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, make_labels, caplog):
   config = tiny_config(tiny_market)
   config.train.eval_initial = True
   real_dbscan = clustering.dbscan_labels
@@ -59,11 +56,15 @@ def test_degenerate_clusterings_complete(tiny_market, tmp_path, monkeypatch, mak
     results = train.train_and_evaluate(config, workdir)
   num_train = len(load_dataset(config.data.name, config.data.root).train)
   # An epoch with one cluster or none is warned about, once per epoch (issue 38, item 10).
-  warned = {"no cluster": caplog.text.count("the clustering found no cluster"),
-            "one cluster": caplog.text.count("in one cluster; the loss of one class is 0")}
-  want = {_no_cluster: {"no cluster": 1, "one cluster": 0},
-          _fewer_than_p: {"no cluster": 0, "one cluster": 0},
-          _one_cluster: {"no cluster": 0, "one cluster": 2}}[make_labels]
+  warned = {
+    "no cluster": caplog.text.count("the clustering found no cluster"),
+    "one cluster": caplog.text.count("in one cluster; the loss of one class is 0"),
+  }
+  want = {
+    _no_cluster: {"no cluster": 1, "one cluster": 0},
+    _fewer_than_p: {"no cluster": 0, "one cluster": 0},
+    _one_cluster: {"no cluster": 0, "one cluster": 2},
+  }[make_labels]
   assert warned == want
   records = run_lib.Run(workdir).epoch_records()
   assert [r["epoch"] for r in records] == [0, 1] and calls == [0, 1]
@@ -161,14 +162,13 @@ def _largest_file(folder: str) -> str:
   return max(files, key=os.path.getsize)
 
 
-def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny_market,
-                                                               tmp_path):
+def test_truncated_checkpoint_names_the_step_and_the_way_out(one_epoch_run, tiny_market, tmp_path):
   workdir = copy_run(one_epoch_run, tmp_path)
   victim = _largest_file(os.path.join(workdir, "checkpoints", "1", "state"))
   with open(victim, "rb") as f:
     data = f.read()
   with open(victim, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   config = tiny_config(tiny_market)
   config.train.epochs = 2
   with pytest.raises(CheckpointError) as info:
@@ -202,8 +202,9 @@ def test_checkpoint_error_suggests_another_kept_step(one_epoch_run, tmp_path):
   assert ckpt.best() == 1  # the unreadable checkpoint is left out, with a warning
 
 
-def test_leftover_temporary_checkpoint_does_not_break_the_restart(one_epoch_run, tiny_market,
-                                                                  tmp_path):
+def test_leftover_temporary_checkpoint_does_not_break_the_restart(
+  one_epoch_run, tiny_market, tmp_path
+):
   """A run killed while orbax wrote checkpoint 2 leaves ``2.orbax-checkpoint-tmp-*`` behind."""
   workdir = copy_run(one_epoch_run, tmp_path)
   folder = os.path.join(workdir, "checkpoints")

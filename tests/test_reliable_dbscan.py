@@ -91,8 +91,7 @@ def _reference(dense, eps, min_samples, singletons=True, threshold=None):
 def _hand_case():
   # min_samples 2, eps (0.3, 0.5, 0.7). Links: 0-1 0.2, 1-2 0.4, 3-4 0.2, 4-5 0.6, 6-7 0.4,
   # 7-8 0.65 (every other pair absent = 1.0).
-  return _graph(9, [(0, 1, 0.2), (1, 2, 0.4), (3, 4, 0.2), (4, 5, 0.6), (6, 7, 0.4),
-                    (7, 8, 0.65)])
+  return _graph(9, [(0, 1, 0.2), (1, 2, 0.4), (3, 4, 0.2), (4, 5, 0.6), (6, 7, 0.4), (7, 8, 0.65)])
 
 
 # Hand derivation of _hand_case (min_samples 2):
@@ -123,8 +122,9 @@ def test_hand_checked_case(form):
   assert labels.dtype == np.int64
   np.testing.assert_array_equal(labels, _HAND_LABELS)
   assert threshold == _HAND_THRESHOLD and isinstance(threshold, float)
-  labels, threshold = reliable_dbscan_labels(dist, eps=_HAND_EPS, min_samples=2,
-                                             outliers_as_singletons=False)
+  labels, threshold = reliable_dbscan_labels(
+    dist, eps=_HAND_EPS, min_samples=2, outliers_as_singletons=False
+  )
   np.testing.assert_array_equal(labels, _HAND_LABELS_NO_SINGLETONS)
   assert threshold == _HAND_THRESHOLD
 
@@ -132,22 +132,24 @@ def test_hand_checked_case(form):
 @pytest.mark.parametrize("form", [0, 1], ids=["sparse", "dense"])
 def test_given_threshold_is_reused_and_changes_the_split(form):
   dist = _hand_case()[form]
-  for singletons, expected in ((True, _HAND_LABELS_AT_02),
-                               (False, _HAND_LABELS_AT_02_NO_SINGLETONS)):
-    labels, threshold = reliable_dbscan_labels(dist, eps=_HAND_EPS, min_samples=2,
-                                               outliers_as_singletons=singletons,
-                                               indep_threshold=0.2)
+  for singletons, expected in (
+    (True, _HAND_LABELS_AT_02),
+    (False, _HAND_LABELS_AT_02_NO_SINGLETONS),
+  ):
+    labels, threshold = reliable_dbscan_labels(
+      dist, eps=_HAND_EPS, min_samples=2, outliers_as_singletons=singletons, indep_threshold=0.2
+    )
     np.testing.assert_array_equal(labels, expected)
     assert threshold == 0.2
   # Passing the first call's value gives the first call's result back.
-  labels, threshold = reliable_dbscan_labels(dist, eps=_HAND_EPS, min_samples=2,
-                                             indep_threshold=_HAND_THRESHOLD)
+  labels, threshold = reliable_dbscan_labels(
+    dist, eps=_HAND_EPS, min_samples=2, indep_threshold=_HAND_THRESHOLD
+  )
   np.testing.assert_array_equal(labels, _HAND_LABELS)
   assert threshold == _HAND_THRESHOLD
   # Compared in float64: 0.3333333 is below the float32 score 0.33333331 (in float32 the two
   # are equal and nothing would be split), so classes 1 and 2 fail as at 0.2.
-  labels, _ = reliable_dbscan_labels(dist, eps=_HAND_EPS, min_samples=2,
-                                     indep_threshold=0.3333333)
+  labels, _ = reliable_dbscan_labels(dist, eps=_HAND_EPS, min_samples=2, indep_threshold=0.3333333)
   np.testing.assert_array_equal(labels, _HAND_LABELS_AT_02)
 
 
@@ -201,12 +203,15 @@ def _clustered_features(seed):
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("seed, k1, k2, eps", [
+@pytest.mark.parametrize(
+  "seed, k1, k2, eps",
+  [
     (0, 10, 3, (0.5, 0.55, 0.6)),
     (0, 15, 4, (0.45, 0.55, 0.65)),
     (1, 10, 3, (0.5, 0.55, 0.6)),
     (3, 15, 4, (0.45, 0.55, 0.65)),
-])
+  ],
+)
 def test_matches_loop_transcription_on_jaccard_distances(seed, k1, k2, eps):
   x = _clustered_features(seed)
   sparse = jaccard_distance(x, k1=k1, k2=k2, max_distance=eps[2])
@@ -216,14 +221,15 @@ def test_matches_loop_transcription_on_jaccard_distances(seed, k1, k2, eps):
     # Both kinds of failure and the last-member rule occur, so each part is exercised.
     assert counts["comp"] > 0 and counts["indep"] > 0 and counts["kept_last"] > 0
     for dist in (sparse, dense):
-      labels, threshold = reliable_dbscan_labels(dist, eps=eps, min_samples=4,
-                                                 outliers_as_singletons=singletons)
+      labels, threshold = reliable_dbscan_labels(
+        dist, eps=eps, min_samples=4, outliers_as_singletons=singletons
+      )
       np.testing.assert_array_equal(labels, expected)
       assert threshold == expected_threshold
       # Reusing the threshold of this "first epoch" gives the same labels.
-      again, kept = reliable_dbscan_labels(dist, eps=eps, min_samples=4,
-                                           outliers_as_singletons=singletons,
-                                           indep_threshold=threshold)
+      again, kept = reliable_dbscan_labels(
+        dist, eps=eps, min_samples=4, outliers_as_singletons=singletons, indep_threshold=threshold
+      )
       np.testing.assert_array_equal(again, labels)
       assert kept == threshold
     # Consecutive labels: 0..C-1 all used (plus -1 without singletons).
@@ -233,8 +239,7 @@ def test_matches_loop_transcription_on_jaccard_distances(seed, k1, k2, eps):
   # A later epoch with another threshold: the transcription agrees too.
   other = 0.5 * expected_threshold
   expected, _, _ = _reference(dense, eps, 4, True, other)
-  labels, threshold = reliable_dbscan_labels(sparse, eps=eps, min_samples=4,
-                                             indep_threshold=other)
+  labels, threshold = reliable_dbscan_labels(sparse, eps=eps, min_samples=4, indep_threshold=other)
   np.testing.assert_array_equal(labels, expected)
   assert threshold == other
 
@@ -244,15 +249,18 @@ def test_no_class_of_two_leaves_the_threshold_unset():
   labels, threshold = reliable_dbscan_labels(sparse, eps=_HAND_EPS, min_samples=2)
   np.testing.assert_array_equal(labels, [0, 1, 2, 3])
   assert threshold is None
-  labels, threshold = reliable_dbscan_labels(sparse, eps=_HAND_EPS, min_samples=2,
-                                             outliers_as_singletons=False)
+  labels, threshold = reliable_dbscan_labels(
+    sparse, eps=_HAND_EPS, min_samples=2, outliers_as_singletons=False
+  )
   np.testing.assert_array_equal(labels, [-1] * 4)
   assert threshold is None
   labels, threshold = reliable_dbscan_labels(np.zeros((0, 0), np.float32), indep_threshold=0.3)
   assert labels.shape == (0,) and threshold == 0.3
 
 
-@pytest.mark.parametrize("eps, message", [
+@pytest.mark.parametrize(
+  "eps, message",
+  [
     ((0.58, 0.6), "three"),
     ((0.5, 0.55, 0.6, 0.65), "three"),
     ((0.6, 0.58, 0.62), "increase strictly"),
@@ -260,7 +268,8 @@ def test_no_class_of_two_leaves_the_threshold_unset():
     ((-0.1, 0.6, 0.62), "positive"),
     ((0.58, float("nan"), 0.62), "positive"),
     (0.6, "three radii"),
-])
+  ],
+)
 def test_bad_eps(eps, message):
   sparse, _ = _hand_case()
   with pytest.raises(ValueError, match=message):

@@ -24,7 +24,8 @@ def test_same_seed_same_run_other_seed_differs(tiny_market, tmp_path):
   second = _epoch_records(tiny_market, str(tmp_path / "b"), seed=1)
   assert [r["epoch"] for r in first] == [0, 1]
   assert all(r["clusters"] > 0 and np.isfinite(r["loss"]) for r in first), (
-      "an epoch trained nothing: the test would be vacuous")
+    "an epoch trained nothing: the test would be vacuous"
+  )
   # Exact equality, floats included: same labels, same batches, same augmentation, same steps.
   assert first == second
 

@@ -19,8 +19,8 @@ def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
   order = [np.argsort(d[i], kind="stable") for i in range(n)]
 
   def reciprocal(i, k):
-    forward = order[i][:k + 1]
-    return [int(j) for j in forward if i in set(order[j][:k + 1].tolist())]
+    forward = order[i][: k + 1]
+    return [int(j) for j in forward if i in set(order[j][: k + 1].tolist())]
 
   k_half = int(np.around(k1 / 2.0))
   v = np.zeros((n, n), np.float32)
@@ -68,18 +68,21 @@ def split(x, identities, num_q, seed):
   return x[q], identities[q], x[g], identities[g]
 
 
-@pytest.mark.parametrize("k1,k2,lambda_value,duplicates", [
+@pytest.mark.parametrize(
+  "k1,k2,lambda_value,duplicates",
+  [
     (20, 6, 0.3, 0),
     (7, 3, 0.5, 0),
     (20, 1, 0.0, 0),
     (9, 4, 0.3, 12),  # exact duplicate features: ties broken by index in both
-])
+  ],
+)
 def test_matches_loop_transcription(k1, k2, lambda_value, duplicates):
-  x, identities = clustered(num_identities=25, per_identity=8, dim=16, noise=0.7, seed=k1,
-                            duplicates=duplicates)
+  x, identities = clustered(
+    num_identities=25, per_identity=8, dim=16, noise=0.7, seed=k1, duplicates=duplicates
+  )
   qf, _, gf, _ = split(x, identities, 50, seed=k2)
-  q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf),
-                   pairwise_distance(gf, gf))
+  q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf), pairwise_distance(gf, gf))
   got = rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
   want = loop_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
   assert got.shape == (50, x.shape[0] - 50) and got.dtype == np.float32
@@ -90,19 +93,19 @@ def test_more_neighbours_than_samples_uses_whole_rows():
   x, identities = clustered(num_identities=3, per_identity=4, dim=8, noise=0.5, seed=3)
   qf, _, gf, _ = split(x, identities, 4, seed=0)
   args = (pairwise_distance(qf, gf), pairwise_distance(qf, qf), pairwise_distance(gf, gf))
-  np.testing.assert_allclose(rerank(*args, k1=20, k2=30), loop_rerank(*args, k1=20, k2=30),
-                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    rerank(*args, k1=20, k2=30), loop_rerank(*args, k1=20, k2=30), rtol=0, atol=1e-5
+  )
 
 
 def test_lambda_one_is_the_normalised_original_distance():
   x, identities = clustered(num_identities=6, per_identity=5, dim=8, noise=0.5, seed=1)
   qf, _, gf, _ = split(x, identities, 7, seed=1)
-  q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf),
-                   pairwise_distance(gf, gf))
+  q_g, q_q, g_g = (pairwise_distance(qf, gf), pairwise_distance(qf, qf), pairwise_distance(gf, gf))
   got = rerank(q_g, q_q, g_g, k1=5, k2=2, lambda_value=1.0)
   # Row i of D is column i of the squared stack over that column's maximum.
-  col_max = np.maximum((q_q ** 2).max(axis=0), (q_g ** 2).max(axis=1))
-  np.testing.assert_allclose(got, q_g ** 2 / col_max[:, None], rtol=1e-6)
+  col_max = np.maximum((q_q**2).max(axis=0), (q_g**2).max(axis=1))
+  np.testing.assert_allclose(got, q_g**2 / col_max[:, None], rtol=1e-6)
 
 
 def test_rerank_improves_map_on_clustered_data():
@@ -115,8 +118,11 @@ def test_rerank_improves_map_on_clustered_data():
   starts = rng.normal(size=(num_identities, dim))
   ends = rng.normal(size=(num_identities, dim))
   t = rng.uniform(0, 1, size=identities.size)[:, None]
-  x = ((1 - t) * starts[identities] + t * ends[identities]
-       + 0.35 * rng.normal(size=(identities.size, dim)))
+  x = (
+    (1 - t) * starts[identities]
+    + t * ends[identities]
+    + 0.35 * rng.normal(size=(identities.size, dim))
+  )
   x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   cameras = rng.integers(0, 4, size=identities.size)
   perm = rng.permutation(identities.size)
@@ -125,8 +131,8 @@ def test_rerank_improves_map_on_clustered_data():
   args = (identities[q], identities[g], cameras[q], cameras[g])
   plain = evaluate_ranking(q_g, *args)
   reranked = evaluate_ranking(
-      rerank(q_g, pairwise_distance(x[q], x[q]), pairwise_distance(x[g], x[g]), k1=10, k2=3),
-      *args)
+    rerank(q_g, pairwise_distance(x[q], x[q]), pairwise_distance(x[g], x[g]), k1=10, k2=3), *args
+  )
   assert reranked["mAP"] > plain["mAP"] + 0.03, (plain, reranked)
 
 

@@ -41,8 +41,7 @@ def row_normalise(c):
   return np.where(sums > 0, c / np.where(sums > 0, sums, 1.0), 0.0)
 
 
-def targets_loop(features, labels, prev_labels, prev_centroids, alpha, beta, temp,
-                 use_prev_onehot):
+def targets_loop(features, labels, prev_labels, prev_centroids, alpha, beta, temp, use_prev_onehot):
   """One sample at a time, following the rules in the soft_labels docstring."""
   cbar = row_normalise(iou_sets(prev_labels, labels))
   num_prev = prev_centroids.shape[0]
@@ -168,9 +167,12 @@ def test_previous_predictions_temperature_30():
   q = previous_predictions(f, c)
   assert q.dtype == np.float32
   np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(previous_predictions(f, c, pred_temp=5.0),
-                             np.exp(logits / 6) / np.exp(logits / 6).sum(1, keepdims=True),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    previous_predictions(f, c, pred_temp=5.0),
+    np.exp(logits / 6) / np.exp(logits / 6).sum(1, keepdims=True),
+    rtol=1e-5,
+    atol=1e-7,
+  )
 
 
 def test_soft_labels_use_previous_centroids_with_temperature():
@@ -185,8 +187,9 @@ def test_soft_labels_use_previous_centroids_with_temperature():
   t = soft_labels(f, labels, labels, prev_c, use_prev_onehot=False, alpha=0.7)
   np.testing.assert_allclose(t, 0.7 * np.eye(k)[labels] + 0.3 * q, rtol=1e-5, atol=1e-6)
   # Other previous centroids give other targets.
-  assert not np.allclose(t, soft_labels(f, labels, labels, -prev_c, use_prev_onehot=False,
-                                        alpha=0.7), atol=1e-3)
+  assert not np.allclose(
+    t, soft_labels(f, labels, labels, -prev_c, use_prev_onehot=False, alpha=0.7), atol=1e-3
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +210,9 @@ def test_soft_labels_match_loop(monkeypatch, use_prev_onehot, beta):
   monkeypatch.setattr(rlcc, "_BLOCK_ROWS", 7)  # several blocks, a ragged last one
   for seed in range(3):
     f, cur, prev, prev_c = random_problem(seed)
-    t = soft_labels(f, cur, prev, prev_c, use_prev_onehot=use_prev_onehot, alpha=0.9,
-                    beta=beta, pred_temp=8.0)
+    t = soft_labels(
+      f, cur, prev, prev_c, use_prev_onehot=use_prev_onehot, alpha=0.9, beta=beta, pred_temp=8.0
+    )
     want = targets_loop(f, cur, prev, prev_c, 0.9, beta, 8.0, use_prev_onehot)
     assert t.dtype == np.float32 and t.shape == want.shape
     np.testing.assert_allclose(t, want, rtol=1e-5, atol=1e-6)
@@ -232,16 +236,20 @@ def test_beta_one_uses_cbar_row_of_previous_label():
   cbar = consensus_matrix(prev, cur, num_prev_clusters=prev_c.shape[0])
   alpha = 0.8
   for use_prev_onehot in (False, True):  # hard propagation ignores q and the epoch
-    t = soft_labels(f, cur, prev, prev_c, use_prev_onehot=use_prev_onehot, alpha=alpha,
-                    beta=1.0)
+    t = soft_labels(f, cur, prev, prev_c, use_prev_onehot=use_prev_onehot, alpha=alpha, beta=1.0)
     for i in np.flatnonzero((cur >= 0) & (prev >= 0)):
-      np.testing.assert_allclose(t[i], alpha * np.eye(cur.max() + 1)[cur[i]]
-                                 + (1 - alpha) * cbar[prev[i]], rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(
+        t[i],
+        alpha * np.eye(cur.max() + 1)[cur[i]] + (1 - alpha) * cbar[prev[i]],
+        rtol=1e-6,
+        atol=1e-7,
+      )
   # Passing Cbar in (dense or sparse) changes nothing.
   for given in (cbar, sp.csr_matrix(cbar)):
     np.testing.assert_array_equal(
-        soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, beta=0.5, consensus=given),
-        soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, beta=0.5))
+      soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, beta=0.5, consensus=given),
+      soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, beta=0.5),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +267,12 @@ def test_previous_outlier_uses_current_onehot_for_hard_part():
   alpha = 0.9
   t = soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, alpha=alpha)
   yhat2 = alpha * np.array([0.0, 1.0]) + (1 - alpha) * q2
-  np.testing.assert_allclose(t[2], alpha * np.array([0.0, 1.0]) + (1 - alpha) * yhat2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(t[2], alpha * np.array([0.0, 1.0]) + (1 - alpha) * yhat2, rtol=1e-6)
   # Hard propagation: the hard part only, i.e. exactly the current one-hot.
   t_hard = soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, alpha=alpha, beta=1.0)
   np.testing.assert_array_equal(t_hard[2], [0.0, 1.0])
   # Every sample a previous outlier and no previous cluster at all: plain one-hot targets.
-  t_none = soft_labels(f, cur, -np.ones(5, int), np.zeros((0, 2), np.float32),
-                       use_prev_onehot=True)
+  t_none = soft_labels(f, cur, -np.ones(5, int), np.zeros((0, 2), np.float32), use_prev_onehot=True)
   np.testing.assert_array_equal(t_none, np.eye(2)[cur])
 
 
@@ -282,8 +288,9 @@ def test_dissolved_cluster_mass_is_renormalised_or_falls_back():
   # Sample 4: q_4 puts mass on dissolved cluster 0; the soft part q_4 Cbar = q_4[1] * Cbar[1]
   # is renormalised back to Cbar[1]; first RLCC epoch, so yhat_4 = Cbar[1].
   t = soft_labels(f, cur, prev, prev_cc, use_prev_onehot=False, alpha=alpha)
-  np.testing.assert_allclose(t[4], alpha * np.array([0.0, 1.0])
-                             + (1 - alpha) * np.array([2 / 3, 1 / 3]), rtol=1e-6)
+  np.testing.assert_allclose(
+    t[4], alpha * np.array([0.0, 1.0]) + (1 - alpha) * np.array([2 / 3, 1 / 3]), rtol=1e-6
+  )
   # Sample 2 points straight at the dissolved cluster: q_2[1] = e^-30 / (1 + e^-30) ~ 1e-13
   # is below 1e-12, so the soft part falls back to onehot(y_2) = e_0 (without the fallback,
   # renormalising would give Cbar[1] = [2/3, 1/3]).
@@ -296,8 +303,7 @@ def test_dissolved_cluster_mass_is_renormalised_or_falls_back():
 
 
 def test_keep_outliers_as_singletons():
-  np.testing.assert_array_equal(keep_outliers_as_singletons([-1, 0, 2, -1, 1]),
-                                [3, 0, 2, 4, 1])
+  np.testing.assert_array_equal(keep_outliers_as_singletons([-1, 0, 2, -1, 1]), [3, 0, 2, 4, 1])
   np.testing.assert_array_equal(keep_outliers_as_singletons([-1, -1, -1]), [0, 1, 2])
   np.testing.assert_array_equal(keep_outliers_as_singletons([1, 0]), [1, 0])
   assert keep_outliers_as_singletons(np.zeros(0, int)).size == 0
@@ -340,14 +346,16 @@ def test_hand_worked_singleton_example():
   #      yhat = [.02*10/13, .02*3/13 + .96/3 + .02, .96*2/3]
   # i=5: q=[.2,.2,.6], y'=2 -> P=[.02,.02,.96]
   #      yhat = [.02*10/13, .02*3/13 + .02/3 + .96, .02*2/3]
-  yhat = np.array([
-      [.96 * 10 / 13, .96 * 3 / 13 + .02 / 3 + .02, .02 * 2 / 3],
-      [.96 * 10 / 13, .96 * 3 / 13 + .02 / 3 + .02, .02 * 2 / 3],
-      [.92 * 10 / 13, .92 * 3 / 13 + .06 / 3 + .02, .06 * 2 / 3],
-      [.02 * 10 / 13, .02 * 3 / 13 + .96 / 3 + .02, .96 * 2 / 3],
-      [.02 * 10 / 13, .02 * 3 / 13 + .96 / 3 + .02, .96 * 2 / 3],
-      [.02 * 10 / 13, .02 * 3 / 13 + .02 / 3 + .96, .02 * 2 / 3],
-  ])
+  yhat = np.array(
+    [
+      [0.96 * 10 / 13, 0.96 * 3 / 13 + 0.02 / 3 + 0.02, 0.02 * 2 / 3],
+      [0.96 * 10 / 13, 0.96 * 3 / 13 + 0.02 / 3 + 0.02, 0.02 * 2 / 3],
+      [0.92 * 10 / 13, 0.92 * 3 / 13 + 0.06 / 3 + 0.02, 0.06 * 2 / 3],
+      [0.02 * 10 / 13, 0.02 * 3 / 13 + 0.96 / 3 + 0.02, 0.96 * 2 / 3],
+      [0.02 * 10 / 13, 0.02 * 3 / 13 + 0.96 / 3 + 0.02, 0.96 * 2 / 3],
+      [0.02 * 10 / 13, 0.02 * 3 / 13 + 0.02 / 3 + 0.96, 0.02 * 2 / 3],
+    ]
+  )
   np.testing.assert_allclose(yhat.sum(axis=1), 1.0, atol=1e-12)  # the hand sums are right
   # ytilde_i = 0.9 onehot(y_i) + 0.1 yhat_i with y = [0, 0, 1, 1, 2, 1]; e.g.
   # ytilde_0 = [.9 + .0738462, .0248205, .0013333],  ytilde_4 = [.0015385, .0344615, .9 + .064].
@@ -361,24 +369,29 @@ def test_hand_worked_singleton_example():
   # i=0: yhat = .6 Cbar[0] + .2 Cbar[1] + .2 Cbar[2] = [6/13, 1.8/13 + .2/3 + .2, .4/3]
   # i=5: yhat = .2 Cbar[0] + .2 Cbar[1] + .6 Cbar[2] = [2/13, .6/13 + .2/3 + .6, .4/3]
   t1 = soft_labels(f, cur, prev, prev_c, use_prev_onehot=False, alpha=a, pred_temp=temp)
-  np.testing.assert_allclose(t1[0], a * np.eye(3)[0]
-                             + (1 - a) * np.array([6 / 13, 1.8 / 13 + .2 / 3 + .2, .4 / 3]),
-                             rtol=1e-5)
-  np.testing.assert_allclose(t1[5], a * np.eye(3)[1]
-                             + (1 - a) * np.array([2 / 13, .6 / 13 + .2 / 3 + .6, .4 / 3]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    t1[0],
+    a * np.eye(3)[0] + (1 - a) * np.array([6 / 13, 1.8 / 13 + 0.2 / 3 + 0.2, 0.4 / 3]),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    t1[5],
+    a * np.eye(3)[1] + (1 - a) * np.array([2 / 13, 0.6 / 13 + 0.2 / 3 + 0.6, 0.4 / 3]),
+    rtol=1e-5,
+  )
 
   # Hard propagation (beta = 1): yhat_2 = Cbar[y'_2] = Cbar[0], ytilde_2 = .9 e_1 + .1 Cbar[0].
-  th = soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, alpha=a, beta=1.0,
-                   pred_temp=temp)
-  np.testing.assert_allclose(th[2], [1 / 13, .9 + .3 / 13, 0.0], rtol=1e-5, atol=1e-8)
+  th = soft_labels(f, cur, prev, prev_c, use_prev_onehot=True, alpha=a, beta=1.0, pred_temp=temp)
+  np.testing.assert_allclose(th[2], [1 / 13, 0.9 + 0.3 / 13, 0.0], rtol=1e-5, atol=1e-8)
 
   # The soft-target CE equals alpha * CE(hard) + (1 - alpha) * CE(yhat).
   logits = np.random.default_rng(0).normal(size=(6, 3))
   np.testing.assert_allclose(
-      soft_cross_entropy_numpy(logits, t),
-      a * soft_cross_entropy_numpy(logits, np.eye(3)[cur])
-      + (1 - a) * soft_cross_entropy_numpy(logits, yhat), rtol=1e-5)
+    soft_cross_entropy_numpy(logits, t),
+    a * soft_cross_entropy_numpy(logits, np.eye(3)[cur])
+    + (1 - a) * soft_cross_entropy_numpy(logits, yhat),
+    rtol=1e-5,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +403,8 @@ def test_consensus_stats_hand_made():
   cur = np.array([0, 0, 0, 0, -1, -1, 1, 1])
   # Previous 0 and 1 merge into current 0; previous 2 dissolves (4, 5 are outliers now);
   # current 1 is new (6, 7 were outliers).
-  targets = np.array([
+  targets = np.array(
+    [
       [0.9, 0.1],
       [0.6, 0.4],
       [0.3, 0.7],  # argmax 1 != 0
@@ -399,7 +413,8 @@ def test_consensus_stats_hand_made():
       [0.0, 1.0],  # outlier row: ignored
       [0.2, 0.8],
       [0.5, 0.5],  # argmax 0 != 1
-  ])
+    ]
+  )
   stats = consensus_stats(prev, cur, targets)
   assert stats["num_clusters"] == 2
   assert stats["num_prev_clusters"] == 3

@@ -23,8 +23,16 @@ def _toy() -> tuple[np.ndarray, np.ndarray]:
   label 7: cameras 0..4, 2 each -> 8 other-camera images
   label -1: 6 outliers
   """
-  spec = {0: [0] * 5 + [1] * 5, 1: [0, 1, 1], 2: [3] * 6, 3: [2, 2], 4: [5], 5: [0, 1, 1, 1],
-          7: [0, 1, 2, 3, 4] * 2, -1: [0, 1, 2, 3, 4, 5]}
+  spec = {
+    0: [0] * 5 + [1] * 5,
+    1: [0, 1, 1],
+    2: [3] * 6,
+    3: [2, 2],
+    4: [5],
+    5: [0, 1, 1, 1],
+    7: [0, 1, 2, 3, 4] * 2,
+    -1: [0, 1, 2, 3, 4, 5],
+  }
   labels = np.concatenate([[label] * len(cameras) for label, cameras in spec.items()])
   cameras = np.concatenate(list(spec.values()))
   order = np.random.default_rng(123).permutation(labels.size)
@@ -37,13 +45,14 @@ def _split_blocks(stream: np.ndarray, labels: np.ndarray, k: int) -> list[np.nda
   blocks, i = [], 0
   while i < stream.size:
     size = 1 if sizes[labels[stream[i]]] == 1 else k
-    blocks.append(stream[i:i + size])
+    blocks.append(stream[i : i + size])
     i += size
   return blocks
 
 
-def _blocks(sampler: CameraAwarePKSampler, num_batches: int, batch_size: int,
-            labels: np.ndarray) -> list[np.ndarray]:
+def _blocks(
+  sampler: CameraAwarePKSampler, num_batches: int, batch_size: int, labels: np.ndarray
+) -> list[np.ndarray]:
   stream = np.concatenate(list(sampler.batches(num_batches, batch_size)))
   return _split_blocks(stream, labels, sampler.num_instances)
 

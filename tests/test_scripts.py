@@ -20,23 +20,36 @@ def _fake_checkout(tmp_path):
 
 def test_demo_arguments_go_to_the_trainer_not_to_pip(tmp_path):
   root = _fake_checkout(tmp_path)
-  subprocess.run(["bash", str(root / "scripts" / "demo.sh"), "--config.seed=2"], check=True,
-                 cwd=tmp_path, capture_output=True, env={**os.environ, "WORKDIR": "runs/s2"})
+  subprocess.run(
+    ["bash", str(root / "scripts" / "demo.sh"), "--config.seed=2"],
+    check=True,
+    cwd=tmp_path,
+    capture_output=True,
+    env={**os.environ, "WORKDIR": "runs/s2"},
+  )
   calls = (root / "calls.txt").read_text().splitlines()
   assert "-m pip install --quiet -e ." in calls  # the package without extras
-  assert calls[-1] == ("-m ccreid_jax.main --config configs/demo.py --workdir runs/s2 "
-                       "--config.seed=2")
+  assert calls[-1] == (
+    "-m ccreid_jax.main --config configs/demo.py --workdir runs/s2 --config.seed=2"
+  )
   assert (root / ".venv" / ".installed-base").exists()
 
 
 def test_test_script_installs_the_test_extras_and_passes_its_arguments_to_pytest(tmp_path):
   root = _fake_checkout(tmp_path)
-  subprocess.run(["bash", str(root / "scripts" / "test.sh"), "-k", "memory"], check=True,
-                 cwd=tmp_path, capture_output=True)
+  subprocess.run(
+    ["bash", str(root / "scripts" / "test.sh"), "-k", "memory"],
+    check=True,
+    cwd=tmp_path,
+    capture_output=True,
+  )
   calls = (root / "calls.txt").read_text().splitlines()
   assert "-m pip install --quiet -e .[test]" in calls
   # The style and type checks come before the tests.
-  checks = ["-m ruff check ccreid_jax tests scripts",
-            "-m ruff format --check ccreid_jax tests scripts", "-m mypy"]
+  checks = [
+    "-m ruff check ccreid_jax tests scripts",
+    "-m ruff format --check ccreid_jax tests scripts",
+    "-m mypy",
+  ]
   assert calls[-4:-1] == checks
   assert calls[-1] == "-m pytest -q -n 2 --dist loadfile -k memory"

@@ -97,10 +97,16 @@ def _base_dependencies():
 
 
 def _run_child(code, allowed, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-  return subprocess.run([sys.executable, "-c", code, json.dumps(allowed), *args],
-                        env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code, json.dumps(allowed), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +120,14 @@ def _images(n, seed):
 
 def _embedder(tiny_model, flip=False):
   model, variables = tiny_model
-  return inference.Embedder(model, variables, height=HEIGHT, width=WIDTH, flip=flip,
-                            source={"workdir": "/runs/x", "checkpoint": "best", "number": 7,
-                                    "epoch": 3})
+  return inference.Embedder(
+    model,
+    variables,
+    height=HEIGHT,
+    width=WIDTH,
+    flip=flip,
+    source={"workdir": "/runs/x", "checkpoint": "best", "number": 7, "epoch": 3},
+  )
 
 
 def _check_common_sidecar(sidecar, embedder):
@@ -124,8 +135,12 @@ def _check_common_sidecar(sidecar, embedder):
   assert sidecar["feature_dim"] == embedder.feature_dim == models.feature_dim(10, 8)
   assert sidecar["mean"] == list(augment.IMAGENET_MEAN)
   assert sidecar["std"] == list(augment.IMAGENET_STD)
-  assert sidecar["checkpoint"] == {"workdir": "/runs/x", "checkpoint": "best", "number": 7,
-                                   "epoch": 3}
+  assert sidecar["checkpoint"] == {
+    "workdir": "/runs/x",
+    "checkpoint": "best",
+    "number": 7,
+    "epoch": 3,
+  }
   assert sidecar["output_shape"] == ["batch", embedder.feature_dim]
   assert sidecar["flip"] is embedder.flip
 
@@ -138,8 +153,9 @@ def test_stablehlo_export_runs_with_jax_alone(tiny_model, tmp_path):
   np.savez(tmp_path / "inputs.npz", **inputs)
   allowed = _with_requirements(["jax", "numpy", "flatbuffers"])
   assert "ccreid-jax" not in allowed
-  child = _run_child(_RUN_STABLEHLO, allowed, path, str(tmp_path / "inputs.npz"),
-                     str(tmp_path / "outputs.npz"))
+  child = _run_child(
+    _RUN_STABLEHLO, allowed, path, str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")
+  )
   assert child.returncode == 0, child.stderr[-3000:]
   with np.load(tmp_path / "outputs.npz") as outputs:
     for name, images in inputs.items():
@@ -168,8 +184,9 @@ def test_stablehlo_export_needs_only_the_base_dependencies(tmp_path):
 
 def test_stablehlo_export_with_flip_and_float_input(tiny_model, tmp_path):
   embedder = _embedder(tiny_model, flip=True)
-  path = export_lib.export_stablehlo(embedder, str(tmp_path), input_dtype="float32",
-                                    platforms=("cpu",))
+  path = export_lib.export_stablehlo(
+    embedder, str(tmp_path), input_dtype="float32", platforms=("cpu",)
+  )
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   images = _images(3, seed=9)
@@ -208,8 +225,10 @@ def test_onnx_export_matches_the_model_in_onnxruntime(tiny_model, tmp_path):
   assert sidecar["opset"] == export_lib.ONNX_OPSET
   import onnx
 
-  assert max(o.version for o in onnx.load(out).opset_import
-             if o.domain in ("", "ai.onnx")) == export_lib.ONNX_OPSET
+  assert (
+    max(o.version for o in onnx.load(out).opset_import if o.domain in ("", "ai.onnx"))
+    == export_lib.ONNX_OPSET
+  )
 
 
 def test_onnx_input_is_the_test_transform_transposed():
@@ -221,8 +240,9 @@ def test_onnx_input_is_the_test_transform_transposed():
   np.testing.assert_allclose(x, want, atol=1e-5)
 
 
-def test_onnx_export_without_the_converter_says_how_to_install_it(tiny_model, tmp_path,
-                                                                   monkeypatch):
+def test_onnx_export_without_the_converter_says_how_to_install_it(
+  tiny_model, tmp_path, monkeypatch
+):
   monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if it were not installed
   out = tmp_path / "reid.onnx"
   with pytest.raises(export_lib.ExportUnavailableError) as info:
@@ -275,6 +295,7 @@ def test_every_export_loads_and_matches_the_embedder(dtype, tmp_path, capfd):
     sidecar = json.load(f)
   assert sidecar["compute_dtype"] == "float32" and sidecar["model"]["dtype"] == dtype
   assert sidecar.get("note", "").startswith(
-      "exported in float32 from a bfloat16 run" if dtype == "bfloat16" else "")
+    "exported in float32 from a bfloat16 run" if dtype == "bfloat16" else ""
+  )
   with open(path + ".json") as f:
     assert json.load(f)["compute_dtype"] == dtype

@@ -17,8 +17,14 @@ from ccreid_jax.data import synthetic
 from ccreid_jax.data.datasets import load_dataset
 from ccreid_jax.data.synthetic import generate_market_dataset
 
-_SMALL = dict(num_train_identities=6, num_test_identities=5, num_cameras=4,
-              images_per_camera=(2, 3), height=32, width=16)
+_SMALL = dict(
+  num_train_identities=6,
+  num_test_identities=5,
+  num_cameras=4,
+  images_per_camera=(2, 3),
+  height=32,
+  width=16,
+)
 _MARKET_NAME = re.compile(r"^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$")
 
 
@@ -43,7 +49,11 @@ def small(tmp_path_factory) -> str:
 def test_layout_and_file_names(small):
   folder = os.path.join(small, "Market-1501-v15.09.15")
   assert sorted(os.listdir(folder)) == [
-      ".synthetic.json", "bounding_box_test", "bounding_box_train", "query"]
+    ".synthetic.json",
+    "bounding_box_test",
+    "bounding_box_train",
+    "query",
+  ]
   for split in ("bounding_box_train", "query", "bounding_box_test"):
     names = os.listdir(os.path.join(folder, split))
     assert names and all(_MARKET_NAME.match(n) for n in names), names
@@ -52,8 +62,11 @@ def test_layout_and_file_names(small):
   with Image.open(sample) as image:
     assert image.format == "JPEG" and image.size == (16, 32) and image.mode == "RGB"
   # Unique names across the whole dataset.
-  all_names = [n for s in ("bounding_box_train", "query", "bounding_box_test")
-               for n in os.listdir(os.path.join(folder, s))]
+  all_names = [
+    n
+    for s in ("bounding_box_train", "query", "bounding_box_test")
+    for n in os.listdir(os.path.join(folder, s))
+  ]
   assert len(all_names) == len(set(all_names))
 
 
@@ -81,8 +94,10 @@ def test_identity_structure(small):
   # cross-camera match in the gallery.
   queries_per_identity = collections.Counter(r.identity for r in ds.query)
   assert all(1 <= n <= 2 for n in queries_per_identity.values())
-  assert all(len({r.camera for r in ds.query if r.identity == identity}) == n
-             for identity, n in queries_per_identity.items())
+  assert all(
+    len({r.camera for r in ds.query if r.identity == identity}) == n
+    for identity, n in queries_per_identity.items()
+  )
   gallery_pairs = {(r.identity, r.camera) for r in ds.gallery}
   for q in ds.query:
     assert any(identity == q.identity and camera != q.camera for identity, camera in gallery_pairs)
@@ -101,9 +116,10 @@ def test_identities_differ_and_images_vary(small):
 
   a, b = [r for r in ds.train if r.identity == 1][:2]
   assert not np.array_equal(load(a), load(b))  # per-image nuisance
-  means = {identity: np.mean([load(r).mean((0, 1)) for r in ds.train if r.identity == identity],
-                             axis=0)
-           for identity in range(1, 7)}
+  means = {
+    identity: np.mean([load(r).mean((0, 1)) for r in ds.train if r.identity == identity], axis=0)
+    for identity in range(1, 7)
+  }
   assert len({tuple(np.round(m)) for m in means.values()}) == 6
 
 
@@ -159,8 +175,12 @@ def test_a_marker_with_the_old_keys_still_matches(tmp_path):
   marker = os.path.join(folder, ".synthetic.json")
   with open(marker) as f:
     params = json.load(f)
-  old = {"num_train_identities": "num_train_ids", "num_test_identities": "num_test_ids",
-         "num_cameras": "num_cams", "images_per_camera": "images_per_cam"}
+  old = {
+    "num_train_identities": "num_train_ids",
+    "num_test_identities": "num_test_ids",
+    "num_cameras": "num_cams",
+    "images_per_camera": "images_per_cam",
+  }
   with open(marker, "w") as f:  # the marker as the generator wrote it before the rename
     json.dump({old.get(k, k): v for k, v in params.items()}, f)
   probe = os.path.join(folder, "query", "probe.txt")
@@ -195,8 +215,15 @@ def test_invalid_arguments(tmp_path):
 # pixels, not the JPEG files, so that another Pillow / libjpeg build does not change it; the
 # images only, not the .synthetic.json marker (whose keys were renamed since).
 _UNSHIFTED_PIXELS_SHA256 = "aef4e9c5cac3e7f5febfb79f9f6169cd283220bd100f4c70c62abfebf76375db"
-_SHIFT_SET = dict(num_train_identities=12, num_test_identities=4, num_cameras=4,
-                  images_per_camera=(3, 3), height=32, width=16, seed=0)
+_SHIFT_SET = dict(
+  num_train_identities=12,
+  num_test_identities=4,
+  num_cameras=4,
+  images_per_camera=(3, 3),
+  height=32,
+  width=16,
+  seed=0,
+)
 
 
 def _digest(folder: str) -> str:
@@ -241,8 +268,9 @@ def _cluster_aris(records) -> tuple[float, float]:
   thumbs = (thumbs - thumbs.mean(0)) / (thumbs.std(0) + 1e-6)
   identities = np.array([r.identity for r in records])
   cameras = np.array([r.camera for r in records])
-  labels = AgglomerativeClustering(n_clusters=len(set(identities)),
-                                   linkage="ward").fit_predict(thumbs)
+  labels = AgglomerativeClustering(n_clusters=len(set(identities)), linkage="ward").fit_predict(
+    thumbs
+  )
   return adjusted_rand_score(identities, labels), adjusted_rand_score(cameras, labels)
 
 
@@ -252,7 +280,10 @@ def test_camera_shift_makes_pixels_cluster_by_camera(shift_sets):
   # Unshifted, clusters of raw pixels follow the identities; shifted, the cameras.
   assert identity_ari0 > camera_ari0 + 0.1, (identity_ari0, camera_ari0)
   assert camera_ari1 > 2 * identity_ari1 and camera_ari1 > camera_ari0 + 0.2, (
-      identity_ari1, camera_ari1, camera_ari0)
+    identity_ari1,
+    camera_ari1,
+    camera_ari0,
+  )
 
 
 def _mean_colours(records) -> tuple[np.ndarray, np.ndarray]:
@@ -265,8 +296,9 @@ def test_camera_shift_is_consistent_within_a_camera_and_differs_between(shift_se
     colours, cameras = _mean_colours(train)
     centroids = np.stack([colours[cameras == c].mean(0) for c in range(4)])
     within = np.sqrt(np.mean(((colours - centroids[cameras]) ** 2).sum(1)))
-    between = min(np.linalg.norm(centroids[a] - centroids[b])
-                  for a in range(4) for b in range(a + 1, 4))
+    between = min(
+      np.linalg.norm(centroids[a] - centroids[b]) for a in range(4) for b in range(a + 1, 4)
+    )
     spreads[shift] = between / within
     # A camera's mean colour, learnt on the train identities, names the camera of the test
     # identities' images: the shift belongs to the camera, whoever is in the picture.
@@ -298,9 +330,27 @@ def test_camera_shift_marker_cli_and_invalid_values(tmp_path):
   assert set(before) == set(after)  # same names (the identities' and cameras' draws are shared)...
   assert all(before[k] != after[k] for k in before if k.endswith(".jpg"))  # ... other pixels
 
-  synthetic.main(["--root", str(tmp_path / "cli"), "--num-train-identities", "2",
-                  "--num-test-identities", "2", "--num-cameras", "3", "--images-per-camera", "2",
-                  "2", "--height", "32", "--width", "16", "--camera-shift", "1.5"])
+  synthetic.main(
+    [
+      "--root",
+      str(tmp_path / "cli"),
+      "--num-train-identities",
+      "2",
+      "--num-test-identities",
+      "2",
+      "--num-cameras",
+      "3",
+      "--images-per-camera",
+      "2",
+      "2",
+      "--height",
+      "32",
+      "--width",
+      "16",
+      "--camera-shift",
+      "1.5",
+    ]
+  )
   params = _marker(str(tmp_path / "cli" / "Market-1501-v15.09.15"))
   assert params["camera_shift"] == 1.5 and params["num_cameras"] == 3
 

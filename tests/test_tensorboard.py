@@ -15,8 +15,18 @@ def _rank_list():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (6, 20, 10, 3), dtype=np.uint8)
   distmat = rng.random((2, 4)).astype(np.float32)
-  return vis.rank_list_image(images[:2], [1, 2], [0, 1], images[2:], [1, 2, 3, 1], [1, 0, 2, 0],
-                             distmat, query_indices=[0, 1], topk=3, thumb=(24, 12))
+  return vis.rank_list_image(
+    images[:2],
+    [1, 2],
+    [0, 1],
+    images[2:],
+    [1, 2, 3, 1],
+    [1, 0, 2, 0],
+    distmat,
+    query_indices=[0, 1],
+    topk=3,
+    thumb=(24, 12),
+  )
 
 
 def test_scalars_and_image_read_back(tmp_path):
@@ -49,9 +59,22 @@ def test_metrics_records_map_to_tags_and_epochs_done(tmp_path):
   logdir = str(tmp_path / "tb")
   writer = tb.TensorBoardWriter(logdir)
   writer.write_record("initial", mAP=0.125, rank1=0.25, rank5=0.5, rank10=0.625)
-  writer.write_record("epoch", epoch=2, clusters=40, outliers=7, cluster_ari=0.5, loss=3.5,
-                      lr=0.00035, steps=30, time_train=1.5, rlcc_num_new=2, mAP=0.375,
-                      rank1=0.5, rank5=0.75, rank10=0.875)
+  writer.write_record(
+    "epoch",
+    epoch=2,
+    clusters=40,
+    outliers=7,
+    cluster_ari=0.5,
+    loss=3.5,
+    lr=0.00035,
+    steps=30,
+    time_train=1.5,
+    rlcc_num_new=2,
+    mAP=0.375,
+    rank1=0.5,
+    rank5=0.75,
+    rank10=0.875,
+  )
   writer.close()
   writer.close()  # A second close is harmless.
 
@@ -73,8 +96,9 @@ def test_record_scalars_and_step():
   assert tb.record_step("epoch", {"epoch": 4}) == 5
   with pytest.raises(ValueError):
     tb.record_step("epoch", {})
-  values = tb.record_scalars({"kind": "epoch", "time": 1.0, "epoch": 1, "loss": float("nan"),
-                              "flag": True, "clusters": 3})
+  values = tb.record_scalars(
+    {"kind": "epoch", "time": 1.0, "epoch": 1, "loss": float("nan"), "flag": True, "clusters": 3}
+  )
   assert set(values) == {"train/loss", "cluster/clusters"}
   assert np.isnan(values["train/loss"])
 

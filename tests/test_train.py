@@ -71,7 +71,8 @@ def test_train_and_evaluate_end_to_end_and_resume(tiny_market, tmp_path):
   assert epochs[-1]["mAP"] >= initial[0]["mAP"] + 0.1, (initial[0]["mAP"], epochs[-1]["mAP"])
   # The memory is padded to the power-of-two bucket the train step was compiled for.
   assert [r["memory_bucket"] for r in epochs] == [
-      memory_lib.bucket_size(r["clusters"], config.memory.min_bucket) for r in epochs]
+    memory_lib.bucket_size(r["clusters"], config.memory.min_bucket) for r in epochs
+  ]
 
   # Evaluating the saved checkpoint reproduces the metrics logged at training time.
   evaluated = commands.evaluate(config, workdir, checkpoint="latest")
@@ -103,10 +104,12 @@ def test_resumed_run_matches_uninterrupted_run(tiny_market, tmp_path, rlcc):
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  straight = [r for r in run_lib.Run(str(tmp_path / "straight")).metrics_lines()[0]
-              if r["kind"] == "epoch"]
-  resumed = [r for r in run_lib.Run(str(tmp_path / "resumed")).metrics_lines()[0]
-             if r["kind"] == "epoch"]
+  straight = [
+    r for r in run_lib.Run(str(tmp_path / "straight")).metrics_lines()[0] if r["kind"] == "epoch"
+  ]
+  resumed = [
+    r for r in run_lib.Run(str(tmp_path / "resumed")).metrics_lines()[0] if r["kind"] == "epoch"
+  ]
   assert [r["epoch"] for r in straight] == [r["epoch"] for r in resumed] == [0, 1, 2]
   # Every epoch trained (a formed clustering, a finite loss): NaN losses of untrained epochs
   # would compare equal below without showing anything.
@@ -143,19 +146,22 @@ def test_soft_target_step_with_one_hot_targets_equals_the_plain_step():
   targets = np.eye(16, dtype=np.float32)[labels]  # one-hot over the padded bucket of 16
 
   def run(soft):
-    state = state_lib.create_train_state(model, config, tx=tx,
-                                         memory=memory_lib.init_memory(centroids, 16))
+    state = state_lib.create_train_state(
+      model, config, tx=tx, memory=memory_lib.init_memory(centroids, 16)
+    )
     step = train.make_train_step(config, mesh, soft_targets=soft)
     args = (images, labels, targets) if soft else (images, labels)
     return step(state, *args)
 
   (hard_state, hard_metrics), (soft_state, soft_metrics) = run(False), run(True)
   assert float(soft_metrics["loss"]) == pytest.approx(float(hard_metrics["loss"]), abs=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(hard_state.params),
-                  jax.tree_util.tree_leaves(soft_state.params)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(hard_state.params), jax.tree_util.tree_leaves(soft_state.params)
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(hard_state.memory.centroids),
-                             np.asarray(soft_state.memory.centroids), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(hard_state.memory.centroids), np.asarray(soft_state.memory.centroids), atol=1e-6
+  )
 
 
 def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
@@ -170,17 +176,22 @@ def test_config_pretrained_loads_the_trunk_into_the_initial_state(tmp_path):
   fresh = state_lib.create_train_state(model, config, tx=tx, memory=memory)
   shifted = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, fresh.params)
   path = str(tmp_path / "trunk.npz")
-  np.savez(path, **weights.flatten_variables(
-      {"params": shifted, "batch_stats": fresh.batch_stats}))
+  np.savez(path, **weights.flatten_variables({"params": shifted, "batch_stats": fresh.batch_stats}))
   config.model.pretrained = path
   loaded = state_lib.create_train_state(model, config, tx=tx, memory=memory)
-  np.testing.assert_array_equal(np.asarray(loaded.params["layer1_0"]["conv1"]["kernel"]),
-                                np.asarray(shifted["layer1_0"]["conv1"]["kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(loaded.params["layer1_0"]["conv1"]["kernel"]),
+    np.asarray(shifted["layer1_0"]["conv1"]["kernel"]),
+  )
   # The optimizer state is built for the loaded parameters: same tree, zero moments.
-  assert (jax.tree_util.tree_structure(loaded.opt_state)
-          == jax.tree_util.tree_structure(fresh.opt_state))
-  assert all(float(np.abs(np.asarray(x)).max()) == 0.0
-             for x in jax.tree_util.tree_leaves(loaded.opt_state) if np.asarray(x).ndim)
+  assert jax.tree_util.tree_structure(loaded.opt_state) == jax.tree_util.tree_structure(
+    fresh.opt_state
+  )
+  assert all(
+    float(np.abs(np.asarray(x)).max()) == 0.0
+    for x in jax.tree_util.tree_leaves(loaded.opt_state)
+    if np.asarray(x).ndim
+  )
 
 
 def test_every_train_state_field_is_saved_static_or_rebuilt():

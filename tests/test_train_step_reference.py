@@ -66,8 +66,9 @@ def _leaves64(tree) -> list[np.ndarray]:
   return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _assert_leaves_close(got: list[np.ndarray], want: list[np.ndarray], *, atol: float = 0.0,
-                         scaled: float = 0.0) -> None:
+def _assert_leaves_close(
+  got: list[np.ndarray], want: list[np.ndarray], *, atol: float = 0.0, scaled: float = 0.0
+) -> None:
   """Leaf by leaf: |got - want| <= atol + scaled * max|want| (``scaled``: relative to the leaf)."""
   assert len(got) == len(want)
   for g, w in zip(got, want):
@@ -99,8 +100,9 @@ class _ReferenceStep:
     self.num_clusters = int(np.asarray(state.memory.valid).sum())
 
     def forward(params, batch_stats, x):
-      features, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"])
+      features, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       return features, updates["batch_stats"]
 
     def pullback(params, batch_stats, x, cotangent):
@@ -118,8 +120,9 @@ class _ReferenceStep:
     cfg = self.config
     aug = cfg.augment
     key = jax.random.fold_in(self.rng, self.step_count)
-    x = augment_lib.train_augment(key, images, flip_prob=aug.flip_prob, pad=aug.pad,
-                                  erasing_prob=aug.erasing_prob)
+    x = augment_lib.train_augment(
+      key, images, flip_prob=aug.flip_prob, pad=aug.pad, erasing_prob=aug.erasing_prob
+    )
 
     params32 = self._params32()
     features, new_stats = self._forward(params32, self.batch_stats, x)
@@ -127,7 +130,7 @@ class _ReferenceStep:
 
     # Loss against the memory as it is before this step's update; padded rows left out.
     tau = cfg.memory.temperature
-    memory = self.memory[:self.num_clusters]
+    memory = self.memory[: self.num_clusters]
     norm = np.linalg.norm(f, axis=1, keepdims=True)
     fn = f / norm
     prob = _softmax(fn @ memory.T / tau)
@@ -151,8 +154,8 @@ class _ReferenceStep:
       g = g + optim.weight_decay * self.params[i]
       self.mu[i] = b1 * self.mu[i] + (1 - b1) * g
       self.nu[i] = b2 * self.nu[i] + (1 - b2) * g * g
-      m_hat = self.mu[i] / (1 - b1 ** t)
-      v_hat = self.nu[i] / (1 - b2 ** t)
+      m_hat = self.mu[i] / (1 - b1**t)
+      v_hat = self.nu[i] / (1 - b2**t)
       self.params[i] = self.params[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
 
     self.update_memory(fn, labels)
@@ -177,14 +180,16 @@ def test_train_step_equals_a_hand_built_step():
   rng = np.random.default_rng(7)
   centroids = rng.normal(size=(NUM_CLUSTERS, dim)).astype(np.float32)
   centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-  state = state_lib.create_train_state(model, config, tx=tx,
-                                       memory=memory_lib.init_memory(centroids, BUCKET))
+  state = state_lib.create_train_state(
+    model, config, tx=tx, memory=memory_lib.init_memory(centroids, BUCKET)
+  )
   reference = _ReferenceStep(model, config, state)
   step = train.make_train_step(config, make_mesh())
 
   for i in range(STEPS):
-    images = rng.integers(0, 256, size=(BATCH, config.data.height, config.data.width, 3),
-                          dtype=np.uint8)
+    images = rng.integers(
+      0, 256, size=(BATCH, config.data.height, config.data.width, 3), dtype=np.uint8
+    )
     # Clusters 0, 1, 3, 4 four times each in a shuffled order (2 is absent): the memory update
     # order is the batch order, and a row seen several times is updated several times.
     labels = rng.permutation(np.repeat(np.array([0, 1, 3, 4]), BATCH // 4)).astype(np.int32)
@@ -200,8 +205,9 @@ def test_train_step_equals_a_hand_built_step():
     assert int(adam.count) == i + 1
     _assert_leaves_close(_leaves64(adam.mu), reference.mu, scaled=1e-4)
     _assert_leaves_close(_leaves64(adam.nu), reference.nu, scaled=1e-4)
-    _assert_leaves_close(_leaves64(state.batch_stats), _leaves64(reference.batch_stats),
-                         scaled=1e-5)
+    _assert_leaves_close(
+      _leaves64(state.batch_stats), _leaves64(reference.batch_stats), scaled=1e-5
+    )
     memory = np.asarray(state.memory.centroids, np.float64)
     np.testing.assert_allclose(memory, reference.memory, rtol=0, atol=5e-6)
     # Row 2 (absent from every batch) and the padding are untouched.
@@ -221,20 +227,30 @@ _RLCC_FLOATS = ("mean_max_target", "frac_argmax_changed")
 def _rlcc_stats(features, labels, prev_labels, prev_centroids, rlcc, *, use_prev_onehot):
   """The statistics the run logs for RLCC targets built from these inputs."""
   targets = clustering.soft_labels(
-      features, labels, prev_labels, prev_centroids, use_prev_onehot=use_prev_onehot,
-      alpha=rlcc.alpha, beta=rlcc.beta, pred_temp=rlcc.pred_temp)
-  return clustering.consensus_stats(prev_labels, labels, targets,
-                                    num_prev_clusters=prev_centroids.shape[0])
+    features,
+    labels,
+    prev_labels,
+    prev_centroids,
+    use_prev_onehot=use_prev_onehot,
+    alpha=rlcc.alpha,
+    beta=rlcc.beta,
+    pred_temp=rlcc.pred_temp,
+  )
+  return clustering.consensus_stats(
+    prev_labels, labels, targets, num_prev_clusters=prev_centroids.shape[0]
+  )
 
 
 def _matches(stats: dict, record: dict) -> bool:
-  return (all(stats[k] == record[f"rlcc_{k}"] for k in _RLCC_INTS)
-          and all(abs(stats[k] - record[f"rlcc_{k}"]) <= 1e-6 for k in _RLCC_FLOATS))
+  return all(stats[k] == record[f"rlcc_{k}"] for k in _RLCC_INTS) and all(
+    abs(stats[k] - record[f"rlcc_{k}"]) <= 1e-6 for k in _RLCC_FLOATS
+  )
 
 
 @pytest.mark.slow
 def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
-    tiny_market, tmp_path, monkeypatch):
+  tiny_market, tmp_path, monkeypatch
+):
   """Epochs 1 (P = q) and 2 (P mixes in the previous one-hot) recomputed from checkpoints.
 
   Checkpoint ``e`` (saved after epoch ``e - 1``) holds the model that extracts epoch ``e``'s
@@ -258,10 +274,14 @@ def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
   def save(self, step, state, meta):
     fields = state["train_state"]  # the TrainState's fields, as a dict or the dataclass
     memory = fields["memory"] if isinstance(fields, dict) else fields.memory
-    saved[step] = jax.device_get({"labels": state["pseudo_labels"],
-                                  "centroids": state["cluster_centroids"],
-                                  "memory": memory.centroids,
-                                  "num_clusters": meta["num_clusters"]})
+    saved[step] = jax.device_get(
+      {
+        "labels": state["pseudo_labels"],
+        "centroids": state["cluster_centroids"],
+        "memory": memory.centroids,
+        "num_clusters": meta["num_clusters"],
+      }
+    )
     real_save(self, step, state, meta)
     self.wait_until_finished()
     shutil.copytree(os.path.join(self.directory, str(step)), kept / str(step))
@@ -275,16 +295,25 @@ def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
 
   for epoch in (1, 2):
     previous, current = saved[epoch], saved[epoch + 1]
-    prev_centroids = previous["centroids"][:previous["num_clusters"]]
+    prev_centroids = previous["centroids"][: previous["num_clusters"]]
     out = str(tmp_path / f"features{epoch}.npz")
     commands.extract(config, workdir, split="train", out=out, checkpoint=str(kept / str(epoch)))
     features = read_features(out).features
     # These are the features epoch `epoch` clustered: they give its saved centroids.
-    np.testing.assert_allclose(clustering.cluster_centroids(features, current["labels"]),
-                               current["centroids"][:current["num_clusters"]], atol=1e-6)
+    np.testing.assert_allclose(
+      clustering.cluster_centroids(features, current["labels"]),
+      current["centroids"][: current["num_clusters"]],
+      atol=1e-6,
+    )
 
-    stats = _rlcc_stats(features, current["labels"], previous["labels"], prev_centroids,
-                        config.rlcc, use_prev_onehot=epoch >= 2)
+    stats = _rlcc_stats(
+      features,
+      current["labels"],
+      previous["labels"],
+      prev_centroids,
+      config.rlcc,
+      use_prev_onehot=epoch >= 2,
+    )
     record = records[epoch]
     assert stats["num_prev_clusters"] == previous["num_clusters"] == records[epoch - 1]["clusters"]
     for key in _RLCC_INTS:
@@ -294,19 +323,33 @@ def test_rlcc_targets_use_the_previous_epochs_labels_and_clustering_centroids(
 
     # The same statistics from the wrong inputs differ from the logged ones, so the checks
     # above tell the right wiring from these.
-    memory = previous["memory"][:previous["num_clusters"]]
+    memory = previous["memory"][: previous["num_clusters"]]
     assert not np.allclose(memory, prev_centroids, atol=1e-3)
     wrong = {
-        "momentum-updated memory as the previous centroids": _rlcc_stats(
-            features, current["labels"], previous["labels"], memory, config.rlcc,
-            use_prev_onehot=epoch >= 2),
-        "current labels and centroids as the previous ones": _rlcc_stats(
-            features, current["labels"], current["labels"],
-            current["centroids"][:current["num_clusters"]], config.rlcc,
-            use_prev_onehot=epoch >= 2),
-        "the other epoch's rule for P": _rlcc_stats(
-            features, current["labels"], previous["labels"], prev_centroids, config.rlcc,
-            use_prev_onehot=epoch < 2),
+      "momentum-updated memory as the previous centroids": _rlcc_stats(
+        features,
+        current["labels"],
+        previous["labels"],
+        memory,
+        config.rlcc,
+        use_prev_onehot=epoch >= 2,
+      ),
+      "current labels and centroids as the previous ones": _rlcc_stats(
+        features,
+        current["labels"],
+        current["labels"],
+        current["centroids"][: current["num_clusters"]],
+        config.rlcc,
+        use_prev_onehot=epoch >= 2,
+      ),
+      "the other epoch's rule for P": _rlcc_stats(
+        features,
+        current["labels"],
+        previous["labels"],
+        prev_centroids,
+        config.rlcc,
+        use_prev_onehot=epoch < 2,
+      ),
     }
     for name, other in wrong.items():
       assert not _matches(other, record), (epoch, name)

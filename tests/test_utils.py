@@ -40,5 +40,7 @@ def test_metrics_writer_appends_records_and_a_disabled_one_writes_nothing(tmp_pa
   writer.write("epoch", epoch=1, loss=1.25)
   text = (tmp_path / "on" / "metrics.jsonl").read_text()
   lines = [json.loads(line) for line in text.splitlines()]
-  assert ([(r["kind"], r["epoch"], r["loss"]) for r in lines]
-          == [("epoch", 0, 1.5), ("epoch", 1, 1.25)])
+  assert [(r["kind"], r["epoch"], r["loss"]) for r in lines] == [
+    ("epoch", 0, 1.5),
+    ("epoch", 1, 1.25),
+  ]

@@ -36,22 +36,33 @@ GALLERY_COLOURS = [(10, 0, 0), (20, 0, 0), (30, 0, 0), (40, 0, 0), (50, 0, 0)]
 QUERY_IDENTITIES, QUERY_CAMERAS = [1, 3], [0, 2]
 GALLERY_IDENTITIES = [1, 2, 1, 3, 3]
 GALLERY_CAMERAS = [0, 1, 1, 2, 0]
-DISTMAT = np.array([
+DISTMAT = np.array(
+  [
     # q0 (identity 1, camera 0): g0 is closest but has the query's identity and camera: it must
     # be skipped.
     [0.0, 0.1, 0.2, 0.3, 0.4],
     # q1 (identity 3, camera 2): g3 (same identity and camera) skipped; g4 (same identity, other
     # camera) is rank 1.
     [0.5, 0.4, 0.3, 0.0, 0.1],
-], np.float32)
+  ],
+  np.float32,
+)
 
 
 def _problem_image(topk=3, query_indices=(0, 1), gallery=None):
   gallery = [_solid(c) for c in GALLERY_COLOURS] if gallery is None else gallery
   return vis.rank_list_image(
-      [_solid((0, 0, 200)), _solid((0, 0, 100))], QUERY_IDENTITIES, QUERY_CAMERAS, gallery,
-      GALLERY_IDENTITIES, GALLERY_CAMERAS, DISTMAT, query_indices=list(query_indices), topk=topk,
-      thumb=THUMB)
+    [_solid((0, 0, 200)), _solid((0, 0, 100))],
+    QUERY_IDENTITIES,
+    QUERY_CAMERAS,
+    gallery,
+    GALLERY_IDENTITIES,
+    GALLERY_CAMERAS,
+    DISTMAT,
+    query_indices=list(query_indices),
+    topk=topk,
+    thumb=THUMB,
+  )
 
 
 def test_rank_list_size_is_exact():
@@ -69,12 +80,18 @@ def test_rank_list_frames_order_and_same_camera_filtering():
   assert _frame_colour(image, 0, 0) == vis.QUERY
   assert _thumb_colour(image, 0, 0) == (0, 0, 200)
   assert [_thumb_colour(image, 0, c) for c in (1, 2, 3)] == [
-      GALLERY_COLOURS[1], GALLERY_COLOURS[2], GALLERY_COLOURS[3]]
+    GALLERY_COLOURS[1],
+    GALLERY_COLOURS[2],
+    GALLERY_COLOURS[3],
+  ]
   assert [_frame_colour(image, 0, c) for c in (1, 2, 3)] == [vis.WRONG, vis.CORRECT, vis.WRONG]
   # Query 1 (identity 3, camera 2): g3 removed; g4 (identity 3, camera 0: right), g2 (wrong), g1
   # (wrong).
   assert [_thumb_colour(image, 1, c) for c in (1, 2, 3)] == [
-      GALLERY_COLOURS[4], GALLERY_COLOURS[2], GALLERY_COLOURS[1]]
+    GALLERY_COLOURS[4],
+    GALLERY_COLOURS[2],
+    GALLERY_COLOURS[1],
+  ]
   assert [_frame_colour(image, 1, c) for c in (1, 2, 3)] == [vis.CORRECT, vis.WRONG, vis.WRONG]
   # The skipped same-identity-same-camera image appears nowhere in its query's row.
   pixels = np.asarray(image)
@@ -93,8 +110,9 @@ def test_rank_list_leaves_slots_blank_when_few_entries_are_kept():
 
 
 def test_rank_list_ties_keep_gallery_order():
-  order = vis.ranked_gallery(np.array([0.5, 0.1, 0.1, 0.1]), 7, 0, np.array([1, 2, 7, 3]),
-                             np.array([0, 0, 0, 1]), topk=3)
+  order = vis.ranked_gallery(
+    np.array([0.5, 0.1, 0.1, 0.1]), 7, 0, np.array([1, 2, 7, 3]), np.array([0, 0, 0, 1]), topk=3
+  )
   assert order.tolist() == [1, 3, 0]  # g2 (same identity and camera) removed; ties by index.
 
 
@@ -125,25 +143,42 @@ def test_save_rank_list_and_records_helper(tmp_path):
   Image.fromarray(_solid((0, 0, 200))).save(query_paths[0])
   Image.fromarray(_solid((0, 0, 100))).save(query_paths[1])
   query = [Record(p, i, c) for p, i, c in zip(query_paths, QUERY_IDENTITIES, QUERY_CAMERAS)]
-  gallery = [Record(p, i, c)
-             for p, i, c in zip(gallery_paths, GALLERY_IDENTITIES, GALLERY_CAMERAS)]
-  image = vis.rank_list_from_records(query, gallery, DISTMAT, query_indices=[0, 1], topk=3,
-                                     thumb=THUMB)
+  gallery = [Record(p, i, c) for p, i, c in zip(gallery_paths, GALLERY_IDENTITIES, GALLERY_CAMERAS)]
+  image = vis.rank_list_from_records(
+    query, gallery, DISTMAT, query_indices=[0, 1], topk=3, thumb=THUMB
+  )
   np.testing.assert_array_equal(np.asarray(image), np.asarray(_problem_image()))
 
   out = tmp_path / "sub" / "ranklist.png"
-  saved = vis.save_rank_list(str(out), [_solid((0, 0, 200)), _solid((0, 0, 100))],
-                             QUERY_IDENTITIES, QUERY_CAMERAS,
-                             [_solid(c) for c in GALLERY_COLOURS], GALLERY_IDENTITIES,
-                             GALLERY_CAMERAS, DISTMAT, query_indices=[0, 1], topk=3, thumb=THUMB)
+  saved = vis.save_rank_list(
+    str(out),
+    [_solid((0, 0, 200)), _solid((0, 0, 100))],
+    QUERY_IDENTITIES,
+    QUERY_CAMERAS,
+    [_solid(c) for c in GALLERY_COLOURS],
+    GALLERY_IDENTITIES,
+    GALLERY_CAMERAS,
+    DISTMAT,
+    query_indices=[0, 1],
+    topk=3,
+    thumb=THUMB,
+  )
   with Image.open(out) as reread:
     np.testing.assert_array_equal(np.asarray(reread.convert("RGB")), np.asarray(saved))
 
 
 def test_rank_list_rejects_inconsistent_inputs():
   with pytest.raises(ValueError, match="distmat"):
-    vis.rank_list_image([_solid(0)] * 2, QUERY_IDENTITIES, QUERY_CAMERAS, [_solid(0)] * 5,
-                        GALLERY_IDENTITIES, GALLERY_CAMERAS, DISTMAT.T, query_indices=[0])
+    vis.rank_list_image(
+      [_solid(0)] * 2,
+      QUERY_IDENTITIES,
+      QUERY_CAMERAS,
+      [_solid(0)] * 5,
+      GALLERY_IDENTITIES,
+      GALLERY_CAMERAS,
+      DISTMAT.T,
+      query_indices=[0],
+    )
   with pytest.raises(ValueError, match="out of range"):
     _problem_image(query_indices=[2])
 
@@ -197,8 +232,14 @@ def test_choose_queries_is_seeded_distinct_and_clipped():
 def _records(num_epochs=6, initial=True, offset=0.0):
   records = [{"kind": "initial", "mAP": 0.02, "rank1": 0.08, "time": 1.0}] if initial else []
   for e in range(num_epochs):
-    record = {"kind": "epoch", "epoch": e, "clusters": 40 + 5 * e, "outliers": 30 - 3 * e,
-              "loss": 4.0 - 0.4 * e + offset, "time": 2.0 + e}
+    record = {
+      "kind": "epoch",
+      "epoch": e,
+      "clusters": 40 + 5 * e,
+      "outliers": 30 - 3 * e,
+      "loss": 4.0 - 0.4 * e + offset,
+      "time": 2.0 + e,
+    }
     if e % 2 == 1:
       record.update(mAP=0.1 + 0.05 * e + offset, rank1=0.3 + 0.05 * e)
     records.append(record)
@@ -234,8 +275,13 @@ def test_training_curves_panels_hold_their_series():
   top_left, top_right = (0, 0, 450, 300), (450, 0, 900, 300)
   bottom_left, bottom_right = (0, 300, 450, 600), (450, 300, 900, 600)
   colours = vis.SERIES_COLOURS
-  for name, panel in (("mAP", top_left), ("rank-1", top_left), ("clusters", top_right),
-                      ("outliers", bottom_left), ("loss", bottom_right)):
+  for name, panel in (
+    ("mAP", top_left),
+    ("rank-1", top_left),
+    ("clusters", top_right),
+    ("outliers", bottom_left),
+    ("loss", bottom_right),
+  ):
     inside = _mask(image, colours[name], panel).sum()
     assert inside > 50, name
     assert _mask(image, colours[name]).sum() == inside, f"{name} drawn outside its panel"
@@ -251,8 +297,10 @@ def test_training_curves_panels_hold_their_series():
 def test_training_curves_put_the_initial_evaluation_first():
   plot = (0, 30, 450, 300)  # The evaluation panel below its title line.
   with_initial = _mask(vis.training_curves_image(_records()), vis.SERIES_COLOURS["mAP"], plot)
-  without = _mask(vis.training_curves_image(_records(initial=False)), vis.SERIES_COLOURS["mAP"],
-                  plot)
+  without = _mask(
+    vis.training_curves_image(_records(initial=False)), vis.SERIES_COLOURS["mAP"], plot
+  )
+
   def first_x(mask):
     return np.nonzero(mask.any(axis=0))[0].min()
 
@@ -265,8 +313,9 @@ def test_training_curves_last_record_of_an_epoch_wins_and_nan_is_skipped():
   records = _records()
   stale = dict(records[3], clusters=999, loss=float("nan"))  # epoch 2 of a killed attempt
   resumed = records[:4] + [stale] + records[3:]
-  np.testing.assert_array_equal(np.asarray(vis.training_curves_image(resumed)),
-                                np.asarray(vis.training_curves_image(records)))
+  np.testing.assert_array_equal(
+    np.asarray(vis.training_curves_image(resumed)), np.asarray(vis.training_curves_image(records))
+  )
   with_nan = [dict(r, loss=float("nan")) if r.get("epoch") == 2 else r for r in records]
   image = vis.training_curves_image(with_nan)  # Draws; the gap is simply left out.
   assert image.size == (900, 600)
@@ -279,8 +328,9 @@ def test_training_curves_outliers_as_fraction_with_num_train():
   as_fraction = vis.training_curves_image(records, num_train=100)
   panel = (0, 300, 450, 600)
   left, top, right, bottom = panel
-  assert (np.asarray(as_count)[top:bottom, left:right]
-          != np.asarray(as_fraction)[top:bottom, left:right]).any()
+  assert (
+    np.asarray(as_count)[top:bottom, left:right] != np.asarray(as_fraction)[top:bottom, left:right]
+  ).any()
   # Other panels do not change.
   np.testing.assert_array_equal(np.asarray(as_count)[:300], np.asarray(as_fraction)[:300])
 

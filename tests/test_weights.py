@@ -62,8 +62,7 @@ def _numpy_state_dict(depth, width, ibn=False, seed=0):
     out[torch_name] = values.astype(np.float32)
     if torch_name.endswith("running_var"):
       out[torch_name[: -len("running_var")] + "num_batches_tracked"] = np.array(7, np.int64)
-  out["fc.weight"] = rng.normal(size=(10, flat["params/feat_bn/scale"].shape[0])).astype(
-      np.float32)
+  out["fc.weight"] = rng.normal(size=(10, flat["params/feat_bn/scale"].shape[0])).astype(np.float32)
   out["fc.bias"] = np.zeros(10, np.float32)
   return out
 
@@ -95,18 +94,31 @@ def _p_dict(items):
 
 
 def _p_tensor(key, storage_type, numel, offset, size, stride, legacy):
-  pid = [_p_str("storage"), _p_global("torch", storage_type), _p_str(key), _p_str("cpu"),
-         _p_int(numel)]
+  pid = [
+    _p_str("storage"),
+    _p_global("torch", storage_type),
+    _p_str(key),
+    _p_str("cpu"),
+    _p_int(numel),
+  ]
   if legacy:
-    pid.append(b"N")   # view_metadata None
-  args = [_p_tuple(pid) + b"Q", _p_int(offset), _p_tuple([_p_int(v) for v in size]),
-          _p_tuple([_p_int(v) for v in stride]), b"\x89",
-          _p_global("collections", "OrderedDict") + b")R"]
+    pid.append(b"N")  # view_metadata None
+  args = [
+    _p_tuple(pid) + b"Q",
+    _p_int(offset),
+    _p_tuple([_p_int(v) for v in size]),
+    _p_tuple([_p_int(v) for v in stride]),
+    b"\x89",
+    _p_global("collections", "OrderedDict") + b")R",
+  ]
   return _p_global("torch._utils", "_rebuild_tensor_v2") + _p_tuple(args) + b"R"
 
 
-_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-                  np.dtype(np.int64): "LongStorage"}
+_STORAGE_NAMES = {
+  np.dtype(np.float32): "FloatStorage",
+  np.dtype(np.float16): "HalfStorage",
+  np.dtype(np.int64): "LongStorage",
+}
 
 
 def _hand_checkpoint(path, tensors, storages, *, legacy, wrap=None, big_endian=False):
@@ -115,8 +127,12 @@ def _hand_checkpoint(path, tensors, storages, *, legacy, wrap=None, big_endian=F
   items = []
   for name, (key, offset, size, stride) in tensors.items():
     data = storages[key]
-    items.append((_p_str(name), _p_tensor(key, _STORAGE_NAMES[data.dtype], data.size, offset,
-                                          size, stride, legacy)))
+    items.append(
+      (
+        _p_str(name),
+        _p_tensor(key, _STORAGE_NAMES[data.dtype], data.size, offset, size, stride, legacy),
+      )
+    )
   obj = _p_dict(items)
   if wrap is not None:
     obj = _p_dict([(_p_str(wrap), obj), (_p_str("epoch"), _p_int(3))])
@@ -126,8 +142,16 @@ def _hand_checkpoint(path, tensors, storages, *, legacy, wrap=None, big_endian=F
     with open(path, "wb") as f:
       f.write(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
       f.write(pickle.dumps(1001, protocol=2))
-      f.write(pickle.dumps({"protocol_version": 1001, "little_endian": not big_endian,
-                            "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+      f.write(
+        pickle.dumps(
+          {
+            "protocol_version": 1001,
+            "little_endian": not big_endian,
+            "type_sizes": {"short": 2, "int": 4, "long": 4},
+          },
+          protocol=2,
+        )
+      )
       f.write(pkl)
       keys = sorted(storages)
       f.write(pickle.dumps(keys, protocol=2))
@@ -150,18 +174,18 @@ def _hand_example():
   s1 = rng.normal(size=6).astype(np.float16)
   storages = {"0": s0, "1": s1, "2": np.array([42], np.int64)}
   tensors = {
-      "conv.weight": ("0", 0, (2, 3, 2, 2), (12, 4, 2, 1)),   # contiguous
-      "transposed": ("0", 0, (4, 6), (1, 4)),                 # a .t() view: non-contiguous
-      "offset_view": ("0", 5, (3, 2), (4, 2)),                # storage offset + strides
-      "half": ("1", 0, (6,), (1,)),
-      "bn.num_batches_tracked": ("2", 0, (), ()),             # 0-d
+    "conv.weight": ("0", 0, (2, 3, 2, 2), (12, 4, 2, 1)),  # contiguous
+    "transposed": ("0", 0, (4, 6), (1, 4)),  # a .t() view: non-contiguous
+    "offset_view": ("0", 5, (3, 2), (4, 2)),  # storage offset + strides
+    "half": ("1", 0, (6,), (1,)),
+    "bn.num_batches_tracked": ("2", 0, (), ()),  # 0-d
   }
   expected = {
-      "conv.weight": s0.reshape(2, 3, 2, 2),
-      "transposed": s0.reshape(6, 4).T,
-      "offset_view": np.lib.stride_tricks.as_strided(s0[5:], (3, 2), (16, 8)),
-      "half": s1,
-      "bn.num_batches_tracked": np.array(42, np.int64),
+    "conv.weight": s0.reshape(2, 3, 2, 2),
+    "transposed": s0.reshape(6, 4).T,
+    "offset_view": np.lib.stride_tricks.as_strided(s0[5:], (3, 2), (16, 8)),
+    "half": s1,
+    "bn.num_batches_tracked": np.array(42, np.int64),
   }
   return storages, tensors, expected
 
@@ -175,13 +199,19 @@ def _assert_same_dict(got, expected):
 
 
 def _write_safetensors(path, arrays, codes=None):
-  codes = codes or {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                    np.dtype(np.int64): "I64"}
+  codes = codes or {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+  }
   header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
   for name, a in arrays.items():
     b = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()
-    header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + len(b)]}
+    header[name] = {
+      "dtype": codes[a.dtype],
+      "shape": list(a.shape),
+      "data_offsets": [offset, offset + len(b)],
+    }
     blobs.append(b)
     offset += len(b)
   h = json.dumps(header).encode()
@@ -207,8 +237,9 @@ def test_hand_made_torch_checkpoints(tmp_path, legacy, big_endian):
 def test_containers_unwrapped_and_module_prefix_stripped(tmp_path, legacy):
   storages, tensors, expected = _hand_example()
   path = tmp_path / "resnet50_ibn_a.pth.tar"
-  _hand_checkpoint(path, {"module." + k: v for k, v in tensors.items()}, storages,
-                   legacy=legacy, wrap="state_dict")
+  _hand_checkpoint(
+    path, {"module." + k: v for k, v in tensors.items()}, storages, legacy=legacy, wrap="state_dict"
+  )
   _assert_same_dict(read_state_dict(path), expected)
   _hand_checkpoint(path, tensors, storages, legacy=legacy, wrap="model")
   _assert_same_dict(read_state_dict(path), expected)
@@ -245,11 +276,10 @@ def test_malicious_pickle_refused_without_running(tmp_path, layout):
 
 def test_other_globals_and_persistent_ids_refused(tmp_path):
   path = tmp_path / "x.pth"
-  path.write_bytes(b"\x80\x02" + _p_global("builtins", "eval") + _p_tuple(
-      [_p_str("1+1")]) + b"R.")
+  path.write_bytes(b"\x80\x02" + _p_global("builtins", "eval") + _p_tuple([_p_str("1+1")]) + b"R.")
   with pytest.raises(UnsafeCheckpointError, match="builtins.eval"):
     read_state_dict(path)
-  with zipfile.ZipFile(path, "w") as z:   # a pickled module (source), not a state dict
+  with zipfile.ZipFile(path, "w") as z:  # a pickled module (source), not a state dict
     z.writestr("archive/data.pkl", b"\x80\x02" + _p_tuple([_p_str("module")]) + b"Q.")
   with pytest.raises(UnsafeCheckpointError, match="module"):
     read_state_dict(path)
@@ -262,8 +292,9 @@ def test_out_of_bounds_tensor_geometry_rejected(tmp_path):
   with pytest.raises(WeightsFormatError, match="past its storage"):
     read_state_dict(path)
   _hand_checkpoint(path, {"w": ("0", 0, (2**20, 2**20), (0, 0))}, storages, legacy=True)
-  with pytest.raises(WeightsFormatError,
-                     match=r"tensor 'w' \(size \(1048576, 1048576\).*over the limit"):
+  with pytest.raises(
+    WeightsFormatError, match=r"tensor 'w' \(size \(1048576, 1048576\).*over the limit"
+  ):
     read_state_dict(path)
 
 
@@ -272,8 +303,11 @@ def _zip_with_zero_storage(path, numel, tensor_size=None, tensor_stride=None):
   deflated (a few hundred KB for 64 MiB of zeros), viewed by tensor ``w``."""
   size = (numel,) if tensor_size is None else tensor_size
   stride = (1,) if tensor_stride is None else tensor_stride
-  pkl = b"\x80\x02" + _p_dict([(_p_str("w"), _p_tensor("0", "FloatStorage", numel, 0, size,
-                                                       stride, False))]) + b"."
+  pkl = (
+    b"\x80\x02"
+    + _p_dict([(_p_str("w"), _p_tensor("0", "FloatStorage", numel, 0, size, stride, False))])
+    + b"."
+  )
   chunk = bytes(1 << 20)
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", pkl)
@@ -283,7 +317,7 @@ def _zip_with_zero_storage(path, numel, tensor_size=None, tensor_stride=None):
     with z.open(info, "w") as member:
       left = numel * 4
       while left:
-        member.write(chunk[:min(left, len(chunk))])
+        member.write(chunk[: min(left, len(chunk))])
         left -= min(left, len(chunk))
 
 
@@ -302,7 +336,7 @@ def _opened_members(monkeypatch):
 
 def test_decompression_bomb_refused_before_its_member_is_read(tmp_path, monkeypatch):
   path = tmp_path / "bomb.pth"
-  _zip_with_zero_storage(path, 16 << 20)   # 64 MiB of float32 zeros in a ~70 KB file
+  _zip_with_zero_storage(path, 16 << 20)  # 64 MiB of float32 zeros in a ~70 KB file
   assert os.path.getsize(path) < 1 << 20
   opened = _opened_members(monkeypatch)
   with pytest.raises(WeightsFormatError) as info:
@@ -310,11 +344,10 @@ def test_decompression_bomb_refused_before_its_member_is_read(tmp_path, monkeypa
   message = str(info.value)
   assert str(path) in message and "'w'" in message and "data/0" in message
   assert "67.1 MB" in message and "limit of 8.4 MB" in message
-  assert not [name for name in opened if name.endswith("data/0")]   # never decompressed
+  assert not [name for name in opened if name.endswith("data/0")]  # never decompressed
 
 
-def test_declared_size_beyond_storage_or_limit_refused_before_allocating(tmp_path,
-                                                                         monkeypatch):
+def test_declared_size_beyond_storage_or_limit_refused_before_allocating(tmp_path, monkeypatch):
   # 1 GiB described by a stride-0 view of a one-value storage: over the default limit
   # (16 bytes per value of a ResNet-101 with its ImageNet classifier, 715 MB).
   path = tmp_path / "expanded.pth"
@@ -330,7 +363,8 @@ def test_declared_size_beyond_storage_or_limit_refused_before_allocating(tmp_pat
   with zipfile.ZipFile(path) as z:
     members = {n: z.read(n) for n in z.namelist()}
   members["archive/data.pkl"] = members["archive/data.pkl"].replace(
-      _p_int(4), _p_int(1 << 28), 2)   # numel and size of the one tensor
+    _p_int(4), _p_int(1 << 28), 2
+  )  # numel and size of the one tensor
   with zipfile.ZipFile(path, "w") as z:
     for name, data in members.items():
       z.writestr(name, data)
@@ -355,7 +389,7 @@ def test_load_pretrained_limits_the_file_to_what_the_model_needs(tmp_path):
     storages[str(i)] = array.reshape(-1)
     tensors[name] = (str(i), 0, array.shape, strides)
   storages["fc"] = np.zeros(1, np.float32)
-  tensors["fc.weight"] = ("fc", 0, (8192, 2048), (0, 0))   # 67 MB as float32
+  tensors["fc.weight"] = ("fc", 0, (8192, 2048), (0, 0))  # 67 MB as float32
   path = tmp_path / "r10_big_head.pth"
   _hand_checkpoint(path, tensors, storages, legacy=True)
   variables = _init_like(ReIDResNet(depth=10, width=8))
@@ -373,7 +407,7 @@ def test_npz_member_declaring_more_than_it_holds_refused(tmp_path):
   assert "'big'" in str(info.value) and "limit of 1.0 MB" in str(info.value)
   with zipfile.ZipFile(path) as z:
     header = z.read("small.npy")
-  with zipfile.ZipFile(path, "w") as z:   # the header of 3 values, the data of 1
+  with zipfile.ZipFile(path, "w") as z:  # the header of 3 values, the data of 1
     z.writestr("small.npy", header[:-8])
   with pytest.raises(WeightsFormatError, match=r"'small'.*\(3,\).*4 bytes"):
     read_state_dict(path)
@@ -401,9 +435,11 @@ def test_truncated_and_garbage_files(tmp_path, legacy):
 
 def test_safetensors_and_npz(tmp_path):
   rng = np.random.default_rng(0)
-  arrays = {"conv1.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-            "bn1.running_var": rng.uniform(size=4).astype(np.float16),
-            "bn1.num_batches_tracked": np.array(3, np.int64)}
+  arrays = {
+    "conv1.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+    "bn1.running_var": rng.uniform(size=4).astype(np.float16),
+    "bn1.num_batches_tracked": np.array(3, np.int64),
+  }
   st = tmp_path / "w.safetensors"
   _write_safetensors(st, arrays)
   _assert_same_dict(read_state_dict(st), arrays)
@@ -421,14 +457,19 @@ def test_safetensors_and_npz(tmp_path):
 def test_torchvision_to_flax_layout():
   sd = _numpy_state_dict(18, 8)
   out = torchvision_to_flax(sd, depth=18)
-  np.testing.assert_array_equal(out["params"]["conv1"]["kernel"],
-                                sd["conv1.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(out["params"]["layer2_0"]["downsample_conv"]["kernel"],
-                                sd["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(out["params"]["layer3_1"]["bn2"]["scale"],
-                                sd["layer3.1.bn2.weight"])
-  np.testing.assert_array_equal(out["batch_stats"]["layer4_0"]["downsample_bn"]["var"],
-                                sd["layer4.0.downsample.1.running_var"])
+  np.testing.assert_array_equal(
+    out["params"]["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    out["params"]["layer2_0"]["downsample_conv"]["kernel"],
+    sd["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    out["params"]["layer3_1"]["bn2"]["scale"], sd["layer3.1.bn2.weight"]
+  )
+  np.testing.assert_array_equal(
+    out["batch_stats"]["layer4_0"]["downsample_bn"]["var"], sd["layer4.0.downsample.1.running_var"]
+  )
   np.testing.assert_array_equal(out["batch_stats"]["bn1"]["mean"], sd["bn1.running_mean"])
   assert "layer1_0" in out["params"] and "downsample_conv" not in out["params"]["layer1_0"]
   assert "fc" not in out["params"]
@@ -446,16 +487,19 @@ def test_load_pretrained_places_every_tensor(tmp_path):
   flat = weights.flatten_variables(loaded)
   names = weights.trunk_names(10)
   for torch_name, flax_path in names.items():
-    np.testing.assert_array_equal(np.asarray(flat[flax_path]),
-                                  weights._to_flax_layout(torch_name, sd[torch_name]))
+    np.testing.assert_array_equal(
+      np.asarray(flat[flax_path]), weights._to_flax_layout(torch_name, sd[torch_name])
+    )
     assert flat[flax_path].dtype == jnp.float32
   # The neck is as initialised; the input variables are not modified.
   assert float(loaded["params"]["gem"]["p"][0]) == 3.0
-  np.testing.assert_array_equal(loaded["params"]["feat_bn"]["scale"],
-                                variables["params"]["feat_bn"]["scale"])
-  assert not np.array_equal(variables["params"]["conv1"]["kernel"],
-                            loaded["params"]["conv1"]["kernel"])
-  assert (jax.tree.structure(loaded) == jax.tree.structure(variables))
+  np.testing.assert_array_equal(
+    loaded["params"]["feat_bn"]["scale"], variables["params"]["feat_bn"]["scale"]
+  )
+  assert not np.array_equal(
+    variables["params"]["conv1"]["kernel"], loaded["params"]["conv1"]["kernel"]
+  )
+  assert jax.tree.structure(loaded) == jax.tree.structure(variables)
 
 
 def test_load_pretrained_lists_every_problem(tmp_path):
@@ -472,16 +516,21 @@ def test_load_pretrained_lists_every_problem(tmp_path):
   with pytest.raises(WeightsMismatchError) as info:
     load_pretrained(path, variables, depth=10)
   msg = str(info.value)
-  for text in ("layer2.0.conv1.weight", "layer3.0.bn2.running_var", "layer5.0.conv1.weight",
-               "head.bias", "layer1.0.conv2.weight: file (8, 8, 1, 1), model (8, 8, 3, 3)",
-               "bn1.weight: file (9,), model (8,)", str(path)):
+  for text in (
+    "layer2.0.conv1.weight",
+    "layer3.0.bn2.running_var",
+    "layer5.0.conv1.weight",
+    "head.bias",
+    "layer1.0.conv2.weight: file (8, 8, 1, 1), model (8, 8, 3, 3)",
+    "bn1.weight: file (9,), model (8,)",
+    str(path),
+  ):
     assert text in msg, text
   assert "fc.weight" not in msg and "num_batches_tracked" not in msg
   # Wrong IBN flag: the IBN keys are missing and the plain bn1 keys unexpected.
   np.savez(path, **_numpy_state_dict(10, 8))
   with pytest.raises(WeightsMismatchError, match=r"layer1\.0\.bn1\.IN\.weight"):
-    load_pretrained(path, _init_like(ReIDResNet(depth=10, width=8, ibn=True)), depth=10,
-                    ibn=True)
+    load_pretrained(path, _init_like(ReIDResNet(depth=10, width=8, ibn=True)), depth=10, ibn=True)
 
 
 def test_convert_cli_round_trip(tmp_path, capsys):
@@ -490,12 +539,13 @@ def test_convert_cli_round_trip(tmp_path, capsys):
   sd = _numpy_state_dict(10, 8, ibn=True, seed=3)
   src = tmp_path / "src.safetensors"
   _write_safetensors(src, sd)
-  out = tmp_path / "converted.weights"   # no .npz suffix: written under exactly this name
+  out = tmp_path / "converted.weights"  # no .npz suffix: written under exactly this name
   assert convert_weights.main([str(src), str(out), "--depth", "10", "--ibn"]) == 0
   printed = capsys.readouterr().out
   n_tensors = len(weights.trunk_names(10, True))
-  n_params = sum(sd[k].size for k, p in weights.trunk_names(10, True).items()
-                 if p.startswith("params/"))
+  n_params = sum(
+    sd[k].size for k, p in weights.trunk_names(10, True).items() if p.startswith("params/")
+  )
   assert f"{n_tensors} tensors" in printed and f"{n_params:,} parameters" in printed
   assert out.exists()
   assert all(k.startswith(("params/", "batch_stats/")) for k in np.load(out).files)
@@ -512,18 +562,26 @@ def test_convert_cli_module_entry_point(tmp_path):
   np.savez(src, **_numpy_state_dict(10, 8))
   out = tmp_path / "out.npz"
   result = subprocess.run(
-      [sys.executable, "-m", "ccreid_jax.tools.convert_weights", str(src), str(out),
-       "--depth", "10"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [sys.executable, "-m", "ccreid_jax.tools.convert_weights", str(src), str(out), "--depth", "10"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr
   assert "tensors" in result.stdout and out.exists()
 
 
 # ----------------------------------------------------------------------------- torch parity
 
-_DEPTHS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
-           34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-           101: ("bottleneck", (3, 4, 23, 3))}
+_DEPTHS = {
+  10: ("basic", (1, 1, 1, 1)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+}
 
 
 def torch_resnet(torch, depth, width=64, ibn=False, last_stride=2, num_classes=1000):
@@ -578,14 +636,16 @@ def torch_resnet(torch, depth, width=64, ibn=False, last_stride=2, num_classes=1
       self.maxpool = tnn.MaxPool2d(3, 2, 1)
       inplanes = width
       for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, last_stride))):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         seq = []
         for index in range(blocks):
           s = stride if index == 0 else 1
           down = None
           if index == 0 and (s != 1 or inplanes != planes * expansion):
-            down = tnn.Sequential(tnn.Conv2d(inplanes, planes * expansion, 1, s, bias=False),
-                                  tnn.BatchNorm2d(planes * expansion))
+            down = tnn.Sequential(
+              tnn.Conv2d(inplanes, planes * expansion, 1, s, bias=False),
+              tnn.BatchNorm2d(planes * expansion),
+            )
           seq.append(Block(inplanes, planes, s, down, ibn and stage < 3))
           inplanes = planes * expansion
         setattr(self, f"layer{stage + 1}", tnn.Sequential(*seq))
@@ -641,9 +701,15 @@ def torch_r18(tmp_path_factory):
   folder = tmp_path_factory.mktemp("r18")
   zip_path, legacy_path = folder / "resnet18.pth", folder / "resnet18_legacy.pth"
   torch.save(net.state_dict(), zip_path)
-  torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()},
-              "epoch": 90, "arch": "resnet18"}, legacy_path,
-             _use_new_zipfile_serialization=False)
+  torch.save(
+    {
+      "state_dict": {"module." + k: v for k, v in net.state_dict().items()},
+      "epoch": 90,
+      "arch": "resnet18",
+    },
+    legacy_path,
+    _use_new_zipfile_serialization=False,
+  )
   return torch, net, zip_path, legacy_path
 
 
@@ -660,16 +726,16 @@ def test_torch_views_dtypes_and_parameters_round_trip(tmp_path, legacy):
   gen = torch.Generator().manual_seed(0)
   base = torch.randn(6, 8, generator=gen)
   obj = {
-      "transposed": base.t(),
-      "sliced": base[1:, ::3],
-      "expanded": torch.randn(3, 1, generator=gen).expand(3, 4),
-      "half": torch.randn(5, generator=gen).half(),
-      "bf16": torch.randn(5, generator=gen).bfloat16(),
-      "double": torch.randn(2, 2, generator=gen).double(),
-      "param": torch.nn.Parameter(torch.randn(4, generator=gen)),
-      "count": torch.tensor(12),
-      "flags": torch.tensor([True, False]),
-      "empty": torch.zeros(0, 3),
+    "transposed": base.t(),
+    "sliced": base[1:, ::3],
+    "expanded": torch.randn(3, 1, generator=gen).expand(3, 4),
+    "half": torch.randn(5, generator=gen).half(),
+    "bf16": torch.randn(5, generator=gen).bfloat16(),
+    "double": torch.randn(2, 2, generator=gen).double(),
+    "param": torch.nn.Parameter(torch.randn(4, generator=gen)),
+    "count": torch.tensor(12),
+    "flags": torch.tensor([True, False]),
+    "empty": torch.zeros(0, 3),
   }
   path = tmp_path / "views.pth"
   torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
@@ -685,8 +751,9 @@ def _feature_maps_match(torch, net, flax_model, variables, seed=0, h=64, w=32):
   x = np.random.default_rng(seed).normal(size=(2, 3, h, w)).astype(np.float32)
   with torch.no_grad():
     ref = net.trunk(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-  out = flax_model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False,
-                         return_feature_map=True)
+  out = flax_model.apply(
+    variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False, return_feature_map=True
+  )
   assert out.shape == ref.shape
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
 
@@ -697,12 +764,17 @@ def test_load_pretrained_forward_matches_torch_resnet18(torch_r18):
   variables = _init_like(model)
   loaded = load_pretrained(zip_path, variables, depth=18)
   sd = net.state_dict()
-  np.testing.assert_array_equal(loaded["params"]["layer3_1"]["conv2"]["kernel"],
-                                sd["layer3.1.conv2.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded["batch_stats"]["layer2_0"]["downsample_bn"]["mean"],
-                                sd["layer2.0.downsample.1.running_mean"].numpy())
-  jax.tree.map(np.testing.assert_array_equal, loaded,
-               load_pretrained(legacy_path, variables, depth=18))
+  np.testing.assert_array_equal(
+    loaded["params"]["layer3_1"]["conv2"]["kernel"],
+    sd["layer3.1.conv2.weight"].numpy().transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    loaded["batch_stats"]["layer2_0"]["downsample_bn"]["mean"],
+    sd["layer2.0.downsample.1.running_mean"].numpy(),
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, loaded, load_pretrained(legacy_path, variables, depth=18)
+  )
   _feature_maps_match(torch, net, model, loaded)
 
 
@@ -716,11 +788,14 @@ def test_load_pretrained_forward_matches_torch_resnet50_ibn_a(tmp_path):
   # IBN-Net's parameter count without fc equals ours without the neck.
   n_torch = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fc."))
   flat = weights.flatten_variables(_init_like(model)["params"])
-  assert n_torch == sum(v.size for k, v in flat.items() if k.split("/")[0] not in
-                        weights.NECK_MODULES)
+  assert n_torch == sum(
+    v.size for k, v in flat.items() if k.split("/")[0] not in weights.NECK_MODULES
+  )
   loaded = load_pretrained(path, _init_like(model), depth=50, ibn=True)
-  np.testing.assert_array_equal(loaded["params"]["layer2_3"]["bn1"]["IN"]["bias"],
-                                net.state_dict()["layer2.3.bn1.IN.bias"].numpy())
+  np.testing.assert_array_equal(
+    loaded["params"]["layer2_3"]["bn1"]["IN"]["bias"],
+    net.state_dict()["layer2.3.bn1.IN.bias"].numpy(),
+  )
   _feature_maps_match(torch, net, model, loaded)
 
 

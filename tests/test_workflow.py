@@ -63,9 +63,16 @@ def test_workflow_outputs(tiny_market, tmp_path):
 
   # Cross-dataset evaluation: another dataset's query/gallery with the trained model.
   other = str(tmp_path / "other")
-  synthetic.generate_market_dataset(other, num_train_identities=4, num_test_identities=5,
-                                    num_cameras=2, images_per_camera=(2, 2), height=64, width=32,
-                                    seed=5)
+  synthetic.generate_market_dataset(
+    other,
+    num_train_identities=4,
+    num_test_identities=5,
+    num_cameras=2,
+    images_per_camera=(2, 2),
+    height=64,
+    width=32,
+    seed=5,
+  )
   config.eval.root = other
   cross = commands.evaluate(config, workdir, checkpoint="latest")
   assert os.path.exists(os.path.join(workdir, "eval_2_market1501.json"))

@@ -43,15 +43,18 @@ def _clean_env(**extra: str) -> dict:
 
 
 def _run(code: str, env: dict) -> list[str]:
-  return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                        text=True, check=True).stdout.splitlines()
+  return subprocess.run(
+    [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.splitlines()
 
 
 def test_apply_cpu_tuning_sets_it_and_jax_accepts_it():
   """In a fresh interpreter: the flag is in XLA_FLAGS and the CPU backend starts with it."""
-  code = ("import os; from ccreid_jax import xla_cpu; xla_cpu.apply_cpu_tuning(); "
-          "import jax, jax.numpy as jnp; "
-          "print(os.environ.get('XLA_FLAGS', '')); print(float(jnp.ones(3).sum()))")
+  code = (
+    "import os; from ccreid_jax import xla_cpu; xla_cpu.apply_cpu_tuning(); "
+    "import jax, jax.numpy as jnp; "
+    "print(os.environ.get('XLA_FLAGS', '')); print(float(jnp.ones(3).sum()))"
+  )
   expected = xla_cpu.FLAG if xla_cpu._jaxlib_version() in xla_cpu.TESTED_JAXLIB else ""
   assert _run(code, _clean_env()) == [expected, "3.0"]
 
@@ -88,24 +91,40 @@ def test_importing_the_package_changes_neither_xla_flags_nor_malloc():
 from ccreid_jax import xla_cpu
 print(json.dumps([os.environ.get("XLA_FLAGS"), xla_cpu.APPLIED, malloc_uses_mmap()]))
 """
-  imports = _MALLOC_PROBE + """
+  imports = (
+    _MALLOC_PROBE
+    + """
 import importlib, json, os, pkgutil
 import ccreid_jax
 for module in pkgutil.walk_packages(ccreid_jax.__path__, "ccreid_jax."):
   importlib.import_module(module.name)
-""" + report
-  entry_point = _MALLOC_PROBE + """
+"""
+    + report
+  )
+  entry_point = (
+    _MALLOC_PROBE
+    + """
 import json, os, runpy, sys
 sys.argv = ["ccreid_jax.main", "--helpshort"]
 try:
   runpy.run_module("ccreid_jax.main", run_name="__main__")
 except SystemExit:
   pass
-""" + report
+"""
+    + report
+  )
   mine = "--xla_force_host_platform_device_count=2"
-  procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for code, env in ((imports, _clean_env()), (entry_point, _clean_env(XLA_FLAGS=mine)))]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code],
+      env=env,
+      cwd=ROOT,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for code, env in ((imports, _clean_env()), (entry_point, _clean_env(XLA_FLAGS=mine)))
+  ]
   results = []
   for proc in procs:
     out, err = proc.communicate(timeout=300)
@@ -133,8 +152,11 @@ class _Mallopt:
 
 
 def test_keep_freed_memory_sets_the_three_glibc_options_when_jax_runs_on_cpu():
-  for env, installed in (({"JAX_PLATFORMS": "cpu"}, True), ({"JAX_PLATFORMS": "cpu,cuda"}, True),
-                         ({}, False)):
+  for env, installed in (
+    ({"JAX_PLATFORMS": "cpu"}, True),
+    ({"JAX_PLATFORMS": "cpu,cuda"}, True),
+    ({}, False),
+  ):
     mallopt = _Mallopt()
     assert xla_cpu.keep_freed_memory(env, mallopt, accelerator_installed=installed)
     assert mallopt.calls == [(-8, 1), (-4, 0), (-1, -1)]  # ARENA_MAX, MMAP_MAX, TRIM_THRESHOLD.
@@ -144,8 +166,12 @@ def test_keep_freed_memory_sets_the_three_glibc_options_when_jax_runs_on_cpu():
 
 
 def test_keep_freed_memory_leaves_malloc_alone_off_cpu_or_when_opted_out():
-  cases = (({"JAX_PLATFORMS": "cuda"}, False), ({"JAX_PLATFORMS": "tpu,cpu"}, False),
-           ({}, True), ({xla_cpu.OPT_OUT: "0", "JAX_PLATFORMS": "cpu"}, False))
+  cases = (
+    ({"JAX_PLATFORMS": "cuda"}, False),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, False),
+    ({}, True),
+    ({xla_cpu.OPT_OUT: "0", "JAX_PLATFORMS": "cpu"}, False),
+  )
   for env, installed in cases:
     mallopt = _Mallopt()
     assert not xla_cpu.keep_freed_memory(env, mallopt, accelerator_installed=installed)
@@ -161,7 +187,8 @@ def test_an_installed_gpu_or_tpu_plugin_counts_as_not_cpu(monkeypatch):
   assert xla_cpu._accelerator_plugin_installed() and not xla_cpu.runs_on_cpu({})
   monkeypatch.setattr(xla_cpu.metadata, "entry_points", lambda group: [])
   assert not xla_cpu._accelerator_plugin_installed() and xla_cpu.runs_on_cpu({})
-  monkeypatch.setattr(xla_cpu.importlib.util, "find_spec",
-                      lambda name: object() if name == "libtpu" else None)
+  monkeypatch.setattr(
+    xla_cpu.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None
+  )
   assert xla_cpu._accelerator_plugin_installed() and not xla_cpu.runs_on_cpu({})
   assert xla_cpu.runs_on_cpu({"JAX_PLATFORMS": "cpu"})  # an explicit choice wins.

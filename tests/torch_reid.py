@@ -63,9 +63,13 @@ class TorchBottleneck(nn.Module):
     return self.relu(out + shortcut)
 
 
-_LAYOUT = {10: (TorchBasicBlock, (1, 1, 1, 1)), 18: (TorchBasicBlock, (2, 2, 2, 2)),
-           34: (TorchBasicBlock, (3, 4, 6, 3)), 50: (TorchBottleneck, (3, 4, 6, 3)),
-           101: (TorchBottleneck, (3, 4, 23, 3))}
+_LAYOUT = {
+  10: (TorchBasicBlock, (1, 1, 1, 1)),
+  18: (TorchBasicBlock, (2, 2, 2, 2)),
+  34: (TorchBasicBlock, (3, 4, 6, 3)),
+  50: (TorchBottleneck, (3, 4, 6, 3)),
+  101: (TorchBottleneck, (3, 4, 23, 3)),
+}
 
 
 class TorchReIDResNet(nn.Module):
@@ -80,15 +84,16 @@ class TorchReIDResNet(nn.Module):
     self.maxpool = nn.MaxPool2d(3, 2, 1)
     in_planes = width
     for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 1))):
-      planes = width * 2 ** stage
+      planes = width * 2**stage
       modules = []
       for index in range(blocks):
         s = stride if index == 0 else 1
         downsample = None
         if index == 0 and (s != 1 or in_planes != planes * block.expansion):
           downsample = nn.Sequential(
-              nn.Conv2d(in_planes, planes * block.expansion, 1, s, bias=False),
-              nn.BatchNorm2d(planes * block.expansion))
+            nn.Conv2d(in_planes, planes * block.expansion, 1, s, bias=False),
+            nn.BatchNorm2d(planes * block.expansion),
+          )
         modules.append(block(in_planes, planes, s, downsample))
         in_planes = planes * block.expansion
       setattr(self, f"layer{stage + 1}", nn.Sequential(*modules))

@@ -70,8 +70,9 @@ __all__ = ["ca_jaccard_distance", "ca_jaccard_from_lists", "camera_ranking_lists
 
 
 @functools.partial(jax.jit, static_argnames=("block", "k_same", "k_other"))
-def _camera_knn_block(x: jax.Array, cameras: jax.Array, start: jax.Array, *, block: int,
-                      k_same: int, k_other: int) -> tuple[jax.Array, ...]:
+def _camera_knn_block(
+  x: jax.Array, cameras: jax.Array, start: jax.Array, *, block: int, k_same: int, k_other: int
+) -> tuple[jax.Array, ...]:
   """Heads of ``S(i)`` and ``O(i)`` for the ``block`` query rows starting at ``start``.
 
   Returns ``(same_key, same_idx, other_key, other_idx)`` with ``key = 2 x_i.x_j - 2 = -d``,
@@ -94,15 +95,17 @@ def check_cameras(cameras, n: int) -> np.ndarray:
   """Cameras as consecutive int32 codes 0..C-1 (any integer labels are accepted)."""
   cameras = np.asarray(cameras)
   if cameras.shape != (n,):
-    raise ValueError(f"cameras must be a 1-D array with one camera per feature row "
-                     f"(shape ({n},)), got shape {cameras.shape}.")
+    raise ValueError(
+      f"cameras must be a 1-D array with one camera per feature row "
+      f"(shape ({n},)), got shape {cameras.shape}."
+    )
   if not np.issubdtype(cameras.dtype, np.integer):
     raise ValueError(f"cameras must be integers, got dtype {cameras.dtype}.")
   return np.unique(cameras, return_inverse=True)[1].reshape(n).astype(np.int32)
 
 
 def camera_ranking_lists(
-    x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int, block_size: int
+  x: np.ndarray, codes: np.ndarray, intra_len: int, inter_len: int, block_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The first ``intra_len`` / ``inter_len`` entries of every intra / inter list (step 1).
 
@@ -121,9 +124,13 @@ def camera_ranking_lists(
   x_dev = jax.device_put(x)
   cameras_dev = jax.device_put(codes)
   same_key, same_idx, other_key, other_idx = jaccard_lib.map_row_blocks(
-      n, block, functools.partial(_camera_knn_block, x_dev, cameras_dev, block=block,
-                                  k_same=k_same, k_other=k_other),
-      (np.float32, np.int64, np.float32, np.int64))
+    n,
+    block,
+    functools.partial(
+      _camera_knn_block, x_dev, cameras_dev, block=block, k_same=k_same, k_other=k_other
+    ),
+    (np.float32, np.int64, np.float32, np.int64),
+  )
   del x_dev, cameras_dev
   same_dist = np.float32(0.0) - same_key  # 0 - key: +0.0, never -0.0, as in knn
   other_dist = np.float32(0.0) - other_key
@@ -137,43 +144,63 @@ def camera_ranking_lists(
     a = min(intra_len, int(camera_size))  # S(i) entries at the head of the intra list
     b = min(inter_len, n - int(camera_size))  # O(i) entries at the head of the inter list
     for out_idx, out_dist, first, second, split, length in (
-        (intra_idx, intra_dist, (same_idx, same_dist), (other_idx, other_dist), a, intra_len),
-        (inter_idx, inter_dist, (other_idx, other_dist), (same_idx, same_dist), b, inter_len)):
+      (intra_idx, intra_dist, (same_idx, same_dist), (other_idx, other_dist), a, intra_len),
+      (inter_idx, inter_dist, (other_idx, other_dist), (same_idx, same_dist), b, inter_len),
+    ):
       out_idx[rows, :split] = first[0][rows, :split]
       out_dist[rows, :split] = first[1][rows, :split]
-      out_idx[rows, split:] = second[0][rows, :length - split]
-      out_dist[rows, split:] = second[1][rows, :length - split]
+      out_idx[rows, split:] = second[0][rows, : length - split]
+      out_dist[rows, split:] = second[1][rows, : length - split]
   return intra_idx, intra_dist, inter_idx, inter_dist
 
 
-def ca_jaccard_from_lists(x: np.ndarray, intra_idx: np.ndarray, intra_dist: np.ndarray,
-                          inter_idx: np.ndarray, inter_dist: np.ndarray, k1_intra: int,
-                          k1_inter: int, k2_intra: int, k2_inter: int,
-                          max_distance: float | None) -> sp.csr_matrix:
+def ca_jaccard_from_lists(
+  x: np.ndarray,
+  intra_idx: np.ndarray,
+  intra_dist: np.ndarray,
+  inter_idx: np.ndarray,
+  inter_dist: np.ndarray,
+  k1_intra: int,
+  k1_inter: int,
+  k2_intra: int,
+  k2_inter: int,
+  max_distance: float | None,
+) -> sp.csr_matrix:
   """Steps 2-5 from the ranking lists (``ca_jaccard_distance`` minus its kNN search).
 
   The lists are ``camera_ranking_lists``'s output; the benchmarks time the two stages apart.
   """
   n = x.shape[0]
-  support = (jaccard_lib.reciprocal_sets(intra_idx, min(k1_intra + 1, n), n)
-             + jaccard_lib.reciprocal_sets(inter_idx, min(k1_inter + 1, n), n)).tocsr()
+  support = (
+    jaccard_lib.reciprocal_sets(intra_idx, min(k1_intra + 1, n), n)
+    + jaccard_lib.reciprocal_sets(inter_idx, min(k1_inter + 1, n), n)
+  ).tocsr()
   support.sum_duplicates()  # canonical: sorted column indices, one entry per pair
   support.data[:] = 1
   # Every support pair lies in one of i's two lists: all logits reuse the kNN distances.
-  v = jaccard_lib.softmax_weights(x, support, np.hstack((intra_idx, inter_idx)),
-                                  np.hstack((intra_dist, inter_dist)))
+  v = jaccard_lib.softmax_weights(
+    x, support, np.hstack((intra_idx, inter_idx)), np.hstack((intra_dist, inter_dist))
+  )
   width_intra, width_inter = min(k2_intra, n), min(k2_inter, n)
-  selector = (jaccard_lib.list_prefix_matrix(intra_idx, width_intra, n)
-              + jaccard_lib.list_prefix_matrix(inter_idx, width_inter, n))  # 2 where both lists
+  selector = jaccard_lib.list_prefix_matrix(
+    intra_idx, width_intra, n
+  ) + jaccard_lib.list_prefix_matrix(inter_idx, width_inter, n)  # 2 where both lists
   v = jaccard_lib.query_expansion(v, selector, width_intra + width_inter)
   v.eliminate_zeros()  # V is internal; only positive weights take part
   return jaccard_lib.distance_from_support(v, max_distance)
 
 
-def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: int = 5,
-                        k1_inter: int = 20, k2_intra: int = 2, k2_inter: int = 4,
-                        max_distance: float | None = None,
-                        block_size: int = 1024) -> sp.csr_matrix:
+def ca_jaccard_distance(
+  features: np.ndarray,
+  cameras: np.ndarray,
+  *,
+  k1_intra: int = 5,
+  k1_inter: int = 20,
+  k2_intra: int = 2,
+  k2_inter: int = 4,
+  max_distance: float | None = None,
+  block_size: int = 1024,
+) -> sp.csr_matrix:
   """Camera-aware Jaccard distance (CKRNNs + CLQE), as a sparse N x N float32 matrix.
 
   docs/algorithms.md section 9; Chen et al., CVPR 2024, ``chenyiyuu/CA-Jaccard``,
@@ -219,6 +246,12 @@ def ca_jaccard_distance(features: np.ndarray, cameras: np.ndarray, *, k1_intra: 
   intra_len = min(max(ks["k1_intra"] + 1, ks["k2_intra"]), n)
   inter_len = min(max(ks["k1_inter"] + 1, ks["k2_inter"]), n)
   lists = camera_ranking_lists(x, codes, intra_len, inter_len, block_size)
-  return ca_jaccard_from_lists(x, *lists, k1_intra=ks["k1_intra"], k1_inter=ks["k1_inter"],
-                               k2_intra=ks["k2_intra"], k2_inter=ks["k2_inter"],
-                               max_distance=max_distance)
+  return ca_jaccard_from_lists(
+    x,
+    *lists,
+    k1_intra=ks["k1_intra"],
+    k1_inter=ks["k1_inter"],
+    k2_intra=ks["k2_intra"],
+    k2_inter=ks["k2_inter"],
+    max_distance=max_distance,
+  )

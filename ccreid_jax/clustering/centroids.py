@@ -38,8 +38,7 @@ def cluster_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
   x = np.asarray(features)
   labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
   if x.ndim != 2 or x.shape[0] != labels.shape[0]:
-    raise ValueError(
-        f"features {x.shape} and labels {labels.shape} must be (N, D) and (N,).")
+    raise ValueError(f"features {x.shape} and labels {labels.shape} must be (N, D) and (N,).")
   valid = labels >= 0
   num = int(labels.max()) + 1 if valid.any() else 0
   if num == 0:
@@ -47,11 +46,13 @@ def cluster_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
   counts = np.bincount(labels[valid], minlength=num)
   if np.any(counts == 0):
     raise ValueError(
-        f"labels 0..{num - 1} are not all used (e.g. {int(np.argmin(counts))} is empty); "
-        "relabel them with relabel_consecutive first.")
+      f"labels 0..{num - 1} are not all used (e.g. {int(np.argmin(counts))} is empty); "
+      "relabel them with relabel_consecutive first."
+    )
   members = np.flatnonzero(valid)
-  onehot = sp.csr_matrix((np.ones(members.size), (labels[members], members)),
-                         shape=(num, x.shape[0]))
+  onehot = sp.csr_matrix(
+    (np.ones(members.size), (labels[members], members)), shape=(num, x.shape[0])
+  )
   sums = np.asarray(onehot @ x.astype(np.float64, copy=False))
   norms = np.linalg.norm(sums, axis=1, keepdims=True)  # the mean has the same direction
   if np.any(norms == 0):
@@ -67,14 +68,14 @@ def cluster_stats(labels: np.ndarray) -> dict:
   sizes = sizes[sizes > 0]
   n = int(labels.size)
   return {
-      "num_samples": n,
-      "num_clusters": int(sizes.size),
-      "num_outliers": int(n - clustered.size),
-      "outlier_fraction": float((n - clustered.size) / n) if n else 0.0,
-      "num_clustered": int(clustered.size),
-      "largest_cluster": int(sizes.max()) if sizes.size else 0,
-      "smallest_cluster": int(sizes.min()) if sizes.size else 0,
-      "mean_cluster_size": float(sizes.mean()) if sizes.size else 0.0,
-      "median_cluster_size": float(np.median(sizes)) if sizes.size else 0.0,
-      "num_singletons": int(np.sum(sizes == 1)),
+    "num_samples": n,
+    "num_clusters": int(sizes.size),
+    "num_outliers": int(n - clustered.size),
+    "outlier_fraction": float((n - clustered.size) / n) if n else 0.0,
+    "num_clustered": int(clustered.size),
+    "largest_cluster": int(sizes.max()) if sizes.size else 0,
+    "smallest_cluster": int(sizes.min()) if sizes.size else 0,
+    "mean_cluster_size": float(sizes.mean()) if sizes.size else 0.0,
+    "median_cluster_size": float(np.median(sizes)) if sizes.size else 0.0,
+    "num_singletons": int(np.sum(sizes == 1)),
   }

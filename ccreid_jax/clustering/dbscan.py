@@ -47,9 +47,10 @@ def dbscan_labels(distance, eps: float = 0.6, min_samples: int = 4) -> np.ndarra
   if sp.issparse(distance):
     if eps >= 1.0:
       raise ValueError(
-          f"eps={eps} >= 1 with a sparse distance: absent entries stand for distance 1.0, so "
-          "every pair would be within eps but only stored pairs would be found. Use eps < 1 "
-          "or pass the dense matrix.")
+        f"eps={eps} >= 1 with a sparse distance: absent entries stand for distance 1.0, so "
+        "every pair would be within eps but only stored pairs would be found. Use eps < 1 "
+        "or pass the dense matrix."
+      )
     matrix = sp.csr_matrix(distance)  # scikit-learn copies before its own edits
   else:
     matrix = np.asarray(distance)

@@ -27,8 +27,9 @@ from ccreid_jax.clustering.jaccard import check_features, knn, pair_dots
 __all__ = ["infomap_edges", "infomap_labels"]
 
 
-def infomap_edges(features: np.ndarray, k: int = 15, min_similarity: float = 0.5, *,
-                  block_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def infomap_edges(
+  features: np.ndarray, k: int = 15, min_similarity: float = 0.5, *, block_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The directed, weighted kNN edges InfoMap clusters (steps 1-2 of the module docstring).
 
   Cosines are float32 dot products of the feature rows. Each row's ``k`` neighbours are
@@ -65,9 +66,15 @@ def infomap_edges(features: np.ndarray, k: int = 15, min_similarity: float = 0.5
   return rows.reshape(n, k)[take], indices[take], sims[take]
 
 
-def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.5,
-                   min_cluster_size: int = 5, *, seed: int | None = None,
-                   block_size: int = 1024) -> np.ndarray:
+def infomap_labels(
+  features: np.ndarray,
+  k: int = 15,
+  min_similarity: float = 0.5,
+  min_cluster_size: int = 5,
+  *,
+  seed: int | None = None,
+  block_size: int = 1024,
+) -> np.ndarray:
   """InfoMap pseudo labels (docs/algorithms.md, section 5); -1 marks outliers.
 
   Args:
@@ -96,8 +103,9 @@ def infomap_labels(features: np.ndarray, k: int = 15, min_similarity: float = 0.
     found = solver.run().modules()
     nodes = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
     module[nodes] = np.fromiter(found.values(), dtype=np.int64, count=len(found))
-  _, first, inverse, counts = np.unique(module, return_index=True, return_inverse=True,
-                                        return_counts=True)
+  _, first, inverse, counts = np.unique(
+    module, return_index=True, return_inverse=True, return_counts=True
+  )
   kept = counts >= int(min_cluster_size)
   # Consecutive ids for the kept modules, in order of their smallest member index.
   rank = np.full(first.size, -1, dtype=np.int64)

@@ -39,17 +39,17 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 __all__ = [
-    "check_features",
-    "distance_from_support",
-    "jaccard_distance",
-    "jaccard_from_knn",
-    "knn",
-    "list_prefix_matrix",
-    "map_row_blocks",
-    "pair_dots",
-    "query_expansion",
-    "reciprocal_sets",
-    "softmax_weights",
+  "check_features",
+  "distance_from_support",
+  "jaccard_distance",
+  "jaccard_from_knn",
+  "knn",
+  "list_prefix_matrix",
+  "map_row_blocks",
+  "pair_dots",
+  "query_expansion",
+  "reciprocal_sets",
+  "softmax_weights",
 ]
 
 # Upper bound on the number of (row, column) candidate pairs handled in one vectorised step of
@@ -78,8 +78,9 @@ _KNN_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16
 
 
 @functools.partial(jax.jit, static_argnames=("block", "k", "dtype"))
-def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
-               dtype: str) -> tuple[jax.Array, jax.Array]:
+def _knn_block(
+  x: jax.Array, start: jax.Array, *, block: int, k: int, dtype: str
+) -> tuple[jax.Array, jax.Array]:
   """Top-``k`` of ``-(2 - 2 x_q.x_j)`` for the ``block`` query rows starting at ``start``.
 
   ``lax.dynamic_slice`` clamps ``start`` to ``N - block``: the caller asks for the last, partial
@@ -96,8 +97,12 @@ def _knn_block(x: jax.Array, start: jax.Array, *, block: int, k: int,
   return jax.lax.top_k(2.0 * sims - 2.0, k)
 
 
-def map_row_blocks(n: int, block: int, launch: Callable[[jax.Array], tuple[jax.Array, ...]],
-                   dtypes: tuple[npt.DTypeLike, ...]) -> list[np.ndarray]:
+def map_row_blocks(
+  n: int,
+  block: int,
+  launch: Callable[[jax.Array], tuple[jax.Array, ...]],
+  dtypes: tuple[npt.DTypeLike, ...],
+) -> list[np.ndarray]:
   """Runs a jitted per-block function over all N rows and gathers its outputs on the host.
 
   ``launch(first_row)`` (``first_row`` a device int32 scalar) must return a tuple of device
@@ -126,8 +131,9 @@ def map_row_blocks(n: int, block: int, launch: Callable[[jax.Array], tuple[jax.A
   return outs
 
 
-def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
-        knn_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def knn(
+  features: np.ndarray, k: int, block_size: int = 1024, *, knn_dtype: str = "float32"
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest neighbours of every row among all rows (the row itself included).
 
   The distance is ``2 - 2 x_i.x_j`` (the squared L2 distance of unit vectors), computed in
@@ -164,8 +170,11 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   width = k if exact else min(2 * k, n)
   x_dev = jax.device_put(x)
   out_key, out_idx = map_row_blocks(
-      n, block, functools.partial(_knn_block, x_dev, block=block, k=width, dtype=knn_dtype),
-      (np.float32, np.int64))
+    n,
+    block,
+    functools.partial(_knn_block, x_dev, block=block, k=width, dtype=knn_dtype),
+    (np.float32, np.int64),
+  )
   del x_dev
   if exact:
     return out_idx, np.float32(0.0) - out_key  # 0 - key: +0.0, never -0.0, for self
@@ -173,8 +182,10 @@ def knn(features: np.ndarray, k: int, block_size: int = 1024, *,
   rows = np.repeat(np.arange(n), width)
   dist = (2.0 - 2.0 * pair_dots(x, rows, out_idx.ravel())).reshape(n, width)
   order = np.lexsort((out_idx, dist), axis=-1)[:, :k]
-  return (np.take_along_axis(out_idx, order, axis=1),
-          np.take_along_axis(dist, order, axis=1).astype(np.float32))
+  return (
+    np.take_along_axis(out_idx, order, axis=1),
+    np.take_along_axis(dist, order, axis=1).astype(np.float32),
+  )
 
 
 def list_prefix_matrix(indices: np.ndarray, length: int, n: int) -> sp.csr_matrix:
@@ -206,8 +217,8 @@ def _expanded_support(indices: np.ndarray, k1: int, n: int) -> sp.csr_matrix:
   # Strict "> 2/3 |Rk(c, k')|" in integers (same as the float test `c > 2/3 * s` for s <= 2000).
   keep = 3 * overlap.data.astype(np.int64) > 2 * half_size[overlap.col]
   select = sp.csr_matrix(
-      (np.ones(int(keep.sum()), dtype=np.int32), (overlap.row[keep], overlap.col[keep])),
-      shape=(n, n))
+    (np.ones(int(keep.sum()), dtype=np.int32), (overlap.row[keep], overlap.col[keep])), shape=(n, n)
+  )
   support = (r_full + select @ r_half).tocsr()
   support.sum_duplicates()  # canonical: sorted column indices, one entry per pair
   support.data[:] = 1
@@ -268,8 +279,9 @@ def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -
   half = max_distance is not None
   if half:
     # CSC position of every CSR entry (i, k): column k lists i there, then its partners j > i.
-    slot = sp.csr_matrix((np.arange(1, v.nnz + 1, dtype=np.int64), v.indices, v.indptr),
-                         shape=v.shape).tocsc()
+    slot = sp.csr_matrix(
+      (np.arange(1, v.nnz + 1, dtype=np.int64), v.indices, v.indptr), shape=v.shape
+    ).tocsc()
     slot.sort_indices()
     first_all = np.empty(v.nnz, dtype=np.int64)
     first_all[slot.data - 1] = np.arange(v.nnz, dtype=np.int64)
@@ -336,8 +348,9 @@ def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -
         order = np.lexsort((cols, rows))
         rows, cols, d = rows[order], cols[order], d[order]
       del dense
-    out_rows.append(rows.astype(index_dtype) + index_dtype(start) if half
-                    else np.bincount(rows, minlength=b))  # full mode: row counts
+    out_rows.append(
+      rows.astype(index_dtype) + index_dtype(start) if half else np.bincount(rows, minlength=b)
+    )  # full mode: row counts
     out_cols.append(cols.astype(index_dtype))
     out_data.append(d)
     start = stop
@@ -360,8 +373,9 @@ def distance_from_support(v: sp.csr_matrix, max_distance: float | None = None) -
   return out
 
 
-def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
-                    distances: np.ndarray) -> np.ndarray:
+def _support_logits(
+  x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray, distances: np.ndarray
+) -> np.ndarray:
   """``-(2 - 2 x_i.x_j)`` for every support entry, aligned with ``support.data``.
 
   Pairs in i's kNN list reuse the kNN distance (the value the list was sorted by); the few
@@ -381,8 +395,9 @@ def _support_logits(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   return -dist
 
 
-def softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
-                    distances: np.ndarray) -> sp.csr_matrix:
+def softmax_weights(
+  x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray, distances: np.ndarray
+) -> sp.csr_matrix:
   """Step 4: float64 CSR ``V`` with row i = softmax of ``-(2 - 2 x_i.x_j)`` over its support.
 
   ``indices``/``distances`` are kNN-style lists (row i holds neighbours of i and their float32
@@ -390,8 +405,9 @@ def softmax_weights(x: np.ndarray, support: sp.csr_matrix, indices: np.ndarray,
   """
   n = x.shape[0]
   logits = _support_logits(x, support, indices, distances)
-  return sp.csr_matrix((_row_softmax(support, logits), support.indices, support.indptr),
-                       shape=(n, n))
+  return sp.csr_matrix(
+    (_row_softmax(support, logits), support.indices, support.indptr), shape=(n, n)
+  )
 
 
 def query_expansion(v: sp.csr_matrix, selector: sp.csr_matrix, count: int) -> sp.csr_matrix:
@@ -406,9 +422,15 @@ def query_expansion(v: sp.csr_matrix, selector: sp.csr_matrix, count: int) -> sp
   return v
 
 
-def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, *,
-                     max_distance: float | None = None, block_size: int = 1024,
-                     knn_dtype: str = "float32") -> sp.csr_matrix:
+def jaccard_distance(
+  features: np.ndarray,
+  k1: int = 30,
+  k2: int = 6,
+  *,
+  max_distance: float | None = None,
+  block_size: int = 1024,
+  knn_dtype: str = "float32",
+) -> sp.csr_matrix:
   """k-reciprocal Jaccard distance of Cluster Contrast, as a sparse N x N float32 matrix.
 
   Args:
@@ -444,8 +466,14 @@ def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, *,
   return jaccard_from_knn(x, indices, distances, k1, k2, max_distance)
 
 
-def jaccard_from_knn(x: np.ndarray, indices: np.ndarray, distances: np.ndarray, k1: int,
-                     k2: int, max_distance: float | None) -> sp.csr_matrix:
+def jaccard_from_knn(
+  x: np.ndarray,
+  indices: np.ndarray,
+  distances: np.ndarray,
+  k1: int,
+  k2: int,
+  max_distance: float | None,
+) -> sp.csr_matrix:
   """Steps 2-6 from the kNN lists (``jaccard_distance`` minus its kNN; benchmarks time it)."""
   n = x.shape[0]
   support = _expanded_support(indices, k1, n)

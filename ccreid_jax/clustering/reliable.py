@@ -47,15 +47,16 @@ def _check_eps(eps) -> tuple[float, float, float]:
   try:
     values = tuple(float(e) for e in eps)
   except TypeError as error:
-    raise ValueError(
-        f"eps must be three radii (tight, normal, loose), got {eps!r}.") from error
+    raise ValueError(f"eps must be three radii (tight, normal, loose), got {eps!r}.") from error
   if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
     raise ValueError(
-        f"eps must be three positive finite radii (tight, normal, loose), got {eps!r}.")
+      f"eps must be three positive finite radii (tight, normal, loose), got {eps!r}."
+    )
   if not values[0] < values[1] < values[2]:
     raise ValueError(
-        f"eps must increase strictly (tight < normal < loose; config: cluster.eps_tight < "
-        f"cluster.eps < cluster.eps_loose), got {values}.")
+      f"eps must increase strictly (tight < normal < loose; config: cluster.eps_tight < "
+      f"cluster.eps < cluster.eps_loose), got {values}."
+    )
   return values
 
 
@@ -63,12 +64,12 @@ def _check_threshold(indep_threshold) -> float | None:
   if indep_threshold is None:
     return None
   if isinstance(indep_threshold, bool) or not isinstance(indep_threshold, numbers.Real):
-    raise ValueError(
-        f"indep_threshold must be None or a number, got {indep_threshold!r}.")
+    raise ValueError(f"indep_threshold must be None or a number, got {indep_threshold!r}.")
   value = float(indep_threshold)
   if math.isnan(value):
-    raise ValueError("indep_threshold is NaN; pass None to compute it or the value of the "
-                     "first epoch.")
+    raise ValueError(
+      "indep_threshold is NaN; pass None to compute it or the value of the first epoch."
+    )
   return value
 
 
@@ -123,10 +124,14 @@ def _split_members(normal: np.ndarray, fail: np.ndarray, sizes: np.ndarray) -> n
   return split
 
 
-def reliable_dbscan_labels(distance, eps=(0.58, 0.6, 0.62), min_samples: int = 4, *,
-                           outliers_as_singletons: bool = True,
-                           indep_threshold: float | None = None
-                           ) -> tuple[np.ndarray, float | None]:
+def reliable_dbscan_labels(
+  distance,
+  eps=(0.58, 0.6, 0.62),
+  min_samples: int = 4,
+  *,
+  outliers_as_singletons: bool = True,
+  indep_threshold: float | None = None,
+) -> tuple[np.ndarray, float | None]:
   """DBSCAN labels with SpCL's reliability criterion (docs/algorithms.md section 10).
 
   Args:
@@ -163,9 +168,11 @@ def reliable_dbscan_labels(distance, eps=(0.58, 0.6, 0.62), min_samples: int = 4
   raw_normal = dbscan_labels(distance, eps=normal_eps, min_samples=min_samples)
   normal = keep_outliers_as_singletons(raw_normal)
   tight = keep_outliers_as_singletons(
-      dbscan_labels(distance, eps=tight_eps, min_samples=min_samples))
+    dbscan_labels(distance, eps=tight_eps, min_samples=min_samples)
+  )
   loose = keep_outliers_as_singletons(
-      dbscan_labels(distance, eps=loose_eps, min_samples=min_samples))
+    dbscan_labels(distance, eps=loose_eps, min_samples=min_samples)
+  )
 
   comp = _one_minus_iou(normal, tight)
   indep = _one_minus_iou(normal, loose)

@@ -22,11 +22,11 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = [
-    "consensus_matrix",
-    "consensus_stats",
-    "keep_outliers_as_singletons",
-    "previous_predictions",
-    "soft_labels",
+  "consensus_matrix",
+  "consensus_stats",
+  "keep_outliers_as_singletons",
+  "previous_predictions",
+  "soft_labels",
 ]
 
 # Rows are processed in blocks of this many samples so that the float64 (rows, K) temporaries
@@ -40,8 +40,11 @@ def _as_labels(labels, name: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"{name} must be 1-D, got shape {labels.shape}.")
-  if (labels.size and not np.issubdtype(labels.dtype, np.integer)
-      and not np.all(labels == np.round(labels))):
+  if (
+    labels.size
+    and not np.issubdtype(labels.dtype, np.integer)
+    and not np.all(labels == np.round(labels))
+  ):
     raise ValueError(f"{name} must hold integers.")
   labels = labels.astype(np.int64, copy=False)
   if labels.size and labels.min() < -1:
@@ -74,8 +77,15 @@ def keep_outliers_as_singletons(labels) -> np.ndarray:
   return out
 
 
-def consensus_matrix(prev_labels, labels, *, normalize: bool = True, sparse: bool = False,
-                     num_prev_clusters: int | None = None, num_clusters: int | None = None):
+def consensus_matrix(
+  prev_labels,
+  labels,
+  *,
+  normalize: bool = True,
+  sparse: bool = False,
+  num_prev_clusters: int | None = None,
+  num_clusters: int | None = None,
+):
   """IoU between the previous clusters (rows) and the current clusters (columns).
 
   Intersections come from one ``np.unique`` over the encoded (y'_i, y_i) pairs of the samples
@@ -98,8 +108,9 @@ def consensus_matrix(prev_labels, labels, *, normalize: bool = True, sparse: boo
   prev = _as_labels(prev_labels, "prev_labels")
   cur = _as_labels(labels, "labels")
   if prev.shape != cur.shape:
-    raise ValueError(f"prev_labels {prev.shape} and labels {cur.shape} must have one entry per "
-                     "sample.")
+    raise ValueError(
+      f"prev_labels {prev.shape} and labels {cur.shape} must have one entry per sample."
+    )
   num_prev = _num_classes(prev, num_prev_clusters, "prev_labels")
   num_cur = _num_classes(cur, num_clusters, "labels")
 
@@ -150,8 +161,9 @@ def previous_predictions(features, prev_centroids, *, pred_temp: float = 30.0) -
     return out
   c64 = c.astype(np.float64, copy=False)
   for start in range(0, f.shape[0], _BLOCK_ROWS):
-    out[start:start + _BLOCK_ROWS] = _softmax(
-        pred_temp * (f[start:start + _BLOCK_ROWS].astype(np.float64, copy=False) @ c64.T))
+    out[start : start + _BLOCK_ROWS] = _softmax(
+      pred_temp * (f[start : start + _BLOCK_ROWS].astype(np.float64, copy=False) @ c64.T)
+    )
   return out
 
 
@@ -162,9 +174,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return z
 
 
-def soft_labels(features, labels, prev_labels, prev_centroids, *, use_prev_onehot: bool,
-                alpha: float = 0.9, beta: float = 0.0, pred_temp: float = 30.0,
-                consensus=None) -> np.ndarray:
+def soft_labels(
+  features,
+  labels,
+  prev_labels,
+  prev_centroids,
+  *,
+  use_prev_onehot: bool,
+  alpha: float = 0.9,
+  beta: float = 0.0,
+  pred_temp: float = 30.0,
+  consensus=None,
+) -> np.ndarray:
   """RLCC targets ``ytilde`` (N, K) for the current clustering.
 
   ``yhat_i`` is assembled from two parts in K-space, each a distribution:
@@ -214,8 +235,10 @@ def soft_labels(features, labels, prev_labels, prev_centroids, *, use_prev_oneho
   f = np.asarray(features)
   c = np.asarray(prev_centroids)
   if y.shape != y_prev.shape or f.ndim != 2 or f.shape[0] != y.shape[0]:
-    raise ValueError(f"features {f.shape}, labels {y.shape} and prev_labels {y_prev.shape} must "
-                     "describe the same N samples.")
+    raise ValueError(
+      f"features {f.shape}, labels {y.shape} and prev_labels {y_prev.shape} must "
+      "describe the same N samples."
+    )
   if c.ndim != 2 or c.shape[1] != f.shape[1]:
     raise ValueError(f"prev_centroids {c.shape} must be (K', {f.shape[1]}).")
   for name, value in (("alpha", alpha), ("beta", beta)):
@@ -224,8 +247,9 @@ def soft_labels(features, labels, prev_labels, prev_centroids, *, use_prev_oneho
   num_prev = c.shape[0]
   num_cur = _num_classes(y, None, "labels")
   if y_prev.size and int(y_prev.max()) >= num_prev:
-    raise ValueError(f"prev_labels uses label {int(y_prev.max())} but prev_centroids has only "
-                     f"{num_prev} rows.")
+    raise ValueError(
+      f"prev_labels uses label {int(y_prev.max())} but prev_centroids has only {num_prev} rows."
+    )
 
   if consensus is None:
     cbar = consensus_matrix(y_prev, y, num_prev_clusters=num_prev, num_clusters=num_cur)
@@ -248,7 +272,7 @@ def soft_labels(features, labels, prev_labels, prev_centroids, *, use_prev_oneho
     out[rows, y[rows]] = 1.0
     return out
   for start in range(0, rows.size, _BLOCK_ROWS):
-    block = rows[start:start + _BLOCK_ROWS]
+    block = rows[start : start + _BLOCK_ROWS]
     onehot = np.zeros((block.size, num_cur))
     onehot[np.arange(block.size), y[block]] = 1.0
     yhat = np.zeros_like(onehot)
@@ -269,8 +293,9 @@ def soft_labels(features, labels, prev_labels, prev_centroids, *, use_prev_oneho
   return out
 
 
-def consensus_stats(prev_labels, labels, targets, *, num_prev_clusters: int | None = None,
-                    consensus=None) -> dict:
+def consensus_stats(
+  prev_labels, labels, targets, *, num_prev_clusters: int | None = None, consensus=None
+) -> dict:
   """Per-epoch RLCC log entries (plain numbers).
 
   Args:
@@ -296,8 +321,9 @@ def consensus_stats(prev_labels, labels, targets, *, num_prev_clusters: int | No
   if consensus is not None and num_prev_clusters is None:
     num_prev_clusters = consensus.shape[0]
   if consensus is None:
-    consensus = consensus_matrix(y_prev, y, num_prev_clusters=num_prev_clusters,
-                                 num_clusters=num_cur, sparse=True)
+    consensus = consensus_matrix(
+      y_prev, y, num_prev_clusters=num_prev_clusters, num_clusters=num_cur, sparse=True
+    )
   cbar = sp.csr_matrix(consensus, copy=True)
   cbar.eliminate_zeros()
   num_prev = cbar.shape[0]
@@ -312,10 +338,10 @@ def consensus_stats(prev_labels, labels, targets, *, num_prev_clusters: int | No
   else:
     mean_max = changed = 0.0
   return {
-      "num_clusters": int(num_cur),
-      "num_prev_clusters": int(num_prev),
-      "num_dissolved": int(np.sum(row_nnz == 0)),
-      "num_new": int(np.sum(col_nnz == 0)),
-      "mean_max_target": mean_max,
-      "frac_argmax_changed": changed,
+    "num_clusters": int(num_cur),
+    "num_prev_clusters": int(num_prev),
+    "num_dissolved": int(np.sum(row_nnz == 0)),
+    "num_new": int(np.sum(col_nnz == 0)),
+    "mean_max_target": mean_max,
+    "frac_argmax_changed": changed,
   }

@@ -30,9 +30,11 @@ _NOT_RECIPES = ("default", "variants")
 
 def recipe_names() -> list[str]:
   """The names ``--config`` accepts for the recipes of this package, sorted."""
-  return sorted(name[:-3] for name in os.listdir(FOLDER)
-                if name.endswith(".py") and not name.startswith("_")
-                and name[:-3] not in _NOT_RECIPES)
+  return sorted(
+    name[:-3]
+    for name in os.listdir(FOLDER)
+    if name.endswith(".py") and not name.startswith("_") and name[:-3] not in _NOT_RECIPES
+  )
 
 
 def resolve(arg: str) -> str:
@@ -64,5 +66,6 @@ def resolve(arg: str) -> str:
     raise ValueError(f"{path}: no such file{packaged}")
   close = difflib.get_close_matches(name, names, n=1)
   hint = f"; did you mean {close[0]}?" if close else ""
-  raise ValueError(f"{path}: no such file and no recipe of that name{hint}\n"
-                   f"Recipes: {', '.join(names)}")
+  raise ValueError(
+    f"{path}: no such file and no recipe of that name{hint}\nRecipes: {', '.join(names)}"
+  )

@@ -19,15 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "ERASE_VALUES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "AugmentParams",
-    "apply_augment",
-    "normalize",
-    "sample_augment_params",
-    "test_transform",
-    "train_augment",
+  "ERASE_VALUES",
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
+  "AugmentParams",
+  "apply_augment",
+  "normalize",
+  "sample_augment_params",
+  "test_transform",
+  "train_augment",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,17 +60,17 @@ def test_transform(images: jax.Array) -> jax.Array:
 
 
 def sample_augment_params(
-    key: jax.Array,
-    batch: int,
-    height: int,
-    width: int,
-    *,
-    flip_prob: float = 0.5,
-    pad: int = 10,
-    erasing_prob: float = 0.5,
-    erase_area: tuple[float, float] = (0.02, 0.4),
-    erase_aspect: float = 0.3,
-    erase_tries: int = 100,
+  key: jax.Array,
+  batch: int,
+  height: int,
+  width: int,
+  *,
+  flip_prob: float = 0.5,
+  pad: int = 10,
+  erasing_prob: float = 0.5,
+  erase_area: tuple[float, float] = (0.02, 0.4),
+  erase_aspect: float = 0.3,
+  erase_tries: int = 100,
 ) -> AugmentParams:
   """Draws the reference's random parameters for ``batch`` images of ``height`` x ``width``.
 
@@ -102,8 +102,7 @@ def sample_augment_params(
   top = jnp.where(erase, top, 0)
   left = jnp.where(erase, left, 0)
   erase_box = jnp.stack([top, left, box_h, box_w], axis=1).astype(jnp.int32)
-  return AugmentParams(flip=flip, crop_y=crop_y, crop_x=crop_x, erase=erase,
-                       erase_box=erase_box)
+  return AugmentParams(flip=flip, crop_y=crop_y, crop_x=crop_x, erase=erase, erase_box=erase_box)
 
 
 def apply_augment(images: jax.Array, params: AugmentParams, *, pad: int = 10) -> jax.Array:
@@ -124,25 +123,39 @@ def apply_augment(images: jax.Array, params: AugmentParams, *, pad: int = 10) ->
   top, left, box_h, box_w = (params.erase_box[:, i, None, None] for i in range(4))
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
-  inside = ((rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
-            & params.erase[:, None, None])
+  inside = (
+    (rows >= top)
+    & (rows < top + box_h)
+    & (cols >= left)
+    & (cols < left + box_w)
+    & params.erase[:, None, None]
+  )
   return jnp.where(inside[..., None], jnp.asarray(ERASE_VALUES, jnp.float32), x)
 
 
 def train_augment(
-    key: jax.Array,
-    images: jax.Array,
-    *,
-    flip_prob: float = 0.5,
-    pad: int = 10,
-    erasing_prob: float = 0.5,
-    erase_area: tuple[float, float] = (0.02, 0.4),
-    erase_aspect: float = 0.3,
-    erase_tries: int = 100,
+  key: jax.Array,
+  images: jax.Array,
+  *,
+  flip_prob: float = 0.5,
+  pad: int = 10,
+  erasing_prob: float = 0.5,
+  erase_area: tuple[float, float] = (0.02, 0.4),
+  erase_aspect: float = 0.3,
+  erase_tries: int = 100,
 ) -> jax.Array:
   """The whole train transform: ``apply_augment(images, sample_augment_params(key, ...))``."""
   batch, height, width, _ = images.shape
   params = sample_augment_params(
-      key, batch, height, width, flip_prob=flip_prob, pad=pad, erasing_prob=erasing_prob,
-      erase_area=erase_area, erase_aspect=erase_aspect, erase_tries=erase_tries)
+    key,
+    batch,
+    height,
+    width,
+    flip_prob=flip_prob,
+    pad=pad,
+    erasing_prob=erasing_prob,
+    erase_area=erase_area,
+    erase_aspect=erase_aspect,
+    erase_tries=erase_tries,
+  )
   return apply_augment(images, params, pad=pad)

@@ -29,14 +29,14 @@ from ccreid_jax.data.datasets import DatasetError, ReidDataset
 from ccreid_jax.utils import progress_bar, write_atomic
 
 __all__ = [
-    "CacheSpaceError",
-    "ImageDecodeError",
-    "ReadableImages",
-    "cache_file_name",
-    "decode_image",
-    "load_dataset_images",
-    "load_image_cache",
-    "load_readable_images",
+  "CacheSpaceError",
+  "ImageDecodeError",
+  "ReadableImages",
+  "cache_file_name",
+  "decode_image",
+  "load_dataset_images",
+  "load_image_cache",
+  "load_readable_images",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -95,18 +95,21 @@ def _high_depth_gray(image: Image.Image) -> np.ndarray | None:
     if not signed and bits == 32:
       values &= 0xFFFFFFFF  # PIL holds unsigned 32-bit samples as int32
     if values.size and values.min() < 0:
-      raise ValueError(f"a signed {bits}-bit integer image with negative values (minimum "
-                       f"{values.min()}): it has no range to read it as RGB with")
+      raise ValueError(
+        f"a signed {bits}-bit integer image with negative values (minimum "
+        f"{values.min()}): it has no range to read it as RGB with"
+      )
     if bits <= 16 and not signed:
       return (values >> (bits - 8) if bits > 8 else values).astype(np.uint8)
     top = (1 << (bits - 1 if signed else bits)) - 1
     return np.round(np.minimum(values, top) * (255.0 / top)).astype(np.uint8)
   if image.mode == "F":
     values = np.asarray(image).astype(np.float64)
-    if values.size and (not np.isfinite(values).all() or values.min() < 0
-                        or values.max() > 1):
-      raise ValueError(f"a floating-point image with values in [{np.nanmin(values):g}, "
-                       f"{np.nanmax(values):g}]: only values in [0, 1] are read (as 0-255)")
+    if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 1):
+      raise ValueError(
+        f"a floating-point image with values in [{np.nanmin(values):g}, "
+        f"{np.nanmax(values):g}]: only values in [0, 1] are read (as 0-255)"
+      )
     return np.round(values * 255.0).astype(np.uint8)
   return None
 
@@ -178,15 +181,24 @@ def cache_file_name(paths: Sequence[str], height: int, width: int) -> str:
       entries.append([os.path.abspath(path), -1, -1])
       continue
     entries.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-  payload = json.dumps({"version": _CACHE_VERSION, "height": height, "width": width,
-                        "files": entries}, separators=(",", ":"))
+  payload = json.dumps(
+    {"version": _CACHE_VERSION, "height": height, "width": width, "files": entries},
+    separators=(",", ":"),
+  )
   digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
   return f"images_{len(entries)}x{height}x{width}_{digest}.npy"
 
 
-def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int, *,
-                 progress: bool, num_workers: int,
-                 read: Callable[[int], bytes] | None = None) -> list[tuple[int, str]]:
+def _decode_into(
+  out: np.ndarray,
+  paths: Sequence[str],
+  height: int,
+  width: int,
+  *,
+  progress: bool,
+  num_workers: int,
+  read: Callable[[int], bytes] | None = None,
+) -> list[tuple[int, str]]:
   """Decode ``paths`` in a thread pool, writing image ``i`` into ``out[i]``.
 
   With ``read``, image ``i`` is decoded from the bytes ``read(i)`` returns (called from the
@@ -214,8 +226,9 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
     if (image == image[0, 0]).all():
       constant.append(index)
 
-  bar = progress_bar(total=len(paths), desc=f"decode {height}x{width}", unit="img",
-                     enabled=progress)
+  bar = progress_bar(
+    total=len(paths), desc=f"decode {height}x{width}", unit="img", enabled=progress
+  )
   try:
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
       for _ in pool.map(work, range(len(paths))):
@@ -226,26 +239,32 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], height: int, width: int,
     constant.sort()
     listed = ", ".join(repr(paths[i]) for i in constant[:MAX_LISTED])
     more = f" and {len(constant) - MAX_LISTED} more" if len(constant) > MAX_LISTED else ""
-    logger.warning("%d image(s) decode to a single colour (the first: RGB %s everywhere): "
-                   "%s%s. They are used as they are; remove them if they are not pictures",
-                   len(constant), out[constant[0]][0, 0].tolist(), listed, more)
+    logger.warning(
+      "%d image(s) decode to a single colour (the first: RGB %s everywhere): "
+      "%s%s. They are used as they are; remove them if they are not pictures",
+      len(constant),
+      out[constant[0]][0, 0].tolist(),
+      listed,
+      more,
+    )
   return sorted(errors)
 
 
 SKIP_HINT = "skip unreadable images with --config.data.skip_bad_images=True"
 
 
-def _decode_error(errors: Sequence[tuple[int, str]],
-                  skip_hint: str = SKIP_HINT) -> ImageDecodeError:
+def _decode_error(
+  errors: Sequence[tuple[int, str]], skip_hint: str = SKIP_HINT
+) -> ImageDecodeError:
   """One error listing the first ``MAX_LISTED`` unreadable files, with ``skip_hint``."""
   if len(errors) == 1:
-    return ImageDecodeError(
-        f"{errors[0][1]}\nReplace or remove the file, or {skip_hint}.")
+    return ImageDecodeError(f"{errors[0][1]}\nReplace or remove the file, or {skip_hint}.")
   listed = "\n".join(f"  {message}" for _, message in errors[:MAX_LISTED])
   more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
   return ImageDecodeError(
-      f"{len(errors)} image files cannot be read:\n{listed}{more}\nReplace or remove them, "
-      f"or {skip_hint}.")
+    f"{len(errors)} image files cannot be read:\n{listed}{more}\nReplace or remove them, "
+    f"or {skip_hint}."
+  )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -262,7 +281,7 @@ def _remove_stale_tmp(final: str) -> None:
   """Removes ``<final>.tmp-<pid>-*`` files of processes that died while writing them."""
   for tmp in glob.glob(glob.escape(final) + ".tmp-*"):
     try:
-      pid = int(tmp[len(final) + len(".tmp-"):].split("-")[0])
+      pid = int(tmp[len(final) + len(".tmp-") :].split("-")[0])
     except ValueError:
       continue
     if pid != os.getpid() and not _pid_alive(pid):
@@ -290,9 +309,10 @@ def _megabytes(size: int) -> str:
 def _space_error(folder: str, needed: int, free: int | None) -> CacheSpaceError:
   have = "not enough" if free is None else f"only {_megabytes(free)}"
   return CacheSpaceError(
-      f"The image cache needs {_megabytes(needed)} ({needed} bytes) in {folder} "
-      f"(config.data.cache_dir; by default <workdir>/cache), and {have} is free there. Free "
-      "some space, or point --config.data.cache_dir at a disk with room.")
+    f"The image cache needs {_megabytes(needed)} ({needed} bytes) in {folder} "
+    f"(config.data.cache_dir; by default <workdir>/cache), and {have} is free there. Free "
+    "some space, or point --config.data.cache_dir at a disk with room."
+  )
 
 
 def _check_space(folder: str, needed: int) -> None:
@@ -327,8 +347,9 @@ def _allocate(path: str) -> None:
     os.close(fd)
 
 
-def _write_atomically(final: str, shape: tuple[int, ...],
-                      fill: Callable[[np.ndarray], None]) -> np.ndarray:
+def _write_atomically(
+  final: str, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
+) -> np.ndarray:
   """Fills a new ``.npy`` file through ``fill`` and renames it to ``final`` when complete.
 
   If ``fill`` raises (or the process dies), no partial ``final`` exists; the temporary
@@ -362,16 +383,16 @@ def _write_atomically(final: str, shape: tuple[int, ...],
 
 
 def load_image_cache(
-    paths: Sequence[str],
-    height: int,
-    width: int,
-    cache_dir: str | None,
-    *,
-    progress: bool = True,
-    num_workers: int = 4,
-    read: Callable[[int], bytes] | None = None,
-    file_name: str | None = None,
-    skip_hint: str = SKIP_HINT,
+  paths: Sequence[str],
+  height: int,
+  width: int,
+  cache_dir: str | None,
+  *,
+  progress: bool = True,
+  num_workers: int = 4,
+  read: Callable[[int], bytes] | None = None,
+  file_name: str | None = None,
+  skip_hint: str = SKIP_HINT,
 ) -> np.ndarray:
   """All images of ``paths`` as one uint8 array of shape (N, height, width, 3).
 
@@ -403,8 +424,9 @@ def load_image_cache(
     return np.zeros(shape, np.uint8)
 
   def fill(out: np.ndarray) -> None:
-    errors = _decode_into(out, paths, height, width, progress=progress,
-                          num_workers=num_workers, read=read)
+    errors = _decode_into(
+      out, paths, height, width, progress=progress, num_workers=num_workers, read=read
+    )
     if errors:
       raise _decode_error(errors, skip_hint)
 
@@ -441,17 +463,17 @@ class ReadableImages:
 
 
 def _bad_list_file(final: str) -> str:
-  return final[:-len(".npy")] + ".unreadable.json"
+  return final[: -len(".npy")] + ".unreadable.json"
 
 
 def load_readable_images(
-    paths: Sequence[str],
-    height: int,
-    width: int,
-    cache_dir: str | None,
-    *,
-    progress: bool = True,
-    num_workers: int = 4,
+  paths: Sequence[str],
+  height: int,
+  width: int,
+  cache_dir: str | None,
+  *,
+  progress: bool = True,
+  num_workers: int = 4,
 ) -> ReadableImages:
   """Like ``load_image_cache`` but leaves unreadable images out instead of raising.
 
@@ -468,8 +490,7 @@ def load_readable_images(
 
   if cache_dir is None:
     out = np.empty(shape, np.uint8)
-    errors = _decode_into(out, paths, height, width, progress=progress,
-                          num_workers=num_workers)
+    errors = _decode_into(out, paths, height, width, progress=progress, num_workers=num_workers)
     bad_index = {i for i, _ in errors}
     kept = np.array([i for i in everything if i not in bad_index], np.int64)
     images = out[kept] if errors else out
@@ -487,8 +508,14 @@ def load_readable_images(
     if listed is not None:
       bad_index = {i for i, _ in listed}
       kept = np.array([i for i in everything if i not in bad_index], np.int64)
-      images = load_image_cache([paths[i] for i in kept], height, width, cache_dir,
-                                progress=progress, num_workers=num_workers)
+      images = load_image_cache(
+        [paths[i] for i in kept],
+        height,
+        width,
+        cache_dir,
+        progress=progress,
+        num_workers=num_workers,
+      )
       return ReadableImages(images, kept, tuple(m for _, m in listed))
   cached = _open_cached(final, shape)
   if cached is not None:
@@ -497,8 +524,9 @@ def load_readable_images(
   errors = []
 
   def fill(out: np.ndarray) -> None:
-    errors.extend(_decode_into(out, paths, height, width, progress=progress,
-                               num_workers=num_workers))
+    errors.extend(
+      _decode_into(out, paths, height, width, progress=progress, num_workers=num_workers)
+    )
     if errors:
       raise _SkipFinal
 
@@ -512,8 +540,9 @@ def load_readable_images(
   bad_index = {i for i, _ in errors}
   kept = np.array([i for i in everything if i not in bad_index], np.int64)
   kept_paths = [paths[i] for i in kept]
-  images = load_image_cache(kept_paths, height, width, cache_dir, progress=progress,
-                            num_workers=num_workers)
+  images = load_image_cache(
+    kept_paths, height, width, cache_dir, progress=progress, num_workers=num_workers
+  )
   write_atomic(bad_file, json.dumps({"unreadable": [[i, m] for i, m in errors]}, indent=1))
   return ReadableImages(images, kept, tuple(m for _, m in errors))
 
@@ -523,15 +552,15 @@ class _SkipFinal(Exception):
 
 
 def load_dataset_images(
-    dataset: ReidDataset,
-    height: int,
-    width: int,
-    cache_dir: str | None,
-    *,
-    need_train: bool = True,
-    skip_bad_images: bool = False,
-    progress: bool = True,
-    num_workers: int = 4,
+  dataset: ReidDataset,
+  height: int,
+  width: int,
+  cache_dir: str | None,
+  *,
+  need_train: bool = True,
+  skip_bad_images: bool = False,
+  progress: bool = True,
+  num_workers: int = 4,
 ) -> tuple[ReidDataset, np.ndarray | None, np.ndarray]:
   """The decoded images of a dataset: ``(dataset, train_images, test_images)``.
 
@@ -551,11 +580,13 @@ def load_dataset_images(
     """(images, indices of the records kept, messages of the unreadable files)."""
     paths = [r.path for r in records]
     if not skip_bad_images:
-      images = load_image_cache(paths, height, width, cache_dir, progress=progress,
-                                num_workers=num_workers)
+      images = load_image_cache(
+        paths, height, width, cache_dir, progress=progress, num_workers=num_workers
+      )
       return images, list(range(len(records))), ()
-    readable = load_readable_images(paths, height, width, cache_dir, progress=progress,
-                                    num_workers=num_workers)
+    readable = load_readable_images(
+      paths, height, width, cache_dir, progress=progress, num_workers=num_workers
+    )
     return readable.images, [int(i) for i in readable.kept], readable.bad
 
   train, train_images, bad = list(dataset.train), None, ()
@@ -570,14 +601,20 @@ def load_dataset_images(
   num_query = len(dataset.query)
   query = [test[i] for i in kept if i < num_query]
   gallery = [test[i] for i in kept if i >= num_query]
-  logger.warning("dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name,
-                 len(bad), bad[0])
-  for split, records, before in (("train", train, dataset.train),
-                                 ("query", query, dataset.query),
-                                 ("gallery", gallery, dataset.gallery)):
+  logger.warning(
+    "dataset %s: skipped %d unreadable image(s) (first: %s)", dataset.name, len(bad), bad[0]
+  )
+  for split, records, before in (
+    ("train", train, dataset.train),
+    ("query", query, dataset.query),
+    ("gallery", gallery, dataset.gallery),
+  ):
     if before and not records:  # a split with no records at all (no query) stays empty.
-      raise DatasetError(f"Dataset {dataset.name!r}: no readable image is left in the {split} "
-                         f"split ({len(bad)} unreadable files, first: {bad[0]})")
-  filtered = dataclasses.replace(dataset, train=train, query=query, gallery=gallery,
-                                 skipped=dataset.skipped + bad)
+      raise DatasetError(
+        f"Dataset {dataset.name!r}: no readable image is left in the {split} "
+        f"split ({len(bad)} unreadable files, first: {bad[0]})"
+      )
+  filtered = dataclasses.replace(
+    dataset, train=train, query=query, gallery=gallery, skipped=dataset.skipped + bad
+  )
   return filtered, train_images, test_images

@@ -26,20 +26,20 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 __all__ = [
-    "CAMERA_SOURCES",
-    "DATASET_NAMES",
-    "FOLDER_IMAGE_EXTENSIONS",
-    "FOLDER_NAME",
-    "UNKNOWN_IDENTITY",
-    "DatasetError",
-    "Record",
-    "ReidDataset",
-    "check_folder_size",
-    "dataset_folder_name",
-    "folder_min_images",
-    "load_dataset",
-    "load_folder_dataset",
-    "read_eval_list",
+  "CAMERA_SOURCES",
+  "DATASET_NAMES",
+  "FOLDER_IMAGE_EXTENSIONS",
+  "FOLDER_NAME",
+  "UNKNOWN_IDENTITY",
+  "DatasetError",
+  "Record",
+  "ReidDataset",
+  "check_folder_size",
+  "dataset_folder_name",
+  "folder_min_images",
+  "load_dataset",
+  "load_folder_dataset",
+  "read_eval_list",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("market1501", "dukemtmcreid", "msmt17", "veri776", "personx")
@@ -52,7 +52,16 @@ FOLDER_NAME = "folder"  # ``data.name`` of a user's own folder of images (``load
 CAMERA_SOURCES: tuple[str, ...] = ("none", "folder", "regex")  # ``data.cameras`` values.
 # The extensions ``load_folder_dataset`` reads (any case); other files are counted and ignored.
 FOLDER_IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+  ".jpg",
+  ".jpeg",
+  ".png",
+  ".bmp",
+  ".ppm",
+  ".pgm",
+  ".tif",
+  ".tiff",
+  ".webp",
+)
 # ``Record.identity`` of an image whose identity is not known (a folder's train images).
 UNKNOWN_IDENTITY = -1
 
@@ -131,11 +140,15 @@ class ReidDataset:
   def summary(self) -> str:
     """A small human-readable table with identities / images / cameras per split."""
     lines = [f"{self.name} ({self.root})", "  split   | identities | images | cameras"]
-    for split_name, records in (("train", self.train), ("query", self.query),
-                                ("gallery", self.gallery)):
+    for split_name, records in (
+      ("train", self.train),
+      ("query", self.query),
+      ("gallery", self.gallery),
+    ):
       train = split_name == "train"
-      identities = ("-" if train and not self.has_train_identities
-                    else len({r.identity for r in records}))
+      identities = (
+        "-" if train and not self.has_train_identities else len({r.identity for r in records})
+      )
       cameras = "-" if train and not self.has_cameras else len({r.camera for r in records})
       lines.append(f"  {split_name:<7} | {identities:>10} | {len(records):>6} | {cameras:>7}")
     return "\n".join(lines)
@@ -174,56 +187,56 @@ _PERSONX_CAMERAS: dict[int, int] = {3: 0, 4: 1, 8: 2, 10: 3, 11: 4, 12: 5}
 _MARKET_SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 
 _SPECS: dict[str, _Spec] = {
-    "market1501": _Spec(
-        name="market1501",
-        folder="Market-1501-v15.09.15",
-        split_dirs=_MARKET_SPLITS,
-        pattern=re.compile(r"([-\d]+)_c(\d)"),
-        camera_to_index=_range_cameras(1, 6),
-        camera_description="1..6",
-        example="0002_c1s1_000451_03.jpg",
-        market_filters=True,
-    ),
-    "dukemtmcreid": _Spec(
-        name="dukemtmcreid",
-        folder="DukeMTMC-reID",
-        split_dirs=_MARKET_SPLITS,
-        pattern=re.compile(r"([-\d]+)_c(\d)"),
-        camera_to_index=_range_cameras(1, 8),
-        camera_description="1..8",
-        example="0001_c2_f0046182.jpg",
-        market_filters=False,
-    ),
-    "msmt17": _Spec(
-        name="msmt17",
-        folder="MSMT17_V1",
-        split_dirs=_MARKET_SPLITS,
-        pattern=re.compile(r"([-\d]+)_c(\d+)"),
-        camera_to_index=_range_cameras(1, 15),
-        camera_description="1..15",
-        example="0000_c1_0000.jpg",
-        market_filters=False,
-    ),
-    "veri776": _Spec(
-        name="veri776",
-        folder="VeRi",
-        split_dirs=("image_train", "image_query", "image_test"),
-        pattern=re.compile(r"([\d]+)_c(\d+)"),
-        camera_to_index=_range_cameras(1, 20),
-        camera_description="1..20",
-        example="0001_c001_00016450_0.jpg",
-        market_filters=False,
-    ),
-    "personx": _Spec(
-        name="personx",
-        folder="PersonX",
-        split_dirs=_MARKET_SPLITS,
-        pattern=re.compile(r"([-\d]+)_c([-\d]+)"),
-        camera_to_index=_PERSONX_CAMERAS.get,
-        camera_description="one of 3, 4, 8, 10, 11, 12",
-        example="0001_c3_0001.jpg",
-        market_filters=False,
-    ),
+  "market1501": _Spec(
+    name="market1501",
+    folder="Market-1501-v15.09.15",
+    split_dirs=_MARKET_SPLITS,
+    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    camera_to_index=_range_cameras(1, 6),
+    camera_description="1..6",
+    example="0002_c1s1_000451_03.jpg",
+    market_filters=True,
+  ),
+  "dukemtmcreid": _Spec(
+    name="dukemtmcreid",
+    folder="DukeMTMC-reID",
+    split_dirs=_MARKET_SPLITS,
+    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    camera_to_index=_range_cameras(1, 8),
+    camera_description="1..8",
+    example="0001_c2_f0046182.jpg",
+    market_filters=False,
+  ),
+  "msmt17": _Spec(
+    name="msmt17",
+    folder="MSMT17_V1",
+    split_dirs=_MARKET_SPLITS,
+    pattern=re.compile(r"([-\d]+)_c(\d+)"),
+    camera_to_index=_range_cameras(1, 15),
+    camera_description="1..15",
+    example="0000_c1_0000.jpg",
+    market_filters=False,
+  ),
+  "veri776": _Spec(
+    name="veri776",
+    folder="VeRi",
+    split_dirs=("image_train", "image_query", "image_test"),
+    pattern=re.compile(r"([\d]+)_c(\d+)"),
+    camera_to_index=_range_cameras(1, 20),
+    camera_description="1..20",
+    example="0001_c001_00016450_0.jpg",
+    market_filters=False,
+  ),
+  "personx": _Spec(
+    name="personx",
+    folder="PersonX",
+    split_dirs=_MARKET_SPLITS,
+    pattern=re.compile(r"([-\d]+)_c([-\d]+)"),
+    camera_to_index=_PERSONX_CAMERAS.get,
+    camera_description="one of 3, 4, 8, 10, 11, 12",
+    example="0001_c3_0001.jpg",
+    market_filters=False,
+  ),
 }
 
 _MSMT_LIST_FILES = ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
@@ -238,7 +251,8 @@ def _get_spec(name: str) -> _Spec:
   key = name.lower()
   if key not in _SPECS:
     raise DatasetError(
-        f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}.")
+      f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)}."
+    )
   return _SPECS[key]
 
 
@@ -246,20 +260,20 @@ def _expected_tree(spec: _Spec) -> str:
   """An indented picture of the folder layout a dataset is expected to have."""
   train, query, gallery = spec.split_dirs
   lines = [
-      f"  {spec.folder}/",
-      f"    {train}/  {spec.example} ...",
-      f"    {query}/",
-      f"    {gallery}/",
+    f"  {spec.folder}/",
+    f"    {train}/  {spec.example} ...",
+    f"    {query}/",
+    f"    {gallery}/",
   ]
   if spec.name == "msmt17":
     lines += [
-        "  or the official MSMT17 layout:",
-        f"  {spec.folder}/",
-        "    train/  0000/0000_000_01_0303morning_0015_0.jpg ...",
-        "    test/",
-        "    list_train.txt  list_val.txt  list_query.txt  list_gallery.txt",
-        "      (each line: 'relative/path.jpg identity', e.g. "
-        "'0000/0000_000_01_0303morning_0015_0.jpg 0')",
+      "  or the official MSMT17 layout:",
+      f"  {spec.folder}/",
+      "    train/  0000/0000_000_01_0303morning_0015_0.jpg ...",
+      "    test/",
+      "    list_train.txt  list_val.txt  list_query.txt  list_gallery.txt",
+      "      (each line: 'relative/path.jpg identity', e.g. "
+      "'0000/0000_000_01_0303morning_0015_0.jpg 0')",
     ]
   return "\n".join(lines)
 
@@ -286,9 +300,9 @@ def _resolve_folder(spec: _Spec, root: str) -> tuple[str, bool]:
   """
   root = os.path.abspath(os.path.expanduser(root))
   candidates = [
-      os.path.join(root, spec.folder),
-      root,
-      os.path.join(root, spec.name, spec.folder),
+    os.path.join(root, spec.folder),
+    root,
+    os.path.join(root, spec.name, spec.folder),
   ]
   for folder in candidates:
     if _is_market_style(folder, spec):
@@ -297,10 +311,11 @@ def _resolve_folder(spec: _Spec, root: str) -> tuple[str, bool]:
       return folder, True
   tried = "\n".join(f"  {c}" for c in candidates)
   raise DatasetError(
-      f"Dataset {spec.name!r}: no dataset folder found under root {root!r}.\n"
-      f"Paths tried (the first should exist):\n{tried}\n"
-      f"Expected tree (root may be the parent folder or the dataset folder itself):\n"
-      f"{_expected_tree(spec)}")
+    f"Dataset {spec.name!r}: no dataset folder found under root {root!r}.\n"
+    f"Paths tried (the first should exist):\n{tried}\n"
+    f"Expected tree (root may be the parent folder or the dataset folder itself):\n"
+    f"{_expected_tree(spec)}"
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,12 +331,15 @@ def _list_images(directory: str, spec: _Spec) -> list[str]:
   """
   if not os.path.isdir(directory):
     raise DatasetError(
-        f"Dataset {spec.name!r}: split folder {directory!r} is missing.\n"
-        f"Expected tree:\n{_expected_tree(spec)}")
-  return sorted(f for f in os.listdir(directory)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-                and (os.path.isfile(os.path.join(directory, f))
-                     or os.path.islink(os.path.join(directory, f))))
+      f"Dataset {spec.name!r}: split folder {directory!r} is missing.\n"
+      f"Expected tree:\n{_expected_tree(spec)}"
+    )
+  return sorted(
+    f
+    for f in os.listdir(directory)
+    if f.lower().endswith(IMAGE_EXTENSIONS)
+    and (os.path.isfile(os.path.join(directory, f)) or os.path.islink(os.path.join(directory, f)))
+  )
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -344,8 +362,7 @@ class _Containment:
   itself may be a link.
   """
 
-  def __init__(self, folder: str, allow_outside_links: bool, *,
-               allow_outside_paths: bool = False):
+  def __init__(self, folder: str, allow_outside_links: bool, *, allow_outside_paths: bool = False):
     self.folder = os.path.normpath(folder)
     self.real_folder = os.path.realpath(folder)
     self.allow_outside_links = allow_outside_links
@@ -394,20 +411,24 @@ class _Containment:
     if self.written_outside:
       ways.append(written_fix)
     if self.linked_outside:
-      ways.append("move the linked images into the folder, or allow links that lead "
-                  "outside it with --config.data.follow_symlinks_outside=True")
+      ways.append(
+        "move the linked images into the folder, or allow links that lead "
+        "outside it with --config.data.follow_symlinks_outside=True"
+      )
     way_out = "; ".join(ways)
     return DatasetError(
-        f"{subject}: {len(lines)} image path(s) lead outside the folder "
-        f"{self.folder}:\n{_listed(lines)}\n{way_out[0].upper()}{way_out[1:]}.")
+      f"{subject}: {len(lines)} image path(s) lead outside the folder "
+      f"{self.folder}:\n{_listed(lines)}\n{way_out[0].upper()}{way_out[1:]}."
+    )
 
 
 def _camera_index(spec: _Spec, camera: int, path: str) -> int:
   index = spec.camera_to_index(camera)
   if index is None:
     raise DatasetError(
-        f"camera {camera} parsed from file {path!r} is out of range "
-        f"(expected {spec.camera_description})")
+      f"camera {camera} parsed from file {path!r} is out of range "
+      f"(expected {spec.camera_description})"
+    )
   return index
 
 
@@ -420,8 +441,8 @@ def _parse_name(spec: _Spec, path: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
   except ValueError:  # no match, or a match such as "-" that is not a number.
     raise DatasetError(
-        f"cannot parse identity and camera from file {path!r} "
-        f"(expected a name like {spec.example!r})") from None
+      f"cannot parse identity and camera from file {path!r} (expected a name like {spec.example!r})"
+    ) from None
 
 
 def _keep(spec: _Spec, identity: int, split: str) -> bool:
@@ -436,8 +457,9 @@ def _keep(spec: _Spec, identity: int, split: str) -> bool:
 def _check_nonempty(spec: _Spec, records: Sequence[Record], split: str, where: str) -> None:
   if not records:
     raise DatasetError(
-        f"Dataset {spec.name!r}: the {split} split read from {where!r} is empty "
-        f"(no usable .jpg/.jpeg/.png images).\nExpected tree:\n{_expected_tree(spec)}")
+      f"Dataset {spec.name!r}: the {split} split read from {where!r} is empty "
+      f"(no usable .jpg/.jpeg/.png images).\nExpected tree:\n{_expected_tree(spec)}"
+    )
 
 
 # Each parser returns ``{split: (records, where)}`` (``where``: the folder or list file the
@@ -446,8 +468,7 @@ def _check_nonempty(spec: _Spec, records: Sequence[Record], split: str, where: s
 _Splits = dict[str, tuple[list[Record], str]]
 
 
-def _parse_market_style(spec: _Spec, folder: str, bad: list[str],
-                        contain: _Containment) -> _Splits:
+def _parse_market_style(spec: _Spec, folder: str, bad: list[str], contain: _Containment) -> _Splits:
   splits: _Splits = {}
   for split, sub in zip(("train", "query", "gallery"), spec.split_dirs):
     directory = os.path.join(folder, sub)
@@ -472,17 +493,20 @@ def _msmt_official_camera(spec: _Spec, path: str) -> int:
   fields = os.path.basename(path).split("_")
   if len(fields) < 3 or not fields[2].isdigit():
     raise DatasetError(
-        f"cannot parse the camera (third '_' field) from file {path!r} "
-        "(expected a name like '0000_000_01_0303morning_0015_0.jpg')")
+      f"cannot parse the camera (third '_' field) from file {path!r} "
+      "(expected a name like '0000_000_01_0303morning_0015_0.jpg')"
+    )
   return _camera_index(spec, int(fields[2]), path)
 
 
-def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
-                    contain: _Containment) -> list[Record]:
+def _read_msmt_list(
+  spec: _Spec, list_path: str, image_dir: str, bad: list[str], contain: _Containment
+) -> list[Record]:
   if not os.path.isfile(list_path):
     raise DatasetError(
-        f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
-        f"Expected tree:\n{_expected_tree(spec)}")
+      f"Dataset {spec.name!r}: list file {list_path!r} is missing.\n"
+      f"Expected tree:\n{_expected_tree(spec)}"
+    )
   records = []
   with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
     for line_no, line in enumerate(f, start=1):
@@ -492,8 +516,9 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
       parts = line.split()
       if len(parts) != 2:
         raise DatasetError(
-            f"Dataset {spec.name!r}: line {line_no} of {list_path!r} is malformed: "
-            f"{line!r} (expected 'relative/path.jpg identity').")
+          f"Dataset {spec.name!r}: line {line_no} of {list_path!r} is malformed: "
+          f"{line!r} (expected 'relative/path.jpg identity')."
+        )
       rel, identity_text = parts
       if not rel.lower().endswith(IMAGE_EXTENSIONS):
         continue
@@ -507,25 +532,26 @@ def _read_msmt_list(spec: _Spec, list_path: str, image_dir: str, bad: list[str],
   return records
 
 
-def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str],
-                         contain: _Containment) -> _Splits:
+def _parse_msmt_official(
+  spec: _Spec, folder: str, bad: list[str], contain: _Containment
+) -> _Splits:
   for sub in ("train", "test"):
     if not os.path.isdir(os.path.join(folder, sub)):
       raise DatasetError(
-          f"Dataset {spec.name!r}: image folder {os.path.join(folder, sub)!r} is missing.\n"
-          f"Expected tree:\n{_expected_tree(spec)}")
+        f"Dataset {spec.name!r}: image folder {os.path.join(folder, sub)!r} is missing.\n"
+        f"Expected tree:\n{_expected_tree(spec)}"
+      )
   train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
   sources = {
-      "train": [("list_train.txt", train_dir), ("list_val.txt", train_dir)],
-      "query": [("list_query.txt", test_dir)],
-      "gallery": [("list_gallery.txt", test_dir)],
+    "train": [("list_train.txt", train_dir), ("list_val.txt", train_dir)],
+    "query": [("list_query.txt", test_dir)],
+    "gallery": [("list_gallery.txt", test_dir)],
   }
   splits: _Splits = {}
   for split, lists in sources.items():
     records: list[Record] = []
     for list_name, image_dir in lists:
-      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad,
-                                 contain)
+      records += _read_msmt_list(spec, os.path.join(folder, list_name), image_dir, bad, contain)
     records = sorted(r for r in records if _keep(spec, r.identity, split))
     splits[split] = (records, os.path.join(folder, lists[0][0]))
   return splits
@@ -533,14 +559,16 @@ def _parse_msmt_official(spec: _Spec, folder: str, bad: list[str],
 
 def _bad_names_error(spec: _Spec, bad: Sequence[str]) -> DatasetError:
   return DatasetError(
-      f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an identity and a camera "
-      f"(pattern {spec.pattern.pattern} on the file name, e.g. {spec.example!r}, cameras "
-      f"{spec.camera_description}):\n{_listed(bad)}\n"
-      "Rename or remove these files, or skip them with --config.data.skip_bad_names=True.")
+    f"Dataset {spec.name!r}: {len(bad)} file name(s) do not give an identity and a camera "
+    f"(pattern {spec.pattern.pattern} on the file name, e.g. {spec.example!r}, cameras "
+    f"{spec.camera_description}):\n{_listed(bad)}\n"
+    "Rename or remove these files, or skip them with --config.data.skip_bad_names=True."
+  )
 
 
-def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
-                 allow_outside_links: bool = False) -> ReidDataset:
+def load_dataset(
+  name: str, root: str, *, skip_bad_names: bool = False, allow_outside_links: bool = False
+) -> ReidDataset:
   """Read the train / query / gallery splits of a dataset.
 
   Args:
@@ -572,20 +600,31 @@ def load_dataset(name: str, root: str, *, skip_bad_names: bool = False,
   else:
     splits = _parse_market_style(spec, folder, bad, contain)
   outside = contain.error(
-      f"Dataset {spec.name!r}", "list entries must name images inside the dataset folder "
-      "(paths relative to its train/ or test/ folder)")
+    f"Dataset {spec.name!r}",
+    "list entries must name images inside the dataset folder "
+    "(paths relative to its train/ or test/ folder)",
+  )
   if outside is not None:
     raise outside
   if bad and not skip_bad_names:
     raise _bad_names_error(spec, bad)
   if bad:
-    logger.warning("dataset %s: skipped %d file(s) whose names do not parse (first: %s)",
-                   spec.name, len(bad), bad[0])
+    logger.warning(
+      "dataset %s: skipped %d file(s) whose names do not parse (first: %s)",
+      spec.name,
+      len(bad),
+      bad[0],
+    )
   for split, (records, where) in splits.items():
     _check_nonempty(spec, records, split, where)
-  return ReidDataset(name=spec.name, root=folder, train=splits["train"][0],
-                     query=splits["query"][0], gallery=splits["gallery"][0],
-                     skipped=tuple(bad))
+  return ReidDataset(
+    name=spec.name,
+    root=folder,
+    train=splits["train"][0],
+    query=splits["query"][0],
+    gallery=splits["gallery"][0],
+    skipped=tuple(bad),
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,11 +696,14 @@ class _CameraReader:
     self.root, self.source, self.level = root, source, int(folder_level)
     self.pattern = re.compile(regex) if source == "regex" else None
     if source not in CAMERA_SOURCES:
-      raise DatasetError(f"data.cameras={source!r}: accepted: "
-                         f"{', '.join(repr(c) for c in CAMERA_SOURCES)}")
+      raise DatasetError(
+        f"data.cameras={source!r}: accepted: {', '.join(repr(c) for c in CAMERA_SOURCES)}"
+      )
     if source == "folder" and self.level < 1:
-      raise DatasetError(f"data.camera_folder_level={folder_level}: must be >= 1 (1 = the first "
-                         "sub-folder of data.root)")
+      raise DatasetError(
+        f"data.camera_folder_level={folder_level}: must be >= 1 (1 = the first "
+        "sub-folder of data.root)"
+      )
 
   def how(self) -> str:
     """How the camera is read, for messages."""
@@ -676,15 +718,18 @@ class _CameraReader:
     if self.source == "folder":
       folders = os.path.relpath(path, self.root).split(os.sep)[:-1]
       if len(folders) < self.level:
-        raise DatasetError(f"file {path!r} lies in {len(folders)} sub-folder(s) of data.root; "
-                           f"data.camera_folder_level={self.level} needs at least {self.level}")
+        raise DatasetError(
+          f"file {path!r} lies in {len(folders)} sub-folder(s) of data.root; "
+          f"data.camera_folder_level={self.level} needs at least {self.level}"
+        )
       return folders[self.level - 1]
     assert self.pattern is not None  # source == "regex"
     match = self.pattern.search(os.path.basename(path))
     name = None if match is None else match.group(1 if self.pattern.groups else 0)
     if not name:
-      raise DatasetError(f"data.camera_regex '{self.pattern.pattern}' gives no camera for file "
-                         f"{path!r}")
+      raise DatasetError(
+        f"data.camera_regex '{self.pattern.pattern}' gives no camera for file {path!r}"
+      )
     return name
 
 
@@ -693,16 +738,25 @@ def _warn_single_image_cameras(records: Sequence[Record], names: Sequence[str]) 
   single = [f"{names[i]!r}" for i in range(len(names)) if counts[i] == 1]
   if single:
     logger.warning(
-        "dataset folder: %d camera(s) with a single image: %s. The camera-aware sampler and "
-        "CA-Jaccard find no other image of the same camera for them; check "
-        "data.camera_folder_level / data.camera_regex if these are not real cameras.",
-        len(single), ", ".join(single[:MAX_LISTED]) + (" ..." if len(single) > MAX_LISTED else ""))
+      "dataset folder: %d camera(s) with a single image: %s. The camera-aware sampler and "
+      "CA-Jaccard find no other image of the same camera for them; check "
+      "data.camera_folder_level / data.camera_regex if these are not real cameras.",
+      len(single),
+      ", ".join(single[:MAX_LISTED]) + (" ..." if len(single) > MAX_LISTED else ""),
+    )
 
 
-def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level: int = 1,
-                        camera_regex: str = r"c(\d+)", eval_list: str = "",
-                        skip_bad_names: bool = False, allow_outside_links: bool = False,
-                        min_images: int = 1) -> ReidDataset:
+def load_folder_dataset(
+  root: str,
+  *,
+  cameras: str = "none",
+  camera_folder_level: int = 1,
+  camera_regex: str = r"c(\d+)",
+  eval_list: str = "",
+  skip_bad_names: bool = False,
+  allow_outside_links: bool = False,
+  min_images: int = 1,
+) -> ReidDataset:
   """A user's own images as a training set (``data.name = "folder"``).
 
   Every image file under ``root`` (any sub-folders, any names; ``FOLDER_IMAGE_EXTENSIONS``)
@@ -735,8 +789,10 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise DatasetError(f"Dataset 'folder': data.root {root!r} is not a folder. Set "
-                       "--config.data.root to the folder that holds your training images.")
+    raise DatasetError(
+      f"Dataset 'folder': data.root {root!r} is not a folder. Set "
+      "--config.data.root to the folder that holds your training images."
+    )
   reader = _CameraReader(root, cameras, camera_folder_level, camera_regex)
   query: list[Record] = []
   gallery: list[Record] = []
@@ -746,17 +802,25 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
     skip = {os.path.realpath(p) for p in [eval_list] + [r.path for r in query + gallery]}
   paths, others, listed = _walk_folder(root, skip)
   if listed:
-    logger.info("dataset folder: %d file(s) under data.root are named by eval.list (the list, "
-                "or query / gallery images) and are left out of training", listed)
+    logger.info(
+      "dataset folder: %d file(s) under data.root are named by eval.list (the list, "
+      "or query / gallery images) and are left out of training",
+      listed,
+    )
   if others:
-    logger.info("dataset folder: ignored %d file(s) that are not images (%s), e.g. %s",
-                len(others), "/".join(FOLDER_IMAGE_EXTENSIONS), others[0])
+    logger.info(
+      "dataset folder: ignored %d file(s) that are not images (%s), e.g. %s",
+      len(others),
+      "/".join(FOLDER_IMAGE_EXTENSIONS),
+      others[0],
+    )
   if not paths:
-    ignored = (f" ({len(others)} other file(s) ignored, e.g. {others[0]!r})" if others else "")
+    ignored = f" ({len(others)} other file(s) ignored, e.g. {others[0]!r})" if others else ""
     raise DatasetError(
-        f"Dataset 'folder': no image file ({', '.join(FOLDER_IMAGE_EXTENSIONS)}) under "
-        f"data.root {root!r}{ignored}. Put the training images (any names, in any sub-folders) "
-        "there, or point --config.data.root at them.")
+      f"Dataset 'folder': no image file ({', '.join(FOLDER_IMAGE_EXTENSIONS)}) under "
+      f"data.root {root!r}{ignored}. Put the training images (any names, in any sub-folders) "
+      "there, or point --config.data.root at them."
+    )
   contain = _Containment(root, allow_outside_links)
   paths = [p for p in paths if contain.keep(p)]
   outside = contain.error("Dataset 'folder'", "name images inside data.root")
@@ -774,21 +838,23 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
     except DatasetError as exc:
       bad.append(str(exc))
   if bad and not kept:
-    sample = (os.path.relpath(paths[0], root) if cameras == "folder"
-              else os.path.basename(paths[0]))
+    sample = os.path.relpath(paths[0], root) if cameras == "folder" else os.path.basename(paths[0])
     raise DatasetError(
-        f"Dataset 'folder': no image under {root!r} gets a camera from {reader.how()}, e.g. "
-        f"{sample!r}. Choose another "
-        f"{'data.camera_folder_level' if cameras == 'folder' else 'data.camera_regex'}, or "
-        "set --config.data.cameras=none.")
+      f"Dataset 'folder': no image under {root!r} gets a camera from {reader.how()}, e.g. "
+      f"{sample!r}. Choose another "
+      f"{'data.camera_folder_level' if cameras == 'folder' else 'data.camera_regex'}, or "
+      "set --config.data.cameras=none."
+    )
   if bad and not skip_bad_names:
     raise DatasetError(
-        f"Dataset 'folder': {len(bad)} image(s) get no camera from {reader.how()}:\n"
-        f"{_listed(bad)}\nMove or rename them, or skip them with "
-        "--config.data.skip_bad_names=True.")
+      f"Dataset 'folder': {len(bad)} image(s) get no camera from {reader.how()}:\n"
+      f"{_listed(bad)}\nMove or rename them, or skip them with "
+      "--config.data.skip_bad_names=True."
+    )
   if bad:
-    logger.warning("dataset folder: skipped %d image(s) without a camera (first: %s)", len(bad),
-                   bad[0])
+    logger.warning(
+      "dataset folder: skipped %d image(s) without a camera (first: %s)", len(bad), bad[0]
+    )
   camera_names: tuple[str, ...]
   if cameras == "none":
     indices, camera_names = [0] * len(kept), ()
@@ -797,29 +863,42 @@ def load_folder_dataset(root: str, *, cameras: str = "none", camera_folder_level
   train = [Record(path, UNKNOWN_IDENTITY, camera) for path, camera in zip(kept, indices)]
   check_folder_size(len(train), min_images, root)
   if cameras != "none":
-    logger.info("dataset folder: %d camera(s) from %s: %s", len(camera_names), reader.how(),
-                _describe_cameras(camera_names))
+    logger.info(
+      "dataset folder: %d camera(s) from %s: %s",
+      len(camera_names),
+      reader.how(),
+      _describe_cameras(camera_names),
+    )
     _warn_single_image_cameras(train, camera_names)
-  return ReidDataset(name=FOLDER_NAME, root=root, train=train, query=query, gallery=gallery,
-                     skipped=tuple(bad), camera_names=camera_names,
-                     has_cameras=cameras != "none")
+  return ReidDataset(
+    name=FOLDER_NAME,
+    root=root,
+    train=train,
+    query=query,
+    gallery=gallery,
+    skipped=tuple(bad),
+    camera_names=camera_names,
+    has_cameras=cameras != "none",
+  )
 
 
 def check_folder_size(num_images: int, min_images: int, root: str) -> None:
   """Raises ``DatasetError`` when a folder dataset has fewer than ``min_images`` images."""
   if num_images < min_images:
     raise DatasetError(
-        f"Dataset 'folder': {num_images} usable training image(s) under {root!r}; training "
-        f"needs at least {min_images} (2 x max(train.num_instances, cluster.min_samples): two "
-        "pseudo identities of a full batch block each). Add images, or lower "
-        "--config.train.num_instances and --config.cluster.min_samples.")
+      f"Dataset 'folder': {num_images} usable training image(s) under {root!r}; training "
+      f"needs at least {min_images} (2 x max(train.num_instances, cluster.min_samples): two "
+      "pseudo identities of a full batch block each). Add images, or lower "
+      "--config.train.num_instances and --config.cluster.min_samples."
+    )
 
 
 _EVAL_LINE = "query|gallery <path> <identity> <camera>"
 
 
-def read_eval_list(list_path: str, *,
-                   allow_outside_links: bool = False) -> tuple[list[Record], list[Record]]:
+def read_eval_list(
+  list_path: str, *, allow_outside_links: bool = False
+) -> tuple[list[Record], list[Record]]:
   """The labelled query and gallery of a list file (``eval.list``): ``(query, gallery)``.
 
   One image per line, four whitespace-separated fields: ``query`` or ``gallery``, the image
@@ -837,8 +916,9 @@ def read_eval_list(list_path: str, *,
   """
   list_path = os.path.abspath(os.path.expanduser(list_path))
   if not os.path.isfile(list_path):
-    raise DatasetError(f"eval.list {list_path!r} is not a file (expected one line per image: "
-                       f"'{_EVAL_LINE}').")
+    raise DatasetError(
+      f"eval.list {list_path!r} is not a file (expected one line per image: '{_EVAL_LINE}')."
+    )
   folder = os.path.dirname(list_path)
   contain = _Containment(folder, allow_outside_links, allow_outside_paths=allow_outside_links)
   entries: list[tuple[str, str, int, str]] = []
@@ -849,19 +929,21 @@ def read_eval_list(list_path: str, *,
         continue
       where = f"{list_path} line {line_no}"
       parts = text.split()
-      if (len(parts) != 4 or parts[0] not in ("query", "gallery")
-          or not parts[2].isdigit()):
+      if len(parts) != 4 or parts[0] not in ("query", "gallery") or not parts[2].isdigit():
         raise DatasetError(
-            f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the identity an "
-            "integer >= 0, e.g. 'query images/0001_a.jpg 1 cam2').")
+          f"eval.list: {where} is malformed: {text!r} (expected '{_EVAL_LINE}', the identity an "
+          "integer >= 0, e.g. 'query images/0001_a.jpg 1 cam2')."
+        )
       split, written, identity_text, camera_name = parts
       path = os.path.normpath(os.path.join(folder, os.path.expanduser(written)))
       if contain.keep(path, where, written):
         entries.append((split, path, int(identity_text), camera_name))
   outside = contain.error(
-      f"eval.list {list_path!r}", "list entries must name images inside the list file's folder "
-      "(paths relative to it), or allow paths outside it with "
-      "--config.data.follow_symlinks_outside=True")
+    f"eval.list {list_path!r}",
+    "list entries must name images inside the list file's folder "
+    "(paths relative to it), or allow paths outside it with "
+    "--config.data.follow_symlinks_outside=True",
+  )
   if outside is not None:
     raise outside
   cameras, names = _camera_indices([camera_name for _, _, _, camera_name in entries])
@@ -870,9 +952,16 @@ def read_eval_list(list_path: str, *,
     records[split].append(Record(path, identity, camera))
   for split, found in records.items():
     if not found:
-      raise DatasetError(f"eval.list {list_path!r} has no {split} line (expected lines "
-                         f"'{_EVAL_LINE}'; evaluation needs both a query and a gallery).")
-  logger.info("eval list %s: %d query / %d gallery images, %d camera(s): %s", list_path,
-              len(records["query"]), len(records["gallery"]), len(names),
-              _describe_cameras(names))
+      raise DatasetError(
+        f"eval.list {list_path!r} has no {split} line (expected lines "
+        f"'{_EVAL_LINE}'; evaluation needs both a query and a gallery)."
+      )
+  logger.info(
+    "eval list %s: %d query / %d gallery images, %d camera(s): %s",
+    list_path,
+    len(records["query"]),
+    len(records["gallery"]),
+    len(names),
+    _describe_cameras(names),
+  )
   return records["query"], records["gallery"]

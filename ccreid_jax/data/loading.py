@@ -101,8 +101,11 @@ def train_fingerprint(records) -> str:
   digest = hashlib.sha256()
   for record in records:
     parts = str(record.path).replace(os.sep, "/").split("/")[-2:]
-    digest.update(f"{'/'.join(parts)}\t{int(record.identity)}\t{int(record.camera)}\n"
-                  .encode("utf-8", "surrogateescape"))
+    digest.update(
+      f"{'/'.join(parts)}\t{int(record.identity)}\t{int(record.camera)}\n".encode(
+        "utf-8", "surrogateescape"
+      )
+    )
   return digest.hexdigest()[:16]
 
 
@@ -125,43 +128,72 @@ def _report_names_not_utf8(dataset: datasets_lib.ReidDataset) -> None:
   odd = [str(r.path) for r in records if not _is_utf8(str(r.path))]
   if odd:
     listed = ", ".join(printable(p) for p in odd[:3]) + (", ..." if len(odd) > 3 else "")
-    logger.warning("dataset %s: %d image path(s) are not valid UTF-8 (%s); they are used as "
-                   "they are: caches and fingerprints hash their bytes, JSON files escape them, "
-                   "feature files keep them (os.fsencode(path) gives the bytes)",
-                   dataset.name, len(odd), listed)
+    logger.warning(
+      "dataset %s: %d image path(s) are not valid UTF-8 (%s); they are used as "
+      "they are: caches and fingerprints hash their bytes, JSON files escape them, "
+      "feature files keep them (os.fsencode(path) gives the bytes)",
+      dataset.name,
+      len(odd),
+      listed,
+    )
 
 
-def _read_records(config: ml_collections.ConfigDict, name: str,
-                  root: str) -> datasets_lib.ReidDataset:
+def _read_records(
+  config: ml_collections.ConfigDict, name: str, root: str
+) -> datasets_lib.ReidDataset:
   """The records of a dataset folder: a known layout, or a folder of own images."""
   data = config.data
   if name.lower() != datasets_lib.FOLDER_NAME:
-    return datasets_lib.load_dataset(name, root, skip_bad_names=data.skip_bad_names,
-                                     allow_outside_links=data.follow_symlinks_outside)
+    return datasets_lib.load_dataset(
+      name,
+      root,
+      skip_bad_names=data.skip_bad_names,
+      allow_outside_links=data.follow_symlinks_outside,
+    )
   return datasets_lib.load_folder_dataset(
-      root, cameras=data.cameras, camera_folder_level=data.camera_folder_level,
-      camera_regex=data.camera_regex, eval_list=config.eval.list,
-      skip_bad_names=data.skip_bad_names, allow_outside_links=data.follow_symlinks_outside,
-      min_images=_min_images(config))
+    root,
+    cameras=data.cameras,
+    camera_folder_level=data.camera_folder_level,
+    camera_regex=data.camera_regex,
+    eval_list=config.eval.list,
+    skip_bad_names=data.skip_bad_names,
+    allow_outside_links=data.follow_symlinks_outside,
+    min_images=_min_images(config),
+  )
 
 
 def _min_images(config: ml_collections.ConfigDict) -> int:
   return datasets_lib.folder_min_images(config.train.num_instances, config.cluster.min_samples)
 
 
-def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: str, *,
-          need_train: bool):
+def _load(
+  config: ml_collections.ConfigDict, name: str, root: str, cache_dir: str, *, need_train: bool
+):
   """``(dataset, train images or None, test images or None)``."""
   data = config.data
   progress = bool(config.log.progress)
   if data.source == "tfds":  # root is the TFDS data_dir of a tfds_data build.
     return tfds_data.load_tfds_dataset_images(
-        name, root, data.height, data.width, cache_dir, need_train=need_train,
-        progress=progress, num_workers=data.num_workers)
+      name,
+      root,
+      data.height,
+      data.width,
+      cache_dir,
+      need_train=need_train,
+      progress=progress,
+      num_workers=data.num_workers,
+    )
   dataset = _read_records(config, name, root)
   dataset, train_images, test_images = cache_lib.load_dataset_images(
-      dataset, data.height, data.width, cache_dir, need_train=need_train,
-      skip_bad_images=data.skip_bad_images, progress=progress, num_workers=data.num_workers)
+    dataset,
+    data.height,
+    data.width,
+    cache_dir,
+    need_train=need_train,
+    skip_bad_images=data.skip_bad_images,
+    progress=progress,
+    num_workers=data.num_workers,
+  )
   if dataset.name == datasets_lib.FOLDER_NAME and need_train:
     datasets_lib.check_folder_size(len(dataset.train), _min_images(config), dataset.root)
   return dataset, train_images, test_images if dataset.has_eval else None
@@ -169,16 +201,19 @@ def _load(config: ml_collections.ConfigDict, name: str, root: str, cache_dir: st
 
 def _check_something_to_evaluate(config: ml_collections.ConfigDict) -> None:
   if config.data.name.lower() == datasets_lib.FOLDER_NAME and not (
-      config.eval.list or config.eval.dataset):
-    raise ConfigError([
+    config.eval.list or config.eval.dataset
+  ):
+    raise ConfigError(
+      [
         "config.eval.list = '': a folder dataset (config.data.name = 'folder') has no query / "
         "gallery to evaluate; give a list file of labelled images "
         "(--config.eval.list=list.txt, lines 'query|gallery <path> <identity> <camera>') or a "
-        "labelled dataset (--config.eval.dataset=<name> --config.eval.root=<folder>)"])
+        "labelled dataset (--config.eval.dataset=<name> --config.eval.root=<folder>)"
+      ]
+    )
 
 
-def load_run_data(config: ml_collections.ConfigDict, workdir: str, *,
-                  need_train: bool) -> RunData:
+def load_run_data(config: ml_collections.ConfigDict, workdir: str, *, need_train: bool) -> RunData:
   """Loads the datasets of ``config`` (train split only when ``need_train``).
 
   Raises:
@@ -194,18 +229,25 @@ def load_run_data(config: ml_collections.ConfigDict, workdir: str, *,
   cross_domain = (eval_name, eval_root) != (config.data.name, config.data.root)
   if not cross_domain:
     dataset, train_images, test_images = _load(
-        config, config.data.name, config.data.root, cache_dir, need_train=need_train)
+      config, config.data.name, config.data.root, cache_dir, need_train=need_train
+    )
     eval_dataset = dataset
   else:
-    eval_dataset, _, test_images = _load(config, eval_name, eval_root, cache_dir,
-                                         need_train=False)
+    eval_dataset, _, test_images = _load(config, eval_name, eval_root, cache_dir, need_train=False)
     dataset, train_images = eval_dataset, None
     if need_train:
-      dataset, train_images, _ = _load(config, config.data.name, config.data.root, cache_dir,
-                                       need_train=True)
+      dataset, train_images, _ = _load(
+        config, config.data.name, config.data.root, cache_dir, need_train=True
+      )
   _report_names_not_utf8(dataset)
   if eval_dataset is not dataset:
     _report_names_not_utf8(eval_dataset)
   fingerprint = train_fingerprint(dataset.train) if need_train else None
-  return RunData(dataset, train_images, eval_dataset, test_images, cross_domain=cross_domain,
-                 train_fingerprint=fingerprint)
+  return RunData(
+    dataset,
+    train_images,
+    eval_dataset,
+    test_images,
+    cross_domain=cross_domain,
+    train_fingerprint=fingerprint,
+  )

@@ -93,13 +93,12 @@ class CameraAwarePKSampler:
     """
     k = self.num_instances
     if batch_size <= 0 or batch_size % k:
-      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                       f"num_instances={k}")
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of num_instances={k}")
     stream = np.zeros(0, np.int64)
     pos = 0
     for _ in range(num_batches):
       while stream.size - pos < batch_size:
         stream = np.concatenate([stream[pos:], self._pass()])
         pos = 0
-      yield stream[pos:pos + batch_size].copy()
+      yield stream[pos : pos + batch_size].copy()
       pos += batch_size

@@ -40,10 +40,10 @@ from PIL import Image
 from ccreid_jax.data.datasets import DATASET_NAMES, DatasetError, dataset_folder_name
 
 __all__ = [
-    "FAKE_TREE_CAMERAS",
-    "fake_tree_sizes",
-    "generate_market_dataset",
-    "make_fake_tree",
+  "FAKE_TREE_CAMERAS",
+  "fake_tree_sizes",
+  "generate_market_dataset",
+  "make_fake_tree",
 ]
 
 _MARKER = ".synthetic.json"
@@ -52,25 +52,73 @@ _SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
 # Deliberately small palettes, with some near neighbours (navy / black / dark grey, red / maroon,
 # beige / white), so that identities share attributes and camera colour casts confuse them.
-_SHIRT_PALETTE = np.array([
-    [200, 30, 30], [120, 20, 30], [30, 60, 160], [25, 30, 60], [235, 235, 230], [30, 30, 30],
-    [70, 70, 75], [40, 130, 60], [230, 200, 50], [210, 180, 140], [150, 60, 160], [240, 130, 40],
-], dtype=np.float32)
-_TROUSER_PALETTE = np.array([
-    [25, 25, 30], [40, 50, 90], [90, 90, 95], [190, 170, 130], [60, 45, 30], [200, 200, 200],
-], dtype=np.float32)
-_SHOE_PALETTE = np.array([
-    [20, 20, 20], [240, 240, 240], [110, 70, 40], [160, 30, 30],
-], dtype=np.float32)
-_HAIR_PALETTE = np.array([
-    [15, 12, 10], [70, 45, 25], [150, 110, 60], [200, 180, 120], [120, 120, 120],
-], dtype=np.float32)
-_SKIN_PALETTE = np.array([
-    [240, 200, 170], [210, 160, 120], [160, 110, 75], [100, 65, 45],
-], dtype=np.float32)
-_ACCESSORY_PALETTE = np.array([
-    [20, 20, 20], [150, 30, 30], [30, 60, 150], [130, 100, 60], [220, 220, 210], [60, 120, 60],
-], dtype=np.float32)
+_SHIRT_PALETTE = np.array(
+  [
+    [200, 30, 30],
+    [120, 20, 30],
+    [30, 60, 160],
+    [25, 30, 60],
+    [235, 235, 230],
+    [30, 30, 30],
+    [70, 70, 75],
+    [40, 130, 60],
+    [230, 200, 50],
+    [210, 180, 140],
+    [150, 60, 160],
+    [240, 130, 40],
+  ],
+  dtype=np.float32,
+)
+_TROUSER_PALETTE = np.array(
+  [
+    [25, 25, 30],
+    [40, 50, 90],
+    [90, 90, 95],
+    [190, 170, 130],
+    [60, 45, 30],
+    [200, 200, 200],
+  ],
+  dtype=np.float32,
+)
+_SHOE_PALETTE = np.array(
+  [
+    [20, 20, 20],
+    [240, 240, 240],
+    [110, 70, 40],
+    [160, 30, 30],
+  ],
+  dtype=np.float32,
+)
+_HAIR_PALETTE = np.array(
+  [
+    [15, 12, 10],
+    [70, 45, 25],
+    [150, 110, 60],
+    [200, 180, 120],
+    [120, 120, 120],
+  ],
+  dtype=np.float32,
+)
+_SKIN_PALETTE = np.array(
+  [
+    [240, 200, 170],
+    [210, 160, 120],
+    [160, 110, 75],
+    [100, 65, 45],
+  ],
+  dtype=np.float32,
+)
+_ACCESSORY_PALETTE = np.array(
+  [
+    [20, 20, 20],
+    [150, 30, 30],
+    [30, 60, 150],
+    [130, 100, 60],
+    [220, 220, 210],
+    [60, 120, 60],
+  ],
+  dtype=np.float32,
+)
 _PATTERNS = ("plain", "hstripes", "vstripes", "checks", "logo", "jacket")
 
 
@@ -121,9 +169,6 @@ _MAX_CAMERA_SHIFT = 2.0
 _SCENE_WIDTHS = 4
 
 
-
-
-
 def _pick(rng: np.random.Generator, palette: np.ndarray) -> np.ndarray:
   return palette[rng.integers(len(palette))]
 
@@ -132,27 +177,28 @@ def _sample_identity(rng: np.random.Generator) -> _Identity:
   shirt_index = rng.integers(len(_SHIRT_PALETTE))
   second = (shirt_index + rng.integers(1, len(_SHIRT_PALETTE))) % len(_SHIRT_PALETTE)
   return _Identity(
-      shirt=_SHIRT_PALETTE[shirt_index],
-      shirt2=_SHIRT_PALETTE[second],
-      pattern=int(rng.integers(len(_PATTERNS))),
-      stripe_period=float(rng.uniform(0.04, 0.08)),
-      long_sleeves=bool(rng.random() < 0.5),
-      trousers=_pick(rng, _TROUSER_PALETTE),
-      shorts=bool(rng.random() < 0.25),
-      shoes=_pick(rng, _SHOE_PALETTE),
-      hair=_pick(rng, _HAIR_PALETTE),
-      long_hair=bool(rng.random() < 0.3),
-      skin=_pick(rng, _SKIN_PALETTE),
-      hat=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.2 else None,
-      bag=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
-      bag_side=int(rng.choice([-1, 1])),
-      backpack=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
-      build=float(rng.uniform(0.85, 1.15)),
+    shirt=_SHIRT_PALETTE[shirt_index],
+    shirt2=_SHIRT_PALETTE[second],
+    pattern=int(rng.integers(len(_PATTERNS))),
+    stripe_period=float(rng.uniform(0.04, 0.08)),
+    long_sleeves=bool(rng.random() < 0.5),
+    trousers=_pick(rng, _TROUSER_PALETTE),
+    shorts=bool(rng.random() < 0.25),
+    shoes=_pick(rng, _SHOE_PALETTE),
+    hair=_pick(rng, _HAIR_PALETTE),
+    long_hair=bool(rng.random() < 0.3),
+    skin=_pick(rng, _SKIN_PALETTE),
+    hat=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.2 else None,
+    bag=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
+    bag_side=int(rng.choice([-1, 1])),
+    backpack=_pick(rng, _ACCESSORY_PALETTE) if rng.random() < 0.3 else None,
+    build=float(rng.uniform(0.85, 1.15)),
   )
 
 
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: tuple[int, int]
-                  ) -> np.ndarray:
+def _smooth_noise(
+  rng: np.random.Generator, height: int, width: int, cells: tuple[int, int]
+) -> np.ndarray:
   """Blocky low-frequency noise in [-1, 1] of shape (height, width)."""
   coarse = rng.uniform(-1.0, 1.0, size=cells)
   rows = np.minimum(np.arange(height) * cells[0] // height, cells[0] - 1)
@@ -175,8 +221,9 @@ def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera
     panels = ((np.arange(bw) // period) % 2).astype(np.float32)
     background[:horizon] += (panels[None, :, None] - 0.5) * rng.uniform(20, 60)
   elif texture == 1:  # blotchy surfaces (trees, crowds, posters)
-    blotches = _smooth_noise(rng, bh, bw, (int(rng.integers(4, 10)),
-                                           _SCENE_WIDTHS * int(rng.integers(2, 6))))
+    blotches = _smooth_noise(
+      rng, bh, bw, (int(rng.integers(4, 10)), _SCENE_WIDTHS * int(rng.integers(2, 6)))
+    )
     background += blotches[..., None] * rng.uniform(20, 50, size=3).astype(np.float32)
   else:  # paving lines on the floor
     period = int(rng.integers(5, 12))
@@ -185,19 +232,25 @@ def _sample_camera(rng: np.random.Generator, height: int, width: int) -> _Camera
   ramp_strength = rng.uniform(-0.35, 0.35)
   ramp = 1.0 + ramp_strength * (np.linspace(-0.5, 0.5, height, dtype=np.float32))
   return _Camera(
-      background=background,
-      gain=rng.uniform(0.88, 1.12, size=3).astype(np.float32),
-      offset=float(rng.uniform(-10, 10)),
-      ramp=ramp[:, None, None],
-      scale=float(rng.uniform(0.8, 0.97)),
-      blur=int(rng.choice([0, 0, 1, 1, 2])),
-      noise=float(rng.uniform(2.0, 9.0)),
-      back_view=float(rng.choice([0.0, 0.2, 0.8])),
+    background=background,
+    gain=rng.uniform(0.88, 1.12, size=3).astype(np.float32),
+    offset=float(rng.uniform(-10, 10)),
+    ramp=ramp[:, None, None],
+    scale=float(rng.uniform(0.8, 0.97)),
+    blur=int(rng.choice([0, 0, 1, 1, 2])),
+    noise=float(rng.uniform(2.0, 9.0)),
+    back_view=float(rng.choice([0.0, 0.2, 0.8])),
   )
 
 
-def _shift_camera(rng: np.random.Generator, camera: _Camera, index: int, num_cameras: int,
-                  phase: float, strength: float) -> _Camera:
+def _shift_camera(
+  rng: np.random.Generator,
+  camera: _Camera,
+  index: int,
+  num_cameras: int,
+  phase: float,
+  strength: float,
+) -> _Camera:
   """``camera`` with the strong appearance of camera ``index`` of ``num_cameras``
   (``camera_shift``).
 
@@ -222,14 +275,14 @@ def _shift_camera(rng: np.random.Generator, camera: _Camera, index: int, num_cam
   extra_blur = int(round(strength * rng.uniform(0.75, 1.5))) if blurs else 0
   extra_noise = 0.0 if blurs else strength * rng.uniform(4.5, 9.0)
   return dataclasses.replace(
-      camera,
-      background=camera.background * (1.0 - scene_weight) + scene_colour * scene_weight,
-      gain=(camera.gain * cast * level).astype(np.float32),
-      blur=camera.blur + extra_blur,
-      noise=camera.noise + extra_noise,
-      gamma=gamma,
-      haze=haze,
-      haze_colour=haze_colour,
+    camera,
+    background=camera.background * (1.0 - scene_weight) + scene_colour * scene_weight,
+    gain=(camera.gain * cast * level).astype(np.float32),
+    blur=camera.blur + extra_blur,
+    noise=camera.noise + extra_noise,
+    gamma=gamma,
+    haze=haze,
+    haze_colour=haze_colour,
   )
 
 
@@ -251,19 +304,19 @@ def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _render_person(
-    rng: np.random.Generator,
-    ident: _Identity,
-    camera: _Camera,
-    height: int,
-    width: int,
-    *,
-    occlude_prob: float = 0.15,
-    partial: bool = False,
+  rng: np.random.Generator,
+  ident: _Identity,
+  camera: _Camera,
+  height: int,
+  width: int,
+  *,
+  occlude_prob: float = 0.15,
+  partial: bool = False,
 ) -> np.ndarray:
   """Render one uint8 (height, width, 3) image of ``ident`` seen by ``camera``."""
   dy = rng.integers(0, 2 * _BG_MARGIN + 1)
   dx = rng.integers(0, camera.background.shape[1] - width + 1)
-  canvas = camera.background[dy:dy + height, dx:dx + width].copy()
+  canvas = camera.background[dy : dy + height, dx : dx + width].copy()
   yy = np.arange(height, dtype=np.float32)[:, None]
   xx = np.arange(width, dtype=np.float32)[None, :]
 
@@ -295,10 +348,8 @@ def _render_person(
   if ident.shorts:
     paint(legs & rows(0.70, 0.93), ident.skin)
   shoe_rows = rows(0.93, 0.995)
-  paint(shoe_rows & (xx >= cx - 0.52 * bw + stride) & (xx < cx - 0.02 * bw + stride),
-        ident.shoes)
-  paint(shoe_rows & (xx >= cx + 0.02 * bw - stride) & (xx < cx + 0.52 * bw - stride),
-        ident.shoes)
+  paint(shoe_rows & (xx >= cx - 0.52 * bw + stride) & (xx < cx - 0.02 * bw + stride), ident.shoes)
+  paint(shoe_rows & (xx >= cx + 0.02 * bw - stride) & (xx < cx + 0.52 * bw - stride), ident.shoes)
 
   # Backpack body peeking out at the side (front view) or covering the back (back view).
   if ident.backpack is not None:
@@ -333,10 +384,12 @@ def _render_person(
   for side, swing in ((-1, arm_swing), (1, -arm_swing)):
     arm_cols = cols(0.5, 0.72) if side > 0 else cols(-0.72, -0.5)
     sleeve_end = 0.49 if ident.long_sleeves else 0.27
-    paint(arm_cols & (yy >= top + 0.15 * fh + swing) & (yy < top + sleeve_end * fh + swing),
-          ident.shirt)
-    paint(arm_cols & (yy >= top + sleeve_end * fh + swing) & (yy < top + 0.54 * fh + swing),
-          ident.skin)
+    paint(
+      arm_cols & (yy >= top + 0.15 * fh + swing) & (yy < top + sleeve_end * fh + swing), ident.shirt
+    )
+    paint(
+      arm_cols & (yy >= top + sleeve_end * fh + swing) & (yy < top + 0.54 * fh + swing), ident.skin
+    )
 
   # Bag on a shoulder strap.
   if ident.bag is not None:
@@ -353,8 +406,12 @@ def _render_person(
   hair_limit = head_cy + (0.6 if back else -0.2) * head_r
   paint(head & (yy < hair_limit), ident.hair)
   if ident.long_hair:
-    paint(rows(0.07, 0.2) & cols(-0.3, 0.3) & ~head if back else
-          rows(0.07, 0.18) & (cols(-0.3, -0.14) | cols(0.14, 0.3)), ident.hair)
+    paint(
+      rows(0.07, 0.2) & cols(-0.3, 0.3) & ~head
+      if back
+      else rows(0.07, 0.18) & (cols(-0.3, -0.14) | cols(0.14, 0.3)),
+      ident.hair,
+    )
   if ident.hat is not None:
     paint(rows(-0.005, 0.05) & (np.abs(xx - cx) < 0.9 * head_r), ident.hat)
     paint(rows(0.04, 0.06) & (np.abs(xx - cx) < 1.3 * head_r), ident.hat)
@@ -364,19 +421,20 @@ def _render_person(
     colour = rng.uniform(20, 235, size=3).astype(np.float32)
     if rng.random() < 0.5:
       oh = int(height * rng.uniform(0.15, 0.4))
-      canvas[height - oh:] = colour
+      canvas[height - oh :] = colour
     else:
       ow = int(width * rng.uniform(0.2, 0.4))
       if rng.random() < 0.5:
         canvas[:, :ow] = colour
       else:
-        canvas[:, width - ow:] = colour
+        canvas[:, width - ow :] = colour
 
   return _camera_response(rng, camera, canvas)
 
 
-def _camera_response(rng: np.random.Generator, camera: _Camera, canvas: np.ndarray, *,
-                     blur: bool = True) -> np.ndarray:
+def _camera_response(
+  rng: np.random.Generator, camera: _Camera, canvas: np.ndarray, *, blur: bool = True
+) -> np.ndarray:
   """The uint8 image ``camera`` records of the float32 scene ``canvas``.
 
   Colour cast and brightness, illumination ramp, blur (unless ``blur`` is False), sensor
@@ -397,7 +455,7 @@ def _render_junk(rng: np.random.Generator, camera: _Camera, height: int, width: 
   """A background-only crop (Market's "junk" detections)."""
   dy = rng.integers(0, 2 * _BG_MARGIN + 1)
   dx = rng.integers(0, camera.background.shape[1] - width + 1)
-  canvas = camera.background[dy:dy + height, dx:dx + width]
+  canvas = camera.background[dy : dy + height, dx : dx + width]
   return _camera_response(rng, camera, canvas, blur=False)
 
 
@@ -412,8 +470,12 @@ def _save_jpeg(array: np.ndarray, path: str) -> None:
 
 
 # Marker keys of datasets written before the rename, read as today's so they still match.
-_OLD_MARKER_KEYS = {"num_train_ids": "num_train_identities", "num_test_ids": "num_test_identities",
-                    "num_cams": "num_cameras", "images_per_cam": "images_per_camera"}
+_OLD_MARKER_KEYS = {
+  "num_train_ids": "num_train_identities",
+  "num_test_ids": "num_test_identities",
+  "num_cams": "num_cameras",
+  "images_per_cam": "images_per_camera",
+}
 
 
 def _read_marker(folder: str) -> dict | None:
@@ -428,17 +490,17 @@ def _read_marker(folder: str) -> dict | None:
 
 
 def generate_market_dataset(
-    root: str,
-    *,
-    num_train_identities: int = 100,
-    num_test_identities: int = 50,
-    num_cameras: int = 6,
-    images_per_camera: tuple[int, int] = (2, 5),
-    height: int = 128,
-    width: int = 64,
-    seed: int = 0,
-    workers: int = 1,
-    camera_shift: float = 0.0,
+  root: str,
+  *,
+  num_train_identities: int = 100,
+  num_test_identities: int = 50,
+  num_cameras: int = 6,
+  images_per_camera: tuple[int, int] = (2, 5),
+  height: int = 128,
+  width: int = 64,
+  seed: int = 0,
+  workers: int = 1,
+  camera_shift: float = 0.0,
 ) -> str:
   """Render a synthetic Market-1501-style dataset under ``root``.
 
@@ -482,22 +544,34 @@ def generate_market_dataset(
     raise ValueError(f"num_cameras must be in 2..6 (Market cameras), got {num_cameras}")
   lo, hi = images_per_camera
   if lo < 2 or hi < lo:
-    raise ValueError(f"images_per_camera must be (lo, hi) with 2 <= lo <= hi, got "
-                     f"{images_per_camera}")
-  if (num_train_identities < 1 or num_test_identities < 1
-      or num_train_identities + num_test_identities > 9999):
-    raise ValueError("need 1 <= num_train_identities, num_test_identities and a total of at "
-                     "most 9999 identities")
+    raise ValueError(
+      f"images_per_camera must be (lo, hi) with 2 <= lo <= hi, got {images_per_camera}"
+    )
+  if (
+    num_train_identities < 1
+    or num_test_identities < 1
+    or num_train_identities + num_test_identities > 9999
+  ):
+    raise ValueError(
+      "need 1 <= num_train_identities, num_test_identities and a total of at most 9999 identities"
+    )
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   if not 0.0 <= camera_shift <= _MAX_CAMERA_SHIFT:  # also refuses NaN
-    raise ValueError(f"camera_shift must be in [0, {_MAX_CAMERA_SHIFT:g}] (0: no extra camera "
-                     f"shift, 1: the camera dominates the appearance), got {camera_shift}")
+    raise ValueError(
+      f"camera_shift must be in [0, {_MAX_CAMERA_SHIFT:g}] (0: no extra camera "
+      f"shift, 1: the camera dominates the appearance), got {camera_shift}"
+    )
 
   params = {
-      "version": _GENERATOR_VERSION, "num_train_identities": num_train_identities,
-      "num_test_identities": num_test_identities, "num_cameras": num_cameras,
-      "images_per_camera": [lo, hi], "height": height, "width": width, "seed": seed,
+    "version": _GENERATOR_VERSION,
+    "num_train_identities": num_train_identities,
+    "num_test_identities": num_test_identities,
+    "num_cameras": num_cameras,
+    "images_per_camera": [lo, hi],
+    "height": height,
+    "width": width,
+    "seed": seed,
   }
   if camera_shift > 0:  # absent at 0, so unshifted datasets keep their marker
     params["camera_shift"] = float(camera_shift)
@@ -509,8 +583,9 @@ def generate_market_dataset(
       return final
     if marker is None:
       raise FileExistsError(
-          f"{final!r} exists but has no {_MARKER} marker: refusing to overwrite what may "
-          "be a real dataset. Choose another root.")
+        f"{final!r} exists but has no {_MARKER} marker: refusing to overwrite what may "
+        "be a real dataset. Choose another root."
+      )
 
   os.makedirs(root, exist_ok=True)
   tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
@@ -533,14 +608,17 @@ def generate_market_dataset(
 def _cameras(params: dict) -> list[_Camera]:
   camera_rng = np.random.default_rng([params["seed"], 0])
   num_cameras = params["num_cameras"]
-  cameras = [_sample_camera(camera_rng, params["height"], params["width"])
-             for _ in range(num_cameras)]
+  cameras = [
+    _sample_camera(camera_rng, params["height"], params["width"]) for _ in range(num_cameras)
+  ]
   strength = params.get("camera_shift", 0.0)
   if strength > 0:  # its own stream: the draws above are those of an unshifted dataset
     shift_rng = np.random.default_rng([params["seed"], 3])
     phase = float(shift_rng.uniform(0.0, 2.0 * np.pi))
-    cameras = [_shift_camera(shift_rng, camera, k, num_cameras, phase, strength)
-               for k, camera in enumerate(cameras)]
+    cameras = [
+      _shift_camera(shift_rng, camera, k, num_cameras, phase, strength)
+      for k, camera in enumerate(cameras)
+    ]
   return cameras
 
 
@@ -617,17 +695,23 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
   with contextlib.ExitStack() as stack:
     if workers > 1:
       # "spawn": the caller may hold JAX's threads, which a fork would copy half-way.
-      pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker, initargs=(params,)))
+      pool = stack.enter_context(
+        concurrent.futures.ProcessPoolExecutor(
+          workers,
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker,
+          initargs=(params,),
+        )
+      )
       rendered = pool.map(_render_identity, identities, chunksize=8)
     else:
       rendered = map(_render_identity, identities)
     for identity, images in zip(identities, rendered):
       for split, camera, frame_step, idx, data in images:
         frame += frame_step
-        with open(os.path.join(split_paths[split], _market_name(identity, camera + 1, frame, idx)),
-                  "wb") as f:
+        with open(
+          os.path.join(split_paths[split], _market_name(identity, camera + 1, frame, idx)), "wb"
+        ) as f:
           f.write(data)
   _WORKER_STATE.clear()
 
@@ -635,8 +719,9 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
   for idx in range(max(1, num_test // 5)):  # distractors: strangers, often cut by the frame
     camera = int(extra_rng.integers(num_cameras))
     stranger = _sample_identity(extra_rng)
-    image = _render_person(extra_rng, stranger, cameras[camera], height, width,
-                           partial=bool(extra_rng.random() < 0.7))
+    image = _render_person(
+      extra_rng, stranger, cameras[camera], height, width, partial=bool(extra_rng.random() < 0.7)
+    )
     name = _market_name(0, camera + 1, next_frame(extra_rng), idx % 100)
     _save_jpeg(image, os.path.join(gallery_dir, name))
   for idx in range(max(1, num_test // 10)):  # junk: background only
@@ -654,11 +739,11 @@ def _write_market_dataset(folder: str, params: dict, workers: int = 1) -> None:
 # --------------------------------------------------------------------------------------------
 
 FAKE_TREE_CAMERAS: dict[str, tuple[int, ...]] = {
-    "market1501": (1, 2, 3, 4, 5, 6),
-    "dukemtmcreid": (1, 2, 3, 6, 7, 8),
-    "msmt17": (1, 2, 5, 9, 14, 15),
-    "veri776": (1, 2, 5, 10, 19, 20),
-    "personx": (3, 4, 8, 10, 11, 12),
+  "market1501": (1, 2, 3, 4, 5, 6),
+  "dukemtmcreid": (1, 2, 3, 6, 7, 8),
+  "msmt17": (1, 2, 5, 9, 14, 15),
+  "veri776": (1, 2, 5, 10, 19, 20),
+  "personx": (3, 4, 8, 10, 11, 12),
 }
 """Raw (1-based / PersonX) camera numbers used by ``make_fake_tree``, six per dataset."""
 
@@ -694,13 +779,13 @@ def _msmt_official_name(identity: int, camera: int, n: int) -> str:
 
 
 def make_fake_tree(
-    root: str,
-    name: str,
-    *,
-    seed: int = 0,
-    msmt_official: bool = False,
-    height: int = 16,
-    width: int = 8,
+  root: str,
+  name: str,
+  *,
+  seed: int = 0,
+  msmt_official: bool = False,
+  height: int = 16,
+  width: int = 8,
 ) -> str:
   """Write a tiny dataset in the real folder layout and file-name format of ``name``.
 
@@ -735,13 +820,20 @@ def make_fake_tree(
   # (split, identity, raw camera) for every image, in a fixed order.
   items: list[tuple[str, int, int]] = []
   for k, identity in enumerate(_FAKE_TRAIN_IDENTITIES):
-    items += ([("train", identity, cameras[2 * k])] * 2
-              + [("train", identity, cameras[2 * k + 1])] * 2)
+    items += [("train", identity, cameras[2 * k])] * 2 + [
+      ("train", identity, cameras[2 * k + 1])
+    ] * 2
   items += [("query", 4, cameras[0]), ("query", 5, cameras[1])]
   items += [("gallery", 4, cameras[2])] * 2 + [("gallery", 5, cameras[3])] * 2
   if name == "market1501":
-    items += [("train", -1, cameras[0]), ("train", 0, cameras[1]), ("query", -1, cameras[2]),
-              ("gallery", -1, cameras[3]), ("gallery", 0, cameras[4]), ("gallery", 0, cameras[5])]
+    items += [
+      ("train", -1, cameras[0]),
+      ("train", 0, cameras[1]),
+      ("query", -1, cameras[2]),
+      ("gallery", -1, cameras[3]),
+      ("gallery", 0, cameras[4]),
+      ("gallery", 0, cameras[5]),
+    ]
 
   def write_image(path: str) -> None:
     colour = rng.integers(0, 256, size=3)
@@ -750,15 +842,21 @@ def make_fake_tree(
 
   if msmt_official:
     list_lines: dict[str, list[str]] = {
-        "list_train.txt": [], "list_val.txt": [], "list_query.txt": [],
-        "list_gallery.txt": []}
+      "list_train.txt": [],
+      "list_val.txt": [],
+      "list_query.txt": [],
+      "list_gallery.txt": [],
+    }
     for n, (split, identity, camera) in enumerate(items):
       image_dir = "train" if split == "train" else "test"
       rel = f"{identity:04d}/{_msmt_official_name(identity, camera, n)}"
       os.makedirs(os.path.join(folder, image_dir, f"{identity:04d}"), exist_ok=True)
       write_image(os.path.join(folder, image_dir, rel))
-      list_name = {"train": "list_val.txt" if identity == 3 else "list_train.txt",
-                   "query": "list_query.txt", "gallery": "list_gallery.txt"}[split]
+      list_name = {
+        "train": "list_val.txt" if identity == 3 else "list_train.txt",
+        "query": "list_query.txt",
+        "gallery": "list_gallery.txt",
+      }[split]
       list_lines[list_name].append(f"{rel} {identity}")
     for list_name, lines in list_lines.items():
       with open(os.path.join(folder, list_name), "w", encoding="utf-8") as f:
@@ -768,9 +866,12 @@ def make_fake_tree(
         f.write("not an image\n")
     return folder
 
-  split_dirs = dict(zip(("train", "query", "gallery"),
-                        ("image_train", "image_query", "image_test") if name == "veri776"
-                        else _SPLIT_DIRS))
+  split_dirs = dict(
+    zip(
+      ("train", "query", "gallery"),
+      ("image_train", "image_query", "image_test") if name == "veri776" else _SPLIT_DIRS,
+    )
+  )
   for directory in split_dirs.values():
     os.makedirs(os.path.join(folder, directory), exist_ok=True)
     with open(os.path.join(folder, directory, "notes.txt"), "w") as f:
@@ -795,23 +896,43 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num-train-identities", type=int, default=100)
   parser.add_argument("--num-test-identities", type=int, default=50)
   parser.add_argument("--num-cameras", type=int, default=6, help="cameras, 2..6")
-  parser.add_argument("--images-per-camera", type=int, nargs=2, default=(2, 5),
-                      metavar=("LO", "HI"), help="images of an identity per camera, drawn from "
-                      "LO..HI")
-  parser.add_argument("--camera-shift", type=float, default=0.0,
-                      help="strength of each camera's own appearance, 0..2 (0: none, the "
-                      "default; 1: the camera dominates the appearance)")
+  parser.add_argument(
+    "--images-per-camera",
+    type=int,
+    nargs=2,
+    default=(2, 5),
+    metavar=("LO", "HI"),
+    help="images of an identity per camera, drawn from LO..HI",
+  )
+  parser.add_argument(
+    "--camera-shift",
+    type=float,
+    default=0.0,
+    help="strength of each camera's own appearance, 0..2 (0: none, the "
+    "default; 1: the camera dominates the appearance)",
+  )
   parser.add_argument("--height", type=int, default=128)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workers", type=int, default=1,
-                      help="processes rendering identities (the files do not depend on it)")
+  parser.add_argument(
+    "--workers",
+    type=int,
+    default=1,
+    help="processes rendering identities (the files do not depend on it)",
+  )
   args = parser.parse_args(argv)
   folder = generate_market_dataset(
-      args.root, num_train_identities=args.num_train_identities,
-      num_test_identities=args.num_test_identities, num_cameras=args.num_cameras,
-      images_per_camera=tuple(args.images_per_camera), height=args.height, width=args.width,
-      seed=args.seed, workers=args.workers, camera_shift=args.camera_shift)
+    args.root,
+    num_train_identities=args.num_train_identities,
+    num_test_identities=args.num_test_identities,
+    num_cameras=args.num_cameras,
+    images_per_camera=tuple(args.images_per_camera),
+    height=args.height,
+    width=args.width,
+    seed=args.seed,
+    workers=args.workers,
+    camera_shift=args.camera_shift,
+  )
   print(f"dataset ready: {folder}")
 
 

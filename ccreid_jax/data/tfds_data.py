@@ -43,13 +43,13 @@ from ccreid_jax.data import datasets as datasets_lib
 from ccreid_jax.data.datasets import DATASET_NAMES, DatasetError, Record, ReidDataset
 
 __all__ = [
-    "SPLITS",
-    "VERSION",
-    "build",
-    "builder_class",
-    "builder_dir",
-    "load_tfds_dataset_images",
-    "tfds_name",
+  "SPLITS",
+  "VERSION",
+  "build",
+  "builder_class",
+  "builder_dir",
+  "load_tfds_dataset_images",
+  "tfds_name",
 ]
 
 logger = logging.getLogger("ccreid_jax")
@@ -94,19 +94,22 @@ def builder_dir(name: str, data_dir: str) -> str:
 
 
 def _build_command(name: str, data_dir: str) -> str:
-  return (f"python -m ccreid_jax.data.tfds_data --dataset {name.lower()} "
-          f"--manual_dir <folder holding {datasets_lib.dataset_folder_name(name)}/> "
-          f"--data_dir {data_dir}")
+  return (
+    f"python -m ccreid_jax.data.tfds_data --dataset {name.lower()} "
+    f"--manual_dir <folder holding {datasets_lib.dataset_folder_name(name)}/> "
+    f"--data_dir {data_dir}"
+  )
 
 
 def _instructions(name: str) -> str:
   folder = datasets_lib.dataset_folder_name(name)
   return (
-      f"Download and extract {folder} yourself (these builders download nothing), then "
-      f"pass as manual_dir the folder that holds {folder}/ (or that folder itself): the "
-      "same folder ccreid_jax's folder loader reads as config.data.root, in the same layout "
-      "(ccreid_jax.data.datasets describes it; a wrong layout fails with the expected tree).\n"
-      f"  {_build_command(name, 'tfds_data')}")
+    f"Download and extract {folder} yourself (these builders download nothing), then "
+    f"pass as manual_dir the folder that holds {folder}/ (or that folder itself): the "
+    "same folder ccreid_jax's folder loader reads as config.data.root, in the same layout "
+    "(ccreid_jax.data.datasets describes it; a wrong layout fails with the expected tree).\n"
+    f"  {_build_command(name, 'tfds_data')}"
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +117,15 @@ def _instructions(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _checked_dataset(name: str, manual_dir: str, *, skip_bad_names: bool,
-                     skip_bad_images: bool, progress: bool, num_workers: int) -> ReidDataset:
+def _checked_dataset(
+  name: str,
+  manual_dir: str,
+  *,
+  skip_bad_names: bool,
+  skip_bad_images: bool,
+  progress: bool,
+  num_workers: int,
+) -> ReidDataset:
   """``load_dataset`` then a decode of every image, as the folder loader would keep them.
 
   The images are decoded (at 1x1: the open / convert the reader runs, without keeping pixels)
@@ -125,12 +135,20 @@ def _checked_dataset(name: str, manual_dir: str, *, skip_bad_names: bool,
   dataset = datasets_lib.load_dataset(name, manual_dir, skip_bad_names=skip_bad_names)
   try:
     dataset, _, _ = cache_lib.load_dataset_images(
-        dataset, 1, 1, None, need_train=True, skip_bad_images=skip_bad_images,
-        progress=progress, num_workers=num_workers)
+      dataset,
+      1,
+      1,
+      None,
+      need_train=True,
+      skip_bad_images=skip_bad_images,
+      progress=progress,
+      num_workers=num_workers,
+    )
   except cache_lib.ImageDecodeError as exc:
     raise cache_lib.ImageDecodeError(
-        f"{exc}\nWhen building a TFDS dataset the option is --skip_bad_images "
-        "(build(..., skip_bad_images=True)).") from exc
+      f"{exc}\nWhen building a TFDS dataset the option is --skip_bad_images "
+      "(build(..., skip_bad_images=True))."
+    ) from exc
   return dataset
 
 
@@ -144,7 +162,8 @@ def _builder_classes() -> dict[str, type]:
   import tensorflow_datasets as tfds
 
   class ReidBuilder(  # type: ignore[call-arg]  # an untyped base: mypy checks object's kwargs
-      tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    tfds.core.GeneratorBasedBuilder, skip_registration=True
+  ):
     """Builds a re-ID dataset from the folder in ``manual_dir`` (see the module docstring).
 
     Subclasses set ``name``, ``DATASET`` (one of ``DATASET_NAMES``) and
@@ -153,15 +172,26 @@ def _builder_classes() -> dict[str, type]:
 
     # The module's VERSION string (RELEASE_NOTES' key) becomes the class's Version object.
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."}
+      VERSION: "Records as parsed by ccreid_jax.data.datasets.load_dataset."
+    }
     VERSION = tfds.core.Version(VERSION)
     DATASET = ""
 
-    def __init__(self, *, skip_bad_names: bool = False, skip_bad_images: bool = False,
-                 progress: bool = True, num_workers: int = 4, **kwargs: Any):
+    def __init__(
+      self,
+      *,
+      skip_bad_names: bool = False,
+      skip_bad_images: bool = False,
+      progress: bool = True,
+      num_workers: int = 4,
+      **kwargs: Any,
+    ):
       self._check_options: dict[str, Any] = dict(
-          skip_bad_names=skip_bad_names, skip_bad_images=skip_bad_images, progress=progress,
-          num_workers=num_workers)
+        skip_bad_names=skip_bad_names,
+        skip_bad_images=skip_bad_images,
+        progress=progress,
+        num_workers=num_workers,
+      )
       kwargs.setdefault("file_format", "array_record")
       super().__init__(**kwargs)
 
@@ -175,46 +205,61 @@ def _builder_classes() -> dict[str, type]:
 
     def _info(self) -> Any:
       return tfds.core.DatasetInfo(
-          builder=self,
-          description=(
-              f"{datasets_lib.dataset_folder_name(self.DATASET)} built by ccreid_jax from a "
-              "manual download. image: the file's bytes as on disk (JPEG or PNG); pid, camid: "
-              "the identity and 0-based camera parsed from the file name; path: relative to the "
-              "dataset folder. Splits in the folder loader's order."),
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Image(shape=(None, None, 3)),
-              _IDENTITY_FEATURE: tfds.features.Scalar(np.int32),
-              _CAMERA_FEATURE: tfds.features.Scalar(np.int32),
-              "path": tfds.features.Text(),
-          }),
-          disable_shuffling=True,  # Records keep the folder loader's order.
-          metadata=tfds.core.MetadataDict(),
+        builder=self,
+        description=(
+          f"{datasets_lib.dataset_folder_name(self.DATASET)} built by ccreid_jax from a "
+          "manual download. image: the file's bytes as on disk (JPEG or PNG); pid, camid: "
+          "the identity and 0-based camera parsed from the file name; path: relative to the "
+          "dataset folder. Splits in the folder loader's order."
+        ),
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            _IDENTITY_FEATURE: tfds.features.Scalar(np.int32),
+            _CAMERA_FEATURE: tfds.features.Scalar(np.int32),
+            "path": tfds.features.Text(),
+          }
+        ),
+        disable_shuffling=True,  # Records keep the folder loader's order.
+        metadata=tfds.core.MetadataDict(),
       )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-      dataset = _checked_dataset(self.DATASET, os.fspath(dl_manager.manual_dir),
-                                 **self._check_options)
+      dataset = _checked_dataset(
+        self.DATASET, os.fspath(dl_manager.manual_dir), **self._check_options
+      )
       self.info.metadata["skipped"] = list(dataset.skipped)
-      return {split: self._generate_examples(dataset.root, getattr(dataset, split))
-              for split in SPLITS}
+      return {
+        split: self._generate_examples(dataset.root, getattr(dataset, split)) for split in SPLITS
+      }
 
     def _generate_examples(self, root: str, records: Sequence[Record]) -> Any:
       for index, record in enumerate(records):
         # A path makes the Image feature store the file's bytes unchanged.
-        yield index, {"image": record.path, _IDENTITY_FEATURE: record.identity,
-                      _CAMERA_FEATURE: record.camera,
-                      "path": _relative(record.path, root).encode("utf-8", "surrogateescape")}
+        yield (
+          index,
+          {
+            "image": record.path,
+            _IDENTITY_FEATURE: record.identity,
+            _CAMERA_FEATURE: record.camera,
+            "path": _relative(record.path, root).encode("utf-8", "surrogateescape"),
+          },
+        )
 
   classes = {}
   for name in DATASET_NAMES:
     class_name = "Ccreid" + name.capitalize()
-    classes[name] = type(class_name, (ReidBuilder,), {
+    classes[name] = type(
+      class_name,
+      (ReidBuilder,),
+      {
         "__module__": __name__,
         "__doc__": f"TFDS builder of {datasets_lib.dataset_folder_name(name)} (manual download).",
         "name": tfds_name(name),
         "DATASET": name,
         "MANUAL_DOWNLOAD_INSTRUCTIONS": _instructions(name),
-    })
+      },
+    )
   return classes
 
 
@@ -228,9 +273,17 @@ def builder_class(name: str) -> type:
   return _builder_classes()[name.lower()]
 
 
-def build(name: str, manual_dir: str, data_dir: str, *, skip_bad_names: bool = False,
-          skip_bad_images: bool = False, overwrite: bool = False, progress: bool = True,
-          num_workers: int = 4) -> str:
+def build(
+  name: str,
+  manual_dir: str,
+  data_dir: str,
+  *,
+  skip_bad_names: bool = False,
+  skip_bad_images: bool = False,
+  overwrite: bool = False,
+  progress: bool = True,
+  num_workers: int = 4,
+) -> str:
   """Builds the TFDS dataset of ``name`` from the folder in ``manual_dir``.
 
   Args:
@@ -255,17 +308,27 @@ def build(name: str, manual_dir: str, data_dir: str, *, skip_bad_names: bool = F
 
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-    raise DatasetError(f"Dataset {name.lower()!r}: manual_dir {manual_dir!r} is missing or "
-                       f"empty.\n{_instructions(name)}")
+    raise DatasetError(
+      f"Dataset {name.lower()!r}: manual_dir {manual_dir!r} is missing or "
+      f"empty.\n{_instructions(name)}"
+    )
   if not progress:
     tfds.disable_progress_bar()
   builder = builder_class(name)(
-      data_dir=os.path.abspath(os.path.expanduser(data_dir)), skip_bad_names=skip_bad_names,
-      skip_bad_images=skip_bad_images, progress=progress, num_workers=num_workers)
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, download_mode=mode))
+    data_dir=os.path.abspath(os.path.expanduser(data_dir)),
+    skip_bad_names=skip_bad_names,
+    skip_bad_images=skip_bad_images,
+    progress=progress,
+    num_workers=num_workers,
+  )
+  mode = (
+    tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+    if overwrite
+    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
+  )
   return builder_dir(name, data_dir)
 
 
@@ -278,9 +341,10 @@ def _find_build(name: str, data_dir: str) -> str:
   folder = builder_dir(name, data_dir)
   if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
     raise DatasetError(
-        f"Dataset {name.lower()!r}: no TFDS build under data_dir {data_dir!r} "
-        f"(expected {folder}/dataset_info.json). Build it with:\n"
-        f"  {_build_command(name, data_dir)}")
+      f"Dataset {name.lower()!r}: no TFDS build under data_dir {data_dir!r} "
+      f"(expected {folder}/dataset_info.json). Build it with:\n"
+      f"  {_build_command(name, data_dir)}"
+    )
   return folder
 
 
@@ -291,15 +355,14 @@ def _split_records(source: _DataSource) -> list[Record]:
     for example in source.__getitems__(range(start, min(len(source), start + _READ_CHUNK))):
       path = example["path"]
       # Stored as the file system's bytes: a name that is not UTF-8 comes back as it was read.
-      path = (path.decode("utf-8", "surrogateescape") if isinstance(path, bytes)
-              else str(path))
-      records.append(Record(path, int(example[_IDENTITY_FEATURE]),
-                            int(example[_CAMERA_FEATURE])))
+      path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
+      records.append(Record(path, int(example[_IDENTITY_FEATURE]), int(example[_CAMERA_FEATURE])))
   return records
 
 
-def _tfds_cache_file_name(folder: str, splits: Sequence[str], count: int, height: int,
-                          width: int) -> str:
+def _tfds_cache_file_name(
+  folder: str, splits: Sequence[str], count: int, height: int, width: int
+) -> str:
   """A cache file name that changes with anything in the build's folder, the splits or size.
 
   Hashes the folder's path, the content of its ``dataset_info.json`` and the name, size and
@@ -311,9 +374,18 @@ def _tfds_cache_file_name(folder: str, splits: Sequence[str], count: int, height
     files.append([entry.name, st.st_size, st.st_mtime_ns])
   with open(os.path.join(folder, "dataset_info.json"), "rb") as f:
     info_digest = hashlib.sha256(f.read()).hexdigest()
-  payload = json.dumps({"version": _CACHE_VERSION, "folder": folder, "info": info_digest,
-                        "files": files, "splits": list(splits), "height": height,
-                        "width": width}, separators=(",", ":"))
+  payload = json.dumps(
+    {
+      "version": _CACHE_VERSION,
+      "folder": folder,
+      "info": info_digest,
+      "files": files,
+      "splits": list(splits),
+      "height": height,
+      "width": width,
+    },
+    separators=(",", ":"),
+  )
   digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
   name = os.path.basename(os.path.dirname(folder))
   return f"tfds_{name}_{'+'.join(splits)}_{count}x{height}x{width}_{digest}.npy"
@@ -321,21 +393,23 @@ def _tfds_cache_file_name(folder: str, splits: Sequence[str], count: int, height
 
 # config.data.skip_bad_images filters image folders; a TFDS build's images are filtered when
 # it is built.
-_TFDS_SKIP_HINT = ("rebuild the TFDS dataset without them (python -m ccreid_jax.data.tfds_data "
-                   "... --skip_bad_images); --config.data.skip_bad_images applies to image "
-                   "folders, not to a TFDS build")
+_TFDS_SKIP_HINT = (
+  "rebuild the TFDS dataset without them (python -m ccreid_jax.data.tfds_data "
+  "... --skip_bad_images); --config.data.skip_bad_images applies to image "
+  "folders, not to a TFDS build"
+)
 
 
 def load_tfds_dataset_images(
-    name: str,
-    data_dir: str,
-    height: int,
-    width: int,
-    cache_dir: str | None,
-    *,
-    need_train: bool = True,
-    progress: bool = True,
-    num_workers: int = 4,
+  name: str,
+  data_dir: str,
+  height: int,
+  width: int,
+  cache_dir: str | None,
+  *,
+  need_train: bool = True,
+  progress: bool = True,
+  num_workers: int = 4,
 ) -> tuple[ReidDataset, np.ndarray | None, np.ndarray]:
   """A TFDS build's records and decoded images: ``(dataset, train_images, test_images)``.
 
@@ -361,13 +435,20 @@ def load_tfds_dataset_images(
   import tensorflow_datasets as tfds
 
   builder = tfds.builder_from_directory(folder)
-  sources = {split: builder.as_data_source(split=split,
-                                           decoders={"image": tfds.decode.SkipDecoding()})
-             for split in SPLITS}
+  sources = {
+    split: builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    for split in SPLITS
+  }
   records = {split: _split_records(sources[split]) for split in SPLITS}
   skipped = tuple(builder.info.metadata.get("skipped", ())) if builder.info.metadata else ()
-  dataset = ReidDataset(name=name.lower(), root=folder, train=records["train"],
-                        query=records["query"], gallery=records["gallery"], skipped=skipped)
+  dataset = ReidDataset(
+    name=name.lower(),
+    root=folder,
+    train=records["train"],
+    query=records["query"],
+    gallery=records["gallery"],
+    skipped=skipped,
+  )
 
   def load(splits: Sequence[str]) -> np.ndarray:
     rows = [(split, i) for split in splits for i in range(len(records[split]))]
@@ -377,11 +458,22 @@ def load_tfds_dataset_images(
       split, i = rows[k]
       return sources[split][i]["image"]
 
-    file_name = (_tfds_cache_file_name(folder, splits, len(rows), height, width)
-                 if cache_dir is not None else None)
-    return cache_lib.load_image_cache(labels, height, width, cache_dir, progress=progress,
-                                      num_workers=num_workers, read=read, file_name=file_name,
-                                      skip_hint=_TFDS_SKIP_HINT)
+    file_name = (
+      _tfds_cache_file_name(folder, splits, len(rows), height, width)
+      if cache_dir is not None
+      else None
+    )
+    return cache_lib.load_image_cache(
+      labels,
+      height,
+      width,
+      cache_dir,
+      progress=progress,
+      num_workers=num_workers,
+      read=read,
+      file_name=file_name,
+      skip_hint=_TFDS_SKIP_HINT,
+    )
 
   train_images = load(("train",)) if need_train else None
   return dataset, train_images, load(("query", "gallery"))
@@ -395,34 +487,54 @@ def load_tfds_dataset_images(
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m ccreid_jax.data.tfds_data --dataset NAME --manual_dir DIR --data_dir DIR``."""
   parser = argparse.ArgumentParser(
-      description="Build the TFDS (ArrayRecord) dataset of a re-ID dataset from its folder.")
+    description="Build the TFDS (ArrayRecord) dataset of a re-ID dataset from its folder."
+  )
   parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
-  parser.add_argument("--manual_dir", required=True,
-                      help="folder holding the dataset folder (the folder loader's data.root)")
+  parser.add_argument(
+    "--manual_dir",
+    required=True,
+    help="folder holding the dataset folder (the folder loader's data.root)",
+  )
   parser.add_argument("--data_dir", required=True, help="where the TFDS build is written")
-  parser.add_argument("--skip_bad_names", action="store_true",
-                      help="leave out files whose names do not parse, instead of failing")
-  parser.add_argument("--skip_bad_images", action="store_true",
-                      help="leave out images that cannot be decoded, instead of failing")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="build again even if this version is already built")
-  parser.add_argument("--num_workers", type=int, default=4,
-                      help="threads that decode the images to check them")
+  parser.add_argument(
+    "--skip_bad_names",
+    action="store_true",
+    help="leave out files whose names do not parse, instead of failing",
+  )
+  parser.add_argument(
+    "--skip_bad_images",
+    action="store_true",
+    help="leave out images that cannot be decoded, instead of failing",
+  )
+  parser.add_argument(
+    "--overwrite", action="store_true", help="build again even if this version is already built"
+  )
+  parser.add_argument(
+    "--num_workers", type=int, default=4, help="threads that decode the images to check them"
+  )
   args = parser.parse_args(argv)
   try:
-    folder = build(args.dataset, args.manual_dir, args.data_dir,
-                   skip_bad_names=args.skip_bad_names, skip_bad_images=args.skip_bad_images,
-                   overwrite=args.overwrite, num_workers=args.num_workers)
+    folder = build(
+      args.dataset,
+      args.manual_dir,
+      args.data_dir,
+      skip_bad_names=args.skip_bad_names,
+      skip_bad_images=args.skip_bad_images,
+      overwrite=args.overwrite,
+      num_workers=args.num_workers,
+    )
   except (DatasetError, cache_lib.ImageDecodeError) as exc:
     parser.exit(1, f"error: {exc}\n")
   with open(os.path.join(folder, "dataset_info.json"), encoding="utf-8") as f:
     info = json.load(f)
   counts = {s["name"]: sum(int(n) for n in s.get("shardLengths", ())) for s in info["splits"]}
-  print(f"TFDS dataset {tfds_name(args.dataset)} {VERSION} ready in {folder}\n"
-        f"  images: train {counts.get('train', 0)}, query {counts.get('query', 0)}, "
-        f"gallery {counts.get('gallery', 0)}\n"
-        f"  train from it with --config.data.source=tfds "
-        f"--config.data.root={os.path.abspath(os.path.expanduser(args.data_dir))}")
+  print(
+    f"TFDS dataset {tfds_name(args.dataset)} {VERSION} ready in {folder}\n"
+    f"  images: train {counts.get('train', 0)}, query {counts.get('query', 0)}, "
+    f"gallery {counts.get('gallery', 0)}\n"
+    f"  train from it with --config.data.source=tfds "
+    f"--config.data.root={os.path.abspath(os.path.expanduser(args.data_dir))}"
+  )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ __all__ = ["evaluate_ranking", "pairwise_distance"]
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def pairwise_distance(query_features: np.ndarray, gallery_features: np.ndarray, *,
-                      block_size: int = 4096) -> np.ndarray:
+def pairwise_distance(
+  query_features: np.ndarray, gallery_features: np.ndarray, *, block_size: int = 4096
+) -> np.ndarray:
   """Squared Euclidean distances ``|q|^2 + |g|^2 - 2 q.g`` as a (Q, G) float32 array.
 
   For L2-normalised features this is ``2 - 2 cos``. Computed in float32, ``block_size`` query
@@ -45,12 +46,12 @@ def pairwise_distance(query_features: np.ndarray, gallery_features: np.ndarray, 
   g_sq = np.einsum("ij,ij->i", g, g)
   out = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
   for s in range(0, q.shape[0], block_size):
-    block = q[s:s + block_size]
+    block = q[s : s + block_size]
     d = block @ g.T
     d *= -2.0
     d += np.einsum("ij,ij->i", block, block)[:, None]
     d += g_sq[None, :]
-    out[s:s + block_size] = d
+    out[s : s + block_size] = d
   return out
 
 
@@ -76,8 +77,9 @@ def _rank_block(dist, q_identities, q_cameras, gallery_identities, gallery_camer
   is_last[:, :-1] = sorted_dist[:, 1:] != sorted_dist[:, :-1]
   last = np.where(is_last, np.arange(g)[None, :], g)
   last = np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1]
-  prec_at_end = (np.take_along_axis(cum_pos, last, axis=1)
-                 / np.maximum(np.take_along_axis(cum_kept, last, axis=1), 1))
+  prec_at_end = np.take_along_axis(cum_pos, last, axis=1) / np.maximum(
+    np.take_along_axis(cum_kept, last, axis=1), 1
+  )
   ap = np.where(positive, prec_at_end, 0.0).sum(axis=1) / np.maximum(num_pos, 1)
 
   rows = np.arange(b)
@@ -91,11 +93,16 @@ def _rank_block(dist, q_identities, q_cameras, gallery_identities, gallery_camer
   return ap, first, inp, has_match
 
 
-def evaluate_ranking(distmat: np.ndarray, query_identities: np.ndarray,
-                     gallery_identities: np.ndarray, query_cameras: np.ndarray,
-                     gallery_cameras: np.ndarray,
-                     topk: Sequence[int] = (1, 5, 10), *,
-                     block_elements: int = _BLOCK_ELEMENTS) -> dict[str, float]:
+def evaluate_ranking(
+  distmat: np.ndarray,
+  query_identities: np.ndarray,
+  gallery_identities: np.ndarray,
+  query_cameras: np.ndarray,
+  gallery_cameras: np.ndarray,
+  topk: Sequence[int] = (1, 5, 10),
+  *,
+  block_elements: int = _BLOCK_ELEMENTS,
+) -> dict[str, float]:
   """mAP, CMC and mINP of a (Q, G) distance matrix under the protocol in the module docstring.
 
   Args:
@@ -119,8 +126,10 @@ def evaluate_ranking(distmat: np.ndarray, query_identities: np.ndarray,
   g_identities = np.asarray(gallery_identities).ravel()
   q_cameras, g_cameras = np.asarray(query_cameras).ravel(), np.asarray(gallery_cameras).ravel()
   if dist.ndim != 2 or dist.shape != (q_identities.size, g_identities.size):
-    raise ValueError(f"distmat shape {dist.shape} does not match {q_identities.size} queries "
-                     f"and {g_identities.size} gallery entries.")
+    raise ValueError(
+      f"distmat shape {dist.shape} does not match {q_identities.size} queries "
+      f"and {g_identities.size} gallery entries."
+    )
   if q_cameras.size != q_identities.size or g_cameras.size != g_identities.size:
     raise ValueError("camera arrays must match the identity arrays in length.")
   topk = tuple(int(k) for k in topk)
@@ -134,8 +143,9 @@ def evaluate_ranking(distmat: np.ndarray, query_identities: np.ndarray,
   aps, firsts, inps = [], [], []
   for s in range(0, num_q, step):
     e = min(s + step, num_q)
-    ap, first, inp, ok = _rank_block(dist[s:e], q_identities[s:e], q_cameras[s:e],
-                                     g_identities, g_cameras)
+    ap, first, inp, ok = _rank_block(
+      dist[s:e], q_identities[s:e], q_cameras[s:e], g_identities, g_cameras
+    )
     aps.append(ap[ok])
     firsts.append(first[ok])
     inps.append(inp[ok])
@@ -144,8 +154,9 @@ def evaluate_ranking(distmat: np.ndarray, query_identities: np.ndarray,
   inp = np.concatenate(inps) if inps else np.zeros(0)
   if ap.size == 0:
     raise ValueError(
-        "no query has a valid match in the gallery (after removing same-identity same-camera "
-        "entries); mAP, CMC and mINP are undefined.")
+      "no query has a valid match in the gallery (after removing same-identity same-camera "
+      "entries); mAP, CMC and mINP are undefined."
+    )
   out = {"mAP": float(ap.mean()), "mINP": float(inp.mean())}
   for k in topk:
     out[f"rank{k}"] = float(np.mean(first <= k))

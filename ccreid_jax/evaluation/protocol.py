@@ -12,8 +12,9 @@ from ccreid_jax.evaluation.rerank import rerank
 __all__ = ["evaluate_features"]
 
 
-def evaluate_features(features: np.ndarray, dataset: Any,
-                      eval_config: Any) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_features(
+  features: np.ndarray, dataset: Any, eval_config: Any
+) -> tuple[dict[str, float], np.ndarray]:
   """``(metrics, (Q, G) distances)`` of a test split from its features.
 
   Args:
@@ -29,18 +30,26 @@ def evaluate_features(features: np.ndarray, dataset: Any,
   """
   num_query = len(dataset.query)
   if features.shape[0] != num_query + len(dataset.gallery):
-    raise ValueError(f"{features.shape[0]} feature rows for {num_query} query and "
-                     f"{len(dataset.gallery)} gallery records.")
+    raise ValueError(
+      f"{features.shape[0]} feature rows for {num_query} query and "
+      f"{len(dataset.gallery)} gallery records."
+    )
   query, gallery = features[:num_query], features[num_query:]
   distmat = pairwise_distance(query, gallery)
   if eval_config.rerank:
     distmat = rerank(
-        distmat, pairwise_distance(query, query), pairwise_distance(gallery, gallery),
-        k1=eval_config.rerank_k1, k2=eval_config.rerank_k2,
-        lambda_value=eval_config.rerank_lambda)
-  metrics = evaluate_ranking(
       distmat,
-      np.array([r.identity for r in dataset.query]),
-      np.array([r.identity for r in dataset.gallery]),
-      np.array([r.camera for r in dataset.query]), np.array([r.camera for r in dataset.gallery]))
+      pairwise_distance(query, query),
+      pairwise_distance(gallery, gallery),
+      k1=eval_config.rerank_k1,
+      k2=eval_config.rerank_k2,
+      lambda_value=eval_config.rerank_lambda,
+    )
+  metrics = evaluate_ranking(
+    distmat,
+    np.array([r.identity for r in dataset.query]),
+    np.array([r.identity for r in dataset.gallery]),
+    np.array([r.camera for r in dataset.query]),
+    np.array([r.camera for r in dataset.gallery]),
+  )
   return metrics, distmat

@@ -40,8 +40,14 @@ _SORT_ELEMENTS = 1 << 24
 _PAIR_BUDGET = 1 << 22
 
 
-def rerank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1: int = 20,
-           k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+def rerank(
+  q_g_dist: np.ndarray,
+  q_q_dist: np.ndarray,
+  g_g_dist: np.ndarray,
+  k1: int = 20,
+  k2: int = 6,
+  lambda_value: float = 0.3,
+) -> np.ndarray:
   """Re-ranked (Q, G) float32 distances from the squared-Euclidean q-g, q-q and g-g matrices.
 
   Args:
@@ -68,8 +74,9 @@ def rerank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1:
   if q_q.shape != (num_q, num_q):
     raise ValueError(f"q_q_dist must be ({num_q}, {num_q}) for {num_q} queries, got {q_q.shape}.")
   if g_g.shape != (num_g, num_g):
-    raise ValueError(f"g_g_dist must be ({num_g}, {num_g}) for {num_g} gallery entries, "
-                     f"got {g_g.shape}.")
+    raise ValueError(
+      f"g_g_dist must be ({num_g}, {num_g}) for {num_g} gallery entries, got {g_g.shape}."
+    )
   if int(k1) != k1 or k1 < 1:
     raise ValueError(f"k1 must be a positive integer, got {k1}.")
   if int(k2) != k2 or k2 < 1:
@@ -85,11 +92,12 @@ def rerank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1:
   n = dist.shape[0]
   # The reference slices a full argsort, so k + 1 > N simply means the whole row.
   near = _first_entries(dist, min(k1 + 1, n))
-  near_half = near[:, :min(int(np.around(k1 / 2.0)) + 1, n)]
+  near_half = near[:, : min(int(np.around(k1 / 2.0)) + 1, n)]
   v = _encode(dist, near, _reciprocal(near), near_half, _reciprocal(near_half))
   if k2 != 1:
-    v = _query_expansion(v, near if k2 <= near.shape[1] else _first_entries(dist, min(k2, n)),
-                         min(k2, n))
+    v = _query_expansion(
+      v, near if k2 <= near.shape[1] else _first_entries(dist, min(k2, n)), min(k2, n)
+    )
   jaccard = _query_jaccard(v, num_q)
   final = jaccard * np.float32(1.0 - lambda_value)
   final += dist[:num_q, num_q:] * np.float32(lambda_value)
@@ -125,7 +133,7 @@ def _first_entries(dist: np.ndarray, k: int) -> np.ndarray:
   out = np.empty((n, k), np.int32)
   rows_per_block = max(1, _SORT_ELEMENTS // n)
   for start in range(0, n, rows_per_block):
-    block = dist[start:start + rows_per_block]
+    block = dist[start : start + rows_per_block]
     kth = np.partition(block, k - 1, axis=1)[:, k - 1]
     row, col = np.nonzero(block <= kth[:, None])
     order = np.lexsort((col, block[row, col], row))
@@ -133,7 +141,7 @@ def _first_entries(dist: np.ndarray, k: int) -> np.ndarray:
     first_of_row = np.searchsorted(row, np.arange(block.shape[0]))
     position = np.arange(row.size) - first_of_row[row]
     keep = position < k
-    out[start:start + block.shape[0]] = col[keep].reshape(block.shape[0], k)
+    out[start : start + block.shape[0]] = col[keep].reshape(block.shape[0], k)
   return out
 
 
@@ -143,14 +151,15 @@ def _reciprocal(near: np.ndarray) -> np.ndarray:
   mask = np.empty(near.shape, bool)
   rows_per_block = max(1, _SORT_ELEMENTS // (near.shape[1] ** 2))
   for start in range(0, n, rows_per_block):
-    idx = near[start:start + rows_per_block]
+    idx = near[start : start + rows_per_block]
     self_index = np.arange(start, start + idx.shape[0])[:, None, None]
-    mask[start:start + idx.shape[0]] = (near[idx] == self_index).any(axis=2)
+    mask[start : start + idx.shape[0]] = (near[idx] == self_index).any(axis=2)
   return mask
 
 
-def _encode(dist: np.ndarray, near: np.ndarray, recip: np.ndarray, half: np.ndarray,
-            half_recip: np.ndarray) -> sp.csr_matrix:
+def _encode(
+  dist: np.ndarray, near: np.ndarray, recip: np.ndarray, half: np.ndarray, half_recip: np.ndarray
+) -> sp.csr_matrix:
   """Steps 4-5: the sparse (N, N) float32 encoding V (rows sum to 1)."""
   n, k = near.shape
   kh = half.shape[1]
@@ -158,18 +167,22 @@ def _encode(dist: np.ndarray, near: np.ndarray, recip: np.ndarray, half: np.ndar
   rows, cols, vals = [], [], []
   rows_per_block = max(1, _SORT_ELEMENTS // (k * k * kh))
   for start in range(0, n, rows_per_block):
-    r_i = near[start:start + rows_per_block]                       # (b, k)
-    m_i = recip[start:start + rows_per_block]                      # (b, k)
+    r_i = near[start : start + rows_per_block]  # (b, k)
+    m_i = recip[start : start + rows_per_block]  # (b, k)
     b = r_i.shape[0]
-    h_c = half[r_i]                                                # (b, k, kh): H[c], c in R[i]
-    m_c = half_recip[r_i]                                          # (b, k, kh): in Hk(c)
+    h_c = half[r_i]  # (b, k, kh): H[c], c in R[i]
+    m_c = half_recip[r_i]  # (b, k, kh): in Hk(c)
     in_rk = ((h_c[..., None] == r_i[:, None, None, :]) & m_i[:, None, None, :]).any(axis=3)
-    overlap = (in_rk & m_c).sum(axis=2)                            # |Hk(c) & Rk(i)|
-    size = m_c.sum(axis=2)                                         # |Hk(c)|
-    accept = m_i & (overlap > 2.0 / 3.0 * size)                    # (b, k)
+    overlap = (in_rk & m_c).sum(axis=2)  # |Hk(c) & Rk(i)|
+    size = m_c.sum(axis=2)  # |Hk(c)|
+    accept = m_i & (overlap > 2.0 / 3.0 * size)  # (b, k)
     candidates = np.concatenate(
-        [np.where(m_i, r_i, sentinel),
-         np.where(accept[..., None] & m_c, h_c, sentinel).reshape(b, k * kh)], axis=1)
+      [
+        np.where(m_i, r_i, sentinel),
+        np.where(accept[..., None] & m_c, h_c, sentinel).reshape(b, k * kh),
+      ],
+      axis=1,
+    )
     candidates.sort(axis=1)
     duplicate = np.zeros(candidates.shape, bool)
     duplicate[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
@@ -177,22 +190,28 @@ def _encode(dist: np.ndarray, near: np.ndarray, recip: np.ndarray, half: np.ndar
     local_row, slot = np.nonzero(valid)
     col = candidates[local_row, slot]
     row = local_row + start
-    weight = np.exp(-dist[row, col])                               # float32
+    weight = np.exp(-dist[row, col])  # float32
     total = np.bincount(local_row, weights=weight, minlength=b).astype(np.float32)
     rows.append(row)
     cols.append(col)
     vals.append(weight / total[local_row])
   row = np.concatenate(rows)
-  return sp.csr_matrix((np.concatenate(vals).astype(np.float32), (row, np.concatenate(cols))),
-                       shape=(n, n))
+  return sp.csr_matrix(
+    (np.concatenate(vals).astype(np.float32), (row, np.concatenate(cols))), shape=(n, n)
+  )
 
 
 def _query_expansion(v: sp.csr_matrix, near: np.ndarray, k2: int) -> sp.csr_matrix:
   """Step 6: ``V[i] <- mean(V[j] for j in the first k2 entries of row i's order)``."""
   n = v.shape[0]
   pick = sp.csr_matrix(
-      (np.ones(n * k2, np.float32), near[:, :k2].reshape(-1).astype(np.int64),
-       np.arange(0, n * k2 + 1, k2)), shape=(n, n))
+    (
+      np.ones(n * k2, np.float32),
+      near[:, :k2].reshape(-1).astype(np.int64),
+      np.arange(0, n * k2 + 1, k2),
+    ),
+    shape=(n, n),
+  )
   out = (pick @ v).tocsr()
   out.data /= np.float32(k2)
   return out
@@ -208,30 +227,31 @@ def _query_jaccard(v: sp.csr_matrix, num_q: int) -> np.ndarray:
   query_rows = v[:num_q].tocsr()
   query_rows.sort_indices()
   # Contributions each query row generates: sum of the column counts of its support.
-  per_row = np.add.reduceat(
-      np.append(col_nnz[query_rows.indices], 0), query_rows.indptr[:-1]) * (
-          np.diff(query_rows.indptr) > 0)
+  per_row = np.add.reduceat(np.append(col_nnz[query_rows.indices], 0), query_rows.indptr[:-1]) * (
+    np.diff(query_rows.indptr) > 0
+  )
   out = np.empty((num_q, num_g), np.float32)
   start = 0
   while start < num_q:
     cum = np.cumsum(per_row[start:])
     stop = start + max(1, int(np.searchsorted(cum, _PAIR_BUDGET, side="right")))
     lo, hi = query_rows.indptr[start], query_rows.indptr[stop]
-    support = query_rows.indices[lo:hi]                             # columns k
-    value = query_rows.data[lo:hi]                                  # V[i, k]
-    local = np.repeat(np.arange(stop - start), np.diff(query_rows.indptr[start:stop + 1]))
+    support = query_rows.indices[lo:hi]  # columns k
+    value = query_rows.data[lo:hi]  # V[i, k]
+    local = np.repeat(np.arange(stop - start), np.diff(query_rows.indptr[start : stop + 1]))
     counts = col_nnz[support]
     total = int(counts.sum())
     # Positions in by_col of every (i, k, j): column k's entries, concatenated.
     offset = np.repeat(col_start[support] - np.cumsum(counts) + counts, counts)
     pos = offset + np.arange(total)
-    other = by_col.indices[pos]                                     # rows j with V[j, k] != 0
+    other = by_col.indices[pos]  # rows j with V[j, k] != 0
     contrib = np.minimum(np.repeat(value, counts), by_col.data[pos])
     local_i = np.repeat(local, counts)
     keep = other >= num_q
     flat = local_i[keep] * num_g + (other[keep] - num_q)
-    overlap = np.bincount(flat, weights=contrib[keep],
-                          minlength=(stop - start) * num_g).astype(np.float32)
+    overlap = np.bincount(flat, weights=contrib[keep], minlength=(stop - start) * num_g).astype(
+      np.float32
+    )
     overlap = overlap.reshape(stop - start, num_g)
     out[start:stop] = 1.0 - overlap / (2.0 - overlap)
     start = stop

@@ -90,9 +90,14 @@ def choose_queries(num_queries: int, n: int, seed: int) -> np.ndarray:
   return np.sort(chosen).astype(np.int64)
 
 
-def ranked_gallery(distances: np.ndarray, query_identity: int, query_camera: int,
-                   gallery_identities: np.ndarray, gallery_cameras: np.ndarray,
-                   topk: int) -> np.ndarray:
+def ranked_gallery(
+  distances: np.ndarray,
+  query_identity: int,
+  query_camera: int,
+  gallery_identities: np.ndarray,
+  gallery_cameras: np.ndarray,
+  topk: int,
+) -> np.ndarray:
   """Gallery indices of one query's first ``topk`` matches under the evaluation protocol.
 
   Sorted by increasing distance (a stable sort: ties keep gallery order, as in
@@ -131,8 +136,15 @@ def _thumbnail(source: Any, thumb: tuple[int, int]) -> Image.Image:
   return image.resize((thumb_w, thumb_h), Image.Resampling.BILINEAR)
 
 
-def _paste_cell(canvas: Image.Image, x: int, y: int, source: Any, frame: tuple[int, int, int],
-                label: str, thumb: tuple[int, int]) -> None:
+def _paste_cell(
+  canvas: Image.Image,
+  x: int,
+  y: int,
+  source: Any,
+  frame: tuple[int, int, int],
+  label: str,
+  thumb: tuple[int, int],
+) -> None:
   """One framed thumbnail at the cell whose top-left corner (inside MARGIN) is (x, y)."""
   thumb_h, thumb_w = thumb
   draw = ImageDraw.Draw(canvas)
@@ -144,11 +156,19 @@ def _paste_cell(canvas: Image.Image, x: int, y: int, source: Any, frame: tuple[i
   canvas.paste(strip, (x, y + thumb_h + 2 * BORDER))
 
 
-def rank_list_image(query_paths: Sequence[Any] | np.ndarray, query_identities: npt.ArrayLike,
-                    query_cameras: npt.ArrayLike, gallery_paths: Sequence[Any] | np.ndarray,
-                    gallery_identities: npt.ArrayLike, gallery_cameras: npt.ArrayLike,
-                    distmat: np.ndarray, *, query_indices: Sequence[int] | np.ndarray,
-                    topk: int = 10, thumb: tuple[int, int] = (128, 64)) -> Image.Image:
+def rank_list_image(
+  query_paths: Sequence[Any] | np.ndarray,
+  query_identities: npt.ArrayLike,
+  query_cameras: npt.ArrayLike,
+  gallery_paths: Sequence[Any] | np.ndarray,
+  gallery_identities: npt.ArrayLike,
+  gallery_cameras: npt.ArrayLike,
+  distmat: np.ndarray,
+  *,
+  query_indices: Sequence[int] | np.ndarray,
+  topk: int = 10,
+  thumb: tuple[int, int] = (128, 64),
+) -> Image.Image:
   """One row per query of ``query_indices``: the query, then its first ``topk`` matches.
 
   Args:
@@ -174,14 +194,19 @@ def rank_list_image(query_paths: Sequence[Any] | np.ndarray, query_identities: n
   gallery_identities, gallery_cameras = np.asarray(gallery_identities), np.asarray(gallery_cameras)
   num_query, num_gallery = len(query_identities), len(gallery_identities)
   if distmat.shape != (num_query, num_gallery):
-    raise ValueError(f"distmat has shape {distmat.shape}; expected ({num_query}, {num_gallery}) "
-                     "(queries x gallery).")
+    raise ValueError(
+      f"distmat has shape {distmat.shape}; expected ({num_query}, {num_gallery}) "
+      "(queries x gallery)."
+    )
   if len(query_paths) != num_query or len(gallery_paths) != num_gallery:
-    raise ValueError(f"got {len(query_paths)} query / {len(gallery_paths)} gallery images for "
-                     f"{num_query} / {num_gallery} identities.")
+    raise ValueError(
+      f"got {len(query_paths)} query / {len(gallery_paths)} gallery images for "
+      f"{num_query} / {num_gallery} identities."
+    )
   if len(query_cameras) != num_query or len(gallery_cameras) != num_gallery:
-    raise ValueError("query_cameras / gallery_cameras must have one entry per query / gallery "
-                     "image.")
+    raise ValueError(
+      "query_cameras / gallery_cameras must have one entry per query / gallery image."
+    )
   if topk < 1 or min(thumb) < 1:
     raise ValueError(f"topk and the thumbnail size must be positive, got {topk} and {thumb}.")
   for q in query_indices:
@@ -194,10 +219,12 @@ def rank_list_image(query_paths: Sequence[Any] | np.ndarray, query_identities: n
   canvas = Image.new("RGB", rank_list_size(len(query_indices), topk, thumb), BACKGROUND)
   for i, q in enumerate(int(q) for q in query_indices):
     y = i * row + MARGIN
-    _paste_cell(canvas, MARGIN, y, query_paths[q], QUERY,
-                f"q{query_identities[q]} c{query_cameras[q]}", thumb)
-    matches = ranked_gallery(distmat[q], query_identities[q], query_cameras[q],
-                             gallery_identities, gallery_cameras, topk)
+    _paste_cell(
+      canvas, MARGIN, y, query_paths[q], QUERY, f"q{query_identities[q]} c{query_cameras[q]}", thumb
+    )
+    matches = ranked_gallery(
+      distmat[q], query_identities[q], query_cameras[q], gallery_identities, gallery_cameras, topk
+    )
     for rank, g in enumerate(matches, start=1):
       frame = CORRECT if gallery_identities[g] == query_identities[q] else WRONG
       x = rank * cell + MARGIN + GAP
@@ -205,20 +232,38 @@ def rank_list_image(query_paths: Sequence[Any] | np.ndarray, query_identities: n
   return canvas
 
 
-def rank_list_from_records(query_records: Sequence[Any], gallery_records: Sequence[Any],
-                           distmat: np.ndarray, *, query_indices: Sequence[int],
-                           topk: int = 10, thumb: tuple[int, int] = (128, 64)) -> Image.Image:
+def rank_list_from_records(
+  query_records: Sequence[Any],
+  gallery_records: Sequence[Any],
+  distmat: np.ndarray,
+  *,
+  query_indices: Sequence[int],
+  topk: int = 10,
+  thumb: tuple[int, int] = (128, 64),
+) -> Image.Image:
   """``rank_list_image`` for dataset records (anything with ``path``, ``identity``, ``camera``)."""
   return rank_list_image(
-      [r.path for r in query_records], [r.identity for r in query_records],
-      [r.camera for r in query_records], [r.path for r in gallery_records],
-      [r.identity for r in gallery_records], [r.camera for r in gallery_records], distmat,
-      query_indices=query_indices, topk=topk, thumb=thumb)
+    [r.path for r in query_records],
+    [r.identity for r in query_records],
+    [r.camera for r in query_records],
+    [r.path for r in gallery_records],
+    [r.identity for r in gallery_records],
+    [r.camera for r in gallery_records],
+    distmat,
+    query_indices=query_indices,
+    topk=topk,
+    thumb=thumb,
+  )
 
 
-def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence[Any],
-                           indices: np.ndarray, distances: np.ndarray, *,
-                           thumb: tuple[int, int] = (128, 64)) -> Image.Image:
+def search_rank_list_image(
+  query_images: Sequence[Any],
+  gallery_images: Sequence[Any],
+  indices: np.ndarray,
+  distances: np.ndarray,
+  *,
+  thumb: tuple[int, int] = (128, 64),
+) -> Image.Image:
   """One row per query: the query, then the gallery entries it was ranked against.
 
   For searches where identities and cameras are unknown (nothing is filtered out, nothing is
@@ -239,8 +284,10 @@ def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence
   indices = np.asarray(indices)
   distances = np.asarray(distances)
   if indices.ndim != 2 or distances.shape != indices.shape:
-    raise ValueError(f"indices and distances must be (num_rows, topk) arrays of one shape, "
-                     f"got {indices.shape} and {distances.shape}.")
+    raise ValueError(
+      f"indices and distances must be (num_rows, topk) arrays of one shape, "
+      f"got {indices.shape} and {distances.shape}."
+    )
   num_rows, topk = indices.shape
   if num_rows > len(query_images):
     raise ValueError(f"{num_rows} rows of matches but {len(query_images)} query images.")
@@ -258,8 +305,7 @@ def search_rank_list_image(query_images: Sequence[Any], gallery_images: Sequence
     _paste_cell(canvas, MARGIN, y, query_images[i], QUERY, f"q{i}", thumb)
     for rank, (g, d) in enumerate(zip(indices[i], distances[i]), start=1):
       x = rank * cell + MARGIN + GAP
-      _paste_cell(canvas, x, y, gallery_images[int(g)], NEUTRAL, f"{rank} {float(d):.3f}",
-                  thumb)
+      _paste_cell(canvas, x, y, gallery_images[int(g)], NEUTRAL, f"{rank} {float(d):.3f}", thumb)
   return canvas
 
 
@@ -288,18 +334,19 @@ _PANEL_BOTTOM = 30  # Room for the x tick labels and the axis name.
 _AXIS = (0, 0, 0)
 _GRID = (225, 225, 225)
 SERIES_COLOURS = {
-    "mAP": (31, 119, 180),
-    "rank-1": (255, 127, 14),
-    "clusters": (44, 160, 44),
-    "outliers": (214, 39, 40),
-    "loss": (148, 103, 189),
-    "largest": (140, 86, 75),
-    "ARI": (31, 119, 180),
+  "mAP": (31, 119, 180),
+  "rank-1": (255, 127, 14),
+  "clusters": (44, 160, 44),
+  "outliers": (214, 39, 40),
+  "loss": (148, 103, 189),
+  "largest": (140, 86, 75),
+  "ARI": (31, 119, 180),
 }
 
 
-def _history(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any] | None,
-                                                            list[dict[str, Any]]]:
+def _history(
+  records: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
   """``(initial record or None, one epoch record per epoch)``; the last record written wins.
 
   A resumed run can log an epoch twice (``run.Run.epoch_records`` keeps the later one;
@@ -345,9 +392,15 @@ def _format_tick(value: float, step: float) -> str:
   return "0" if text.strip("-0.") == "" else text
 
 
-def draw_panel(canvas: Image.Image, box: tuple[int, int, int, int], title: str,
-               series: list[tuple[str, list[tuple[int, float]]]], *, x_range: tuple[int, int],
-               x_label: str = "epoch") -> None:
+def draw_panel(
+  canvas: Image.Image,
+  box: tuple[int, int, int, int],
+  title: str,
+  series: list[tuple[str, list[tuple[int, float]]]],
+  *,
+  x_range: tuple[int, int],
+  x_label: str = "epoch",
+) -> None:
   """A line plot of ``series`` ((name, [(x, y), ...]), ...) in ``box`` (left, top, right, bottom).
 
   x values are epochs; -1 is labelled "init". Points with non-finite y are left out.
@@ -421,8 +474,9 @@ def draw_panel(canvas: Image.Image, box: tuple[int, int, int, int], title: str,
     legend_x -= 12
 
 
-def training_curves_image(records: Sequence[Mapping[str, Any]], *,
-                          num_train: int | None = None) -> Image.Image:
+def training_curves_image(
+  records: Sequence[Mapping[str, Any]], *, num_train: int | None = None
+) -> Image.Image:
   """Four line plots of a run's ``metrics.jsonl`` records, as a ``CURVES_SIZE`` (900x600) image.
 
   Panels (left to right, top to bottom): mAP and rank-1 in % per evaluation (the ``initial``
@@ -460,22 +514,37 @@ def training_curves_image(records: Sequence[Mapping[str, Any]], *,
   width, height = CURVES_SIZE
   canvas = Image.new("RGB", CURVES_SIZE, BACKGROUND)
   half_w, half_h = width // 2, height // 2
-  boxes = [(0, 0, half_w, half_h), (half_w, 0, width, half_h),
-           (0, half_h, half_w, height), (half_w, half_h, width, height)]
-  draw_panel(canvas, boxes[0], "evaluation (%)", [
+  boxes = [
+    (0, 0, half_w, half_h),
+    (half_w, 0, width, half_h),
+    (0, half_h, half_w, height),
+    (half_w, half_h, width, height),
+  ]
+  draw_panel(
+    canvas,
+    boxes[0],
+    "evaluation (%)",
+    [
       ("mAP", [(x, 100 * float(r["mAP"])) for x, r in evaluations]),
       ("rank-1", [(x, 100 * float(r["rank1"])) for x, r in evaluations if _finite(r.get("rank1"))]),
-  ], x_range=x_range)
-  draw_panel(canvas, boxes[1], "clusters", [("clusters", per_epoch("clusters"))],
-             x_range=x_range)
-  draw_panel(canvas, boxes[2], "outlier fraction" if as_fraction else "outliers",
-             [("outliers", outliers)], x_range=x_range)
+    ],
+    x_range=x_range,
+  )
+  draw_panel(canvas, boxes[1], "clusters", [("clusters", per_epoch("clusters"))], x_range=x_range)
+  draw_panel(
+    canvas,
+    boxes[2],
+    "outlier fraction" if as_fraction else "outliers",
+    [("outliers", outliers)],
+    x_range=x_range,
+  )
   draw_panel(canvas, boxes[3], "mean loss", [("loss", per_epoch("loss"))], x_range=x_range)
   return canvas
 
 
-def save_training_curves(path: str, records: Sequence[Mapping[str, Any]], *,
-                         num_train: int | None = None) -> Image.Image:
+def save_training_curves(
+  path: str, records: Sequence[Mapping[str, Any]], *, num_train: int | None = None
+) -> Image.Image:
   """Saves ``training_curves_image(records, num_train=...)`` as a PNG; returns the image."""
   image = training_curves_image(records, num_train=num_train)
   save_png(path, image)

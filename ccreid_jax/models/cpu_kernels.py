@@ -70,8 +70,9 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype
+    )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     sh, sw = self.strides
     (top, bottom), (left, right) = self.padding
@@ -83,8 +84,12 @@ class Conv(nn.Module):
     if x.shape[1] * x.shape[2] <= self.SMALL_MAP:
       return _im2col_conv(x, kernel, (sh, sw), padding)
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(sh, sw), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x,
+      kernel,
+      window_strides=(sh, sw),
+      padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
 
 def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -109,24 +114,32 @@ def _pointwise_fwd(x, kernel):
 def _pointwise_bwd(residuals, dy):
   x, kernel = residuals
   dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())))
-  dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
-                                (((0,), (0,)), ((), ())))
+  dkernel = jax.lax.dot_general(
+    x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ()))
+  )
   return dx, dkernel
 
 
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def _im2col_conv(
+  x: jax.Array,
+  kernel: jax.Array,
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
   """``conv_general_dilated`` (NHWC, HWIO) as one matmul over stacked shifted windows."""
   kh, kw, c_in, c_out = kernel.shape
   sh, sw = strides
   padded = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
   out_h = (padded.shape[1] - kh) // sh + 1
   out_w = (padded.shape[2] - kw) // sw + 1
-  windows = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-             for i in range(kh) for j in range(kw)]  # (kh, kw, c_in) order = the kernel's.
+  windows = [
+    padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]  # (kh, kw, c_in) order = the kernel's.
   patches = jnp.concatenate(windows, axis=-1)
   return _pointwise(patches, kernel.reshape(kh * kw * c_in, c_out))
 
@@ -136,7 +149,9 @@ def _pool_windows(x: jax.Array) -> list[jax.Array]:
   _, h, w, _ = x.shape
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
+  return [
+    padded[:, i : i + 2 * ho - 1 : 2, j : j + 2 * wo - 1 : 2, :] for i in range(3) for j in range(3)
+  ]
 
 
 @jax.custom_vjp
@@ -184,8 +199,9 @@ def _pool_axis_grad(g0: jax.Array, g1: jax.Array, g2: jax.Array, n: int, axis: i
 def _max_pool_bwd(residuals, dy):
   index, (h, w) = residuals
   g = [jnp.where(index == k, dy, jnp.zeros_like(dy)) for k in range(9)]
-  row0, row1, row2 = (_pool_axis_grad(g[3 * i], g[3 * i + 1], g[3 * i + 2], w, axis=2)
-                      for i in range(3))  # by row offset
+  row0, row1, row2 = (
+    _pool_axis_grad(g[3 * i], g[3 * i + 1], g[3 * i + 2], w, axis=2) for i in range(3)
+  )  # by row offset
   return (_pool_axis_grad(row0, row1, row2, h, axis=1),)
 
 
@@ -247,16 +263,16 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   dy, dmean, dvar = cotangents
   axes, stat_shape = layers.group_axes(xg)
   count = math.prod(xg.shape[a] for a in axes)
-  rstd = jax.lax.rsqrt(var + epsilon)                               # (G, C)
+  rstd = jax.lax.rsqrt(var + epsilon)  # (G, C)
   centred = xg - mean.reshape(stat_shape)
   sum_dy = jnp.sum(dy, axis=axes)
-  dot = jnp.sum(dy * centred, axis=axes)                            # sum(dy * x_hat) / rstd
+  dot = jnp.sum(dy * centred, axis=axes)  # sum(dy * x_hat) / rstd
   k = dot * jnp.square(rstd) / count
-  dx = ((dy - (sum_dy / count).reshape(stat_shape) - centred * k.reshape(stat_shape))
-        * (rstd * scale).reshape(stat_shape))
+  dx = (dy - (sum_dy / count).reshape(stat_shape) - centred * k.reshape(stat_shape)) * (
+    rstd * scale
+  ).reshape(stat_shape)
   # The statistics are outputs too (the running averages use them).
-  dx = dx + (dmean / count).reshape(stat_shape) + centred * (2.0 * dvar / count).reshape(
-      stat_shape)
+  dx = dx + (dmean / count).reshape(stat_shape) + centred * (2.0 * dvar / count).reshape(stat_shape)
   return dx, jnp.sum(dot * rstd, axis=0), jnp.sum(sum_dy, axis=0)
 
 

@@ -52,10 +52,14 @@ class GhostBatchNorm(nn.Module):
     features = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-    scale = (self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-             if self.use_scale else None)
-    bias = (self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-            if self.use_bias else None)
+    scale = (
+      self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+      if self.use_scale
+      else None
+    )
+    bias = (
+      self.param("bias", nn.initializers.zeros, (features,), jnp.float32) if self.use_bias else None
+    )
 
     x32 = x.astype(jnp.float32)
     if use_running_average:
@@ -63,8 +67,11 @@ class GhostBatchNorm(nn.Module):
       y = self._normalise(x32, mean, var, scale, bias)
     else:
       batch = x.shape[0]
-      groups = batch // self.group_size if (
-          batch > self.group_size and batch % self.group_size == 0) else 1
+      groups = (
+        batch // self.group_size
+        if (batch > self.group_size and batch % self.group_size == 0)
+        else 1
+      )
       # (G, B/G, ..., C): statistics over every axis but the group and channel axes.
       xg = x32.reshape((groups, batch // groups) + x.shape[1:])
       scale_or_1 = jnp.ones((features,), jnp.float32) if scale is None else scale
@@ -77,10 +84,12 @@ class GhostBatchNorm(nn.Module):
         if self.axis_name is not None:
           count = count * jax.lax.psum(1, self.axis_name)
         unbiased = var * (count / jnp.maximum(count - 1, 1))
-        ra_mean.value = (self.momentum * ra_mean.value
-                         + (1.0 - self.momentum) * jnp.mean(mean, axis=0))
-        ra_var.value = (self.momentum * ra_var.value
-                        + (1.0 - self.momentum) * jnp.mean(unbiased, axis=0))
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * jnp.mean(
+          mean, axis=0
+        )
+        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * jnp.mean(
+          unbiased, axis=0
+        )
 
     out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, jnp.float32)
     return y.astype(out_dtype)
@@ -106,8 +115,9 @@ def group_axes(xg: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
   return axes, (xg.shape[0],) + (1,) * len(axes) + (xg.shape[-1],)
 
 
-def batch_norm_groups(xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                      axis_name: str | None = None):
+def batch_norm_groups(
+  xg: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None = None
+):
   """Training batch norm of (G, ..., C) ``xg`` per group and channel: (y, mean, biased var).
 
   Two passes (mean, then squared deviations) as torch does: no cancellation. With

@@ -34,11 +34,11 @@ from ccreid_jax.ops import l2_normalize  # re-exported: models.l2_normalize, res
 
 # Supported ResNet depths: depth -> (block kind, blocks per stage).
 ARCHS = {
-    10: ("basic", (1, 1, 1, 1)),
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
+  10: ("basic", (1, 1, 1, 1)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
 }
 BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4}  # block kind -> output / inner channels
 
@@ -95,11 +95,18 @@ def _stem_pool(x: jax.Array) -> jax.Array:
 POOLINGS = ("gem", "avg")  # GeM (learnable p, init 3) or average pooling.
 
 LAYER_SETS = {
-    "plain": LayerSet(conv=functools.partial(nn.Conv, use_bias=False),
-                      batch_norm=GhostBatchNorm, stem_pool=_stem_pool, block_relu=nn.relu),
-    "cpu": LayerSet(conv=cpu_kernels.Conv, batch_norm=cpu_kernels.GhostBatchNorm,
-                    stem_pool=cpu_kernels.max_pool_3x3_s2,
-                    block_relu=cpu_kernels.residual_relu),
+  "plain": LayerSet(
+    conv=functools.partial(nn.Conv, use_bias=False),
+    batch_norm=GhostBatchNorm,
+    stem_pool=_stem_pool,
+    block_relu=nn.relu,
+  ),
+  "cpu": LayerSet(
+    conv=cpu_kernels.Conv,
+    batch_norm=cpu_kernels.GhostBatchNorm,
+    stem_pool=cpu_kernels.max_pool_3x3_s2,
+    block_relu=cpu_kernels.residual_relu,
+  ),
 }
 KERNELS = ("auto",) + tuple(LAYER_SETS)
 
@@ -170,8 +177,9 @@ def _shortcut(block: nn.Module, x, channels: int, bn):
   """Identity, or 1x1 conv (with the block's stride) + norm when the shape changes."""
   if not block.downsample:
     return x
-  x = block.conv(channels, (1, 1), strides=(block.stride, block.stride), padding=_pad(1),
-                 name="downsample_conv")(x)
+  x = block.conv(
+    channels, (1, 1), strides=(block.stride, block.stride), padding=_pad(1), name="downsample_conv"
+  )(x)
   return bn("downsample_bn")(x)
 
 
@@ -245,17 +253,24 @@ class ReIDResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, return_feature_map: bool = False) -> jax.Array:
     if self.kernels not in LAYER_SETS:
-      raise ValueError(f"ReIDResNet.kernels must be one of {sorted(LAYER_SETS)}, not "
-                       f"{self.kernels!r} (resolve_kernels turns 'auto' into one of them)")
+      raise ValueError(
+        f"ReIDResNet.kernels must be one of {sorted(LAYER_SETS)}, not "
+        f"{self.kernels!r} (resolve_kernels turns 'auto' into one of them)"
+      )
     layer_set = LAYER_SETS[self.kernels]
     kind, layers = block_layout(self.depth)
     expansion = BLOCK_EXPANSION[kind]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
-    conv = functools.partial(layer_set.conv, dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=conv_init)
+    conv = functools.partial(
+      layer_set.conv, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init
+    )
     norm = functools.partial(
-        layer_set.batch_norm, group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype)
+      layer_set.batch_norm,
+      group_size=self.bn_group_size,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+    )
     ibn_norm = functools.partial(IBN, norm=norm, dtype=self.dtype)
 
     x = conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), name="conv1")(x)
@@ -265,13 +280,20 @@ class ReIDResNet(nn.Module):
     in_planes = self.width
     strides = (1, 2, 2, self.last_stride)
     for stage, (blocks, stage_stride) in enumerate(zip(layers, strides)):
-      planes = self.width * 2 ** stage
+      planes = self.width * 2**stage
       for index in range(blocks):
         stride = stage_stride if index == 0 else 1
         downsample = index == 0 and (stride != 1 or in_planes != planes * expansion)
-        x = block_cls(planes=planes, stride=stride, downsample=downsample, conv=conv,
-                      norm=norm, norm1=ibn_norm if self.ibn and stage < 3 else None,
-                      out_relu=layer_set.block_relu, name=f"layer{stage + 1}_{index}")(x, train)
+        x = block_cls(
+          planes=planes,
+          stride=stride,
+          downsample=downsample,
+          conv=conv,
+          norm=norm,
+          norm1=ibn_norm if self.ibn and stage < 3 else None,
+          out_relu=layer_set.block_relu,
+          name=f"layer{stage + 1}_{index}",
+        )(x, train)
         in_planes = planes * expansion
     if return_feature_map:
       return x
@@ -283,9 +305,14 @@ class ReIDResNet(nn.Module):
     else:
       raise ValueError(f"unknown pooling {self.pooling!r}; use one of {list(POOLINGS)}")
 
-    x = layer_set.batch_norm(group_size=self.bn_group_size, momentum=0.9, epsilon=1e-5,
-                             use_bias=False, dtype=jnp.float32, name="feat_bn")(
-                                 x, use_running_average=not train)
+    x = layer_set.batch_norm(
+      group_size=self.bn_group_size,
+      momentum=0.9,
+      epsilon=1e-5,
+      use_bias=False,
+      dtype=jnp.float32,
+      name="feat_bn",
+    )(x, use_running_average=not train)
     return l2_normalize(x)
 
 
@@ -302,15 +329,19 @@ def parse_arch(arch: str, depth: int | None = None) -> tuple[int, bool]:
   name = arch.lower()
   ibn = name.endswith("_ibn_a")
   stem = name[: -len("_ibn_a")] if ibn else name
-  digits = stem[len("resnet"):]
+  digits = stem[len("resnet") :]
   if not stem.startswith("resnet") or (digits and not digits.isdigit()):
-    raise ValueError(f"unknown model arch {arch!r}; use 'resnet', 'resnet_ibn_a', "
-                     "'resnet<depth>' or 'resnet<depth>_ibn_a' (e.g. 'resnet50_ibn_a')")
+    raise ValueError(
+      f"unknown model arch {arch!r}; use 'resnet', 'resnet_ibn_a', "
+      "'resnet<depth>' or 'resnet<depth>_ibn_a' (e.g. 'resnet50_ibn_a')"
+    )
   if digits:
     named = int(digits)
     if depth is not None and int(depth) != named:
-      raise ValueError(f"model.arch {arch!r} is a depth-{named} network but model.depth is "
-                       f"{depth}; set model.depth={named}")
+      raise ValueError(
+        f"model.arch {arch!r} is a depth-{named} network but model.depth is "
+        f"{depth}; set model.depth={named}"
+      )
     depth = named
   if depth is None:
     raise ValueError(f"model.arch {arch!r} needs model.depth")
@@ -323,19 +354,21 @@ def create_model(config_model) -> ReIDResNet:
   bn_group_size, dtype ("float32" | "bfloat16") and optionally arch ("resnet" default,
   "resnet50_ibn_a", "resnet101_ibn_a", ...; see ``parse_arch``) and kernels ("auto"
   default, "plain" or "cpu"; see ``resolve_kernels``)."""
-  depth, ibn = parse_arch(str(getattr(config_model, "arch", None) or "resnet"),
-                          int(config_model.depth))
+  depth, ibn = parse_arch(
+    str(getattr(config_model, "arch", None) or "resnet"), int(config_model.depth)
+  )
   dtype = config_model.dtype
   if isinstance(dtype, str):
     if dtype not in DTYPES:
       raise ValueError(f"unknown model dtype {dtype!r}; use one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype]
   return ReIDResNet(
-      depth=depth,
-      width=int(config_model.width),
-      last_stride=int(config_model.last_stride),
-      pooling=str(config_model.pooling),
-      bn_group_size=int(config_model.bn_group_size),
-      dtype=dtype,
-      ibn=ibn,
-      kernels=resolve_kernels(str(getattr(config_model, "kernels", None) or "auto")))
+    depth=depth,
+    width=int(config_model.width),
+    last_stride=int(config_model.last_stride),
+    pooling=str(config_model.pooling),
+    bn_group_size=int(config_model.bn_group_size),
+    dtype=dtype,
+    ibn=ibn,
+    kernels=resolve_kernels(str(getattr(config_model, "kernels", None) or "auto")),
+  )

@@ -33,10 +33,21 @@ import numpy as np
 from ccreid_jax.models.resnet import BLOCK_EXPANSION, block_layout
 
 __all__ = [
-    "BYTES_PER_MODEL_VALUE", "DEFAULT_MAX_BYTES", "UnsafeCheckpointError", "WeightsFormatError",
-    "WeightsMismatchError", "WeightsTooLargeError", "apply_state_dict", "flatten_variables",
-    "is_flax_state_dict", "load_pretrained", "max_weights_bytes", "read_state_dict",
-    "torchvision_to_flax", "trunk_names", "unflatten_variables",
+  "BYTES_PER_MODEL_VALUE",
+  "DEFAULT_MAX_BYTES",
+  "UnsafeCheckpointError",
+  "WeightsFormatError",
+  "WeightsMismatchError",
+  "WeightsTooLargeError",
+  "apply_state_dict",
+  "flatten_variables",
+  "is_flax_state_dict",
+  "load_pretrained",
+  "max_weights_bytes",
+  "read_state_dict",
+  "torchvision_to_flax",
+  "trunk_names",
+  "unflatten_variables",
 ]
 
 # Keys of the Flax model that a backbone file does not provide (built fresh, as in the
@@ -71,8 +82,8 @@ _LEGACY_PROTOCOL = 1001
 # BYTES_PER_MODEL_VALUE bytes per value of the model it is for plus an ImageNet classifier:
 # room for float64 weights with one more copy (optimizer state), or four float32 copies.
 BYTES_PER_MODEL_VALUE = 16
-_CLASSIFIER_VALUES = 2048 * 1000 + 1000   # fc of a 2048-channel ImageNet ResNet.
-_LARGEST_MODEL_VALUES = 42_611_649          # ReIDResNet(depth=101): the largest backbone.
+_CLASSIFIER_VALUES = 2048 * 1000 + 1000  # fc of a 2048-channel ImageNet ResNet.
+_LARGEST_MODEL_VALUES = 42_611_649  # ReIDResNet(depth=101): the largest backbone.
 # The pickle of a state dict holds names and sizes only (~100 KB for a ResNet-101).
 _MAX_PICKLE_BYTES = 64 << 20
 
@@ -93,28 +104,43 @@ def _mb(nbytes: int) -> str:
 
 
 def _limit_text(max_bytes: int) -> str:
-  return (f"the limit of {_mb(max_bytes)} ({BYTES_PER_MODEL_VALUE} bytes per value of the "
-          "model plus an ImageNet classifier)")
+  return (
+    f"the limit of {_mb(max_bytes)} ({BYTES_PER_MODEL_VALUE} bytes per value of the "
+    "model plus an ImageNet classifier)"
+  )
+
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
+  "UntypedStorage": np.dtype(np.uint8),
 }
 
 _TORCH_DTYPES = {
-    "float64": np.float64, "double": np.float64, "float32": np.float32, "float": np.float32,
-    "float16": np.float16, "half": np.float16, "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64, "long": np.int64, "int32": np.int32, "int": np.int32,
-    "int16": np.int16, "short": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+  "float64": np.float64,
+  "double": np.float64,
+  "float32": np.float32,
+  "float": np.float32,
+  "float16": np.float16,
+  "half": np.float16,
+  "bfloat16": ml_dtypes.bfloat16,
+  "int64": np.int64,
+  "long": np.int64,
+  "int32": np.int32,
+  "int": np.int32,
+  "int16": np.int16,
+  "short": np.int16,
+  "int8": np.int8,
+  "uint8": np.uint8,
+  "bool": np.bool_,
 }
 
 
@@ -147,10 +173,10 @@ class _Storage:
     self.key = key
     self.dtype = dtype
     self.numel = numel
-    self.data: np.ndarray | None = None   # 1-D, self.dtype (possibly non-native order)
-    self.base: _Storage | None = None     # legacy storage views: (root storage, offset)
+    self.data: np.ndarray | None = None  # 1-D, self.dtype (possibly non-native order)
+    self.base: _Storage | None = None  # legacy storage views: (root storage, offset)
     self.offset = 0
-    self.member: zipfile.ZipInfo | None = None   # zip archives: read once checked
+    self.member: zipfile.ZipInfo | None = None  # zip archives: read once checked
 
   @property
   def nbytes(self) -> int:
@@ -162,8 +188,9 @@ class _Storage:
   def array(self) -> np.ndarray:
     if self.base is not None:
       root = self.base.array()
-      return root.view(np.uint8)[self.offset:self.offset + self.numel * self.dtype.itemsize
-                                 ].view(self.dtype)
+      return root.view(np.uint8)[self.offset : self.offset + self.numel * self.dtype.itemsize].view(
+        self.dtype
+      )
     if self.data is None:
       raise WeightsFormatError(f"storage {self.key!r} is referenced but never written")
     return self.data
@@ -193,19 +220,25 @@ class _PendingTensor:
   def check(self, name: str, source: str) -> None:
     """Refuses a geometry that is malformed or reaches outside the storage's data."""
     size, stride, offset = self.size, self.stride, self.offset
-    if not (isinstance(offset, int) and offset >= 0 and len(size) == len(stride)
-            and all(isinstance(v, int) and v >= 0 for v in (*size, *stride))):
+    if not (
+      isinstance(offset, int)
+      and offset >= 0
+      and len(size) == len(stride)
+      and all(isinstance(v, int) and v >= 0 for v in (*size, *stride))
+    ):
       raise WeightsFormatError(
-          f"{source}: tensor {name!r} has a bad geometry: offset {offset!r}, size {size!r}, "
-          f"stride {stride!r}")
+        f"{source}: tensor {name!r} has a bad geometry: offset {offset!r}, size {size!r}, "
+        f"stride {stride!r}"
+      )
     if 0 in size:
       return
     available = self.storage.nbytes // self.element_dtype.itemsize
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= available:
       raise WeightsFormatError(
-          f"{source}: tensor {name!r} of size {tuple(size)}, stride {tuple(stride)}, offset "
-          f"{offset} reads element {last}, past its {self.storage.describe()}")
+        f"{source}: tensor {name!r} of size {tuple(size)}, stride {tuple(stride)}, offset "
+        f"{offset} reads element {last}, past its {self.storage.describe()}"
+      )
 
   def materialise(self) -> np.ndarray:
     data = self.storage.array()
@@ -217,25 +250,31 @@ class _PendingTensor:
       out = np.empty(size, data.dtype)
     else:
       last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-      if last >= data.size:   # checked before reading; kept as the guard of as_strided
+      if last >= data.size:  # checked before reading; kept as the guard of as_strided
         raise WeightsFormatError(
-            f"tensor of size {tuple(size)}, stride {tuple(stride)}, offset {offset} reads "
-            f"past its storage of {data.size} elements")
+          f"tensor of size {tuple(size)}, stride {tuple(stride)}, offset {offset} reads "
+          f"past its storage of {data.size} elements"
+        )
       view = np.lib.stride_tricks.as_strided(
-          data[offset:], shape=tuple(size),
-          strides=tuple(s * data.itemsize for s in stride), writeable=False)
+        data[offset:],
+        shape=tuple(size),
+        strides=tuple(s * data.itemsize for s in stride),
+        writeable=False,
+      )
       out = np.array(view, order="C")
     return out.astype(out.dtype.newbyteorder("="), copy=False)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride))
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
+def _rebuild_tensor_v3(
+  storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   if not isinstance(dtype, _TorchDtype):
     raise WeightsFormatError(f"_rebuild_tensor_v3 with dtype {dtype!r}")
@@ -250,7 +289,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 def _rebuild_from_type_v2(func, new_type, args, state):
   del state
   if not isinstance(new_type, _TensorType) or func not in (
-      _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
+    _rebuild_tensor_v2,
+    _rebuild_tensor_v3,
+    _rebuild_parameter,
+  ):
     raise WeightsFormatError("_rebuild_from_type_v2 with an unsupported type or function")
   return func(*args)
 
@@ -270,18 +312,24 @@ def _allowed_global(module: str, name: str):
   if module == "collections" and name == "OrderedDict":
     return collections.OrderedDict
   if module == "torch._utils":
-    return {"_rebuild_tensor_v2": _rebuild_tensor_v2,
-            "_rebuild_tensor_v3": _rebuild_tensor_v3,
-            "_rebuild_parameter": _rebuild_parameter,
-            "_rebuild_parameter_with_state": _rebuild_parameter}.get(name)
+    return {
+      "_rebuild_tensor_v2": _rebuild_tensor_v2,
+      "_rebuild_tensor_v3": _rebuild_tensor_v3,
+      "_rebuild_parameter": _rebuild_parameter,
+      "_rebuild_parameter_with_state": _rebuild_parameter,
+    }.get(name)
   if module == "torch._tensor" and name == "_rebuild_from_type_v2":
     return _rebuild_from_type_v2
   if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
     return _StorageType(name)
   if module == "torch" and name in _TORCH_DTYPES:
     return _TorchDtype(name)
-  if (module, name) in (("torch", "Tensor"), ("torch._tensor", "Tensor"),
-                        ("torch.nn.parameter", "Parameter"), ("torch.nn", "Parameter")):
+  if (module, name) in (
+    ("torch", "Tensor"),
+    ("torch._tensor", "Tensor"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch.nn", "Parameter"),
+  ):
     return _TensorType(name)
   if module == "torch" and name == "Size":
     return _torch_size
@@ -304,8 +352,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     found = _allowed_global(module, name)
     if found is None:
       raise UnsafeCheckpointError(
-          f"{self._source}: refusing to load the pickled global {module}.{name}; only "
-          "tensor state dicts can be read (save model.state_dict() instead)")
+        f"{self._source}: refusing to load the pickled global {module}.{name}; only "
+        "tensor state dicts can be read (save model.state_dict() instead)"
+      )
     return found
 
   def persistent_load(self, pid):
@@ -314,7 +363,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
       kind = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
       raise UnsafeCheckpointError(
-          f"{self._source}: refusing persistent object {kind!r} (only tensor storages)")
+        f"{self._source}: refusing persistent object {kind!r} (only tensor storages)"
+      )
     return self._resolve_storage(pid)
 
 
@@ -375,31 +425,35 @@ def _check_sizes(named: list[tuple[str, _PendingTensor]], source: str, max_bytes
     root = storage.base if storage.base is not None else storage
     if storage.base is not None and storage.offset + storage.nbytes > root.nbytes:
       raise WeightsFormatError(
-          f"{source}: tensor {name!r} uses a view of {root.describe()} that reaches past "
-          f"its end (byte {storage.offset + storage.nbytes})")
+        f"{source}: tensor {name!r} uses a view of {root.describe()} that reaches past "
+        f"its end (byte {storage.offset + storage.nbytes})"
+      )
     if id(root) not in counted:
       counted.add(id(root))
       member = root.member
       if member is not None and member.file_size < root.nbytes:
         raise WeightsFormatError(
-            f"{source}: storage data/{root.key} of tensor {name!r} declares {root.numel} "
-            f"{root.dtype.name} values ({_mb(root.nbytes)}) but its zip member "
-            f"{member.filename} holds {_mb(member.file_size)} (a truncated or forged file)")
+          f"{source}: storage data/{root.key} of tensor {name!r} declares {root.numel} "
+          f"{root.dtype.name} values ({_mb(root.nbytes)}) but its zip member "
+          f"{member.filename} holds {_mb(member.file_size)} (a truncated or forged file)"
+        )
       storage_total += root.nbytes
       if storage_total > max_bytes:
         raise WeightsTooLargeError(
-            f"{source}: {root.describe()} of tensor {name!r} brings the file's storages to "
-            f"{_mb(storage_total)}, over {_limit_text(max_bytes)}; refusing to read it. Is "
-            "this the weights file of the model?")
+          f"{source}: {root.describe()} of tensor {name!r} brings the file's storages to "
+          f"{_mb(storage_total)}, over {_limit_text(max_bytes)}; refusing to read it. Is "
+          "this the weights file of the model?"
+        )
     tensor.check(name, source)
     nbytes = tensor.nbytes()
     tensor_total += nbytes
     if tensor_total > max_bytes:
       raise WeightsTooLargeError(
-          f"{source}: tensor {name!r} (size {tuple(tensor.size)}, "
-          f"{tensor.element_dtype.name}, {_mb(nbytes)}) brings the file's tensors to "
-          f"{_mb(tensor_total)}, over {_limit_text(max_bytes)}; refusing to allocate it. Is "
-          "this the weights file of the model?")
+        f"{source}: tensor {name!r} (size {tuple(tensor.size)}, "
+        f"{tensor.element_dtype.name}, {_mb(nbytes)}) brings the file's tensors to "
+        f"{_mb(tensor_total)}, over {_limit_text(max_bytes)}; refusing to allocate it. Is "
+        "this the weights file of the model?"
+      )
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, limit: int, source: str) -> bytes:
@@ -407,8 +461,9 @@ def _read_member(archive: zipfile.ZipFile, name: str, limit: int, source: str) -
   info = archive.getinfo(name)
   if info.file_size > limit:
     raise WeightsTooLargeError(
-        f"{source}: zip member {name} declares {_mb(info.file_size)}, more than the "
-        f"{_mb(limit)} it can need; refusing to read it")
+      f"{source}: zip member {name} declares {_mb(info.file_size)}, more than the "
+      f"{_mb(limit)} it can need; refusing to read it"
+    )
   with archive.open(info) as f:
     return f.read(limit + 1)
 
@@ -451,12 +506,12 @@ def _read_torch_zip(archive: zipfile.ZipFile, source: str, max_bytes: int):
   for storage in {id(t.storage): t.storage for _, t in named}.values():
     if storage.data is None:
       assert storage.member is not None  # every storage of a zip archive has its member
-      with archive.open(storage.member) as f:   # at most the declared size is decompressed
+      with archive.open(storage.member) as f:  # at most the declared size is decompressed
         raw = f.read(storage.nbytes)
       if len(raw) < storage.nbytes:
         raise WeightsFormatError(
-            f"{source}: storage data/{storage.key} holds {len(raw)} bytes, expected "
-            f"{storage.nbytes}")
+          f"{source}: storage data/{storage.key} holds {len(raw)} bytes, expected {storage.nbytes}"
+        )
       storage.data = np.frombuffer(raw, storage.dtype, count=storage.numel)
   return _materialise(obj)
 
@@ -517,9 +572,19 @@ def _read_torch_legacy(stream: io.BytesIO, source: str, max_bytes: int):
 # ----------------------------------------------------------------------------- other formats
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U64": np.uint64,
+  "U32": np.uint32,
+  "U16": np.uint16,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -530,12 +595,12 @@ def _read_safetensors(raw: bytes, source: str) -> dict[str, np.ndarray]:
   if header_len > len(raw) - 8:
     raise WeightsFormatError(f"{source}: safetensors header runs past the end of the file")
   try:
-    header = json.loads(raw[8:8 + header_len].decode("utf-8"))
+    header = json.loads(raw[8 : 8 + header_len].decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise WeightsFormatError(f"{source}: unreadable safetensors header ({e})") from None
   if not isinstance(header, dict):
     raise WeightsFormatError(f"{source}: safetensors header is not a JSON object")
-  body = memoryview(raw)[8 + header_len:]
+  body = memoryview(raw)[8 + header_len :]
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -548,8 +613,9 @@ def _read_safetensors(raw: bytes, source: str) -> dict[str, np.ndarray]:
       raise WeightsFormatError(f"{source}: bad safetensors entry {name!r} ({e!r})") from None
     count = int(np.prod(shape, dtype=np.int64))
     if not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
-      raise WeightsFormatError(f"{source}: safetensors entry {name!r} has bad data offsets "
-                               "(truncated file?)")
+      raise WeightsFormatError(
+        f"{source}: safetensors entry {name!r} has bad data offsets (truncated file?)"
+      )
     arr = np.frombuffer(body[begin:end], dtype, count=count).reshape(shape)
     out[name] = arr.astype(dtype.newbyteorder("="))
   return out
@@ -560,7 +626,7 @@ def _read_npz(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str
   total against ``max_bytes`` before any array is read."""
   members, total = [], 0
   for info in archive.infolist():
-    name = info.filename[:-len(".npy")]
+    name = info.filename[: -len(".npy")]
     with archive.open(info) as f:
       version = np.lib.format.read_magic(f)
       if version == (1, 0):
@@ -575,15 +641,17 @@ def _read_npz(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > held:
       raise WeightsFormatError(
-          f"{source}: array {name!r} declares shape {tuple(shape)}, {dtype.name} "
-          f"({_mb(nbytes)}) but its member {info.filename} holds {_mb(max(held, 0))} of data "
-          "(a truncated or forged file)")
+        f"{source}: array {name!r} declares shape {tuple(shape)}, {dtype.name} "
+        f"({_mb(nbytes)}) but its member {info.filename} holds {_mb(max(held, 0))} of data "
+        "(a truncated or forged file)"
+      )
     total += nbytes
     if total > max_bytes:
       raise WeightsTooLargeError(
-          f"{source}: array {name!r} (shape {tuple(shape)}, {dtype.name}, {_mb(nbytes)}) "
-          f"brings the file's arrays to {_mb(total)}, over {_limit_text(max_bytes)}; refusing "
-          "to read it. Is this the weights file of the model?")
+        f"{source}: array {name!r} (shape {tuple(shape)}, {dtype.name}, {_mb(nbytes)}) "
+        f"brings the file's arrays to {_mb(total)}, over {_limit_text(max_bytes)}; refusing "
+        "to read it. Is this the weights file of the model?"
+      )
     members.append((name, info))
   out = {}
   for name, info in members:
@@ -606,14 +674,17 @@ def _find_state_dict(obj, source: str) -> dict[str, np.ndarray]:
       return dict(obj)
     kinds = {str(k): type(v).__name__ for k, v in list(obj.items())[:10]}
     raise WeightsFormatError(
-        f"{source}: no tensor state dict found (top-level entries: {kinds}); expected "
-        f"name -> tensor, or a dict holding one under {list(_CONTAINER_KEYS)}")
+      f"{source}: no tensor state dict found (top-level entries: {kinds}); expected "
+      f"name -> tensor, or a dict holding one under {list(_CONTAINER_KEYS)}"
+    )
   raise WeightsFormatError(
-      f"{source}: checkpoint holds a {type(obj).__name__}, not a tensor state dict")
+    f"{source}: checkpoint holds a {type(obj).__name__}, not a tensor state dict"
+  )
 
 
-def read_state_dict(path: str | os.PathLike, *,
-                    max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(
+  path: str | os.PathLike, *, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
   """Reads ``{name: array}`` from a PyTorch checkpoint, ``.safetensors`` or ``.npz`` file.
 
   The format is found from the content, not the name: a zip with ``<name>/data.pkl`` is a
@@ -645,8 +716,9 @@ def read_state_dict(path: str | os.PathLike, *,
     raise WeightsFormatError(f"{source}: cannot read ({e.strerror})") from None
   if size > limit + _MAX_PICKLE_BYTES:
     raise WeightsTooLargeError(
-        f"{source}: the file holds {_mb(size)}, more than {_limit_text(limit)} allows; "
-        "refusing to read it. Is this the weights file of the model?")
+      f"{source}: the file holds {_mb(size)}, more than {_limit_text(limit)} allows; "
+      "refusing to read it. Is this the weights file of the model?"
+    )
   try:
     if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(source):
       with zipfile.ZipFile(source) as archive:
@@ -663,25 +735,44 @@ def read_state_dict(path: str | os.PathLike, *,
         obj = _read_safetensors(f.read(), source)
     else:
       raise WeightsFormatError(
-          f"{source}: unrecognised weights format (expected a torch.save checkpoint, "
-          ".safetensors or .npz)")
+        f"{source}: unrecognised weights format (expected a torch.save checkpoint, "
+        ".safetensors or .npz)"
+      )
   except WeightsFormatError:
     raise
-  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError,
-          TypeError, KeyError, IndexError, AttributeError, OSError, RuntimeError,
-          MemoryError, OverflowError, UnicodeDecodeError) as e:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OSError,
+    RuntimeError,
+    MemoryError,
+    OverflowError,
+    UnicodeDecodeError,
+  ) as e:
     raise WeightsFormatError(
-        f"{source}: corrupt or truncated weights file ({type(e).__name__}: {e})") from None
+      f"{source}: corrupt or truncated weights file ({type(e).__name__}: {e})"
+    ) from None
   state = _find_state_dict(obj, source)
   if all(k.startswith("module.") for k in state):
-    state = {k[len("module."):]: v for k, v in state.items()}
+    state = {k[len("module.") :]: v for k, v in state.items()}
   return state
 
 
 # ----------------------------------------------------------------------------- name mapping
 
-_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_FIELDS = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 _IN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias")}
 
 
@@ -723,7 +814,7 @@ def trunk_names(depth: int, ibn: bool = False) -> dict[str, str]:
 
 def _to_flax_layout(torch_name: str, array: np.ndarray) -> np.ndarray:
   if torch_name.endswith(".weight") and array.ndim == 4:
-    return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0)))   # OIHW -> HWIO
+    return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0)))  # OIHW -> HWIO
   return array
 
 
@@ -736,8 +827,7 @@ def _to_torch_shape(flax_path: str, shape) -> tuple[int, ...]:
 
 def is_flax_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """True for flattened Flax variables (``params/...``, ``batch_stats/...`` keys)."""
-  return bool(state_dict) and all(
-      k.startswith(("params/", "batch_stats/")) for k in state_dict)
+  return bool(state_dict) and all(k.startswith(("params/", "batch_stats/")) for k in state_dict)
 
 
 def _map_torchvision(state_dict, depth, ibn):
@@ -791,8 +881,9 @@ def _mismatch_message(source, missing, unexpected, misshapen):
   return "\n".join(lines)
 
 
-def torchvision_to_flax(state_dict: Mapping[str, np.ndarray], *, depth: int,
-                        ibn: bool = False) -> dict[str, dict]:
+def torchvision_to_flax(
+  state_dict: Mapping[str, np.ndarray], *, depth: int, ibn: bool = False
+) -> dict[str, dict]:
   """Maps a torchvision ResNet state dict onto ReIDResNet's trunk.
 
   Conv weights go from OIHW to HWIO kernels; batch norms' weight / bias / running_mean /
@@ -807,14 +898,22 @@ def torchvision_to_flax(state_dict: Mapping[str, np.ndarray], *, depth: int,
   """
   mapped, missing, unexpected = _map_torchvision(state_dict, depth, ibn)
   if missing or unexpected:
-    raise WeightsMismatchError(_mismatch_message(
-        f"torchvision ResNet-{depth}{'-IBN-a' if ibn else ''} state dict", missing,
-        unexpected, []))
+    raise WeightsMismatchError(
+      _mismatch_message(
+        f"torchvision ResNet-{depth}{'-IBN-a' if ibn else ''} state dict", missing, unexpected, []
+      )
+    )
   return unflatten_variables({path: array for path, (_, array) in mapped.items()})
 
 
-def apply_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any], *,
-                     depth: int, ibn: bool = False, source: str = "state dict") -> dict:
+def apply_state_dict(
+  state_dict: Mapping[str, np.ndarray],
+  variables: Mapping[str, Any],
+  *,
+  depth: int,
+  ibn: bool = False,
+  source: str = "state dict",
+) -> dict:
   """``variables`` with every trunk leaf replaced from ``state_dict`` (see load_pretrained)."""
   model_flat = flatten_variables(variables)
   if is_flax_state_dict(state_dict):
@@ -826,10 +925,10 @@ def apply_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[st
     flax_names = True
   else:
     entries, missing, unexpected = _map_torchvision(state_dict, depth, ibn)
-    unexpected.extend(
-        torch for path, (torch, _) in entries.items() if path not in model_flat)
+    unexpected.extend(torch for path, (torch, _) in entries.items() if path not in model_flat)
     required_by_model = [
-        k for k in model_flat if k.split("/")[1] not in NECK_MODULES and k not in entries]
+      k for k in model_flat if k.split("/")[1] not in NECK_MODULES and k not in entries
+    ]
     # Trunk leaves the model has but the depth/ibn layout does not (wrong ibn flag, ...).
     names = trunk_names(depth, ibn)
     inverse = {v: k for k, v in names.items()}
@@ -858,8 +957,14 @@ def apply_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[st
   return unflatten_variables(out)
 
 
-def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any], *, depth: int,
-                    ibn: bool = False, max_bytes: int | None = None) -> dict:
+def load_pretrained(
+  path: str | os.PathLike,
+  variables: Mapping[str, Any],
+  *,
+  depth: int,
+  ibn: bool = False,
+  max_bytes: int | None = None,
+) -> dict:
   """A copy of the model's initialised ``variables`` with the trunk loaded from ``path``.
 
   ``path`` is anything ``read_state_dict`` reads: torchvision / IBN-Net ImageNet weights
@@ -877,7 +982,8 @@ def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any], *, de
       ``max_weights_bytes`` of the model's number of values.
   """
   if max_bytes is None:
-    max_bytes = max_weights_bytes(sum(
-        int(np.prod(np.shape(leaf))) for leaf in flatten_variables(variables).values()))
+    max_bytes = max_weights_bytes(
+      sum(int(np.prod(np.shape(leaf))) for leaf in flatten_variables(variables).values())
+    )
   state_dict = read_state_dict(path, max_bytes=max_bytes)
   return apply_state_dict(state_dict, variables, depth=depth, ibn=ibn, source=os.fspath(path))

@@ -31,14 +31,15 @@ def convert(src: str, dst: str, *, depth: int = 50, ibn: bool = False) -> dict[s
   flat = {k: np.asarray(v, np.float32) for k, v in sorted(flat.items())}
   parent = os.path.dirname(os.path.abspath(dst))
   os.makedirs(parent, exist_ok=True)
-  with open(dst, "wb") as f:   # a file object: np.savez would append ".npz" to a bare name
+  with open(dst, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
     np.savez(f, **flat)  # type: ignore[arg-type]  # stub: **flat could fill allow_pickle
   return flat
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m ccreid_jax.tools.convert_weights", description=__doc__.split("\n")[0])
+    prog="python -m ccreid_jax.tools.convert_weights", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("src", metavar="IN", help="torch checkpoint, .safetensors or .npz")
   parser.add_argument("dst", metavar="OUT", help="output .npz (Flax paths)")
   parser.add_argument("--depth", type=int, default=50, help="ResNet depth (default 50)")
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
   count = {"params": 0, "batch_stats": 0}
   for path, array in flat.items():
     count[path.split("/")[0]] += int(array.size)
-  print(f"wrote {args.dst}: ResNet-{args.depth}{'-IBN-a' if args.ibn else ''} trunk, "
-        f"{len(flat)} tensors, {count['params']:,} parameters, "
-        f"{count['batch_stats']:,} batch-norm statistics")
+  print(
+    f"wrote {args.dst}: ResNet-{args.depth}{'-IBN-a' if args.ibn else ''} trunk, "
+    f"{len(flat)} tensors, {count['params']:,} parameters, "
+    f"{count['batch_stats']:,} batch-norm statistics"
+  )
   return 0
 
 

@@ -56,8 +56,7 @@ from sklearn.metrics import adjusted_rand_score
 from ccreid_jax import clustering
 from ccreid_jax.evaluation import visualize
 
-__all__ = ["MAX_EPS_VALUES", "format_table", "label_row", "parse_eps", "sweep_image",
-           "sweep_rows"]
+__all__ = ["MAX_EPS_VALUES", "format_table", "label_row", "parse_eps", "sweep_image", "sweep_rows"]
 
 MAX_EPS_VALUES = 1000
 
@@ -90,42 +89,53 @@ def parse_eps(text: str) -> list[float]:
   except ValueError as exc:
     if str(exc).startswith("--eps"):
       raise
-    raise ValueError(f"--eps {text}: expected start:stop:step (e.g. 0.3:0.8:0.05), a "
-                     "comma-separated list (0.5,0.6) or one number") from None
+    raise ValueError(
+      f"--eps {text}: expected start:stop:step (e.g. 0.3:0.8:0.05), a "
+      "comma-separated list (0.5,0.6) or one number"
+    ) from None
   values = sorted({round(v, 10) for v in values})
   outside = [v for v in values if not 0 < v < 1]
   if outside:
-    raise ValueError(f"--eps {text}: {outside[0]} is outside (0, 1); Jaccard distances lie in "
-                     "[0, 1] and absent pairs are 1.0, so eps >= 1 links every pair")
+    raise ValueError(
+      f"--eps {text}: {outside[0]} is outside (0, 1); Jaccard distances lie in "
+      "[0, 1] and absent pairs are 1.0, so eps >= 1 links every pair"
+    )
   return values
 
 
-def label_row(labels: np.ndarray, eps: float,
-              true_identities: np.ndarray | None = None) -> dict:
+def label_row(labels: np.ndarray, eps: float, true_identities: np.ndarray | None = None) -> dict:
   """The figures of one clustering (see the module docstring); ``ari`` only with identities."""
   n = int(labels.size)
   clustered = labels[labels >= 0]
   sizes = np.bincount(clustered) if clustered.size else np.zeros(0, np.int64)
   outliers = int(n - clustered.size)
-  row = {"eps": float(eps), "clusters": int(np.count_nonzero(sizes)), "outliers": outliers,
-         "outlier_fraction": outliers / n if n else float("nan"),
-         "largest_cluster": int(sizes.max()) if sizes.size else 0}
+  row = {
+    "eps": float(eps),
+    "clusters": int(np.count_nonzero(sizes)),
+    "outliers": outliers,
+    "outlier_fraction": outliers / n if n else float("nan"),
+    "largest_cluster": int(sizes.max()) if sizes.size else 0,
+  }
   row["largest_share"] = row["largest_cluster"] / n if n else float("nan")
   if true_identities is not None:
     row["ari"] = float(adjusted_rand_score(true_identities, labels))
   return row
 
 
-def sweep_rows(distance, eps_values: list[float], min_samples: int,
-               true_identities: np.ndarray | None = None) -> list[dict]:
+def sweep_rows(
+  distance, eps_values: list[float], min_samples: int, true_identities: np.ndarray | None = None
+) -> list[dict]:
   """DBSCAN on one precomputed ``distance`` at every eps: one ``label_row`` each.
 
   ``distance`` must hold every pair up to ``max(eps_values)`` (``pseudo_labels.cluster_distance``
   with that ``max_distance``); DBSCAN at a smaller eps reads the same stored values.
   """
-  return [label_row(clustering.dbscan_labels(distance, eps=eps, min_samples=min_samples), eps,
-                    true_identities)
-          for eps in eps_values]
+  return [
+    label_row(
+      clustering.dbscan_labels(distance, eps=eps, min_samples=min_samples), eps, true_identities
+    )
+    for eps in eps_values
+  ]
 
 
 def format_table(rows: list[dict], configured_eps: float | None = None) -> str:
@@ -134,8 +144,10 @@ def format_table(rows: list[dict], configured_eps: float | None = None) -> str:
   header = "   eps | clusters | outliers | outlier % | largest % " + ("|   ARI" if with_ari else "")
   lines = [header, "-" * len(header)]
   for r in rows:
-    line = (f"{r['eps']:6.3f} | {r['clusters']:8d} | {r['outliers']:8d} | "
-            f"{100 * r['outlier_fraction']:9.1f} | {100 * r['largest_share']:9.1f} ")
+    line = (
+      f"{r['eps']:6.3f} | {r['clusters']:8d} | {r['outliers']:8d} | "
+      f"{100 * r['outlier_fraction']:9.1f} | {100 * r['largest_share']:9.1f} "
+    )
     if with_ari:
       line += f"| {r['ari']:5.3f}"
     if configured_eps is not None and math.isclose(r["eps"], configured_eps, abs_tol=1e-9):
@@ -147,10 +159,10 @@ def format_table(rows: list[dict], configured_eps: float | None = None) -> str:
 def _integer_axis(values: list[float]) -> tuple[int, str]:
   """The power of ten that makes every eps an integer (the plot's x axis counts integers)."""
   for digits in range(2, 7):
-    scale = 10 ** digits
+    scale = 10**digits
     if all(abs(v * scale - round(v * scale)) < 1e-6 for v in values):
       return scale, f"eps x {scale}"
-  return 10 ** 6, "eps x 1000000"
+  return 10**6, "eps x 1000000"
 
 
 def sweep_image(rows: list[dict], *, title: str = "") -> Image.Image:
@@ -166,16 +178,21 @@ def sweep_image(rows: list[dict], *, title: str = "") -> Image.Image:
   canvas = Image.new("RGB", visualize.CURVES_SIZE, visualize.BACKGROUND)
   top = 16 if title else 0
   half_w, half_h = width // 2, (height - top) // 2
-  boxes = [(0, top, half_w, top + half_h), (half_w, top, width, top + half_h),
-           (0, top + half_h, half_w, height), (half_w, top + half_h, width, height)]
-  panels = [("clusters", [("clusters", series("clusters"))]),
-            ("outlier fraction", [("outliers", series("outlier_fraction"))]),
-            ("largest cluster / N", [("largest", series("largest_share"))]),
-            ("adjusted Rand index vs the true identities", [("ARI", series("ari"))])]
+  boxes = [
+    (0, top, half_w, top + half_h),
+    (half_w, top, width, top + half_h),
+    (0, top + half_h, half_w, height),
+    (half_w, top + half_h, width, height),
+  ]
+  panels = [
+    ("clusters", [("clusters", series("clusters"))]),
+    ("outlier fraction", [("outliers", series("outlier_fraction"))]),
+    ("largest cluster / N", [("largest", series("largest_share"))]),
+    ("adjusted Rand index vs the true identities", [("ARI", series("ari"))]),
+  ]
   draw_panel = visualize.draw_panel
   for box, (panel_title, panel_series) in zip(boxes, panels):
-    draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)),
-               x_label=x_label)
+    draw_panel(canvas, box, panel_title, panel_series, x_range=(min(xs), max(xs)), x_label=x_label)
   if title:
     ImageDraw.Draw(canvas).text((8, 2), title, fill=(0, 0, 0))
   return canvas
